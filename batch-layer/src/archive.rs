@@ -1,0 +1,327 @@
+//! The archiver: batches of records into the master dataset.
+//!
+//! A batch of one source's records becomes one Delta commit to `raw_events`
+//! (one zstd Parquet file per touched hour partition, rows sorted by
+//! `merchant_id`, the original line kept in `payload`) and, when it had bad
+//! lines, one commit to `quarantine`. Each commit carries the source's mark
+//! ([`crate::marks`]) in the same atomic step, and records at or below the
+//! table's mark are dropped before writing: a retried, bisected or rerun batch
+//! adds no row twice and loses none. A commit that loses a race is retried on a
+//! fresh snapshot (re-checking the mark) and never dropped silently.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deltalake::arrow::array::{
+    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::SaveMode;
+use deltalake::DeltaTable;
+use tally_common::bucket::{date_string, hour_floor, hour_of_day};
+use tally_common::decode::decode_record;
+use tally_common::lake::{Lake, Table};
+use tally_common::source::{Position, SourceId};
+use tally_common::{Context as _, Error, Result};
+
+use crate::marks::{commit_with_mark, read_mark};
+
+/// How many times a commit that lost to concurrent writers is retried on a fresh snapshot.
+const COMMIT_ATTEMPTS: u32 = 8;
+
+/// What archiving one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveReport {
+    /// Events written to `raw_events`.
+    pub accepted: u64,
+    /// Lines written to `quarantine`.
+    pub quarantined: u64,
+    /// Blank lines skipped.
+    pub blank: u64,
+    /// Records skipped because the table's mark shows they were archived before.
+    pub already_archived: u64,
+    /// The `raw_events` version written (None when nothing was new).
+    pub raw_version: Option<u64>,
+}
+
+/// Parquet settings of every tally file: zstd, statistics on.
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .build()
+}
+
+/// Writes batches of one or many sources to the master dataset, keeping both
+/// tables' snapshots between batches.
+pub struct Archiver {
+    lake: Lake,
+    raw: DeltaTable,
+    quarantine: DeltaTable,
+}
+
+struct RawRow<'a> {
+    hour: i64,
+    event: tally_common::Event,
+    payload: &'a str,
+    source: String,
+}
+
+impl Archiver {
+    /// Open (creating when missing) `raw_events` and `quarantine` of `lake`.
+    pub async fn open(lake: &Lake) -> Result<Self> {
+        Ok(Archiver {
+            raw: lake.open_or_create(Table::RawEvents).await?,
+            quarantine: lake.open_or_create(Table::Quarantine).await?,
+            lake: lake.clone(),
+        })
+    }
+
+    /// The lake written to.
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    /// Archive one source's records (in source order) received at `ingest_time` (epoch µs).
+    pub async fn archive(
+        &mut self,
+        source: &SourceId,
+        records: &[(Position, &[u8])],
+        ingest_time: i64,
+    ) -> Result<ArchiveReport> {
+        let mut report = ArchiveReport::default();
+        let Some(last) = records.last().map(|r| r.0.clone()) else {
+            return Ok(report);
+        };
+        let decoded: Vec<_> = records
+            .iter()
+            .map(|(p, data)| (p, decode_record(data, ingest_time)))
+            .collect();
+
+        // quarantine first: a crash between the two commits re-runs the batch, and the
+        // quarantine mark then skips what it already holds
+        let has_rejects = decoded.iter().any(|(_, d)| !d.rejected.is_empty());
+        if has_rejects {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                self.quarantine
+                    .update_state()
+                    .await
+                    .context("refreshing quarantine")?;
+                let mark = read_mark(&self.quarantine, source).await?;
+                let fresh: Vec<_> = decoded
+                    .iter()
+                    .filter(|(p, _)| mark.as_ref().is_none_or(|m| *p > m))
+                    .collect();
+                if fresh.is_empty() {
+                    break;
+                }
+                let batch = quarantine_batch(source, &fresh, ingest_time)?;
+                let rows = batch.num_rows() as u64;
+                let result = self
+                    .quarantine
+                    .clone()
+                    .write(vec![batch])
+                    .with_save_mode(SaveMode::Append)
+                    .with_partition_columns(Table::Quarantine.partition_columns().iter().copied())
+                    .with_writer_properties(writer_properties())
+                    .with_commit_properties(commit_with_mark(source, &last, "archive"))
+                    .await;
+                match result {
+                    Ok(t) => {
+                        self.quarantine = t;
+                        report.quarantined = rows;
+                        break;
+                    }
+                    Err(e) if attempt < COMMIT_ATTEMPTS && is_retryable(&e) => {
+                        tracing::warn!(%source, attempt, error = %e, "quarantine commit lost a race; retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    Err(e) => return Err(e).context(format!("committing quarantine for {source}")),
+                }
+            }
+        }
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.raw
+                .update_state()
+                .await
+                .context("refreshing raw_events")?;
+            let mark = read_mark(&self.raw, source).await?;
+            let mut rows = Vec::new();
+            for (p, d) in &decoded {
+                if mark.as_ref().is_some_and(|m| *p <= m) {
+                    report.already_archived += 1;
+                    continue;
+                }
+                report.blank += u64::from(d.blank_lines);
+                for ev in &d.events {
+                    rows.push(RawRow {
+                        hour: hour_floor(ev.ts),
+                        payload: d.payload(ev),
+                        source: format!("{source}@{p}:{}", ev.line),
+                        event: ev.clone(),
+                    });
+                }
+            }
+            if mark.as_ref().is_some_and(|m| *m >= last) {
+                return Ok(report);
+            }
+            if rows.is_empty() {
+                // only bad or blank lines: the quarantine commit holds them and its mark
+                return Ok(report);
+            }
+            rows.sort_by(|a, b| {
+                (a.hour, &a.event.merchant_id).cmp(&(b.hour, &b.event.merchant_id))
+            });
+            let n = rows.len() as u64;
+            let batch = raw_batch(&rows, ingest_time)?;
+            let result = self
+                .raw
+                .clone()
+                .write(vec![batch])
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(Table::RawEvents.partition_columns().iter().copied())
+                .with_writer_properties(writer_properties())
+                .with_target_file_size(None)
+                .with_commit_properties(commit_with_mark(source, &last, "archive"))
+                .await;
+            match result {
+                Ok(t) => {
+                    report.raw_version = t.version();
+                    self.raw = t;
+                    report.accepted = n;
+                    return Ok(report);
+                }
+                Err(e) if attempt < COMMIT_ATTEMPTS && is_retryable(&e) => {
+                    tracing::warn!(%source, attempt, error = %e, "raw_events commit lost a race; retrying");
+                    report.already_archived = 0;
+                    report.blank = 0;
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err(e).context(format!("committing raw_events for {source}")),
+            }
+        }
+    }
+
+    /// The current `raw_events` table.
+    pub fn raw_table(&self) -> &DeltaTable {
+        &self.raw
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50 * (1 << attempt.min(6)) as u64 + u64::from(rand_jitter()))
+}
+
+fn rand_jitter() -> u16 {
+    // cheap jitter without a RNG dependency: the clock's sub-millisecond digits
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        % 50) as u16
+}
+
+/// Whether a failed commit is worth retrying on a fresh snapshot: conflicts and
+/// transient storage errors are; schema or protocol errors are not.
+fn is_retryable(e: &deltalake::DeltaTableError) -> bool {
+    use deltalake::DeltaTableError as E;
+    match e {
+        E::Transaction { .. }
+        | E::VersionAlreadyExists(_)
+        | E::ObjectStore { .. }
+        | E::Io { .. } => true,
+        E::CommitValidation { .. } => false,
+        other => {
+            let s = other.to_string();
+            s.contains("onflict")
+                || s.contains("etry")
+                || s.contains("already exists")
+                || s.contains("Concurrent")
+        }
+    }
+}
+
+fn ts_builder(n: usize) -> TimestampMicrosecondBuilder {
+    TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC")
+}
+
+fn raw_batch(rows: &[RawRow<'_>], ingest_time: i64) -> Result<RecordBatch> {
+    let n = rows.len();
+    let mut event_id = StringBuilder::with_capacity(n, n * 24);
+    let mut merchant = StringBuilder::with_capacity(n, n * 12);
+    let mut event_type = StringBuilder::with_capacity(n, n * 8);
+    let mut event_time = ts_builder(n);
+    let mut amount = Int64Builder::with_capacity(n);
+    let mut customer = StringBuilder::with_capacity(n, n * 12);
+    let mut ingest = ts_builder(n);
+    let mut source = StringBuilder::with_capacity(n, n * 48);
+    let mut payload = StringBuilder::with_capacity(n, n * 160);
+    let mut date = StringBuilder::with_capacity(n, n * 10);
+    let mut hour = Int32Builder::with_capacity(n);
+    for r in rows {
+        let e = &r.event;
+        event_id.append_value(&e.event_id);
+        merchant.append_value(&e.merchant_id);
+        event_type.append_value(e.event_type.as_str());
+        event_time.append_value(e.ts);
+        amount.append_option(e.amount);
+        customer.append_option(e.customer_id.as_deref());
+        ingest.append_value(ingest_time);
+        source.append_value(&r.source);
+        payload.append_value(r.payload);
+        date.append_value(date_string(r.hour));
+        hour.append_value(hour_of_day(r.hour));
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(event_id.finish()),
+        Arc::new(merchant.finish()),
+        Arc::new(event_type.finish()),
+        Arc::new(event_time.finish()),
+        Arc::new(amount.finish()),
+        Arc::new(customer.finish()),
+        Arc::new(ingest.finish()),
+        Arc::new(source.finish()),
+        Arc::new(payload.finish()),
+        Arc::new(date.finish()),
+        Arc::new(hour.finish()),
+    ];
+    RecordBatch::try_new(Table::RawEvents.schema(), columns).context("building a raw_events batch")
+}
+
+fn quarantine_batch(
+    source: &SourceId,
+    records: &[&(&Position, tally_common::decode::DecodedRecord)],
+    ingest_time: i64,
+) -> Result<RecordBatch> {
+    let mut payload = BinaryBuilder::new();
+    let mut reason = StringBuilder::new();
+    let mut src = StringBuilder::new();
+    let mut ingest = ts_builder(0);
+    let mut date = StringBuilder::new();
+    let day = date_string(ingest_time);
+    for (p, d) in records {
+        for r in &d.rejected {
+            payload.append_value(&r.payload);
+            reason.append_value(r.reason.to_string());
+            src.append_value(format!("{source}@{p}:{}", r.line));
+            ingest.append_value(ingest_time);
+            date.append_value(&day);
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(payload.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(src.finish()),
+        Arc::new(ingest.finish()),
+        Arc::new(date.finish()),
+    ];
+    RecordBatch::try_new(Table::Quarantine.schema(), columns)
+        .map_err(|e| Error::invalid(format!("building a quarantine batch: {e}")))
+}

@@ -1,0 +1,71 @@
+//! Source marks kept in a Delta table's own log as application transactions
+//! (`txn` actions), committed atomically with the data they cover.
+//!
+//! A mark is the highest position of a source already written to the table. A
+//! Delta transaction version is an `i64` while Kinesis sequence numbers run to
+//! 129 digits, so a mark is stored as a few `txn` actions, `tally.mark/{source}#i`,
+//! holding [`Position::to_parts`]: the digit count, then 18-digit chunks.
+
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::Transaction;
+use deltalake::DeltaTable;
+use tally_common::source::{Position, SourceId};
+use tally_common::{Context as _, Result};
+
+fn app_id(source: &SourceId, part: usize) -> String {
+    format!("tally.mark/{source}#{part}")
+}
+
+/// The mark of `source` in `table`, if it ever wrote there.
+pub async fn read_mark(table: &DeltaTable, source: &SourceId) -> Result<Option<Position>> {
+    let Ok(state) = table.snapshot() else {
+        return Ok(None);
+    };
+    let log_store = table.log_store();
+    let Some(len) = state
+        .transaction_version(log_store.as_ref(), app_id(source, 0))
+        .await
+        .context("reading a source mark")?
+    else {
+        return Ok(None);
+    };
+    let mut parts = vec![len];
+    let chunks = (len.max(0) as usize).div_ceil(18);
+    for i in 1..=chunks {
+        let v = state
+            .transaction_version(log_store.as_ref(), app_id(source, i))
+            .await
+            .context("reading a source mark")?
+            .unwrap_or(0);
+        parts.push(v);
+    }
+    Ok(Position::from_parts(&parts))
+}
+
+/// The `txn` actions that set `source`'s mark to `position`.
+pub fn mark_transactions(source: &SourceId, position: &Position) -> Vec<Transaction> {
+    let now = chrono::Utc::now().timestamp_millis();
+    position
+        .to_parts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| Transaction::new_with_last_update(app_id(source, i), v, Some(now)))
+        .collect()
+}
+
+/// Commit properties carrying a mark and a description of the commit.
+pub fn commit_with_mark(source: &SourceId, position: &Position, what: &str) -> CommitProperties {
+    CommitProperties::default()
+        .with_application_transactions(mark_transactions(source, position))
+        .with_metadata([
+            ("tally.operation".to_string(), serde_json::json!(what)),
+            (
+                "tally.source".to_string(),
+                serde_json::json!(source.as_str()),
+            ),
+            (
+                "tally.position".to_string(),
+                serde_json::json!(position.as_str()),
+            ),
+        ])
+}

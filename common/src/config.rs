@@ -1,0 +1,67 @@
+//! Configuration: command-line flags with the `TALLY_*` (and AWS SDK) environment
+//! fallbacks of the design, in one place. Libraries receive these values; they
+//! never read the environment themselves.
+
+use clap::Args;
+
+use crate::lake::Lake;
+use crate::Result;
+
+/// Where the lake is.
+#[derive(Debug, Clone, Args)]
+pub struct LakeArgs {
+    /// The lake: a local directory or s3://bucket/prefix.
+    #[arg(long, env = "TALLY_LAKE", default_value = "./tally-data/lake")]
+    pub lake: String,
+    /// S3 endpoint override (an emulator or a VPC endpoint).
+    #[arg(long, env = "AWS_ENDPOINT_URL", hide_env_values = true)]
+    pub s3_endpoint: Option<String>,
+    /// AWS region of the bucket and stream.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub region: String,
+}
+
+impl LakeArgs {
+    /// The lake handle these flags describe.
+    pub fn lake(&self) -> Result<Lake> {
+        Lake::new(&self.lake, self.s3_endpoint.as_deref(), Some(&self.region))
+    }
+}
+
+/// Where the speed view is.
+#[derive(Debug, Clone, Args)]
+pub struct SpeedArgs {
+    /// Redis URL of the speed view (redis:// or rediss://); unset: the embedded store.
+    #[arg(long, env = "TALLY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// How long speed-view keys live, in hours (longer than the batch layer's lag).
+    #[arg(long, env = "TALLY_SPEED_TTL_HOURS", default_value_t = 48)]
+    pub speed_ttl_hours: u64,
+}
+
+/// The batch layer's timing.
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// Minutes after an hour's end before it is closed and the batch layer takes it.
+    #[arg(long, env = "TALLY_GRACE_MINUTES", default_value_t = 5)]
+    pub grace_minutes: i64,
+}
+
+/// Token verification for the API.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// HS256 secret for bearer tokens.
+    #[arg(long, env = "TALLY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// RS256 keys: a JWKS file path or URL.
+    #[arg(long, env = "TALLY_JWKS")]
+    pub jwks: Option<String>,
+}
+
+/// The Kinesis stream.
+#[derive(Debug, Clone, Args)]
+pub struct KinesisArgs {
+    /// Kinesis stream name.
+    #[arg(long = "stream", env = "TALLY_KINESIS_STREAM")]
+    pub stream: Option<String>,
+}

@@ -1,0 +1,174 @@
+# The four functions. They are one binary, `tally`, packaged as `bootstrap`
+# in dist/lambda/<name>.zip by scripts/package-lambdas.sh; the custom runtime
+# passes the function's handler setting in _HANDLER, and the binary runs the
+# part of tally that names: speed, archiver, batch or api.
+#
+# Every apply that changes a zip publishes a new version; the `live` alias is
+# what the event source mappings, the schedule, the state machine and API
+# Gateway invoke. Terraform creates the alias on the first version and then
+# leaves it alone: CodeDeploy (deploy.tf) shifts it to a new version
+# gradually and rolls back on alarm. See docs/DEPLOY.md.
+
+locals {
+  dist_dir = coalesce(var.lambda_dist_dir, "${path.module}/../../dist/lambda")
+
+  functions = {
+    speed = {
+      description   = "tally speed layer: Kinesis records to Redis counters, exactly-once per shard, partial batch responses"
+      uses_redis    = true
+      ephemeral_mb  = 512
+      async_invoked = false
+    }
+    archiver = {
+      description   = "tally archiver: Kinesis records to the Delta tables raw_events and quarantine on S3"
+      uses_redis    = false
+      ephemeral_mb  = 1024
+      async_invoked = false
+    }
+    batch = {
+      description   = "tally batch layer: hourly metrics from raw_events (schedule), or one {from,to} range (Step Functions)"
+      uses_redis    = false
+      ephemeral_mb  = 4096 # DataFusion spills here when an hour does not fit in memory
+      async_invoked = true
+    }
+    api = {
+      description   = "tally serving layer: merchant metrics over API Gateway HTTP API (payload v2)"
+      uses_redis    = true
+      ephemeral_mb  = 512
+      async_invoked = false
+    }
+  }
+
+  function_names = { for k, _ in local.functions : k => "${var.name}-${k}" }
+
+  common_env = {
+    TALLY_LAKE           = local.lake_uri
+    TALLY_KINESIS_STREAM = aws_kinesis_stream.events.name
+    TALLY_GRACE_MINUTES  = tostring(var.grace_minutes)
+    RUST_LOG             = var.rust_log
+  }
+
+  # The AUTH token is not in the environment: the function reads the secret
+  # named here at cold start and keeps the client for the container's life.
+  redis_env = {
+    TALLY_REDIS_URL             = "rediss://${aws_elasticache_replication_group.redis.primary_endpoint_address}:6379"
+    TALLY_REDIS_AUTH_SECRET_ARN = aws_secretsmanager_secret.redis_auth.arn
+    TALLY_SPEED_TTL_HOURS       = tostring(var.speed_ttl_hours)
+  }
+
+  function_env = {
+    speed    = merge(local.common_env, local.redis_env)
+    archiver = local.common_env
+    batch    = local.common_env
+    api      = merge(local.common_env, local.redis_env, { TALLY_JWKS = var.jwks_url })
+  }
+}
+
+resource "aws_cloudwatch_log_group" "fn" {
+  for_each = local.functions
+
+  name              = "/aws/lambda/${local.function_names[each.key]}"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.ops.arn
+}
+
+resource "aws_lambda_function" "fn" {
+  #checkov:skip=CKV_AWS_272:Code signing needs an AWS Signer job over an S3-staged artifact; the zips are built from this repository by scripts/package-lambdas.sh and uploaded by this module directly, and the live alias only moves to a new version through CodeDeploy with alarm rollback. Add aws_lambda_code_signing_config when the release pipeline signs artifacts.
+  for_each = local.functions
+
+  function_name = local.function_names[each.key]
+  description   = each.value.description
+  role          = aws_iam_role.fn[each.key].arn
+
+  runtime       = "provided.al2023"
+  handler       = each.key
+  architectures = [var.lambda_architecture]
+
+  filename         = "${local.dist_dir}/${each.key}.zip"
+  source_code_hash = fileexists("${local.dist_dir}/${each.key}.zip") ? filebase64sha256("${local.dist_dir}/${each.key}.zip") : null
+  publish          = true
+
+  memory_size                    = var.lambda_memory_mb[each.key]
+  timeout                        = var.lambda_timeout_seconds[each.key]
+  reserved_concurrent_executions = var.lambda_reserved_concurrency[each.key]
+
+  ephemeral_storage {
+    size = each.value.ephemeral_mb
+  }
+
+  environment {
+    variables = local.function_env[each.key]
+  }
+  kms_key_arn = aws_kms_key.data.arn
+
+  vpc_config {
+    subnet_ids         = aws_subnet.private[*].id
+    security_group_ids = [aws_security_group.lambda.id]
+  }
+
+  tracing_config {
+    mode = var.lambda_tracing_mode[each.key]
+  }
+
+  logging_config {
+    log_format = "Text" # the batch job's embedded-metric-format lines pass through as written
+    log_group  = aws_cloudwatch_log_group.fn[each.key].name
+  }
+
+  # Only batch is invoked asynchronously (by the schedule), so only it has a
+  # dead-letter queue. speed and archiver are invoked synchronously by their
+  # event source mappings, whose failures go to on-failure queues
+  # (event_sources.tf); api synchronously by API Gateway.
+  dynamic "dead_letter_config" {
+    for_each = each.value.async_invoked ? [aws_sqs_queue.batch_dlq.arn] : []
+    content {
+      target_arn = dead_letter_config.value
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = fileexists("${local.dist_dir}/${each.key}.zip")
+      error_message = "${local.dist_dir}/${each.key}.zip is missing: run scripts/package-lambdas.sh first (or set lambda_dist_dir)."
+    }
+  }
+
+  depends_on = [
+    aws_cloudwatch_log_group.fn,
+    aws_iam_role_policy.fn,
+  ]
+}
+
+resource "aws_lambda_alias" "live" {
+  for_each = local.functions
+
+  name             = "live"
+  description      = "What callers invoke; shifted between versions by CodeDeploy"
+  function_name    = aws_lambda_function.fn[each.key].function_name
+  function_version = aws_lambda_function.fn[each.key].version
+
+  lifecycle {
+    # After creation the alias belongs to CodeDeploy (deploy.tf): a new
+    # version is published by apply and reaches traffic only through a
+    # deployment that can roll back.
+    ignore_changes = [function_version, routing_config]
+  }
+}
+
+# The schedule invokes batch asynchronously: retry twice (the run is
+# idempotent), and drop a run older than an hour, which the next hourly run
+# supersedes anyway. What still fails lands in the batch dead-letter queue.
+resource "aws_lambda_function_event_invoke_config" "batch" {
+  function_name                = aws_lambda_function.fn["batch"].function_name
+  qualifier                    = aws_lambda_alias.live["batch"].name
+  maximum_retry_attempts       = 2
+  maximum_event_age_in_seconds = 3600
+}
+
+resource "aws_lambda_provisioned_concurrency_config" "api" {
+  count = var.api_provisioned_concurrency > 0 ? 1 : 0
+
+  function_name                     = aws_lambda_function.fn["api"].function_name
+  qualifier                         = aws_lambda_alias.live["api"].name
+  provisioned_concurrent_executions = var.api_provisioned_concurrency
+}

@@ -1,0 +1,102 @@
+# The speed view: ElastiCache for Redis OSS, a primary and one replica in
+# different AZs with automatic failover, TLS in transit, KMS at rest and an
+# AUTH token. Cluster mode is off: the functions get one rediss:// URL (the
+# primary endpoint, which follows a failover). The speed layer's keys share a
+# per-merchant hash tag, so moving to cluster mode later is a client change,
+# not a data-model change.
+
+resource "random_password" "redis_auth" {
+  length  = 64
+  special = true
+  # ElastiCache AUTH tokens: printable ASCII without space, ", / or @.
+  override_special = "!&#$^<>-"
+  min_special      = 2
+  min_numeric      = 2
+  min_upper        = 2
+  min_lower        = 2
+
+  # Change this value (any string) to rotate the token: Terraform sets the new
+  # token with auth_token_update_strategy = ROTATE (old and new both accepted)
+  # and the secret's new version; functions pick it up at their next cold
+  # start. See docs/DEPLOY.md.
+  keepers = {
+    rotation = "1"
+  }
+}
+
+resource "aws_secretsmanager_secret" "redis_auth" {
+  #checkov:skip=CKV2_AWS_57:The token is rotated by Terraform (random_password keepers + ElastiCache ROTATE strategy, see docs/DEPLOY.md), not by a Secrets Manager rotation Lambda: ElastiCache offers no managed rotation function for a replication-group AUTH token, and a custom one would have to coordinate with the ROTATE/SET steps Terraform already performs.
+  name                    = "${var.name}/redis-auth-token"
+  description             = "AUTH token of the ${var.name} Redis replication group; read by the speed and api functions at cold start (TALLY_REDIS_AUTH_SECRET_ARN)."
+  kms_key_id              = aws_kms_key.data.arn
+  recovery_window_in_days = 7
+}
+
+resource "aws_secretsmanager_secret_version" "redis_auth" {
+  secret_id     = aws_secretsmanager_secret.redis_auth.id
+  secret_string = random_password.redis_auth.result
+}
+
+resource "aws_elasticache_subnet_group" "redis" {
+  name        = "${var.name}-redis"
+  description = "Private subnets of ${var.name}"
+  subnet_ids  = aws_subnet.private[*].id
+}
+
+resource "aws_elasticache_parameter_group" "redis" {
+  name        = "${var.name}-redis7"
+  family      = "redis7"
+  description = "tally speed view"
+
+  # The speed view is counters with a TTL; under memory pressure evict keys
+  # that have a TTL, oldest-first by approximation, never refuse writes.
+  parameter {
+    name  = "maxmemory-policy"
+    value = "volatile-lru"
+  }
+}
+
+resource "aws_cloudwatch_log_group" "redis_slow" {
+  name              = "/tally/${var.name}/redis/slow-log"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.ops.arn
+}
+
+resource "aws_elasticache_replication_group" "redis" {
+  replication_group_id = "${var.name}-speed"
+  description          = "tally speed view (current hours' counters)"
+
+  engine               = "redis"
+  engine_version       = var.redis_engine_version
+  node_type            = var.redis_node_type
+  parameter_group_name = aws_elasticache_parameter_group.redis.name
+  port                 = 6379
+
+  num_cache_clusters          = 2 # primary + 1 replica
+  preferred_cache_cluster_azs = slice(local.azs, 0, 2)
+  automatic_failover_enabled  = true
+  multi_az_enabled            = true
+
+  subnet_group_name  = aws_elasticache_subnet_group.redis.name
+  security_group_ids = [aws_security_group.redis.id]
+
+  at_rest_encryption_enabled = true
+  kms_key_id                 = aws_kms_key.data.arn
+  transit_encryption_enabled = true
+  transit_encryption_mode    = "required"
+  auth_token                 = random_password.redis_auth.result
+  auth_token_update_strategy = "ROTATE"
+
+  snapshot_retention_limit   = var.redis_snapshot_retention_days
+  snapshot_window            = "03:00-04:00"
+  maintenance_window         = "sun:04:30-sun:05:30"
+  auto_minor_version_upgrade = true
+  apply_immediately          = false
+
+  log_delivery_configuration {
+    destination      = aws_cloudwatch_log_group.redis_slow.name
+    destination_type = "cloudwatch-logs"
+    log_format       = "json"
+    log_type         = "slow-log"
+  }
+}

@@ -1,0 +1,135 @@
+# Plan-level tests with a mocked AWS provider: `terraform test` in
+# infra/terraform runs them offline (no AWS account, no credentials), once the
+# provider plugins are installed by `terraform init -backend=false`. They are
+# not part of scripts/check-infra.sh, which must work without Terraform.
+
+mock_provider "aws" {
+  mock_data "aws_caller_identity" {
+    defaults = { account_id = "123456789012" }
+  }
+  mock_data "aws_partition" {
+    defaults = { partition = "aws" }
+  }
+  mock_data "aws_availability_zones" {
+    defaults = { names = ["us-east-1a", "us-east-1b"] }
+  }
+  mock_data "aws_iam_policy_document" {
+    defaults = { json = "{}" }
+  }
+
+  # Attributes the configuration builds on must look like the real thing.
+  mock_resource "aws_lambda_alias" {
+    defaults = { arn = "arn:aws:lambda:us-east-1:123456789012:function:tally-batch:live" }
+  }
+  mock_resource "aws_lambda_function" {
+    defaults = { arn = "arn:aws:lambda:us-east-1:123456789012:function:tally-fn" }
+  }
+  mock_resource "aws_kinesis_stream" {
+    defaults = { arn = "arn:aws:kinesis:us-east-1:123456789012:stream/tally-events" }
+  }
+  mock_resource "aws_apigatewayv2_api" {
+    defaults = { id = "abc123", execution_arn = "arn:aws:execute-api:us-east-1:123456789012:abc123" }
+  }
+  mock_resource "aws_sns_topic" {
+    defaults = { arn = "arn:aws:sns:us-east-1:123456789012:tally-alarms" }
+  }
+  mock_resource "aws_kms_key" {
+    defaults = { arn = "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000" }
+  }
+  mock_resource "aws_sqs_queue" {
+    defaults = { arn = "arn:aws:sqs:us-east-1:123456789012:tally-queue" }
+  }
+  mock_resource "aws_iam_role" {
+    defaults = { arn = "arn:aws:iam::123456789012:role/tally-role" }
+  }
+  mock_resource "aws_cloudwatch_log_group" {
+    defaults = { arn = "arn:aws:logs:us-east-1:123456789012:log-group:tally" }
+  }
+  mock_resource "aws_s3_bucket" {
+    defaults = { arn = "arn:aws:s3:::tally-lake" }
+  }
+  mock_resource "aws_secretsmanager_secret" {
+    defaults = { arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:tally-redis" }
+  }
+  mock_resource "aws_cloudwatch_metric_alarm" {
+    defaults = { arn = "arn:aws:cloudwatch:us-east-1:123456789012:alarm:tally" }
+  }
+  mock_resource "aws_sfn_state_machine" {
+    defaults = { arn = "arn:aws:states:us-east-1:123456789012:stateMachine:tally-reprocess" }
+  }
+}
+
+variables {
+  jwt_issuer         = "https://issuer.example.com/"
+  jwt_audience       = ["tally"]
+  jwks_url           = "https://issuer.example.com/.well-known/jwks.json"
+  enable_nat_gateway = true
+  # Any four files will do for a plan.
+  lambda_dist_dir = "./tests/fixtures"
+}
+
+run "defaults" {
+  command = apply
+
+  assert {
+    condition     = length(aws_nat_gateway.main) == 2 && length(aws_subnet.private) == 2
+    error_message = "one private subnet and one NAT gateway per zone"
+  }
+  assert {
+    condition     = alltrue([for k, f in aws_lambda_function.fn : f.handler == k && f.runtime == "provided.al2023" && f.architectures == tolist(["arm64"])])
+    error_message = "each function's handler is its name, on provided.al2023 arm64"
+  }
+  assert {
+    condition     = aws_lambda_function.fn["api"].environment[0].variables["TALLY_JWKS"] == var.jwks_url && !contains(keys(aws_lambda_function.fn["archiver"].environment[0].variables), "TALLY_REDIS_URL")
+    error_message = "environment per function"
+  }
+  assert {
+    condition     = alltrue([for m in aws_lambda_event_source_mapping.stream : m.function_response_types == toset(["ReportBatchItemFailures"]) && m.bisect_batch_on_function_error && m.maximum_retry_attempts == 10 && m.parallelization_factor == 1])
+    error_message = "event source mappings: partial batch responses, bisect, bounded retries, one batch per shard"
+  }
+  assert {
+    condition     = jsondecode(aws_sfn_state_machine.reprocess.definition).States.ReprocessRanges.MaxConcurrency == 4 && jsondecode(aws_sfn_state_machine.reprocess.definition).States.ReprocessRanges.ItemProcessor.ProcessorConfig.Mode == "DISTRIBUTED"
+    error_message = "distributed map with the configured concurrency"
+  }
+  assert {
+    condition     = length(aws_codedeploy_deployment_group.fn) == 4 && aws_codedeploy_deployment_group.fn["api"].deployment_config_name == "CodeDeployDefault.LambdaLinear10PercentEvery1Minute"
+    error_message = "a deployment group per function, linear for api"
+  }
+}
+
+run "provisioned_without_nat" {
+  command = plan
+
+  variables {
+    enable_nat_gateway          = false
+    kinesis_stream_mode         = "PROVISIONED"
+    kinesis_shard_count         = 8
+    jwks_url                    = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_example/.well-known/jwks.json"
+    interface_endpoint_services = ["secretsmanager", "kinesis-streams", "logs", "cognito-idp"]
+  }
+
+  assert {
+    condition     = aws_kinesis_stream.events.shard_count == 8 && length(aws_nat_gateway.main) == 0
+    error_message = "provisioned shards, no NAT"
+  }
+}
+
+run "unreachable_jwks_is_reported" {
+  command = plan
+
+  variables {
+    enable_nat_gateway = false
+  }
+
+  expect_failures = [check.jwks_reachable]
+}
+
+run "bad_zones_are_refused" {
+  command = plan
+
+  variables {
+    availability_zones = ["us-east-1a"]
+  }
+
+  expect_failures = [var.availability_zones]
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what tally's tests need when it is missing: Debian's redis-server, and a
+# Python venv (default ~/.cache/tally/venv, override with TALLY_VENV) holding
+# moto's server (the S3 + Kinesis emulator) and the reference readers used by
+# tests and benchmarks (deltalake, duckdb, pyarrow). Safe to rerun: it only
+# installs what is absent.
+set -euo pipefail
+
+VENV="${TALLY_VENV:-$HOME/.cache/tally/venv}"
+PY_PACKAGES=("moto[server]>=5.1,<6" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow")
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "install-services: installing redis-server (apt-get)"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+redis-server --version | head -1
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "install-services: creating venv $VENV"
+  mkdir -p "$(dirname "$VENV")"
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import moto, deltalake, duckdb, pyarrow, flask_cors' >/dev/null 2>&1; then
+  echo "install-services: installing ${PY_PACKAGES[*]} into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+fi
+"$VENV/bin/python" -c 'import moto, deltalake, duckdb; print("moto", moto.__version__, "| deltalake", deltalake.__version__, "| duckdb", duckdb.__version__)'

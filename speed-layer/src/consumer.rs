@@ -1,0 +1,313 @@
+//! `tally speed consume`: the speed layer as a long-running Kinesis consumer.
+//!
+//! It lists the stream's shards, reads each from its checkpoint (kept in the
+//! speed store) with GetRecords, applies every batch with
+//! [`crate::apply_records`] and then stores the checkpoint. A crash between the
+//! two redelivers the batch on restart and the marks skip it. After a reshard, a
+//! child shard is read only once its parents are finished. On shutdown it
+//! finishes the batch in hand and stores its checkpoint before returning.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
+use aws_sdk_kinesis::Client;
+use tally_common::bucket::now_micros;
+use tally_common::shutdown::Shutdown;
+use tally_common::source::{Position, SourceId};
+use tally_common::{Error, Result};
+
+use crate::{apply_records, SpeedStore};
+
+const SHARD_END: &str = "SHARD_END";
+
+/// Options of a consumer run.
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// Records per GetRecords call (at most 10,000).
+    pub limit: i32,
+    /// Pause when a whole round over the shards found nothing.
+    pub idle_pause: Duration,
+    /// Return once every readable shard is caught up (for tests, demos and backfills).
+    pub until_caught_up: bool,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions {
+            limit: 10_000,
+            idle_pause: Duration::from_millis(250),
+            until_caught_up: false,
+        }
+    }
+}
+
+/// Totals of a consumer run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumeStats {
+    /// Records read.
+    pub records: u64,
+    /// Events accepted.
+    pub accepted: u64,
+    /// Lines rejected.
+    pub rejected: u64,
+    /// Merchant-hour updates skipped as already applied.
+    pub skipped: u64,
+}
+
+struct ShardState {
+    shard: Shard,
+    iterator: Option<String>,
+    finished: bool,
+    caught_up: bool,
+}
+
+fn aws_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Aws(format!("{what}: {e}"))
+}
+
+/// A Kinesis consumer applying a stream to a speed store.
+pub struct Consumer<S> {
+    client: Client,
+    stream: String,
+    store: S,
+    options: ConsumeOptions,
+}
+
+impl<S: SpeedStore> Consumer<S> {
+    /// A consumer of `stream` into `store`.
+    pub fn new(
+        client: Client,
+        stream: impl Into<String>,
+        store: S,
+        options: ConsumeOptions,
+    ) -> Self {
+        Consumer {
+            client,
+            stream: stream.into(),
+            store,
+            options,
+        }
+    }
+
+    fn checkpoint_key(&self, shard: &str) -> String {
+        format!("{}/{shard}", self.stream)
+    }
+
+    async fn list_shards(&self) -> Result<Vec<Shard>> {
+        let mut shards = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let req = match &next {
+                Some(token) => self.client.list_shards().next_token(token),
+                None => self.client.list_shards().stream_name(&self.stream),
+            };
+            let out = req.send().await.map_err(|e| {
+                aws_err(
+                    &format!("listing shards of {}", self.stream),
+                    aws_sdk_kinesis::error::DisplayErrorContext(e),
+                )
+            })?;
+            shards.extend(out.shards.unwrap_or_default());
+            next = out.next_token;
+            if next.is_none() {
+                return Ok(shards);
+            }
+        }
+    }
+
+    async fn iterator_for(&self, shard: &str, checkpoint: Option<&str>) -> Result<String> {
+        let req = self
+            .client
+            .get_shard_iterator()
+            .stream_name(&self.stream)
+            .shard_id(shard);
+        let req = match checkpoint {
+            Some(seq) => req
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            None => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        };
+        let out = req.send().await.map_err(|e| {
+            aws_err(
+                &format!("shard iterator for {shard}"),
+                aws_sdk_kinesis::error::DisplayErrorContext(e),
+            )
+        })?;
+        out.shard_iterator
+            .ok_or_else(|| Error::Aws(format!("no shard iterator for {shard}")))
+    }
+
+    /// Consume until shutdown (or until caught up, when asked).
+    pub async fn run(&self, shutdown: Shutdown) -> Result<ConsumeStats> {
+        let mut stats = ConsumeStats::default();
+        let mut states: HashMap<String, ShardState> = HashMap::new();
+        let mut backoff = Duration::from_millis(200);
+        let mut rounds = 0u64;
+        loop {
+            if shutdown.is_fired() {
+                return Ok(stats);
+            }
+            if rounds % 20 == 0 {
+                for shard in self.list_shards().await? {
+                    let id = shard.shard_id.clone();
+                    if states.contains_key(&id) {
+                        continue;
+                    }
+                    let cp = self.store.checkpoint(&self.checkpoint_key(&id)).await?;
+                    states.insert(
+                        id,
+                        ShardState {
+                            finished: cp.as_deref() == Some(SHARD_END),
+                            shard,
+                            iterator: None,
+                            caught_up: false,
+                        },
+                    );
+                }
+            }
+            rounds += 1;
+            let mut got_any = false;
+            let mut ids: Vec<String> = states.keys().cloned().collect();
+            ids.sort();
+            for id in ids {
+                if shutdown.is_fired() {
+                    return Ok(stats);
+                }
+                if !self.readable(&states, &id) {
+                    continue;
+                }
+                match self.poll_shard(&mut states, &id, &mut stats).await {
+                    Ok(n) => {
+                        got_any |= n > 0;
+                        backoff = Duration::from_millis(200);
+                    }
+                    Err(PollError::Throttled) => {
+                        tracing::debug!(shard = %id, ?backoff, "throughput exceeded; backing off");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(PollError::Fatal(e)) => return Err(e),
+                }
+            }
+            let all_caught_up = states
+                .iter()
+                .all(|(id, s)| s.finished || s.caught_up || !self.readable(&states, id));
+            if self.options.until_caught_up && all_caught_up && !got_any {
+                return Ok(stats);
+            }
+            if !got_any {
+                let mut sd = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(self.options.idle_pause) => {}
+                    _ = sd.wait() => {}
+                }
+            }
+        }
+    }
+
+    /// A shard is readable when unfinished and its parents (if still listed) are finished.
+    fn readable(&self, states: &HashMap<String, ShardState>, id: &str) -> bool {
+        let Some(s) = states.get(id) else {
+            return false;
+        };
+        if s.finished {
+            return false;
+        }
+        [&s.shard.parent_shard_id, &s.shard.adjacent_parent_shard_id]
+            .into_iter()
+            .flatten()
+            .all(|p| states.get(p).is_none_or(|ps| ps.finished))
+    }
+
+    async fn poll_shard(
+        &self,
+        states: &mut HashMap<String, ShardState>,
+        id: &str,
+        stats: &mut ConsumeStats,
+    ) -> std::result::Result<usize, PollError> {
+        let key = self.checkpoint_key(id);
+        let iterator = match states.get(id).and_then(|s| s.iterator.clone()) {
+            Some(it) => it,
+            None => {
+                let cp = self.store.checkpoint(&key).await?;
+                self.iterator_for(id, cp.as_deref()).await?
+            }
+        };
+        let out = match self
+            .client
+            .get_records()
+            .shard_iterator(&iterator)
+            .limit(self.options.limit)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let svc = e.as_service_error();
+                if svc.is_some_and(|s| {
+                    s.is_provisioned_throughput_exceeded_exception()
+                        || s.is_kms_throttling_exception()
+                }) {
+                    return Err(PollError::Throttled);
+                }
+                if svc.is_some_and(|s| s.is_expired_iterator_exception()) {
+                    if let Some(s) = states.get_mut(id) {
+                        s.iterator = None;
+                    }
+                    return Ok(0);
+                }
+                return Err(PollError::Fatal(aws_err(
+                    &format!("GetRecords on {id}"),
+                    aws_sdk_kinesis::error::DisplayErrorContext(e),
+                )));
+            }
+        };
+        let records = out.records;
+        let n = records.len();
+        if n > 0 {
+            let source = SourceId::kinesis(&self.stream, id);
+            let mut input = Vec::with_capacity(n);
+            for r in &records {
+                let pos = Position::parse(&r.sequence_number)?;
+                input.push((pos, r.data.as_ref()));
+            }
+            let outcome = apply_records(&self.store, source, input, now_micros()).await?;
+            stats.records += n as u64;
+            stats.accepted += outcome.accepted;
+            stats.rejected += outcome.rejected;
+            stats.skipped += outcome.report.skipped as u64;
+            if let Some(last) = records.last() {
+                self.store
+                    .set_checkpoint(&key, &last.sequence_number)
+                    .await?;
+            }
+        }
+        let state = states
+            .get_mut(id)
+            .ok_or_else(|| Error::Aws(format!("unknown shard {id}")))?;
+        state.caught_up = n == 0 && out.millis_behind_latest.unwrap_or(0) == 0;
+        match out.next_shard_iterator {
+            Some(next) => state.iterator = Some(next),
+            None => {
+                // the shard was closed by a reshard and is fully read: children may start
+                self.store.set_checkpoint(&key, SHARD_END).await?;
+                state.finished = true;
+                state.iterator = None;
+                tracing::info!(shard = %id, "shard finished");
+            }
+        }
+        Ok(n)
+    }
+}
+
+enum PollError {
+    Throttled,
+    Fatal(Error),
+}
+
+impl From<Error> for PollError {
+    fn from(e: Error) -> Self {
+        PollError::Fatal(e)
+    }
+}

@@ -1,0 +1,182 @@
+//! tally's speed layer: Kinesis records to the speed view, seconds behind the
+//! stream, with an exactly-once effect per shard.
+//!
+//! [`SpeedBatch`] decodes and aggregates a batch per (merchant, hour) with the
+//! metric registry; a [`SpeedStore`] (Redis, or the embedded store) applies it
+//! in one round trip, guarded by per-source marks. The Lambda handler
+//! ([`lambda`]) and the long-running consumer ([`consumer`]) are thin shells
+//! around [`apply_records`].
+
+pub mod aggregate;
+pub mod consumer;
+pub mod embedded;
+pub mod lambda;
+pub mod redis_store;
+pub mod store;
+
+use std::sync::Arc;
+
+pub use aggregate::{HourUpdate, SpeedBatch};
+pub use embedded::EmbeddedStore;
+pub use redis_store::RedisStore;
+pub use store::{ApplyReport, SpeedReading, SpeedStore};
+
+use tally_common::config::SpeedArgs;
+use tally_common::source::{Position, SourceId};
+use tally_common::Result;
+
+/// The speed view a process uses: Redis when configured, else the embedded store.
+#[derive(Clone)]
+pub enum SpeedView {
+    /// A Redis server or cluster endpoint.
+    Redis(RedisStore),
+    /// The in-process store.
+    Embedded(Arc<EmbeddedStore>),
+}
+
+impl SpeedView {
+    /// Connect as the configuration says.
+    pub async fn connect(args: &SpeedArgs) -> Result<Self> {
+        let ttl = args.speed_ttl_hours * 3600;
+        Ok(match &args.redis_url {
+            Some(url) => SpeedView::Redis(RedisStore::connect(url, ttl).await?),
+            None => SpeedView::Embedded(Arc::new(EmbeddedStore::new(ttl))),
+        })
+    }
+
+    /// A short name for logs and `/ready`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SpeedView::Redis(_) => "redis",
+            SpeedView::Embedded(_) => "embedded",
+        }
+    }
+}
+
+impl SpeedStore for SpeedView {
+    async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
+        match self {
+            SpeedView::Redis(s) => s.apply(batch).await,
+            SpeedView::Embedded(s) => s.apply(batch).await,
+        }
+    }
+    async fn read(
+        &self,
+        merchant: &str,
+        hours: &[i64],
+        unions: &[Vec<usize>],
+    ) -> Result<SpeedReading> {
+        match self {
+            SpeedView::Redis(s) => s.read(merchant, hours, unions).await,
+            SpeedView::Embedded(s) => s.read(merchant, hours, unions).await,
+        }
+    }
+    async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
+        match self {
+            SpeedView::Redis(s) => s.checkpoint(key).await,
+            SpeedView::Embedded(s) => s.checkpoint(key).await,
+        }
+    }
+    async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
+        match self {
+            SpeedView::Redis(s) => s.set_checkpoint(key, value).await,
+            SpeedView::Embedded(s) => s.set_checkpoint(key, value).await,
+        }
+    }
+    async fn ping(&self) -> Result<()> {
+        match self {
+            SpeedView::Redis(s) => s.ping().await,
+            SpeedView::Embedded(s) => s.ping().await,
+        }
+    }
+}
+
+/// The index in `batch` of update `i` of `sub` (same merchant and hour).
+fn batch_index(batch: &SpeedBatch, sub: &SpeedBatch, i: usize) -> usize {
+    let u = &sub.updates[i];
+    batch
+        .updates
+        .iter()
+        .position(|b| b.merchant_id == u.merchant_id && b.hour == u.hour)
+        .unwrap_or(0)
+}
+
+/// What happened to one source's batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events accepted by the decoder.
+    pub accepted: u64,
+    /// Lines rejected by the decoder (counted and logged here; the archiver quarantines them).
+    pub rejected: u64,
+    /// What the store did.
+    pub report: ApplyReport,
+}
+
+/// Decode, aggregate and apply one source's records (in source order). Bad lines
+/// never fail the batch; a store failure (after the store's bounded retries) does,
+/// so the caller can have the records redelivered.
+pub async fn apply_records<'a, S: SpeedStore>(
+    store: &S,
+    source: SourceId,
+    records: impl IntoIterator<Item = (Position, &'a [u8])>,
+    ingest_time: i64,
+) -> Result<BatchOutcome> {
+    let records: Vec<(Position, &'a [u8])> = records.into_iter().collect();
+    let batch = SpeedBatch::build(source, records.iter().cloned(), ingest_time);
+    for (pos, r) in batch.rejected.iter().take(5) {
+        tracing::warn!(source = %batch.source, position = %pos, line = r.line, reason = %r.reason, "rejected line");
+    }
+    let mut report = store.apply(&batch).await?;
+    // A redelivery cut differently from an earlier, half-applied delivery: for each
+    // merchant-hour whose mark falls inside its records, re-send only the records
+    // beyond the mark. Rare (only after crashes), so a second round trip is fine.
+    let mut overlaps = std::mem::take(&mut report.overlaps);
+    let mut rounds = 0;
+    while !overlaps.is_empty() && rounds < 8 {
+        rounds += 1;
+        let mut next = Vec::new();
+        let mut by_mark: Vec<(Position, Vec<(String, i64)>)> = Vec::new();
+        for (i, mark) in overlaps {
+            let u = &batch.updates[i];
+            let key = (u.merchant_id.clone(), u.hour);
+            match by_mark.iter_mut().find(|(m, _)| *m == mark) {
+                Some((_, keys)) => keys.push(key),
+                None => by_mark.push((mark, vec![key])),
+            }
+        }
+        for (mark, keys) in by_mark {
+            let mut sub = SpeedBatch::build(
+                batch.source.clone(),
+                records.iter().filter(|(p, _)| *p > mark).cloned(),
+                ingest_time,
+            );
+            sub.updates.retain(|u| {
+                keys.iter()
+                    .any(|(m, h)| *m == u.merchant_id && *h == u.hour)
+            });
+            let r = store.apply(&sub).await?;
+            report.applied += r.applied;
+            report.skipped += r.skipped;
+            next.extend(
+                r.overlaps
+                    .into_iter()
+                    .map(|(i, m)| (batch_index(&batch, &sub, i), m)),
+            );
+        }
+        overlaps = next;
+    }
+    if !overlaps.is_empty() {
+        return Err(tally_common::Error::Speed(format!(
+            "{} merchant-hours of {} kept overlapping marks; not applied",
+            overlaps.len(),
+            batch.source
+        )));
+    }
+    tracing::debug!(source = %batch.source, records = batch.records, accepted = batch.accepted,
+        applied = report.applied, skipped = report.skipped, "speed batch applied");
+    Ok(BatchOutcome {
+        accepted: batch.accepted,
+        rejected: batch.rejected.len() as u64,
+        report,
+    })
+}

@@ -1,0 +1,145 @@
+//! `tally`: one binary for every part of the pipeline. Argument parsing and
+//! wiring only; the work is done by the layer crates.
+
+mod ingest;
+mod lambda;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tally_common::config::{KinesisArgs, LakeArgs, SpeedArgs};
+use tally_common::shutdown;
+
+/// Merchant analytics as a Lambda architecture on object storage.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// NDJSON events into raw_events and the speed view (or onto Kinesis with --kinesis).
+    Ingest(ingest::IngestArgs),
+    /// The speed layer.
+    Speed {
+        #[command(subcommand)]
+        command: SpeedCommand,
+    },
+    /// Run as an AWS Lambda function (the `bootstrap` of every function; picks the
+    /// handler from `_HANDLER`: speed, archiver, batch or api).
+    #[command(hide = true)]
+    Lambda {
+        /// Handler name; defaults to the `_HANDLER` variable Lambda sets.
+        #[arg(long, env = "_HANDLER")]
+        handler: String,
+        #[command(flatten)]
+        lake: LakeArgs,
+        #[command(flatten)]
+        speed: SpeedArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SpeedCommand {
+    /// Consume the Kinesis stream into the speed view until SIGTERM.
+    Consume {
+        #[command(flatten)]
+        kinesis: KinesisArgs,
+        #[command(flatten)]
+        speed: SpeedArgs,
+        /// Exit once every shard is caught up instead of waiting for new records.
+        #[arg(long)]
+        until_caught_up: bool,
+        /// Records per GetRecords call.
+        #[arg(long, default_value_t = 10_000)]
+        limit: i32,
+    },
+}
+
+fn main() -> ExitCode {
+    // Lambda runs the binary as `bootstrap` with no arguments
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let cli = if argv0.ends_with("bootstrap") && std::env::args().len() == 1 {
+        Cli::parse_from(["tally", "lambda"])
+    } else {
+        Cli::parse()
+    };
+    let lambda = matches!(cli.command, Command::Lambda { .. });
+    init_tracing(lambda);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(lambda: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,deltalake=warn,datafusion=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if lambda {
+        // CloudWatch adds timestamps
+        builder.json().without_time().init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ingest(args) => ingest::run(args).await,
+        Command::Speed {
+            command:
+                SpeedCommand::Consume {
+                    kinesis,
+                    speed,
+                    until_caught_up,
+                    limit,
+                },
+        } => {
+            let stream = kinesis.stream.ok_or_else(|| {
+                anyhow::anyhow!("no stream: pass --stream or set TALLY_KINESIS_STREAM")
+            })?;
+            let store = tally_speed_layer::SpeedView::connect(&speed).await?;
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let client = aws_sdk_kinesis::Client::new(&config);
+            let (trigger, signal) = shutdown::channel();
+            trigger.fire_on_signals();
+            let options = tally_speed_layer::consumer::ConsumeOptions {
+                limit,
+                until_caught_up,
+                ..Default::default()
+            };
+            let consumer =
+                tally_speed_layer::consumer::Consumer::new(client, stream, store, options);
+            let stats = consumer.run(signal).await?;
+            eprintln!(
+                "speed consume: {} records, {} events accepted, {} lines rejected, {} merchant-hours already applied",
+                stats.records, stats.accepted, stats.rejected, stats.skipped
+            );
+            Ok(())
+        }
+        Command::Lambda {
+            handler,
+            lake,
+            speed,
+        } => lambda::run(&handler, lake, speed).await,
+    }
+}

@@ -1,0 +1,389 @@
+//! Test support shared by every crate's tests: real services on free loopback
+//! ports (redis-server, and moto's server for S3 and Kinesis), started by the
+//! test and stopped when dropped.
+//!
+//! A test that needs a service and cannot start it panics with what to install;
+//! it is never skipped.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const INSTALL_HINT: &str = "run scripts/install-services.sh (apt-get install redis-server; a Python venv with moto[server])";
+
+/// A free TCP port on 127.0.0.1 (bound and released; services started on it retry on a clash).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+fn find_binary(name: &str, extra: &[PathBuf]) -> Option<PathBuf> {
+    for p in extra {
+        if p.is_file() {
+            return Some(p.clone());
+        }
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn venv_dir() -> PathBuf {
+    if let Some(v) = std::env::var_os("TALLY_VENV") {
+        return PathBuf::from(v);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache/tally/venv")
+}
+
+/// The Python of the project's test venv (with moto, deltalake, duckdb), if it exists.
+pub fn venv_python() -> PathBuf {
+    let p = venv_dir().join("bin/python");
+    assert!(
+        p.is_file(),
+        "no test venv at {}: {INSTALL_HINT}",
+        p.display()
+    );
+    p
+}
+
+fn wait_until(deadline: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn redis_pings(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+fn http_answers(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(1000)));
+    if s.write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"HTTP/1."))
+}
+
+/// A `redis-server` of the test's own, on a free loopback port, without persistence.
+pub struct RedisServer {
+    binary: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start one; panics with an install hint when `redis-server` is missing or will not start.
+    pub fn start() -> Self {
+        let binary = find_binary("redis-server", &[PathBuf::from("/usr/bin/redis-server")])
+            .unwrap_or_else(|| panic!("redis-server not found: {INSTALL_HINT}"));
+        for _ in 0..5 {
+            let mut s = RedisServer {
+                binary: binary.clone(),
+                port: free_port(),
+                child: None,
+            };
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("redis-server would not start on a loopback port: {INSTALL_HINT}");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new(&self.binary)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(child) = child else { return false };
+        self.child = Some(child);
+        let port = self.port;
+        if wait_until(Duration::from_secs(10), || redis_pings(port)) {
+            true
+        } else {
+            self.stop();
+            false
+        }
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kill the server (its data is gone: it has no persistence).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(
+            self.spawn(),
+            "redis-server would not restart on port {}",
+            self.port
+        );
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// moto's server: an emulator that speaks the real S3 and Kinesis HTTP APIs.
+pub struct MotoServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl MotoServer {
+    /// Start one; panics with an install hint when moto is missing or will not start.
+    pub fn start() -> Self {
+        let binary = find_binary("moto_server", &[venv_dir().join("bin/moto_server")])
+            .unwrap_or_else(|| panic!("moto_server not found: {INSTALL_HINT}"));
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new(&binary)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let Ok(child) = child else { continue };
+            let mut s = MotoServer {
+                port,
+                child: Some(child),
+            };
+            if wait_until(Duration::from_secs(30), || http_answers(port)) {
+                return s;
+            }
+            s.stop();
+        }
+        panic!("moto_server would not start on a loopback port: {INSTALL_HINT}");
+    }
+
+    /// The endpoint URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kill the server.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Environment for the AWS SDKs and delta-rs to reach this emulator.
+    pub fn aws_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ]
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The workspace root (for finding scripts and the built binary).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// A small deterministic event generator for tests (the product's own generator is
+/// `tally gen`; tests use this one so an expected answer never comes from the code under test).
+pub mod events {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// One generated event, as the test's independent model sees it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct TestEvent {
+        /// Event id.
+        pub event_id: String,
+        /// Merchant.
+        pub merchant_id: String,
+        /// `order`, `refund`, `page_view` or `other`.
+        pub kind: &'static str,
+        /// Event time, epoch milliseconds.
+        pub ts_ms: i64,
+        /// Amount for orders and refunds.
+        pub amount: Option<i64>,
+        /// Customer, when known.
+        pub customer_id: Option<String>,
+    }
+
+    impl TestEvent {
+        /// The event as one NDJSON line (without newline), `ts` in either wire form.
+        pub fn to_line(&self, rfc3339: bool) -> String {
+            let mut s = format!(
+                r#"{{"event_id":"{}","merchant_id":"{}","type":"{}","#,
+                self.event_id, self.merchant_id, self.kind
+            );
+            if rfc3339 {
+                let secs = self.ts_ms.div_euclid(1000);
+                let ms = self.ts_ms.rem_euclid(1000);
+                let days = secs.div_euclid(86_400);
+                let sod = secs.rem_euclid(86_400);
+                let (y, m, d) = civil_from_days(days);
+                s.push_str(&format!(
+                    r#""ts":"{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z""#,
+                    sod / 3600,
+                    (sod / 60) % 60,
+                    sod % 60
+                ));
+            } else {
+                s.push_str(&format!(r#""ts":{}"#, self.ts_ms));
+            }
+            if let Some(a) = self.amount {
+                s.push_str(&format!(r#","amount":{a}"#));
+            }
+            if let Some(c) = &self.customer_id {
+                s.push_str(&format!(r#","customer_id":"{c}""#));
+            }
+            s.push_str(r#","extra":{"note":"kept"}}"#);
+            s
+        }
+    }
+
+    // Howard Hinnant's days-to-civil, so the test model needs no date library.
+    fn civil_from_days(z: i64) -> (i64, u32, u32) {
+        let z = z + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let y = yoe + era * 400;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        (if m <= 2 { y + 1 } else { y }, m, d)
+    }
+
+    /// `n` events over `merchants` merchants and the hours starting at `start_ms`
+    /// (epoch ms, hour aligned) for `hours` hours.
+    pub fn generate(
+        seed: u64,
+        n: usize,
+        merchants: usize,
+        start_ms: i64,
+        hours: i64,
+    ) -> Vec<TestEvent> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                let m = rng.random_range(0..merchants);
+                let kind = match rng.random_range(0..100) {
+                    0..=29 => "order",
+                    30..=34 => "refund",
+                    35..=97 => "page_view",
+                    _ => "other",
+                };
+                let amount =
+                    matches!(kind, "order" | "refund").then(|| rng.random_range(100..50_000));
+                let customer_id = rng
+                    .random_bool(0.8)
+                    .then(|| format!("c{}", rng.random_range(0..50)));
+                TestEvent {
+                    event_id: format!("e{seed}-{i}"),
+                    merchant_id: format!("m{m}"),
+                    kind,
+                    ts_ms: start_ms + rng.random_range(0..hours * 3_600_000),
+                    amount,
+                    customer_id,
+                }
+            })
+            .collect()
+    }
+
+    /// The independent model of the metrics: per (merchant, hour start ms):
+    /// [orders, gross_sales, refunds, refunded_amount, page_views] and the customer set.
+    pub type Expected =
+        std::collections::BTreeMap<(String, i64), ([i64; 5], std::collections::BTreeSet<String>)>;
+
+    /// Compute [`Expected`] by hand over `events` (each counted once per call).
+    pub fn expected(events: &[TestEvent]) -> Expected {
+        let mut out = Expected::new();
+        for e in events {
+            let hour = e.ts_ms.div_euclid(3_600_000) * 3_600_000;
+            let entry = out.entry((e.merchant_id.clone(), hour)).or_default();
+            match e.kind {
+                "order" => {
+                    entry.0[0] += 1;
+                    entry.0[1] += e.amount.unwrap_or(0);
+                }
+                "refund" => {
+                    entry.0[2] += 1;
+                    entry.0[3] += e.amount.unwrap_or(0);
+                }
+                "page_view" => entry.0[4] += 1,
+                _ => {}
+            }
+            if let Some(c) = &e.customer_id {
+                entry.1.insert(c.clone());
+            }
+        }
+        out
+    }
+}
