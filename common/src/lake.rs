@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Once};
 
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::delta_datafusion::DeltaSessionContext;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::StructType;
 use deltalake::protocol::SaveMode;
@@ -204,6 +206,15 @@ impl Lake {
 
     /// Open a table at its latest version; `None` when it was never created.
     pub async fn open(&self, table: Table) -> Result<Option<DeltaTable>> {
+        if self.is_local() {
+            let log = self
+                .table_url(table)
+                .to_file_path()
+                .map(|p| p.join("_delta_log"));
+            if !log.is_ok_and(|p| p.is_dir()) {
+                return Ok(None);
+            }
+        }
         match self.builder(table)?.load().await {
             Ok(t) => Ok(Some(t)),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
@@ -238,6 +249,9 @@ impl Lake {
         if let Some(t) = self.open(table).await? {
             return Ok(t);
         }
+        if let Ok(dir) = self.table_url(table).to_file_path() {
+            std::fs::create_dir_all(&dir).context(format!("creating {}", dir.display()))?;
+        }
         let schema: StructType = table
             .schema()
             .as_ref()
@@ -264,6 +278,34 @@ impl Lake {
                 .ok_or_else(|| Error::config(format!("could not create {}", table.name()))),
         }
     }
+}
+
+impl Lake {
+    /// A DataFusion session with the given tables registered under their names
+    /// (tables never created are left out), each at its latest version.
+    pub async fn session(&self, tables: &[Table]) -> Result<SessionContext> {
+        let ctx: SessionContext = DeltaSessionContext::default().into();
+        for &t in tables {
+            if let Some(table) = self.open(t).await? {
+                register(&ctx, t.name(), &table).await?;
+            }
+        }
+        Ok(ctx)
+    }
+}
+
+/// Register one opened Delta table in a DataFusion session under `name`.
+pub async fn register(ctx: &SessionContext, name: &str, table: &DeltaTable) -> Result<()> {
+    table
+        .update_datafusion_session(&ctx.state())
+        .context(format!("registering the object store of {name}"))?;
+    let provider = table
+        .table_provider()
+        .await
+        .context(format!("reading {name}"))?;
+    ctx.register_table(name, provider)
+        .context(format!("registering {name}"))?;
+    Ok(())
 }
 
 #[cfg(test)]

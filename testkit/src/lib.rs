@@ -226,6 +226,22 @@ impl MotoServer {
         }
     }
 
+    /// Create an S3 bucket (a plain path-style PUT; the emulator needs no signature).
+    pub fn create_bucket(&self, name: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("moto is not answering");
+        let req = format!(
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        s.write_all(req.as_bytes()).expect("writing to moto");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(
+            out.starts_with("HTTP/1.1 200"),
+            "creating bucket {name}: {out}"
+        );
+    }
+
     /// Environment for the AWS SDKs and delta-rs to reach this emulator.
     pub fn aws_env(&self) -> Vec<(&'static str, String)> {
         vec![
