@@ -3,7 +3,13 @@
 //! watermark and reprocessing over history.
 
 pub mod archive;
+pub mod compact;
+pub mod dirty;
+pub mod job;
 pub mod lambda;
+pub mod lock;
 pub mod marks;
+pub mod sql;
 
 pub use archive::{ArchiveReport, Archiver};
+pub use job::{BatchRun, RunReport, LOGIC_VERSION};

@@ -11,6 +11,7 @@ pub mod lake;
 pub mod metrics;
 pub mod shutdown;
 pub mod source;
+pub mod watermark;
 
 pub use error::{Context, Error, Result};
 pub use event::{Event, EventType};

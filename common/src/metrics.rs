@@ -264,6 +264,15 @@ pub struct MetricValues {
     pub unique_customers: Option<i64>,
 }
 
+/// A read of one merchant's speed view.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpeedReading {
+    /// Per requested hour: counters, and the hour's distinct-customer estimate.
+    pub hours: Vec<MetricValues>,
+    /// Per requested group of hours: the distinct-customer estimate of their union.
+    pub unions: Vec<i64>,
+}
+
 /// A metric's value as the API returns it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(untagged)]

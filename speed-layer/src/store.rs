@@ -4,7 +4,6 @@
 
 use std::future::Future;
 
-use tally_common::metrics::MetricValues;
 use tally_common::source::Position;
 use tally_common::Result;
 
@@ -24,14 +23,7 @@ pub struct ApplyReport {
     pub overlaps: Vec<(usize, Position)>,
 }
 
-/// A read of one merchant's speed view.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SpeedReading {
-    /// Per requested hour: counters, and the hour's distinct-customer estimate.
-    pub hours: Vec<MetricValues>,
-    /// Per requested group of hours: the distinct-customer estimate of their union.
-    pub unions: Vec<i64>,
-}
+pub use tally_common::metrics::SpeedReading;
 
 /// A speed store. Every update carries its source's position; a store applies an
 /// update only when it is beyond the mark it holds for that (merchant, hour,

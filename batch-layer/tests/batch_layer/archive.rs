@@ -3,54 +3,15 @@
 //! with their reason, and another Delta implementation (Python's deltalake)
 //! reads the same rows.
 
+use crate::{input, query_i64, records, NOW, START_MS};
+
 use std::process::Command;
 
 use tally_batch_layer::Archiver;
-use tally_common::deltalake::arrow::array::AsArray;
-use tally_common::deltalake::arrow::datatypes::Int64Type;
-use tally_common::lake::{Lake, Table};
-use tally_common::source::{Position, SourceId};
-use tally_testkit::events::{generate, TestEvent};
+use tally_common::lake::Lake;
+use tally_common::source::SourceId;
+use tally_testkit::events::generate;
 use tally_testkit::{venv_python, MotoServer};
-
-const START_MS: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
-const NOW: i64 = (START_MS + 10 * 3_600_000) * 1000;
-
-fn records(events: &[TestEvent], per_record: usize, first: u64) -> Vec<(Position, Vec<u8>)> {
-    events
-        .chunks(per_record)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let mut text: String = chunk.iter().map(|e| e.to_line(i % 2 == 0) + "\n").collect();
-            // every record carries one bad line and one blank line
-            text.push_str(&format!(
-                "{{\"event_id\":\"bad{i}\",\"merchant_id\":\"m 1\"}}\n\n"
-            ));
-            (Position::from_u64(first + i as u64), text.into_bytes())
-        })
-        .collect()
-}
-
-fn input(recs: &[(Position, Vec<u8>)]) -> Vec<(Position, &[u8])> {
-    recs.iter()
-        .map(|(p, d)| (p.clone(), d.as_slice()))
-        .collect()
-}
-
-async fn query_i64(lake: &Lake, sql: &str) -> Vec<i64> {
-    let ctx = lake.session(&Table::ALL).await.unwrap();
-    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-    let mut out = Vec::new();
-    for b in batches {
-        for c in b.columns() {
-            let c = c.as_primitive::<Int64Type>();
-            for i in 0..c.len() {
-                out.push(c.value(i));
-            }
-        }
-    }
-    out
-}
 
 async fn replays_leave_one_copy(lake: Lake) {
     let events = generate(11, 2_000, 20, START_MS, 4);

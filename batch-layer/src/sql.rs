@@ -1,0 +1,73 @@
+//! The batch layer's SQL, generated from the metric registry.
+//!
+//! Both queries deduplicate by (merchant, `event_id`) within an hour, keeping the
+//! first copy ingested, then aggregate with [`aggregate_sql`]. The text is built
+//! only from values the job computes itself (dates, hours, the registry), never
+//! from request input. The same text runs in DuckDB for the benchmark.
+
+use tally_common::bucket::{date_string, hour_of_day};
+use tally_common::metrics::aggregate_sql;
+
+/// The deduplicated events of the given hours of one day (hours as epoch µs, all on `day`).
+fn dedup_sql(table: &str, day: i64, hours: &[i64]) -> String {
+    let list = hours
+        .iter()
+        .map(|&h| hour_of_day(h).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT DISTINCT ON (merchant_id, event_id, event_hour) \
+         merchant_id, event_id, event_hour, event_time, event_type, amount, customer_id \
+         FROM {table} WHERE event_date = '{date}' AND event_hour IN ({list}) \
+         ORDER BY merchant_id, event_id, event_hour, ingest_time, source",
+        date = date_string(day)
+    )
+}
+
+/// Metrics per merchant and hour for `hours` of `day`, sorted by merchant.
+pub fn hourly_sql(table: &str, day: i64, hours: &[i64]) -> String {
+    format!(
+        "SELECT merchant_id, date_trunc('hour', event_time) AS hour, {aggs} \
+         FROM ({dedup}) AS d GROUP BY merchant_id, date_trunc('hour', event_time) \
+         ORDER BY merchant_id, hour",
+        aggs = aggregate_sql().join(", "),
+        dedup = dedup_sql(table, day, hours)
+    )
+}
+
+/// Metrics per merchant for the whole UTC day `day` (exact distinct customers over
+/// the day, not a sum of hours), sorted by merchant.
+pub fn daily_sql(table: &str, day: i64) -> String {
+    let hours: Vec<i64> = (0..24)
+        .map(|h| day + h * tally_common::bucket::MICROS_PER_HOUR)
+        .collect();
+    format!(
+        "SELECT merchant_id, {aggs} FROM ({dedup}) AS d GROUP BY merchant_id ORDER BY merchant_id",
+        aggs = aggregate_sql().join(", "),
+        dedup = dedup_sql(table, day, &hours)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_common::bucket::parse_ts;
+
+    /// Golden text: a change here changes results and needs a logic_version bump.
+    #[test]
+    fn hourly_sql_golden() {
+        let day = parse_ts("2026-11-24T00:00:00Z").unwrap();
+        let h = |x: i64| day + x * tally_common::bucket::MICROS_PER_HOUR;
+        let sql = hourly_sql("raw_events", day, &[h(3), h(4)]);
+        assert!(
+            sql.contains("WHERE event_date = '2026-11-24' AND event_hour IN (3, 4)"),
+            "{sql}"
+        );
+        assert!(sql.starts_with("SELECT merchant_id, date_trunc('hour', event_time) AS hour, CAST(COALESCE(SUM(CASE WHEN event_type = 'order' THEN 1 ELSE 0 END), 0) AS BIGINT) AS orders"), "{sql}");
+        assert!(sql.contains("DISTINCT ON (merchant_id, event_id, event_hour)"));
+        assert!(sql.contains("ORDER BY merchant_id, event_id, event_hour, ingest_time, source"));
+        let d = daily_sql("raw_events", day);
+        assert!(d.contains("event_hour IN (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)"));
+        assert!(d.contains("COUNT(DISTINCT customer_id)"));
+    }
+}

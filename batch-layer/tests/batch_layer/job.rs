@@ -1,0 +1,266 @@
+//! The batch job on a local lake: generated events with duplicates and late
+//! arrivals; the metric tables must equal a plain computation written here,
+//! independently of the registry and the SQL.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use tally_batch_layer::{Archiver, BatchRun};
+use tally_common::bucket::MICROS_PER_HOUR;
+use tally_common::lake::{Lake, Table};
+use tally_common::source::{Position, SourceId};
+use tally_common::watermark::read_progress;
+use tally_testkit::events::{expected, generate, TestEvent};
+
+use crate::{input, query_i64, records, START_MS};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Per (merchant, hour ms): [orders, gross, refunds, refunded, page_views, unique].
+type Table6 = BTreeMap<(String, i64), [i64; 6]>;
+
+/// The model: dedupe by (merchant, event_id, hour), first copy wins.
+fn model_hourly(events: &[TestEvent]) -> Table6 {
+    let mut seen = HashSet::new();
+    let unique: Vec<TestEvent> = events
+        .iter()
+        .filter(|e| {
+            seen.insert((
+                e.merchant_id.clone(),
+                e.event_id.clone(),
+                e.ts_ms.div_euclid(3_600_000),
+            ))
+        })
+        .cloned()
+        .collect();
+    expected(&unique)
+        .into_iter()
+        .map(|(k, (c, cust))| (k, [c[0], c[1], c[2], c[3], c[4], cust.len() as i64]))
+        .collect()
+}
+
+fn model_daily(events: &[TestEvent]) -> Table6 {
+    let mut seen = HashSet::new();
+    let mut out: Table6 = BTreeMap::new();
+    let mut customers: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
+    for e in events {
+        if !seen.insert((
+            e.merchant_id.clone(),
+            e.event_id.clone(),
+            e.ts_ms.div_euclid(3_600_000),
+        )) {
+            continue;
+        }
+        let key = (e.merchant_id.clone(), e.ts_ms.div_euclid(DAY_MS) * DAY_MS);
+        let v = out.entry(key.clone()).or_default();
+        match e.kind {
+            "order" => {
+                v[0] += 1;
+                v[1] += e.amount.unwrap_or(0);
+            }
+            "refund" => {
+                v[2] += 1;
+                v[3] += e.amount.unwrap_or(0);
+            }
+            "page_view" => v[4] += 1,
+            _ => {}
+        }
+        if let Some(c) = &e.customer_id {
+            customers.entry(key).or_default().insert(c.clone());
+        }
+    }
+    for (k, v) in out.iter_mut() {
+        v[5] = customers.get(k).map_or(0, |s| s.len() as i64);
+    }
+    out
+}
+
+async fn read_table(lake: &Lake, table: &str, time_col: &str) -> Table6 {
+    // merchant ids are "m<number>": read the number back as an integer column
+    let sql = format!(
+        "SELECT CAST(substr(merchant_id, 2) AS BIGINT), CAST(to_unixtime({time_col}) AS BIGINT) * 1000, \
+         orders, gross_sales, refunds, refunded_amount, page_views, unique_customers FROM {table} \
+         ORDER BY 1, 2"
+    );
+    let flat = query_i64(lake, &sql).await;
+    flat.chunks(8)
+        .map(|r| {
+            (
+                (format!("m{}", r[0]), r[1]),
+                [r[2], r[3], r[4], r[5], r[6], r[7]],
+            )
+        })
+        .collect()
+}
+
+async fn archive(lake: &Lake, name: &str, events: &[TestEvent], now: i64) {
+    let mut a = Archiver::open(lake).await.unwrap();
+    let recs = records(events, 200, 1);
+    a.archive(&SourceId::file(name), &input(&recs), now)
+        .await
+        .unwrap();
+}
+
+fn with_duplicates(events: &[TestEvent]) -> Vec<TestEvent> {
+    let mut out = events.to_vec();
+    // producers resend every 10th event (same id, same content)
+    out.extend(events.iter().step_by(10).cloned());
+    out
+}
+
+#[tokio::test]
+async fn batch_tables_equal_a_plain_computation_and_late_events_fix_their_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = with_duplicates(&generate(21, 6_000, 15, START_MS, 48));
+    let now = (START_MS + 2 * DAY_MS + 30 * 60_000) * 1000; // two closed days, 00:30 on day 3
+    archive(&lake, "day1-2", &events, now).await;
+
+    let report = BatchRun::new(&lake).now(now).execute().await.unwrap();
+    assert_eq!(report.hours, 48);
+    assert_eq!(report.days, 2);
+    let w = read_progress(&lake.open(Table::MetricsHourly).await.unwrap().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(w.watermark, Some((START_MS + 2 * DAY_MS) * 1000));
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&events)
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&events)
+    );
+
+    // a late event for an old hour arrives; the next run fixes that hour (and its day)
+    let late = TestEvent {
+        event_id: "late-1".into(),
+        merchant_id: "m3".into(),
+        kind: "order",
+        ts_ms: START_MS + 5 * 3_600_000 + 17,
+        amount: Some(999),
+        customer_id: Some("c-late".into()),
+    };
+    let now2 = now + MICROS_PER_HOUR;
+    archive(&lake, "late", std::slice::from_ref(&late), now2).await;
+    let r2 = BatchRun::new(&lake).now(now2).execute().await.unwrap();
+    assert_eq!(r2.hours, 1, "only the late hour is dirty");
+    let mut all = events.clone();
+    all.push(late);
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&all)
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&all)
+    );
+
+    // a rerun with nothing new changes nothing
+    let r3 = BatchRun::new(&lake).now(now2).execute().await.unwrap();
+    assert_eq!(r3.hours, 0);
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&all)
+    );
+}
+
+#[tokio::test]
+async fn reprocess_dry_run_reports_and_reprocess_fixes_exactly_the_affected_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = generate(5, 3_000, 8, START_MS, 24);
+    let now = (START_MS + DAY_MS + 30 * 60_000) * 1000;
+    archive(&lake, "d", &events, now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    let good = read_table(&lake, "metrics_hourly", "hour").await;
+
+    // a "buggy logic" run wrote wrong numbers for hours 3..5: emulate it by deleting
+    // one merchant's rows there
+    let t = lake.open(Table::MetricsHourly).await.unwrap().unwrap();
+    t.delete()
+        .with_predicate("merchant_id = 'm1' AND hour >= '2025-11-24T03:00:00Z' AND hour < '2025-11-24T05:00:00Z'")
+        .await
+        .unwrap();
+    let broken = read_table(&lake, "metrics_hourly", "hour").await;
+    let affected = good.keys().filter(|k| !broken.contains_key(*k)).count() as u64;
+    assert!(affected > 0);
+
+    let from = (START_MS + 2 * 3_600_000) * 1000;
+    let to = (START_MS + 6 * 3_600_000) * 1000;
+    let dry = BatchRun::new(&lake)
+        .now(now)
+        .reprocess(from, to)
+        .dry_run(true)
+        .execute()
+        .await
+        .unwrap();
+    let diff = dry.diff.unwrap();
+    assert_eq!(diff.merchant_hours_changed, affected);
+    assert!(diff.totals_after[0] > diff.totals_before[0]);
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        broken,
+        "dry run wrote nothing"
+    );
+
+    let r = BatchRun::new(&lake)
+        .now(now)
+        .reprocess(from, to)
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(r.hours, 4);
+    assert_eq!(read_table(&lake, "metrics_hourly", "hour").await, good);
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&events)
+    );
+}
+
+#[tokio::test]
+async fn a_killed_run_leaves_whole_tables_and_two_runs_never_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = generate(9, 4_000, 10, START_MS, 48);
+    let now = (START_MS + 2 * DAY_MS + 30 * 60_000) * 1000;
+    archive(&lake, "d", &events, now).await;
+
+    // a run killed after its first day's commit: day 1 written, progress not recorded
+    BatchRun::new(&lake)
+        .now(now)
+        .reprocess(START_MS * 1000, (START_MS + DAY_MS) * 1000)
+        .execute()
+        .await
+        .unwrap();
+    let p = read_progress(&lake.open(Table::MetricsHourly).await.unwrap().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(p.watermark, None);
+    // two runs at once: one works, the other stops with a clear message (or runs after)
+    let (a, b) = tokio::join!(
+        BatchRun::new(&lake).now(now).execute(),
+        BatchRun::new(&lake).now(now).execute()
+    );
+    let errors: Vec<String> = [&a, &b]
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.len() <= 1);
+    for e in &errors {
+        assert!(e.contains("another batch run"), "{e}");
+    }
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&events)
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&events)
+    );
+    let p = read_progress(&lake.open(Table::MetricsHourly).await.unwrap().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(p.watermark, Some((START_MS + 2 * DAY_MS) * 1000));
+    let _ = Position::from_u64(0);
+}
