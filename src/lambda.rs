@@ -42,6 +42,43 @@ pub async fn run(handler: &str, lake: LakeArgs, speed: SpeedArgs) -> anyhow::Res
             .await
             .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
         }
+        "batch" => {
+            let lake = lake.lake()?;
+            lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+                let lake = lake.clone();
+                async move {
+                    let p = &event.payload;
+                    let run = tally_batch_layer::BatchRun::new(&lake);
+                    // Step Functions sends {"from","to"}; the hourly schedule sends an EventBridge event
+                    let run = match (p["from"].as_str(), p["to"].as_str()) {
+                        (Some(f), Some(t)) => run.reprocess(
+                            tally_common::bucket::parse_ts(f)?,
+                            tally_common::bucket::parse_ts(t)?,
+                        ),
+                        _ => run,
+                    };
+                    let r = run.execute().await?;
+                    let lag = r.watermark_after.map(|w| (tally_common::bucket::now_micros() - w) / 1_000_000);
+                    // CloudWatch embedded metric format: the watermark lag alarm reads it
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "_aws": {"Timestamp": chrono::Utc::now().timestamp_millis(),
+                                     "CloudWatchMetrics": [{"Namespace": "Tally", "Dimensions": [[]],
+                                     "Metrics": [{"Name": "BatchWatermarkLagSeconds", "Unit": "Seconds"}]}]},
+                            "BatchWatermarkLagSeconds": lag.unwrap_or(0)
+                        })
+                    );
+                    Ok::<_, lambda_runtime::Error>(serde_json::json!({
+                        "hours": r.hours, "days": r.days, "hourly_rows": r.hourly_rows,
+                        "daily_rows": r.daily_rows, "raw_version": r.raw_version,
+                        "watermark": r.watermark_after.map(tally_common::bucket::format_ts),
+                    }))
+                }
+            }))
+            .await
+            .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+        }
         other => anyhow::bail!(
             "unknown Lambda handler {other:?}: set the function's handler to speed, archiver, batch or api"
         ),

@@ -1,8 +1,11 @@
 //! `tally`: one binary for every part of the pipeline. Argument parsing and
 //! wiring only; the work is done by the layer crates.
 
+mod batch;
+mod gen;
 mod ingest;
 mod lambda;
+mod sql;
 
 use std::process::ExitCode;
 
@@ -22,6 +25,13 @@ struct Cli {
 enum Command {
     /// NDJSON events into raw_events and the speed view (or onto Kinesis with --kinesis).
     Ingest(ingest::IngestArgs),
+    /// The batch layer: the hourly run and reprocessing of history.
+    Batch {
+        #[command(subcommand)]
+        command: batch::BatchCommand,
+    },
+    /// Read-only SQL over the lake's tables, for analysts.
+    Sql(sql::SqlArgs),
     /// The speed layer.
     Speed {
         #[command(subcommand)]
@@ -105,6 +115,8 @@ fn init_tracing(lambda: bool) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ingest(args) => ingest::run(args).await,
+        Command::Batch { command } => batch::run(command).await,
+        Command::Sql(args) => sql::run(args).await,
         Command::Speed {
             command:
                 SpeedCommand::Consume {
