@@ -1,0 +1,241 @@
+//! The speed layer against moto's Kinesis and a real redis-server: records put
+//! with aws-sdk-kinesis are consumed by the consumer and, separately, by the
+//! Lambda handler fed the same records; both views equal a plain computation,
+//! redeliveries count nothing twice, and a restarted consumer resumes from its
+//! checkpoint.
+
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
+use aws_sdk_kinesis::Client;
+use base64::Engine as _;
+use tally_common::metrics::Metric;
+use tally_common::shutdown::Shutdown;
+use tally_speed_layer::consumer::{ConsumeOptions, Consumer};
+use tally_speed_layer::{RedisStore, SpeedStore};
+use tally_testkit::events::{expected, generate, Expected, TestEvent};
+use tally_testkit::{MotoServer, RedisServer};
+
+const START_MS: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
+const STREAM: &str = "events";
+
+fn client(moto: &MotoServer) -> Client {
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(moto.endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .build();
+    Client::from_conf(config)
+}
+
+async fn put(client: &Client, events: &[TestEvent]) {
+    // one record per merchant and 20 events, partition key = merchant
+    let mut by_merchant: std::collections::BTreeMap<&str, Vec<&TestEvent>> = Default::default();
+    for e in events {
+        by_merchant.entry(&e.merchant_id).or_default().push(e);
+    }
+    let mut entries = Vec::new();
+    for (m, evs) in by_merchant {
+        for chunk in evs.chunks(20) {
+            let data: String = chunk.iter().map(|e| e.to_line(true) + "\n").collect();
+            entries.push(
+                PutRecordsRequestEntry::builder()
+                    .partition_key(m)
+                    .data(Blob::new(data.into_bytes()))
+                    .build()
+                    .unwrap(),
+            );
+        }
+    }
+    for chunk in entries.chunks(100) {
+        let out = client
+            .put_records()
+            .stream_name(STREAM)
+            .set_records(Some(chunk.to_vec()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.failed_record_count.unwrap_or(0), 0);
+    }
+}
+
+async fn assert_view<S: SpeedStore>(store: &S, want: &Expected) {
+    for ((m, hour_ms), (counts, customers)) in want {
+        let r = store.read(m, &[hour_ms * 1000], &[]).await.unwrap();
+        let c = &r.hours[0].counters;
+        assert_eq!(
+            [
+                c.get(Metric::Orders).unwrap(),
+                c.get(Metric::GrossSales).unwrap(),
+                c.get(Metric::Refunds).unwrap(),
+                c.get(Metric::RefundedAmount).unwrap(),
+                c.get(Metric::PageViews).unwrap()
+            ],
+            *counts,
+            "{m} {hour_ms}"
+        );
+        let u = r.hours[0].unique_customers.unwrap();
+        assert!(
+            (u - customers.len() as i64).abs() <= 1,
+            "{m}: {u} vs {}",
+            customers.len()
+        );
+    }
+}
+
+/// Every record of the stream, as the Lambda service would deliver them (one event per shard).
+async fn lambda_events(client: &Client) -> Vec<KinesisEvent> {
+    let shards = client
+        .list_shards()
+        .stream_name(STREAM)
+        .send()
+        .await
+        .unwrap()
+        .shards
+        .unwrap();
+    let mut out = Vec::new();
+    for s in shards {
+        let mut it = client
+            .get_shard_iterator()
+            .stream_name(STREAM)
+            .shard_id(&s.shard_id)
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator;
+        let mut records = Vec::new();
+        while let Some(i) = it {
+            let r = client.get_records().shard_iterator(i).send().await.unwrap();
+            if r.records.is_empty() {
+                break;
+            }
+            records.extend(r.records);
+            it = r.next_shard_iterator;
+        }
+        let json: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "eventSource": "aws:kinesis",
+                    "eventID": format!("{}:{}", s.shard_id, r.sequence_number),
+                    "eventSourceARN": format!("arn:aws:kinesis:us-east-1:123456789012:stream/{STREAM}"),
+                    "eventName": "aws:kinesis:record",
+                    "eventVersion": "1.0",
+                    "awsRegion": "us-east-1",
+                    "kinesis": {
+                        "kinesisSchemaVersion": "1.0",
+                        "partitionKey": r.partition_key,
+                        "sequenceNumber": r.sequence_number,
+                        "data": base64::engine::general_purpose::STANDARD.encode(r.data.as_ref()),
+                        "approximateArrivalTimestamp": 1.7e9
+                    }
+                })
+            })
+            .collect();
+        out.push(serde_json::from_value(serde_json::json!({ "Records": json })).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn consumer_and_lambda_agree_with_a_plain_computation_exactly_once() {
+    let moto = MotoServer::start();
+    let redis_a = RedisServer::start();
+    let redis_b = RedisServer::start();
+    let client = client(&moto);
+    client
+        .create_stream()
+        .stream_name(STREAM)
+        .shard_count(2)
+        .send()
+        .await
+        .unwrap();
+
+    let first = generate(31, 2_000, 25, START_MS, 3);
+    put(&client, &first).await;
+
+    let options = ConsumeOptions {
+        until_caught_up: true,
+        ..Default::default()
+    };
+    let store_a = RedisStore::connect(&redis_a.url(), 3600).await.unwrap();
+    let consumer = Consumer::new(client.clone(), STREAM, store_a.clone(), options.clone());
+    let stats = consumer.run(Shutdown::never()).await.unwrap();
+    assert_eq!(stats.accepted, 2_000);
+    assert_view(&store_a, &expected(&first)).await;
+
+    // a restart resumes from the checkpoints: nothing is read again
+    let again = Consumer::new(client.clone(), STREAM, store_a.clone(), options.clone())
+        .run(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(again.records, 0);
+
+    // new events after the restart are applied once
+    let second = generate(32, 1_000, 25, START_MS, 3);
+    put(&client, &second).await;
+    let third = Consumer::new(client.clone(), STREAM, store_a.clone(), options.clone())
+        .run(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(third.accepted, 1_000);
+    let all: Vec<TestEvent> = first.iter().chain(second.iter()).cloned().collect();
+    assert_view(&store_a, &expected(&all)).await;
+
+    // the Lambda handler fed the same records, each event delivered twice (a retry)
+    let store_b = RedisStore::connect(&redis_b.url(), 3600).await.unwrap();
+    for event in lambda_events(&client).await {
+        for _ in 0..2 {
+            let resp = tally_speed_layer::lambda::handle(&store_b, event.clone()).await;
+            assert!(resp.batch_item_failures.is_empty());
+        }
+    }
+    assert_view(&store_b, &expected(&all)).await;
+}
+
+#[tokio::test]
+async fn lambda_reports_the_first_record_when_redis_is_down() {
+    let moto = MotoServer::start();
+    let mut redis = RedisServer::start();
+    let client = client(&moto);
+    client
+        .create_stream()
+        .stream_name(STREAM)
+        .shard_count(1)
+        .send()
+        .await
+        .unwrap();
+    let events = generate(41, 300, 5, START_MS, 2);
+    put(&client, &events).await;
+    let store = RedisStore::connect(&redis.url(), 3600)
+        .await
+        .unwrap()
+        .with_max_attempts(1);
+    let event = lambda_events(&client).await.remove(0);
+    let first_seq = event.records[0].kinesis.sequence_number.clone();
+    redis.stop();
+    let resp = tally_speed_layer::lambda::handle(&store, event.clone()).await;
+    assert_eq!(resp.batch_item_failures.len(), 1);
+    assert_eq!(
+        resp.batch_item_failures[0].item_identifier.as_deref(),
+        Some(first_seq.as_str())
+    );
+    redis.restart();
+    let mut ok = false;
+    for _ in 0..50 {
+        if tally_speed_layer::lambda::handle(&store, event.clone())
+            .await
+            .batch_item_failures
+            .is_empty()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "redelivery did not apply after Redis came back");
+    assert_view(&store, &expected(&events)).await;
+}
