@@ -4,9 +4,6 @@
 //! [`Generator`] is the line iterator (a Kinesis producer drives it itself,
 //! pacing with [`Generator::due`]); [`run`] writes it to stdout or a file.
 
-// Remove once main.rs dispatches `tally gen` to `run`.
-#![allow(dead_code)]
-
 use std::f64::consts::{FRAC_PI_2, TAU};
 use std::fmt::Write as _;
 use std::fs::File;
@@ -14,7 +11,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{bail, ensure, Context as _};
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 
 const MS_PER_HOUR: i64 = 3_600_000;
@@ -112,14 +109,12 @@ pub struct Mix {
 }
 
 fn parse_mix(s: &str) -> Result<Mix, String> {
-    let parts = s
-        .split(',')
-        .map(|p| {
-            p.trim()
-                .parse::<f64>()
-                .map_err(|_| format!("`{p}` is not a number"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let number = |p: &str| {
+        p.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("`{p}` is not a number"))
+    };
+    let parts = s.split(',').map(number).collect::<Result<Vec<_>, _>>()?;
     let &[order, refund, page_view] = parts.as_slice() else {
         return Err("expected three percentages: order,refund,page_view".into());
     };
@@ -176,23 +171,6 @@ const FLAWS: [Flaw; 4] = [
     Flaw::FutureTs,
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Order,
-    Refund,
-    PageView,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Order => "order",
-            Kind::Refund => "refund",
-            Kind::PageView => "page_view",
-        }
-    }
-}
-
 /// xoshiro256** seeded through SplitMix64. Its output is fixed forever, so a
 /// seed means the same bytes across dependency upgrades (`rand`'s `StdRng`
 /// makes no such promise).
@@ -201,14 +179,12 @@ struct Rng([u64; 4]);
 impl Rng {
     fn new(seed: u64) -> Self {
         let mut z = seed;
-        let mut next = || {
+        Rng(std::array::from_fn(|_| {
             z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let x = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             x ^ (x >> 31)
-        };
-        Rng([next(), next(), next(), next()])
+        }))
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -322,7 +298,7 @@ impl Diurnal {
 }
 
 /// The event stream: an iterator of NDJSON lines (without newline), fully
-/// determined by the [`GenArgs`] (and, without --start, the hour it starts in).
+/// determined by the [`GenArgs`] (and, without --start, the clock at creation).
 pub struct Generator {
     rng: Rng,
     seed: u64,
@@ -342,9 +318,8 @@ pub struct Generator {
     merchants: Zipf,
     customers: Option<Zipf>,
     mix: Mix,
-    malformed_share: f64,
-    duplicate_share: f64,
-    late_share: f64,
+    /// Shares of malformed, duplicate and late lines.
+    shares: [f64; 3],
     recent: Vec<String>,
     recent_next: usize,
     last: LineKind,
@@ -353,38 +328,36 @@ pub struct Generator {
 impl Generator {
     /// Check the arguments and set the stream up (the start defaults from the clock).
     pub fn new(args: &GenArgs) -> anyhow::Result<Self> {
-        let shares = [
-            ("--late-share", args.late_share),
-            ("--duplicate-share", args.duplicate_share),
-            ("--malformed-share", args.malformed_share),
-        ];
-        for (flag, v) in shares {
-            if !(0.0..=1.0).contains(&v) {
-                bail!("{flag} must be between 0 and 1, not {v}");
-            }
-        }
-        if shares.iter().map(|s| s.1).sum::<f64>() > 1.0 {
-            bail!("--late-share, --duplicate-share and --malformed-share add up to more than 1");
-        }
-        if args.merchants == 0 {
-            bail!("--merchants must be at least 1");
-        }
-        if !(args.zipf.is_finite() && args.zipf >= 0.0) {
-            bail!("--zipf must be a finite exponent ≥ 0, not {}", args.zipf);
-        }
-        if !(args.rate.is_finite() && args.rate >= 0.0) {
-            bail!("--rate must be a finite number ≥ 0, not {}", args.rate);
-        }
+        let shares = [args.malformed_share, args.duplicate_share, args.late_share];
         let bounded = args.events > 0;
-        if !bounded && args.rate == 0.0 {
-            bail!("--events 0 (an unbounded stream) needs --rate");
-        }
-        if bounded && !(args.days.is_finite() && args.days > 0.0 && args.days < 1e5) {
-            bail!(
-                "--days must be a positive number of days, not {}",
-                args.days
+        for (flag, v) in ["malformed", "duplicate", "late"].into_iter().zip(shares) {
+            ensure!(
+                (0.0..=1.0).contains(&v),
+                "--{flag}-share must be in 0..=1, not {v}"
             );
         }
+        ensure!(
+            shares.iter().sum::<f64>() <= 1.0,
+            "the --*-share values exceed 1 together"
+        );
+        ensure!(args.merchants > 0, "--merchants must be at least 1");
+        ensure!(
+            args.zipf.is_finite() && args.zipf >= 0.0,
+            "--zipf must be ≥ 0"
+        );
+        ensure!(
+            args.rate.is_finite() && args.rate >= 0.0,
+            "--rate must be ≥ 0"
+        );
+        ensure!(
+            bounded || args.rate > 0.0,
+            "--events 0 (unbounded) needs --rate"
+        );
+        let days_ok = args.days > 0.0 && args.days < 1e5;
+        ensure!(
+            !bounded || days_ok,
+            "--days must be a positive number of days"
+        );
         let now_ms = Utc::now().timestamp_millis();
         let span_ms = (args.days * MS_PER_DAY as f64).round() as i64;
         let start_ms = match args.start {
@@ -392,18 +365,13 @@ impl Generator {
             None if bounded => (now_ms - span_ms).div_euclid(MS_PER_HOUR) * MS_PER_HOUR,
             None => now_ms,
         };
-        let end_ms = if bounded {
-            start_ms + span_ms
-        } else {
-            start_ms
-        };
-        if end_ms > now_ms + MAX_FUTURE_MS {
-            bail!(
-                "the events would reach {} which is in the future (the pipeline rejects \
-                 ts more than 5 minutes ahead); choose an earlier --start or fewer --days",
-                rfc3339(end_ms)
-            );
-        }
+        let end_ms = start_ms + if bounded { span_ms } else { 0 };
+        ensure!(
+            end_ms <= now_ms + MAX_FUTURE_MS,
+            "the events would reach {}, in the future (the pipeline rejects a ts more than \
+             5 minutes ahead); choose an earlier --start or fewer --days",
+            rfc3339(end_ms)
+        );
         let diurnal = Diurnal::new(start_ms);
         let step = if bounded {
             diurnal.lambda(span_ms as f64 / 1000.0) / args.events as f64
@@ -425,9 +393,7 @@ impl Generator {
             merchants: Zipf::new(args.merchants as usize, args.zipf),
             customers: (pool > 0).then(|| Zipf::new(pool, 1.0)),
             mix: args.mix,
-            malformed_share: args.malformed_share,
-            duplicate_share: args.duplicate_share,
-            late_share: args.late_share,
+            shares,
             recent: Vec::new(),
             recent_next: 0,
             last: LineKind::Normal,
@@ -464,7 +430,7 @@ impl Generator {
         self.t = self.diurnal.invert(s, self.t);
         self.cursor_ms = self.start_ms + (self.t * 1000.0).floor() as i64;
         let u = self.rng.unit();
-        let (m, d, l) = (self.malformed_share, self.duplicate_share, self.late_share);
+        let [m, d, l] = self.shares;
         self.last = if u < m {
             let flaw = FLAWS[self.rng.below(FLAWS.len() as u64) as usize];
             self.write_event(line, self.cursor_ms, Some(flaw));
@@ -512,12 +478,11 @@ impl Generator {
     fn write_event(&mut self, line: &mut String, ts_ms: i64, flaw: Option<Flaw>) {
         let rank = self.merchants.sample(&mut self.rng) + 1;
         let u = self.rng.unit();
-        let kind = if flaw == Some(Flaw::MissingAmount) || u < self.mix.order {
-            Kind::Order
-        } else if u < self.mix.order + self.mix.refund {
-            Kind::Refund
-        } else {
-            Kind::PageView
+        let kind = match flaw {
+            Some(Flaw::MissingAmount) => "order",
+            _ if u < self.mix.order => "order",
+            _ if u < self.mix.order + self.mix.refund => "refund",
+            _ => "page_view",
         };
         let _ = write!(
             line,
@@ -532,7 +497,7 @@ impl Generator {
             },
             _ => write!(line, "m_{rank}"),
         };
-        let _ = write!(line, r#"","type":"{}","ts":"#, kind.as_str());
+        let _ = write!(line, r#"","type":"{kind}","ts":"#);
         let ts_ms = match flaw {
             Some(Flaw::FutureTs) => {
                 ts_ms + FUTURE_FLAW_MS + self.rng.below(MS_PER_DAY as u64) as i64
@@ -547,19 +512,13 @@ impl Generator {
         }
         let amount = match kind {
             _ if flaw == Some(Flaw::MissingAmount) => None,
-            Kind::Order => Some(self.amount()),
-            Kind::Refund => {
-                let order = self.amount();
-                // half are full refunds, the rest part of the order
-                Some(if self.rng.unit() < 0.5 {
-                    order
-                } else {
-                    ((order as f64) * (0.1 + 0.9 * self.rng.unit()))
-                        .round()
-                        .max(1.0) as i64
-                })
-            }
-            Kind::PageView => None,
+            "order" => Some(self.amount()),
+            // half the refunds are whole orders, the rest part of one
+            "refund" => Some(match (self.amount(), self.rng.unit()) {
+                (order, f) if f < 0.5 => order,
+                (order, f) => ((order as f64) * (f - 0.4) * 1.5).round().max(1.0) as i64,
+            }),
+            _ => None,
         };
         if let Some(a) = amount {
             let _ = write!(line, r#","amount":{a}"#);
@@ -672,7 +631,7 @@ mod tests {
     use clap::Parser;
     use tally_common::bucket::now_micros;
     use tally_common::decode::{decode_line, RejectReason};
-    use tally_common::event::EventType;
+    use tally_common::event::{Event, EventType};
 
     use super::*;
 
@@ -683,58 +642,52 @@ mod tests {
     }
 
     fn args(flags: &[&str]) -> GenArgs {
-        Cli::try_parse_from(std::iter::once("gen").chain(flags.iter().copied()))
-            .expect("flags parse")
-            .args
+        let argv = std::iter::once("gen").chain(flags.iter().copied());
+        Cli::try_parse_from(argv).expect("flags parse").args
+    }
+
+    fn lines(flags: &[&str]) -> Vec<String> {
+        Generator::new(&args(flags)).unwrap().collect()
     }
 
     const START: &str = "2024-05-01T00:00:00Z";
-    const N: u64 = 200_000;
 
-    struct Sample {
-        lines: Vec<String>,
-        kinds: Vec<LineKind>,
-        cursors: Vec<i64>,
+    /// A line, what it is meant to be, the stream's position (ms) and the decoded event.
+    type Row = (String, LineKind, i64, Option<Event>);
+
+    /// 200k lines on the default settings over three whole days, shared by the tests.
+    fn sample() -> &'static [Row] {
+        static SAMPLE: OnceLock<Vec<Row>> = OnceLock::new();
+        SAMPLE.get_or_init(|| {
+            let flags = ["--seed", "7", "--events", "200000", "--start", START];
+            let mut g = Generator::new(&args(&flags)).unwrap();
+            let now = now_micros();
+            std::iter::from_fn(|| {
+                let line = g.next()?;
+                let event = decode_line(line.as_bytes(), now).ok();
+                Some((line, g.last, g.cursor_ms, event))
+            })
+            .collect()
+        })
     }
 
-    /// 200k lines on the default settings (three whole days), shared by the tests.
-    fn sample() -> &'static Sample {
-        static SAMPLE: OnceLock<Sample> = OnceLock::new();
-        SAMPLE.get_or_init(|| {
-            let n = N.to_string();
-            let mut stream =
-                Generator::new(&args(&["--seed", "7", "--events", &n, "--start", START])).unwrap();
-            let mut s = Sample {
-                lines: Vec::new(),
-                kinds: Vec::new(),
-                cursors: Vec::new(),
-            };
-            while let Some(line) = stream.next() {
-                s.lines.push(line);
-                s.kinds.push(stream.last_kind());
-                s.cursors.push(stream.cursor_ms);
-            }
-            s
-        })
+    fn share(rows: &[Row], f: impl Fn(&Row) -> bool) -> f64 {
+        rows.iter().filter(|r| f(r)).count() as f64 / rows.len() as f64
     }
 
     #[test]
     fn reproducible_for_a_seed() {
-        let a: Vec<String> = Generator::new(&args(&["--events", "20000", "--start", START]))
-            .unwrap()
-            .collect();
-        let b: Vec<String> = Generator::new(&args(&["--events", "20000", "--start", START]))
-            .unwrap()
-            .collect();
-        assert_eq!(a.len(), 20_000);
-        assert_eq!(a, b);
-        let c: Vec<String> = Generator::new(&args(&[
-            "--seed", "43", "--events", "20000", "--start", START,
-        ]))
-        .unwrap()
-        .collect();
-        assert_ne!(a, c);
-        assert!(a[0].starts_with(r#"{"event_id":"2a-0","#), "{}", a[0]);
+        let a = lines(&["--events", "20000", "--start", START]);
+        assert_eq!(a, lines(&["--events", "20000", "--start", START]));
+        assert_ne!(
+            a,
+            lines(&["--seed", "1", "--events", "20000", "--start", START])
+        );
+        assert!(
+            a[0].starts_with(r#"{"event_id":"2a-0","merchant_id":"m_"#),
+            "{}",
+            a[0]
+        );
     }
 
     #[test]
@@ -750,169 +703,144 @@ mod tests {
             path.to_str().unwrap(),
         ];
         assert_eq!(run(&args(&flags)).unwrap(), 5000);
-        let mut expected: String = Generator::new(&args(&flags))
-            .unwrap()
-            .collect::<Vec<_>>()
-            .join("\n");
-        expected.push('\n');
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
+        let expected = lines(&flags).join("\n") + "\n";
+        assert!(std::fs::read_to_string(&path).unwrap() == expected);
     }
 
     #[test]
-    fn every_line_is_decoded_as_intended() {
-        let s = sample();
-        let now = now_micros();
+    fn lines_are_valid_unless_meant_to_be_malformed() {
+        let rows = sample();
         let mut flaws = HashSet::new();
-        for (line, kind) in s.lines.iter().zip(&s.kinds) {
-            let decoded = decode_line(line.as_bytes(), now);
-            match kind {
-                LineKind::Malformed(flaw) => {
-                    let reason = decoded.expect_err(line);
-                    let ok = match flaw {
-                        Flaw::InvalidJson => matches!(reason, RejectReason::InvalidJson(_)),
-                        Flaw::MissingAmount => {
-                            matches!(
-                                reason,
-                                RejectReason::InvalidField {
-                                    field: "amount",
-                                    ..
-                                }
-                            )
-                        }
-                        Flaw::BadMerchant => {
-                            matches!(
-                                reason,
-                                RejectReason::InvalidField {
-                                    field: "merchant_id",
-                                    ..
-                                }
-                            )
-                        }
-                        Flaw::FutureTs => matches!(reason, RejectReason::FutureTimestamp { .. }),
-                    };
-                    assert!(ok, "{line}: {reason}");
-                    flaws.insert(*flaw);
+        for (line, kind, _, event) in rows {
+            let LineKind::Malformed(flaw) = kind else {
+                assert!(event.is_some(), "rejected: {line}");
+                continue;
+            };
+            let reason = decode_line(line.as_bytes(), now_micros()).expect_err(line);
+            let expected = match (flaw, &reason) {
+                (Flaw::InvalidJson, RejectReason::InvalidJson(_)) => true,
+                (Flaw::MissingAmount, RejectReason::InvalidField { field, .. }) => {
+                    *field == "amount"
                 }
-                _ => {
-                    if let Err(e) = decoded {
-                        panic!("{line}: {e}");
-                    }
+                (Flaw::BadMerchant, RejectReason::InvalidField { field, .. }) => {
+                    *field == "merchant_id"
                 }
-            }
+                (Flaw::FutureTs, RejectReason::FutureTimestamp { .. }) => true,
+                _ => false,
+            };
+            assert!(expected, "{flaw:?} {line}: {reason}");
+            flaws.insert(*flaw);
         }
         assert_eq!(flaws.len(), 4, "every kind of flaw shows up");
-        let malformed = s
-            .kinds
-            .iter()
-            .filter(|k| matches!(k, LineKind::Malformed(_)))
-            .count();
-        let share = malformed as f64 / N as f64;
-        assert!((share - 0.001).abs() < 0.0004, "malformed share {share}");
-        let count = |k| s.kinds.iter().filter(|&&x| x == k).count() as f64 / N as f64;
-        assert!((count(LineKind::Duplicate) - 0.005).abs() < 0.001);
-        assert!((count(LineKind::Late) - 0.01).abs() < 0.0015);
-        // both ts forms and the unknown field appear among accepted lines
-        let int_ts = s.lines.iter().filter(|l| l.contains(r#""ts":1"#)).count() as f64 / N as f64;
+        let malformed = share(rows, |r| matches!(r.1, LineKind::Malformed(_)));
+        assert!(
+            (malformed - 0.001).abs() < 0.0004,
+            "malformed share {malformed}"
+        );
+        let duplicate = share(rows, |r| r.1 == LineKind::Duplicate);
+        assert!(
+            (duplicate - 0.005).abs() < 0.001,
+            "duplicate share {duplicate}"
+        );
+        let late = share(rows, |r| r.1 == LineKind::Late);
+        assert!((late - 0.01).abs() < 0.0015, "late share {late}");
+        // both wire forms of ts, and unknown fields (kept by the decoder)
+        let int_ts = share(rows, |r| r.0.contains(r#""ts":1"#));
         assert!(
             (int_ts - 1.0 / 3.0).abs() < 0.01,
             "integer ts share {int_ts}"
         );
-        assert!(s.lines.iter().any(|l| l.contains(r#""channel":"#)));
+        let extra = share(rows, |r| r.3.is_some() && r.0.contains(r#""channel":"#));
+        assert!(extra > 0.01 && extra < 0.03, "extra field share {extra}");
     }
 
     #[test]
     fn skew_and_mix_match_the_settings() {
-        let s = sample();
-        let now = now_micros();
-        let mut per_merchant: HashMap<String, u64> = HashMap::new();
-        let (mut orders, mut refunds, mut views, mut with_customer, mut total) = (0, 0, 0, 0, 0u64);
-        let mut pairs = HashSet::new();
-        for line in &s.lines {
-            let Ok(e) = decode_line(line.as_bytes(), now) else {
-                continue;
-            };
-            total += 1;
-            match e.event_type {
-                EventType::Order => orders += 1,
-                EventType::Refund => {
-                    refunds += 1;
-                    assert!(e.amount.unwrap() <= 1_000_000_000);
-                }
-                EventType::PageView => views += 1,
-                EventType::Other(t) => panic!("unexpected type {t}"),
-            }
-            if let Some(c) = e.customer_id {
-                with_customer += 1;
-                pairs.insert((e.merchant_id.clone(), c));
-            }
-            *per_merchant.entry(e.merchant_id).or_default() += 1;
-        }
-        let share = |x: u64| x as f64 / total as f64;
-        for (got, want) in [
-            (share(orders), 0.25),
-            (share(refunds), 0.03),
-            (share(views), 0.72),
+        let events: Vec<&Event> = sample().iter().filter_map(|r| r.3.as_ref()).collect();
+        let total = events.len() as f64;
+        let share =
+            |f: &dyn Fn(&Event) -> bool| events.iter().filter(|e| f(e)).count() as f64 / total;
+        for (kind, want) in [
+            (EventType::Order, 0.25),
+            (EventType::Refund, 0.03),
+            (EventType::PageView, 0.72),
         ] {
-            assert!((got - want).abs() < 0.01, "mix share {got} vs {want}");
+            let got = share(&|e| e.event_type == kind);
+            assert!((got - want).abs() < 0.01, "{kind:?}: {got} vs {want}");
         }
-        assert!((share(with_customer) - 0.8).abs() < 0.01);
-        assert!(
-            pairs.len() < with_customer as usize * 3 / 4,
-            "customers come back"
-        );
         let zipf = Zipf::new(5_000, 1.1);
-        let top = share(per_merchant["m_1"]);
+        let top = share(&|e| e.merchant_id == "m_1");
         assert!(
             (top - zipf.cdf[0]).abs() < 0.005,
             "top merchant {top} vs {}",
             zipf.cdf[0]
         );
-        let top10: u64 = (1..=10)
-            .map(|r| per_merchant.get(&format!("m_{r}")).copied().unwrap_or(0))
-            .sum();
-        assert!((share(top10) - zipf.cdf[9]).abs() < 0.01);
+        let top10 = share(&|e| e.merchant_id[2..].parse::<u32>().unwrap() <= 10);
+        assert!(
+            (top10 - zipf.cdf[9]).abs() < 0.01,
+            "top 10 {top10} vs {}",
+            zipf.cdf[9]
+        );
+        let mut per_merchant: HashMap<&str, u64> = HashMap::new();
+        for e in &events {
+            *per_merchant.entry(&e.merchant_id).or_default() += 1;
+        }
         assert!(
             per_merchant["m_1"] > per_merchant["m_2"] && per_merchant["m_2"] > per_merchant["m_10"]
         );
+        // customers come back: far fewer (merchant, customer) pairs than events carrying one
+        let with_customer = share(&|e| e.customer_id.is_some());
+        assert!(
+            (with_customer - 0.8).abs() < 0.01,
+            "customer share {with_customer}"
+        );
+        let pairs: HashSet<_> = events
+            .iter()
+            .filter_map(|e| Some((&e.merchant_id, e.customer_id.as_ref()?)))
+            .collect();
+        assert!(
+            (pairs.len() as f64) < 0.75 * with_customer * total,
+            "{} pairs",
+            pairs.len()
+        );
+        let refund_max = events
+            .iter()
+            .filter(|e| e.event_type == EventType::Refund)
+            .map(|e| e.amount.unwrap())
+            .max();
+        assert!(refund_max.unwrap() <= 1_000_000_000);
     }
 
     #[test]
     fn duplicates_repeat_earlier_lines_and_late_events_lag() {
-        let s = sample();
         let mut seen = HashSet::new();
         let mut ids = HashSet::new();
         let mut last_normal = i64::MIN;
-        for ((line, kind), cursor) in s.lines.iter().zip(&s.kinds).zip(&s.cursors) {
-            match kind {
-                LineKind::Duplicate => assert!(seen.contains(line.as_str()), "{line}"),
-                LineKind::Normal | LineKind::Late => {
-                    let e = decode_line(line.as_bytes(), now_micros()).unwrap();
-                    assert!(ids.insert(e.event_id), "event ids are unique");
-                    let ts_ms = e.ts / 1000;
+        for (line, kind, cursor, event) in sample() {
+            match (kind, event) {
+                (LineKind::Duplicate, _) => assert!(seen.contains(line.as_str()), "{line}"),
+                (LineKind::Normal | LineKind::Late, Some(e)) => {
+                    assert!(ids.insert(&e.event_id), "event ids are unique");
+                    let ts = e.ts / 1000;
                     if *kind == LineKind::Late {
-                        assert!(
-                            ts_ms <= cursor - MS_PER_HOUR && ts_ms >= cursor - 48 * MS_PER_HOUR
-                        );
+                        assert!(ts <= cursor - MS_PER_HOUR && ts >= cursor - 48 * MS_PER_HOUR);
                     } else {
-                        assert_eq!(ts_ms, *cursor);
-                        assert!(ts_ms >= last_normal, "normal events advance in order");
-                        last_normal = ts_ms;
+                        assert!(ts == *cursor && ts >= last_normal, "in order: {line}");
+                        last_normal = ts;
                     }
                 }
-                LineKind::Malformed(_) => {}
+                _ => {}
             }
             seen.insert(line.as_str());
         }
-        let start = parse_time(START).unwrap().timestamp_millis();
-        let end = start + 3 * MS_PER_DAY;
-        assert!(s.cursors[0] >= start && last_normal < end && last_normal > end - MS_PER_HOUR);
+        let end = parse_time(START).unwrap().timestamp_millis() + 3 * MS_PER_DAY;
+        assert!(last_normal < end && last_normal > end - MS_PER_HOUR);
     }
 
     #[test]
     fn the_day_peaks_in_the_evening() {
-        let s = sample();
         let mut per_hour = [0u64; 24];
-        for (kind, cursor) in s.kinds.iter().zip(&s.cursors) {
+        for (_, kind, cursor, _) in sample() {
             if *kind == LineKind::Normal {
                 per_hour[(cursor.rem_euclid(MS_PER_DAY) / MS_PER_HOUR) as usize] += 1;
             }
@@ -928,36 +856,19 @@ mod tests {
     }
 
     #[test]
-    fn unbounded_streams_track_the_clock() {
-        let mut stream = Generator::new(&args(&["--events", "0", "--rate", "1000"])).unwrap();
-        let lines: Vec<String> = stream.by_ref().take(10_000).collect();
-        let due = stream.due().unwrap().as_secs_f64();
+    fn unbounded_streams_follow_the_clock_and_run_paces() {
+        let mut g = Generator::new(&args(&["--events", "0", "--rate", "1000"])).unwrap();
+        assert_eq!(g.by_ref().take(10_000).count(), 10_000);
+        let due = g.due().unwrap().as_secs_f64();
         // the daily curve bends the pace by at most 1.6x either way
         assert!(due > 10.0 / 1.7 && due < 10.0 / 0.3, "{due}");
-        let expected = stream.start_ms + (due * 1000.0).floor() as i64;
-        assert!((stream.cursor_ms - expected).abs() <= 1);
-        assert!(lines.iter().all(|l| !l.is_empty()));
-        let bounded =
-            Generator::new(&args(&["--events", "10", "--rate", "4", "--start", START])).unwrap();
-        assert_eq!(bounded.count(), 10);
-    }
-
-    #[test]
-    fn run_paces_to_the_rate() {
+        assert!((g.cursor_ms - g.start_ms - (due * 1000.0).floor() as i64).abs() <= 1);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("paced.ndjson");
         let began = Instant::now();
-        let flags = [
-            "--events",
-            "300",
-            "--rate",
-            "1000",
-            "--start",
-            START,
-            "--output",
-            path.to_str().unwrap(),
-        ];
-        assert_eq!(run(&args(&flags)).unwrap(), 300);
+        let flags = ["--events", "300", "--rate", "1000", "--start", START];
+        let out = ["--output", path.to_str().unwrap()];
+        assert_eq!(run(&args(&[&flags[..], &out[..]].concat())).unwrap(), 300);
         assert!(
             began.elapsed() >= Duration::from_millis(250),
             "{:?}",
@@ -968,23 +879,32 @@ mod tests {
     #[test]
     fn bad_arguments_are_refused() {
         let future = (Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
-        assert!(Generator::new(&args(&["--start", &future])).is_err());
-        assert!(Generator::new(&args(&["--events", "0"])).is_err());
-        assert!(
-            Generator::new(&args(&["--late-share", "0.7", "--duplicate-share", "0.7"])).is_err()
-        );
-        assert!(Generator::new(&args(&["--merchants", "0"])).is_err());
+        for flags in [
+            &["--start", &future][..],
+            &["--events", "0"],
+            &["--late-share", "0.7", "--duplicate-share", "0.7"],
+            &["--merchants", "0"],
+        ] {
+            assert!(Generator::new(&args(flags)).is_err(), "{flags:?}");
+        }
         assert!(run(&args(&["--kinesis", "s"]))
             .unwrap_err()
             .to_string()
             .contains("caller"));
-        assert!(Cli::try_parse_from(["gen", "--mix", "25,3"]).is_err());
-        assert!(Cli::try_parse_from(["gen", "--mix", "25,3,70"]).is_err());
-        assert!(Cli::try_parse_from(["gen", "--start", "yesterday"]).is_err());
-        let d = GenArgs::default();
-        assert_eq!((d.seed, d.events, d.merchants), (42, 100_000, 5_000));
+        for bad in [
+            ["--mix", "25,3"],
+            ["--mix", "25,3,70"],
+            ["--start", "yesterday"],
+        ] {
+            assert!(Cli::try_parse_from(["gen", bad[0], bad[1]]).is_err());
+        }
+        let defaults = GenArgs::default();
         assert_eq!(
-            d.mix,
+            (defaults.seed, defaults.events, defaults.merchants),
+            (42, 100_000, 5_000)
+        );
+        assert_eq!(
+            defaults.mix,
             Mix {
                 order: 0.25,
                 refund: 0.03,
@@ -992,8 +912,9 @@ mod tests {
             }
         );
         // the default start: --days back from now, on the hour
-        let stream = Generator::new(&d).unwrap();
-        assert_eq!(stream.start_ms % MS_PER_HOUR, 0);
-        assert!(stream.start_ms + 3 * MS_PER_DAY <= Utc::now().timestamp_millis());
+        let start = Generator::new(&defaults).unwrap().start_ms;
+        assert!(
+            start % MS_PER_HOUR == 0 && start + 3 * MS_PER_DAY <= Utc::now().timestamp_millis()
+        );
     }
 }

@@ -182,6 +182,32 @@ async fn put_on_kinesis(args: IngestArgs, stream: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tally gen --kinesis STREAM`: generated lines onto a stream, keeping to `--rate`.
+pub async fn generate_to_kinesis(args: &crate::gen::GenArgs, stream: &str) -> anyhow::Result<()> {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let client = aws_sdk_kinesis::Client::new(&config);
+    let mut producer = KinesisProducer::new(client, stream, 100);
+    let mut generator = crate::gen::Generator::new(args)?;
+    let mut line = String::new();
+    let started = std::time::Instant::now();
+    let mut since_flush = 0u32;
+    while generator.next_into(&mut line) {
+        producer.push_line(line.as_bytes()).await?;
+        since_flush += 1;
+        if let Some(due) = generator.due() {
+            let ahead = due.saturating_sub(started.elapsed());
+            if since_flush >= 1_000 || ahead > Duration::from_millis(200) {
+                producer.flush_all().await?;
+                since_flush = 0;
+                tokio::time::sleep(ahead).await;
+            }
+        }
+    }
+    producer.flush_all().await?;
+    println!("gen -> kinesis {stream}: {} events in {} records ({} entries retried)", producer.events, producer.records, producer.retried);
+    Ok(())
+}
+
 /// Groups NDJSON lines by merchant into records and puts them with PutRecords.
 pub struct KinesisProducer {
     client: aws_sdk_kinesis::Client,

@@ -23,6 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Realistic synthetic events to stdout, a file or a Kinesis stream.
+    Gen(gen::GenArgs),
     /// NDJSON events into raw_events and the speed view (or onto Kinesis with --kinesis).
     Ingest(ingest::IngestArgs),
     /// The batch layer: the hourly run and reprocessing of history.
@@ -114,6 +116,14 @@ fn init_tracing(lambda: bool) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Gen(args) => match args.kinesis.clone() {
+            Some(stream) => ingest::generate_to_kinesis(&args, &stream).await,
+            None => {
+                let n = tokio::task::spawn_blocking(move || gen::run(&args)).await??;
+                eprintln!("gen: {n} lines");
+                Ok(())
+            }
+        },
         Command::Ingest(args) => ingest::run(args).await,
         Command::Batch { command } => batch::run(command).await,
         Command::Sql(args) => sql::run(args).await,
