@@ -204,7 +204,10 @@ pub async fn generate_to_kinesis(args: &crate::gen::GenArgs, stream: &str) -> an
         }
     }
     producer.flush_all().await?;
-    println!("gen -> kinesis {stream}: {} events in {} records ({} entries retried)", producer.events, producer.records, producer.retried);
+    println!(
+        "gen -> kinesis {stream}: {} events in {} records ({} entries retried)",
+        producer.events, producer.records, producer.retried
+    );
     Ok(())
 }
 

@@ -7,10 +7,15 @@ use std::sync::Arc;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use lambda_runtime::{service_fn, LambdaEvent};
-use tally_common::config::{LakeArgs, SpeedArgs};
+use tally_common::config::{AuthArgs, LakeArgs, SpeedArgs};
 use tokio::sync::Mutex;
 
-pub async fn run(handler: &str, lake: LakeArgs, speed: SpeedArgs) -> anyhow::Result<()> {
+pub async fn run(
+    handler: &str,
+    lake: LakeArgs,
+    speed: SpeedArgs,
+    auth: AuthArgs,
+) -> anyhow::Result<()> {
     match handler {
         "speed" => {
             // created once per container, reused by every invocation
@@ -78,6 +83,14 @@ pub async fn run(handler: &str, lake: LakeArgs, speed: SpeedArgs) -> anyhow::Res
             }))
             .await
             .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+        }
+        "api" => {
+            let lake = lake.lake()?;
+            let (_trigger, signal) = tally_common::shutdown::channel();
+            let view = crate::serve::speed_view(&lake, &speed, signal).await?;
+            let state = crate::serve::state(lake, &auth, view).await?;
+            tally_serving_layer::run_lambda(state).await?;
+            Ok(())
         }
         other => anyhow::bail!(
             "unknown Lambda handler {other:?}: set the function's handler to speed, archiver, batch or api"

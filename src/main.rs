@@ -2,9 +2,11 @@
 //! wiring only; the work is done by the layer crates.
 
 mod batch;
+mod demo;
 mod gen;
 mod ingest;
 mod lambda;
+mod serve;
 mod sql;
 
 use std::process::ExitCode;
@@ -23,6 +25,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job on embedded defaults: lake, history, batch, live speed view, API, dashboard.
+    Demo(demo::DemoArgs),
+    /// The HTTP API (and the dashboard at /).
+    Serve(serve::ServeArgs),
     /// Realistic synthetic events to stdout, a file or a Kinesis stream.
     Gen(gen::GenArgs),
     /// NDJSON events into raw_events and the speed view (or onto Kinesis with --kinesis).
@@ -50,6 +56,8 @@ enum Command {
         lake: LakeArgs,
         #[command(flatten)]
         speed: SpeedArgs,
+        #[command(flatten)]
+        auth: tally_common::config::AuthArgs,
     },
 }
 
@@ -116,6 +124,8 @@ fn init_tracing(lambda: bool) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Serve(args) => serve::run(args).await,
         Command::Gen(args) => match args.kinesis.clone() {
             Some(stream) => ingest::generate_to_kinesis(&args, &stream).await,
             None => {
@@ -162,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             handler,
             lake,
             speed,
-        } => lambda::run(&handler, lake, speed).await,
+            auth,
+        } => lambda::run(&handler, lake, speed, auth).await,
     }
 }

@@ -17,21 +17,21 @@ pub enum Error {
     Delta {
         context: String,
         #[source]
-        source: deltalake::DeltaTableError,
+        source: Box<deltalake::DeltaTableError>,
     },
     /// A DataFusion query failed.
     #[error("query: {context}: {source}")]
     Query {
         context: String,
         #[source]
-        source: deltalake::datafusion::error::DataFusionError,
+        source: Box<deltalake::datafusion::error::DataFusionError>,
     },
     /// An Arrow conversion failed while building or reading record batches.
     #[error("arrow: {context}: {source}")]
     Arrow {
         context: String,
         #[source]
-        source: deltalake::arrow::error::ArrowError,
+        source: Box<deltalake::arrow::error::ArrowError>,
     },
     /// The speed store (Redis or the embedded store) failed.
     #[error("speed store: {0}")]
@@ -75,7 +75,7 @@ impl<T> Context<T> for std::result::Result<T, deltalake::DeltaTableError> {
     fn context(self, what: impl Into<String>) -> Result<T> {
         self.map_err(|source| Error::Delta {
             context: what.into(),
-            source,
+            source: Box::new(source),
         })
     }
 }
@@ -84,7 +84,7 @@ impl<T> Context<T> for std::result::Result<T, deltalake::datafusion::error::Data
     fn context(self, what: impl Into<String>) -> Result<T> {
         self.map_err(|source| Error::Query {
             context: what.into(),
-            source,
+            source: Box::new(source),
         })
     }
 }
@@ -93,7 +93,7 @@ impl<T> Context<T> for std::result::Result<T, deltalake::arrow::error::ArrowErro
     fn context(self, what: impl Into<String>) -> Result<T> {
         self.map_err(|source| Error::Arrow {
             context: what.into(),
-            source,
+            source: Box::new(source),
         })
     }
 }

@@ -47,7 +47,6 @@ enum JwksSource {
     Inline,
 }
 
-#[derive(Debug)]
 struct Jwks {
     source: JwksSource,
     keys: RwLock<Arc<JwkSet>>,
@@ -56,10 +55,20 @@ struct Jwks {
 }
 
 /// How bearer tokens are verified. Cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Auth {
     secret: Option<Arc<DecodingKey>>,
     jwks: Option<Arc<Jwks>>,
+}
+
+impl std::fmt::Debug for Auth {
+    // never the secret or the keys: only what is configured
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("hs256", &self.secret.is_some())
+            .field("jwks", &self.jwks.as_ref().map(|j| &j.source))
+            .finish()
+    }
 }
 
 impl Auth {
@@ -127,7 +136,11 @@ impl Auth {
 
     /// Check an `Authorization` header value and that its token may read `merchant`:
     /// 401 for a missing or invalid token, 403 for another merchant's.
-    pub async fn authorize(&self, header: Option<&str>, merchant: &str) -> Result<Claims, ApiError> {
+    pub async fn authorize(
+        &self,
+        header: Option<&str>,
+        merchant: &str,
+    ) -> Result<Claims, ApiError> {
         let token = bearer(header)?;
         let claims = self.verify(token).await?;
         if claims.may_read(merchant) {
@@ -185,9 +198,9 @@ fn bearer(header: Option<&str>) -> Result<&str, ApiError> {
     let value = header.ok_or_else(|| {
         ApiError::Unauthorized("missing `Authorization: Bearer <token>` header".into())
     })?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(|| {
+        ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+    })?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(ApiError::Unauthorized(
             "the Authorization header must be `Bearer <token>`".into(),
@@ -260,7 +273,9 @@ async fn fetch(source: &JwksSource, client: &reqwest::Client) -> Result<JwkSet, 
                 .map_err(|e| ServingError::Auth(format!("reading the JWKS from {url}: {e}")))?
         }
         JwksSource::Inline => {
-            return Err(ServingError::Auth("an inline JWKS cannot be refetched".into()))
+            return Err(ServingError::Auth(
+                "an inline JWKS cannot be refetched".into(),
+            ))
         }
     };
     serde_json::from_str(&text)

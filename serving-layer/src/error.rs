@@ -56,7 +56,9 @@ impl ApiError {
     /// learns to retry.
     pub fn lake(cause: &tally_common::Error) -> Self {
         tracing::error!(error = %cause, "batch view read failed");
-        ApiError::Unavailable("the batch view (lake) cannot be read right now; retry shortly".into())
+        ApiError::Unavailable(
+            "the batch view (lake) cannot be read right now; retry shortly".into(),
+        )
     }
 }
 

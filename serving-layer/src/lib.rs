@@ -1,1 +1,186 @@
-//! placeholder
+//! tally's serving layer: the merged query API. Buckets before the batch
+//! watermark come from the Delta tables (`metrics_hourly`, `metrics_daily`),
+//! later ones from the speed view; the same [`router`] is served by
+//! `tally serve` ([`serve`]) and by Lambda behind API Gateway ([`run_lambda`]).
+//!
+//! The speed view is reached through the [`SpeedSource`] trait, so this crate
+//! depends on `tally-common` only; the binary adapts its speed store to it.
+
+pub mod auth;
+pub mod batch;
+pub mod error;
+mod http;
+pub mod merge;
+pub mod openapi;
+pub mod speed;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use tally_common::lake::Lake;
+use tally_common::shutdown::Shutdown;
+use tokio::net::TcpListener;
+
+pub use auth::{Auth, Claims};
+pub use batch::{BatchSnapshot, BatchView};
+pub use error::{ApiError, Result, ServingError};
+pub use merge::{Bucket, MetricsResponse, Plan, Source};
+pub use speed::SpeedSource;
+
+use crate::speed::DynSpeedSource;
+
+/// Tunables of the server.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// After shutdown is asked for, how long `/ready` answers 503 before the
+    /// listener closes, so a load balancer stops sending traffic first.
+    pub drain_delay: Duration,
+    /// How long a speed-view read may take before the answer is served `partial`.
+    pub speed_timeout: Duration,
+    /// How often the batch tables are checked for a new version.
+    pub refresh_every: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            drain_delay: Duration::from_secs(2),
+            speed_timeout: Duration::from_secs(1),
+            refresh_every: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Inner {
+    batch: Arc<BatchView>,
+    speed: Arc<dyn DynSpeedSource>,
+    auth: Auth,
+    options: ServeOptions,
+    draining: AtomicBool,
+}
+
+/// Everything a request needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+impl AppState {
+    /// The state for `lake` and `speed`: loads the batch view once and keeps it
+    /// fresh in the background (a lake not readable yet makes `/ready` 503, not an error).
+    pub async fn new(
+        lake: Lake,
+        auth: Auth,
+        speed: impl SpeedSource,
+        options: ServeOptions,
+    ) -> Result<Self> {
+        let batch = BatchView::open(lake).await?;
+        batch.spawn_refresher(options.refresh_every);
+        Ok(AppState {
+            inner: Arc::new(Inner {
+                batch,
+                speed: Arc::new(speed),
+                auth,
+                options,
+                draining: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The batch view.
+    pub fn batch(&self) -> &Arc<BatchView> {
+        &self.inner.batch
+    }
+
+    /// Check the batch tables for a new version now (the refresher does it every
+    /// [`ServeOptions::refresh_every`]); returns whether the view changed.
+    pub async fn refresh_batch(&self) -> tally_common::Result<bool> {
+        self.inner.batch.refresh().await
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &ServeOptions {
+        &self.inner.options
+    }
+
+    /// Turn `/ready` false: the first step of a graceful shutdown.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the instance is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// The API: what `tally serve`, the Lambda handler and the tests all run.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(openapi::METRICS_PATH, get(http::metrics))
+        .route("/", get(dashboard))
+        .route("/health", get(http::health))
+        .route("/ready", get(http::ready))
+        .route("/openapi.json", get(http::openapi_json))
+        .fallback(http::not_found)
+        .layer(axum::middleware::from_fn(http::access_log))
+        .with_state(state)
+}
+
+/// The dashboard: one self-contained page (no external scripts) calling this API
+/// with the token the user pastes.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../assets/dashboard.html"))
+}
+
+/// Serve the API on `addr` until `shutdown` fires, then drain gracefully.
+pub async fn serve(addr: SocketAddr, state: AppState, shutdown: Shutdown) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServingError::Io {
+            addr: addr.to_string(),
+            source,
+        })?;
+    serve_listener(listener, state, shutdown).await
+}
+
+/// Serve the API on a bound listener until `shutdown` fires. Shutdown goes:
+/// `/ready` turns 503, [`ServeOptions::drain_delay`] passes (the load balancer
+/// notices and stops sending), the listener closes, in-flight requests finish.
+pub async fn serve_listener(
+    listener: TcpListener,
+    state: AppState,
+    mut shutdown: Shutdown,
+) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    tracing::info!(%addr, "serving the API");
+    let draining = state.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.wait().await;
+            draining.start_draining();
+            let delay = draining.options().drain_delay;
+            tracing::info!(
+                ?delay,
+                "shutting down: /ready is 503 now; closing the listener after the drain delay"
+            );
+            tokio::time::sleep(delay).await;
+            tracing::info!("listener closed; finishing in-flight requests");
+        })
+        .await
+        .map_err(|source| ServingError::Io { addr, source })
+}
+
+/// Run the API as a Lambda function behind API Gateway (or an ALB).
+pub async fn run_lambda(state: AppState) -> Result<()> {
+    lambda_http::run(router(state))
+        .await
+        .map_err(|e| ServingError::Lambda(e.to_string()))
+}

@@ -148,7 +148,7 @@ impl<S: SpeedStore> Consumer<S> {
             if shutdown.is_fired() {
                 return Ok(stats);
             }
-            if rounds % 20 == 0 {
+            if rounds.is_multiple_of(20) {
                 for shard in self.list_shards().await? {
                     let id = shard.shard_id.clone();
                     if states.contains_key(&id) {

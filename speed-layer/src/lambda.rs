@@ -15,11 +15,14 @@ pub fn stream_name(arn: &str) -> &str {
     arn.rsplit_once("stream/").map_or(arn, |(_, s)| s)
 }
 
+/// One shard's records of an event: position, sequence number text, data.
+type ShardRecords<'a> = Vec<(Position, String, &'a [u8])>;
+
 /// Handle one Kinesis event.
 pub async fn handle<S: SpeedStore>(store: &S, event: KinesisEvent) -> KinesisEventResponse {
     let mut response = KinesisEventResponse::default();
     // group by shard, keeping each shard's record order
-    let mut shards: Vec<(SourceId, Vec<(Position, String, &[u8])>)> = Vec::new();
+    let mut shards: Vec<(SourceId, ShardRecords<'_>)> = Vec::new();
     for rec in &event.records {
         let stream = stream_name(rec.event_source_arn.as_deref().unwrap_or("unknown"));
         // eventID is "shardId-000000000000:49590338271490256608559692538361571095921575989136588898"

@@ -10,6 +10,7 @@
 pub mod aggregate;
 pub mod consumer;
 pub mod embedded;
+pub mod feed;
 pub mod lambda;
 pub mod redis_store;
 pub mod store;

@@ -261,6 +261,15 @@ impl Drop for MotoServer {
     }
 }
 
+/// CPU seconds (user + system) this process has used: benchmarks report it beside wall time.
+pub fn cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct we hand it
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(r.ru_utime) + tv(r.ru_stime)
+}
+
 /// The workspace root (for finding scripts and the built binary).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -269,6 +278,8 @@ pub fn workspace_root() -> PathBuf {
 
 /// A small deterministic event generator for tests (the product's own generator is
 /// `tally gen`; tests use this one so an expected answer never comes from the code under test).
+pub mod zipf;
+
 pub mod events {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};

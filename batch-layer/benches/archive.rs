@@ -1,0 +1,75 @@
+//! Archiving throughput on one core: ~150-byte events in batches of 10,000 (100
+//! records of 100 lines), into a local lake and into the S3 emulator.
+//!
+//! Run: `cargo bench -p tally-batch-layer --bench archive`
+
+use std::time::Instant;
+
+use tally_batch_layer::Archiver;
+use tally_common::lake::Lake;
+use tally_common::source::{Position, SourceId};
+use tally_testkit::zipf::zipf_records;
+use tally_testkit::{cpu_secs, MotoServer};
+
+const PER_BATCH_RECORDS: usize = 100;
+
+async fn run(lake: &Lake, records: &[Vec<u8>], now: i64) -> (f64, f64, u64) {
+    let mut a = Archiver::open(lake).await.unwrap();
+    let source = SourceId::kinesis("bench", "shard-0");
+    let (t, c) = (Instant::now(), cpu_secs());
+    let mut n = 0;
+    for (b, batch) in records.chunks(PER_BATCH_RECORDS).enumerate() {
+        let input: Vec<(Position, &[u8])> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    Position::from_u64((b * PER_BATCH_RECORDS + i) as u64 + 1),
+                    r.as_slice(),
+                )
+            })
+            .collect();
+        n += a.archive(&source, &input, now).await.unwrap().accepted;
+    }
+    (t.elapsed().as_secs_f64(), cpu_secs() - c, n)
+}
+
+fn main() {
+    let hour_ms = 1_795_600_800_000 / 3_600_000 * 3_600_000;
+    let now = (hour_ms + 3_000_000) * 1000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local_records = zipf_records(1_000_000, 100, 100_000, hour_ms, 3);
+    let s3_records = zipf_records(300_000, 100, 100_000, hour_ms, 4);
+    let avg = local_records.iter().map(Vec::len).sum::<usize>() / 1_000_000;
+
+    let dir = tempfile::tempdir().unwrap();
+    let local = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let (lt, lc, ln) = rt.block_on(run(&local, &local_records, now));
+
+    let moto = MotoServer::start();
+    moto.create_bucket("bench");
+    for (k, v) in moto.aws_env() {
+        // SAFETY: set before any other thread of the benchmark reads the environment
+        unsafe { std::env::set_var(k, v) };
+    }
+    let s3 = Lake::new("s3://bench/lake", Some(&moto.endpoint()), Some("us-east-1")).unwrap();
+    let (st, sc, sn) = rt.block_on(run(&s3, &s3_records, now));
+
+    println!(
+        "archiver, {avg}-byte events, batches of {} events, one commit per batch per table",
+        PER_BATCH_RECORDS * 100
+    );
+    println!("| lake | events | wall s | events/s | CPU s |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| local | {ln} | {lt:.2} | {:.0} | {lc:.2} |",
+        ln as f64 / lt
+    );
+    println!(
+        "| S3 emulator (moto) | {sn} | {st:.2} | {:.0} | {sc:.2} |",
+        sn as f64 / st
+    );
+}

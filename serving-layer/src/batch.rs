@@ -1,0 +1,334 @@
+//! The batch view: `metrics_hourly` and `metrics_daily` read through DataFusion.
+//!
+//! Opening a Delta table (listing its log, replaying actions) costs far more than
+//! answering one merchant's query, so the tables, their table providers, the
+//! session and the watermark are kept in a [`BatchSnapshot`] and replaced as a
+//! whole when either table's version changes (checked every couple of seconds by a
+//! background task). A request takes the current snapshot and runs one pruned
+//! query: `merchant_id = m` (row-group statistics; files are sorted by merchant),
+//! a range on `hour`/`day`, and the matching `date`/`month` partitions. Parquet
+//! footers stay cached in the one DataFusion runtime shared by every snapshot.
+//! Queries are built with the DataFrame API, so no SQL text ever holds request input.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int64Type};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use deltalake::datafusion::execution::session_state::SessionStateBuilder;
+use deltalake::datafusion::prelude::{col, lit, Expr, SessionConfig, SessionContext};
+use deltalake::datafusion::scalar::ScalarValue;
+use deltalake::delta_datafusion::DeltaSessionConfig;
+use deltalake::kernel::Version;
+use deltalake::DeltaTable;
+use tally_common::bucket::{date_string, month_string};
+use tally_common::lake::{register, Lake, Table};
+use tally_common::metrics::{counter_defs, MetricValues};
+use tally_common::watermark::read_progress;
+use tally_common::{Context as _, Error, Result};
+
+/// How long one refresh may take before it counts as a failure (a hung S3 call
+/// must not leave the view looking healthy).
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One consistent view of the batch tables: what a request reads from.
+pub struct BatchSnapshot {
+    ctx: SessionContext,
+    hourly: Option<DeltaTable>,
+    daily: Option<DeltaTable>,
+    watermark: Option<i64>,
+}
+
+impl BatchSnapshot {
+    /// The batch watermark W (epoch µs), None when the batch layer never ran.
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark
+    }
+
+    /// The loaded versions of `metrics_hourly` and `metrics_daily`.
+    pub fn versions(&self) -> (Option<Version>, Option<Version>) {
+        (
+            self.hourly.as_ref().and_then(|t| t.version()),
+            self.daily.as_ref().and_then(|t| t.version()),
+        )
+    }
+
+    /// `merchant`'s rows of `metrics_hourly` with `start <= hour < end`, by hour.
+    pub async fn hourly(
+        &self,
+        merchant: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<HashMap<i64, MetricValues>> {
+        if self.hourly.is_none() || start >= end {
+            return Ok(HashMap::new());
+        }
+        let partitions = col("date")
+            .gt_eq(lit(date_string(start)))
+            .and(col("date").lt_eq(lit(date_string(end - 1))));
+        self.read(
+            Table::MetricsHourly,
+            "hour",
+            merchant,
+            start,
+            end,
+            partitions,
+        )
+        .await
+    }
+
+    /// `merchant`'s rows of `metrics_daily` with `start <= day < end`, by day.
+    pub async fn daily(
+        &self,
+        merchant: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<HashMap<i64, MetricValues>> {
+        if self.daily.is_none() || start >= end {
+            return Ok(HashMap::new());
+        }
+        let partitions = col("month")
+            .gt_eq(lit(month_string(start)))
+            .and(col("month").lt_eq(lit(month_string(end - 1))));
+        self.read(Table::MetricsDaily, "day", merchant, start, end, partitions)
+            .await
+    }
+
+    async fn read(
+        &self,
+        table: Table,
+        time_col: &str,
+        merchant: &str,
+        start: i64,
+        end: i64,
+        partitions: Expr,
+    ) -> Result<HashMap<i64, MetricValues>> {
+        let ts = |t: i64| {
+            lit(ScalarValue::TimestampMicrosecond(
+                Some(t),
+                Some("UTC".into()),
+            ))
+        };
+        let filter = col("merchant_id")
+            .eq(lit(merchant))
+            .and(partitions)
+            .and(col(time_col).gt_eq(ts(start)))
+            .and(col(time_col).lt(ts(end)));
+        let mut columns = vec![time_col];
+        columns.extend(counter_defs().map(|(d, ..)| d.name));
+        columns.push("unique_customers");
+        let what = format!("reading {} for a merchant", table.name());
+        let batches = self
+            .ctx
+            .table(table.name())
+            .await
+            .context(what.clone())?
+            .filter(filter)
+            .context(what.clone())?
+            .select_columns(&columns)
+            .context(what.clone())?
+            .collect()
+            .await
+            .context(what)?;
+        let mut out = HashMap::new();
+        for batch in &batches {
+            rows_into(batch, &mut out).context(format!("decoding {} rows", table.name()))?;
+        }
+        Ok(out)
+    }
+}
+
+/// Decode `[time, counters..., unique_customers]` rows into `out` (casting, so a
+/// table written with narrower integers still reads).
+fn rows_into(
+    batch: &RecordBatch,
+    out: &mut HashMap<i64, MetricValues>,
+) -> std::result::Result<(), ArrowError> {
+    let ints = |i: usize| cast(batch.column(i), &DataType::Int64);
+    let time = ints(0)?;
+    let time = time.as_primitive::<Int64Type>();
+    let counters: Vec<_> = (0..tally_common::metrics::COUNTER_COUNT)
+        .map(|slot| ints(1 + slot))
+        .collect::<std::result::Result<_, _>>()?;
+    let unique = ints(1 + counters.len())?;
+    let unique = unique.as_primitive::<Int64Type>();
+    for row in 0..batch.num_rows() {
+        if time.is_null(row) {
+            continue;
+        }
+        let mut v = MetricValues::default();
+        for (slot, c) in counters.iter().enumerate() {
+            let c = c.as_primitive::<Int64Type>();
+            v.counters.values[slot] = if c.is_null(row) { 0 } else { c.value(row) };
+        }
+        v.unique_customers = Some(if unique.is_null(row) {
+            0
+        } else {
+            unique.value(row)
+        });
+        out.insert(time.value(row), v);
+    }
+    Ok(())
+}
+
+/// The cached batch view and its refresher.
+pub struct BatchView {
+    lake: Lake,
+    runtime: Arc<RuntimeEnv>,
+    current: RwLock<Option<Arc<BatchSnapshot>>>,
+    last_error: RwLock<Option<String>>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl BatchView {
+    /// A view of `lake`'s metric tables, loaded once now. A lake that cannot be
+    /// read yet is not an error here: the view reports itself unhealthy and the
+    /// refresher keeps trying.
+    pub async fn open(lake: Lake) -> Result<Arc<Self>> {
+        let runtime = RuntimeEnvBuilder::new()
+            .build_arc()
+            .context("building the DataFusion runtime")?;
+        let view = Arc::new(BatchView {
+            lake,
+            runtime,
+            current: RwLock::new(None),
+            last_error: RwLock::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
+        });
+        if let Err(e) = view.refresh().await {
+            tracing::warn!(error = %e, "the batch view could not be loaded yet; retrying in the background");
+        }
+        Ok(view)
+    }
+
+    /// Check for new table versions every `every`, for as long as the view is alive.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration) {
+        let weak: Weak<BatchView> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(view) = weak.upgrade() else { return };
+                if let Err(e) = view.refresh().await {
+                    tracing::warn!(error = %e, "refreshing the batch view failed");
+                }
+            }
+        });
+    }
+
+    /// The current snapshot; None until the lake was read once.
+    pub fn snapshot(&self) -> Option<Arc<BatchSnapshot>> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Whether the lake was readable at the last check.
+    pub fn is_healthy(&self) -> bool {
+        self.snapshot().is_some() && self.last_error.read().is_ok_and(|e| e.is_none())
+    }
+
+    /// The last refresh's error, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.read().ok().and_then(|e| e.clone())
+    }
+
+    /// Look for new versions of the tables now; returns whether the snapshot changed.
+    pub async fn refresh(&self) -> Result<bool> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let result = match tokio::time::timeout(REFRESH_TIMEOUT, self.refresh_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::config(format!(
+                "the lake did not answer within {REFRESH_TIMEOUT:?}"
+            ))),
+        };
+        if let Ok(mut last) = self.last_error.write() {
+            *last = result.as_ref().err().map(ToString::to_string);
+        }
+        result
+    }
+
+    async fn refresh_inner(&self) -> Result<bool> {
+        let current = self.snapshot();
+        let (hourly, hourly_changed) = self
+            .newest(
+                Table::MetricsHourly,
+                current.as_ref().and_then(|s| s.hourly.as_ref()),
+            )
+            .await?;
+        let (daily, daily_changed) = self
+            .newest(
+                Table::MetricsDaily,
+                current.as_ref().and_then(|s| s.daily.as_ref()),
+            )
+            .await?;
+        if current.is_some() && !hourly_changed && !daily_changed {
+            return Ok(false);
+        }
+        let ctx = self.session();
+        let mut watermark = None;
+        if let Some(t) = &hourly {
+            register(&ctx, Table::MetricsHourly.name(), t).await?;
+            watermark = read_progress(t).await?.watermark;
+        }
+        if let Some(t) = &daily {
+            register(&ctx, Table::MetricsDaily.name(), t).await?;
+        }
+        let snapshot = BatchSnapshot {
+            ctx,
+            hourly,
+            daily,
+            watermark,
+        };
+        tracing::info!(versions = ?snapshot.versions(), watermark = ?watermark.map(tally_common::bucket::format_ts),
+            "batch view refreshed");
+        if let Ok(mut c) = self.current.write() {
+            *c = Some(Arc::new(snapshot));
+        }
+        Ok(true)
+    }
+
+    /// `table` at its newest version, and whether that differs from `current`.
+    async fn newest(
+        &self,
+        table: Table,
+        current: Option<&DeltaTable>,
+    ) -> Result<(Option<DeltaTable>, bool)> {
+        let Some(current) = current else {
+            let opened = self.lake.open(table).await?;
+            let changed = opened.is_some();
+            return Ok((opened, changed));
+        };
+        let latest = current
+            .get_latest_version()
+            .await
+            .context(format!("checking the version of {}", table.name()))?;
+        let mut table_state = current.clone();
+        if current.version() == Some(latest) {
+            return Ok((Some(table_state), false));
+        }
+        table_state
+            .update_state()
+            .await
+            .context(format!("loading the new version of {}", table.name()))?;
+        Ok((Some(table_state), true))
+    }
+
+    /// A session for one snapshot, on the shared runtime (and so the shared Parquet
+    /// metadata cache). One partition per query: requests are small and many, so
+    /// they parallelize across requests, not within one.
+    fn session(&self) -> SessionContext {
+        let config: SessionConfig = DeltaSessionConfig::default().into();
+        let state = SessionStateBuilder::new()
+            .with_default_features()
+            .with_config(config.with_target_partitions(1))
+            .with_runtime_env(self.runtime.clone())
+            .build();
+        SessionContext::new_with_state(state)
+    }
+}

@@ -1,0 +1,242 @@
+//! The HTTP handlers: the metrics endpoint, `/health`, `/ready`, `/openapi.json`,
+//! the JSON 404, and the access log around all of them.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tally_common::bucket::{hour_floor, now_micros, parse_ts, BucketRange, Granularity};
+use tally_common::decode::is_valid_merchant_id;
+use tally_common::metrics::{parse_metric_list, MetricValues, SpeedReading};
+use tally_common::Error;
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::merge::{MetricsResponse, Plan};
+use crate::AppState;
+
+/// How far ahead of now an event may be stamped (the decoder's rule), so the
+/// newest hour the speed view can hold data for.
+const FUTURE_ALLOWANCE_MICROS: i64 = 5 * 60 * 1_000_000;
+
+/// The metrics endpoint's query string.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct MetricsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    granularity: Option<String>,
+    metrics: Option<String>,
+}
+
+fn invalid(e: Error) -> ApiError {
+    match e {
+        Error::Invalid(msg) => ApiError::BadRequest(msg),
+        other => ApiError::BadRequest(other.to_string()),
+    }
+}
+
+/// Time-series metrics of one merchant.
+#[utoipa::path(
+    get,
+    path = "/v1/merchants/{merchant_id}/metrics",
+    tag = "metrics",
+    params(
+        ("merchant_id" = String, Path, description = "The merchant: 1-64 characters of [A-Za-z0-9_.:-]."),
+        ("from" = String, Query, description = "Range start, inclusive: RFC 3339, aligned to the granularity.", example = "2026-11-24T00:00:00Z"),
+        ("to" = String, Query, description = "Range end, exclusive: RFC 3339, aligned to the granularity; at most 31 days of hours or 366 days of days after `from`.", example = "2026-11-25T00:00:00Z"),
+        ("granularity" = Option<String>, Query, description = "`hour` (default) or `day` (UTC)."),
+        ("metrics" = Option<String>, Query, description = "Comma-separated metrics (default: all)."),
+    ),
+    responses(
+        (status = 200, description = "Every bucket of the range, in order.", body = MetricsResponse),
+        (status = 400, description = "Bad range, unknown metric, misaligned time or malformed merchant id.", body = ErrorBody),
+        (status = 401, description = "Missing, malformed, expired or wrongly signed token.", body = ErrorBody),
+        (status = 403, description = "The token is for another merchant.", body = ErrorBody),
+        (status = 503, description = "The lake cannot be read right now.", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn metrics(
+    State(state): State<AppState>,
+    Path(merchant): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<MetricsResponse>, ApiError> {
+    let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    state.inner.auth.authorize(authorization, &merchant).await?;
+    if !is_valid_merchant_id(&merchant) {
+        return Err(ApiError::BadRequest(
+            "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
+        ));
+    }
+    let Query(q) = Query::<MetricsQuery>::try_from_uri(&uri)
+        .map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))?;
+    let required = |v: Option<String>, name: &str| {
+        v.ok_or_else(|| ApiError::BadRequest(format!("`{name}` is required (RFC 3339)")))
+    };
+    let from = parse_ts(&required(q.from, "from")?).map_err(invalid)?;
+    let to = parse_ts(&required(q.to, "to")?).map_err(invalid)?;
+    let granularity: Granularity = q
+        .granularity
+        .as_deref()
+        .unwrap_or("hour")
+        .parse()
+        .map_err(invalid)?;
+    let range = BucketRange::new(from, to, granularity).map_err(invalid)?;
+    let metrics = parse_metric_list(q.metrics.as_deref()).map_err(invalid)?;
+
+    let snapshot = state.inner.batch.snapshot().ok_or_else(|| {
+        ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())
+    })?;
+    let horizon = hour_floor(now_micros() + FUTURE_ALLOWANCE_MICROS);
+    let plan = Plan::new(range, snapshot.watermark(), horizon);
+
+    let batch = async {
+        let empty = HashMap::<i64, MetricValues>::new;
+        let hourly = match plan.hourly {
+            Some((a, b)) => snapshot.hourly(&merchant, a, b).await?,
+            None => empty(),
+        };
+        let daily = match plan.daily {
+            Some((a, b)) => snapshot.daily(&merchant, a, b).await?,
+            None => empty(),
+        };
+        tally_common::Result::Ok((hourly, daily))
+    };
+    let speed = async {
+        if plan.speed_hours.is_empty() {
+            return Some(SpeedReading::default());
+        }
+        let read = state
+            .inner
+            .speed
+            .read(&merchant, &plan.speed_hours, &plan.unions);
+        match tokio::time::timeout(state.inner.options.speed_timeout, read).await {
+            Ok(Ok(reading)) => Some(reading),
+            Ok(Err(e)) => {
+                tracing::warn!(merchant = %merchant, error = %e, "speed view read failed; answering partial");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(merchant = %merchant, "speed view read timed out; answering partial");
+                None
+            }
+        }
+    };
+    let (batch, speed) = tokio::join!(batch, speed);
+    let (hourly, daily) = batch.map_err(|e| ApiError::lake(&e))?;
+    let buckets = plan.assemble(&hourly, &daily, speed.as_ref());
+    Ok(Json(MetricsResponse {
+        merchant_id: merchant,
+        granularity,
+        from,
+        to,
+        batch_watermark: snapshot.watermark(),
+        partial: speed.is_none(),
+        metrics,
+        buckets,
+    }))
+}
+
+/// The body of `/health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct HealthBody {
+    /// Always `ok`.
+    status: &'static str,
+}
+
+/// Whether the process is alive (always 200).
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "The process is alive.", body = HealthBody)))]
+pub(crate) async fn health() -> Json<HealthBody> {
+    Json(HealthBody { status: "ok" })
+}
+
+/// The body of `/ready`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReadyBody {
+    /// Whether this instance should get traffic.
+    ready: bool,
+    /// Whether the lake was readable at the last check.
+    lake: bool,
+    /// Whether the speed store answered a ping.
+    speed: bool,
+    /// Whether the instance is shutting down.
+    draining: bool,
+}
+
+/// Whether this instance should get traffic: the lake and the speed store are
+/// reachable and it is not shutting down.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready for traffic.", body = ReadyBody),
+        (status = 503, description = "Not ready: lake or speed store unreachable, or draining.", body = ReadyBody),
+    ))]
+pub(crate) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<ReadyBody>) {
+    let draining = state.is_draining();
+    let lake = state.inner.batch.is_healthy();
+    let ping = state.inner.speed.ping();
+    let speed = matches!(
+        tokio::time::timeout(Duration::from_secs(1), ping).await,
+        Ok(Ok(()))
+    );
+    let ready = lake && speed && !draining;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(ReadyBody {
+            ready,
+            lake,
+            speed,
+            draining,
+        }),
+    )
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document of this API.")))]
+pub(crate) async fn openapi_json() -> Response {
+    Json(crate::openapi::document()).into_response()
+}
+
+/// The JSON 404 of every unknown route.
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::NotFound(
+        "no such route: use GET /v1/merchants/{merchant_id}/metrics, /health, /ready or /openapi.json"
+            .into(),
+    )
+}
+
+/// One structured log line per request: method, path (never the query string,
+/// which is the caller's business), status, latency and merchant.
+pub(crate) async fn access_log(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let merchant = path
+        .strip_prefix("/v1/merchants/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("");
+    tracing::info!(
+        target: "tally::access",
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        merchant,
+        "request"
+    );
+    response
+}

@@ -1,0 +1,228 @@
+//! The API's OpenAPI document, generated from the code: the routes from their
+//! handlers' annotations, the bucket schema and the `metrics` parameter from the
+//! metric registry, so a new metric shows up in the document by itself.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use tally_common::metrics::{Metric, METRICS};
+use utoipa::openapi::schema::{
+    ArrayBuilder, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type,
+};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{KnownFormat, Ref, RefOr};
+use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
+
+use crate::error::{ErrorBody, ErrorDetail};
+use crate::http;
+use crate::merge::{Bucket, MetricsResponse};
+
+/// The path of the metrics endpoint, as the router and the document spell it.
+pub const METRICS_PATH: &str = "/v1/merchants/{merchant_id}/metrics";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tally",
+        description = "Time-series metrics of a merchant's own business, merged from the \
+            batch view (authoritative, before the batch watermark) and the speed view \
+            (seconds behind, from the watermark on)."
+    ),
+    paths(http::metrics, http::health, http::ready, http::openapi_json),
+    components(schemas(MetricsResponse, Bucket, ErrorBody, ErrorDetail, http::HealthBody, http::ReadyBody)),
+    modifiers(&Generated)
+)]
+struct ApiDoc;
+
+/// Fills in what comes from the registry and the bearer security scheme.
+struct Generated;
+
+impl Modify for Generated {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = doc.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .description(Some(
+                            "HS256 or RS256; `exp` required; the `merchant_id` claim must \
+                             equal the path's, or the `role` claim be `admin`",
+                        ))
+                        .build(),
+                ),
+            );
+        }
+        let names: Vec<&str> = METRICS.iter().map(|d| d.name).collect();
+        if let Some(op) = doc
+            .paths
+            .paths
+            .get_mut(METRICS_PATH)
+            .and_then(|p| p.get.as_mut())
+        {
+            for p in op.parameters.iter_mut().flatten() {
+                if p.name == "metrics" {
+                    p.description = Some(format!(
+                        "Comma-separated metrics to return (default: all): {}",
+                        names.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The OpenAPI document (built once).
+pub fn document() -> &'static utoipa::openapi::OpenApi {
+    static DOC: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
+    DOC.get_or_init(ApiDoc::openapi)
+}
+
+/// What a metric means, for the document. Exhaustive over [`Metric`], so a new
+/// metric cannot be added without its description.
+fn describe(metric: Metric) -> &'static str {
+    match metric {
+        Metric::Orders => "Count of `order` events.",
+        Metric::GrossSales => "Sum of `amount` over `order` events (minor currency units).",
+        Metric::Refunds => "Count of `refund` events.",
+        Metric::RefundedAmount => "Sum of `amount` over `refund` events (minor currency units).",
+        Metric::PageViews => "Count of `page_view` events.",
+        Metric::UniqueCustomers => {
+            "Distinct `customer_id` over all event types: exact in `batch` buckets, a \
+             HyperLogLog estimate (standard error about 1%) in `speed` buckets, and always \
+             null in `mixed` day buckets, because the batch view's exact sets and the speed \
+             view's sketches cannot be merged yet."
+        }
+        Metric::NetSales => "`gross_sales - refunded_amount`.",
+        Metric::AvgOrderValue => "`gross_sales / orders`; null when `orders` is 0.",
+        Metric::ConversionRate => "`orders / page_views`; null when `page_views` is 0.",
+    }
+}
+
+fn string(description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+}
+
+fn timestamp(description: &str) -> ObjectBuilder {
+    string(description).format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+}
+
+impl PartialSchema for Bucket {
+    fn schema() -> RefOr<Schema> {
+        let mut o = ObjectBuilder::new()
+            .description(Some(
+                "One bucket. Only the requested metrics are present. Every metric is null when \
+                 the response is `partial` and the bucket's source is `speed` or `mixed`.",
+            ))
+            .property("start", timestamp("Bucket start (UTC)."))
+            .required("start")
+            .property(
+                "source",
+                string(
+                    "`batch` (authoritative tables), `speed` (the speed view), or `mixed` (a \
+                     day straddling the batch watermark: batch hours before it plus speed hours \
+                     after it; its `unique_customers` is null).",
+                )
+                .enum_values(Some(["batch", "speed", "mixed"])),
+            )
+            .required("source");
+        for def in &METRICS {
+            let ty = if def.is_float {
+                Type::Number
+            } else {
+                Type::Integer
+            };
+            let format = if def.is_float {
+                KnownFormat::Double
+            } else {
+                KnownFormat::Int64
+            };
+            o = o.property(
+                def.name,
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::from_iter([ty, Type::Null]))
+                    .format(Some(SchemaFormat::KnownFormat(format)))
+                    .description(Some(describe(def.metric))),
+            );
+        }
+        o.into()
+    }
+}
+
+impl ToSchema for Bucket {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Bucket")
+    }
+}
+
+impl PartialSchema for MetricsResponse {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .property("merchant_id", string("The merchant."))
+            .required("merchant_id")
+            .property(
+                "granularity",
+                string("Bucket size.").enum_values(Some(["hour", "day"])),
+            )
+            .required("granularity")
+            .property("from", timestamp("Range start (inclusive)."))
+            .required("from")
+            .property("to", timestamp("Range end (exclusive)."))
+            .required("to")
+            .property(
+                "batch_watermark",
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+                    .description(Some(
+                        "Hours before this instant come from the batch tables; null before \
+                         the batch layer's first run.",
+                    )),
+            )
+            .required("batch_watermark")
+            .property(
+                "partial",
+                ObjectBuilder::new()
+                    .schema_type(Type::Boolean)
+                    .description(Some(
+                        "True when the speed view could not be read: the `speed` and `mixed` \
+                     buckets' metrics are then null. Reads degrade, they do not fail.",
+                    )),
+            )
+            .required("partial")
+            .property(
+                "buckets",
+                ArrayBuilder::new()
+                    .items(RefOr::Ref(Ref::from_schema_name("Bucket")))
+                    .description(Some(
+                        "Every bucket of the range, in order (zeros where nothing happened).",
+                    )),
+            )
+            .required("buckets")
+            .into()
+    }
+}
+
+impl ToSchema for MetricsResponse {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("MetricsResponse")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_names_every_metric_and_the_endpoint() {
+        let json = serde_json::to_value(document()).unwrap();
+        assert!(json["paths"][METRICS_PATH]["get"].is_object());
+        let bucket = &json["components"]["schemas"]["Bucket"]["properties"];
+        for def in &METRICS {
+            assert!(bucket[def.name].is_object(), "{} missing", def.name);
+        }
+    }
+}

@@ -1,0 +1,891 @@
+//! End-to-end tests of the serving layer: the router on a real local lake and a
+//! real Redis speed store, answers checked against a plain computation over the
+//! same events; auth, validation, degraded reads, readiness, the OpenAPI
+//! document, and one server over a real socket with a graceful shutdown.
+//!
+//! One file on purpose: every integration-test binary costs minutes of linking.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use deltalake::arrow::array::{
+    ArrayRef, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+};
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::Transaction;
+use deltalake::protocol::SaveMode;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tally_common::bucket::{date_string, format_ts, month_string, MICROS_PER_DAY, MICROS_PER_HOUR};
+use tally_common::lake::{Lake, Table};
+use tally_common::metrics::{MetricValues, SpeedReading, METRICS};
+use tally_common::source::{Position, SourceId};
+use tally_common::watermark::WATERMARK_APP;
+use tally_serving_layer::{router, serve_listener, AppState, Auth, ServeOptions, SpeedSource};
+use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
+use tally_testkit::events::{generate, TestEvent};
+use tally_testkit::RedisServer;
+use tower::ServiceExt as _;
+
+const SECRET: &str = "test-secret-not-for-production";
+
+// ---------------------------------------------------------------- helpers
+
+fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn hs256(claims: Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn merchant_token(m: &str) -> String {
+    hs256(json!({"merchant_id": m, "exp": now_secs() + 600}))
+}
+
+fn admin_token() -> String {
+    hs256(json!({"role": "admin", "exp": now_secs() + 600}))
+}
+
+async fn get(app: &Router, uri: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let mut req = Request::builder().uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, body)
+}
+
+fn metrics_uri(m: &str, from: i64, to: i64, granularity: &str) -> String {
+    format!(
+        "/v1/merchants/{m}/metrics?from={}&to={}&granularity={granularity}",
+        format_ts(from),
+        format_ts(to)
+    )
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(!msg.is_empty());
+    for leak in ["SELECT", "panicked", "DataFusion", ".parquet", "_delta_log"] {
+        assert!(!msg.contains(leak), "error message leaks internals: {msg}");
+    }
+}
+
+/// A speed view of the test's own: one order and one customer in every hour,
+/// or failing on demand.
+#[derive(Clone, Default)]
+struct FakeSpeed {
+    down: Arc<AtomicBool>,
+}
+
+impl SpeedSource for FakeSpeed {
+    async fn read(
+        &self,
+        _merchant: &str,
+        hours: &[i64],
+        unions: &[Vec<usize>],
+    ) -> tally_common::Result<SpeedReading> {
+        self.ping().await?;
+        let mut one = MetricValues {
+            unique_customers: Some(1),
+            ..MetricValues::default()
+        };
+        one.counters.values[0] = 1;
+        Ok(SpeedReading {
+            hours: hours.iter().map(|_| one).collect(),
+            unions: unions.iter().map(|g| g.len() as i64).collect(),
+        })
+    }
+
+    async fn ping(&self) -> tally_common::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(tally_common::Error::Speed("fake speed view is down".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The real Redis store behind the serving layer's trait (the binary does the same).
+#[derive(Clone)]
+struct RedisSpeed(RedisStore);
+
+impl SpeedSource for RedisSpeed {
+    async fn read(
+        &self,
+        merchant: &str,
+        hours: &[i64],
+        unions: &[Vec<usize>],
+    ) -> tally_common::Result<SpeedReading> {
+        SpeedStore::read(&self.0, merchant, hours, unions).await
+    }
+
+    async fn ping(&self) -> tally_common::Result<()> {
+        SpeedStore::ping(&self.0).await
+    }
+}
+
+fn fast_options() -> ServeOptions {
+    ServeOptions {
+        drain_delay: Duration::from_millis(400),
+        speed_timeout: Duration::from_secs(2),
+        refresh_every: Duration::from_secs(3600),
+    }
+}
+
+async fn fake_state(lake_dir: &Path, auth: Auth) -> (AppState, FakeSpeed) {
+    let lake = Lake::new(lake_dir.to_str().unwrap(), None, None).unwrap();
+    let speed = FakeSpeed::default();
+    let state = AppState::new(lake, auth, speed.clone(), fast_options())
+        .await
+        .unwrap();
+    (state, speed)
+}
+
+// ------------------------------------------------------- the plain model
+
+/// Per merchant and hour (µs): counters and the exact customer set, deduplicated
+/// by event id as the batch layer does.
+type Model = BTreeMap<(String, i64), ([i64; 5], BTreeSet<String>)>;
+
+fn model(events: &[TestEvent]) -> Model {
+    let mut out = Model::new();
+    let mut seen = BTreeSet::new();
+    for e in events {
+        if !seen.insert(e.event_id.clone()) {
+            continue;
+        }
+        let hour = e.ts_ms.div_euclid(3_600_000) * 3_600_000 * 1000;
+        let entry = out.entry((e.merchant_id.clone(), hour)).or_default();
+        match e.kind {
+            "order" => {
+                entry.0[0] += 1;
+                entry.0[1] += e.amount.unwrap_or(0);
+            }
+            "refund" => {
+                entry.0[2] += 1;
+                entry.0[3] += e.amount.unwrap_or(0);
+            }
+            "page_view" => entry.0[4] += 1,
+            _ => {}
+        }
+        if let Some(c) = &e.customer_id {
+            entry.1.insert(c.clone());
+        }
+    }
+    out
+}
+
+/// Counters and customers of `m` over the hours `[start, end)`.
+fn sum(model: &Model, m: &str, start: i64, end: i64) -> ([i64; 5], BTreeSet<String>) {
+    let mut counters = [0; 5];
+    let mut customers = BTreeSet::new();
+    for ((mm, h), (c, set)) in model {
+        if mm == m && *h >= start && *h < end {
+            for (total, v) in counters.iter_mut().zip(c) {
+                *total += v;
+            }
+            customers.extend(set.iter().cloned());
+        }
+    }
+    (counters, customers)
+}
+
+/// Check one bucket's JSON against counters and a distinct-customer expectation
+/// (`None`: must be null; `Some((n, exact))`: equal, or within HyperLogLog error).
+fn check_bucket(b: &Value, counters: [i64; 5], unique: Option<(usize, bool)>) {
+    let names = [
+        "orders",
+        "gross_sales",
+        "refunds",
+        "refunded_amount",
+        "page_views",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(b[n], counters[i], "{n} of {b}");
+    }
+    match unique {
+        None => assert!(b["unique_customers"].is_null(), "{b}"),
+        Some((n, true)) => assert_eq!(b["unique_customers"], n as i64, "{b}"),
+        Some((n, false)) => {
+            let got = b["unique_customers"].as_i64().unwrap();
+            let tolerance = ((n as f64) * 0.03).ceil().max(1.0) as i64;
+            assert!(
+                (got - n as i64).abs() <= tolerance,
+                "estimate {got} vs {n}: {b}"
+            );
+        }
+    }
+    assert_eq!(b["net_sales"], counters[1] - counters[3], "{b}");
+    if counters[0] == 0 {
+        assert!(b["avg_order_value"].is_null(), "{b}");
+    } else {
+        let want = counters[1] as f64 / counters[0] as f64;
+        assert!(
+            (b["avg_order_value"].as_f64().unwrap() - want).abs() < 1e-9,
+            "{b}"
+        );
+    }
+    if counters[4] == 0 {
+        assert!(b["conversion_rate"].is_null(), "{b}");
+    } else {
+        let want = counters[0] as f64 / counters[4] as f64;
+        assert!(
+            (b["conversion_rate"].as_f64().unwrap() - want).abs() < 1e-9,
+            "{b}"
+        );
+    }
+}
+
+// ------------------------------------------------------ writing the lake
+
+struct Row {
+    merchant: String,
+    start: i64,
+    counters: [i64; 5],
+    unique: i64,
+}
+
+fn metrics_batch(table: Table, rows: &[Row]) -> RecordBatch {
+    let mut rows: Vec<&Row> = rows.iter().collect();
+    // files sorted by merchant, as the batch layer writes them
+    rows.sort_by(|a, b| (&a.merchant, a.start).cmp(&(&b.merchant, b.start)));
+    let ts = |v: Vec<i64>| -> ArrayRef {
+        Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+    };
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.merchant.as_str()),
+        )),
+        ts(rows.iter().map(|r| r.start).collect()),
+    ];
+    for i in 0..5 {
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.counters[i]),
+        )));
+    }
+    cols.push(Arc::new(Int64Array::from_iter_values(
+        rows.iter().map(|r| r.unique),
+    )));
+    cols.push(ts(rows.iter().map(|_| 0).collect()));
+    cols.push(Arc::new(Int32Array::from_iter_values(
+        rows.iter().map(|_| 1),
+    )));
+    let part = |t: i64| match table {
+        Table::MetricsDaily => month_string(t),
+        _ => date_string(t),
+    };
+    cols.push(Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|r| part(r.start)),
+    )));
+    RecordBatch::try_new(table.schema(), cols).unwrap()
+}
+
+async fn write_rows(lake: &Lake, table: Table, rows: &[Row], watermark: Option<i64>) {
+    let t = lake.open_or_create(table).await.unwrap();
+    let mut props = CommitProperties::default();
+    if let Some(w) = watermark {
+        props = props.with_application_transactions(vec![Transaction::new(
+            WATERMARK_APP,
+            w / MICROS_PER_HOUR,
+        )]);
+    }
+    t.write(vec![metrics_batch(table, rows)])
+        .with_save_mode(SaveMode::Append)
+        .with_partition_columns(table.partition_columns().iter().copied())
+        .with_commit_properties(props)
+        .await
+        .unwrap();
+}
+
+// ------------------------------------------------------------------ tests
+
+/// The heart of it: hour and day buckets across the watermark equal a plain
+/// computation; then Redis dies and the same queries degrade to `partial`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
+    let d0 = tally_common::bucket::parse_ts("2026-11-20T00:00:00Z").unwrap();
+    let (d1, d2, d3) = (
+        d0 + MICROS_PER_DAY,
+        d0 + 2 * MICROS_PER_DAY,
+        d0 + 3 * MICROS_PER_DAY,
+    );
+    let w = d1 + 15 * MICROS_PER_HOUR;
+    let events = generate(7, 6000, 4, d0 / 1000, 72);
+    let truth = model(&events);
+
+    // the batch view: every hour before W, and day d0 (the only day that ends by W)
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let hourly: Vec<Row> = truth
+        .iter()
+        .filter(|((_, h), _)| *h < w)
+        .map(|((m, h), (c, set))| Row {
+            merchant: m.clone(),
+            start: *h,
+            counters: *c,
+            unique: set.len() as i64,
+        })
+        .collect();
+    write_rows(&lake, Table::MetricsHourly, &hourly, Some(w)).await;
+    let mut daily = Vec::new();
+    for m in ["m0", "m1", "m2", "m3"] {
+        let (c, set) = sum(&truth, m, d0, d1);
+        daily.push(Row {
+            merchant: m.into(),
+            start: d0,
+            counters: c,
+            unique: set.len() as i64,
+        });
+        // a partial row for the straddling day, which must never be served
+        daily.push(Row {
+            merchant: m.into(),
+            start: d1,
+            counters: [999_999; 5],
+            unique: 999_999,
+        });
+    }
+    write_rows(&lake, Table::MetricsDaily, &daily, None).await;
+
+    // the speed view saw every event, plus producer duplicates before W that the
+    // batch layer removed: serving them for a batch hour would be caught below
+    let mut redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 48 * 3600).await.unwrap();
+    let mut lines: Vec<String> = events.iter().map(|e| e.to_line(true)).collect();
+    lines.extend(
+        events
+            .iter()
+            .filter(|e| e.ts_ms * 1000 < w)
+            .take(300)
+            .map(|e| e.to_line(false)),
+    );
+    let records: Vec<String> = lines.chunks(100).map(|c| c.join("\n")).collect();
+    let now = tally_common::bucket::now_micros();
+    apply_records(
+        &store,
+        SourceId::file("serving-test"),
+        records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (Position::from_u64(i as u64 + 1), r.as_bytes())),
+        now,
+    )
+    .await
+    .unwrap();
+
+    // the speed view really holds those duplicates (so the checks below can tell the views apart)
+    let probe: Vec<i64> = (0..24).map(|i| d0 + i * MICROS_PER_HOUR).collect();
+    let reading = SpeedStore::read(&store, "m1", &probe, &[]).await.unwrap();
+    let in_speed: i64 = reading
+        .hours
+        .iter()
+        .map(|v| v.counters.values.iter().sum::<i64>())
+        .sum();
+    let in_truth: i64 = sum(&truth, "m1", d0, d1).0.iter().sum();
+    assert!(in_speed > in_truth, "{in_speed} vs {in_truth}");
+
+    let state = AppState::new(
+        lake,
+        Auth::hs256(SECRET),
+        RedisSpeed(store.clone()),
+        fast_options(),
+    )
+    .await
+    .unwrap();
+    let app = router(state);
+    let token = merchant_token("m1");
+
+    // hours across the watermark
+    let (from, to) = (d1 + 10 * MICROS_PER_HOUR, d1 + 20 * MICROS_PER_HOUR);
+    let (status, body) = get(&app, &metrics_uri("m1", from, to, "hour"), Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["batch_watermark"], format_ts(w));
+    assert_eq!(body["partial"], false);
+    assert_eq!(body["granularity"], "hour");
+    let buckets = body["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 10);
+    for (i, b) in buckets.iter().enumerate() {
+        let h = from + i as i64 * MICROS_PER_HOUR;
+        assert_eq!(b["start"], format_ts(h));
+        let (c, set) = sum(&truth, "m1", h, h + MICROS_PER_HOUR);
+        let batch = h < w;
+        assert_eq!(b["source"], if batch { "batch" } else { "speed" }, "{b}");
+        check_bucket(b, c, Some((set.len(), batch)));
+    }
+
+    // hours where nothing happened (after the events) are present with zeros
+    let (status, body) = get(
+        &app,
+        &metrics_uri(
+            "m1",
+            d3 - 2 * MICROS_PER_HOUR,
+            d3 + 3 * MICROS_PER_HOUR,
+            "hour",
+        ),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let buckets = body["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 5);
+    for b in &buckets[2..] {
+        check_bucket(b, [0; 5], Some((0, true)));
+    }
+
+    // days: d0 batch, d1 mixed (straddles W), d2 speed
+    let (status, body) = get(&app, &metrics_uri("m1", d0, d3, "day"), Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let buckets = body["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 3);
+    let expect = [
+        ("batch", d0, Some(true)),
+        ("mixed", d1, None),
+        ("speed", d2, Some(false)),
+    ];
+    for (b, (source, day, exact)) in buckets.iter().zip(expect) {
+        assert_eq!(b["source"], source, "{b}");
+        assert_eq!(b["start"], format_ts(day));
+        let (c, set) = sum(&truth, "m1", day, day + MICROS_PER_DAY);
+        check_bucket(b, c, exact.map(|e| (set.len(), e)));
+    }
+
+    // a metric subset keeps API order and nothing else
+    let uri = format!(
+        "{}&metrics=net_sales,orders",
+        metrics_uri("m1", d0, d1, "day")
+    );
+    let (status, body) = get(&app, &uri, Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let keys: Vec<&String> = body["buckets"][0].as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 4, "{body}");
+    assert!(body["buckets"][0].get("gross_sales").is_none());
+
+    // an admin reads any merchant
+    let (status, body) = get(
+        &app,
+        &metrics_uri("m2", d0, d3, "day"),
+        Some(&admin_token()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (c, _) = sum(&truth, "m2", d0, d1);
+    assert_eq!(body["buckets"][0]["orders"], c[0]);
+
+    let (status, _) = get(&app, "/ready", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Redis dies: answers degrade to partial, batch buckets keep their numbers
+    redis.stop();
+    let (status, body) = get(&app, &metrics_uri("m1", from, to, "hour"), Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["partial"], true);
+    for (i, b) in body["buckets"].as_array().unwrap().iter().enumerate() {
+        let h = from + i as i64 * MICROS_PER_HOUR;
+        if h < w {
+            let (c, set) = sum(&truth, "m1", h, h + MICROS_PER_HOUR);
+            check_bucket(b, c, Some((set.len(), true)));
+        } else {
+            assert_eq!(b["source"], "speed");
+            for def in &METRICS {
+                assert!(b[def.name].is_null(), "{b}");
+            }
+        }
+    }
+    let (status, body) = get(&app, &metrics_uri("m1", d0, d3, "day"), Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["partial"], true);
+    let buckets = body["buckets"].as_array().unwrap();
+    assert_eq!(buckets[0]["source"], "batch");
+    assert!(buckets[0]["orders"].is_i64());
+    assert_eq!(buckets[1]["source"], "mixed");
+    assert!(buckets[1]["orders"].is_null() && buckets[2]["orders"].is_null());
+    // a range wholly before W needs no speed view and is not partial
+    let (status, body) = get(&app, &metrics_uri("m1", d0, d1, "hour"), Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["partial"], false);
+
+    let (status, body) = get(&app, "/ready", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["speed"], false);
+    assert_eq!(body["lake"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_hs256_and_rs256() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    // a JWKS from a file, as TALLY_JWKS names it
+    let auth = Auth::from_args(&tally_common::config::AuthArgs {
+        jwt_secret: Some(SECRET.into()),
+        jwks: Some(data.join("test-jwks.json").to_str().unwrap().into()),
+    })
+    .await
+    .unwrap();
+    let (state, _) = fake_state(dir.path(), auth).await;
+    let app = router(state);
+    let d = tally_common::bucket::parse_ts("2026-11-24T00:00:00Z").unwrap();
+    let uri = metrics_uri("m_42", d, d + 3 * MICROS_PER_HOUR, "hour");
+
+    let (s, b) = get(&app, &uri, None).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (s, b) = get(&app, &uri, Some("not-a-jwt")).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    let expired = hs256(json!({"merchant_id": "m_42", "exp": now_secs() - 3600}));
+    let (s, b) = get(&app, &uri, Some(&expired)).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    let no_exp = hs256(json!({"merchant_id": "m_42"}));
+    let (s, b) = get(&app, &uri, Some(&no_exp)).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"merchant_id": "m_42", "exp": now_secs() + 600}),
+        &EncodingKey::from_secret(b"some other secret"),
+    )
+    .unwrap();
+    let (s, b) = get(&app, &uri, Some(&forged)).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let (s, b) = get(&app, &uri, Some(&merchant_token("m_7"))).await;
+    assert_error(s, &b, StatusCode::FORBIDDEN, "forbidden");
+    let viewer = hs256(json!({"role": "viewer", "exp": now_secs() + 600}));
+    let (s, b) = get(&app, &uri, Some(&viewer)).await;
+    assert_error(s, &b, StatusCode::FORBIDDEN, "forbidden");
+
+    let (s, b) = get(&app, &uri, Some(&merchant_token("m_42"))).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = get(&app, &uri, Some(&admin_token())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    // RS256 with the JWKS's key; a token of an unknown key is refused
+    let pem = std::fs::read(data.join("test-rsa-key.pem")).unwrap();
+    let key = EncodingKey::from_rsa_pem(&pem).unwrap();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-key".into());
+    let rs = encode(
+        &header,
+        &json!({"merchant_id": "m_42", "exp": now_secs() + 600}),
+        &key,
+    )
+    .unwrap();
+    let (s, b) = get(&app, &uri, Some(&rs)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    header.kid = Some("rotated-away".into());
+    let rs = encode(
+        &header,
+        &json!({"merchant_id": "m_42", "exp": now_secs() + 600}),
+        &key,
+    )
+    .unwrap();
+    let (s, b) = get(&app, &uri, Some(&rs)).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // a server with no key configured refuses everything
+    let (state, _) = fake_state(dir.path(), Auth::default()).await;
+    let (s, b) = get(&router(state), &uri, Some(&merchant_token("m_42"))).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_400_with_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _) = fake_state(dir.path(), Auth::hs256(SECRET)).await;
+    let app = router(state);
+    let token = merchant_token("m1");
+    let base = "/v1/merchants/m1/metrics";
+    for query in [
+        "from=2026-11-24T00:30:00Z&to=2026-11-24T03:00:00Z", // misaligned from
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:01Z", // misaligned to
+        "from=2026-11-24T01:00:00Z&to=2026-11-25T00:00:00Z&granularity=day", // misaligned to the day
+        "from=2026-10-01T00:00:00Z&to=2026-11-24T00:00:00Z", // more than 31 days of hours
+        "from=2025-01-01T00:00:00Z&to=2026-11-24T00:00:00Z&granularity=day", // more than 366 days
+        "from=2026-11-24T03:00:00Z&to=2026-11-24T00:00:00Z", // backwards
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&metrics=orders,revenue",
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&granularity=week",
+        "from=yesterday&to=2026-11-24T03:00:00Z",
+        "to=2026-11-24T03:00:00Z",
+        "",
+    ] {
+        let (s, b) = get(&app, &format!("{base}?{query}"), Some(&token)).await;
+        assert_error(s, &b, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let (s, b) = get(
+        &app,
+        "/v1/merchants/m1/metrics?from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&metrics=revenue",
+        Some(&token),
+    )
+    .await;
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("revenue"),
+        "{s} {b}"
+    );
+    // a malformed merchant id is a 400 for an admin (anyone else gets 403 first)
+    let uri = "/v1/merchants/m%20x/metrics?from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z";
+    let (s, b) = get(&app, uri, Some(&admin_token())).await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "bad_request");
+    let (s, b) = get(&app, "/v2/nothing", None).await;
+    assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
+}
+
+/// A lake the batch layer never wrote: no watermark, every bucket from the speed view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_lake_serves_everything_from_the_speed_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, speed) = fake_state(dir.path(), Auth::hs256(SECRET)).await;
+    let app = router(state);
+    let token = merchant_token("m1");
+    let d = tally_common::bucket::parse_ts("2026-11-20T00:00:00Z").unwrap();
+    let (s, b) = get(
+        &app,
+        &metrics_uri("m1", d, d + 2 * MICROS_PER_DAY, "day"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert!(b["batch_watermark"].is_null());
+    for bucket in b["buckets"].as_array().unwrap() {
+        assert_eq!(bucket["source"], "speed");
+        assert_eq!(bucket["orders"], 24, "{bucket}");
+        assert_eq!(bucket["unique_customers"], 24, "{bucket}");
+        assert_eq!(bucket["avg_order_value"], 0.0);
+    }
+    speed.down.store(true, Ordering::SeqCst);
+    let (s, b) = get(
+        &app,
+        &metrics_uri("m1", d, d + 2 * MICROS_PER_HOUR, "hour"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["partial"], true);
+    assert!(b["buckets"][0]["orders"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_ready_and_the_openapi_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, speed) = fake_state(dir.path(), Auth::hs256(SECRET)).await;
+    let app = router(state.clone());
+    let (s, b) = get(&app, "/health", None).await;
+    assert_eq!((s, b["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (s, b) = get(&app, "/ready", None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    speed.down.store(true, Ordering::SeqCst);
+    let (s, b) = get(&app, "/ready", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    speed.down.store(false, Ordering::SeqCst);
+    state.start_draining();
+    let (s, b) = get(&app, "/ready", None).await;
+    assert_eq!(
+        (s, &b["draining"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!(true))
+    );
+
+    let (s, doc) = get(&app, "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let op = &doc["paths"]["/v1/merchants/{merchant_id}/metrics"]["get"];
+    assert!(op.is_object(), "{doc}");
+    let params: Vec<&str> = op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for p in ["merchant_id", "from", "to", "granularity", "metrics"] {
+        assert!(params.contains(&p), "{params:?}");
+    }
+    for status in ["200", "400", "401", "403", "503"] {
+        assert!(op["responses"][status].is_object(), "no {status}");
+    }
+    let bucket = &doc["components"]["schemas"]["Bucket"]["properties"];
+    let text = doc.to_string();
+    for def in &METRICS {
+        assert!(
+            bucket[def.name].is_object(),
+            "{} not in the Bucket schema",
+            def.name
+        );
+        assert!(text.contains(def.name));
+    }
+    assert!(bucket["unique_customers"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("mixed"));
+    for path in ["/health", "/ready", "/openapi.json"] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path}");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+/// The cached batch view follows the tables: created after the server started,
+/// then a new version with a later watermark, each picked up by the refresher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_view_follows_new_table_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().to_str().unwrap(), None, None).unwrap();
+    let options = ServeOptions {
+        refresh_every: Duration::from_millis(100),
+        ..fast_options()
+    };
+    let state = AppState::new(
+        lake.clone(),
+        Auth::hs256(SECRET),
+        FakeSpeed::default(),
+        options,
+    )
+    .await
+    .unwrap();
+    let app = router(state);
+    let token = merchant_token("m1");
+    let d = tally_common::bucket::parse_ts("2026-11-20T00:00:00Z").unwrap();
+    let uri = metrics_uri("m1", d, d + 3 * MICROS_PER_HOUR, "hour");
+    let watermark_after = |w: i64| {
+        let (app, uri, token) = (app.clone(), uri.clone(), token.clone());
+        async move {
+            for _ in 0..100 {
+                let (s, b) = get(&app, &uri, Some(&token)).await;
+                assert_eq!(s, StatusCode::OK, "{b}");
+                if b["batch_watermark"] == format_ts(w) {
+                    return b;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the batch view never showed watermark {}", format_ts(w));
+        }
+    };
+    let (_, b) = get(&app, &uri, Some(&token)).await;
+    assert!(b["batch_watermark"].is_null(), "{b}");
+
+    let row = |h: i64, n: i64| Row {
+        merchant: "m1".into(),
+        start: h,
+        counters: [n; 5],
+        unique: n,
+    };
+    write_rows(
+        &lake,
+        Table::MetricsHourly,
+        &[row(d, 7)],
+        Some(d + MICROS_PER_HOUR),
+    )
+    .await;
+    let b = watermark_after(d + MICROS_PER_HOUR).await;
+    assert_eq!(b["buckets"][0]["source"], "batch");
+    assert_eq!(b["buckets"][0]["orders"], 7);
+    assert_eq!(b["buckets"][1]["source"], "speed");
+
+    write_rows(
+        &lake,
+        Table::MetricsHourly,
+        &[row(d + MICROS_PER_HOUR, 9)],
+        Some(d + 2 * MICROS_PER_HOUR),
+    )
+    .await;
+    let b = watermark_after(d + 2 * MICROS_PER_HOUR).await;
+    assert_eq!(b["buckets"][1]["source"], "batch");
+    assert_eq!(b["buckets"][1]["orders"], 9);
+    assert_eq!(b["buckets"][2]["source"], "speed");
+}
+
+/// A failed read of the lake is a 503 with a plain message, never the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_lake_is_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let lake = Lake::new(lake_dir.to_str().unwrap(), None, None).unwrap();
+    let d = tally_common::bucket::parse_ts("2026-11-20T00:00:00Z").unwrap();
+    let rows = [Row {
+        merchant: "m1".into(),
+        start: d,
+        counters: [1; 5],
+        unique: 1,
+    }];
+    write_rows(&lake, Table::MetricsHourly, &rows, Some(d + MICROS_PER_DAY)).await;
+    let (state, _) = fake_state(&lake_dir, Auth::hs256(SECRET)).await;
+    let app = router(state);
+    let token = merchant_token("m1");
+    let uri = metrics_uri("m1", d, d + 3 * MICROS_PER_HOUR, "hour");
+    let (s, b) = get(&app, &uri, Some(&token)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["buckets"][0]["orders"], 1);
+    // the data files vanish (a lost bucket, revoked credentials...)
+    let table_dir = lake_dir.join("metrics_hourly");
+    for part in std::fs::read_dir(&table_dir).unwrap() {
+        let part = part.unwrap().path();
+        if part.file_name().unwrap() != "_delta_log" {
+            std::fs::remove_dir_all(part).unwrap();
+        }
+    }
+    let (s, b) = get(&app, &uri, Some(&token)).await;
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+}
+
+/// One server over a real socket: it answers, and on shutdown `/ready` turns 503
+/// before the listener closes, then the server returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_over_a_socket_and_drains_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _) = fake_state(dir.path(), Auth::hs256(SECRET)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, shutdown) = tally_common::shutdown::channel();
+    let server = tokio::spawn(serve_listener(listener, state, shutdown));
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+
+    let r = client.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let d = tally_common::bucket::parse_ts("2026-11-24T00:00:00Z").unwrap();
+    let r = client
+        .get(format!(
+            "{base}{}",
+            metrics_uri("m1", d, d + MICROS_PER_HOUR, "hour")
+        ))
+        .bearer_auth(merchant_token("m1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(body["buckets"][0]["orders"], 1);
+
+    trigger.fire();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // draining: still serving, but no longer ready
+    let r = client.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let r = client.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    drop(client);
+    let result = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server did not stop after the drain delay")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert!(reqwest::get(format!("{base}/health")).await.is_err());
+}

@@ -1,0 +1,105 @@
+//! Speed layer throughput on one core: record bytes to applied in a real Redis on
+//! loopback, 100,000 Zipf-skewed merchants, NDJSON records of 100 events. The
+//! reference, in the same run against the same server, is the naive way: decode
+//! with the same decoder, then one HINCRBY per event counter and one PFADD per
+//! customer, pipelined per batch (and without any exactly-once guard).
+//!
+//! Run: `cargo bench -p tally-speed-layer --bench speed`
+
+use std::time::Instant;
+
+use tally_common::bucket::MICROS_PER_HOUR;
+use tally_common::decode::decode_record;
+use tally_common::metrics::counter_defs;
+use tally_common::source::{Position, SourceId};
+use tally_speed_layer::{apply_records, RedisStore};
+use tally_testkit::zipf::zipf_records;
+use tally_testkit::{cpu_secs, RedisServer};
+
+const EVENTS: usize = 2_000_000;
+const PER_RECORD: usize = 100;
+const RECORDS_PER_BATCH: usize = 1_000; // 100,000 events: a Kinesis GetRecords page
+const MERCHANTS: usize = 100_000;
+
+async fn naive(url: &str, records: &[Vec<u8>], now: i64) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let mut n = 0u64;
+    for batch in records.chunks(RECORDS_PER_BATCH) {
+        let mut pipe = redis::pipe();
+        for r in batch {
+            let d = decode_record(r, now);
+            for e in &d.events {
+                let key = format!(
+                    "naive:{{{}}}:{}",
+                    e.merchant_id,
+                    e.ts.div_euclid(MICROS_PER_HOUR)
+                );
+                for (def, kind, measure, _) in counter_defs() {
+                    if kind == e.event_type.as_str() {
+                        let v = match measure {
+                            tally_common::metrics::Measure::Count => 1,
+                            tally_common::metrics::Measure::Amount => e.amount.unwrap_or(0),
+                        };
+                        pipe.cmd("HINCRBY")
+                            .arg(format!("{key}:c"))
+                            .arg(def.name)
+                            .arg(v)
+                            .ignore();
+                    }
+                }
+                if let Some(cust) = &e.customer_id {
+                    pipe.cmd("PFADD").arg(format!("{key}:u")).arg(cust).ignore();
+                }
+                n += 1;
+            }
+        }
+        let _: () = pipe.query_async(&mut c).await.unwrap();
+    }
+    n
+}
+
+fn main() {
+    let hour_ms = 1_795_600_800_000 / 3_600_000 * 3_600_000;
+    let now = (hour_ms + 3_000_000) * 1000;
+    let records = zipf_records(EVENTS, PER_RECORD, MERCHANTS, hour_ms, 7);
+    let bytes: usize = records.iter().map(Vec::len).sum();
+    let redis = RedisServer::start();
+    // one core for the client: a current-thread runtime; redis-server has the other
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let (ours, ours_cpu, applied) = rt.block_on(async {
+        let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+        let (t, c) = (Instant::now(), cpu_secs());
+        let mut applied = 0;
+        for (b, batch) in records.chunks(RECORDS_PER_BATCH).enumerate() {
+            let input = batch.iter().enumerate().map(|(i, r)| {
+                (
+                    Position::from_u64((b * RECORDS_PER_BATCH + i) as u64 + 1),
+                    r.as_slice(),
+                )
+            });
+            let out = apply_records(&store, SourceId::kinesis("bench", "shard-0"), input, now)
+                .await
+                .unwrap();
+            applied += out.report.applied;
+        }
+        (t.elapsed().as_secs_f64(), cpu_secs() - c, applied)
+    });
+    let (naive_t, naive_cpu, n) = rt.block_on(async {
+        let (t, c) = (Instant::now(), cpu_secs());
+        let n = naive(&redis.url(), &records, now).await;
+        (t.elapsed().as_secs_f64(), cpu_secs() - c, n)
+    });
+    assert_eq!(n as usize, EVENTS);
+    let e = EVENTS as f64;
+    println!("speed layer, {EVENTS} events ({} bytes avg), {MERCHANTS} Zipf(1.1) merchants, records of {PER_RECORD}, batches of {} events", bytes / EVENTS, RECORDS_PER_BATCH * PER_RECORD);
+    println!("| way | wall s | events/s (wall) | client CPU s | merchant-hour scripts |");
+    println!("|---|---|---|---|---|");
+    println!("| tally (aggregate + Lua per merchant-hour, exactly once) | {ours:.2} | {:.0} | {ours_cpu:.2} | {applied} |", e / ours);
+    println!("| naive (HINCRBY + PFADD per event, pipelined) | {naive_t:.2} | {:.0} | {naive_cpu:.2} | - |", e / naive_t);
+    println!("ratio tally/naive: {:.2}x", naive_t / ours);
+}

@@ -1,0 +1,218 @@
+//! The embedded speed view's feed from the master dataset.
+//!
+//! With no Redis configured, the speed view lives in the serving process. At
+//! start it is rebuilt from the `raw_events` rows newer than the batch watermark;
+//! then it follows the table: every tick it reads the new commits of the Delta
+//! log and applies the rows of the files they added (never rescanning the
+//! table), so what another process ingested shows within seconds.
+
+use std::time::Duration;
+
+use tally_common::deltalake;
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
+use deltalake::datafusion::prelude::{col, lit, ParquetReadOptions, SessionContext};
+use deltalake::datafusion::scalar::ScalarValue;
+use deltalake::DeltaTable;
+use tally_common::bucket::{date_string, now_micros};
+use tally_common::lake::{register, Lake, Table};
+use tally_common::shutdown::Shutdown;
+use tally_common::source::{Position, SourceId};
+use tally_common::watermark::read_progress;
+use tally_common::{Context as _, Result};
+
+use crate::{apply_records, SpeedStore};
+
+/// Follows `raw_events` into a speed store.
+pub struct RawFeed {
+    lake: Lake,
+    table: Option<DeltaTable>,
+    version: i64,
+    position: u64,
+    source: SourceId,
+}
+
+async fn watermark(lake: &Lake) -> Result<i64> {
+    Ok(match lake.open(Table::MetricsHourly).await? {
+        Some(t) => read_progress(&t).await?.watermark.unwrap_or(i64::MIN),
+        None => i64::MIN,
+    })
+}
+
+/// Concatenate the payloads of rows at or after `since` into one NDJSON record.
+fn payloads(batches: &[RecordBatch], since: i64) -> (Vec<u8>, u64) {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for b in batches {
+        let (Some(p), Some(t)) = (b.column_by_name("payload"), b.column_by_name("event_time"))
+        else {
+            continue;
+        };
+        // DataFusion may hand strings out as views: normalise before reading
+        let (Ok(p), Ok(t)) = (
+            cast(p, &DataType::Utf8),
+            cast(t, &DataType::Timestamp(TimeUnit::Microsecond, None)),
+        ) else {
+            continue;
+        };
+        let p = p.as_string::<i32>();
+        let t = t.as_primitive::<TimestampMicrosecondType>();
+        for i in 0..b.num_rows() {
+            if !t.is_null(i) && t.value(i) >= since {
+                out.extend_from_slice(p.value(i).as_bytes());
+                out.push(b'\n');
+                n += 1;
+            }
+        }
+    }
+    (out, n)
+}
+
+impl RawFeed {
+    /// Rebuild `store` from the rows of `raw_events` newer than the watermark.
+    pub async fn start<S: SpeedStore>(lake: &Lake, store: &S) -> Result<(Self, u64)> {
+        let mut feed = RawFeed {
+            lake: lake.clone(),
+            table: None,
+            version: -1,
+            position: 0,
+            source: SourceId::file(&format!("raw_events-feed-{}", now_micros())),
+        };
+        let Some(table) = lake.open(Table::RawEvents).await? else {
+            return Ok((feed, 0));
+        };
+        let w = watermark(lake).await?;
+        let ctx = SessionContext::new();
+        register(&ctx, "raw_events", &table).await?;
+        let mut df = ctx
+            .table("raw_events")
+            .await
+            .context("reading raw_events")?;
+        if w > i64::MIN {
+            df =
+                df.filter(col("event_date").gt_eq(lit(date_string(w))).and(
+                    col("event_time").gt_eq(lit(ScalarValue::TimestampMicrosecond(
+                        Some(w),
+                        Some("UTC".into()),
+                    ))),
+                ))
+                .context("filtering raw_events")?;
+        }
+        let batches = df
+            .select_columns(&["payload", "event_time"])
+            .context("projecting raw_events")?
+            .collect()
+            .await
+            .context("reading raw_events")?;
+        feed.version = table.version().map_or(-1, |v| v as i64);
+        feed.table = Some(table);
+        let n = feed.apply(store, &batches, w).await?;
+        Ok((feed, n))
+    }
+
+    async fn apply<S: SpeedStore>(
+        &mut self,
+        store: &S,
+        batches: &[RecordBatch],
+        since: i64,
+    ) -> Result<u64> {
+        let (record, n) = payloads(batches, since);
+        if n == 0 {
+            return Ok(0);
+        }
+        self.position += 1;
+        apply_records(
+            store,
+            self.source.clone(),
+            [(Position::from_u64(self.position), record.as_slice())],
+            now_micros(),
+        )
+        .await?;
+        Ok(n)
+    }
+
+    /// Apply what was committed since the last call; returns the events applied.
+    pub async fn poll<S: SpeedStore>(&mut self, store: &S) -> Result<u64> {
+        if self.table.is_none() {
+            self.table = self.lake.open(Table::RawEvents).await?;
+            if self.table.is_none() {
+                return Ok(0);
+            }
+        }
+        let Some(table) = self.table.as_mut() else {
+            return Ok(0);
+        };
+        table.update_state().await.context("following raw_events")?;
+        let latest = table.version().map_or(-1, |v| v as i64);
+        if latest <= self.version {
+            return Ok(0);
+        }
+        let log = table.log_store();
+        let root = table.table_url().clone();
+        let mut files = Vec::new();
+        for v in (self.version + 1)..=latest {
+            let Some(bytes) = log
+                .read_commit_entry(v as u64)
+                .await
+                .context("reading a raw_events commit")?
+            else {
+                continue;
+            };
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let add = &action["add"];
+                if add.is_object() && add["dataChange"].as_bool() != Some(false) {
+                    if let Some(p) = add["path"].as_str() {
+                        if let Ok(u) = root.join(p) {
+                            files.push(u.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        let table_snapshot = table.clone();
+        self.version = latest;
+        if files.is_empty() {
+            return Ok(0);
+        }
+        let ctx = SessionContext::new();
+        table_snapshot
+            .update_datafusion_session(&ctx.state())
+            .context("registering the lake")?;
+        let batches = ctx
+            .read_parquet(files, ParquetReadOptions::default())
+            .await
+            .context("reading new raw_events files")?
+            .select_columns(&["payload", "event_time"])
+            .context("projecting new raw_events files")?
+            .collect()
+            .await
+            .context("reading new raw_events files")?;
+        let w = watermark(&self.lake).await?;
+        self.apply(store, &batches, w).await
+    }
+
+    /// Poll every `every` until shutdown (errors are logged; the next tick retries).
+    pub async fn follow<S: SpeedStore>(
+        mut self,
+        store: S,
+        every: Duration,
+        mut shutdown: Shutdown,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.wait() => return,
+            }
+            match self.poll(&store).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(events = n, "speed view followed raw_events"),
+                Err(e) => tracing::warn!(error = %e, "following raw_events failed; retrying"),
+            }
+        }
+    }
+}

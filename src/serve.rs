@@ -1,0 +1,81 @@
+//! `tally serve`: the serving layer with the configured speed view. With no Redis
+//! configured the speed view is in process, rebuilt from `raw_events` newer than
+//! the watermark at start and following new commits every two seconds.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use tally_common::config::{AuthArgs, LakeArgs, SpeedArgs};
+use tally_common::lake::Lake;
+use tally_common::metrics::SpeedReading;
+use tally_common::shutdown::{self, Shutdown};
+use tally_serving_layer::{AppState, Auth, ServeOptions, SpeedSource};
+use tally_speed_layer::feed::RawFeed;
+use tally_speed_layer::{SpeedStore, SpeedView};
+
+/// Arguments of `tally serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub lake: LakeArgs,
+    #[command(flatten)]
+    pub speed: SpeedArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// The speed view as the serving layer sees it (layers do not depend on each other;
+/// the binary joins them).
+pub struct ServingSpeed(pub SpeedView);
+
+impl SpeedSource for ServingSpeed {
+    async fn read(
+        &self,
+        merchant: &str,
+        hours: &[i64],
+        unions: &[Vec<usize>],
+    ) -> tally_common::Result<SpeedReading> {
+        SpeedStore::read(&self.0, merchant, hours, unions).await
+    }
+    async fn ping(&self) -> tally_common::Result<()> {
+        SpeedStore::ping(&self.0).await
+    }
+}
+
+/// Connect the speed view, and for the embedded one rebuild it and keep following raw_events.
+pub async fn speed_view(
+    lake: &Lake,
+    args: &SpeedArgs,
+    shutdown: Shutdown,
+) -> anyhow::Result<SpeedView> {
+    let view = SpeedView::connect(args).await?;
+    if let SpeedView::Embedded(_) = &view {
+        let (feed, n) = RawFeed::start(lake, &view).await?;
+        tracing::info!(
+            events = n,
+            "embedded speed view rebuilt from raw_events newer than the watermark"
+        );
+        tokio::spawn(feed.follow(view.clone(), Duration::from_secs(2), shutdown));
+    }
+    Ok(view)
+}
+
+/// The serving state for `lake`.
+pub async fn state(lake: Lake, auth: &AuthArgs, view: SpeedView) -> anyhow::Result<AppState> {
+    let auth = Auth::from_args(auth).await?;
+    Ok(AppState::new(lake, auth, ServingSpeed(view), ServeOptions::default()).await?)
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let lake = args.lake.lake()?;
+    let (trigger, signal) = shutdown::channel();
+    trigger.fire_on_signals();
+    let view = speed_view(&lake, &args.speed, signal.clone()).await?;
+    let state = state(lake, &args.auth, view).await?;
+    tally_serving_layer::serve(args.addr, state, signal).await?;
+    Ok(())
+}
