@@ -17,6 +17,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 redis-server --version | head -1
 
+# headless Chromium renders the dashboard in a test
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "install-services: installing chromium (apt-get)"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+chromium --version 2>/dev/null | head -1 || true
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "install-services: creating venv $VENV"
   mkdir -p "$(dirname "$VENV")"

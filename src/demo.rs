@@ -94,12 +94,14 @@ fn token(secret: &str, merchant: Option<&str>) -> anyhow::Result<String> {
 
 /// Generate history and archive it in chunks, with a progress bar.
 async fn load_history(lake: &Lake, args: &DemoArgs) -> anyhow::Result<u64> {
-    let mut g = GenArgs::default();
-    g.merchants = args.merchants;
-    g.events = args.events;
-    g.days = f64::from(args.days);
     let start = hour_floor(now_micros()) - i64::from(args.days) * 24 * MICROS_PER_HOUR;
-    g.start = chrono::DateTime::from_timestamp_micros(start);
+    let g = GenArgs {
+        merchants: args.merchants,
+        events: args.events,
+        days: f64::from(args.days),
+        start: chrono::DateTime::from_timestamp_micros(start),
+        ..GenArgs::default()
+    };
     let mut generator = Generator::new(&g)?;
     let mut archiver = Archiver::open(lake).await?;
     let source = SourceId::file(&format!("demo-history-{}", g.seed));
@@ -139,11 +141,13 @@ async fn load_history(lake: &Lake, args: &DemoArgs) -> anyhow::Result<u64> {
 /// Feed live events (event time = now) into raw_events every two seconds; the
 /// embedded speed view follows raw_events, so they show in the current hour.
 async fn live_feed(lake: Lake, rate: f64, mut shutdown: Shutdown) {
-    let mut g = GenArgs::default();
-    g.events = 0;
-    g.rate = rate;
-    g.seed = now_micros() as u64;
-    g.late_share = 0.0;
+    let g = GenArgs {
+        events: 0,
+        rate,
+        seed: now_micros() as u64,
+        late_share: 0.0,
+        ..GenArgs::default()
+    };
     let mut generator = match Generator::new(&g) {
         Ok(g) => g,
         Err(e) => return tracing::error!(error = %e, "live feed: bad generator settings"),

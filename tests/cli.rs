@@ -185,3 +185,144 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains(":0}"));
 }
+
+fn http_get(addr: &str, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // chunked transfer: keep the JSON object only
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => body[a..=b].to_string(),
+        _ => body,
+    };
+    (status, body)
+}
+
+fn start_demo(dir: &Path, addr: &str) -> (std::process::Child, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .current_dir(dir)
+        .args([
+            "demo",
+            "--events",
+            "60000",
+            "--merchants",
+            "100",
+            "--days",
+            "2",
+            "--addr",
+            addr,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in reader.lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("Ctrl-C");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    (child, lines)
+}
+
+fn sigterm(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo did not exit cleanly: {status:?}");
+}
+
+#[test]
+fn demo_serves_its_printed_queries_and_the_dashboard_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = tally_testkit::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut child, lines) = start_demo(dir.path(), &addr);
+    assert!(lines.iter().any(|l| l.contains("is ready")), "{lines:?}");
+    let token = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export TOKEN="))
+        .unwrap()
+        .to_string();
+    let curl = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("curl") && l.contains("granularity=hour"))
+        .unwrap();
+    let url = curl.split('"').nth(3).unwrap();
+    let path = &url[url.find("/v1/").unwrap()..];
+    let (status, body) = http_get(&addr, path, &token);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let buckets = v["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 24);
+    let orders: i64 = buckets.iter().map(|b| b["orders"].as_i64().unwrap()).sum();
+    assert!(orders > 0, "the printed query answers with numbers: {body}");
+    assert!(buckets.iter().any(|b| b["source"] == "batch"));
+
+    // the dashboard in headless Chromium draws bars from the API
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromium not found: run scripts/install-services.sh (apt-get install chromium)");
+    let page = format!("http://{addr}/#merchant=m_1&token={token}");
+    let profile = dir.path().join("chromium-profile");
+    let shot = std::env::temp_dir().join("tally-dashboard.png");
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+        "--virtual-time-budget=8000",
+    ];
+    let dom = Command::new(chromium)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(&page)
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "dashboard did not load data"
+    );
+    let bars = dom.matches("class=\"bar\"").count();
+    assert!(
+        bars >= 9 * 24,
+        "expected bars for 9 metrics x 24 hours, got {bars}"
+    );
+    let status = Command::new(chromium)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&page)
+        .status()
+        .unwrap();
+    assert!(status.success() && std::fs::metadata(&shot).unwrap().len() > 10_000);
+
+    sigterm(&mut child);
+    // a second start reuses the lake
+    let (mut child, lines) = start_demo(dir.path(), &addr);
+    assert!(lines.iter().any(|l| l.contains("is ready")));
+    sigterm(&mut child);
+}

@@ -15,10 +15,13 @@ fn stream_name(arn: &str) -> &str {
     arn.rsplit_once("stream/").map_or(arn, |(_, s)| s)
 }
 
+/// One shard's records of an event, and the sequence number of its first record.
+type ShardBatch<'a> = (SourceId, Vec<(Position, &'a [u8])>, String);
+
 /// Archive one Kinesis event.
 pub async fn handle_kinesis(archiver: &mut Archiver, event: KinesisEvent) -> KinesisEventResponse {
     let mut response = KinesisEventResponse::default();
-    let mut shards: Vec<(SourceId, Vec<(Position, &[u8])>, String)> = Vec::new();
+    let mut shards: Vec<ShardBatch<'_>> = Vec::new();
     for rec in &event.records {
         let stream = stream_name(rec.event_source_arn.as_deref().unwrap_or("unknown"));
         let shard = rec
