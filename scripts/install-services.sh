@@ -26,6 +26,15 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 chromium --version 2>/dev/null | head -1 || true
 
+# bench tools: wrk drives the serving benchmark (serving-layer/benches/serve.rs)
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "install-services: installing wrk (apt-get)"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
+fi
+wrk --version 2>&1 | head -1 || true
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "install-services: creating venv $VENV"
   mkdir -p "$(dirname "$VENV")"
