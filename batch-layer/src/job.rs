@@ -77,7 +77,7 @@ pub struct RunReport {
     pub compute_secs: f64,
     /// Time spent writing metric tables, seconds.
     pub write_secs: f64,
-    /// Time spent compacting raw partitions, seconds.
+    /// Time spent compacting raw partitions (and vacuuming once a day closes), seconds.
     pub compact_secs: f64,
     /// What a dry run would change.
     pub diff: Option<DryRunDiff>,
@@ -308,6 +308,14 @@ impl BatchRun {
                 .filter(|&d| d + MICROS_PER_DAY <= closed_end)
                 .collect();
             crate::compact::compact_days(&self.lake, &days).await?;
+            if !days.is_empty() && self.range.is_none() {
+                // once a day closes: files replaced more than the retention ago go, and
+                // readers and time travel inside the window keep theirs
+                for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily] {
+                    let n = crate::compact::vacuum(&self.lake, t, crate::compact::VACUUM_RETENTION).await?;
+                    tracing::info!(table = t.name(), files = n, "vacuumed");
+                }
+            }
             report.compact_secs = t2.elapsed().as_secs_f64();
         }
         Ok(report)
