@@ -36,7 +36,7 @@ async fn run(lake: &Lake, records: &[Vec<u8>], now: i64) -> (f64, f64, u64) {
 
 fn main() {
     let hour_ms = 1_795_600_800_000 / 3_600_000 * 3_600_000;
-    let now = (hour_ms + 3_000_000) * 1000;
+    let now = (hour_ms + 3_700_000) * 1000;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -34,7 +34,7 @@ fn record(n: usize) -> Vec<u8> {
 }
 
 fn bench(c: &mut Criterion) {
-    let now = parse_ts("2026-11-24T12:00:00Z").unwrap();
+    let now = parse_ts("2026-12-01T00:00:00Z").unwrap();
     let plain = record(100);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&plain).unwrap();

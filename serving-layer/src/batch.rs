@@ -1,16 +1,23 @@
-//! The batch view: `metrics_hourly` and `metrics_daily` read through DataFusion.
+//! The batch view: `metrics_hourly` and `metrics_daily`, read by point lookups
+//! (DataFusion for tables they cannot read).
 //!
 //! Opening a Delta table (listing its log, replaying actions) costs far more than
-//! answering one merchant's query, so the tables, their table providers, the
-//! session and the watermark are kept in a [`BatchSnapshot`] and replaced as a
-//! whole when either table's version changes (checked every couple of seconds by a
-//! background task). A request takes the current snapshot and runs one pruned
-//! query: `merchant_id = m` (row-group statistics; files are sorted by merchant),
-//! a range on `hour`/`day`, and the matching `date`/`month` partitions. Parquet
-//! footers stay cached in the one DataFusion runtime shared by every snapshot.
-//! Queries are built with the DataFrame API, so no SQL text ever holds request input.
+//! answering one merchant's query, so the tables, their file lists, the session
+//! and the watermark are kept in a [`BatchSnapshot`] and replaced as a whole when
+//! either table's version changes (checked every couple of seconds by a background
+//! task). A request takes the current snapshot and reads `merchant_id = m` over a
+//! range of `hour`/`day` in the matching `date`/`month` partitions.
+//!
+//! The read is a point lookup ([`crate::lookup`]): the partitions' files, their
+//! row groups and pages pruned by `merchant_id` statistics and the page index
+//! (files are sorted by merchant), footers cached per file. Planning a DataFusion
+//! query per request cost more than the read itself; DataFusion still reads any
+//! table the point lookup cannot (deletion vectors, column mapping), with the same
+//! pruning, its queries built with the DataFrame API so no SQL text ever holds
+//! request input.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -26,21 +33,35 @@ use deltalake::datafusion::scalar::ScalarValue;
 use deltalake::delta_datafusion::DeltaSessionConfig;
 use deltalake::kernel::Version;
 use deltalake::DeltaTable;
+use futures::StreamExt as _;
 use tally_common::bucket::{date_string, month_string};
 use tally_common::lake::{register, Lake, Table};
 use tally_common::metrics::{counter_defs, MetricValues};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Error, Result};
 
+use crate::lookup::FileIndex;
+
 /// How long one refresh may take before it counts as a failure (a hung S3 call
 /// must not leave the view looking healthy).
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Footers of new files loaded at once after a refresh.
+const WARM_CONCURRENCY: usize = 8;
+/// At most this many new files (the newest partitions) are warmed after a refresh,
+/// for at most [`WARM_TIMEOUT`]: warming is a courtesy to the next requests, and a
+/// reprocessed month must not hold the refresh up.
+const WARM_FILES: usize = 48;
+const WARM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One consistent view of the batch tables: what a request reads from.
 pub struct BatchSnapshot {
     ctx: SessionContext,
     hourly: Option<DeltaTable>,
     daily: Option<DeltaTable>,
+    /// The tables' files for point lookups (None: read with DataFusion).
+    hourly_files: Option<FileIndex>,
+    daily_files: Option<FileIndex>,
+    point_lookups: Arc<AtomicBool>,
     watermark: Option<i64>,
 }
 
@@ -68,15 +89,13 @@ impl BatchSnapshot {
         if self.hourly.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        let partitions = col("date")
-            .gt_eq(lit(date_string(start)))
-            .and(col("date").lt_eq(lit(date_string(end - 1))));
+        let partitions = (date_string(start), date_string(end - 1));
         self.read(
             Table::MetricsHourly,
-            "hour",
             merchant,
             start,
             end,
+            "date",
             partitions,
         )
         .await
@@ -92,14 +111,53 @@ impl BatchSnapshot {
         if self.daily.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        let partitions = col("month")
-            .gt_eq(lit(month_string(start)))
-            .and(col("month").lt_eq(lit(month_string(end - 1))));
-        self.read(Table::MetricsDaily, "day", merchant, start, end, partitions)
+        let partitions = (month_string(start), month_string(end - 1));
+        self.read(
+            Table::MetricsDaily,
+            merchant,
+            start,
+            end,
+            "month",
+            partitions,
+        )
+        .await
+    }
+
+    /// `merchant`'s rows of `table` with `start <= time < end` in the partitions
+    /// `partitions.0 ..= partitions.1` of `partition_col`: a point lookup when the
+    /// table allows it, else a DataFusion query.
+    async fn read(
+        &self,
+        table: Table,
+        merchant: &str,
+        start: i64,
+        end: i64,
+        partition_col: &str,
+        partitions: (String, String),
+    ) -> Result<HashMap<i64, MetricValues>> {
+        let (files, time_col) = match table {
+            Table::MetricsDaily => (&self.daily_files, "day"),
+            _ => (&self.hourly_files, "hour"),
+        };
+        if self.point_lookups.load(Ordering::Relaxed) {
+            if let Some(files) = files {
+                let found = files
+                    .lookup(merchant, start, end, &partitions.0, &partitions.1)
+                    .await?;
+                if let Some(rows) = found {
+                    return Ok(rows);
+                }
+            }
+        }
+        let partitions = col(partition_col)
+            .gt_eq(lit(partitions.0))
+            .and(col(partition_col).lt_eq(lit(partitions.1)));
+        self.query(table, time_col, merchant, start, end, partitions)
             .await
     }
 
-    async fn read(
+    /// The same read as a DataFusion query.
+    async fn query(
         &self,
         table: Table,
         time_col: &str,
@@ -180,6 +238,7 @@ fn rows_into(
 pub struct BatchView {
     lake: Lake,
     runtime: Arc<RuntimeEnv>,
+    point_lookups: Arc<AtomicBool>,
     current: RwLock<Option<Arc<BatchSnapshot>>>,
     last_error: RwLock<Option<String>>,
     refreshing: tokio::sync::Mutex<()>,
@@ -196,6 +255,7 @@ impl BatchView {
         let view = Arc::new(BatchView {
             lake,
             runtime,
+            point_lookups: Arc::new(AtomicBool::new(true)),
             current: RwLock::new(None),
             last_error: RwLock::new(None),
             refreshing: tokio::sync::Mutex::new(()),
@@ -221,6 +281,12 @@ impl BatchView {
                 }
             }
         });
+    }
+
+    /// Read with point lookups where the tables allow (the default), or always with
+    /// DataFusion queries (to compare the two).
+    pub fn set_point_lookups(&self, on: bool) {
+        self.point_lookups.store(on, Ordering::Relaxed);
     }
 
     /// The current snapshot; None until the lake was read once.
@@ -279,10 +345,48 @@ impl BatchView {
         if let Some(t) = &daily {
             register(&ctx, Table::MetricsDaily.name(), t).await?;
         }
+        let hourly_files = self.file_index(
+            Table::MetricsHourly,
+            hourly.as_ref(),
+            current.as_ref().and_then(|s| s.hourly_files.as_ref()),
+        )?;
+        let daily_files = self.file_index(
+            Table::MetricsDaily,
+            daily.as_ref(),
+            current.as_ref().and_then(|s| s.daily_files.as_ref()),
+        )?;
+        // the files a batch run just added, warmed before requests see them
+        if let Some(current) = &current {
+            let mut new = Vec::new();
+            for (index, previous, time_col) in [
+                (&hourly_files, &current.hourly_files, "hour"),
+                (&daily_files, &current.daily_files, "day"),
+            ] {
+                if let (Some(index), Some(previous)) = (index, previous) {
+                    new.extend(index.new_files(previous).into_iter().map(|f| (f, time_col)));
+                }
+            }
+            // each table's new files come in partition order, so the cap drops the oldest
+            let skip = new.len().saturating_sub(WARM_FILES);
+            let warm = futures::stream::iter(new.into_iter().skip(skip)).for_each_concurrent(
+                WARM_CONCURRENCY,
+                |(file, time_col)| async move {
+                    if let Err(e) = file.warm(time_col).await {
+                        tracing::warn!(error = %e, "loading a new file's footer failed");
+                    }
+                },
+            );
+            if tokio::time::timeout(WARM_TIMEOUT, warm).await.is_err() {
+                tracing::warn!("warming new files' footers took over {WARM_TIMEOUT:?}; the rest load on first use");
+            }
+        }
         let snapshot = BatchSnapshot {
             ctx,
             hourly,
             daily,
+            hourly_files,
+            daily_files,
+            point_lookups: self.point_lookups.clone(),
             watermark,
         };
         tracing::info!(versions = ?snapshot.versions(), watermark = ?watermark.map(tally_common::bucket::format_ts),
@@ -291,6 +395,29 @@ impl BatchView {
             *c = Some(Arc::new(snapshot));
         }
         Ok(true)
+    }
+
+    /// The point-lookup index of `table`, reusing `previous`'s entries (and so
+    /// their cached footers) for files still present.
+    fn file_index(
+        &self,
+        table: Table,
+        loaded: Option<&DeltaTable>,
+        previous: Option<&FileIndex>,
+    ) -> Result<Option<FileIndex>> {
+        let Some(loaded) = loaded else {
+            return Ok(None);
+        };
+        let (time_col, partition_col) = match table {
+            Table::MetricsDaily => ("day", "month"),
+            _ => ("hour", "date"),
+        };
+        let local_root = if self.lake.is_local() {
+            self.lake.table_url(table).to_file_path().ok()
+        } else {
+            None
+        };
+        FileIndex::build(loaded, time_col, partition_col, local_root, previous)
     }
 
     /// `table` at its newest version, and whether that differs from `current`.

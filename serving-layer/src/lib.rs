@@ -10,6 +10,7 @@ pub mod auth;
 pub mod batch;
 pub mod error;
 mod http;
+mod lookup;
 pub mod merge;
 pub mod openapi;
 pub mod speed;

@@ -20,6 +20,7 @@ use deltalake::arrow::array::{
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
+use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -307,6 +308,16 @@ fn metrics_batch(table: Table, rows: &[Row]) -> RecordBatch {
 }
 
 async fn write_rows(lake: &Lake, table: Table, rows: &[Row], watermark: Option<i64>) {
+    write_rows_with(lake, table, rows, watermark, WriterProperties::default()).await;
+}
+
+async fn write_rows_with(
+    lake: &Lake,
+    table: Table,
+    rows: &[Row],
+    watermark: Option<i64>,
+    writer: WriterProperties,
+) {
     let t = lake.open_or_create(table).await.unwrap();
     let mut props = CommitProperties::default();
     if let Some(w) = watermark {
@@ -318,6 +329,7 @@ async fn write_rows(lake: &Lake, table: Table, rows: &[Row], watermark: Option<i
     t.write(vec![metrics_batch(table, rows)])
         .with_save_mode(SaveMode::Append)
         .with_partition_columns(table.partition_columns().iter().copied())
+        .with_writer_properties(writer)
         .with_commit_properties(props)
         .await
         .unwrap();
@@ -810,6 +822,139 @@ async fn the_batch_view_follows_new_table_versions() {
     assert_eq!(b["buckets"][1]["source"], "batch");
     assert_eq!(b["buckets"][1]["orders"], 9);
     assert_eq!(b["buckets"][2]["source"], "speed");
+}
+
+/// Point lookups (row groups, pages and files pruned by the page index) give the
+/// same rows as a DataFusion query and as the rows written: over tiny row groups
+/// and pages, several files per partition, merchants absent from a file, ranges
+/// that start and end inside days, and again after a new version adds files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_lookups_equal_datafusion_and_the_rows_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().to_str().unwrap(), None, None).unwrap();
+    let d = tally_common::bucket::parse_ts("2026-11-20T00:00:00Z").unwrap();
+    let small = || {
+        WriterProperties::builder()
+            .set_max_row_group_row_count(Some(300))
+            .set_data_page_row_count_limit(16)
+            .set_write_batch_size(16)
+            .build()
+    };
+    // every third merchant skips odd hours, so some pages hold a merchant's gap
+    let value = |m: usize, t: i64| (m as i64 * 1000 + t / MICROS_PER_HOUR % 10_000) % 9973;
+    let hour_rows = |hours: std::ops::Range<i64>| -> Vec<Row> {
+        let mut rows = Vec::new();
+        for m in 0..120usize {
+            for h in hours.clone() {
+                let t = d + h * MICROS_PER_HOUR;
+                if m.is_multiple_of(3) && h % 2 == 1 {
+                    continue;
+                }
+                let v = value(m, t);
+                rows.push(Row {
+                    merchant: format!("m{m}"),
+                    start: t,
+                    counters: [v, v * 3, v % 7, v % 11, v + 1],
+                    unique: v / 2,
+                });
+            }
+        }
+        rows
+    };
+    // day 0 in one file, day 1 in two (an hourly run after a daily one), day 2 partly
+    for (hours, w) in [(0..24, 24), (24..36, 36), (36..48, 48), (48..60, 60)] {
+        let rows = hour_rows(hours);
+        write_rows_with(
+            &lake,
+            Table::MetricsHourly,
+            &rows,
+            Some(d + w * MICROS_PER_HOUR),
+            small(),
+        )
+        .await;
+    }
+    let day_rows: Vec<Row> = (0..2)
+        .flat_map(|day| {
+            (0..120).map(move |m| Row {
+                merchant: format!("m{m}"),
+                start: d + day * MICROS_PER_DAY,
+                counters: [m as i64 + day; 5],
+                unique: m as i64,
+            })
+        })
+        .collect();
+    write_rows_with(&lake, Table::MetricsDaily, &day_rows, None, small()).await;
+
+    let (state, _) = fake_state(dir.path(), Auth::hs256(SECRET)).await;
+    let check = |state: AppState, hours: i64| async move {
+        let snap = state.batch().snapshot().unwrap();
+        let ranges = [
+            (0, hours),
+            (5, 29),
+            (23, 25),
+            (30, 31),
+            (40, hours),
+            (hours, hours + 5),
+        ];
+        for m in [
+            "m0", "m1", "m9", "m10", "m42", "m99", "m119", "m2x", "a", "z",
+        ] {
+            for (a, b) in ranges {
+                let (a, b) = (d + a * MICROS_PER_HOUR, d + b * MICROS_PER_HOUR);
+                state.batch().set_point_lookups(true);
+                let fast = snap.hourly(m, a, b).await.unwrap();
+                state.batch().set_point_lookups(false);
+                let slow = snap.hourly(m, a, b).await.unwrap();
+                assert_eq!(fast, slow, "{m} {}..{}", format_ts(a), format_ts(b));
+                let n: usize = m
+                    .strip_prefix('m')
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(usize::MAX);
+                let mut t = a;
+                while t < b.min(d + hours * MICROS_PER_HOUR) {
+                    let h = (t - d) / MICROS_PER_HOUR;
+                    let present = n < 120 && !(n.is_multiple_of(3) && h % 2 == 1);
+                    assert_eq!(fast.contains_key(&t), present, "{m} at {}", format_ts(t));
+                    if present {
+                        assert_eq!(
+                            fast[&t].counters.values[0],
+                            value(n, t),
+                            "{m} at {}",
+                            format_ts(t)
+                        );
+                    }
+                    t += MICROS_PER_HOUR;
+                }
+            }
+            state.batch().set_point_lookups(true);
+            let fast = snap.daily(m, d, d + 3 * MICROS_PER_DAY).await.unwrap();
+            state.batch().set_point_lookups(false);
+            let slow = snap.daily(m, d, d + 3 * MICROS_PER_DAY).await.unwrap();
+            assert_eq!(fast, slow, "{m} by day");
+            assert_eq!(
+                fast.len(),
+                if m.len() <= 4 && m != "m2x" && m.starts_with('m') {
+                    2
+                } else {
+                    0
+                },
+                "{m}"
+            );
+        }
+        state.batch().set_point_lookups(true);
+    };
+    check(state.clone(), 60).await;
+    // a new version: the rest of day 2 in a new file, footers of the old ones kept
+    write_rows_with(
+        &lake,
+        Table::MetricsHourly,
+        &hour_rows(60..72),
+        Some(d + 72 * MICROS_PER_HOUR),
+        small(),
+    )
+    .await;
+    assert!(state.refresh_batch().await.unwrap());
+    check(state.clone(), 72).await;
 }
 
 /// A failed read of the lake is a 503 with a plain message, never the cause.

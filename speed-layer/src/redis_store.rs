@@ -1,12 +1,12 @@
 //! The Redis speed store.
 //!
-//! Per merchant-hour three keys share the hash tag `{merchant_id}`, so every
+//! Per merchant-hour two keys share the hash tag `{merchant_id}`, so every
 //! command and script touches one cluster slot and the layout runs unchanged on
 //! Redis Cluster:
 //!
-//! - `tally:{m}:H:c`: hash of counter sums (`orders`, `gross_sales`, ...),
+//! - `tally:{m}:H:c`: hash of counter sums (`orders`, `gross_sales`, ...) and
+//!   of marks (`~mark:SOURCE` -> highest applied position of that source),
 //! - `tally:{m}:H:u`: HyperLogLog of customer ids,
-//! - `tally:{m}:H:k`: hash of marks, source id -> highest applied position,
 //!
 //! where `H` is hours since the epoch. One Lua script per merchant-hour compares
 //! the update's position with the source's mark and, only when it is beyond,
@@ -27,40 +27,39 @@ use crate::aggregate::{HourUpdate, SpeedBatch};
 use crate::store::{ApplyReport, SpeedReading, SpeedStore};
 
 /// Check the source's mark, apply the increments and customers, advance the mark.
-/// KEYS: counters, hll, marks.
-/// ARGV: source, last position, first position, ttl, n, n*(field, delta), customers...
+/// KEYS: counters hash (which also holds the marks, as fields `~mark:SOURCE`), hll.
+/// ARGV: mark field, last position, first position, ttl, n, n*(field, delta), customers...
 /// Returns 1 (applied), 0 (all of it applied before) or the mark itself when the
 /// mark falls inside the update's records (a redelivery cut differently after a
-/// crash): the caller then re-sends only the records beyond the mark.
+/// crash): the caller then re-sends only the records beyond the mark. TTLs are
+/// set when a merchant-hour is first written (later updates find a mark).
 const APPLY_LUA: &str = r#"
 local function ge(a, b) return #a > #b or (#a == #b and a >= b) end
-local mark = redis.call('HGET', KEYS[3], ARGV[1])
+local mark = redis.call('HGET', KEYS[1], ARGV[1])
 local p = ARGV[2]
 if mark then
   if ge(mark, p) then return 0 end
   if ge(mark, ARGV[3]) then return mark end
 end
-local ttl = ARGV[4]
 local n = tonumber(ARGV[5])
 for i = 0, n - 1 do
   redis.call('HINCRBY', KEYS[1], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
 end
-if n > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 local first = 6 + 2 * n
 if #ARGV >= first then
-  local chunk = {}
-  for i = first, #ARGV do
-    chunk[#chunk + 1] = ARGV[i]
-    if #chunk == 500 then
-      redis.call('PFADD', KEYS[2], unpack(chunk))
-      chunk = {}
+  if #ARGV - first < 500 then
+    redis.call('PFADD', KEYS[2], unpack(ARGV, first))
+  else
+    for i = first, #ARGV, 500 do
+      redis.call('PFADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
     end
   end
-  if #chunk > 0 then redis.call('PFADD', KEYS[2], unpack(chunk)) end
-  redis.call('EXPIRE', KEYS[2], ttl)
 end
-redis.call('HSET', KEYS[3], ARGV[1], p)
-redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('HSET', KEYS[1], ARGV[1], p)
+if not mark then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  if #ARGV >= first then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+end
 return 1
 "#;
 
@@ -158,11 +157,10 @@ fn add_update(pipe: &mut Pipeline, sha: &str, source: &str, ttl: u64, u: &HourUp
     let cmd = pipe
         .cmd("EVALSHA")
         .arg(sha)
-        .arg(3)
+        .arg(2)
         .arg(format!("{k}:c"))
         .arg(format!("{k}:u"))
-        .arg(format!("{k}:k"))
-        .arg(source)
+        .arg(format!("~mark:{source}"))
         .arg(u.position.as_str())
         .arg(u.first_position.as_str())
         .arg(ttl)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Reproduce every row of BENCHMARKS.md: each benchmark runs alone (the machine's
+# two cores are shared by client and server), in release mode, with its
+# reference in the same run. Usage: scripts/bench.sh [decode|speed|archive|batch|serve]...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally/target-release}"
+export TALLY_VENV="${TALLY_VENV:-$HOME/.cache/tally/venv}"
+export PATH="$TALLY_VENV/bin:$PATH"
+bash scripts/install-services.sh >/dev/null
+
+run() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; shift; "$@"; }
+want=("${@:-decode speed archive batch serve}")
+for b in ${want[*]}; do
+  case "$b" in
+    decode)  run "decode (criterion)" cargo bench -p tally-common --bench decode -- --noplot ;;
+    speed)   run "speed layer vs naive" cargo bench -p tally-speed-layer --bench speed ;;
+    archive) run "archiver" cargo bench -p tally-batch-layer --bench archive ;;
+    batch)   run "batch layer vs DuckDB" cargo bench -p tally-batch-layer --bench batch ;;
+    serve)   run "serving layer under wrk" cargo bench -p tally-serving-layer --bench serve ;;
+    *) echo "unknown benchmark $b" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,857 @@
+//! The serving layer under load: a lake with 100,000 merchants x 30 days of hours
+//! (72 million `metrics_hourly` rows and the matching `metrics_daily`), the
+//! watermark at the start of the current hour, the current hour live in a real
+//! Redis fed through the speed layer, and the API served in process on loopback
+//! while `wrk` asks for 24-hour hourly ranges (23 batch buckets + the speed
+//! bucket) of random merchants. Prints requests/s, latency percentiles, the
+//! latency histogram and the CPU seconds of the server, Redis and wrk, which all
+//! share the machine's cores.
+//!
+//! Run: `cargo bench -p tally-serving-layer --bench serve` (needs redis-server and
+//! wrk: scripts/install-services.sh). The lake is generated once into
+//! `BENCH_LAKE_DIR` (default /tmp/tally-serve-bench-lake) and reused, topped up
+//! to the current hour. Knobs: BENCH_MERCHANTS, BENCH_DAYS, BENCH_SECS (measured
+//! run, default 30), BENCH_THREADS / BENCH_CONNECTIONS (wrk's -t / -c, default 2 /
+//! 32), BENCH_SERVER_THREADS (default 2), BENCH_LAYOUT (`lookup`, the default: the
+//! metric-table layout recommended for point lookups; `batch`: the batch layer's
+//! current writer properties), BENCH_READ (`lookup`, default, or `datafusion`).
+
+use std::collections::HashMap;
+use std::f64::consts::TAU;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::{
+    ArrayRef, Int32Array, Int64Array, StringArray, StringBuilder, TimestampMicrosecondArray,
+};
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::Transaction;
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::SaveMode;
+use jsonwebtoken::{encode, EncodingKey, Header};
+use tally_common::bucket::{
+    date_string, day_floor, format_ts, hour_floor, month_string, now_micros, MICROS_PER_DAY,
+    MICROS_PER_HOUR,
+};
+use tally_common::lake::{Lake, Table};
+use tally_common::metrics::{MetricValues, SpeedReading};
+use tally_common::shutdown;
+use tally_common::source::{Position, SourceId};
+use tally_common::watermark::{read_progress, WATERMARK_APP};
+use tally_serving_layer::{serve_listener, AppState, Auth, ServeOptions, SpeedSource};
+use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
+use tally_testkit::{cpu_secs, free_port, RedisServer};
+
+const SECRET: &str = "serve-bench-secret";
+/// Bumped when the generated data or its layout changes, so a cached lake is remade.
+const LAKE_FORMAT: u32 = 1;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+// ------------------------------------------------------------- the data
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Page views per hour at a merchant's daily peak: Zipf-like, ~600 for m_0, under 1 in the tail.
+fn merchant_size(m: u32) -> f64 {
+    600.0 / (1.0 + f64::from(m)).powf(0.7)
+}
+
+/// The stored metrics of merchant `m` in hour `h` (hours since the epoch):
+/// orders, gross_sales, refunds, refunded_amount, page_views, unique_customers.
+/// Deterministic, so a cached lake, a topped-up one and the checks below agree.
+fn hour_values(m: u32, h: i64) -> [i64; 6] {
+    let r = mix((u64::from(m) << 32) ^ h as u64);
+    let hod = h.rem_euclid(24) as f64;
+    let diurnal = 0.3 + 0.7 * (0.5 - 0.5 * ((hod - 3.0) / 24.0 * TAU).cos());
+    let pv = (merchant_size(m) * diurnal * (0.6 + 0.8 * unit(r)) + unit(mix(r))).floor() as i64;
+    let conv = 0.01 + 0.04 * unit(mix(u64::from(m) ^ 0xC0FFEE));
+    let aov = 1500.0 + 7500.0 * unit(mix(u64::from(m) ^ 0xA0A0));
+    let orders = (pv as f64 * conv + unit(mix(r ^ 1))).floor() as i64;
+    let gross = (orders as f64 * aov * (0.8 + 0.4 * unit(mix(r ^ 2)))) as i64;
+    let refunds = (orders as f64 * 0.04 + 0.6 * unit(mix(r ^ 3))).floor() as i64;
+    let refunded = (refunds as f64 * aov) as i64;
+    let unique =
+        ((pv as f64 * 0.65 + orders as f64 * 0.5).ceil() as i64).min(pv + orders + refunds);
+    [orders, gross, refunds, refunded, pv, unique]
+}
+
+/// Merchant numbers in the order the batch layer's files hold them (by `merchant_id`).
+fn merchants_by_id(n: u32) -> Vec<(String, u32)> {
+    let mut v: Vec<(String, u32)> = (0..n).map(|m| (format!("m_{m}"), m)).collect();
+    v.sort();
+    v
+}
+
+/// Column builders of one metric table's rows.
+struct Rows {
+    merchant: StringBuilder,
+    time: Vec<i64>,
+    metrics: [Vec<i64>; 6],
+}
+
+impl Rows {
+    fn with_capacity(n: usize) -> Self {
+        Rows {
+            merchant: StringBuilder::with_capacity(n, n * 8),
+            time: Vec::with_capacity(n),
+            metrics: std::array::from_fn(|_| Vec::with_capacity(n)),
+        }
+    }
+
+    fn push(&mut self, merchant: &str, time: i64, v: [i64; 6]) {
+        self.merchant.append_value(merchant);
+        self.time.push(time);
+        for (c, x) in self.metrics.iter_mut().zip(v) {
+            c.push(x);
+        }
+    }
+
+    fn finish(mut self, table: Table, partition: &str, computed_at: i64) -> RecordBatch {
+        let n = self.time.len();
+        let ts = |v: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+        };
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(self.merchant.finish()), ts(self.time)];
+        for c in self.metrics {
+            cols.push(Arc::new(Int64Array::from(c)));
+        }
+        cols.push(ts(vec![computed_at; n]));
+        cols.push(Arc::new(Int32Array::from(vec![1; n])));
+        cols.push(Arc::new(StringArray::from(vec![partition; n])));
+        RecordBatch::try_new(table.schema(), cols).expect("metric rows match the table schema")
+    }
+}
+
+/// The rows of day `day` (epoch µs): `metrics_hourly` for its hours in `hours`,
+/// and `metrics_daily` when `daily` (sorted by merchant, as the batch layer writes).
+fn day_rows(
+    merchants: &[(String, u32)],
+    day: i64,
+    hours: std::ops::Range<i64>,
+    daily: bool,
+    computed_at: i64,
+) -> (Option<RecordBatch>, Option<RecordBatch>) {
+    let first = hours.start.max(day);
+    let last = hours.end.min(day + MICROS_PER_DAY);
+    let n_hours = usize::try_from((last - first).max(0) / MICROS_PER_HOUR).unwrap_or(0);
+    let mut hourly = Rows::with_capacity(merchants.len() * n_hours);
+    let mut days = Rows::with_capacity(if daily { merchants.len() } else { 0 });
+    for (name, m) in merchants {
+        let mut total = [0i64; 6];
+        for i in 0..24 {
+            let t = day + i * MICROS_PER_HOUR;
+            let v = hour_values(*m, t / MICROS_PER_HOUR);
+            if t >= first && t < last {
+                hourly.push(name, t, v);
+            }
+            for (s, x) in total.iter_mut().zip(v) {
+                *s += x;
+            }
+        }
+        if daily {
+            // returning customers: a day's distinct customers are fewer than the hours' sum
+            total[5] = total[5] * 85 / 100;
+            days.push(name, day, total);
+        }
+    }
+    let hourly =
+        (n_hours > 0).then(|| hourly.finish(Table::MetricsHourly, &date_string(day), computed_at));
+    let daily = daily.then(|| days.finish(Table::MetricsDaily, &month_string(day), computed_at));
+    (hourly, daily)
+}
+
+/// Writer properties of the generated lake.
+fn writer_properties(layout: &str) -> WriterProperties {
+    match layout {
+        "batch" => tally_batch_layer::archive::writer_properties(),
+        // The layout recommended for the metric tables: pages of 1,024 rows (a
+        // merchant's day is 24 rows, so a lookup decodes a page or two per column
+        // instead of 20,000-row pages), and no dictionaries (a dictionary page is
+        // read whole before any page of its column chunk; for gross_sales it is up
+        // to 1 MiB per row group). The page index (column + offset index) is on by default.
+        _ => WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+            .set_max_row_group_row_count(Some(128 * 1024))
+            .set_data_page_row_count_limit(1024)
+            .set_dictionary_enabled(false)
+            .build(),
+    }
+}
+
+async fn write_rows(
+    lake: &Lake,
+    table: Table,
+    rows: RecordBatch,
+    props: WriterProperties,
+    watermark_hours: Option<i64>,
+) {
+    let t = lake
+        .open_or_create(table)
+        .await
+        .expect("creating the table");
+    let mut commit = CommitProperties::default();
+    if let Some(w) = watermark_hours {
+        commit = commit.with_application_transactions(vec![Transaction::new(WATERMARK_APP, w)]);
+    }
+    t.write(vec![rows])
+        .with_save_mode(SaveMode::Append)
+        .with_partition_columns(table.partition_columns().iter().copied())
+        .with_writer_properties(props)
+        .with_commit_properties(commit)
+        .await
+        .expect("writing metric rows");
+}
+
+/// Write the hours `[from, to)` into `metrics_hourly` (one file per date, the last
+/// commit moving the watermark to `to`) and the days that complete within `(from, to]`
+/// into `metrics_daily` (one file per day).
+async fn extend_lake(
+    lake: &Lake,
+    merchants: &Arc<Vec<(String, u32)>>,
+    from: i64,
+    to: i64,
+    layout: &str,
+) {
+    let computed_at = now_micros();
+    let mut day = day_floor(from);
+    while day < to {
+        let daily = day + MICROS_PER_DAY <= to && day + MICROS_PER_DAY > from;
+        let t = Instant::now();
+        let m = Arc::clone(merchants);
+        let (hourly_rows, daily_rows) =
+            tokio::task::spawn_blocking(move || day_rows(&m, day, from..to, daily, computed_at))
+                .await
+                .expect("generating rows");
+        let is_last = day + MICROS_PER_DAY >= to;
+        let mut rows = 0;
+        if let Some(h) = hourly_rows {
+            rows = h.num_rows();
+            let w = is_last.then_some(to / MICROS_PER_HOUR);
+            write_rows(lake, Table::MetricsHourly, h, writer_properties(layout), w).await;
+        }
+        if let Some(d) = daily_rows {
+            write_rows(
+                lake,
+                Table::MetricsDaily,
+                d,
+                writer_properties(layout),
+                None,
+            )
+            .await;
+        }
+        println!(
+            "  {}: {rows} hourly rows{} in {:.1}s",
+            date_string(day),
+            if daily { " + daily rows" } else { "" },
+            t.elapsed().as_secs_f64()
+        );
+        day += MICROS_PER_DAY;
+    }
+}
+
+/// The cached lake, made or topped up so its watermark is `w`.
+async fn prepare_lake(
+    dir: &Path,
+    merchants: &Arc<Vec<(String, u32)>>,
+    days: i64,
+    w: i64,
+    layout: &str,
+) -> Lake {
+    let marker = dir.join("bench-lake.txt");
+    let want = format!(
+        "format={LAKE_FORMAT} layout={layout} merchants={} days={days}\n",
+        merchants.len()
+    );
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
+        let lake =
+            Lake::new(dir.join("lake").to_str().expect("utf-8 path"), None, None).expect("lake");
+        let hourly = lake
+            .open(Table::MetricsHourly)
+            .await
+            .expect("opening metrics_hourly");
+        let watermark = match &hourly {
+            Some(t) => {
+                read_progress(t)
+                    .await
+                    .expect("reading the watermark")
+                    .watermark
+            }
+            None => None,
+        };
+        match watermark {
+            Some(old) if old == w => {
+                println!(
+                    "reusing the lake in {} (watermark {})",
+                    dir.display(),
+                    format_ts(w)
+                );
+                return lake;
+            }
+            Some(old) if old < w && w - old <= days * MICROS_PER_DAY => {
+                println!(
+                    "topping up the lake in {} from {} to {}",
+                    dir.display(),
+                    format_ts(old),
+                    format_ts(w)
+                );
+                extend_lake(&lake, merchants, old, w, layout).await;
+                return lake;
+            }
+            _ => {}
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).expect("removing the old bench lake");
+    }
+    std::fs::create_dir_all(dir).expect("creating the bench lake directory");
+    let lake = Lake::new(dir.join("lake").to_str().expect("utf-8 path"), None, None).expect("lake");
+    println!(
+        "generating the lake in {}: {} merchants x {days} days of hours, layout {layout} (once; reused later)",
+        dir.display(),
+        merchants.len()
+    );
+    let t = Instant::now();
+    extend_lake(&lake, merchants, w - days * MICROS_PER_DAY, w, layout).await;
+    std::fs::write(&marker, want).expect("writing the lake marker");
+    println!("lake generated in {:.0}s", t.elapsed().as_secs_f64());
+    lake
+}
+
+fn dir_stats(dir: &Path) -> (u64, u64) {
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                files += 1;
+                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    (files, bytes)
+}
+
+// ------------------------------------------------------- the speed view
+
+/// The Redis store behind the serving layer's trait, as `tally serve` wires it.
+struct RedisSpeed(RedisStore);
+
+impl SpeedSource for RedisSpeed {
+    async fn read(
+        &self,
+        merchant: &str,
+        hours: &[i64],
+        unions: &[Vec<usize>],
+    ) -> tally_common::Result<SpeedReading> {
+        SpeedStore::read(&self.0, merchant, hours, unions).await
+    }
+
+    async fn ping(&self) -> tally_common::Result<()> {
+        SpeedStore::ping(&self.0).await
+    }
+}
+
+/// Events of the current hour (from `w` to now) for every merchant, through the
+/// speed layer's own path into Redis. Returns the number of events.
+async fn feed_current_hour(store: &RedisStore, merchants: u32, w: i64) -> usize {
+    let now_ms = now_micros() / 1000;
+    let w_ms = w / 1000;
+    let span = (now_ms - w_ms).max(1) as u64;
+    let frac = ((now_ms - w_ms) as f64 / 3_600_000.0).clamp(0.05, 1.0);
+    let mut lines = Vec::new();
+    for m in 0..merchants {
+        let n = 1 + (merchant_size(m) * frac).min(20.0) as u64;
+        for i in 0..n {
+            let r = mix((u64::from(m) << 20) ^ i ^ 0x5EED);
+            let ts = w_ms + (r % span) as i64;
+            let line = if i % 4 == 1 {
+                format!(
+                    r#"{{"event_id":"bench-{w_ms}-{m}-{i}","merchant_id":"m_{m}","type":"order","ts":{ts},"amount":{},"customer_id":"c_{m}_{}"}}"#,
+                    1000 + r % 9000,
+                    i % 3
+                )
+            } else {
+                format!(
+                    r#"{{"event_id":"bench-{w_ms}-{m}-{i}","merchant_id":"m_{m}","type":"page_view","ts":{ts},"customer_id":"c_{m}_{}"}}"#,
+                    i % 3
+                )
+            };
+            lines.push(line);
+        }
+    }
+    let records: Vec<String> = lines.chunks(500).map(|c| c.join("\n")).collect();
+    let source = SourceId::file("serve-bench");
+    let mut pos = 0u64;
+    for chunk in records.chunks(100) {
+        let input: Vec<(Position, &[u8])> = chunk
+            .iter()
+            .map(|r| {
+                pos += 1;
+                (Position::from_u64(pos), r.as_bytes())
+            })
+            .collect();
+        apply_records(store, source.clone(), input, now_micros())
+            .await
+            .expect("feeding the speed view");
+    }
+    lines.len()
+}
+
+fn redis_cpu(port: u16) -> f64 {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "cpu"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(r.ru_utime) + tv(r.ru_stime)
+}
+
+// ------------------------------------------------------------- the load
+
+fn wrk_script(token: &str, merchants: u32, query: &str) -> String {
+    format!(
+        r#"-- 24-hour hourly ranges of random merchants (written by serving-layer/benches/serve.rs)
+wrk.headers["Authorization"] = "Bearer {token}"
+local query = "{query}"
+local threads = 0
+function setup(thread)
+  thread:set("seed", threads)
+  threads = threads + 1
+end
+function init(args)
+  math.randomseed(os.time() * 1000 + seed * 7919)
+end
+function request()
+  return wrk.format("GET", "/v1/merchants/m_" .. math.random(0, {max}) .. query)
+end
+function done(summary, latency, requests)
+  io.write(string.format("BENCH requests %d\n", summary.requests))
+  io.write(string.format("BENCH duration_us %d\n", summary.duration))
+  io.write(string.format("BENCH errors %d %d %d %d %d\n", summary.errors.connect,
+    summary.errors.read, summary.errors.write, summary.errors.status, summary.errors.timeout))
+  io.write(string.format("BENCH min %d\nBENCH max %d\nBENCH mean %f\nBENCH stdev %f\n",
+    latency.min, latency.max, latency.mean, latency.stdev))
+  for i = 1, 1000 do
+    io.write(string.format("BENCH q %d %d\n", i, latency:percentile(i / 10)))
+  end
+  for _, p in ipairs({{99.9, 99.99}}) do
+    io.write(string.format("BENCH p %s %d\n", p, latency:percentile(p)))
+  end
+end
+"#,
+        max = merchants - 1
+    )
+}
+
+struct WrkResult {
+    stdout: String,
+    requests: u64,
+    duration_s: f64,
+    errors: [u64; 5],
+    max_us: f64,
+    mean_us: f64,
+    /// Latency at 0.1%, 0.2%, ... 100% of requests, µs.
+    quantiles: Vec<f64>,
+    p999: f64,
+    p9999: f64,
+}
+
+impl WrkResult {
+    fn q(&self, pct: f64) -> f64 {
+        let i = ((pct * 10.0).round() as usize).clamp(1, 1000) - 1;
+        self.quantiles.get(i).copied().unwrap_or(0.0)
+    }
+}
+
+fn run_wrk(threads: u32, connections: u32, secs: u32, script: &Path, url: &str) -> WrkResult {
+    let out = Command::new("wrk")
+        .args([
+            format!("-t{threads}"),
+            format!("-c{connections}"),
+            format!("-d{secs}s"),
+            "--latency".into(),
+            "-s".into(),
+            script.display().to_string(),
+            url.into(),
+        ])
+        .output()
+        .expect("running wrk: install it with scripts/install-services.sh (apt-get install wrk)");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "wrk failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut r = WrkResult {
+        stdout: String::new(),
+        requests: 0,
+        duration_s: 0.0,
+        errors: [0; 5],
+        max_us: 0.0,
+        mean_us: 0.0,
+        quantiles: Vec::with_capacity(1000),
+        p999: 0.0,
+        p9999: 0.0,
+    };
+    for line in stdout.lines() {
+        let Some(rest) = line.strip_prefix("BENCH ") else {
+            r.stdout.push_str(line);
+            r.stdout.push('\n');
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        match f.first().copied() {
+            Some("requests") => r.requests = num(1) as u64,
+            Some("duration_us") => r.duration_s = num(1) / 1e6,
+            Some("errors") => {
+                for (i, e) in r.errors.iter_mut().enumerate() {
+                    *e = num(i + 1) as u64;
+                }
+            }
+            Some("max") => r.max_us = num(1),
+            Some("mean") => r.mean_us = num(1),
+            Some("q") => r.quantiles.push(num(2)),
+            Some("p") if f.get(1) == Some(&"99.9") => r.p999 = num(2),
+            Some("p") => r.p9999 = num(2),
+            _ => {}
+        }
+    }
+    r
+}
+
+/// A histogram of latencies from the 1,000 quantiles (0.1% resolution).
+fn histogram(r: &WrkResult) -> String {
+    let edges_ms = [
+        0.25,
+        0.5,
+        1.0,
+        2.0,
+        3.0,
+        5.0,
+        10.0,
+        15.0,
+        25.0,
+        50.0,
+        100.0,
+        f64::INFINITY,
+    ];
+    let mut out = String::new();
+    let mut lo = 0.0;
+    for hi in edges_ms {
+        let share = r
+            .quantiles
+            .iter()
+            .filter(|&&q| q / 1000.0 > lo && q / 1000.0 <= hi)
+            .count() as f64
+            / 10.0;
+        let label = if hi.is_finite() {
+            format!("{lo:>6} - {hi:<6} ms")
+        } else {
+            format!("{lo:>6} ms and up  ")
+        };
+        let bar = "#".repeat((share / 2.0).round() as usize);
+        let _ = writeln!(out, "  {label} | {share:5.1}% {bar}");
+        lo = hi;
+    }
+    out
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2} ms", us / 1000.0)
+}
+
+// ------------------------------------------------------------------ main
+
+fn main() {
+    let merchants: u32 = env_or("BENCH_MERCHANTS", 100_000);
+    let days: i64 = env_or("BENCH_DAYS", 30);
+    let secs: u32 = env_or("BENCH_SECS", 30);
+    let threads: u32 = env_or("BENCH_THREADS", 2);
+    let connections: u32 = env_or("BENCH_CONNECTIONS", 32);
+    let server_threads: usize = env_or("BENCH_SERVER_THREADS", 2);
+    let layout: String = env_or("BENCH_LAYOUT", "lookup".to_string());
+    let read_path: String = env_or("BENCH_READ", "lookup".to_string());
+    let lake_dir = PathBuf::from(env_or(
+        "BENCH_LAKE_DIR",
+        format!(
+            "/tmp/tally-serve-bench-lake{}",
+            if layout == "lookup" {
+                String::new()
+            } else {
+                format!("-{layout}")
+            }
+        ),
+    ));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // `tally serve` logs an access line per request; so does the bench (to /dev/null)
+    let sink = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("opening /dev/null");
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "info,deltalake=warn,datafusion=warn",
+        ))
+        .with_writer(std::sync::Mutex::new(sink))
+        .compact()
+        .init();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(server_threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+
+    let w = hour_floor(now_micros());
+    let from = w - 23 * MICROS_PER_HOUR;
+    let to = w + MICROS_PER_HOUR;
+    let by_id = Arc::new(merchants_by_id(merchants));
+
+    // 1. the lake and the live hour
+    let lake = rt.block_on(prepare_lake(&lake_dir, &by_id, days, w, &layout));
+    let (files, bytes) = dir_stats(&lake_dir.join("lake").join(Table::MetricsHourly.name()));
+    let redis = RedisServer::start();
+    let store = rt
+        .block_on(RedisStore::connect(&redis.url(), 2 * 3600))
+        .expect("connecting to Redis");
+    let t = Instant::now();
+    let events = rt.block_on(feed_current_hour(&store, merchants, w));
+    println!(
+        "speed view: {events} events of the current hour for {merchants} merchants fed through the speed layer into Redis in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // 2. the API on a free loopback port
+    let state = rt
+        .block_on(AppState::new(
+            lake,
+            Auth::hs256(SECRET),
+            RedisSpeed(store),
+            ServeOptions::default(),
+        ))
+        .expect("serving state");
+    let snapshot = state.batch().snapshot().expect("the batch view loaded");
+    assert_eq!(snapshot.watermark(), Some(w), "the lake's watermark");
+    let port = free_port();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .expect("binding the API's port");
+    let (trigger, signal) = shutdown::channel();
+    let server = rt.spawn(serve_listener(listener, state.clone(), signal));
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({"role": "admin", "exp": chrono::Utc::now().timestamp() + 24 * 3600}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("signing the admin token");
+    let query = format!(
+        "/metrics?from={}&to={}&granularity=hour",
+        format_ts(from),
+        format_ts(to)
+    );
+    let base = format!("http://127.0.0.1:{port}");
+
+    // 3. a sample answer is right: 23 batch buckets equal to the generated rows, then the live hour
+    let sample = 42.min(merchants - 1);
+    let body: serde_json::Value = rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .get(format!("{base}/v1/merchants/m_{sample}{query}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("the sample request");
+        assert_eq!(resp.status().as_u16(), 200, "sample status");
+        serde_json::from_str(&resp.text().await.expect("sample body")).expect("sample JSON")
+    });
+    let buckets = body["buckets"].as_array().expect("buckets");
+    assert_eq!(buckets.len(), 24, "{body}");
+    for (i, b) in buckets.iter().enumerate() {
+        let start = from + i as i64 * MICROS_PER_HOUR;
+        if i < 23 {
+            assert_eq!(b["source"], "batch", "{b}");
+            let v = hour_values(sample, start / MICROS_PER_HOUR);
+            for (name, want) in [
+                "orders",
+                "gross_sales",
+                "refunds",
+                "refunded_amount",
+                "page_views",
+                "unique_customers",
+            ]
+            .iter()
+            .zip(v)
+            {
+                assert_eq!(b[name], want, "{name} of bucket {i}: {b}");
+            }
+        } else {
+            assert_eq!(b["source"], "speed", "{b}");
+            let live = b["orders"].as_i64().unwrap_or(0) + b["page_views"].as_i64().unwrap_or(0);
+            assert!(live > 0, "the live hour is empty: {b}");
+        }
+    }
+    assert_eq!(body["partial"], false, "{body}");
+    println!("sample answer for m_{sample}: 200, 24 buckets (23 batch, equal to the generated rows; 1 speed)");
+
+    // the batch read alone, in process: point lookups against DataFusion, same answers
+    let (lookup_us, datafusion_us) = rt.block_on(async {
+        let snap = state.batch().snapshot().expect("snapshot");
+        let (a, b) = (w - 23 * MICROS_PER_HOUR, w);
+        let pick = |i: u64| format!("m_{}", mix(i ^ 0xBEEF) % u64::from(merchants));
+        let mut time = [0.0f64; 2];
+        for (k, on) in [(0, true), (1, false)] {
+            state.batch().set_point_lookups(on);
+            for i in 0..20 {
+                let _ = snap
+                    .hourly(&pick(5000 + i), a, b)
+                    .await
+                    .expect("batch read");
+            }
+            let t = Instant::now();
+            for i in 0..200 {
+                let _ = snap.hourly(&pick(i), a, b).await.expect("batch read");
+            }
+            time[k] = t.elapsed().as_secs_f64() * 1e6 / 200.0;
+        }
+        for i in 0..50 {
+            let m = pick(1000 + i);
+            state.batch().set_point_lookups(true);
+            let x: HashMap<i64, MetricValues> = snap.hourly(&m, a, b).await.expect("lookup");
+            state.batch().set_point_lookups(false);
+            let y = snap.hourly(&m, a, b).await.expect("datafusion");
+            assert_eq!(x, y, "point lookup and DataFusion disagree for {m}");
+            assert_eq!(x.len(), 23, "{m}");
+        }
+        state.batch().set_point_lookups(read_path != "datafusion");
+        (time[0], time[1])
+    });
+    println!(
+        "batch read alone (23 hours of one merchant, in process, one at a time): point lookup {lookup_us:.0} us, DataFusion query {datafusion_us:.0} us; equal answers for 50 merchants"
+    );
+
+    // 4. the load: a warm-up, then the measured run
+    let script_dir = tempfile::tempdir().expect("temp dir");
+    let script = script_dir.path().join("serve.lua");
+    std::fs::File::create(&script)
+        .and_then(|mut f| f.write_all(wrk_script(&token, merchants, &query).as_bytes()))
+        .expect("writing the wrk script");
+    let warm = run_wrk(threads, connections, 5, &script, &base);
+    assert!(
+        warm.requests > 0,
+        "warm-up made no requests: {}",
+        warm.stdout
+    );
+    assert_eq!(
+        warm.errors[3], 0,
+        "non-2xx answers in the warm-up: {}",
+        warm.stdout
+    );
+
+    let (cpu0, child0, redis0) = (cpu_secs(), children_cpu_secs(), redis_cpu(redis.port()));
+    let run = run_wrk(threads, connections, secs, &script, &base);
+    let (server_cpu, wrk_cpu, redis_cpu) = (
+        cpu_secs() - cpu0,
+        children_cpu_secs() - child0,
+        redis_cpu(redis.port()) - redis0,
+    );
+
+    rt.block_on(async {
+        trigger.fire();
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    });
+
+    // 5. the results
+    let rps = run.requests as f64 / run.duration_s.max(1e-9);
+    let (p50, p90, p99) = (run.q(50.0), run.q(90.0), run.q(99.0));
+    let errors: u64 = run.errors.iter().sum();
+    println!();
+    println!("wrk output:");
+    print!("{}", run.stdout);
+    println!();
+    println!(
+        "serving layer under load: {merchants} merchants x {days} days of hours in metrics_hourly ({files} files, {:.0} MiB, layout `{layout}`), read path `{read_path}`",
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "24-hour hourly ranges ending at the current hour (23 batch buckets + 1 speed bucket) of random merchants;"
+    );
+    println!(
+        "wrk -t{threads} -c{connections} -d{secs}s on loopback; server ({server_threads} worker threads), Redis and wrk share this machine's {cores} cores"
+    );
+    println!();
+    println!("| requests/s | p50 | p90 | p99 | p99.9 | max | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {rps:.0} | {} | {} | {} | {} | {} | {errors} |",
+        ms(p50),
+        ms(p90),
+        ms(p99),
+        ms(run.p999),
+        ms(run.max_us)
+    );
+    println!();
+    println!(
+        "latency histogram ({} requests in {:.1}s, mean {}):",
+        run.requests,
+        run.duration_s,
+        ms(run.mean_us)
+    );
+    print!("{}", histogram(&run));
+    println!();
+    let cap = run.duration_s * cores as f64;
+    println!(
+        "CPU seconds during the run ({:.0} available): server {server_cpu:.1} ({:.0} us/request), Redis {redis_cpu:.1} ({:.0} us/request), wrk {wrk_cpu:.1} ({:.0} us/request); idle {:.1}",
+        cap,
+        server_cpu * 1e6 / run.requests.max(1) as f64,
+        redis_cpu * 1e6 / run.requests.max(1) as f64,
+        wrk_cpu * 1e6 / run.requests.max(1) as f64,
+        (cap - server_cpu - redis_cpu - wrk_cpu).max(0.0)
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!(
+        "targets: p99 <= 25 ms: {} ({}); >= 3,000 requests/s: {} ({rps:.0})",
+        verdict(p99 <= 25_000.0),
+        ms(p99),
+        verdict(rps >= 3000.0)
+    );
+    drop(redis);
+}
