@@ -312,7 +312,8 @@ impl BatchRun {
                 // once a day closes: files replaced more than the retention ago go, and
                 // readers and time travel inside the window keep theirs
                 for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily] {
-                    let n = crate::compact::vacuum(&self.lake, t, crate::compact::VACUUM_RETENTION).await?;
+                    let n = crate::compact::vacuum(&self.lake, t, crate::compact::VACUUM_RETENTION)
+                        .await?;
                     tracing::info!(table = t.name(), files = n, "vacuumed");
                 }
             }

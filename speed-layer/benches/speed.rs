@@ -71,17 +71,24 @@ fn main() {
     for per_batch in [1_000usize, 10_000] {
         let mut redis = RedisServer::start();
         // one core for the client: a current-thread runtime; redis-server has the other
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let (ours, ours_cpu, applied) = rt.block_on(async {
             let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
             let (t, c) = (Instant::now(), cpu_secs());
             let mut applied = 0;
             for (b, batch) in records.chunks(per_batch).enumerate() {
-                let input = batch
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| (Position::from_u64((b * per_batch + i) as u64 + 1), r.as_slice()));
-                let out = apply_records(&store, SourceId::kinesis("bench", "shard-0"), input, now).await.unwrap();
+                let input = batch.iter().enumerate().map(|(i, r)| {
+                    (
+                        Position::from_u64((b * per_batch + i) as u64 + 1),
+                        r.as_slice(),
+                    )
+                });
+                let out = apply_records(&store, SourceId::kinesis("bench", "shard-0"), input, now)
+                    .await
+                    .unwrap();
                 applied += out.report.applied;
             }
             (t.elapsed().as_secs_f64(), cpu_secs() - c, applied)
@@ -96,6 +103,9 @@ fn main() {
         let e = EVENTS as f64;
         println!("| {per_batch} | tally (aggregate, one Lua call per merchant-hour, exactly once) | {ours:.2} | {:.0} | {ours_cpu:.2} | {applied} |", e / ours);
         println!("| {per_batch} | naive (HINCRBY + PFADD per event, pipelined) | {naive_t:.2} | {:.0} | {naive_cpu:.2} | - |", e / naive_t);
-        println!("| {per_batch} | ratio tally / naive | | {:.2}x | | |", naive_t / ours);
+        println!(
+            "| {per_batch} | ratio tally / naive | | {:.2}x | | |",
+            naive_t / ours
+        );
     }
 }
