@@ -9,15 +9,18 @@ export TALLY_VENV="${TALLY_VENV:-$HOME/.cache/tally/venv}"
 export PATH="$TALLY_VENV/bin:$PATH"
 bash scripts/install-services.sh >/dev/null
 
+# Name every library package so the feature set (and the release build) is the
+# same whichever benchmark runs; `-p tally-common` alone rebuilds datafusion.
+PKGS=(-p tally-common -p tally-speed-layer -p tally-batch-layer -p tally-serving-layer)
 run() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; shift; "$@"; }
 want=("${@:-decode speed archive batch serve}")
 for b in ${want[*]}; do
   case "$b" in
-    decode)  run "decode (criterion)" cargo bench -p tally-common --bench decode -- --noplot ;;
-    speed)   run "speed layer vs naive" cargo bench -p tally-speed-layer --bench speed ;;
-    archive) run "archiver" cargo bench -p tally-batch-layer --bench archive ;;
-    batch)   run "batch layer vs DuckDB" cargo bench -p tally-batch-layer --bench batch ;;
-    serve)   run "serving layer under wrk" cargo bench -p tally-serving-layer --bench serve ;;
+    decode)  run "decode (criterion)" cargo bench "${PKGS[@]}" --bench decode -- --noplot ;;
+    speed)   run "speed layer vs naive" cargo bench "${PKGS[@]}" --bench speed ;;
+    archive) run "archiver" cargo bench "${PKGS[@]}" --bench archive ;;
+    batch)   run "batch layer vs DuckDB" cargo bench "${PKGS[@]}" --bench batch ;;
+    serve)   run "serving layer under wrk" cargo bench "${PKGS[@]}" --bench serve ;;
     *) echo "unknown benchmark $b" >&2; exit 2 ;;
   esac
 done

@@ -10,11 +10,6 @@ use tally_common::source::{Position, SourceId};
 
 use crate::Archiver;
 
-/// The stream name of an event source ARN (`arn:aws:kinesis:region:acct:stream/NAME`).
-fn stream_name(arn: &str) -> &str {
-    arn.rsplit_once("stream/").map_or(arn, |(_, s)| s)
-}
-
 /// One shard's records of an event, and the sequence number of its first record.
 type ShardBatch<'a> = (SourceId, Vec<(Position, &'a [u8])>, String);
 
@@ -23,13 +18,8 @@ pub async fn handle_kinesis(archiver: &mut Archiver, event: KinesisEvent) -> Kin
     let mut response = KinesisEventResponse::default();
     let mut shards: Vec<ShardBatch<'_>> = Vec::new();
     for rec in &event.records {
-        let stream = stream_name(rec.event_source_arn.as_deref().unwrap_or("unknown"));
-        let shard = rec
-            .event_id
-            .as_deref()
-            .and_then(|id| id.split_once(':').map(|(s, _)| s))
-            .unwrap_or("unknown-shard");
-        let source = SourceId::kinesis(stream, shard);
+        let source =
+            SourceId::kinesis_from_lambda(rec.event_source_arn.as_deref(), rec.event_id.as_deref());
         let seq = &rec.kinesis.sequence_number;
         let Ok(position) = Position::parse(seq) else {
             response.add_failure(seq.clone());

@@ -22,6 +22,18 @@ impl SourceId {
     pub fn kinesis(stream: &str, shard: &str) -> Self {
         SourceId(format!("kinesis/{stream}/{shard}"))
     }
+    /// The shard of a record delivered to Lambda by a Kinesis event source mapping:
+    /// the stream from its event source ARN (`arn:aws:kinesis:…:stream/NAME`), the
+    /// shard from its event id (`shardId-000000000000:SEQUENCE`).
+    pub fn kinesis_from_lambda(event_source_arn: Option<&str>, event_id: Option<&str>) -> Self {
+        let arn = event_source_arn.unwrap_or("unknown");
+        let stream = arn.rsplit_once("stream/").map_or(arn, |(_, s)| s);
+        let shard = event_id
+            .and_then(|id| id.split_once(':').map(|(s, _)| s))
+            .unwrap_or("unknown-shard");
+        SourceId::kinesis(stream, shard)
+    }
+
     /// A file (or another replayable input) under a stable name.
     pub fn file(name: &str) -> Self {
         SourceId(format!("file/{name}"))
@@ -140,6 +152,15 @@ mod tests {
 
     fn p(s: &str) -> Position {
         Position::parse(s).unwrap()
+    }
+
+    #[test]
+    fn lambda_records_name_their_shard() {
+        let s = SourceId::kinesis_from_lambda(
+            Some("arn:aws:kinesis:us-east-1:123456789012:stream/events"),
+            Some("shardId-000000000003:4959033827149025660855969253836157"),
+        );
+        assert_eq!(s.as_str(), "kinesis/events/shardId-000000000003");
     }
 
     #[test]

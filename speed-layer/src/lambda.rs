@@ -10,11 +10,6 @@ use tally_common::source::{Position, SourceId};
 
 use crate::{apply_records, SpeedStore};
 
-/// The stream name of an event source ARN (`arn:aws:kinesis:region:acct:stream/NAME`).
-pub fn stream_name(arn: &str) -> &str {
-    arn.rsplit_once("stream/").map_or(arn, |(_, s)| s)
-}
-
 /// One shard's records of an event: position, sequence number text, data.
 type ShardRecords<'a> = Vec<(Position, String, &'a [u8])>;
 
@@ -24,14 +19,8 @@ pub async fn handle<S: SpeedStore>(store: &S, event: KinesisEvent) -> KinesisEve
     // group by shard, keeping each shard's record order
     let mut shards: Vec<(SourceId, ShardRecords<'_>)> = Vec::new();
     for rec in &event.records {
-        let stream = stream_name(rec.event_source_arn.as_deref().unwrap_or("unknown"));
-        // eventID is "shardId-000000000000:49590338271490256608559692538361571095921575989136588898"
-        let shard = rec
-            .event_id
-            .as_deref()
-            .and_then(|id| id.split_once(':').map(|(s, _)| s))
-            .unwrap_or("unknown-shard");
-        let source = SourceId::kinesis(stream, shard);
+        let source =
+            SourceId::kinesis_from_lambda(rec.event_source_arn.as_deref(), rec.event_id.as_deref());
         let seq = rec.kinesis.sequence_number.clone();
         let Ok(position) = Position::parse(&seq) else {
             tracing::error!(%seq, "record with a non-numeric sequence number; reporting it failed");
