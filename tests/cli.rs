@@ -369,10 +369,7 @@ fn a_running_server_shows_what_another_process_ingested() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(up, "tally serve did not listen");
-    assert_eq!(
-        http_get(&addr, &path, &token).1.contains("\"orders\":0"),
-        true
-    );
+    assert!(http_get(&addr, &path, &token).1.contains("\"orders\":0"));
 
     let now_ms = chrono::Utc::now().timestamp_millis();
     let file = dir.path().join("live.ndjson");

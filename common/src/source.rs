@@ -137,15 +137,6 @@ impl fmt::Display for Position {
     }
 }
 
-/// A record of a source, as both consumers see it.
-#[derive(Debug, Clone)]
-pub struct SourceRecord {
-    /// Its position in the source.
-    pub position: Position,
-    /// Its bytes (NDJSON, maybe gzip).
-    pub data: Vec<u8>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
