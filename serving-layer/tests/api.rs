@@ -175,31 +175,16 @@ async fn fake_state(lake_dir: &Path, auth: Auth) -> (AppState, FakeSpeed) {
 type Model = BTreeMap<(String, i64), ([i64; 5], BTreeSet<String>)>;
 
 fn model(events: &[TestEvent]) -> Model {
-    let mut out = Model::new();
     let mut seen = BTreeSet::new();
-    for e in events {
-        if !seen.insert(e.event_id.clone()) {
-            continue;
-        }
-        let hour = e.ts_ms.div_euclid(3_600_000) * 3_600_000 * 1000;
-        let entry = out.entry((e.merchant_id.clone(), hour)).or_default();
-        match e.kind {
-            "order" => {
-                entry.0[0] += 1;
-                entry.0[1] += e.amount.unwrap_or(0);
-            }
-            "refund" => {
-                entry.0[2] += 1;
-                entry.0[3] += e.amount.unwrap_or(0);
-            }
-            "page_view" => entry.0[4] += 1,
-            _ => {}
-        }
-        if let Some(c) = &e.customer_id {
-            entry.1.insert(c.clone());
-        }
-    }
-    out
+    let unique: Vec<TestEvent> = events
+        .iter()
+        .filter(|e| seen.insert(e.event_id.clone()))
+        .cloned()
+        .collect();
+    tally_testkit::events::expected(&unique)
+        .into_iter()
+        .map(|((m, hour_ms), v)| ((m, hour_ms * 1000), v))
+        .collect()
 }
 
 /// Counters and customers of `m` over the hours `[start, end)`.
