@@ -15,7 +15,9 @@
 //! 32), BENCH_SERVER_THREADS (default 2), BENCH_LAYOUT (`lookup`, the default: the
 //! metric-table layout recommended for point lookups; `lookup-zstd`: the same with
 //! zstd; `batch`: the batch layer's current writer properties), BENCH_READ
-//! (`lookup`, default, or `datafusion`: how the server reads the batch view).
+//! (`lookup`, default, or `datafusion`: how the server reads the batch view),
+//! BENCH_FILES (`day`, default: one file per date, as after a reprocess; `hour`:
+//! one file per hour, as the hourly batch runs leave a date).
 
 use std::collections::HashMap;
 use std::f64::consts::TAU;
@@ -27,9 +29,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deltalake::arrow::array::{
-    ArrayRef, Int32Array, Int64Array, StringArray, StringBuilder, TimestampMicrosecondArray,
+    ArrayRef, BooleanArray, Int32Array, Int64Array, StringArray, StringBuilder,
+    TimestampMicrosecondArray,
 };
+use deltalake::arrow::compute::filter_record_batch;
 use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::datafusion::prelude::{col, lit};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -52,7 +57,7 @@ use tally_testkit::{cpu_secs, free_port, RedisServer};
 
 const SECRET: &str = "serve-bench-secret";
 /// Bumped when the generated data or its layout changes, so a cached lake is remade.
-const LAKE_FORMAT: u32 = 2;
+const LAKE_FORMAT: u32 = 3;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -230,6 +235,7 @@ async fn write_rows(
     rows: RecordBatch,
     props: WriterProperties,
     watermark_hours: Option<i64>,
+    replace_date: Option<String>,
 ) {
     let t = lake
         .open_or_create(table)
@@ -239,24 +245,34 @@ async fn write_rows(
     if let Some(w) = watermark_hours {
         commit = commit.with_application_transactions(vec![Transaction::new(WATERMARK_APP, w)]);
     }
-    t.write(vec![rows])
-        .with_save_mode(SaveMode::Append)
+    let write = t
+        .write(vec![rows])
         .with_partition_columns(table.partition_columns().iter().copied())
         .with_writer_properties(props)
-        .with_commit_properties(commit)
-        .await
-        .expect("writing metric rows");
+        .with_commit_properties(commit);
+    let write = match replace_date {
+        Some(date) => write
+            .with_save_mode(SaveMode::Overwrite)
+            .with_replace_where(col("date").eq(lit(date))),
+        None => write.with_save_mode(SaveMode::Append),
+    };
+    write.await.expect("writing metric rows");
 }
 
-/// Write the hours `[from, to)` into `metrics_hourly` (one file per date, the last
-/// commit moving the watermark to `to`) and the days that complete within `(from, to]`
-/// into `metrics_daily` (one file per day).
+/// Write the hours `[from, to)` into `metrics_hourly`, the last commit moving the
+/// watermark to `to`, and the days that complete within `(from, to]` into
+/// `metrics_daily` (one file per day). Hourly rows go one file per date; topping a
+/// lake up (`rewrite_dates`) rewrites each touched date whole, so a date stays one
+/// sorted file. With `hour_files`, one file per hour instead, as the batch layer's
+/// hourly runs leave a date today.
 async fn extend_lake(
     lake: &Lake,
     merchants: &Arc<Vec<(String, u32)>>,
     from: i64,
     to: i64,
     layout: &str,
+    hour_files: bool,
+    rewrite_dates: bool,
 ) {
     let computed_at = now_micros();
     let mut day = day_floor(from);
@@ -264,16 +280,53 @@ async fn extend_lake(
         let daily = day + MICROS_PER_DAY <= to && day + MICROS_PER_DAY > from;
         let t = Instant::now();
         let m = Arc::clone(merchants);
+        let rewrite = rewrite_dates && !hour_files;
+        let first = if rewrite { day } else { from };
         let (hourly_rows, daily_rows) =
-            tokio::task::spawn_blocking(move || day_rows(&m, day, from..to, daily, computed_at))
+            tokio::task::spawn_blocking(move || day_rows(&m, day, first..to, daily, computed_at))
                 .await
                 .expect("generating rows");
         let is_last = day + MICROS_PER_DAY >= to;
         let mut rows = 0;
         if let Some(h) = hourly_rows {
             rows = h.num_rows();
-            let w = is_last.then_some(to / MICROS_PER_HOUR);
-            write_rows(lake, Table::MetricsHourly, h, writer_properties(layout), w).await;
+            if hour_files {
+                // as the hourly batch runs leave a date: one file (and commit) per hour
+                let times = h
+                    .column(1)
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .expect("the hour column")
+                    .clone();
+                let mut t = from.max(day);
+                while t < to.min(day + MICROS_PER_DAY) {
+                    let mask: BooleanArray = times.iter().map(|v| Some(v == Some(t))).collect();
+                    let part = filter_record_batch(&h, &mask).expect("one hour's rows");
+                    let w = (t + MICROS_PER_HOUR >= to).then_some(to / MICROS_PER_HOUR);
+                    write_rows(
+                        lake,
+                        Table::MetricsHourly,
+                        part,
+                        writer_properties(layout),
+                        w,
+                        None,
+                    )
+                    .await;
+                    t += MICROS_PER_HOUR;
+                }
+            } else {
+                let w = is_last.then_some(to / MICROS_PER_HOUR);
+                let replace = rewrite.then(|| date_string(day));
+                write_rows(
+                    lake,
+                    Table::MetricsHourly,
+                    h,
+                    writer_properties(layout),
+                    w,
+                    replace,
+                )
+                .await;
+            }
         }
         if let Some(d) = daily_rows {
             write_rows(
@@ -281,6 +334,7 @@ async fn extend_lake(
                 Table::MetricsDaily,
                 d,
                 writer_properties(layout),
+                None,
                 None,
             )
             .await;
@@ -302,11 +356,13 @@ async fn prepare_lake(
     days: i64,
     w: i64,
     layout: &str,
+    hour_files: bool,
 ) -> Lake {
     let marker = dir.join("bench-lake.txt");
     let want = format!(
-        "format={LAKE_FORMAT} layout={layout} merchants={} days={days}\n",
-        merchants.len()
+        "format={LAKE_FORMAT} layout={layout} merchants={} days={days}{}\n",
+        merchants.len(),
+        if hour_files { " files=hour" } else { "" }
     );
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
         let lake =
@@ -340,7 +396,7 @@ async fn prepare_lake(
                     format_ts(old),
                     format_ts(w)
                 );
-                extend_lake(&lake, merchants, old, w, layout).await;
+                extend_lake(&lake, merchants, old, w, layout, hour_files, true).await;
                 return lake;
             }
             _ => {}
@@ -357,7 +413,16 @@ async fn prepare_lake(
         merchants.len()
     );
     let t = Instant::now();
-    extend_lake(&lake, merchants, w - days * MICROS_PER_DAY, w, layout).await;
+    extend_lake(
+        &lake,
+        merchants,
+        w - days * MICROS_PER_DAY,
+        w,
+        layout,
+        hour_files,
+        false,
+    )
+    .await;
     std::fs::write(&marker, want).expect("writing the lake marker");
     println!("lake generated in {:.0}s", t.elapsed().as_secs_f64());
     lake
@@ -371,7 +436,9 @@ fn dir_stats(dir: &Path) -> (u64, u64) {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             if p.is_dir() {
-                stack.push(p);
+                if !p.ends_with("_delta_log") {
+                    stack.push(p);
+                }
             } else if p.extension().is_some_and(|x| x == "parquet") {
                 files += 1;
                 bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
@@ -459,6 +526,15 @@ fn redis_cpu(port: u16) -> f64 {
             matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.parse::<f64>().ok())?
         })
         .sum()
+}
+
+/// A line of /proc/self/status (`VmRSS:`, `VmHWM:`).
+fn proc_status(key: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
 }
 
 fn children_cpu_secs() -> f64 {
@@ -635,16 +711,21 @@ fn main() {
     let server_threads: usize = env_or("BENCH_SERVER_THREADS", 2);
     let layout: String = env_or("BENCH_LAYOUT", "lookup".to_string());
     let read_path: String = env_or("BENCH_READ", "lookup".to_string());
+    let hour_files = match env_or("BENCH_FILES", "day".to_string()).as_str() {
+        "day" => false,
+        "hour" => true,
+        other => panic!("BENCH_FILES={other}: use day or hour"),
+    };
+    let mut suffix = String::new();
+    if layout != "lookup" {
+        suffix.push_str(&format!("-{layout}"));
+    }
+    if hour_files {
+        suffix.push_str("-hourfiles");
+    }
     let lake_dir = PathBuf::from(env_or(
         "BENCH_LAKE_DIR",
-        format!(
-            "/tmp/tally-serve-bench-lake{}",
-            if layout == "lookup" {
-                String::new()
-            } else {
-                format!("-{layout}")
-            }
-        ),
+        format!("/tmp/tally-serve-bench-lake{suffix}"),
     ));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
@@ -673,7 +754,12 @@ fn main() {
     let by_id = Arc::new(merchants_by_id(merchants));
 
     // 1. the lake and the live hour
-    let lake = rt.block_on(prepare_lake(&lake_dir, &by_id, days, w, &layout));
+    let lake = rt.block_on(prepare_lake(
+        &lake_dir, &by_id, days, w, &layout, hour_files,
+    ));
+    // give back what generating the lake took, so the memory printed is the server's
+    // SAFETY: malloc_trim only returns free heap memory to the system
+    unsafe { libc::malloc_trim(0) };
     let (files, bytes) = dir_stats(&lake_dir.join("lake").join(Table::MetricsHourly.name()));
     let redis = RedisServer::start();
     let store = rt
@@ -718,6 +804,7 @@ fn main() {
 
     // 3. a sample answer is right: 23 batch buckets equal to the generated rows, then the live hour
     let sample = 42.min(merchants - 1);
+    let first = Instant::now();
     let body: serde_json::Value = rt.block_on(async {
         let resp = reqwest::Client::new()
             .get(format!("{base}/v1/merchants/m_{sample}{query}"))
@@ -728,6 +815,7 @@ fn main() {
         assert_eq!(resp.status().as_u16(), 200, "sample status");
         serde_json::from_str(&resp.text().await.expect("sample body")).expect("sample JSON")
     });
+    let first_ms = first.elapsed().as_secs_f64() * 1000.0;
     let buckets = body["buckets"].as_array().expect("buckets");
     assert_eq!(buckets.len(), 24, "{body}");
     for (i, b) in buckets.iter().enumerate() {
@@ -755,7 +843,12 @@ fn main() {
         }
     }
     assert_eq!(body["partial"], false, "{body}");
-    println!("sample answer for m_{sample}: 200, 24 buckets (23 batch, equal to the generated rows; 1 speed)");
+    println!(
+        "sample answer for m_{sample}: 200, 24 buckets (23 batch, equal to the generated rows; 1 speed)"
+    );
+    println!("the first request (footers and page indexes loaded on demand) took {first_ms:.1} ms");
+
+    let rss_loaded = proc_status("VmRSS:");
 
     // the batch read alone, in process: point lookups against DataFusion, same answers
     let (lookup_us, datafusion_us) = rt.block_on(async {
@@ -870,6 +963,12 @@ fn main() {
         redis_cpu * 1e6 / run.requests.max(1) as f64,
         wrk_cpu * 1e6 / run.requests.max(1) as f64,
         (cap - server_cpu - redis_cpu - wrk_cpu).max(0.0)
+    );
+    println!(
+        "bench process memory: RSS {} after the lake was loaded, {} after the run (peak {})",
+        rss_loaded,
+        proc_status("VmRSS:"),
+        proc_status("VmHWM:")
     );
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     println!(
