@@ -36,6 +36,20 @@ fn count(lake: &Path, query: &str) -> i64 {
         .unwrap()
 }
 
+/// `tally ingest --chunk-lines 2000 FILE` into `lake`, which must succeed.
+fn ingest(lake: &Path, file: &Path) {
+    let out = tally(lake)
+        .args(["ingest", "--chunk-lines", "2000"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn gen(dir: &Path, events: u64, seed: u64) -> std::path::PathBuf {
     let file = dir.join(format!("events-{seed}.ndjson"));
     let status = Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -90,16 +104,7 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
 
     // reference: one clean ingest
     let clean = dir.path().join("clean");
-    let out = tally(&clean)
-        .args(["ingest", "--chunk-lines", "2000"])
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ingest(&clean, &a);
     let accepted = count(&clean, "SELECT COUNT(*) FROM raw_events");
     let quarantined = count(&clean, "SELECT COUNT(*) FROM quarantine");
     assert_eq!(
@@ -120,16 +125,7 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
     std::thread::sleep(Duration::from_millis(1500));
     child.kill().unwrap();
     child.wait().unwrap();
-    let out = tally(&killed)
-        .args(["ingest", "--chunk-lines", "2000"])
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ingest(&killed, &a);
     assert_eq!(count(&killed, "SELECT COUNT(*) FROM raw_events"), accepted);
     assert_eq!(
         count(&killed, "SELECT COUNT(DISTINCT source) FROM raw_events"),
