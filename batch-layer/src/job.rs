@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use deltalake::arrow::compute::cast;
+use deltalake::arrow::compute::{
+    cast, concat_batches, lexsort_to_indices, take_record_batch, SortColumn,
+};
 use deltalake::arrow::datatypes::{Int64Type, SchemaRef};
 use deltalake::datafusion::logical_expr::{col, lit, Expr};
 use deltalake::datafusion::prelude::SessionContext;
@@ -30,8 +32,8 @@ use tally_common::metrics::stored_metric_names;
 use tally_common::watermark::{read_progress, LOGIC_VERSION_APP, RAW_VERSION_APP, WATERMARK_APP};
 use tally_common::{Context as _, Error, Result};
 
-use crate::archive::writer_properties;
 use crate::dirty::{hours_changed, hours_present};
+use crate::layout::metric_writer_properties;
 use crate::lock::Lease;
 use crate::sql::{daily_sql, hourly_sql};
 
@@ -254,25 +256,25 @@ impl BatchRun {
                     commit = commit
                         .with_application_transactions(progress_txns(new_watermark, raw_version));
                 }
-                *hourly = replace_rows(
+                *hourly = rewrite_partition(
                     hourly,
                     Table::MetricsHourly,
-                    hourly_rows,
+                    col("date").eq(lit(date_string(day))),
                     hours_predicate(day, hours),
+                    hourly_rows,
                     commit,
                 )
                 .await?;
                 report.hourly_rows += n;
                 if let Some(rows) = daily_rows {
                     let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
-                    let pred = col("month")
-                        .eq(lit(month_string(day)))
-                        .and(col("day").eq(ts_lit(day)));
-                    daily = replace_rows(
+                    let month = col("month").eq(lit(month_string(day)));
+                    daily = rewrite_partition(
                         &daily,
                         Table::MetricsDaily,
+                        month.clone(),
+                        month.and(col("day").eq(ts_lit(day))),
                         rows,
-                        pred,
                         CommitProperties::default(),
                     )
                     .await?;
@@ -475,10 +477,82 @@ async fn replace_rows(
         .with_save_mode(SaveMode::Overwrite)
         .with_replace_where(predicate)
         .with_partition_columns(kind.partition_columns().iter().copied())
-        .with_writer_properties(writer_properties())
+        .with_writer_properties(metric_writer_properties())
         .with_commit_properties(commit)
         .await
         .context(format!("replacing rows of {}", kind.name()))
+}
+
+/// Replace the rows matching `replaced` (within the partition `partition`) with
+/// `rows` by rewriting the whole partition in one commit: its other rows are read
+/// back and everything is written sorted by merchant and time, so a partition
+/// stays one file a lookup of one merchant reads a page or two of
+/// ([`crate::layout`]).
+async fn rewrite_partition(
+    table: &DeltaTable,
+    kind: Table,
+    partition: Expr,
+    replaced: Expr,
+    rows: Vec<RecordBatch>,
+    commit: CommitProperties,
+) -> Result<DeltaTable> {
+    let kept = read_rows(table, kind, partition.clone().and(!replaced)).await?;
+    let rows = sorted_by_merchant(kind, kept.into_iter().chain(rows).collect())?;
+    replace_rows(table, kind, rows, partition, commit).await
+}
+
+/// The rows of `table` matching `filter`, in the table's column order and types.
+async fn read_rows(table: &DeltaTable, kind: Table, filter: Expr) -> Result<Vec<RecordBatch>> {
+    if table.snapshot().is_err() {
+        return Ok(Vec::new());
+    }
+    let ctx = SessionContext::new();
+    register(&ctx, kind.name(), table).await?;
+    let schema = kind.schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let batches = ctx
+        .table(kind.name())
+        .await
+        .context(format!("reading {}", kind.name()))?
+        .filter(filter)
+        .context(format!("filtering {}", kind.name()))?
+        .select_columns(&names)
+        .context(format!("projecting {}", kind.name()))?
+        .collect()
+        .await
+        .context(format!("reading {}", kind.name()))?;
+    batches
+        .into_iter()
+        .filter(|b| b.num_rows() > 0)
+        .map(|b| conform(&schema, b.columns().to_vec()))
+        .collect()
+}
+
+/// One batch sorted by `merchant_id`, then the table's time column.
+fn sorted_by_merchant(kind: Table, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    if batches.iter().all(|b| b.num_rows() == 0) {
+        return Ok(Vec::new());
+    }
+    let schema = kind.schema();
+    let all = concat_batches(&schema, &batches).context("gathering metric rows")?;
+    let time = match kind {
+        Table::MetricsDaily => "day",
+        _ => "hour",
+    };
+    let key = |name: &str| -> Result<SortColumn> {
+        Ok(SortColumn {
+            values: all
+                .column_by_name(name)
+                .ok_or_else(|| Error::invalid(format!("no {name} column")))?
+                .clone(),
+            options: None,
+        })
+    };
+    let order = lexsort_to_indices(&[key("merchant_id")?, key(time)?], None)
+        .context("sorting metric rows")?;
+    Ok(vec![
+        take_record_batch(&all, &order).context("sorting metric rows")?
+    ])
 }
 
 type RowKey = (String, i64);
@@ -516,19 +590,7 @@ fn metric_rows(batches: &[RecordBatch], time_col: &str) -> Result<HashMap<RowKey
 }
 
 async fn existing_hourly(hourly: &DeltaTable, day: i64, hours: &[i64]) -> Result<Vec<RecordBatch>> {
-    if hourly.snapshot().is_err() {
-        return Ok(Vec::new());
-    }
-    let ctx = SessionContext::new();
-    register(&ctx, "metrics_hourly", hourly).await?;
-    ctx.table("metrics_hourly")
-        .await
-        .context("reading metrics_hourly")?
-        .filter(hours_predicate(day, hours))
-        .context("filtering metrics_hourly")?
-        .collect()
-        .await
-        .context("reading metrics_hourly")
+    read_rows(hourly, Table::MetricsHourly, hours_predicate(day, hours)).await
 }
 
 fn compare(before: &[RecordBatch], after: &[RecordBatch], diff: &mut DryRunDiff) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod compact;
 pub mod dirty;
 pub mod job;
 pub mod lambda;
+pub mod layout;
 pub mod lock;
 pub mod marks;
 pub mod sql;

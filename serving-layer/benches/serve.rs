@@ -13,11 +13,12 @@
 //! to the current hour. Knobs: BENCH_MERCHANTS, BENCH_DAYS, BENCH_SECS (measured
 //! run, default 30), BENCH_THREADS / BENCH_CONNECTIONS (wrk's -t / -c, default 2 /
 //! 32), BENCH_SERVER_THREADS (default 2), BENCH_LAYOUT (`lookup`, the default: the
-//! metric-table layout recommended for point lookups; `lookup-zstd`: the same with
-//! zstd; `batch`: the batch layer's current writer properties), BENCH_READ
-//! (`lookup`, default, or `datafusion`: how the server reads the batch view),
-//! BENCH_FILES (`day`, default: one file per date, as after a reprocess; `hour`:
-//! one file per hour, as the hourly batch runs leave a date).
+//! batch layer's metric-table writer properties; `lookup-zstd`, `lookup-lz4`,
+//! `lookup-delta`: variants; `archive`: the raw table's zstd-with-dictionaries
+//! properties, which the metric tables used before), BENCH_READ (`lookup`,
+//! default, or `datafusion`: how the server reads the batch view), BENCH_FILES
+//! (`day`, default: one file per date, as the batch layer rewrites a date on each
+//! run; `hour`: one file per hour, as runs left a date before).
 
 use std::collections::HashMap;
 use std::f64::consts::TAU;
@@ -190,19 +191,9 @@ fn day_rows(
 
 /// Writer properties of the generated lake.
 fn writer_properties(layout: &str) -> WriterProperties {
-    // The layout recommended for the metric tables (`lookup`):
-    // - pages of 1,024 rows: a merchant's day is 24 sorted rows, so a lookup
-    //   decodes a page or two per column instead of 20,000-row pages;
-    // - no dictionaries: a dictionary page is read whole before any page of its
-    //   column chunk (for gross_sales up to 1 MiB per row group);
-    // - DELTA_BINARY_PACKED integers and timestamps, DELTA_BYTE_ARRAY merchant ids
-    //   (sorted, so mostly shared prefixes): small pages before any codec;
-    // - LZ4_RAW rather than zstd: the reader makes a decompressor per column chunk
-    //   it opens, and a zstd context runs `cpuid`, which traps to the hypervisor in
-    //   a VM (Firecracker, so Lambda too): creating them cost more than decoding.
-    // The page index (column + offset index) is written by default. Same size as
-    // zstd over plain pages (129 vs 128 MiB here).
-    let lookup = |compression, delta: bool| {
+    // `lookup` is what the batch layer writes (tally_batch_layer::layout, reasons
+    // there); the others are the variants it was chosen against.
+    let variant = |compression, delta: bool| {
         let b = WriterProperties::builder()
             .set_compression(compression)
             .set_max_row_group_row_count(Some(128 * 1024))
@@ -218,13 +209,13 @@ fn writer_properties(layout: &str) -> WriterProperties {
     };
     let zstd = || Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default());
     match layout {
-        "batch" => tally_batch_layer::archive::writer_properties(),
-        "lookup" => lookup(Compression::LZ4_RAW, true),
-        "lookup-delta" => lookup(Compression::UNCOMPRESSED, true),
-        "lookup-lz4" => lookup(Compression::LZ4_RAW, false),
-        "lookup-zstd" => lookup(zstd(), false),
+        "lookup" => tally_batch_layer::layout::metric_writer_properties(),
+        "archive" => tally_batch_layer::archive::writer_properties(),
+        "lookup-delta" => variant(Compression::UNCOMPRESSED, true),
+        "lookup-lz4" => variant(Compression::LZ4_RAW, false),
+        "lookup-zstd" => variant(zstd(), false),
         other => panic!(
-            "BENCH_LAYOUT={other}: use lookup, lookup-delta, lookup-lz4, lookup-zstd or batch"
+            "BENCH_LAYOUT={other}: use lookup, lookup-delta, lookup-lz4, lookup-zstd or archive"
         ),
     }
 }

@@ -264,3 +264,151 @@ async fn a_killed_run_leaves_whole_tables_and_two_runs_never_overlap() {
     assert_eq!(p.watermark, Some((START_MS + 2 * DAY_MS) * 1000));
     let _ = Position::from_u64(0);
 }
+
+/// The metric files of `table`'s current version: (path, rows as (merchant, time)),
+/// checking on the way the layout the serving layer's lookups rely on.
+fn metric_files(
+    table: &tally_common::deltalake::DeltaTable,
+    time_col: &str,
+) -> Vec<(String, Vec<(String, i64)>)> {
+    use tally_common::deltalake::arrow::array::AsArray;
+    use tally_common::deltalake::arrow::datatypes::TimestampMicrosecondType;
+    use tally_common::deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use tally_common::deltalake::parquet::basic::{Compression, Encoding};
+    use tally_common::deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
+
+    let mut out = Vec::new();
+    for uri in table.get_file_uris().unwrap() {
+        let path = uri.strip_prefix("file://").unwrap_or(&uri).to_string();
+        let meta = SerializedFileReader::new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .metadata()
+            .clone();
+        for rg in meta.row_groups() {
+            for c in rg.columns() {
+                assert_eq!(
+                    c.compression(),
+                    Compression::LZ4_RAW,
+                    "{path}: {}",
+                    c.column_path()
+                );
+                assert!(
+                    c.dictionary_page_offset().is_none(),
+                    "{path}: a dictionary page in {}",
+                    c.column_path()
+                );
+                assert!(
+                    c.offset_index_offset().is_some(),
+                    "{path}: no page index for {}",
+                    c.column_path()
+                );
+            }
+            let m = rg.column(0);
+            assert_eq!(m.column_path().string(), "merchant_id");
+            assert!(
+                m.encodings().any(|e| e == Encoding::DELTA_BYTE_ARRAY),
+                "{path}: merchant_id not delta-encoded"
+            );
+        }
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut rows = Vec::new();
+        for b in reader {
+            let b = b.unwrap();
+            let m = b
+                .column_by_name("merchant_id")
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
+            let t = b
+                .column_by_name(time_col)
+                .unwrap()
+                .as_primitive::<TimestampMicrosecondType>()
+                .clone();
+            rows.extend((0..b.num_rows()).map(|i| (m.value(i).to_string(), t.value(i))));
+        }
+        out.push((path, rows));
+    }
+    out
+}
+
+#[tokio::test]
+async fn hourly_runs_keep_each_date_one_file_sorted_by_merchant() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    // a day and a half of events arriving as they happen; an hourly run after each hour
+    let events = generate(5, 4_000, 40, START_MS, 36);
+    let mut all = Vec::new();
+    for h in 0..36i64 {
+        let (start, end) = (START_MS + h * 3_600_000, START_MS + (h + 1) * 3_600_000);
+        let hour: Vec<TestEvent> = events
+            .iter()
+            .filter(|e| e.ts_ms >= start && e.ts_ms < end)
+            .cloned()
+            .collect();
+        let now = (end + 10 * 60_000) * 1000;
+        if !hour.is_empty() {
+            archive(&lake, &format!("hour-{h}"), &hour, now).await;
+        }
+        all.extend(hour);
+        if h % 5 == 4 || h == 35 {
+            // runs are not always hourly: some cover several hours at once
+            BatchRun::new(&lake).now(now).execute().await.unwrap();
+        }
+    }
+    // a late event for the first day makes one of its hours dirty again
+    let late = TestEvent {
+        event_id: "late-2".into(),
+        merchant_id: "m1".into(),
+        kind: "page_view",
+        ts_ms: START_MS + 7 * 3_600_000 + 1,
+        amount: None,
+        customer_id: Some("c-late".into()),
+    };
+    let now = (START_MS + 36 * 3_600_000 + 20 * 60_000) * 1000;
+    archive(&lake, "late", std::slice::from_ref(&late), now).await;
+    all.push(late);
+    assert_eq!(
+        BatchRun::new(&lake).now(now).execute().await.unwrap().hours,
+        1
+    );
+
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&all)
+    );
+    // only the first day is complete
+    let day1: Vec<TestEvent> = all
+        .iter()
+        .filter(|e| e.ts_ms < START_MS + DAY_MS)
+        .cloned()
+        .collect();
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&day1)
+    );
+
+    for (table, time_col, partitions) in [
+        (Table::MetricsHourly, "hour", 2),
+        (Table::MetricsDaily, "day", 1),
+    ] {
+        let t = lake.open(table).await.unwrap().unwrap();
+        let files = metric_files(&t, time_col);
+        assert_eq!(
+            files.len(),
+            partitions,
+            "{}: one file per partition: {:?}",
+            table.name(),
+            files.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        for (path, rows) in files {
+            assert!(!rows.is_empty());
+            assert!(
+                rows.windows(2).all(|w| w[0] < w[1]),
+                "{path}: not sorted by merchant and time"
+            );
+        }
+    }
+}

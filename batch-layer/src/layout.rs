@@ -1,0 +1,37 @@
+//! How the metric tables are laid out on storage, for the serving layer's point
+//! lookups of one merchant (figures in BENCHMARKS.md, "Serving layer").
+//!
+//! Each run rewrites a touched partition whole (a `metrics_hourly` date, a
+//! `metrics_daily` month), so a partition is one file sorted by merchant and time
+//! rather than one small file per hourly run: a 24-hour lookup opens one or two
+//! files instead of 24.
+
+use deltalake::parquet::basic::{Compression, Encoding};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::schema::types::ColumnPath;
+
+/// Writer properties of `metrics_hourly` and `metrics_daily`:
+/// - pages of 1,024 rows: a merchant's day is 24 sorted rows, so a lookup
+///   decodes a page or two per column instead of 20,000-row pages (the page
+///   index, column and offset index, is written by default);
+/// - no dictionaries: a dictionary page is read whole before any page of its
+///   column chunk;
+/// - `DELTA_BINARY_PACKED` integers and timestamps, `DELTA_BYTE_ARRAY` merchant
+///   ids (sorted, so mostly shared prefixes): small pages before any codec;
+/// - `LZ4_RAW` rather than zstd: the reader makes a decompressor per column chunk
+///   it opens, and a zstd context runs `cpuid`, which traps to the hypervisor in a
+///   VM (Firecracker, so Lambda too); creating them cost more than decoding.
+///   Files are the same size as zstd over plain pages.
+///
+/// Every stored column but `merchant_id` is an integer or a timestamp (the
+/// partition columns `date` and `month` live in the Delta log, not in the files).
+pub fn metric_writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::LZ4_RAW)
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .set_data_page_row_count_limit(1024)
+        .set_dictionary_enabled(false)
+        .set_encoding(Encoding::DELTA_BINARY_PACKED)
+        .set_column_encoding(ColumnPath::from("merchant_id"), Encoding::DELTA_BYTE_ARRAY)
+        .build()
+}
