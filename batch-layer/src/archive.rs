@@ -64,9 +64,9 @@ pub struct Archiver {
 
 struct RawRow<'a> {
     hour: i64,
-    event: tally_common::Event,
+    event: &'a tally_common::Event,
     payload: &'a str,
-    source: String,
+    position: &'a Position,
 }
 
 impl Archiver {
@@ -164,8 +164,8 @@ impl Archiver {
                     rows.push(RawRow {
                         hour: hour_floor(ev.ts),
                         payload: d.payload(ev),
-                        source: format!("{source}@{p}:{}", ev.line),
-                        event: ev.clone(),
+                        position: p,
+                        event: ev,
                     });
                 }
             }
@@ -176,11 +176,16 @@ impl Archiver {
                 // only bad or blank lines: the quarantine commit holds them and its mark
                 return Ok(report);
             }
-            rows.sort_by(|a, b| {
-                (a.hour, &a.event.merchant_id).cmp(&(b.hour, &b.event.merchant_id))
+            rows.sort_unstable_by(|a, b| {
+                (a.hour, &a.event.merchant_id, a.position, a.event.line).cmp(&(
+                    b.hour,
+                    &b.event.merchant_id,
+                    b.position,
+                    b.event.line,
+                ))
             });
             let n = rows.len() as u64;
-            let batch = raw_batch(&rows, ingest_time)?;
+            let batch = raw_batch(source, &rows, ingest_time)?;
             let result = self
                 .raw
                 .clone()
@@ -252,7 +257,8 @@ fn ts_builder(n: usize) -> TimestampMicrosecondBuilder {
     TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC")
 }
 
-fn raw_batch(rows: &[RawRow<'_>], ingest_time: i64) -> Result<RecordBatch> {
+fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Result<RecordBatch> {
+    use std::fmt::Write as _;
     let n = rows.len();
     let mut event_id = StringBuilder::with_capacity(n, n * 24);
     let mut merchant = StringBuilder::with_capacity(n, n * 12);
@@ -265,6 +271,9 @@ fn raw_batch(rows: &[RawRow<'_>], ingest_time: i64) -> Result<RecordBatch> {
     let mut payload = StringBuilder::with_capacity(n, n * 160);
     let mut date = StringBuilder::with_capacity(n, n * 10);
     let mut hour = Int32Builder::with_capacity(n);
+    // rows come sorted by hour: the date string changes a few times per batch
+    let mut day: Option<(i64, String)> = None;
+    let prefix = format!("{source_id}@");
     for r in rows {
         let e = &r.event;
         event_id.append_value(&e.event_id);
@@ -274,9 +283,16 @@ fn raw_batch(rows: &[RawRow<'_>], ingest_time: i64) -> Result<RecordBatch> {
         amount.append_option(e.amount);
         customer.append_option(e.customer_id.as_deref());
         ingest.append_value(ingest_time);
-        source.append_value(&r.source);
+        // "{source}@{position}:{line}", written straight into the column's buffer
+        source.write_str(&prefix).ok();
+        write!(source, "{}:{}", r.position, e.line).ok();
+        source.append_value("");
         payload.append_value(r.payload);
-        date.append_value(date_string(r.hour));
+        let d = match &day {
+            Some((h, d)) if *h == r.hour => d,
+            _ => &day.insert((r.hour, date_string(r.hour))).1,
+        };
+        date.append_value(d);
         hour.append_value(hour_of_day(r.hour));
     }
     let columns: Vec<ArrayRef> = vec![
