@@ -59,14 +59,19 @@ pub fn zipf_records(
             25..=27 => "refund",
             _ => "page_view",
         };
-        let amount = if kind == "page_view" {
-            String::new()
+        let detail = if kind == "page_view" {
+            format!(",\"path\":\"/p/{:05}\"", r.random_range(0..100_000))
         } else {
             format!(",\"amount\":{}", r.random_range(100..90_000))
         };
         let ts = hour_ms + r.random_range(0..3_600_000);
+        // UUID-shaped event ids, as producers send them; unique by their last part
+        let id: u64 = r.random();
         cur.push_str(&format!(
-            "{{\"event_id\":\"e{seed:x}-{i:09}\",\"merchant_id\":\"m_{m}\",\"type\":\"{kind}\",\"ts\":{ts}{amount},\"customer_id\":\"c{:07}\"}}\n",
+            "{{\"event_id\":\"{:08x}-{:04x}-4{:03x}-8{seed:03x}-{i:012x}\",\"merchant_id\":\"m_{m}\",\"type\":\"{kind}\",\"ts\":{ts}{detail},\"customer_id\":\"c{:07}\"}}\n",
+            id >> 32,
+            (id >> 16) & 0xffff,
+            id & 0xfff,
             r.random_range(0..5_000_000)
         ));
         if (i + 1) % per_record == 0 {

@@ -18,6 +18,8 @@ async fn replays_leave_one_copy(lake: Lake) {
     let recs = records(&events, 100, 1);
     let source = SourceId::kinesis("orders", "shardId-000000000000");
     let mut a = Archiver::open(&lake).await.unwrap();
+    // another container's archiver, opened before any of the deliveries below
+    let mut stale = Archiver::open(&lake).await.unwrap();
 
     // first delivery of the first half, then the whole batch redelivered (a Lambda
     // retry after a crash), then bisected halves, then the same batch again
@@ -36,6 +38,10 @@ async fn replays_leave_one_copy(lake: Lake) {
     let mut b = Archiver::open(&lake).await.unwrap();
     let r = b.archive(&source, &input(&recs), NOW).await.unwrap();
     assert_eq!(r.accepted, 0);
+    // and so does one whose snapshot predates them all: its commit conflicts with
+    // the ones carrying the same source's marks, and its retry finds the marks
+    let r = stale.archive(&source, &input(&recs), NOW).await.unwrap();
+    assert_eq!((r.accepted, r.quarantined), (0, 0));
 
     let counts = query_i64(
         &lake,
