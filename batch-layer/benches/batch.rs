@@ -25,8 +25,15 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // BENCH_LAKE_DIR keeps the lake for a look afterwards (`tally sql`); default a temporary directory
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("lake");
+    let path = match std::env::var("BENCH_LAKE_DIR") {
+        Ok(d) => {
+            let _ = std::fs::remove_dir_all(&d);
+            std::path::PathBuf::from(d)
+        }
+        Err(_) => dir.path().join("lake"),
+    };
     let lake = Lake::new(path.to_str().unwrap(), None, None).unwrap();
     let now = (day_ms * 1000) + MICROS_PER_DAY + MICROS_PER_HOUR;
 

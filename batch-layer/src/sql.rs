@@ -1,7 +1,8 @@
 //! The batch layer's SQL, generated from the metric registry.
 //!
 //! Both queries deduplicate by (merchant, `event_id`) within an hour, then
-//! aggregate with [`aggregate_sql`]. Copies of an event are identical by contract
+//! aggregate in two levels with [`aggregate_sql`] (per customer, then per
+//! merchant and bucket). Copies of an event are identical by contract
 //! (producers reuse the id on retry); should two copies ever differ, the
 //! field-wise minimum is kept, which is deterministic whatever the arrival order
 //! and costs a plain hash aggregate (an ordered "first copy" pick was 9x slower
@@ -28,26 +29,39 @@ fn dedup_sql(table: &str, day: i64, hours: &[i64]) -> String {
     )
 }
 
-/// Metrics per merchant and hour for `hours` of `day`, sorted by merchant.
+/// Metrics per merchant and hour for `hours` of `day` (unordered: the job sorts
+/// what it writes, [`crate::layout`]).
+///
+/// An event's `event_hour` partition is the hour of its `event_time` (the
+/// archiver puts it there), so the hour is grouped on that small integer and its
+/// timestamp taken as the hour of the group's earliest event.
 pub fn hourly_sql(table: &str, day: i64, hours: &[i64]) -> String {
+    let aggs = aggregate_sql();
     format!(
-        "SELECT merchant_id, date_trunc('hour', event_time) AS hour, {aggs} \
-         FROM ({dedup}) AS d GROUP BY merchant_id, date_trunc('hour', event_time) \
-         ORDER BY merchant_id, hour",
-        aggs = aggregate_sql().join(", "),
+        "SELECT merchant_id, date_trunc('hour', MIN(t)) AS hour, {fin} FROM (\
+         SELECT merchant_id, event_hour, customer_id, MIN(event_time) AS t, {partial} \
+         FROM ({dedup}) AS d GROUP BY merchant_id, event_hour, customer_id) AS c \
+         GROUP BY merchant_id, event_hour",
+        fin = aggs.r#final.join(", "),
+        partial = aggs.partial.join(", "),
         dedup = dedup_sql(table, day, hours)
     )
 }
 
 /// Metrics per merchant for the whole UTC day `day` (exact distinct customers over
-/// the day, not a sum of hours), sorted by merchant.
+/// the day, not a sum of hours), unordered.
 pub fn daily_sql(table: &str, day: i64) -> String {
     let hours: Vec<i64> = (0..24)
         .map(|h| day + h * tally_common::bucket::MICROS_PER_HOUR)
         .collect();
+    let aggs = aggregate_sql();
     format!(
-        "SELECT merchant_id, {aggs} FROM ({dedup}) AS d GROUP BY merchant_id ORDER BY merchant_id",
-        aggs = aggregate_sql().join(", "),
+        "SELECT merchant_id, {fin} FROM (\
+         SELECT merchant_id, customer_id, {partial} FROM ({dedup}) AS d \
+         GROUP BY merchant_id, customer_id) AS c \
+         GROUP BY merchant_id",
+        fin = aggs.r#final.join(", "),
+        partial = aggs.partial.join(", "),
         dedup = dedup_sql(table, day, &hours)
     )
 }
@@ -67,7 +81,11 @@ mod tests {
             sql.contains("WHERE event_date = '2026-11-24' AND event_hour IN (3, 4)"),
             "{sql}"
         );
-        assert!(sql.starts_with("SELECT merchant_id, date_trunc('hour', event_time) AS hour, CAST(COALESCE(SUM(CASE WHEN event_type = 'order' THEN 1 ELSE 0 END), 0) AS BIGINT) AS orders"), "{sql}");
+        assert!(sql.starts_with("SELECT merchant_id, date_trunc('hour', MIN(t)) AS hour, CAST(COALESCE(SUM(orders), 0) AS BIGINT) AS orders"), "{sql}");
+        assert!(
+            sql.contains("GROUP BY merchant_id, event_hour, customer_id) AS c GROUP BY merchant_id, event_hour"),
+            "{sql}"
+        );
         assert!(
             sql.contains("MIN(customer_id) AS customer_id FROM raw_events"),
             "{sql}"
@@ -78,6 +96,7 @@ mod tests {
         );
         let d = daily_sql("raw_events", day);
         assert!(d.contains("event_hour IN (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)"));
-        assert!(d.contains("COUNT(DISTINCT customer_id)"));
+        assert!(d.contains("CAST(COUNT(customer_id) AS BIGINT) AS unique_customers"));
+        assert!(d.contains("GROUP BY merchant_id, customer_id) AS c GROUP BY merchant_id"));
     }
 }
