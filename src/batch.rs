@@ -53,7 +53,8 @@ fn configured(common: &Common) -> anyhow::Result<BatchRun> {
     let run = BatchRun::new(&lake)
         .grace_minutes(common.batch.grace_minutes)
         .compact(!common.no_compact)
-        .wait_for_other_runs(Duration::from_secs(common.wait_secs));
+        .wait_for_other_runs(Duration::from_secs(common.wait_secs))
+        .lease_expiry(Duration::from_secs(common.batch.lease_secs));
     Ok(if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(

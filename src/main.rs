@@ -1,6 +1,7 @@
 //! `tally`: one binary for every part of the pipeline. Argument parsing and
 //! wiring only; the work is done by the layer crates.
 
+mod archive;
 mod batch;
 mod demo;
 mod gen;
@@ -40,6 +41,11 @@ enum Command {
     },
     /// Read-only SQL over the lake's tables, for analysts.
     Sql(sql::SqlArgs),
+    /// The archiver: the Kinesis stream into the master dataset.
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
     /// The speed layer.
     Speed {
         #[command(subcommand)]
@@ -69,6 +75,24 @@ enum SpeedCommand {
         kinesis: KinesisArgs,
         #[command(flatten)]
         speed: SpeedArgs,
+        /// Exit once every shard is caught up instead of waiting for new records.
+        #[arg(long)]
+        until_caught_up: bool,
+        /// Records per GetRecords call.
+        #[arg(long, default_value_t = 10_000)]
+        limit: i32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ArchiveCommand {
+    /// Consume the Kinesis stream into raw_events and quarantine until SIGTERM
+    /// (the archiver Lambda's work as a long-running process).
+    Consume {
+        #[command(flatten)]
+        kinesis: KinesisArgs,
+        #[command(flatten)]
+        lake: LakeArgs,
         /// Exit once every shard is caught up instead of waiting for new records.
         #[arg(long)]
         until_caught_up: bool,
@@ -163,8 +187,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tally_speed_layer::consumer::Consumer::new(client, stream, store, options);
             let stats = consumer.run(signal).await?;
             eprintln!(
-                "speed consume: {} records, {} events accepted, {} lines rejected, {} merchant-hours already applied",
-                stats.records, stats.accepted, stats.rejected, stats.skipped
+                "speed consume: {} records, {} events accepted, {} lines rejected, {} merchant-hours already applied, {} retries",
+                stats.records, stats.accepted, stats.rejected, stats.skipped, stats.retries
+            );
+            Ok(())
+        }
+        Command::Archive {
+            command:
+                ArchiveCommand::Consume {
+                    kinesis,
+                    lake,
+                    until_caught_up,
+                    limit,
+                },
+        } => {
+            let stream = kinesis.stream.ok_or_else(|| {
+                anyhow::anyhow!("no stream: pass --stream or set TALLY_KINESIS_STREAM")
+            })?;
+            let archiver = tally_batch_layer::Archiver::open(&lake.lake()?).await?;
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let client = aws_sdk_kinesis::Client::new(&config);
+            let (trigger, signal) = shutdown::channel();
+            trigger.fire_on_signals();
+            let options = tally_speed_layer::consumer::ConsumeOptions {
+                limit,
+                until_caught_up,
+                ..Default::default()
+            };
+            let consumer = tally_speed_layer::consumer::Consumer::with_sink(
+                client,
+                stream,
+                archive::ArchiveSink::new(archiver),
+                options,
+            );
+            let stats = consumer.run(signal).await?;
+            eprintln!(
+                "archive consume: {} records, {} events archived, {} lines quarantined, {} records already archived, {} retries",
+                stats.records, stats.accepted, stats.rejected, stats.skipped, stats.retries
             );
             Ok(())
         }

@@ -198,10 +198,9 @@ impl Archiver {
             if mark.as_ref().is_some_and(|m| *m >= last) {
                 return Ok(report);
             }
-            if rows.is_empty() {
-                // only bad or blank lines: the quarantine commit holds them and its mark
-                return Ok(report);
-            }
+            // Only bad or blank lines still commit (no rows, the mark alone): the
+            // raw mark is then the source's exact progress, which a consumer
+            // resumes from and compares with a closed shard's end.
             rows.sort_unstable_by(|a, b| {
                 (a.hour, &a.event.merchant_id, a.position, a.event.line).cmp(&(
                     b.hour,
@@ -270,6 +269,16 @@ impl Archiver {
             self.marks.clear();
         }
         self.marks.insert(key, (version, mark));
+    }
+
+    /// The position up to which `source` is archived (its `raw_events` mark), read
+    /// from the table's latest version.
+    pub async fn archived_up_to(&mut self, source: &SourceId) -> Result<Option<Position>> {
+        self.raw
+            .update_state()
+            .await
+            .context("refreshing raw_events")?;
+        self.mark(true, source).await
     }
 
     /// The current `raw_events` table.

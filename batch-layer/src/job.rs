@@ -41,6 +41,9 @@ use crate::sql::{daily_sql, hourly_sql};
 /// reprocess history.
 pub const LOGIC_VERSION: i32 = 1;
 
+/// Default expiry of the batch lease: a killed run blocks the next one at most this long.
+pub const DEFAULT_LEASE_EXPIRY: Duration = Duration::from_secs(120);
+
 /// Totals of the stored metrics over a set of rows (orders, gross_sales, refunds,
 /// refunded_amount, page_views, unique_customers).
 pub type Totals = [i64; 6];
@@ -94,6 +97,7 @@ pub struct BatchRun {
     dry_run: bool,
     compact: bool,
     lease_wait: Duration,
+    lease_expiry: Duration,
     on_day: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
 }
 
@@ -108,6 +112,7 @@ impl BatchRun {
             dry_run: false,
             compact: true,
             lease_wait: Duration::ZERO,
+            lease_expiry: DEFAULT_LEASE_EXPIRY,
             on_day: None,
         }
     }
@@ -141,6 +146,13 @@ impl BatchRun {
         self.lease_wait = d;
         self
     }
+
+    /// How long a lease not renewed stays a live run's (default 2 minutes; the
+    /// holder renews it every quarter of this).
+    pub fn lease_expiry(mut self, d: Duration) -> Self {
+        self.lease_expiry = d.max(Duration::from_secs(1));
+        self
+    }
     /// Called after each day with (days done, days in total), for progress bars.
     pub fn on_day(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
         self.on_day = Some(Arc::new(f));
@@ -153,7 +165,7 @@ impl BatchRun {
         let lease = if self.dry_run {
             None
         } else {
-            Some(Lease::acquire(&hourly, Duration::from_secs(15 * 60), self.lease_wait).await?)
+            Some(Lease::acquire(&hourly, self.lease_expiry, self.lease_wait).await?)
         };
         let result = self.execute_locked(&mut hourly).await;
         if let Some(l) = lease {

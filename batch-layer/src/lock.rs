@@ -1,8 +1,9 @@
 //! A lease that keeps two batch runs from working at once, held as an object
 //! created with put-if-absent (S3 conditional writes; an exclusive create on a
 //! local lake) next to `metrics_hourly`'s log. A run that finds a live lease
-//! stops with a clear message; a lease older than its expiry (a killed run) is
-//! taken over.
+//! stops with a clear message (or waits, when asked). The holder renews the
+//! lease every quarter of its expiry while it works, so a lease not renewed for
+//! longer than the expiry belongs to a killed run and is taken over.
 
 use std::time::Duration;
 
@@ -14,10 +15,53 @@ use tally_common::{Error, Result};
 
 const LEASE_PATH: &str = "_tally/batch.lease";
 
-/// A held lease; released by [`Lease::release`] (or left to expire if the process dies).
+/// A held lease, renewed in the background; released by [`Lease::release`] (or
+/// left to expire if the process dies).
 pub struct Lease {
     store: std::sync::Arc<dyn ObjectStore>,
     owner: String,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+/// The lease's content: its owner, and when it was taken or last renewed.
+fn body(owner: &str) -> object_store::PutPayload {
+    serde_json::json!({"owner": owner, "since": now_micros()})
+        .to_string()
+        .into()
+}
+
+async fn holder(store: &dyn ObjectStore) -> Option<(String, i64)> {
+    let g = store.get(&path()).await.ok()?;
+    let bytes = g.bytes().await.unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Some((
+        v["owner"].as_str().unwrap_or("?").to_string(),
+        v["since"].as_i64().unwrap_or(0),
+    ))
+}
+
+/// Renew the lease every quarter of `expiry` while it is still ours.
+fn renew(
+    store: std::sync::Arc<dyn ObjectStore>,
+    owner: String,
+    expiry: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(expiry / 4).await;
+            match holder(store.as_ref()).await {
+                Some((o, _)) if o == owner => {
+                    if let Err(e) = store.put(&path(), body(&owner)).await {
+                        tracing::warn!(error = %e, "could not renew the batch lease");
+                    }
+                }
+                _ => {
+                    tracing::error!("the batch lease was taken over; this run no longer holds it");
+                    return;
+                }
+            }
+        }
+    })
 }
 
 fn path() -> Path {
@@ -32,25 +76,21 @@ impl Lease {
         let owner = format!("{}@{}", std::process::id(), uuid::Uuid::new_v4());
         let deadline = std::time::Instant::now() + wait;
         loop {
-            let body = serde_json::json!({"owner": owner, "since": now_micros()}).to_string();
             let put = store
-                .put_opts(&path(), body.into(), PutMode::Create.into())
+                .put_opts(&path(), body(&owner), PutMode::Create.into())
                 .await;
             match put {
-                Ok(_) => return Ok(Lease { store, owner }),
+                Ok(_) => {
+                    let renewer = renew(store.clone(), owner.clone(), expiry);
+                    return Ok(Lease {
+                        store,
+                        owner,
+                        renewer,
+                    });
+                }
                 Err(object_store::Error::AlreadyExists { .. }) => {
-                    let held = store.get(&path()).await.ok();
-                    let (holder, since) = match held {
-                        Some(g) => {
-                            let bytes = g.bytes().await.unwrap_or_default();
-                            let v: serde_json::Value =
-                                serde_json::from_slice(&bytes).unwrap_or_default();
-                            (
-                                v["owner"].as_str().unwrap_or("?").to_string(),
-                                v["since"].as_i64().unwrap_or(0),
-                            )
-                        }
-                        None => continue,
+                    let Some((holder, since)) = holder(store.as_ref()).await else {
+                        continue;
                     };
                     let age = Duration::from_micros((now_micros() - since).max(0) as u64);
                     if age > expiry {
@@ -73,12 +113,11 @@ impl Lease {
         }
     }
 
-    /// Release the lease if it is still ours.
+    /// Stop renewing and release the lease if it is still ours.
     pub async fn release(self) {
-        if let Ok(g) = self.store.get(&path()).await {
-            let bytes = g.bytes().await.unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            if v["owner"].as_str() == Some(self.owner.as_str()) {
+        self.renewer.abort();
+        if let Some((o, _)) = holder(self.store.as_ref()).await {
+            if o == self.owner {
                 let _ = self.store.delete(&path()).await;
             }
         }

@@ -45,6 +45,10 @@ pub struct BatchArgs {
     /// Minutes after an hour's end before it is closed and the batch layer takes it.
     #[arg(long, env = "TALLY_GRACE_MINUTES", default_value_t = 5)]
     pub grace_minutes: i64,
+    /// Seconds after which the lease of a batch run that stopped renewing it (a
+    /// killed run) is taken over.
+    #[arg(long, env = "TALLY_BATCH_LEASE_SECS", default_value_t = 120)]
+    pub lease_secs: u64,
 }
 
 /// Token verification for the API.

@@ -1,13 +1,18 @@
-//! `tally speed consume`: the speed layer as a long-running Kinesis consumer.
+//! A long-running Kinesis consumer: `tally speed consume` (into the speed view)
+//! and `tally archive consume` (into the master dataset) are this loop with
+//! different [`RecordSink`]s.
 //!
-//! It lists the stream's shards, reads each from its checkpoint (kept in the
-//! speed store) with GetRecords, applies every batch with
-//! [`crate::apply_records`] and then stores the checkpoint. A crash between the
-//! two redelivers the batch on restart and the marks skip it. After a reshard, a
-//! child shard is read only once its parents are finished. On shutdown it
-//! finishes the batch in hand and stores its checkpoint before returning.
+//! It lists the stream's shards, reads each from its checkpoint with
+//! GetRecords, applies every batch to the sink and then stores the checkpoint. A
+//! crash between the two redelivers the batch on restart and the sink's marks
+//! skip it. After a reshard, a child shard is read only once its parents are
+//! finished. A failing sink (Redis restarting, S3 unreachable) or a failing
+//! GetRecords is retried with capped backoff, the batch held, until it succeeds
+//! or shutdown. On shutdown it finishes the batch in hand and stores its
+//! checkpoint before returning.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
@@ -20,6 +25,75 @@ use tally_common::{Error, Result};
 use crate::{apply_records, SpeedStore};
 
 const SHARD_END: &str = "SHARD_END";
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What applying one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkOutcome {
+    /// Events accepted.
+    pub accepted: u64,
+    /// Lines rejected (kept with their reason by the sink).
+    pub rejected: u64,
+    /// Units skipped as already applied (merchant-hours, records).
+    pub skipped: u64,
+}
+
+/// Where a consumer puts a shard's records. `apply` must be idempotent per
+/// source and position (a redelivered batch changes nothing), since a crash
+/// between `apply` and `set_checkpoint` redelivers it.
+pub trait RecordSink: Send + Sync {
+    /// Apply one shard's records, in shard order.
+    fn apply<'a>(
+        &'a self,
+        source: SourceId,
+        records: Vec<(Position, &'a [u8])>,
+        ingest_time: i64,
+    ) -> impl Future<Output = Result<SinkOutcome>> + Send + 'a;
+    /// The last sequence number of `shard` known applied (or `SHARD_END`).
+    fn checkpoint(
+        &self,
+        stream: &str,
+        shard: &str,
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
+    /// Record that `shard` is applied up to `value` (a sequence number or `SHARD_END`).
+    fn set_checkpoint(
+        &self,
+        stream: &str,
+        shard: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The speed view as a sink; checkpoints live in the speed store under `{stream}/{shard}`.
+pub struct SpeedSink<S>(pub S);
+
+impl<S: SpeedStore> RecordSink for SpeedSink<S> {
+    fn apply<'a>(
+        &'a self,
+        source: SourceId,
+        records: Vec<(Position, &'a [u8])>,
+        ingest_time: i64,
+    ) -> impl Future<Output = Result<SinkOutcome>> + Send + 'a {
+        async move {
+            let o = apply_records(&self.0, source, records, ingest_time).await?;
+            Ok(SinkOutcome {
+                accepted: o.accepted,
+                rejected: o.rejected,
+                skipped: o.report.skipped as u64,
+            })
+        }
+    }
+
+    async fn checkpoint(&self, stream: &str, shard: &str) -> Result<Option<String>> {
+        self.0.checkpoint(&format!("{stream}/{shard}")).await
+    }
+
+    async fn set_checkpoint(&self, stream: &str, shard: &str, value: &str) -> Result<()> {
+        self.0
+            .set_checkpoint(&format!("{stream}/{shard}"), value)
+            .await
+    }
+}
 
 /// Options of a consumer run.
 #[derive(Debug, Clone)]
@@ -51,8 +125,10 @@ pub struct ConsumeStats {
     pub accepted: u64,
     /// Lines rejected.
     pub rejected: u64,
-    /// Merchant-hour updates skipped as already applied.
+    /// Units skipped as already applied (see [`SinkOutcome::skipped`]).
     pub skipped: u64,
+    /// Failed attempts retried (sink or GetRecords).
+    pub retries: u64,
 }
 
 struct ShardState {
@@ -66,32 +142,90 @@ fn aws_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Aws(format!("{what}: {e}"))
 }
 
-/// A Kinesis consumer applying a stream to a speed store.
-pub struct Consumer<S> {
+/// A Kinesis consumer applying a stream to a [`RecordSink`].
+pub struct Consumer<K> {
     client: Client,
     stream: String,
-    store: S,
+    sink: K,
     options: ConsumeOptions,
 }
 
-impl<S: SpeedStore> Consumer<S> {
-    /// A consumer of `stream` into `store`.
+impl<S: SpeedStore> Consumer<SpeedSink<S>> {
+    /// A consumer of `stream` into the speed store `store`.
     pub fn new(
         client: Client,
         stream: impl Into<String>,
         store: S,
         options: ConsumeOptions,
     ) -> Self {
+        Consumer::with_sink(client, stream, SpeedSink(store), options)
+    }
+}
+
+impl<K: RecordSink> Consumer<K> {
+    /// A consumer of `stream` into `sink`.
+    pub fn with_sink(
+        client: Client,
+        stream: impl Into<String>,
+        sink: K,
+        options: ConsumeOptions,
+    ) -> Self {
         Consumer {
             client,
             stream: stream.into(),
-            store,
+            sink,
             options,
         }
     }
 
-    fn checkpoint_key(&self, shard: &str) -> String {
-        format!("{}/{shard}", self.stream)
+    /// Whether `checkpoint` covers the whole of a closed shard.
+    fn is_finished(shard: &Shard, checkpoint: Option<&str>) -> bool {
+        let Some(cp) = checkpoint else {
+            return false;
+        };
+        if cp == SHARD_END {
+            return true;
+        }
+        let end = shard
+            .sequence_number_range
+            .as_ref()
+            .and_then(|r| r.ending_sequence_number.as_deref());
+        match (end.map(Position::parse), Position::parse(cp)) {
+            (Some(Ok(end)), Ok(cp)) => cp >= end,
+            _ => false,
+        }
+    }
+
+    /// Run `f` until it succeeds, backing off (capped) between attempts; give up
+    /// only at shutdown.
+    async fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        shutdown: &Shutdown,
+        stats: &mut ConsumeStats,
+        mut f: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if shutdown.is_fired() => return Err(e),
+                Err(e) => {
+                    stats.retries += 1;
+                    tracing::warn!(error = %e, ?backoff, "{what} failed; retrying");
+                    let mut sd = shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = sd.wait() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
     }
 
     async fn list_shards(&self) -> Result<Vec<Shard>> {
@@ -149,16 +283,23 @@ impl<S: SpeedStore> Consumer<S> {
                 return Ok(stats);
             }
             if rounds.is_multiple_of(20) {
-                for shard in self.list_shards().await? {
+                let shards = self
+                    .retrying("listing shards", &shutdown, &mut stats, || self.list_shards())
+                    .await?;
+                for shard in shards {
                     let id = shard.shard_id.clone();
                     if states.contains_key(&id) {
                         continue;
                     }
-                    let cp = self.store.checkpoint(&self.checkpoint_key(&id)).await?;
+                    let cp = self
+                        .retrying("reading a checkpoint", &shutdown, &mut stats, || {
+                            self.sink.checkpoint(&self.stream, &id)
+                        })
+                        .await?;
                     states.insert(
                         id,
                         ShardState {
-                            finished: cp.as_deref() == Some(SHARD_END),
+                            finished: Self::is_finished(&shard, cp.as_deref()),
                             shard,
                             iterator: None,
                             caught_up: false,
@@ -177,7 +318,7 @@ impl<S: SpeedStore> Consumer<S> {
                 if !self.readable(&states, &id) {
                     continue;
                 }
-                match self.poll_shard(&mut states, &id, &mut stats).await {
+                match self.poll_shard(&mut states, &id, &mut stats, &shutdown).await {
                     Ok(n) => {
                         got_any |= n > 0;
                         backoff = Duration::from_millis(200);
@@ -185,7 +326,13 @@ impl<S: SpeedStore> Consumer<S> {
                     Err(PollError::Throttled) => {
                         tracing::debug!(shard = %id, ?backoff, "throughput exceeded; backing off");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    Err(PollError::Transient(e)) => {
+                        stats.retries += 1;
+                        tracing::warn!(shard = %id, error = %e, ?backoff, "GetRecords failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                     Err(PollError::Fatal(e)) => return Err(e),
                 }
@@ -225,13 +372,19 @@ impl<S: SpeedStore> Consumer<S> {
         states: &mut HashMap<String, ShardState>,
         id: &str,
         stats: &mut ConsumeStats,
+        shutdown: &Shutdown,
     ) -> std::result::Result<usize, PollError> {
-        let key = self.checkpoint_key(id);
         let iterator = match states.get(id).and_then(|s| s.iterator.clone()) {
             Some(it) => it,
             None => {
-                let cp = self.store.checkpoint(&key).await?;
-                self.iterator_for(id, cp.as_deref()).await?
+                let cp = self
+                    .retrying("reading a checkpoint", shutdown, stats, || {
+                        self.sink.checkpoint(&self.stream, id)
+                    })
+                    .await?;
+                self.iterator_for(id, cp.as_deref())
+                    .await
+                    .map_err(PollError::Transient)?
             }
         };
         let out = match self
@@ -257,10 +410,19 @@ impl<S: SpeedStore> Consumer<S> {
                     }
                     return Ok(0);
                 }
-                return Err(PollError::Fatal(aws_err(
+                let fatal = svc.is_some_and(|s| {
+                    s.is_resource_not_found_exception() || s.is_access_denied_exception()
+                });
+                let err = aws_err(
                     &format!("GetRecords on {id}"),
                     aws_sdk_kinesis::error::DisplayErrorContext(e),
-                )));
+                );
+                // an unreachable endpoint or a 5xx: keep the iterator and try again
+                return Err(if fatal {
+                    PollError::Fatal(err)
+                } else {
+                    PollError::Transient(err)
+                });
             }
         };
         let records = out.records;
@@ -272,15 +434,22 @@ impl<S: SpeedStore> Consumer<S> {
                 let pos = Position::parse(&r.sequence_number)?;
                 input.push((pos, r.data.as_ref()));
             }
-            let outcome = apply_records(&self.store, source, input, now_micros()).await?;
+            let now = now_micros();
+            let outcome = self
+                .retrying("applying a batch", shutdown, stats, || {
+                    self.sink.apply(source.clone(), input.clone(), now)
+                })
+                .await?;
             stats.records += n as u64;
             stats.accepted += outcome.accepted;
             stats.rejected += outcome.rejected;
-            stats.skipped += outcome.report.skipped as u64;
+            stats.skipped += outcome.skipped;
             if let Some(last) = records.last() {
-                self.store
-                    .set_checkpoint(&key, &last.sequence_number)
-                    .await?;
+                self.retrying("storing a checkpoint", shutdown, stats, || {
+                    self.sink
+                        .set_checkpoint(&self.stream, id, &last.sequence_number)
+                })
+                .await?;
             }
         }
         let state = states
@@ -291,7 +460,10 @@ impl<S: SpeedStore> Consumer<S> {
             Some(next) => state.iterator = Some(next),
             None => {
                 // the shard was closed by a reshard and is fully read: children may start
-                self.store.set_checkpoint(&key, SHARD_END).await?;
+                self.retrying("storing a checkpoint", shutdown, stats, || {
+                    self.sink.set_checkpoint(&self.stream, id, SHARD_END)
+                })
+                .await?;
                 state.finished = true;
                 state.iterator = None;
                 tracing::info!(shard = %id, "shard finished");
@@ -303,6 +475,7 @@ impl<S: SpeedStore> Consumer<S> {
 
 enum PollError {
     Throttled,
+    Transient(Error),
     Fatal(Error),
 }
 

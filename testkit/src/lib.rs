@@ -94,6 +94,8 @@ pub struct RedisServer {
     binary: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// With persistence: the directory of its append-only file (kept across restarts).
+    data_dir: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
@@ -106,6 +108,7 @@ impl RedisServer {
                 binary: binary.clone(),
                 port: free_port(),
                 child: None,
+                data_dir: None,
             };
             if s.spawn() {
                 return s;
@@ -114,20 +117,36 @@ impl RedisServer {
         panic!("redis-server would not start on a loopback port: {INSTALL_HINT}");
     }
 
+    /// Start one that keeps its data across [`RedisServer::restart`] (an
+    /// append-only file synced on every write, as a replica that takes over would
+    /// have it).
+    pub fn start_persistent() -> Self {
+        let mut s = RedisServer::start();
+        s.stop();
+        s.data_dir = Some(tempfile::tempdir().expect("a directory for redis data"));
+        assert!(s.spawn(), "redis-server would not start with persistence: {INSTALL_HINT}");
+        s
+    }
+
     fn spawn(&mut self) -> bool {
-        let child = Command::new(&self.binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
+        let mut cmd = Command::new(&self.binary);
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+        ]);
+        match &self.data_dir {
+            Some(d) => cmd
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(d.path()),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -152,7 +171,7 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Kill the server (its data is gone: it has no persistence).
+    /// Kill the server (its data is gone unless started with persistence).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -160,7 +179,7 @@ impl RedisServer {
         }
     }
 
-    /// Start it again on the same port, empty.
+    /// Start it again on the same port (empty, unless started with persistence).
     pub fn restart(&mut self) {
         self.stop();
         assert!(
@@ -410,6 +429,172 @@ pub mod events {
             if let Some(c) = &e.customer_id {
                 entry.1.insert(c.clone());
             }
+        }
+        out
+    }
+}
+
+/// A TCP proxy on a loopback port in front of another, which a test can take
+/// down (open connections cut, new ones closed at once) and bring back: an
+/// endpoint that is unreachable for a while.
+pub struct Proxy {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    /// Forward a free loopback port to `127.0.0.1:target`.
+    pub fn start(target: u16) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        let (d, o) = (down.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    if let Ok(mut v) = o.lock() {
+                        v.push(c2);
+                        v.push(s2);
+                    }
+                    pipe(client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                    pipe(server, client);
+                }
+            }
+        });
+        Proxy { port, down, open }
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Cut every open connection and refuse new ones (`true`), or forward again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            if let Ok(mut v) = self.open.lock() {
+                for s in v.drain(..) {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+/// Kinesis in tests: a client for moto's server, and a stream's records as the
+/// Lambda service delivers them.
+pub mod kinesis {
+    use aws_lambda_events::event::kinesis::KinesisEvent;
+    use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    use aws_sdk_kinesis::Client;
+    use base64::Engine as _;
+
+    /// A Kinesis client for the emulator at `endpoint`.
+    pub fn client(endpoint: &str) -> Client {
+        let config = aws_sdk_kinesis::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(endpoint)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .build();
+        Client::from_conf(config)
+    }
+
+    /// Create `stream` with `shards` shards.
+    pub async fn create_stream(client: &Client, stream: &str, shards: i32) {
+        client
+            .create_stream()
+            .stream_name(stream)
+            .shard_count(shards)
+            .send()
+            .await
+            .expect("creating the stream");
+    }
+
+    /// Every record of `stream`, as the Lambda service would deliver them (one event per shard).
+    pub async fn lambda_events(client: &Client, stream: &str) -> Vec<KinesisEvent> {
+        let shards = client
+            .list_shards()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("listing shards")
+            .shards
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for s in shards {
+            let mut it = client
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(&s.shard_id)
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .expect("a shard iterator")
+                .shard_iterator;
+            let mut records = Vec::new();
+            while let Some(i) = it {
+                let r = client
+                    .get_records()
+                    .shard_iterator(i)
+                    .send()
+                    .await
+                    .expect("GetRecords");
+                if r.records.is_empty() {
+                    break;
+                }
+                records.extend(r.records);
+                it = r.next_shard_iterator;
+            }
+            let json: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "eventSource": "aws:kinesis",
+                        "eventID": format!("{}:{}", s.shard_id, r.sequence_number),
+                        "eventSourceARN": format!("arn:aws:kinesis:us-east-1:123456789012:stream/{stream}"),
+                        "eventName": "aws:kinesis:record",
+                        "eventVersion": "1.0",
+                        "awsRegion": "us-east-1",
+                        "kinesis": {
+                            "kinesisSchemaVersion": "1.0",
+                            "partitionKey": r.partition_key,
+                            "sequenceNumber": r.sequence_number,
+                            "data": base64::engine::general_purpose::STANDARD.encode(r.data.as_ref()),
+                            "approximateArrivalTimestamp": 1.7e9
+                        }
+                    })
+                })
+                .collect();
+            out.push(
+                serde_json::from_value(serde_json::json!({ "Records": json }))
+                    .expect("a Lambda Kinesis event"),
+            );
         }
         out
     }

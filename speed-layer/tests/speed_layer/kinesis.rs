@@ -5,11 +5,9 @@
 //! checkpoint.
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
-use base64::Engine as _;
 use tally_common::metrics::Metric;
 use tally_common::shutdown::Shutdown;
 use tally_speed_layer::consumer::{ConsumeOptions, Consumer};
@@ -21,13 +19,7 @@ const START_MS: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
 const STREAM: &str = "events";
 
 fn client(moto: &MotoServer) -> Client {
-    let config = aws_sdk_kinesis::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .endpoint_url(moto.endpoint())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-        .build();
-    Client::from_conf(config)
+    tally_testkit::kinesis::client(&moto.endpoint())
 }
 
 async fn put(client: &Client, events: &[TestEvent]) {
@@ -85,59 +77,8 @@ async fn assert_view<S: SpeedStore>(store: &S, want: &Expected) {
     }
 }
 
-/// Every record of the stream, as the Lambda service would deliver them (one event per shard).
 async fn lambda_events(client: &Client) -> Vec<KinesisEvent> {
-    let shards = client
-        .list_shards()
-        .stream_name(STREAM)
-        .send()
-        .await
-        .unwrap()
-        .shards
-        .unwrap();
-    let mut out = Vec::new();
-    for s in shards {
-        let mut it = client
-            .get_shard_iterator()
-            .stream_name(STREAM)
-            .shard_id(&s.shard_id)
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator;
-        let mut records = Vec::new();
-        while let Some(i) = it {
-            let r = client.get_records().shard_iterator(i).send().await.unwrap();
-            if r.records.is_empty() {
-                break;
-            }
-            records.extend(r.records);
-            it = r.next_shard_iterator;
-        }
-        let json: Vec<serde_json::Value> = records
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "eventSource": "aws:kinesis",
-                    "eventID": format!("{}:{}", s.shard_id, r.sequence_number),
-                    "eventSourceARN": format!("arn:aws:kinesis:us-east-1:123456789012:stream/{STREAM}"),
-                    "eventName": "aws:kinesis:record",
-                    "eventVersion": "1.0",
-                    "awsRegion": "us-east-1",
-                    "kinesis": {
-                        "kinesisSchemaVersion": "1.0",
-                        "partitionKey": r.partition_key,
-                        "sequenceNumber": r.sequence_number,
-                        "data": base64::engine::general_purpose::STANDARD.encode(r.data.as_ref()),
-                        "approximateArrivalTimestamp": 1.7e9
-                    }
-                })
-            })
-            .collect();
-        out.push(serde_json::from_value(serde_json::json!({ "Records": json })).unwrap());
-    }
-    out
+    tally_testkit::kinesis::lambda_events(client, STREAM).await
 }
 
 #[tokio::test]
