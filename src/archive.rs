@@ -42,9 +42,7 @@ impl RecordSink for ArchiveSink {
 
     async fn checkpoint(&self, stream: &str, shard: &str) -> Result<Option<String>> {
         let mut a = self.archiver.lock().await;
-        let mark = a
-            .archived_up_to(&SourceId::kinesis(stream, shard))
-            .await?;
+        let mark = a.archived_up_to(&SourceId::kinesis(stream, shard)).await?;
         Ok(mark.map(|p| p.as_str().to_string()))
     }
 

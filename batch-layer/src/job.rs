@@ -167,14 +167,22 @@ impl BatchRun {
         } else {
             Some(Lease::acquire(&hourly, self.lease_expiry, self.lease_wait).await?)
         };
-        let result = self.execute_locked(&mut hourly).await;
+        // the table as of now: another run may have committed while this one waited
+        let result = match hourly.update_state().await {
+            Ok(()) => self.execute_locked(&mut hourly, lease.as_ref()).await,
+            Err(e) => Err(e).context("refreshing metrics_hourly"),
+        };
         if let Some(l) = lease {
             l.release().await;
         }
         result
     }
 
-    async fn execute_locked(&self, hourly: &mut DeltaTable) -> Result<RunReport> {
+    async fn execute_locked(
+        &self,
+        hourly: &mut DeltaTable,
+        lease: Option<&Lease>,
+    ) -> Result<RunReport> {
         let mut report = RunReport::default();
         let progress = read_progress(hourly).await?;
         report.watermark_before = progress.watermark;
@@ -248,6 +256,9 @@ impl BatchRun {
                 let before = existing_hourly(hourly, day, hours).await?;
                 compare(&before, &hourly_rows, &mut diff)?;
             } else {
+                if let Some(l) = lease {
+                    l.check().await?;
+                }
                 let t1 = std::time::Instant::now();
                 let n: u64 = hourly_rows.iter().map(|b| b.num_rows() as u64).sum();
                 let mut commit = CommitProperties::default().with_metadata([

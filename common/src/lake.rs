@@ -175,6 +175,14 @@ impl Lake {
         })
     }
 
+    /// One more object-store option (e.g. `AWS_ACCESS_KEY_ID`), over what the
+    /// environment provides.
+    pub fn with_option(mut self, key: &str, value: &str) -> Self {
+        self.storage_options
+            .insert(key.to_string(), value.to_string());
+        self
+    }
+
     /// The lake's root URL.
     pub fn root(&self) -> &Url {
         &self.root

@@ -284,7 +284,9 @@ impl<K: RecordSink> Consumer<K> {
             }
             if rounds.is_multiple_of(20) {
                 let shards = self
-                    .retrying("listing shards", &shutdown, &mut stats, || self.list_shards())
+                    .retrying("listing shards", &shutdown, &mut stats, || {
+                        self.list_shards()
+                    })
                     .await?;
                 for shard in shards {
                     let id = shard.shard_id.clone();
@@ -318,7 +320,10 @@ impl<K: RecordSink> Consumer<K> {
                 if !self.readable(&states, &id) {
                     continue;
                 }
-                match self.poll_shard(&mut states, &id, &mut stats, &shutdown).await {
+                match self
+                    .poll_shard(&mut states, &id, &mut stats, &shutdown)
+                    .await
+                {
                     Ok(n) => {
                         got_any |= n > 0;
                         backoff = Duration::from_millis(200);

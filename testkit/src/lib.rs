@@ -124,7 +124,10 @@ impl RedisServer {
         let mut s = RedisServer::start();
         s.stop();
         s.data_dir = Some(tempfile::tempdir().expect("a directory for redis data"));
-        assert!(s.spawn(), "redis-server would not start with persistence: {INSTALL_HINT}");
+        assert!(
+            s.spawn(),
+            "redis-server would not start with persistence: {INSTALL_HINT}"
+        );
         s
     }
 
@@ -146,10 +149,7 @@ impl RedisServer {
                 .arg(d.path()),
             None => cmd.args(["--appendonly", "no"]),
         };
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let Ok(child) = child else { return false };
         self.child = Some(child);
         let port = self.port;
@@ -440,7 +440,8 @@ pub mod events {
 pub struct Proxy {
     port: u16,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    /// Open connections (the client side), by id, so going down can cut them.
+    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, std::net::TcpStream>>>,
 }
 
 impl Proxy {
@@ -451,32 +452,44 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let (d, o) = (down.clone(), open.clone());
         std::thread::spawn(move || {
-            for client in listener.incoming() {
+            for (id, client) in listener.incoming().enumerate() {
+                let id = id as u64;
                 let Ok(client) = client else { continue };
                 if d.load(Ordering::SeqCst) {
-                    drop(client);
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
-                let pipe = |mut from: TcpStream, mut to: TcpStream| {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
+                let (Ok(c2), Ok(s2), Ok(keep)) =
+                    (client.try_clone(), server.try_clone(), client.try_clone())
+                else {
+                    continue;
                 };
-                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
-                    if let Ok(mut v) = o.lock() {
-                        v.push(c2);
-                        v.push(s2);
-                    }
-                    pipe(client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-                    pipe(server, client);
+                if let Ok(mut m) = o.lock() {
+                    m.insert(id, keep);
                 }
+                // one thread per direction; when the client side ends, both sockets
+                // are shut down and the connection is forgotten
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (c2, s2);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                });
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (server, client);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    if let Ok(mut m) = o.lock() {
+                        m.remove(&id);
+                    }
+                });
             }
         });
         Proxy { port, down, open }
@@ -496,8 +509,8 @@ impl Proxy {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, std::sync::atomic::Ordering::SeqCst);
         if down {
-            if let Ok(mut v) = self.open.lock() {
-                for s in v.drain(..) {
+            if let Ok(mut m) = self.open.lock() {
+                for (_, s) in m.drain() {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }
             }
