@@ -23,21 +23,19 @@ impl ArchiveSink {
 }
 
 impl RecordSink for ArchiveSink {
-    fn apply<'a>(
+    async fn apply<'a>(
         &'a self,
         source: SourceId,
         records: Vec<(Position, &'a [u8])>,
         ingest_time: i64,
-    ) -> impl std::future::Future<Output = Result<SinkOutcome>> + Send + 'a {
-        async move {
-            let mut a = self.archiver.lock().await;
-            let r = a.archive(&source, &records, ingest_time).await?;
-            Ok(SinkOutcome {
-                accepted: r.accepted,
-                rejected: r.quarantined,
-                skipped: r.already_archived,
-            })
-        }
+    ) -> Result<SinkOutcome> {
+        let mut a = self.archiver.lock().await;
+        let r = a.archive(&source, &records, ingest_time).await?;
+        Ok(SinkOutcome {
+            accepted: r.accepted,
+            rejected: r.quarantined,
+            skipped: r.already_archived,
+        })
     }
 
     async fn checkpoint(&self, stream: &str, shard: &str) -> Result<Option<String>> {

@@ -204,15 +204,19 @@ impl Pipeline {
 
     fn serve(&self) -> Server {
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = self.spawn(&["serve", "--addr", &addr]);
+        // dropping the server kills and waits for the process, also on the panic below
+        let server = Server {
+            child: self.spawn(&["serve", "--addr", &addr]),
+            addr,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if let Ok((200, _)) = http_get(&addr, "/ready", "") {
-                return Server { child, addr };
+            if let Ok((200, _)) = http_get(&server.addr, "/ready", "") {
+                return server;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!("tally serve did not get ready on {addr}");
+        panic!("tally serve did not get ready on {}", server.addr);
     }
 
     /// Every hourly and daily bucket of every merchant equals the model.

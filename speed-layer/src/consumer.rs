@@ -68,20 +68,18 @@ pub trait RecordSink: Send + Sync {
 pub struct SpeedSink<S>(pub S);
 
 impl<S: SpeedStore> RecordSink for SpeedSink<S> {
-    fn apply<'a>(
+    async fn apply<'a>(
         &'a self,
         source: SourceId,
         records: Vec<(Position, &'a [u8])>,
         ingest_time: i64,
-    ) -> impl Future<Output = Result<SinkOutcome>> + Send + 'a {
-        async move {
-            let o = apply_records(&self.0, source, records, ingest_time).await?;
-            Ok(SinkOutcome {
-                accepted: o.accepted,
-                rejected: o.rejected,
-                skipped: o.report.skipped as u64,
-            })
-        }
+    ) -> Result<SinkOutcome> {
+        let o = apply_records(&self.0, source, records, ingest_time).await?;
+        Ok(SinkOutcome {
+            accepted: o.accepted,
+            rejected: o.rejected,
+            skipped: o.report.skipped as u64,
+        })
     }
 
     async fn checkpoint(&self, stream: &str, shard: &str) -> Result<Option<String>> {
