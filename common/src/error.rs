@@ -13,6 +13,7 @@ pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
     /// A Delta Lake operation failed (read, commit, optimize, vacuum).
+    #[cfg(feature = "lake")]
     #[error("delta lake: {context}: {source}")]
     Delta {
         context: String,
@@ -20,6 +21,7 @@ pub enum Error {
         source: Box<deltalake::DeltaTableError>,
     },
     /// A DataFusion query failed.
+    #[cfg(feature = "lake")]
     #[error("query: {context}: {source}")]
     Query {
         context: String,
@@ -27,6 +29,7 @@ pub enum Error {
         source: Box<deltalake::datafusion::error::DataFusionError>,
     },
     /// An Arrow conversion failed while building or reading record batches.
+    #[cfg(feature = "lake")]
     #[error("arrow: {context}: {source}")]
     Arrow {
         context: String,
@@ -71,6 +74,7 @@ pub trait Context<T> {
     fn context(self, what: impl Into<String>) -> Result<T>;
 }
 
+#[cfg(feature = "lake")]
 impl<T> Context<T> for std::result::Result<T, deltalake::DeltaTableError> {
     fn context(self, what: impl Into<String>) -> Result<T> {
         self.map_err(|source| Error::Delta {
@@ -80,6 +84,7 @@ impl<T> Context<T> for std::result::Result<T, deltalake::DeltaTableError> {
     }
 }
 
+#[cfg(feature = "lake")]
 impl<T> Context<T> for std::result::Result<T, deltalake::datafusion::error::DataFusionError> {
     fn context(self, what: impl Into<String>) -> Result<T> {
         self.map_err(|source| Error::Query {
@@ -89,6 +94,7 @@ impl<T> Context<T> for std::result::Result<T, deltalake::datafusion::error::Data
     }
 }
 
+#[cfg(feature = "lake")]
 impl<T> Context<T> for std::result::Result<T, deltalake::arrow::error::ArrowError> {
     fn context(self, what: impl Into<String>) -> Result<T> {
         self.map_err(|source| Error::Arrow {

@@ -4,16 +4,16 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tally_common::bucket::{hour_floor, now_micros, parse_ts, BucketRange, Granularity};
-use tally_common::decode::is_valid_merchant_id;
-use tally_common::metrics::{parse_metric_list, MetricValues, SpeedReading};
+use tally_common::bucket::{hour_floor, now_micros};
+use tally_common::metrics::{MetricValues, SpeedReading};
+use tally_common::query::{parse_metrics_request, MetricsRequest};
 use tally_common::Error;
 use utoipa::ToSchema;
 
@@ -24,15 +24,6 @@ use crate::AppState;
 /// How far ahead of now an event may be stamped (the decoder's rule), so the
 /// newest hour the speed view can hold data for.
 const FUTURE_ALLOWANCE_MICROS: i64 = 5 * 60 * 1_000_000;
-
-/// The metrics endpoint's query string.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct MetricsQuery {
-    from: Option<String>,
-    to: Option<String>,
-    granularity: Option<String>,
-    metrics: Option<String>,
-}
 
 fn invalid(e: Error) -> ApiError {
     match e {
@@ -70,26 +61,8 @@ pub(crate) async fn metrics(
 ) -> Result<Json<MetricsResponse>, ApiError> {
     let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     state.inner.auth.authorize(authorization, &merchant).await?;
-    if !is_valid_merchant_id(&merchant) {
-        return Err(ApiError::BadRequest(
-            "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
-        ));
-    }
-    let Query(q) = Query::<MetricsQuery>::try_from_uri(&uri)
-        .map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))?;
-    let required = |v: Option<String>, name: &str| {
-        v.ok_or_else(|| ApiError::BadRequest(format!("`{name}` is required (RFC 3339)")))
-    };
-    let from = parse_ts(&required(q.from, "from")?).map_err(invalid)?;
-    let to = parse_ts(&required(q.to, "to")?).map_err(invalid)?;
-    let granularity: Granularity = q
-        .granularity
-        .as_deref()
-        .unwrap_or("hour")
-        .parse()
-        .map_err(invalid)?;
-    let range = BucketRange::new(from, to, granularity).map_err(invalid)?;
-    let metrics = parse_metric_list(q.metrics.as_deref()).map_err(invalid)?;
+    let MetricsRequest { range, metrics } =
+        parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
 
     let snapshot = state.inner.batch.snapshot().ok_or_else(|| {
         ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())

@@ -255,3 +255,29 @@ proptest! {
         }
     }
 }
+
+/// Inputs the fuzzer found or that are kept for it (`fuzz/regressions/decode`):
+/// every non-blank line is accepted or rejected, none panics.
+#[test]
+fn fuzz_regressions() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/decode");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let data = std::fs::read(entry.path()).unwrap();
+        let r = decode_record(&data, 1_795_600_000_000_000);
+        if !data.starts_with(&[0x1f, 0x8b]) {
+            let lines = data
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                .count();
+            assert_eq!(
+                r.events.len() + r.rejected.len(),
+                lines,
+                "{:?}",
+                entry.path()
+            );
+        }
+        n += 1;
+    }
+    assert!(n > 0, "no inputs in {}", dir.display());
+}
