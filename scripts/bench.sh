@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce every row of BENCHMARKS.md: each benchmark runs alone (the machine's
 # two cores are shared by client and server), in release mode, with its
-# reference in the same run. Usage: scripts/bench.sh [decode|speed|archive|batch|serve]...
+# reference in the same run. Usage: scripts/bench.sh [decode|speed|archive|batch|serve|e2e]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally/target-release}"
@@ -13,7 +13,7 @@ bash scripts/install-services.sh >/dev/null
 # same whichever benchmark runs; `-p tally-common` alone rebuilds datafusion.
 PKGS=(-p tally-common -p tally-speed-layer -p tally-batch-layer -p tally-serving-layer)
 run() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; shift; "$@"; }
-want=("${@:-decode speed archive batch serve}")
+want=("${@:-decode speed archive batch serve e2e}")
 for b in ${want[*]}; do
   case "$b" in
     decode)  run "decode (criterion)" cargo bench "${PKGS[@]}" --bench decode -- --noplot ;;
@@ -21,6 +21,7 @@ for b in ${want[*]}; do
     archive) run "archiver" cargo bench "${PKGS[@]}" --bench archive ;;
     batch)   run "batch layer vs DuckDB" cargo bench "${PKGS[@]}" --bench batch ;;
     serve)   run "serving layer under wrk" cargo bench "${PKGS[@]}" --bench serve ;;
+    e2e)     run "whole pipeline: rate and freshness" cargo bench -p tally "${PKGS[@]}" --bench e2e ;;
     *) echo "unknown benchmark $b" >&2; exit 2 ;;
   esac
 done

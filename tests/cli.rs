@@ -183,22 +183,7 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
 }
 
 fn http_get(addr: &str, path: &str, token: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    // chunked transfer: keep the JSON object only
-    let body = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) => body[a..=b].to_string(),
-        _ => body,
-    };
-    (status, body)
+    tally_testkit::http_get(addr, path, token).expect("the server answers")
 }
 
 fn start_demo(dir: &Path, addr: &str) -> (std::process::Child, Vec<String>) {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
-use tally_testkit::{free_port, kinesis, MotoServer, Proxy, RedisServer};
+use tally_testkit::{free_port, http_get, kinesis, MotoServer, Proxy, RedisServer};
 
 const SECRET: &str = "pipeline-test-secret";
 const STREAM: &str = "events";
@@ -329,29 +329,6 @@ fn admin_token() -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("a token")
-}
-
-fn http_get(addr: &str, path: &str, token: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    // chunked transfer: keep the JSON object only
-    let body = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) => body[a..=b].to_string(),
-        _ => body,
-    };
-    Ok((status, body))
 }
 
 /// A bucket against the model: counters exact whatever the source; distinct

@@ -289,6 +289,15 @@ pub fn cpu_secs() -> f64 {
     tv(r.ru_utime) + tv(r.ru_stime)
 }
 
+/// CPU seconds (user + system) of this process's waited-for children so far.
+pub fn cpu_secs_children() -> f64 {
+    // SAFETY: getrusage only writes into the struct it is given
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(r.ru_utime) + tv(r.ru_stime)
+}
+
 /// The workspace root (for finding scripts and the built binary).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -611,4 +620,28 @@ pub mod kinesis {
         }
         out
     }
+}
+
+/// `GET path` on `addr` with a bearer token over a fresh connection: the status
+/// and the body (the JSON object of a chunked body).
+pub fn http_get(addr: &str, path: &str, token: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => body[a..=b].to_string(),
+        _ => body,
+    };
+    Ok((status, body))
 }
