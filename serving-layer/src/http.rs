@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tally_common::bucket::{hour_floor, now_micros};
 use tally_common::metrics::{MetricValues, SpeedReading};
 use tally_common::query::{parse_metrics_request, MetricsRequest};
@@ -107,9 +107,9 @@ pub(crate) async fn metrics(
     let buckets = plan.assemble(&hourly, &daily, speed.as_ref());
     Ok(Json(MetricsResponse {
         merchant_id: merchant,
-        granularity,
-        from,
-        to,
+        granularity: range.granularity,
+        from: range.start,
+        to: range.end,
         batch_watermark: snapshot.watermark(),
         partial: speed.is_none(),
         metrics,
