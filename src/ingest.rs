@@ -211,6 +211,9 @@ pub async fn generate_to_kinesis(args: &crate::gen::GenArgs, stream: &str) -> an
     Ok(())
 }
 
+/// The most a PutRecords request may carry (Kinesis: 5 MiB including partition keys).
+const MAX_PUT_RECORDS_BYTES: usize = 5 * 1024 * 1024;
+
 /// Groups NDJSON lines by merchant into records and puts them with PutRecords.
 pub struct KinesisProducer {
     client: aws_sdk_kinesis::Client,
@@ -287,7 +290,18 @@ impl KinesisProducer {
     async fn flush_ready(&mut self) -> anyhow::Result<()> {
         use aws_sdk_kinesis::primitives::Blob;
         use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-        let take = self.ready.len().min(500);
+        // a PutRecords request carries at most 500 records and 5 MiB (data and
+        // partition keys together)
+        let mut take = 0;
+        let mut bytes = 0;
+        for (k, d) in self.ready.iter().take(500) {
+            let size = k.len() + d.len();
+            if take > 0 && bytes + size > MAX_PUT_RECORDS_BYTES {
+                break;
+            }
+            bytes += size;
+            take += 1;
+        }
         let mut pending: Vec<(String, Vec<u8>)> = self.ready.drain(..take).collect();
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=10 {
@@ -310,7 +324,14 @@ impl KinesisProducer {
                 .await;
             let out = match out {
                 Ok(o) => o,
-                Err(e) if attempt < 10 => {
+                Err(e)
+                    if attempt < 10
+                        && !e.as_service_error().is_some_and(|s| {
+                            s.is_invalid_argument_exception()
+                                || s.is_resource_not_found_exception()
+                                || s.is_access_denied_exception()
+                        }) =>
+                {
                     tracing::warn!(error = %aws_sdk_kinesis::error::DisplayErrorContext(&e), "PutRecords failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
