@@ -73,7 +73,14 @@ pub struct Archiver {
     quarantine: DeltaTable,
     /// Marks known at a table version: (raw or quarantine, source) -> (version, mark).
     marks: HashMap<(bool, String), (Option<u64>, Option<Position>)>,
+    /// When each table's snapshot was last brought up to date (raw, quarantine).
+    refreshed: [std::time::Instant; 2],
 }
+
+/// A snapshot older than this is refreshed before a first commit attempt: a
+/// long-idle archiver (a Lambda container reused after an hour) would otherwise
+/// have Delta's conflict check read every commit since.
+const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(10);
 
 struct RawRow<'a> {
     hour: i64,
@@ -90,6 +97,7 @@ impl Archiver {
             quarantine: lake.open_or_create(Table::Quarantine).await?,
             lake: lake.clone(),
             marks: HashMap::new(),
+            refreshed: [std::time::Instant::now(); 2],
         })
     }
 
@@ -121,12 +129,13 @@ impl Archiver {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                if attempt > 1 {
+                if attempt > 1 || self.refreshed[1].elapsed() > MAX_SNAPSHOT_AGE {
                     // as for raw_events below
                     self.quarantine
                         .update_state()
                         .await
                         .context("refreshing quarantine")?;
+                    self.refreshed[1] = std::time::Instant::now();
                 }
                 let mark = self.mark(false, source).await?;
                 let fresh: Vec<_> = decoded
@@ -151,6 +160,8 @@ impl Archiver {
                     Ok(t) => {
                         self.remember(false, source, t.version(), &last);
                         self.quarantine = t;
+                        // the commit brought the snapshot up to its own version
+                        self.refreshed[1] = std::time::Instant::now();
                         report.quarantined = rows;
                         break;
                     }
@@ -166,17 +177,19 @@ impl Archiver {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if attempt > 1 {
-                // The first attempt reads the mark from the snapshot this archiver
-                // last committed or opened. Should another writer have committed
-                // this source since, its commit carries this source's transaction
-                // ids, so Delta's conflict check rejects ours and this retry reads
-                // the mark afresh. Not refreshing first saves a log listing per
-                // batch (a seventh of the archiver's time on a local lake).
+            if attempt > 1 || self.refreshed[0].elapsed() > MAX_SNAPSHOT_AGE {
+                // A first attempt within MAX_SNAPSHOT_AGE reads the mark from the
+                // snapshot this archiver last committed or refreshed. Should
+                // another writer have committed this source since, its commit
+                // carries this source's transaction ids, so Delta's conflict check
+                // rejects ours and this retry reads the mark afresh. Not
+                // refreshing first saves a log listing per batch (a seventh of
+                // the archiver's time on a local lake).
                 self.raw
                     .update_state()
                     .await
                     .context("refreshing raw_events")?;
+                self.refreshed[0] = std::time::Instant::now();
             }
             let mark = self.mark(true, source).await?;
             let mut rows = Vec::new();
@@ -226,6 +239,7 @@ impl Archiver {
                     report.raw_version = t.version();
                     self.remember(true, source, t.version(), &last);
                     self.raw = t;
+                    self.refreshed[0] = std::time::Instant::now();
                     report.accepted = n;
                     return Ok(report);
                 }
@@ -278,6 +292,7 @@ impl Archiver {
             .update_state()
             .await
             .context("refreshing raw_events")?;
+        self.refreshed[0] = std::time::Instant::now();
         self.mark(true, source).await
     }
 
