@@ -133,7 +133,12 @@ fn main() -> ExitCode {
 
 fn init_tracing(lambda: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,deltalake=warn,datafusion=warn")
+        // delta kernel logs an ERROR when it opens a table that does not exist
+        // yet (which tally then creates); its real failures come back as errors
+        // with context, so its own log stays off by default
+        tracing_subscriber::EnvFilter::new(
+            "info,deltalake=warn,deltalake_core=warn,datafusion=warn,buoyant_kernel=off",
+        )
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
