@@ -72,16 +72,23 @@ enum SpeedCommand {
     /// Consume the Kinesis stream into the speed view until SIGTERM.
     Consume {
         #[command(flatten)]
-        kinesis: KinesisArgs,
+        consume: ConsumeArgs,
         #[command(flatten)]
         speed: SpeedArgs,
-        /// Exit once every shard is caught up instead of waiting for new records.
-        #[arg(long)]
-        until_caught_up: bool,
-        /// Records per GetRecords call.
-        #[arg(long, default_value_t = 10_000)]
-        limit: i32,
     },
+}
+
+/// A Kinesis consumer's flags (`speed consume`, `archive consume`).
+#[derive(Debug, clap::Args)]
+struct ConsumeArgs {
+    #[command(flatten)]
+    kinesis: KinesisArgs,
+    /// Exit once every shard is caught up instead of waiting for new records.
+    #[arg(long)]
+    until_caught_up: bool,
+    /// Records per GetRecords call.
+    #[arg(long, default_value_t = 10_000)]
+    limit: i32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,16 +97,32 @@ enum ArchiveCommand {
     /// (the archiver Lambda's work as a long-running process).
     Consume {
         #[command(flatten)]
-        kinesis: KinesisArgs,
+        consume: ConsumeArgs,
         #[command(flatten)]
         lake: LakeArgs,
-        /// Exit once every shard is caught up instead of waiting for new records.
-        #[arg(long)]
-        until_caught_up: bool,
-        /// Records per GetRecords call.
-        #[arg(long, default_value_t = 10_000)]
-        limit: i32,
     },
+}
+
+/// Run a consumer of the configured stream into `sink` until SIGTERM (or caught up).
+async fn consume<K: tally_speed_layer::consumer::RecordSink>(
+    args: ConsumeArgs,
+    sink: K,
+) -> anyhow::Result<tally_speed_layer::consumer::ConsumeStats> {
+    let stream = args
+        .kinesis
+        .stream
+        .ok_or_else(|| anyhow::anyhow!("no stream: pass --stream or set TALLY_KINESIS_STREAM"))?;
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let client = aws_sdk_kinesis::Client::new(&config);
+    let (trigger, signal) = shutdown::channel();
+    trigger.fire_on_signals();
+    let options = tally_speed_layer::consumer::ConsumeOptions {
+        limit: args.limit,
+        until_caught_up: args.until_caught_up,
+        ..Default::default()
+    };
+    let consumer = tally_speed_layer::consumer::Consumer::with_sink(client, stream, sink, options);
+    Ok(consumer.run(signal).await?)
 }
 
 fn main() -> ExitCode {
@@ -169,28 +192,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Speed {
             command:
                 SpeedCommand::Consume {
-                    kinesis,
+                    consume: args,
                     speed,
-                    until_caught_up,
-                    limit,
                 },
         } => {
-            let stream = kinesis.stream.ok_or_else(|| {
-                anyhow::anyhow!("no stream: pass --stream or set TALLY_KINESIS_STREAM")
-            })?;
             let store = tally_speed_layer::SpeedView::connect(&speed).await?;
-            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let client = aws_sdk_kinesis::Client::new(&config);
-            let (trigger, signal) = shutdown::channel();
-            trigger.fire_on_signals();
-            let options = tally_speed_layer::consumer::ConsumeOptions {
-                limit,
-                until_caught_up,
-                ..Default::default()
-            };
-            let consumer =
-                tally_speed_layer::consumer::Consumer::new(client, stream, store, options);
-            let stats = consumer.run(signal).await?;
+            let sink = tally_speed_layer::consumer::SpeedSink(store);
+            let stats = consume(args, sink).await?;
             eprintln!(
                 "speed consume: {} records, {} events accepted, {} lines rejected, {} merchant-hours already applied, {} retries",
                 stats.records, stats.accepted, stats.rejected, stats.skipped, stats.retries
@@ -200,32 +208,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Archive {
             command:
                 ArchiveCommand::Consume {
-                    kinesis,
+                    consume: args,
                     lake,
-                    until_caught_up,
-                    limit,
                 },
         } => {
-            let stream = kinesis.stream.ok_or_else(|| {
-                anyhow::anyhow!("no stream: pass --stream or set TALLY_KINESIS_STREAM")
-            })?;
             let archiver = tally_batch_layer::Archiver::open(&lake.lake()?).await?;
-            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let client = aws_sdk_kinesis::Client::new(&config);
-            let (trigger, signal) = shutdown::channel();
-            trigger.fire_on_signals();
-            let options = tally_speed_layer::consumer::ConsumeOptions {
-                limit,
-                until_caught_up,
-                ..Default::default()
-            };
-            let consumer = tally_speed_layer::consumer::Consumer::with_sink(
-                client,
-                stream,
-                archive::ArchiveSink::new(archiver),
-                options,
-            );
-            let stats = consumer.run(signal).await?;
+            let stats = consume(args, archive::ArchiveSink::new(archiver)).await?;
             eprintln!(
                 "archive consume: {} records, {} events archived, {} lines quarantined, {} records already archived, {} retries",
                 stats.records, stats.accepted, stats.rejected, stats.skipped, stats.retries

@@ -31,6 +31,7 @@ use tally_common::source::{Position, SourceId};
 use tally_common::watermark::WATERMARK_APP;
 use tally_serving_layer::{router, serve_listener, AppState, Auth, ServeOptions, SpeedSource};
 use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
+use tally_testkit::check_bucket;
 use tally_testkit::events::{generate, TestEvent};
 use tally_testkit::RedisServer;
 use tower::ServiceExt as _;
@@ -200,52 +201,6 @@ fn sum(model: &Model, m: &str, start: i64, end: i64) -> ([i64; 5], BTreeSet<Stri
         }
     }
     (counters, customers)
-}
-
-/// Check one bucket's JSON against counters and a distinct-customer expectation
-/// (`None`: must be null; `Some((n, exact))`: equal, or within HyperLogLog error).
-fn check_bucket(b: &Value, counters: [i64; 5], unique: Option<(usize, bool)>) {
-    let names = [
-        "orders",
-        "gross_sales",
-        "refunds",
-        "refunded_amount",
-        "page_views",
-    ];
-    for (i, n) in names.iter().enumerate() {
-        assert_eq!(b[n], counters[i], "{n} of {b}");
-    }
-    match unique {
-        None => assert!(b["unique_customers"].is_null(), "{b}"),
-        Some((n, true)) => assert_eq!(b["unique_customers"], n as i64, "{b}"),
-        Some((n, false)) => {
-            let got = b["unique_customers"].as_i64().unwrap();
-            let tolerance = ((n as f64) * 0.03).ceil().max(1.0) as i64;
-            assert!(
-                (got - n as i64).abs() <= tolerance,
-                "estimate {got} vs {n}: {b}"
-            );
-        }
-    }
-    assert_eq!(b["net_sales"], counters[1] - counters[3], "{b}");
-    if counters[0] == 0 {
-        assert!(b["avg_order_value"].is_null(), "{b}");
-    } else {
-        let want = counters[1] as f64 / counters[0] as f64;
-        assert!(
-            (b["avg_order_value"].as_f64().unwrap() - want).abs() < 1e-9,
-            "{b}"
-        );
-    }
-    if counters[4] == 0 {
-        assert!(b["conversion_rate"].is_null(), "{b}");
-    } else {
-        let want = counters[0] as f64 / counters[4] as f64;
-        assert!(
-            (b["conversion_rate"].as_f64().unwrap() - want).abs() < 1e-9,
-            "{b}"
-        );
-    }
 }
 
 // ------------------------------------------------------ writing the lake

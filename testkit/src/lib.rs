@@ -645,3 +645,51 @@ pub fn http_get(addr: &str, path: &str, token: &str) -> std::io::Result<(u16, St
     };
     Ok((status, body))
 }
+
+/// Check one API bucket's JSON against the counters (orders, gross_sales,
+/// refunds, refunded_amount, page_views), the derived metrics computed from them,
+/// and a distinct-customer expectation (`None`: must be null; `Some((n, true))`:
+/// equal; `Some((n, false))`: within 3% (at least 1), HyperLogLog's error).
+pub fn check_bucket(b: &serde_json::Value, counters: [i64; 5], unique: Option<(usize, bool)>) {
+    let names = [
+        "orders",
+        "gross_sales",
+        "refunds",
+        "refunded_amount",
+        "page_views",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(b[n], counters[i], "{n} of {b}");
+    }
+    match unique {
+        None => assert!(b["unique_customers"].is_null(), "{b}"),
+        Some((n, true)) => assert_eq!(b["unique_customers"], n as i64, "{b}"),
+        Some((n, false)) => {
+            let got = b["unique_customers"].as_i64().unwrap();
+            let tolerance = ((n as f64) * 0.03).ceil().max(1.0) as i64;
+            assert!(
+                (got - n as i64).abs() <= tolerance,
+                "estimate {got} vs {n}: {b}"
+            );
+        }
+    }
+    assert_eq!(b["net_sales"], counters[1] - counters[3], "{b}");
+    if counters[0] == 0 {
+        assert!(b["avg_order_value"].is_null(), "{b}");
+    } else {
+        let want = counters[1] as f64 / counters[0] as f64;
+        assert!(
+            (b["avg_order_value"].as_f64().unwrap() - want).abs() < 1e-9,
+            "{b}"
+        );
+    }
+    if counters[4] == 0 {
+        assert!(b["conversion_rate"].is_null(), "{b}");
+    } else {
+        let want = counters[0] as f64 / counters[4] as f64;
+        assert!(
+            (b["conversion_rate"].as_f64().unwrap() - want).abs() < 1e-9,
+            "{b}"
+        );
+    }
+}
