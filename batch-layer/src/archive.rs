@@ -31,7 +31,7 @@ use tally_common::{Context as _, Error, Result};
 use crate::marks::{commit_with_mark, read_mark};
 
 /// How many times a commit that lost to concurrent writers is retried on a fresh snapshot.
-const COMMIT_ATTEMPTS: u32 = 8;
+pub(crate) const COMMIT_ATTEMPTS: u32 = 8;
 
 /// What archiving one batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -302,7 +302,7 @@ impl Archiver {
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(50 * (1 << attempt.min(6)) as u64 + u64::from(rand_jitter()))
 }
 
@@ -317,7 +317,7 @@ fn rand_jitter() -> u16 {
 
 /// Whether a failed commit is worth retrying on a fresh snapshot: conflicts and
 /// transient storage errors are; schema or protocol errors are not.
-fn is_retryable(e: &deltalake::DeltaTableError) -> bool {
+pub(crate) fn is_retryable(e: &deltalake::DeltaTableError) -> bool {
     use deltalake::DeltaTableError as E;
     match e {
         E::Transaction { .. }

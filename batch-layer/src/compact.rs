@@ -1,24 +1,37 @@
 //! Compaction of the master dataset: closed hour partitions rewritten into files
-//! near a target size with Delta's optimize, row counts checked before and after,
-//! and vacuum with a retention window that keeps what readers and time travel need.
+//! near a target size with Delta's optimize, each rewrite checked (the rows of
+//! the files it removed against the rows of the files it added), and vacuum with
+//! a retention window that keeps what readers and time travel need.
+//!
+//! The archiver keeps appending while compaction runs (late events of a closed
+//! day land in the very partitions being rewritten). Optimize commits beside
+//! such blind appends, so the table after it holds more rows than before: only
+//! the optimize commit's own `remove` and `add` actions say whether it kept
+//! every row. A commit that loses a race with another writer is retried, then
+//! left to the next run: compaction is an optimisation, never a reason for an
+//! hourly run to fail.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU64;
 use std::time::Duration;
 
-use deltalake::arrow::array::AsArray;
-use deltalake::arrow::datatypes::Int64Type;
+use deltalake::parquet::file::metadata::ParquetMetaDataReader;
 use deltalake::{DeltaTable, FilterOp, FilterValue};
+use object_store::path::Path;
+use object_store::ObjectStoreExt as _;
 use tally_common::bucket::date_string;
 use tally_common::lake::{Lake, Table};
 use tally_common::{Context as _, Error, Result};
 
-use crate::archive::writer_properties;
+use crate::archive::{backoff, is_retryable, writer_properties};
+use crate::dirty::raw_files;
 
 /// Default target file size of compaction.
 pub const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
 /// Default retention of vacuum: files removed from the table less than this long ago stay.
 pub const VACUUM_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Attempts at compacting one day before leaving it to the next run.
+const ATTEMPTS: u32 = 3;
 
 /// What compaction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,26 +40,10 @@ pub struct CompactReport {
     pub files_removed: u64,
     /// Files added.
     pub files_added: u64,
-}
-
-fn rows_in(table: &DeltaTable, date: &str) -> Result<i64> {
-    let adds = table
-        .snapshot()
-        .context("raw_events snapshot")?
-        .add_actions_table(true)
-        .context("listing files")?;
-    let (Some(d), Some(n)) = (
-        adds.column_by_name("partition.event_date"),
-        adds.column_by_name("num_records"),
-    ) else {
-        return Ok(0);
-    };
-    let d = d.as_string::<i32>();
-    let n = n.as_primitive::<Int64Type>();
-    Ok((0..adds.num_rows())
-        .filter(|&i| d.value(i) == date)
-        .map(|i| n.value(i))
-        .sum())
+    /// Rows rewritten (read from the removed files, written to the added ones).
+    pub rows_rewritten: u64,
+    /// Days left to the next run after losing races with other writers.
+    pub days_deferred: u64,
 }
 
 /// Compact the raw partitions of the given closed days (epoch µs day starts).
@@ -57,32 +54,171 @@ pub async fn compact_days(lake: &Lake, days: &BTreeSet<i64>) -> Result<CompactRe
     };
     for &day in days {
         let date = date_string(day);
-        let before = rows_in(&table, &date)?;
-        let filters = [(
-            "event_date",
-            FilterOp::Eq,
-            FilterValue::Scalar(date.as_str()),
-        )];
-        let (t, metrics) = table
-            .clone()
-            .optimize()
-            .with_filters(&filters)
-            .with_target_size(NonZeroU64::new(TARGET_FILE_SIZE).unwrap_or(NonZeroU64::MIN))
-            .with_writer_properties(writer_properties())
-            .await
-            .context(format!("compacting raw_events {date}"))?;
-        table = t;
-        let after = rows_in(&table, &date)?;
-        if before != after {
-            return Err(Error::invalid(format!(
-                "compaction of raw_events {date} changed the row count from {before} to {after}; \
-                 restore the table to its previous version"
-            )));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let filters = [(
+                "event_date",
+                FilterOp::Eq,
+                FilterValue::Scalar(date.as_str()),
+            )];
+            let result = table
+                .clone()
+                .optimize()
+                .with_filters(&filters)
+                .with_target_size(NonZeroU64::new(TARGET_FILE_SIZE).unwrap_or(NonZeroU64::MIN))
+                .with_writer_properties(writer_properties())
+                .await;
+            match result {
+                Ok((after, metrics)) => {
+                    if metrics.num_files_removed > 0 {
+                        report.rows_rewritten += check_rewrite(&table, &after, &date).await?;
+                    }
+                    report.files_removed += metrics.num_files_removed;
+                    report.files_added += metrics.num_files_added;
+                    table = after;
+                    break;
+                }
+                Err(e) if is_retryable(&e) => {
+                    // another writer removed or replaced files this rewrite read
+                    table
+                        .update_state()
+                        .await
+                        .context("refreshing raw_events")?;
+                    if attempt >= ATTEMPTS {
+                        tracing::warn!(%date, error = %e, "compaction lost races with other writers; leaving it to the next run");
+                        report.days_deferred += 1;
+                        break;
+                    }
+                    tracing::info!(%date, attempt, error = %e, "compaction lost a race; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err(e).context(format!("compacting raw_events {date}")),
+            }
         }
-        report.files_removed += metrics.num_files_removed;
-        report.files_added += metrics.num_files_added;
     }
     Ok(report)
+}
+
+/// Check the optimize commit that made `after` out of `before`: the rows of the
+/// files it removed (as `before` lists them) must be the rows of the files it
+/// added. Returns that count.
+async fn check_rewrite(before: &DeltaTable, after: &DeltaTable, date: &str) -> Result<u64> {
+    let read_version = before.version().unwrap_or(0);
+    let (version, (removed, added)) =
+        optimize_commit(after, read_version).await?.ok_or_else(|| {
+            Error::invalid(format!(
+                "compaction of raw_events {date} reported a rewrite, but no optimize commit after \
+                 version {read_version} is in the log"
+            ))
+        })?;
+    let known: HashMap<String, Option<i64>> = raw_files(before)?
+        .into_iter()
+        .map(|f| (f.path, f.num_records))
+        .collect();
+    let mut read = 0i64;
+    for path in &removed {
+        read += match known.get(path).copied().flatten() {
+            Some(n) => n,
+            None => footer_rows(before, path).await?,
+        };
+    }
+    let mut written = 0i64;
+    for (path, rows) in &added {
+        written += match rows {
+            Some(n) => *n,
+            None => footer_rows(after, path).await?,
+        };
+    }
+    if read != written {
+        return Err(Error::invalid(format!(
+            "compaction of raw_events {date} (commit {version}) wrote {written} rows in {} files \
+             for the {read} rows of the {} files it replaced; restore raw_events to version {} \
+             (the replaced files stay on storage until vacuum)",
+            added.len(),
+            removed.len(),
+            version.saturating_sub(1)
+        )));
+    }
+    Ok(read.max(0) as u64)
+}
+
+/// A commit's removed paths and added (path, rows from its statistics).
+type Rewrite = (Vec<String>, Vec<(String, Option<i64>)>);
+
+/// The optimize commit that read `read_version`, among the commits up to
+/// `table`'s version (other writers' commits may come before and after it):
+/// its version and what it removed and added.
+async fn optimize_commit(table: &DeltaTable, read_version: u64) -> Result<Option<(u64, Rewrite)>> {
+    let Some(last) = table.version() else {
+        return Ok(None);
+    };
+    for version in (read_version + 1..=last).rev() {
+        let Some(bytes) = table
+            .log_store()
+            .read_commit_entry(version)
+            .await
+            .context(format!("reading raw_events commit {version}"))?
+        else {
+            continue;
+        };
+        let mut ours = false;
+        let mut rewrite: Rewrite = (Vec::new(), Vec::new());
+        for line in bytes.split(|&b| b == b'\n') {
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            let info = &action["commitInfo"];
+            if info.is_object() {
+                ours = info["operation"].as_str() == Some("OPTIMIZE")
+                    && info["readVersion"].as_u64() == Some(read_version);
+            }
+            if let Some(path) = action["remove"]["path"].as_str() {
+                rewrite.0.push(path.to_string());
+            }
+            if let Some(path) = action["add"]["path"].as_str() {
+                let rows = action["add"]["stats"]
+                    .as_str()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+                    .and_then(|s| s["numRecords"].as_i64());
+                rewrite.1.push((path.to_string(), rows));
+            }
+        }
+        if ours {
+            return Ok(Some((version, rewrite)));
+        }
+    }
+    Ok(None)
+}
+
+/// The row count in a data file's Parquet footer, for a file the log has no
+/// statistics for.
+async fn footer_rows(table: &DeltaTable, path: &str) -> Result<i64> {
+    let store = table.log_store().object_store(None);
+    let location = Path::from_url_path(path)
+        .map_err(|e| Error::invalid(format!("raw_events file {path}: {e}")))?;
+    let failed = |e: &dyn std::fmt::Display| {
+        Error::invalid(format!("reading the footer of raw_events file {path}: {e}"))
+    };
+    // a Parquet file ends with its metadata, the metadata's length (4 bytes LE) and `PAR1`
+    let size = store.head(&location).await.map_err(|e| failed(&e))?.size;
+    if size < 12 {
+        return Err(failed(&"the file is too short to be Parquet"));
+    }
+    let tail = store
+        .get_range(&location, size - 8..size)
+        .await
+        .map_err(|e| failed(&e))?;
+    let len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+    if &tail[4..] != b"PAR1" || len + 8 > size {
+        return Err(failed(&"no Parquet footer"));
+    }
+    let metadata = store
+        .get_range(&location, size - 8 - len..size - 8)
+        .await
+        .map_err(|e| failed(&e))?;
+    let metadata = ParquetMetaDataReader::decode_metadata(&metadata).map_err(|e| failed(&e))?;
+    Ok(metadata.file_metadata().num_rows())
 }
 
 /// Vacuum `table` with a retention window (never shorter than Delta's own minimum).
@@ -90,10 +226,18 @@ pub async fn vacuum(lake: &Lake, table: Table, retention: Duration) -> Result<us
     let Some(t) = lake.open(table).await? else {
         return Ok(0);
     };
-    let (_, metrics) = t
+    let result = t
         .vacuum()
         .with_retention_period(chrono::Duration::from_std(retention).map_err(Error::invalid)?)
-        .await
-        .context(format!("vacuuming {}", table.name()))?;
-    Ok(metrics.files_deleted.len())
+        .await;
+    match result {
+        Ok((_, metrics)) => Ok(metrics.files_deleted.len()),
+        Err(e) if is_retryable(&e) => {
+            // vacuum's own log entries raced another writer's commit: the files
+            // stay until the next day's vacuum
+            tracing::warn!(table = table.name(), error = %e, "vacuum lost a race; leaving it to the next run");
+            Ok(0)
+        }
+        Err(e) => Err(e).context(format!("vacuuming {}", table.name())),
+    }
 }

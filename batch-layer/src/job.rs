@@ -1,11 +1,16 @@
 //! The batch job: `tally batch run` (the hourly run) and `tally batch reprocess`.
 //!
-//! A run finds its hours from the Delta log ([`crate::dirty`]), computes them day
-//! by day with DataFusion ([`crate::sql`]), and replaces those hours' rows of
-//! `metrics_hourly` (and complete days' rows of `metrics_daily`) with atomic
-//! Delta commits. The last hourly commit records the watermark, the raw version
-//! processed and the logic version ([`tally_common::watermark`]), so a run killed
-//! at any point leaves the tables whole and the next run redoes what is missing.
+//! A run finds its hours from the Delta log ([`crate::dirty`]), first moves any
+//! row it could not compute to `quarantine` ([`crate::quarantine`]), computes the
+//! hours day by day with DataFusion ([`crate::sql`]), and replaces those hours'
+//! rows of `metrics_hourly` (and complete days' rows of `metrics_daily`) with
+//! atomic Delta commits. The last hourly commit records the watermark, the raw
+//! version processed and the logic version ([`tally_common::watermark`]), so a
+//! run killed at any point leaves the tables whole and the next run redoes what
+//! is missing. A day's row is written before its hours' commit, and
+//! `metrics_daily` keeps its own mark ([`DAILY_THROUGH_APP`]) of the days before
+//! which every day with data has its row: a complete day gets its row in the
+//! first run that finds it complete, whichever runs processed its hours.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -29,13 +34,16 @@ use tally_common::bucket::{
 };
 use tally_common::lake::{register, Lake, Table};
 use tally_common::metrics::stored_metric_names;
-use tally_common::watermark::{read_progress, LOGIC_VERSION_APP, RAW_VERSION_APP, WATERMARK_APP};
+use tally_common::watermark::{
+    read_progress, BatchProgress, LOGIC_VERSION_APP, RAW_VERSION_APP, WATERMARK_APP,
+};
 use tally_common::{Context as _, Error, Result};
 
-use crate::dirty::{hours_changed, hours_present};
+use crate::dirty::{hours_changed, hours_present, raw_files};
 use crate::layout::metric_writer_properties;
 use crate::lock::Lease;
-use crate::sql::{daily_sql, hourly_sql};
+use crate::quarantine::{self, computable_hour, COMPUTABLE_FROM, COMPUTABLE_UNTIL};
+use crate::sql::{computable_rows, daily_sql, hourly_sql};
 
 /// The version of the metric logic; bump it with any change of results, then
 /// reprocess history.
@@ -68,6 +76,9 @@ pub struct RunReport {
     pub hours: usize,
     /// Complete days whose daily rows were recomputed.
     pub days: usize,
+    /// Rows of `raw_events` the batch layer cannot compute, moved to `quarantine`
+    /// (a dry run: rows it would move).
+    pub quarantined: u64,
     /// Rows written to `metrics_hourly`.
     pub hourly_rows: u64,
     /// Rows written to `metrics_daily`.
@@ -123,7 +134,7 @@ impl BatchRun {
     }
     /// Minutes after an hour's end before it is closed.
     pub fn grace_minutes(mut self, m: i64) -> Self {
-        self.grace = m * 60 * MICROS_PER_SECOND;
+        self.grace = m.max(0).saturating_mul(60 * MICROS_PER_SECOND);
         self
     }
     /// Reprocess the closed hours of `[from, to)` (epoch µs, hour aligned) instead of the dirty ones.
@@ -186,35 +197,58 @@ impl BatchRun {
         let mut report = RunReport::default();
         let progress = read_progress(hourly).await?;
         report.watermark_before = progress.watermark;
-        let closed_end = hour_floor(self.now - self.grace);
-        let Some(raw) = self.lake.open(Table::RawEvents).await? else {
+        let closed_end = hour_floor(self.now.saturating_sub(self.grace));
+        let Some(mut raw) = self.lake.open(Table::RawEvents).await? else {
             return Ok(report);
+        };
+
+        // Rows the batch layer cannot compute leave raw_events before anything is
+        // computed, so that one row never stops the run for everyone; each pass
+        // screens the very snapshot the hours are then computed from.
+        let mut pass = 0;
+        let (present, dirty) = loop {
+            pass += 1;
+            let files = raw_files(&raw)?;
+            let present: BTreeSet<i64> = hours_present(&files)
+                .into_iter()
+                .filter(|&h| computable_hour(h))
+                .collect();
+            let dirty = self
+                .dirty_hours(&raw, &present, &progress, closed_end)
+                .await?;
+            let bad = quarantine::screen(&raw, &files, &dirty, self.now).await?;
+            if bad.is_empty() {
+                break (present, dirty);
+            }
+            if self.dry_run {
+                report.quarantined += bad.rows.len() as u64;
+                break (present, dirty);
+            }
+            if pass > SCREEN_PASSES {
+                // a writer keeps adding such rows: the queries leave them out
+                // ([`computable_rows`]) and a later run moves them
+                tracing::warn!(
+                    rows = bad.rows.len(),
+                    "rows the batch layer cannot compute keep arriving; leaving them for the next run"
+                );
+                break (present, dirty);
+            }
+            if let Some(l) = lease {
+                l.check().await?;
+            }
+            report.quarantined += quarantine::write(&self.lake, &bad).await?;
+            raw = match quarantine::delete(&raw, &bad).await? {
+                Some(t) => t,
+                None => self
+                    .lake
+                    .open(Table::RawEvents)
+                    .await?
+                    .ok_or_else(|| Error::invalid("raw_events disappeared during the run"))?,
+            };
         };
         let raw_version = raw.version().map(|v| v as i64).unwrap_or(-1);
         report.raw_version = Some(raw_version);
 
-        let present = hours_present(&raw)?;
-        let dirty: BTreeSet<i64> = match self.range {
-            Some((from, to)) => hours_between(from, to.min(closed_end)).collect(),
-            None => {
-                let w = progress.watermark;
-                let mut d: BTreeSet<i64> = present
-                    .iter()
-                    .copied()
-                    .filter(|&h| h < closed_end && w.is_none_or(|w| h >= w))
-                    .collect();
-                if let Some(v) = progress.raw_version {
-                    match hours_changed(&raw, v, raw_version).await? {
-                        Some(changed) => d.extend(changed.into_iter().filter(|&h| h < closed_end)),
-                        None => {
-                            tracing::warn!("raw_events log entries since version {v} are gone; recomputing every closed hour");
-                            d.extend(present.iter().copied().filter(|&h| h < closed_end));
-                        }
-                    }
-                }
-                d
-            }
-        };
         let new_watermark = match self.range {
             Some(_) => progress.watermark,
             None => Some(progress.watermark.map_or(closed_end, |w| w.max(closed_end))),
@@ -226,26 +260,56 @@ impl BatchRun {
         for &h in &dirty {
             by_day.entry(day_floor(h)).or_default().push(h);
         }
+        let mut daily = self.lake.open_or_create(Table::MetricsDaily).await?;
+        // Days whose daily row is computed: complete days with a dirty hour and, in
+        // an hourly run, every complete day with data that may not have its row yet
+        // (the watermark passed it in this run or in one that stopped early, or
+        // its hours were processed by runs before the day was complete).
+        let daily_mark = read_daily_mark(&daily).await?;
+        let (daily_due, daily_through) = match (self.range, new_watermark) {
+            (None, Some(w)) => {
+                let through = day_floor(w);
+                let mut due: BTreeSet<i64> =
+                    by_day.keys().copied().filter(|&d| d < through).collect();
+                due.extend(unfinished_days(&daily, daily_mark, &present, through).await?);
+                (due, Some(through))
+            }
+            _ => (
+                by_day
+                    .keys()
+                    .copied()
+                    .filter(|&d| d + MICROS_PER_DAY <= closed_end)
+                    .collect(),
+                None,
+            ),
+        };
+        let days: BTreeSet<i64> = by_day.keys().chain(&daily_due).copied().collect();
+        let last_day = days.last().copied();
+        let last_daily = daily_due.last().copied();
+
         let ctx = SessionContext::new();
         register(&ctx, Table::RawEvents.name(), &raw).await?;
-        let mut daily = self.lake.open_or_create(Table::MetricsDaily).await?;
         let computed_at = now_micros();
         let mut diff = DryRunDiff::default();
-        let n_days = by_day.len();
-        let last_day = by_day.keys().next_back().copied();
+        let n_days = days.len();
+        let mut progress_recorded = false;
+        let mut mark_recorded = false;
 
-        for (i, (&day, hours)) in by_day.iter().enumerate() {
+        for (i, &day) in days.iter().enumerate() {
             let t0 = std::time::Instant::now();
-            let hourly_batches = run_query(&ctx, &hourly_sql("raw_events", day, hours)).await?;
-            let hourly_rows = to_table_rows(
-                Table::MetricsHourly,
-                &hourly_batches,
-                computed_at,
-                &date_string(day),
-            )?;
-            let complete = day + MICROS_PER_DAY <= closed_end;
-            let daily_rows = if complete {
-                let b = run_query(&ctx, &daily_sql("raw_events", day)).await?;
+            let rows = computable_rows(Table::RawEvents.name(), day);
+            let hours = by_day.get(&day);
+            let hourly_rows = match hours {
+                Some(hours) => Some(to_table_rows(
+                    Table::MetricsHourly,
+                    &run_query(&ctx, &hourly_sql(&rows, day, hours)).await?,
+                    computed_at,
+                    &date_string(day),
+                )?),
+                None => None,
+            };
+            let daily_rows = if daily_due.contains(&day) && !self.dry_run {
+                let b = run_query(&ctx, &daily_sql(&rows, day)).await?;
                 Some(daily_rows(&b, day, computed_at)?)
             } else {
                 None
@@ -253,44 +317,26 @@ impl BatchRun {
             report.compute_secs += t0.elapsed().as_secs_f64();
 
             if self.dry_run {
-                let before = existing_hourly(hourly, day, hours).await?;
-                compare(&before, &hourly_rows, &mut diff)?;
+                if let (Some(hours), Some(after)) = (hours, &hourly_rows) {
+                    let before = existing_hourly(hourly, day, hours).await?;
+                    compare(&before, after, &mut diff)?;
+                }
             } else {
                 if let Some(l) = lease {
                     l.check().await?;
                 }
                 let t1 = std::time::Instant::now();
-                let n: u64 = hourly_rows.iter().map(|b| b.num_rows() as u64).sum();
-                let mut commit = CommitProperties::default().with_metadata([
-                    (
-                        "tally.operation".to_string(),
-                        serde_json::json!(if self.range.is_some() {
-                            "reprocess"
-                        } else {
-                            "batch run"
-                        }),
-                    ),
-                    (
-                        "tally.logic_version".to_string(),
-                        serde_json::json!(LOGIC_VERSION),
-                    ),
-                ]);
-                if Some(day) == last_day {
-                    commit = commit
-                        .with_application_transactions(progress_txns(new_watermark, raw_version));
-                }
-                *hourly = rewrite_partition(
-                    hourly,
-                    Table::MetricsHourly,
-                    col("date").eq(lit(date_string(day))),
-                    hours_predicate(day, hours),
-                    hourly_rows,
-                    commit,
-                )
-                .await?;
-                report.hourly_rows += n;
+                // The day's row before its hours: the last hourly commit records the
+                // raw version processed, after which nothing would recompute a day
+                // whose daily commit a killed run never made.
                 if let Some(rows) = daily_rows {
                     let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
+                    let mut commit = self.commit_properties();
+                    if let (Some(through), true) = (daily_through, Some(day) == last_daily) {
+                        commit =
+                            commit.with_application_transactions(vec![daily_mark_txn(through)]);
+                        mark_recorded = true;
+                    }
                     let month = col("month").eq(lit(month_string(day)));
                     daily = rewrite_partition(
                         &daily,
@@ -298,11 +344,34 @@ impl BatchRun {
                         month.clone(),
                         month.and(col("day").eq(ts_lit(day))),
                         rows,
-                        CommitProperties::default(),
+                        commit,
                     )
                     .await?;
                     report.daily_rows += n;
                     report.days += 1;
+                }
+                if let (Some(hours), Some(rows)) = (hours, hourly_rows) {
+                    let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
+                    let mut commit = self.commit_properties();
+                    // a reprocessing run records no progress: the hours the last
+                    // hourly run has not seen yet stay dirty for the next one
+                    if Some(day) == last_day && self.range.is_none() {
+                        commit = commit.with_application_transactions(progress_txns(
+                            new_watermark,
+                            raw_version,
+                        ));
+                        progress_recorded = true;
+                    }
+                    *hourly = rewrite_partition(
+                        hourly,
+                        Table::MetricsHourly,
+                        col("date").eq(lit(date_string(day))),
+                        hours_predicate(day, hours),
+                        rows,
+                        commit,
+                    )
+                    .await?;
+                    report.hourly_rows += n;
                 }
                 report.write_secs += t1.elapsed().as_secs_f64();
             }
@@ -315,25 +384,38 @@ impl BatchRun {
             report.diff = Some(diff);
             return Ok(report);
         }
-        if by_day.is_empty()
+        if let Some(through) = daily_through {
+            if !mark_recorded && daily_mark.is_none_or(|m| m < through) {
+                // no day was missing its row: the mark moves on alone
+                let commit = CommitProperties::default()
+                    .with_application_transactions(vec![daily_mark_txn(through)]);
+                record_only(&daily, Table::MetricsDaily, through, commit).await?;
+            }
+        }
+        if !progress_recorded
+            && self.range.is_none()
             && (new_watermark != progress.watermark || progress.raw_version != Some(raw_version))
         {
             // nothing to recompute, but the watermark or the processed version moves on
             let commit = CommitProperties::default()
                 .with_application_transactions(progress_txns(new_watermark, raw_version));
             let w = new_watermark.unwrap_or(closed_end);
-            let pred = col("hour").gt_eq(ts_lit(w)).and(col("hour").lt(ts_lit(w)));
-            *hourly = replace_rows(hourly, Table::MetricsHourly, Vec::new(), pred, commit).await?;
+            *hourly = record_only(hourly, Table::MetricsHourly, w, commit).await?;
         }
-        if self.compact && !dirty.is_empty() {
+        // closed days whose raw data changed, and days that closed in this run
+        // (the watermark may pass a day in a run where none of its hours is dirty)
+        let closed_days: BTreeSet<i64> = days
+            .iter()
+            .copied()
+            .filter(|&d| match daily_through {
+                Some(through) => d < through,
+                None => d + MICROS_PER_DAY <= closed_end,
+            })
+            .collect();
+        if self.compact && !closed_days.is_empty() {
             let t2 = std::time::Instant::now();
-            let days: BTreeSet<i64> = by_day
-                .keys()
-                .copied()
-                .filter(|&d| d + MICROS_PER_DAY <= closed_end)
-                .collect();
-            crate::compact::compact_days(&self.lake, &days).await?;
-            if !days.is_empty() && self.range.is_none() {
+            crate::compact::compact_days(&self.lake, &closed_days).await?;
+            if self.range.is_none() {
                 // once a day closes: files replaced more than the retention ago go, and
                 // readers and time travel inside the window keep theirs
                 for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily] {
@@ -346,6 +428,138 @@ impl BatchRun {
         }
         Ok(report)
     }
+
+    /// The hours to compute: a reprocessing range's closed hours, or the closed
+    /// hours from the watermark on plus those whose raw data changed since the
+    /// version the last run processed. Only hours the batch layer computes.
+    async fn dirty_hours(
+        &self,
+        raw: &DeltaTable,
+        present: &BTreeSet<i64>,
+        progress: &BatchProgress,
+        closed_end: i64,
+    ) -> Result<BTreeSet<i64>> {
+        if let Some((from, to)) = self.range {
+            let to = to.min(closed_end).min(COMPUTABLE_UNTIL);
+            return Ok(hours_between(from.max(COMPUTABLE_FROM), to).collect());
+        }
+        let w = progress.watermark;
+        // every hour before the new watermark is processed once this run is done:
+        // also one that a run with a later clock took and that changed since
+        let end = w.map_or(closed_end, |w| w.max(closed_end));
+        let closed = |h: &i64| *h < end && computable_hour(*h);
+        let mut d: BTreeSet<i64> = present
+            .iter()
+            .copied()
+            .filter(|h| closed(h) && w.is_none_or(|w| *h >= w))
+            .collect();
+        if let Some(v) = progress.raw_version {
+            let raw_version = raw.version().map(|v| v as i64).unwrap_or(-1);
+            match hours_changed(raw, v, raw_version).await? {
+                Some(changed) => d.extend(changed.into_iter().filter(closed)),
+                None => {
+                    tracing::warn!("raw_events log entries since version {v} are gone; recomputing every closed hour");
+                    d.extend(present.iter().copied().filter(closed));
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    fn commit_properties(&self) -> CommitProperties {
+        CommitProperties::default().with_metadata([
+            (
+                "tally.operation".to_string(),
+                serde_json::json!(if self.range.is_some() {
+                    "reprocess"
+                } else {
+                    "batch run"
+                }),
+            ),
+            (
+                "tally.logic_version".to_string(),
+                serde_json::json!(LOGIC_VERSION),
+            ),
+        ])
+    }
+}
+
+/// How many times a run screens raw_events again after moving rows to quarantine
+/// (each pass only finds rows committed during the one before).
+const SCREEN_PASSES: u32 = 4;
+
+/// App id of the daily mark in `metrics_daily`'s log: D in days since the epoch,
+/// every day before D that holds raw data has its daily row.
+pub const DAILY_THROUGH_APP: &str = "tally.batch/daily_through";
+
+fn daily_mark_txn(through: i64) -> Transaction {
+    Transaction::new_with_last_update(
+        DAILY_THROUGH_APP,
+        through.div_euclid(MICROS_PER_DAY),
+        Some(chrono::Utc::now().timestamp_millis()),
+    )
+}
+
+/// The daily mark of `metrics_daily` (epoch µs of the day), if recorded.
+pub async fn read_daily_mark(daily: &DeltaTable) -> Result<Option<i64>> {
+    let Ok(state) = daily.snapshot() else {
+        return Ok(None);
+    };
+    let v = state
+        .transaction_version(daily.log_store().as_ref(), DAILY_THROUGH_APP)
+        .await
+        .context("reading the daily mark")?;
+    Ok(v.and_then(|d| d.checked_mul(MICROS_PER_DAY)))
+}
+
+/// Days before `through` that hold raw data and may lack their daily row: those
+/// from the daily mark on or, on a table written before the mark existed, those
+/// without a row.
+async fn unfinished_days(
+    daily: &DeltaTable,
+    mark: Option<i64>,
+    present: &BTreeSet<i64>,
+    through: i64,
+) -> Result<BTreeSet<i64>> {
+    let days: BTreeSet<i64> = present
+        .iter()
+        .map(|&h| day_floor(h))
+        .filter(|&d| d < through && mark.is_none_or(|m| d >= m))
+        .collect();
+    if mark.is_some() || days.is_empty() || daily.snapshot().is_err() {
+        return Ok(days);
+    }
+    let ctx = SessionContext::new();
+    register(&ctx, Table::MetricsDaily.name(), daily).await?;
+    let written = run_query(
+        &ctx,
+        "SELECT DISTINCT CAST(day AS BIGINT) AS day FROM metrics_daily",
+    )
+    .await?;
+    let mut written_days = BTreeSet::new();
+    for b in &written {
+        let c = cast(b.column(0), &deltalake::arrow::datatypes::DataType::Int64)
+            .context("reading metrics_daily days")?;
+        let c = c.as_primitive::<Int64Type>();
+        written_days.extend((0..c.len()).filter(|&i| !c.is_null(i)).map(|i| c.value(i)));
+    }
+    Ok(days.difference(&written_days).copied().collect())
+}
+
+/// A commit that changes no row of a metric table and records `commit`'s
+/// transactions (progress or the daily mark).
+async fn record_only(
+    table: &DeltaTable,
+    kind: Table,
+    at: i64,
+    commit: CommitProperties,
+) -> Result<DeltaTable> {
+    let time = match kind {
+        Table::MetricsDaily => "day",
+        _ => "hour",
+    };
+    let never = col(time).gt_eq(ts_lit(at)).and(col(time).lt(ts_lit(at)));
+    replace_rows(table, kind, Vec::new(), never, commit).await
 }
 
 fn progress_txns(watermark: Option<i64>, raw_version: i64) -> Vec<Transaction> {

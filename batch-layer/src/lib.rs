@@ -10,6 +10,7 @@ pub mod lambda;
 pub mod layout;
 pub mod lock;
 pub mod marks;
+pub mod quarantine;
 pub mod sql;
 
 pub use archive::{ArchiveReport, Archiver};

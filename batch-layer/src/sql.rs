@@ -9,9 +9,28 @@
 //! in DataFusion and ran out of memory at 10 M rows). The text is built
 //! only from values the job computes itself (dates, hours, the registry), never
 //! from request input. The same text runs in DuckDB for the benchmark.
+//!
+//! No time goes through a timestamp function: an hour is its partition's integer
+//! epoch microseconds, so no value can overflow DataFusion's nanosecond
+//! timestamps (years 1677 to 2262). The job reads raw rows through
+//! [`computable_rows`], which leaves out a row the batch layer cannot compute
+//! ([`crate::quarantine`] moves such rows out of `raw_events` first).
 
-use tally_common::bucket::{date_string, hour_of_day};
+use tally_common::bucket::{date_string, hour_of_day, MICROS_PER_HOUR};
 use tally_common::metrics::aggregate_sql;
+
+use crate::quarantine::computable_row_sql;
+
+/// The rows of `table` on `day` that the batch layer can compute, as a relation
+/// to pass for `table` to [`hourly_sql`] and [`daily_sql`].
+pub fn computable_rows(table: &str, day: i64) -> String {
+    let hour_start = format!("{day} + CAST(event_hour AS BIGINT) * {MICROS_PER_HOUR}");
+    format!(
+        "(SELECT * FROM {table} WHERE event_date = '{date}' AND {ok}) AS computable",
+        date = date_string(day),
+        ok = computable_row_sql(&hour_start)
+    )
+}
 
 /// The deduplicated events of the given hours of one day (hours as epoch µs, all on `day`).
 fn dedup_sql(table: &str, day: i64, hours: &[i64]) -> String {
@@ -21,7 +40,7 @@ fn dedup_sql(table: &str, day: i64, hours: &[i64]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "SELECT merchant_id, event_id, event_hour, MIN(event_time) AS event_time, \
+        "SELECT merchant_id, event_id, event_hour, \
          MIN(event_type) AS event_type, MIN(amount) AS amount, MIN(customer_id) AS customer_id \
          FROM {table} WHERE event_date = '{date}' AND event_hour IN ({list}) \
          GROUP BY merchant_id, event_id, event_hour",
@@ -33,13 +52,15 @@ fn dedup_sql(table: &str, day: i64, hours: &[i64]) -> String {
 /// what it writes, [`crate::layout`]).
 ///
 /// An event's `event_hour` partition is the hour of its `event_time` (the
-/// archiver puts it there), so the hour is grouped on that small integer and its
-/// timestamp taken as the hour of the group's earliest event.
+/// archiver puts it there, and [`computable_rows`] holds any other writer to
+/// it), so the hour is grouped on that small integer and written as the
+/// integer epoch microseconds of its start, which the job casts to the table's
+/// timestamp.
 pub fn hourly_sql(table: &str, day: i64, hours: &[i64]) -> String {
     let aggs = aggregate_sql();
     format!(
-        "SELECT merchant_id, date_trunc('hour', MIN(t)) AS hour, {fin} FROM (\
-         SELECT merchant_id, event_hour, customer_id, MIN(event_time) AS t, {partial} \
+        "SELECT merchant_id, {day} + CAST(event_hour AS BIGINT) * {MICROS_PER_HOUR} AS hour, {fin} FROM (\
+         SELECT merchant_id, event_hour, customer_id, {partial} \
          FROM ({dedup}) AS d GROUP BY merchant_id, event_hour, customer_id) AS c \
          GROUP BY merchant_id, event_hour",
         fin = aggs.r#final.join(", "),
@@ -51,9 +72,7 @@ pub fn hourly_sql(table: &str, day: i64, hours: &[i64]) -> String {
 /// Metrics per merchant for the whole UTC day `day` (exact distinct customers over
 /// the day, not a sum of hours), unordered.
 pub fn daily_sql(table: &str, day: i64) -> String {
-    let hours: Vec<i64> = (0..24)
-        .map(|h| day + h * tally_common::bucket::MICROS_PER_HOUR)
-        .collect();
+    let hours: Vec<i64> = (0..24).map(|h| day + h * MICROS_PER_HOUR).collect();
     let aggs = aggregate_sql();
     format!(
         "SELECT merchant_id, {fin} FROM (\
@@ -81,7 +100,11 @@ mod tests {
             sql.contains("WHERE event_date = '2026-11-24' AND event_hour IN (3, 4)"),
             "{sql}"
         );
-        assert!(sql.starts_with("SELECT merchant_id, date_trunc('hour', MIN(t)) AS hour, CAST(COALESCE(SUM(orders), 0) AS BIGINT) AS orders"), "{sql}");
+        assert!(sql.starts_with("SELECT merchant_id, 1795478400000000 + CAST(event_hour AS BIGINT) * 3600000000 AS hour, CAST(COALESCE(SUM(orders), 0) AS BIGINT) AS orders"), "{sql}");
+        assert!(
+            !sql.contains("date_trunc") && !sql.contains("event_time"),
+            "{sql}"
+        );
         assert!(
             sql.contains("GROUP BY merchant_id, event_hour, customer_id) AS c GROUP BY merchant_id, event_hour"),
             "{sql}"
@@ -98,5 +121,20 @@ mod tests {
         assert!(d.contains("event_hour IN (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)"));
         assert!(d.contains("CAST(COUNT(customer_id) AS BIGINT) AS unique_customers"));
         assert!(d.contains("GROUP BY merchant_id, customer_id) AS c GROUP BY merchant_id"));
+        let r = computable_rows("raw_events", day);
+        assert!(
+            r.starts_with("(SELECT * FROM raw_events WHERE event_date = '2026-11-24' AND (merchant_id IS NOT NULL AND event_id IS NOT NULL AND event_type IS NOT NULL AND event_time IS NOT NULL"),
+            "{r}"
+        );
+        assert!(
+            r.contains("AND CAST(event_time AS BIGINT) >= (1795478400000000 + CAST(event_hour AS BIGINT) * 3600000000) AND CAST(event_time AS BIGINT) < (1795478400000000 + CAST(event_hour AS BIGINT) * 3600000000) + 3600000000"),
+            "{r}"
+        );
+        assert!(
+            r.ends_with(
+                "AND (amount IS NULL OR (amount >= 0 AND amount <= 1000000000000)))) AS computable"
+            ),
+            "{r}"
+        );
     }
 }

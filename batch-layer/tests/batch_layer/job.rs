@@ -13,13 +13,13 @@ use tally_testkit::events::{expected, generate, TestEvent};
 
 use crate::{input, query_i64, records, START_MS};
 
-const DAY_MS: i64 = 86_400_000;
+pub const DAY_MS: i64 = 86_400_000;
 
 /// Per (merchant, hour ms): [orders, gross, refunds, refunded, page_views, unique].
-type Table6 = BTreeMap<(String, i64), [i64; 6]>;
+pub type Table6 = BTreeMap<(String, i64), [i64; 6]>;
 
 /// The model: dedupe by (merchant, event_id, hour), first copy wins.
-fn model_hourly(events: &[TestEvent]) -> Table6 {
+pub fn model_hourly(events: &[TestEvent]) -> Table6 {
     let mut seen = HashSet::new();
     let unique: Vec<TestEvent> = events
         .iter()
@@ -38,7 +38,7 @@ fn model_hourly(events: &[TestEvent]) -> Table6 {
         .collect()
 }
 
-fn model_daily(events: &[TestEvent]) -> Table6 {
+pub fn model_daily(events: &[TestEvent]) -> Table6 {
     let mut seen = HashSet::new();
     let mut out: Table6 = BTreeMap::new();
     let mut customers: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
@@ -74,7 +74,7 @@ fn model_daily(events: &[TestEvent]) -> Table6 {
     out
 }
 
-async fn read_table(lake: &Lake, table: &str, time_col: &str) -> Table6 {
+pub async fn read_table(lake: &Lake, table: &str, time_col: &str) -> Table6 {
     // merchant ids are "m<number>": read the number back as an integer column
     let sql = format!(
         "SELECT CAST(substr(merchant_id, 2) AS BIGINT), CAST(to_unixtime({time_col}) AS BIGINT) * 1000, \
@@ -92,7 +92,7 @@ async fn read_table(lake: &Lake, table: &str, time_col: &str) -> Table6 {
         .collect()
 }
 
-async fn archive(lake: &Lake, name: &str, events: &[TestEvent], now: i64) {
+pub async fn archive(lake: &Lake, name: &str, events: &[TestEvent], now: i64) {
     let mut a = Archiver::open(lake).await.unwrap();
     let recs = records(events, 200, 1);
     a.archive(&SourceId::file(name), &input(&recs), now)
@@ -100,7 +100,7 @@ async fn archive(lake: &Lake, name: &str, events: &[TestEvent], now: i64) {
         .unwrap();
 }
 
-fn with_duplicates(events: &[TestEvent]) -> Vec<TestEvent> {
+pub fn with_duplicates(events: &[TestEvent]) -> Vec<TestEvent> {
     let mut out = events.to_vec();
     // producers resend every 10th event (same id, same content)
     out.extend(events.iter().step_by(10).cloned());
@@ -410,5 +410,242 @@ async fn hourly_runs_keep_each_date_one_file_sorted_by_merchant() {
                 "{path}: not sorted by merchant and time"
             );
         }
+    }
+}
+
+/// Orders per day in `metrics_daily` (day start ms -> orders).
+async fn daily_orders(lake: &Lake) -> BTreeMap<i64, i64> {
+    let mut out = BTreeMap::new();
+    for ((_, day), v) in read_table(lake, "metrics_daily", "day").await {
+        *out.entry(day).or_default() += v[0];
+    }
+    out
+}
+
+/// Three orders at 01:0x UTC on `day_ms`.
+fn three_orders(day_ms: i64) -> Vec<TestEvent> {
+    (0..3)
+        .map(|i| TestEvent {
+            event_id: format!("o-{day_ms}-{i}"),
+            merchant_id: "m1".into(),
+            kind: "order",
+            ts_ms: day_ms + 3_600_000 + i * 60_000,
+            amount: Some(1_000),
+            customer_id: Some(format!("c{i}")),
+        })
+        .collect()
+}
+
+fn at(ms: i64) -> i64 {
+    ms * 1000
+}
+
+async fn run_at(lake: &Lake, now_ms: i64) -> tally_batch_layer::RunReport {
+    BatchRun::new(lake).now(at(now_ms)).execute().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_day_gets_its_daily_row_when_the_watermark_passes_it_without_a_dirty_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let d = START_MS;
+    archive(&lake, "d", &three_orders(d), at(d + 3_600_000 * 2)).await;
+    let m = |h: i64, min: i64| d + h * 3_600_000 + min * 60_000;
+
+    // the 05:35 run of that day computes 01:00; the day is not complete
+    let r = run_at(&lake, m(5, 35)).await;
+    assert_eq!((r.hours, r.days), (1, 0));
+    assert!(daily_orders(&lake).await.is_empty());
+    // later runs of the same day and one inside the grace period after midnight
+    for now in [m(12, 35), m(24, 3)] {
+        let r = run_at(&lake, now).await;
+        assert_eq!((r.hours, r.days), (0, 0));
+        assert!(daily_orders(&lake).await.is_empty());
+    }
+    // 00:10: the watermark passes midnight with no dirty hour, and the day's row is written
+    let r = run_at(&lake, m(24, 10)).await;
+    assert_eq!((r.hours, r.days, r.daily_rows), (0, 1, 1));
+    assert_eq!(daily_orders(&lake).await, BTreeMap::from([(d, 3)]));
+    // and is not written again
+    let r = run_at(&lake, m(25, 10)).await;
+    assert_eq!(r.days, 0);
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&three_orders(d))
+    );
+}
+
+#[tokio::test]
+async fn the_reported_order_of_runs_gives_the_day_its_row() {
+    // three orders at 01:0x on a day three days ago: its 05:35 run, then a normal run
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let d = START_MS;
+    archive(&lake, "d", &three_orders(d), at(d + 3_600_000 * 2)).await;
+    run_at(&lake, d + 5 * 3_600_000 + 35 * 60_000).await;
+    let r = run_at(&lake, d + 3 * DAY_MS + 10 * 3_600_000).await;
+    assert_eq!(r.days, 1);
+    assert_eq!(daily_orders(&lake).await, BTreeMap::from([(d, 3)]));
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&three_orders(d))
+    );
+}
+
+#[tokio::test]
+async fn reprocessing_writes_complete_days_and_leaves_other_dirty_hours_to_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let (d, d2) = (START_MS, START_MS + DAY_MS);
+    let now = d + 3 * DAY_MS;
+    let mut all = three_orders(d);
+    all.extend(three_orders(d2));
+    archive(&lake, "d", &all, at(now)).await;
+    // the 05:35 run of day 2: day 1 complete, day 2 not
+    run_at(&lake, d2 + 5 * 3_600_000 + 35 * 60_000).await;
+    assert_eq!(daily_orders(&lake).await, BTreeMap::from([(d, 3)]));
+
+    // a late order for day 1 (before the watermark) arrives, and a reprocessing run
+    // of day 2's early hours runs before the next hourly run: day 2 gets its row,
+    // and the late hour stays dirty for the hourly run
+    let late = TestEvent {
+        event_id: "late".into(),
+        merchant_id: "m2".into(),
+        kind: "order",
+        ts_ms: d + 7 * 3_600_000,
+        amount: Some(5),
+        customer_id: None,
+    };
+    archive(&lake, "late", std::slice::from_ref(&late), at(now)).await;
+    let r = BatchRun::new(&lake)
+        .now(at(now))
+        .reprocess(at(d2), at(d2 + 3 * 3_600_000))
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!((r.hours, r.days), (3, 1));
+    assert_eq!(daily_orders(&lake).await, BTreeMap::from([(d, 3), (d2, 3)]));
+    all.push(late);
+    let r = run_at(&lake, now).await;
+    assert_eq!(r.hours, 1, "the late hour is dirty");
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&all)
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&all)
+    );
+}
+
+#[tokio::test]
+async fn a_lake_whose_watermark_passed_a_day_without_its_row_gets_it() {
+    // the state an earlier version left: the watermark past a day (its run stopped
+    // between the hourly and the daily commit, or the watermark passed it in a run
+    // without dirty hours), no daily mark, and another day's row already there
+    use tally_common::deltalake::arrow::array::RecordBatch;
+    use tally_common::deltalake::kernel::transaction::CommitProperties;
+    use tally_common::deltalake::kernel::Transaction;
+    use tally_common::deltalake::protocol::SaveMode;
+    use tally_common::watermark::{RAW_VERSION_APP, WATERMARK_APP};
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let (e, d) = (START_MS, START_MS + DAY_MS);
+    let mut all = three_orders(e);
+    all.extend(three_orders(d));
+    let now = d + 2 * DAY_MS;
+    archive(&lake, "d", &all, at(now)).await;
+    BatchRun::new(&lake)
+        .now(at(now))
+        .reprocess(at(e), at(e + DAY_MS))
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(daily_orders(&lake).await, BTreeMap::from([(e, 3)]));
+    let raw_version = lake
+        .open(Table::RawEvents)
+        .await
+        .unwrap()
+        .unwrap()
+        .version()
+        .unwrap();
+    let hourly = lake.open(Table::MetricsHourly).await.unwrap().unwrap();
+    hourly
+        .write(vec![RecordBatch::new_empty(Table::MetricsHourly.schema())])
+        .with_save_mode(SaveMode::Append)
+        .with_commit_properties(
+            CommitProperties::default().with_application_transactions(vec![
+                Transaction::new_with_last_update(WATERMARK_APP, (d + DAY_MS) / 3_600_000, None),
+                Transaction::new_with_last_update(RAW_VERSION_APP, raw_version as i64, None),
+            ]),
+        )
+        .await
+        .unwrap();
+
+    let r = run_at(&lake, now).await;
+    assert_eq!(
+        (r.hours, r.days),
+        (0, 1),
+        "only the missing day is computed"
+    );
+    assert_eq!(daily_orders(&lake).await, BTreeMap::from([(e, 3), (d, 3)]));
+    assert_eq!(run_at(&lake, now).await.days, 0);
+}
+
+/// A `tally batch run` killed (its runtime dropped, as a killed process) right
+/// after the commits of its `k`-th day.
+fn run_killed_after_day(lake: &Lake, now: i64, k: usize) {
+    let lake = lake.clone();
+    let killed = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(
+            BatchRun::new(&lake)
+                .now(now)
+                .on_day(move |done, _| {
+                    if done == k {
+                        panic!("killed after day {k} (expected by the test)");
+                    }
+                })
+                .execute(),
+        )
+    })
+    .join();
+    assert!(killed.is_err(), "the run was not killed");
+}
+
+#[tokio::test]
+async fn runs_killed_part_way_leave_no_day_without_its_row() {
+    let events = generate(12, 2_000, 6, START_MS, 72);
+    let now = at(START_MS + 3 * DAY_MS + 30 * 60_000);
+    for k in [1, 2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+        archive(&lake, "d", &events, now).await;
+        run_killed_after_day(&lake, now, k);
+        assert_eq!(
+            daily_orders(&lake).await.len(),
+            k,
+            "each day's row is committed before its hours'"
+        );
+        BatchRun::new(&lake)
+            .now(now)
+            .lease_expiry(std::time::Duration::from_secs(1))
+            .wait_for_other_runs(std::time::Duration::from_secs(30))
+            .execute()
+            .await
+            .unwrap();
+        assert_eq!(
+            read_table(&lake, "metrics_daily", "day").await,
+            model_daily(&events),
+            "killed after day {k}, then rerun"
+        );
+        assert_eq!(
+            read_table(&lake, "metrics_hourly", "hour").await,
+            model_hourly(&events)
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Integration tests of the batch layer crate (one binary: linking is the slow part).
 
 mod archive;
+mod compact;
 mod job;
+mod quarantine;
 
 use tally_common::deltalake::arrow::array::AsArray;
 use tally_common::deltalake::arrow::datatypes::Int64Type;
