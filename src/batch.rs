@@ -49,6 +49,12 @@ pub struct Common {
 }
 
 fn configured(common: &Common) -> anyhow::Result<BatchRun> {
+    if common.batch.grace_minutes < 0 {
+        anyhow::bail!(
+            "--grace-minutes (TALLY_GRACE_MINUTES) is {}: it must be 0 or more, or open hours would be taken as closed",
+            common.batch.grace_minutes
+        );
+    }
     let lake = common.lake.lake()?;
     let run = BatchRun::new(&lake)
         .grace_minutes(common.batch.grace_minutes)
@@ -121,6 +127,13 @@ fn print_report(r: &RunReport) {
         r.write_secs,
         r.compact_secs
     );
+    if r.quarantined > 0 {
+        println!(
+            "batch: {} raw_events rows the batch layer cannot compute {} to quarantine (see its reason column)",
+            r.quarantined,
+            if r.diff.is_some() { "would be moved" } else { "moved" }
+        );
+    }
     if let Some(d) = &r.diff {
         println!(
             "dry run: {} of {} merchant-hours would change; nothing was written",

@@ -384,3 +384,313 @@ fn a_running_server_shows_what_another_process_ingested() {
         seen.as_secs_f64()
     );
 }
+
+/// Midnight UTC `days_ago` days before today, as epoch seconds.
+fn midnight_days_ago(days_ago: i64) -> i64 {
+    chrono::Utc::now().timestamp() / 86_400 * 86_400 - days_ago * 86_400
+}
+
+fn rfc3339(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+fn order_line(id: &str, merchant: &str, ts_secs: i64, amount: i64) -> String {
+    format!(
+        "{{\"event_id\":\"{id}\",\"merchant_id\":\"{merchant}\",\"type\":\"order\",\"ts\":\"{}\",\"amount\":{amount}}}\n",
+        rfc3339(ts_secs)
+    )
+}
+
+/// `tally batch run ARGS` on `lake`, which must exit 0; its stdout.
+fn batch_run(lake: &Path, args: &[&str]) -> String {
+    let out = tally(lake)
+        .args(["batch", "run"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tally batch run {args:?} exited {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Rows of `SELECT a, b ...` as (text, integer) pairs.
+fn pairs(lake: &Path, query: &str) -> Vec<(String, i64)> {
+    sql(lake, query)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (a, b) = l.rsplit_once(',').unwrap();
+            (a.to_string(), b.trim().parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_row_the_batch_layer_cannot_compute_is_quarantined_once_and_every_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let day = midnight_days_ago(3);
+    // the report's line beside normal events of two merchants
+    let mut text = String::new();
+    for i in 0..5 {
+        text.push_str(&order_line(
+            &format!("a{i}"),
+            "m_a",
+            day + 2 * 3600 + i,
+            100,
+        ));
+        text.push_str(&order_line(
+            &format!("b{i}"),
+            "m_b",
+            day + 30 * 3600 + i,
+            10,
+        ));
+    }
+    text.push_str(
+        "{\"event_id\":\"x1\",\"merchant_id\":\"m_old\",\"type\":\"page_view\",\"ts\":\"1600-01-01T00:00:00Z\"}\n",
+    );
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, text).unwrap();
+    ingest(&lake, &file);
+
+    // another Delta writer (Python's deltalake, as a Spark job or an older archiver
+    // would) appends a row dated 1700 to raw_events, partitioned by its own time
+    let script = r#"
+import sys, datetime, deltalake, pyarrow as pa
+uri = sys.argv[1]
+utc = datetime.timezone.utc
+t = datetime.datetime(1700, 6, 1, 10, 0, tzinfo=utc)
+ts = pa.timestamp("us", tz="UTC")
+schema = pa.schema([
+    pa.field("event_id", pa.string(), False), pa.field("merchant_id", pa.string(), False),
+    pa.field("event_type", pa.string(), False), pa.field("event_time", ts, False),
+    pa.field("amount", pa.int64(), True), pa.field("customer_id", pa.string(), True),
+    pa.field("ingest_time", ts, False), pa.field("source", pa.string(), False),
+    pa.field("payload", pa.string(), False), pa.field("event_date", pa.string(), False),
+    pa.field("event_hour", pa.int32(), False),
+])
+row = {"event_id": ["x2"], "merchant_id": ["m_spark"], "event_type": ["order"], "event_time": [t],
+       "amount": [5], "customer_id": [None], "ingest_time": [datetime.datetime.now(utc)],
+       "source": ["spark:backfill-7/part-0:1"], "payload": ['{"event_id":"x2","ts":"1700-06-01T10:00:00Z"}'],
+       "event_date": ["1700-06-01"], "event_hour": [10]}
+deltalake.write_deltalake(uri, pa.Table.from_pydict(row, schema=schema), mode="append",
+                          partition_by=["event_date", "event_hour"])
+"#;
+    let out = Command::new(tally_testkit::venv_python())
+        .arg("-c")
+        .arg(script)
+        .arg(lake.join("raw_events"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let first = batch_run(&lake, &[]);
+    assert!(first.contains("watermark none -> 20"), "{first}");
+    let orders = "SELECT merchant_id, CAST(SUM(orders) AS BIGINT) FROM {t} GROUP BY merchant_id ORDER BY merchant_id";
+    let expect = vec![("m_a".to_string(), 5), ("m_b".to_string(), 5)];
+    for t in ["metrics_hourly", "metrics_daily"] {
+        assert_eq!(pairs(&lake, &orders.replace("{t}", t)), expect, "{t}");
+    }
+    let quarantined = |lake: &Path| {
+        pairs(
+            lake,
+            "SELECT CASE WHEN CAST(payload AS VARCHAR) LIKE '%\"x1\"%' THEN 'x1' \
+             WHEN CAST(payload AS VARCHAR) LIKE '%\"x2\"%' THEN 'x2' ELSE 'other' END AS id, \
+             COUNT(*) FROM quarantine GROUP BY 1 ORDER BY 1",
+        )
+    };
+    let once = vec![("x1".to_string(), 1), ("x2".to_string(), 1)];
+    assert_eq!(quarantined(&lake), once);
+    assert_eq!(
+        count(
+            &lake,
+            "SELECT COUNT(*) FROM quarantine WHERE source = 'spark:backfill-7/part-0:1' \
+             AND reason LIKE 'out_of_range: event_time 1700-06-01T10:00:00Z cannot be computed%'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &lake,
+            "SELECT COUNT(*) FROM raw_events WHERE event_id IN ('x1', 'x2')"
+        ),
+        0
+    );
+
+    // every later run exits 0 and moves nothing twice
+    for _ in 0..2 {
+        let again = batch_run(&lake, &[]);
+        assert!(!again.contains("quarantine"), "{again}");
+        assert_eq!(quarantined(&lake), once);
+    }
+}
+
+#[test]
+fn a_day_processed_by_an_early_run_gets_its_daily_row_in_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let day = midnight_days_ago(3);
+    let text: String = (1..=3)
+        .map(|i| order_line(&format!("o{i}"), "m_d", day + 3600 + 60 * i, 1000))
+        .collect();
+    let file = dir.path().join("orders.ndjson");
+    std::fs::write(&file, text).unwrap();
+    ingest(&lake, &file);
+
+    // the 05:35 run of that day: a grace period that puts its closed hours' end at 05:00
+    let grace = (chrono::Utc::now().timestamp() - (day + 5 * 3600 + 35 * 60)) / 60;
+    let early = batch_run(&lake, &["--grace-minutes", &grace.to_string()]);
+    assert!(
+        early.contains(&format!("watermark none -> {}", rfc3339(day + 5 * 3600))),
+        "{early}"
+    );
+    assert_eq!(count(&lake, "SELECT COUNT(*) FROM metrics_daily"), 0);
+    let normal = batch_run(&lake, &[]);
+    assert!(normal.contains("and 1 days recomputed"), "{normal}");
+    assert_eq!(
+        count(
+            &lake,
+            "SELECT CAST(SUM(orders) AS BIGINT) FROM metrics_daily"
+        ),
+        3
+    );
+
+    // the API: the day bucket and its 01:00 hour agree
+    let addr = format!("127.0.0.1:{}", tally_testkit::free_port());
+    let secret = "a-test-secret-of-enough-length-0123456789";
+    let mut server = tally(&lake)
+        .args(["serve", "--addr", &addr])
+        .env("TALLY_JWT_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"merchant_id": "m_d", "exp": chrono::Utc::now().timestamp() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "tally serve did not listen");
+    let get = |granularity: &str, from: i64, to: i64| -> serde_json::Value {
+        let path = format!(
+            "/v1/merchants/m_d/metrics?from={}&to={}&granularity={granularity}&metrics=orders",
+            rfc3339(from),
+            rfc3339(to)
+        );
+        let (status, body) = http_get(&addr, &path, &token);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let days = get("day", day, day + 86_400);
+    let hours = get("hour", day, day + 86_400);
+    sigterm(&mut server);
+    let d = &days["buckets"][0];
+    assert_eq!(
+        (d["source"].as_str(), d["orders"].as_i64()),
+        (Some("batch"), Some(3)),
+        "{days}"
+    );
+    let h = &hours["buckets"][1];
+    assert_eq!(
+        (h["source"].as_str(), h["orders"].as_i64()),
+        (Some("batch"), Some(3)),
+        "{hours}"
+    );
+}
+
+#[test]
+fn hourly_runs_racing_late_events_of_a_closed_day_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let day = midnight_days_ago(2);
+    let orders = |prefix: &str, n: i64| -> String {
+        (0..n)
+            .map(|i| {
+                order_line(
+                    &format!("{prefix}{i}"),
+                    &format!("m{}", i % 25),
+                    day + (i % 24) * 3600 + i % 3600,
+                    100 + i,
+                )
+            })
+            .collect()
+    };
+    let first = dir.path().join("day.ndjson");
+    std::fs::write(&first, orders("o", 2_000)).unwrap();
+    let out = tally(&lake)
+        .args(["ingest", "--chunk-lines", "100"])
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    batch_run(&lake, &[]);
+
+    // 600 late orders of that day, one per commit, while the hourly run loops
+    let late = dir.path().join("late.ndjson");
+    std::fs::write(&late, orders("late", 600)).unwrap();
+    let log = dir.path().join("ingest-late.log");
+    let mut ingest_late = tally(&lake)
+        .args(["ingest", "--chunk-lines", "1"])
+        .arg(&late)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut runs = 0;
+    while ingest_late.try_wait().unwrap().is_none() {
+        batch_run(&lake, &[]);
+        runs += 1;
+    }
+    let status = ingest_late.wait().unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(runs >= 2, "the runs raced the appends ({runs} runs)");
+    batch_run(&lake, &[]);
+
+    assert_eq!(
+        count(&lake, "SELECT COUNT(*) FROM raw_events"),
+        2_600,
+        "no row lost or doubled"
+    );
+    assert_eq!(
+        count(&lake, "SELECT COUNT(DISTINCT event_id) FROM raw_events"),
+        2_600
+    );
+    for t in ["metrics_hourly", "metrics_daily"] {
+        assert_eq!(
+            count(
+                &lake,
+                &format!("SELECT CAST(SUM(orders) AS BIGINT) FROM {t}")
+            ),
+            2_600,
+            "{t}"
+        );
+    }
+}
