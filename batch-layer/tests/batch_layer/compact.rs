@@ -10,7 +10,10 @@ use tally_common::lake::{Lake, Table};
 use tally_common::source::{Position, SourceId};
 use tally_testkit::events::TestEvent;
 
+use tally_common::bucket::date_string;
+
 use crate::job::DAY_MS;
+use crate::quarantine::{write_foreign, ForeignRow};
 use crate::{query_i64, START_MS};
 
 fn order(prefix: &str, i: i64) -> TestEvent {
@@ -65,7 +68,17 @@ async fn compaction_racing_late_events_never_fails_nor_loses_or_doubles_a_row() 
     }
     BatchRun::new(&lake).now(now).execute().await.unwrap();
 
-    // 600 late orders of that day, one per commit, while the hourly run loops
+    // another writer's misplaced row in that day (moved to quarantine by the first
+    // looping run, while the appends go on), then 600 late orders of that day, one
+    // per commit, while the hourly run loops
+    let mut misplaced = ForeignRow::new(
+        "misplaced",
+        "m1",
+        "order",
+        (START_MS + 5 * 3_600_000) * 1000,
+    );
+    misplaced.partition = Some((date_string(START_MS * 1000), 2));
+    write_foreign(&lake, &[misplaced], now).await;
     let late: Vec<TestEvent> = (0..600).map(|i| order("late", i)).collect();
     let appender = tokio::spawn(append_one_by_one(lake.clone(), "late", late, now));
     let mut runs = 0;
@@ -95,6 +108,14 @@ async fn compaction_racing_late_events_never_fails_nor_loses_or_doubles_a_row() 
     );
 
     BatchRun::new(&lake).now(now).execute().await.unwrap();
+    assert_eq!(
+        query_i64(
+            &lake,
+            "SELECT COUNT(*) FROM quarantine WHERE reason LIKE 'misplaced:%'"
+        )
+        .await,
+        [1]
+    );
     assert_eq!(
         query_i64(
             &lake,
