@@ -129,6 +129,21 @@ fn parse(s: &str) -> i64 {
 async fn rows_the_batch_layer_cannot_compute_are_moved_once_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    moved_once_and_the_run_goes_on(lake).await;
+}
+
+#[tokio::test]
+async fn rows_the_batch_layer_cannot_compute_are_moved_once_on_s3_too() {
+    let moto = tally_testkit::MotoServer::start();
+    moto.create_bucket("lake");
+    let mut lake = Lake::new("s3://lake/tally", Some(&moto.endpoint()), Some("us-east-1")).unwrap();
+    for (k, v) in moto.aws_env() {
+        lake = lake.with_option(k, &v);
+    }
+    moved_once_and_the_run_goes_on(lake).await;
+}
+
+async fn moved_once_and_the_run_goes_on(lake: Lake) {
     let events = generate(31, 3_000, 12, START_MS, 24);
     let now = (START_MS + DAY_MS + 30 * 60_000) * 1000;
     archive(&lake, "good", &events, now).await;
