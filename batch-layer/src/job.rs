@@ -8,25 +8,21 @@
 //! version processed and the logic version ([`tally_common::watermark`]), so a
 //! run killed at any point leaves the tables whole and the next run redoes what
 //! is missing. A day's row is written before its hours' commit, and
-//! `metrics_daily` keeps its own mark ([`DAILY_THROUGH_APP`]) of the days before
-//! which every day with data has its row: a complete day gets its row in the
-//! first run that finds it complete, whichever runs processed its hours.
+//! `metrics_daily` keeps its own mark of the days before which every day with
+//! data has its row ([`crate::daily`]): a complete day gets its row in the first
+//! run that finds it complete, whichever runs processed its hours.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use deltalake::arrow::compute::{
-    cast, concat_batches, lexsort_to_indices, take_record_batch, SortColumn,
-};
-use deltalake::arrow::datatypes::{Int64Type, SchemaRef};
-use deltalake::datafusion::logical_expr::{col, lit, Expr};
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::Int64Type;
+use deltalake::datafusion::logical_expr::{col, lit};
 use deltalake::datafusion::prelude::SessionContext;
-use deltalake::datafusion::scalar::ScalarValue;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
-use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use tally_common::bucket::{
     date_string, day_floor, hour_floor, hours_between, month_string, now_micros, MICROS_PER_DAY,
@@ -39,9 +35,12 @@ use tally_common::watermark::{
 };
 use tally_common::{Context as _, Error, Result};
 
+use crate::daily;
 use crate::dirty::{hours_changed, hours_present, raw_files};
-use crate::layout::metric_writer_properties;
 use crate::lock::Lease;
+use crate::publish::{
+    daily_rows, hours_predicate, read_rows, record_only, rewrite_partition, to_table_rows, ts_lit,
+};
 use crate::quarantine::{self, computable_hour, COMPUTABLE_FROM, COMPUTABLE_UNTIL};
 use crate::sql::{computable_rows, daily_sql, hourly_sql};
 
@@ -265,13 +264,13 @@ impl BatchRun {
         // an hourly run, every complete day with data that may not have its row yet
         // (the watermark passed it in this run or in one that stopped early, or
         // its hours were processed by runs before the day was complete).
-        let daily_mark = read_daily_mark(&daily).await?;
+        let daily_mark = daily::read_mark(&daily).await?;
         let (daily_due, daily_through) = match (self.range, new_watermark) {
             (None, Some(w)) => {
                 let through = day_floor(w);
                 let mut due: BTreeSet<i64> =
                     by_day.keys().copied().filter(|&d| d < through).collect();
-                due.extend(unfinished_days(&daily, daily_mark, &present, through).await?);
+                due.extend(daily::unfinished_days(&daily, daily_mark, &present, through).await?);
                 (due, Some(through))
             }
             _ => (
@@ -334,7 +333,7 @@ impl BatchRun {
                     let mut commit = self.commit_properties();
                     if let (Some(through), true) = (daily_through, Some(day) == last_daily) {
                         commit =
-                            commit.with_application_transactions(vec![daily_mark_txn(through)]);
+                            commit.with_application_transactions(vec![daily::mark_txn(through)]);
                         mark_recorded = true;
                     }
                     let month = col("month").eq(lit(month_string(day)));
@@ -388,7 +387,7 @@ impl BatchRun {
             if !mark_recorded && daily_mark.is_none_or(|m| m < through) {
                 // no day was missing its row: the mark moves on alone
                 let commit = CommitProperties::default()
-                    .with_application_transactions(vec![daily_mark_txn(through)]);
+                    .with_application_transactions(vec![daily::mark_txn(through)]);
                 record_only(&daily, Table::MetricsDaily, through, commit).await?;
             }
         }
@@ -488,80 +487,6 @@ impl BatchRun {
 /// (each pass only finds rows committed during the one before).
 const SCREEN_PASSES: u32 = 4;
 
-/// App id of the daily mark in `metrics_daily`'s log: D in days since the epoch,
-/// every day before D that holds raw data has its daily row.
-pub const DAILY_THROUGH_APP: &str = "tally.batch/daily_through";
-
-fn daily_mark_txn(through: i64) -> Transaction {
-    Transaction::new_with_last_update(
-        DAILY_THROUGH_APP,
-        through.div_euclid(MICROS_PER_DAY),
-        Some(chrono::Utc::now().timestamp_millis()),
-    )
-}
-
-/// The daily mark of `metrics_daily` (epoch µs of the day), if recorded.
-pub async fn read_daily_mark(daily: &DeltaTable) -> Result<Option<i64>> {
-    let Ok(state) = daily.snapshot() else {
-        return Ok(None);
-    };
-    let v = state
-        .transaction_version(daily.log_store().as_ref(), DAILY_THROUGH_APP)
-        .await
-        .context("reading the daily mark")?;
-    Ok(v.and_then(|d| d.checked_mul(MICROS_PER_DAY)))
-}
-
-/// Days before `through` that hold raw data and may lack their daily row: those
-/// from the daily mark on or, on a table written before the mark existed, those
-/// without a row.
-async fn unfinished_days(
-    daily: &DeltaTable,
-    mark: Option<i64>,
-    present: &BTreeSet<i64>,
-    through: i64,
-) -> Result<BTreeSet<i64>> {
-    let days: BTreeSet<i64> = present
-        .iter()
-        .map(|&h| day_floor(h))
-        .filter(|&d| d < through && mark.is_none_or(|m| d >= m))
-        .collect();
-    if mark.is_some() || days.is_empty() || daily.snapshot().is_err() {
-        return Ok(days);
-    }
-    let ctx = SessionContext::new();
-    register(&ctx, Table::MetricsDaily.name(), daily).await?;
-    let written = run_query(
-        &ctx,
-        "SELECT DISTINCT CAST(day AS BIGINT) AS day FROM metrics_daily",
-    )
-    .await?;
-    let mut written_days = BTreeSet::new();
-    for b in &written {
-        let c = cast(b.column(0), &deltalake::arrow::datatypes::DataType::Int64)
-            .context("reading metrics_daily days")?;
-        let c = c.as_primitive::<Int64Type>();
-        written_days.extend((0..c.len()).filter(|&i| !c.is_null(i)).map(|i| c.value(i)));
-    }
-    Ok(days.difference(&written_days).copied().collect())
-}
-
-/// A commit that changes no row of a metric table and records `commit`'s
-/// transactions (progress or the daily mark).
-async fn record_only(
-    table: &DeltaTable,
-    kind: Table,
-    at: i64,
-    commit: CommitProperties,
-) -> Result<DeltaTable> {
-    let time = match kind {
-        Table::MetricsDaily => "day",
-        _ => "hour",
-    };
-    let never = col(time).gt_eq(ts_lit(at)).and(col(time).lt(ts_lit(at)));
-    replace_rows(table, kind, Vec::new(), never, commit).await
-}
-
 fn progress_txns(watermark: Option<i64>, raw_version: i64) -> Vec<Transaction> {
     let now = chrono::Utc::now().timestamp_millis();
     let mut t = vec![
@@ -578,218 +503,13 @@ fn progress_txns(watermark: Option<i64>, raw_version: i64) -> Vec<Transaction> {
     t
 }
 
-fn ts_lit(t: i64) -> Expr {
-    lit(ScalarValue::TimestampMicrosecond(
-        Some(t),
-        Some("UTC".into()),
-    ))
-}
-
-/// `date = D AND (hour in contiguous runs of the given hours)`.
-fn hours_predicate(day: i64, hours: &[i64]) -> Expr {
-    let mut runs: Vec<(i64, i64)> = Vec::new();
-    for &h in hours {
-        match runs.last_mut() {
-            Some((_, end)) if *end == h => *end = h + MICROS_PER_HOUR,
-            _ => runs.push((h, h + MICROS_PER_HOUR)),
-        }
-    }
-    let any = runs
-        .into_iter()
-        .map(|(a, b)| col("hour").gt_eq(ts_lit(a)).and(col("hour").lt(ts_lit(b))))
-        .reduce(Expr::or)
-        .unwrap_or(lit(false));
-    col("date").eq(lit(date_string(day))).and(any)
-}
-
-async fn run_query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+pub(crate) async fn run_query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
     ctx.sql(sql)
         .await
         .context("planning the metrics query")?
         .collect()
         .await
         .context("running the metrics query")
-}
-
-/// Query output plus `computed_at`, `logic_version` and the partition column, cast to the table's schema.
-fn to_table_rows(
-    table: Table,
-    batches: &[RecordBatch],
-    computed_at: i64,
-    partition: &str,
-) -> Result<Vec<RecordBatch>> {
-    batches
-        .iter()
-        .filter(|b| b.num_rows() > 0)
-        .map(|b| {
-            finish_rows(
-                table,
-                b.columns().to_vec(),
-                b.num_rows(),
-                computed_at,
-                partition,
-            )
-        })
-        .collect()
-}
-
-fn finish_rows(
-    table: Table,
-    mut cols: Vec<ArrayRef>,
-    n: usize,
-    computed_at: i64,
-    partition: &str,
-) -> Result<RecordBatch> {
-    cols.push(Arc::new(
-        deltalake::arrow::array::TimestampMicrosecondArray::from(vec![computed_at; n])
-            .with_timezone("UTC"),
-    ));
-    cols.push(Arc::new(deltalake::arrow::array::Int32Array::from(
-        vec![LOGIC_VERSION; n],
-    )));
-    cols.push(Arc::new(deltalake::arrow::array::StringArray::from(
-        vec![partition; n],
-    )));
-    conform(&table.schema(), cols)
-}
-
-/// Daily query output (merchant, metrics...) with the `day` column put in second place.
-fn daily_rows(batches: &[RecordBatch], day: i64, computed_at: i64) -> Result<Vec<RecordBatch>> {
-    let month = month_string(day);
-    batches
-        .iter()
-        .filter(|b| b.num_rows() > 0)
-        .map(|b| {
-            let n = b.num_rows();
-            let mut cols: Vec<ArrayRef> = vec![b.column(0).clone()];
-            cols.push(Arc::new(
-                deltalake::arrow::array::TimestampMicrosecondArray::from(vec![day; n])
-                    .with_timezone("UTC"),
-            ));
-            cols.extend(b.columns()[1..].iter().cloned());
-            finish_rows(Table::MetricsDaily, cols, n, computed_at, &month)
-        })
-        .collect()
-}
-
-fn conform(schema: &SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
-    if cols.len() != schema.fields().len() {
-        return Err(Error::invalid(format!(
-            "metrics query returned {} columns, table has {}",
-            cols.len(),
-            schema.fields().len()
-        )));
-    }
-    let cols = cols
-        .into_iter()
-        .zip(schema.fields())
-        .map(|(c, f)| {
-            if c.data_type() == f.data_type() {
-                Ok(c)
-            } else {
-                cast(&c, f.data_type()).context(format!("casting {}", f.name()))
-            }
-        })
-        .collect::<Result<Vec<_>>>()?;
-    RecordBatch::try_new(schema.clone(), cols).context("shaping metric rows")
-}
-
-async fn replace_rows(
-    table: &DeltaTable,
-    kind: Table,
-    rows: Vec<RecordBatch>,
-    predicate: Expr,
-    commit: CommitProperties,
-) -> Result<DeltaTable> {
-    // an empty replacement still commits: it removes the hours' old rows (or only
-    // records progress)
-    let rows = if rows.is_empty() {
-        vec![RecordBatch::new_empty(kind.schema())]
-    } else {
-        rows
-    };
-    table
-        .clone()
-        .write(rows)
-        .with_save_mode(SaveMode::Overwrite)
-        .with_replace_where(predicate)
-        .with_partition_columns(kind.partition_columns().iter().copied())
-        .with_writer_properties(metric_writer_properties())
-        .with_commit_properties(commit)
-        .await
-        .context(format!("replacing rows of {}", kind.name()))
-}
-
-/// Replace the rows matching `replaced` (within the partition `partition`) with
-/// `rows` by rewriting the whole partition in one commit: its other rows are read
-/// back and everything is written sorted by merchant and time, so a partition
-/// stays one file a lookup of one merchant reads a page or two of
-/// ([`crate::layout`]).
-async fn rewrite_partition(
-    table: &DeltaTable,
-    kind: Table,
-    partition: Expr,
-    replaced: Expr,
-    rows: Vec<RecordBatch>,
-    commit: CommitProperties,
-) -> Result<DeltaTable> {
-    let kept = read_rows(table, kind, partition.clone().and(!replaced)).await?;
-    let rows = sorted_by_merchant(kind, kept.into_iter().chain(rows).collect())?;
-    replace_rows(table, kind, rows, partition, commit).await
-}
-
-/// The rows of `table` matching `filter`, in the table's column order and types.
-async fn read_rows(table: &DeltaTable, kind: Table, filter: Expr) -> Result<Vec<RecordBatch>> {
-    if table.snapshot().is_err() {
-        return Ok(Vec::new());
-    }
-    let ctx = SessionContext::new();
-    register(&ctx, kind.name(), table).await?;
-    let schema = kind.schema();
-    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    let batches = ctx
-        .table(kind.name())
-        .await
-        .context(format!("reading {}", kind.name()))?
-        .filter(filter)
-        .context(format!("filtering {}", kind.name()))?
-        .select_columns(&names)
-        .context(format!("projecting {}", kind.name()))?
-        .collect()
-        .await
-        .context(format!("reading {}", kind.name()))?;
-    batches
-        .into_iter()
-        .filter(|b| b.num_rows() > 0)
-        .map(|b| conform(&schema, b.columns().to_vec()))
-        .collect()
-}
-
-/// One batch sorted by `merchant_id`, then the table's time column.
-fn sorted_by_merchant(kind: Table, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-    if batches.iter().all(|b| b.num_rows() == 0) {
-        return Ok(Vec::new());
-    }
-    let schema = kind.schema();
-    let all = concat_batches(&schema, &batches).context("gathering metric rows")?;
-    let time = match kind {
-        Table::MetricsDaily => "day",
-        _ => "hour",
-    };
-    let key = |name: &str| -> Result<SortColumn> {
-        Ok(SortColumn {
-            values: all
-                .column_by_name(name)
-                .ok_or_else(|| Error::invalid(format!("no {name} column")))?
-                .clone(),
-            options: None,
-        })
-    };
-    let order = lexsort_to_indices(&[key("merchant_id")?, key(time)?], None)
-        .context("sorting metric rows")?;
-    Ok(vec![
-        take_record_batch(&all, &order).context("sorting metric rows")?
-    ])
 }
 
 type RowKey = (String, i64);

@@ -4,12 +4,14 @@
 
 pub mod archive;
 pub mod compact;
+pub mod daily;
 pub mod dirty;
 pub mod job;
 pub mod lambda;
 pub mod layout;
 pub mod lock;
 pub mod marks;
+pub mod publish;
 pub mod quarantine;
 pub mod sql;
 
