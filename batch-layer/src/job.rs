@@ -201,11 +201,25 @@ impl BatchRun {
             return Ok(report);
         };
 
+        let new_watermark = match self.range {
+            Some(_) => progress.watermark,
+            None => Some(progress.watermark.map_or(closed_end, |w| w.max(closed_end))),
+        };
+        report.watermark_after = new_watermark;
+        // the day a daily row is due before: hourly runs keep metrics_daily's mark
+        let daily_through = match (self.range, new_watermark) {
+            (None, Some(w)) => Some(day_floor(w)),
+            _ => None,
+        };
+        let mut daily = self.lake.open_or_create(Table::MetricsDaily).await?;
+        let daily_mark = daily::read_mark(&daily).await?;
+
         // Rows the batch layer cannot compute leave raw_events before anything is
-        // computed, so that one row never stops the run for everyone; each pass
-        // screens the very snapshot the hours are then computed from.
+        // computed, so that one row never stops the run for everyone: in every hour
+        // this run reads (the dirty hours and the whole of each day whose row it
+        // writes). Each pass screens the very snapshot then computed from.
         let mut pass = 0;
-        let (present, dirty) = loop {
+        let (dirty, daily_due) = loop {
             pass += 1;
             let files = raw_files(&raw)?;
             let present: BTreeSet<i64> = hours_present(&files)
@@ -215,13 +229,38 @@ impl BatchRun {
             let dirty = self
                 .dirty_hours(&raw, &present, &progress, closed_end)
                 .await?;
-            let bad = quarantine::screen(&raw, &files, &dirty, self.now).await?;
+            // Days whose daily row is computed: complete days with a dirty hour and,
+            // in an hourly run, every complete day with data that may not have its
+            // row yet (the watermark passed it in this run or in one that stopped
+            // early, or its hours were processed before the day was complete).
+            let dirty_days: BTreeSet<i64> = dirty.iter().map(|&h| day_floor(h)).collect();
+            let daily_due: BTreeSet<i64> = match daily_through {
+                Some(through) => {
+                    let mut due: BTreeSet<i64> =
+                        dirty_days.into_iter().filter(|&d| d < through).collect();
+                    due.extend(
+                        daily::unfinished_days(&daily, daily_mark, &present, through).await?,
+                    );
+                    due
+                }
+                None => dirty_days
+                    .into_iter()
+                    .filter(|&d| d + MICROS_PER_DAY <= closed_end)
+                    .collect(),
+            };
+            let read: BTreeSet<i64> = present
+                .iter()
+                .copied()
+                .filter(|h| daily_due.contains(&day_floor(*h)))
+                .chain(dirty.iter().copied())
+                .collect();
+            let bad = quarantine::screen(&raw, &files, &read, self.now).await?;
             if bad.is_empty() {
-                break (present, dirty);
+                break (dirty, daily_due);
             }
             if self.dry_run {
                 report.quarantined += bad.rows.len() as u64;
-                break (present, dirty);
+                break (dirty, daily_due);
             }
             if pass > SCREEN_PASSES {
                 // a writer keeps adding such rows: the queries leave them out
@@ -230,7 +269,7 @@ impl BatchRun {
                     rows = bad.rows.len(),
                     "rows the batch layer cannot compute keep arriving; leaving them for the next run"
                 );
-                break (present, dirty);
+                break (dirty, daily_due);
             }
             if let Some(l) = lease {
                 l.check().await?;
@@ -247,41 +286,12 @@ impl BatchRun {
         };
         let raw_version = raw.version().map(|v| v as i64).unwrap_or(-1);
         report.raw_version = Some(raw_version);
-
-        let new_watermark = match self.range {
-            Some(_) => progress.watermark,
-            None => Some(progress.watermark.map_or(closed_end, |w| w.max(closed_end))),
-        };
-        report.watermark_after = new_watermark;
         report.hours = dirty.len();
 
         let mut by_day: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
         for &h in &dirty {
             by_day.entry(day_floor(h)).or_default().push(h);
         }
-        let mut daily = self.lake.open_or_create(Table::MetricsDaily).await?;
-        // Days whose daily row is computed: complete days with a dirty hour and, in
-        // an hourly run, every complete day with data that may not have its row yet
-        // (the watermark passed it in this run or in one that stopped early, or
-        // its hours were processed by runs before the day was complete).
-        let daily_mark = daily::read_mark(&daily).await?;
-        let (daily_due, daily_through) = match (self.range, new_watermark) {
-            (None, Some(w)) => {
-                let through = day_floor(w);
-                let mut due: BTreeSet<i64> =
-                    by_day.keys().copied().filter(|&d| d < through).collect();
-                due.extend(daily::unfinished_days(&daily, daily_mark, &present, through).await?);
-                (due, Some(through))
-            }
-            _ => (
-                by_day
-                    .keys()
-                    .copied()
-                    .filter(|&d| d + MICROS_PER_DAY <= closed_end)
-                    .collect(),
-                None,
-            ),
-        };
         let days: BTreeSet<i64> = by_day.keys().chain(&daily_due).copied().collect();
         let last_day = days.last().copied();
         let last_daily = daily_due.last().copied();

@@ -303,3 +303,63 @@ async fn a_dry_run_reports_the_rows_it_would_move_and_moves_nothing() {
     assert_eq!(read_table(&lake, "metrics_hourly", "hour").await, good);
     assert_eq!(moved(&lake).await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_day_closing_screens_its_hours_that_no_run_screened() {
+    // an hour an earlier version processed, with another writer's misplaced row in
+    // it: the watermark is past it, so it is not dirty, but its day's row reads it
+    use tally_common::deltalake::kernel::transaction::CommitProperties;
+    use tally_common::deltalake::kernel::Transaction;
+    use tally_common::watermark::{RAW_VERSION_APP, WATERMARK_APP};
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let day = START_MS * 1000;
+    let now = (START_MS + DAY_MS + 10 * 60_000) * 1000;
+    let events = generate(34, 500, 5, START_MS, 5);
+    archive(&lake, "good", &events, now).await;
+    let mut misplaced = ForeignRow::new("old-bad", "m1", "order", day + 6 * MICROS_PER_HOUR);
+    misplaced.partition = Some((date_string(day), 3));
+    write_foreign(&lake, &[misplaced], now).await;
+    let raw_version = lake
+        .open(Table::RawEvents)
+        .await
+        .unwrap()
+        .unwrap()
+        .version()
+        .unwrap();
+    lake.open_or_create(Table::MetricsHourly)
+        .await
+        .unwrap()
+        .write(vec![RecordBatch::new_empty(Table::MetricsHourly.schema())])
+        .with_save_mode(SaveMode::Append)
+        .with_commit_properties(
+            CommitProperties::default().with_application_transactions(vec![
+                Transaction::new_with_last_update(WATERMARK_APP, START_MS / 3_600_000 + 5, None),
+                Transaction::new_with_last_update(RAW_VERSION_APP, raw_version as i64, None),
+            ]),
+        )
+        .await
+        .unwrap();
+
+    let r = BatchRun::new(&lake).now(now).execute().await.unwrap();
+    assert_eq!((r.quarantined, r.days), (1, 1));
+    assert_eq!(r.hours, 1, "the hour the row left is recomputed");
+    let got = moved(&lake).await;
+    assert_eq!(got.len(), 1);
+    assert!(got[0].0.starts_with("misplaced: "), "{got:?}");
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&events)
+    );
+    let hour_3 = |t: &crate::job::Table6| -> crate::job::Table6 {
+        t.iter()
+            .filter(|((_, h), _)| *h == START_MS + 3 * 3_600_000)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+    assert_eq!(
+        hour_3(&read_table(&lake, "metrics_hourly", "hour").await),
+        hour_3(&model_hourly(&events))
+    );
+}
