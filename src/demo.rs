@@ -243,6 +243,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &SpeedArgs {
             redis_url: None,
             speed_ttl_hours: 48,
+            rebuild_settle_secs: 30,
         },
         signal.clone(),
     )

@@ -46,7 +46,11 @@ impl SpeedSource for ServingSpeed {
     }
 }
 
-/// Connect the speed view, and for the embedded one rebuild it and keep following raw_events.
+/// How often a process holding a Redis speed view checks that it is rebuilt.
+pub const REBUILD_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Connect the speed view; rebuild the embedded one and keep following
+/// raw_events, or keep a Redis one rebuilt after a loss.
 pub async fn speed_view(
     lake: &Lake,
     args: &SpeedArgs,
@@ -60,6 +64,14 @@ pub async fn speed_view(
             "embedded speed view rebuilt from raw_events newer than the watermark"
         );
         tokio::spawn(feed.follow(view.clone(), Duration::from_secs(2), shutdown));
+    } else if let SpeedView::Redis(store) = &view {
+        tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
+            lake.clone(),
+            store.clone(),
+            REBUILD_CHECK_EVERY,
+            args.rebuild_settle(),
+            shutdown,
+        ));
     }
     Ok(view)
 }

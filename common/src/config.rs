@@ -37,6 +37,17 @@ pub struct SpeedArgs {
     /// How long speed-view keys live, in hours (longer than the batch layer's lag).
     #[arg(long, env = "TALLY_SPEED_TTL_HOURS", default_value_t = 48)]
     pub speed_ttl_hours: u64,
+    /// Seconds after a Redis speed view lost its data before it is rebuilt from
+    /// raw_events: longer than the archiver's lag behind the speed consumers.
+    #[arg(long, env = "TALLY_SPEED_REBUILD_SETTLE_SECS", default_value_t = 30)]
+    pub rebuild_settle_secs: u64,
+}
+
+impl SpeedArgs {
+    /// How long after a loss the rebuild waits before reading raw_events.
+    pub fn rebuild_settle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.rebuild_settle_secs)
+    }
 }
 
 /// The batch layer's timing.

@@ -266,7 +266,7 @@ resource "aws_cloudwatch_metric_alarm" "redis_memory" {
   for_each = toset(local.redis_member_clusters)
 
   alarm_name        = "${var.name}-redis-${each.key}-memory"
-  alarm_description = "Redis memory of ${each.key} above 80% of maxmemory: speed-view keys will start being evicted."
+  alarm_description = "Redis memory of ${each.key} above 80% of maxmemory: at 100% the server refuses speed-view writes (noeviction) and the speed layer lags until keys expire or the node grows."
   namespace         = "AWS/ElastiCache"
   metric_name       = "DatabaseMemoryUsagePercentage"
   dimensions        = { CacheClusterId = each.key }

@@ -48,11 +48,13 @@ resource "aws_elasticache_parameter_group" "redis" {
   family      = "redis7"
   description = "tally speed view"
 
-  # The speed view is counters with a TTL; under memory pressure evict keys
-  # that have a TTL, oldest-first by approximation, never refuse writes.
+  # Never evict: an evicted counter is a silent loss that readers cannot tell
+  # from "no events" (the view key only reveals a server that lost everything).
+  # A full server refuses writes instead; the speed consumers retry and lag,
+  # the memory alarm fires, and every key still expires by its TTL.
   parameter {
     name  = "maxmemory-policy"
-    value = "volatile-lru"
+    value = "noeviction"
   }
 }
 

@@ -121,6 +121,7 @@ impl SpeedSource for FakeSpeed {
         Ok(SpeedReading {
             hours: hours.iter().map(|_| one).collect(),
             unions: unions.iter().map(|g| g.len() as i64).collect(),
+            not_covered: Vec::new(),
         })
     }
 

@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod embedded;
 pub mod feed;
 pub mod lambda;
+pub mod rebuild;
 pub mod redis_store;
 pub mod store;
 
@@ -19,8 +20,9 @@ use std::sync::Arc;
 
 pub use aggregate::{HourUpdate, SpeedBatch};
 pub use embedded::EmbeddedStore;
+pub use rebuild::{Rebuild, RebuildReport};
 pub use redis_store::RedisStore;
-pub use store::{ApplyReport, SpeedReading, SpeedStore};
+pub use store::{ApplyReport, SpeedReading, SpeedStore, ViewState};
 
 use tally_common::config::SpeedArgs;
 use tally_common::source::{Position, SourceId};
@@ -128,6 +130,10 @@ pub async fn apply_records<'a, S: SpeedStore>(
         tracing::warn!(source = %batch.source, position = %pos, line = r.line, reason = %r.reason, "rejected line");
     }
     let mut report = store.apply(&batch).await?;
+    if report.view_created {
+        tracing::warn!(source = %batch.source,
+            "the speed view was new (the store lost its data, or never held any): readers treat the hours before now as unknown until it is rebuilt from raw_events (tally speed rebuild; tally serve and tally speed consume do it by themselves)");
+    }
     // A redelivery cut differently from an earlier, half-applied delivery: for each
     // merchant-hour whose mark falls inside its records, re-send only the records
     // beyond the mark. Rare (only after crashes), so a second round trip is fine.

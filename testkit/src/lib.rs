@@ -179,6 +179,20 @@ impl RedisServer {
         }
     }
 
+    /// Start it again on the same port with no data at all, persistence or not
+    /// (a restart that lost its files, a failover to an empty replica).
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        if self.data_dir.is_some() {
+            self.data_dir = Some(tempfile::tempdir().expect("a directory for redis data"));
+        }
+        assert!(
+            self.spawn(),
+            "redis-server would not restart on port {}",
+            self.port
+        );
+    }
+
     /// Start it again on the same port (empty, unless started with persistence).
     pub fn restart(&mut self) {
         self.stop();
@@ -196,7 +210,13 @@ impl Drop for RedisServer {
     }
 }
 
-/// moto's server: an emulator that speaks the real S3 and Kinesis HTTP APIs.
+/// moto's server, an emulator that speaks the real S3 and Kinesis HTTP APIs,
+/// with its Kinesis made to behave like AWS where plain moto does not
+/// (`testkit/tools/kinesis_like_aws.py`): 56-digit, stream-wide increasing
+/// sequence numbers (plain moto numbers records 1, 2, 3, which hides every bug
+/// that assumes a sequence number fits a machine integer), AWS's reshard
+/// behaviour and, with `EMU_ITER_TTL`, iterator expiry. Every test that uses
+/// Kinesis sees production's shapes.
 pub struct MotoServer {
     port: u16,
     child: Option<Child>,
@@ -205,12 +225,19 @@ pub struct MotoServer {
 impl MotoServer {
     /// Start one; panics with an install hint when moto is missing or will not start.
     pub fn start() -> Self {
-        let binary = find_binary("moto_server", &[venv_dir().join("bin/moto_server")])
-            .unwrap_or_else(|| panic!("moto_server not found: {INSTALL_HINT}"));
+        Self::start_with(&[])
+    }
+
+    /// Start one with extra environment for the emulator (e.g. `EMU_ITER_TTL`).
+    pub fn start_with(env: &[(&str, &str)]) -> Self {
+        let python = venv_python();
+        let script = workspace_root().join("testkit/tools/kinesis_like_aws.py");
         for _ in 0..5 {
             let port = free_port();
-            let child = Command::new(&binary)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            let child = Command::new(&python)
+                .arg(&script)
+                .arg(port.to_string())
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn();
@@ -224,7 +251,7 @@ impl MotoServer {
             }
             s.stop();
         }
-        panic!("moto_server would not start on a loopback port: {INSTALL_HINT}");
+        panic!("moto's server (testkit/tools/kinesis_like_aws.py) would not start on a loopback port: {INSTALL_HINT}");
     }
 
     /// The endpoint URL, `http://127.0.0.1:PORT`.
