@@ -212,19 +212,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let store = tally_speed_layer::SpeedView::connect(&speed).await?;
-            if let tally_speed_layer::SpeedView::Redis(redis) = &store {
-                // the process ends with the consumer; the keeper with it
-                let (_, never) = shutdown::channel();
-                tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
-                    lake.lake()?,
-                    redis.clone(),
-                    serve::REBUILD_CHECK_EVERY,
-                    speed.rebuild_settle(),
-                    never,
-                ));
-            }
+            let (stop_keeper, keeper_signal) = shutdown::channel();
+            let keeper = match &store {
+                tally_speed_layer::SpeedView::Redis(redis) => {
+                    Some(tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
+                        lake.lake()?,
+                        redis.clone(),
+                        serve::REBUILD_CHECK_EVERY,
+                        speed.rebuild_settle(),
+                        keeper_signal,
+                    )))
+                }
+                tally_speed_layer::SpeedView::Embedded(_) => None,
+            };
             let sink = tally_speed_layer::consumer::SpeedSink(store);
-            let stats = consume(args, sink).await?;
+            let stats = consume(args, sink).await;
+            stop_keeper.fire();
+            if let Some(k) = keeper {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), k).await;
+            }
+            let stats = stats?;
             eprintln!(
                 "speed consume: {} records, {} events accepted, {} lines rejected, {} merchant-hours already applied, {} retries",
                 stats.records, stats.accepted, stats.rejected, stats.skipped, stats.retries

@@ -411,7 +411,7 @@ fn ingest_with(lake: &Path, file: &Path, args: &[&str], env: &[(&str, String)]) 
 fn serve_with(lake: &Path, env: &[(&str, String)]) -> (std::process::Child, String, String) {
     let addr = format!("127.0.0.1:{}", tally_testkit::free_port());
     let secret = "a-test-secret-of-enough-length-0123456789";
-    let child = tally(lake)
+    let mut child = tally(lake)
         .args(["serve", "--addr", &addr])
         .env("TALLY_JWT_SECRET", secret)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -431,6 +431,8 @@ fn serve_with(lake: &Path, env: &[(&str, String)]) -> (std::process::Child, Stri
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("tally serve did not listen");
 }
 

@@ -113,9 +113,9 @@ return 0
 /// The rebuild lock's key.
 const LOCK_KEY: &str = "tally:v2:view:rebuild";
 /// How long a rebuild's lock lives unless renewed: a killed rebuild blocks the
-/// next one this long at most. The holder renews it at every step.
-const LOCK_TTL: Duration = Duration::from_secs(30);
-/// The longest sleep between two steps (each step renews the lock).
+/// next one this long at most. The holder renews it every third of this.
+const LOCK_TTL: Duration = Duration::from_secs(10);
+/// The longest sleep between two looks at the view and the lake.
 const STEP: Duration = Duration::from_secs(2);
 /// Merchant-hours per pipelined round trip.
 const WRITE_BATCH: usize = 500;
@@ -178,7 +178,7 @@ impl<'a> Rebuild<'a> {
 
     /// Run it. Errors: Redis or the lake unreachable (the view is then left as
     /// it was, unknown to readers where it is not whole).
-    pub async fn run(self) -> Result<RebuildReport> {
+    pub async fn run(&self) -> Result<RebuildReport> {
         let mut conn = self.store.connection();
         let token = &self.token;
         let locked: Option<String> = redis::cmd("SET")
@@ -197,13 +197,32 @@ impl<'a> Rebuild<'a> {
                 ..RebuildReport::default()
             });
         }
-        let result = self.run_locked().await;
+        // the lock is renewed beside the work, however long a step takes
+        let renewing = async {
+            loop {
+                tokio::time::sleep(LOCK_TTL / 3).await;
+                if let Err(e) = self.renew().await {
+                    return e;
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = self.run_locked() => r,
+            e = renewing => Err(e),
+        };
+        self.release().await;
+        result
+    }
+
+    /// Give up the lock if this rebuild holds it (after [`Rebuild::run`] was
+    /// dropped part way, e.g. at shutdown). Best effort: it expires by itself.
+    pub async fn release(&self) {
+        let mut conn = self.store.connection();
         let _: redis::RedisResult<i64> = redis::Script::new(UNLOCK_LUA)
             .key(LOCK_KEY)
-            .arg(token)
+            .arg(&self.token)
             .invoke_async(&mut conn)
             .await;
-        result
     }
 
     /// Extend the lock; an error when another rebuild has it now (ours expired).
@@ -253,7 +272,6 @@ impl<'a> Rebuild<'a> {
         let early = Duration::from_micros(settled.saturating_sub(now_micros()).max(0) as u64);
         let deadline = std::time::Instant::now() + early + self.wait;
         loop {
-            self.renew().await?;
             match self.pass(&view, settled, &mut report).await? {
                 Pass::Complete => break,
                 // a zero wait asks for what can be done now (e.g. from `tally ingest`)
@@ -389,7 +407,6 @@ impl<'a> Rebuild<'a> {
         }
         let entries: Vec<_> = hours.into_iter().collect();
         for chunk in entries.chunks(WRITE_BATCH) {
-            self.renew().await?;
             // EVAL, not EVALSHA: a rebuild is rare, and follows a restart that
             // emptied the script cache anyway
             let mut pipe = redis::pipe();
@@ -559,16 +576,20 @@ pub async fn keep_rebuilt(
             }
         };
         if needed {
-            let run = Rebuild::new(&lake, &store).settle(settle).run();
+            let rebuild = Rebuild::new(&lake, &store).settle(settle);
             tokio::select! {
-                r = run => match r {
+                r = rebuild.run() => match r {
                     Ok(r) if r.complete && !r.nothing_to_do => tracing::info!(
                         events = r.events, merchant_hours = r.merchant_hours, sources = r.sources,
                         "speed view rebuilt from raw_events"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "speed view rebuild failed; retrying"),
                 },
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => {
+                    // the next process need not wait for the lock to expire
+                    rebuild.release().await;
+                    return;
+                }
             }
         }
         tokio::select! {
