@@ -49,10 +49,34 @@ pub async fn run(
         }
         "batch" => {
             let lake = lake.lake()?;
+            // a Redis speed view, for the every-minute check that it is whole
+            let redis = match tally_speed_layer::SpeedView::connect(&speed).await? {
+                tally_speed_layer::SpeedView::Redis(r) => Some(r),
+                tally_speed_layer::SpeedView::Embedded(_) => None,
+            };
+            let settle = speed.rebuild_settle();
             lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
                 let lake = lake.clone();
+                let redis = redis.clone();
                 async move {
                     let p = &event.payload;
+                    // EventBridge sends {"speed_rebuild": true} every minute: a Redis
+                    // view that lost its data is rebuilt from raw_events (usually a
+                    // read of one key that says it is whole)
+                    if p["speed_rebuild"].as_bool() == Some(true) {
+                        let Some(store) = redis else {
+                            return Ok(serde_json::json!({"speed_rebuild": "no Redis configured"}));
+                        };
+                        let r = tally_speed_layer::Rebuild::new(&lake, &store)
+                            .settle(settle)
+                            .wait(std::time::Duration::from_secs(45))
+                            .run()
+                            .await?;
+                        return Ok::<_, lambda_runtime::Error>(serde_json::json!({
+                            "speed_rebuild": if r.complete { "whole" } else { "not yet whole" },
+                            "events": r.events, "merchant_hours": r.merchant_hours,
+                        }));
+                    }
                     let run = tally_batch_layer::BatchRun::new(&lake);
                     // Step Functions sends {"from","to"}; the hourly schedule sends an EventBridge event
                     let run = match (p["from"].as_str(), p["to"].as_str()) {
