@@ -206,6 +206,6 @@ for fn in "${FUNCTIONS[@]}"; do
 done
 log "bootstrap unzipped: ${unzipped} bytes (Lambda's limit: ${LAMBDA_UNZIPPED_LIMIT})"
 if ((size > LAMBDA_DIRECT_UPLOAD_LIMIT)); then
-  log "note: ${size} bytes zipped is over the 50 MB of a direct upload; infra/terraform uploads the zips through S3"
+  log "warning: ${size} bytes zipped is over the 50 MB that Lambda takes in a direct upload (infra/terraform uploads each zip directly)"
 fi
 log "set lambda_architecture = \"${lambda_arch}\" in Terraform to match TARGET ${target}"

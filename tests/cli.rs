@@ -559,3 +559,62 @@ fn a_speed_view_that_lost_its_data_is_never_a_silent_zero() {
     sigterm(&mut server);
     assert_eq!(b["buckets"][0]["orders"], 25, "{b}");
 }
+
+/// ElastiCache with an AUTH token: the token comes from Secrets Manager (here
+/// moto's, the secret made by boto3, an independent client), never from the code
+/// or a plain variable, and works for ingest and serve alike.
+#[test]
+fn the_redis_auth_token_comes_from_secrets_manager() {
+    let password = "tok:en/with@odd chars";
+    let redis = tally_testkit::RedisServer::start_with_password(password);
+    let moto = tally_testkit::MotoServer::start();
+    let made = Command::new(tally_testkit::venv_python())
+        .args([
+            "-c",
+            "import sys, boto3; print(boto3.client('secretsmanager', endpoint_url=sys.argv[1], \
+             region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\
+             .create_secret(Name='redis-auth', SecretString=sys.argv[2])['ARN'])",
+            &moto.endpoint(),
+            password,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let arn = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    let mut env = moto.aws_env();
+    env.push(("TALLY_REDIS_URL", redis.url()));
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let file = dir.path().join("orders.ndjson");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let text: String = (0..7)
+        .map(|i| order_line(&format!("a{i}"), "m_auth", now_ms))
+        .collect();
+    std::fs::write(&file, text).unwrap();
+
+    // without the token Redis refuses, and the error says so
+    let out = tally(&lake)
+        .arg("ingest")
+        .arg(&file)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach Redis") && err.contains("NOAUTH"),
+        "{err}"
+    );
+
+    env.push(("TALLY_REDIS_AUTH_SECRET_ARN", arn));
+    ingest_with(&lake, &file, &[], &env);
+    let (mut server, addr, token) = serve_with(&lake, &env);
+    let b = current_hour(&addr, &token, "m_auth");
+    sigterm(&mut server);
+    assert_eq!(b["buckets"][0]["orders"], 7, "{b}");
+    assert_eq!(b["partial"], false, "{b}");
+}

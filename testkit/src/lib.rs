@@ -72,7 +72,8 @@ fn redis_pings(port: u16) -> bool {
         return false;
     }
     let mut buf = [0u8; 16];
-    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    // a server with a password answers NOAUTH: it is up all the same
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
 }
 
 fn http_answers(port: u16) -> bool {
@@ -96,6 +97,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With persistence: the directory of its append-only file (kept across restarts).
     data_dir: Option<tempfile::TempDir>,
+    /// The AUTH password it requires, if any.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -109,6 +112,7 @@ impl RedisServer {
                 port: free_port(),
                 child: None,
                 data_dir: None,
+                password: None,
             };
             if s.spawn() {
                 return s;
@@ -131,6 +135,18 @@ impl RedisServer {
         s
     }
 
+    /// Start one that requires `password` (`AUTH`), as ElastiCache with an AUTH token does.
+    pub fn start_with_password(password: &str) -> Self {
+        let mut s = RedisServer::start();
+        s.stop();
+        s.password = Some(password.to_string());
+        assert!(
+            s.spawn(),
+            "redis-server would not start with a password: {INSTALL_HINT}"
+        );
+        s
+    }
+
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new(&self.binary);
         cmd.args([
@@ -149,6 +165,9 @@ impl RedisServer {
                 .arg(d.path()),
             None => cmd.args(["--appendonly", "no"]),
         };
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let Ok(child) = child else { return false };
         self.child = Some(child);
