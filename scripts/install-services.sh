@@ -7,7 +7,7 @@
 set -euo pipefail
 
 VENV="${TALLY_VENV:-$HOME/.cache/tally/venv}"
-PY_PACKAGES=("moto[server]>=5.1,<6" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow")
+PY_PACKAGES=("moto[server]>=5.2.5,<5.3" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow")
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "install-services: installing redis-server (apt-get)"
@@ -40,7 +40,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import moto, deltalake, duckdb, pyarrow, flask_cors' >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c 'import moto, deltalake, duckdb, pyarrow, flask_cors; assert moto.__version__.startswith("5.2.")' >/dev/null 2>&1; then
   echo "install-services: installing ${PY_PACKAGES[*]} into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi

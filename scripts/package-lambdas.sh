@@ -13,8 +13,9 @@
 #   DIST_DIR  where the zips go (default <repo>/dist/lambda).
 #   BINARY    package this already built binary instead of building (for a CI
 #             artifact); it must be for TARGET's architecture.
-#   STRIP     1: strip debug info from the packaged copy (smaller zip, no line
-#             numbers in panics). Default 0.
+#   STRIP     1 (default): strip the packaged copy's debug info and symbols
+#             (a release binary with its line tables is ~1 GB, over Lambda's
+#             250 MB unzipped limit); 0: keep them (only for a local look).
 #   NO_CARGO_LAMBDA  1: do not use cargo-lambda even when it is installed.
 #
 # Building: with cargo-lambda installed (`cargo install cargo-lambda`, which
@@ -34,11 +35,13 @@ set -euo pipefail
 readonly FUNCTIONS=(speed archiver batch api)
 readonly AL2023_GLIBC="2.34"
 readonly LAMBDA_DIRECT_UPLOAD_LIMIT=$((50 * 1024 * 1024))
+# Lambda's limit on a function's unzipped code (with its layers): 250 MB.
+readonly LAMBDA_UNZIPPED_LIMIT=$((250 * 1024 * 1024))
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 target="${TARGET:-aarch64-unknown-linux-gnu}"
 dist_dir="${DIST_DIR:-${root}/dist/lambda}"
-strip_binary="${STRIP:-0}"
+strip_binary="${STRIP:-1}"
 
 log() { printf 'package-lambdas: %s\n' "$*" >&2; }
 die() {
@@ -152,8 +155,15 @@ if [[ "${strip_binary}" == "1" ]]; then
   if [[ -z "${strip_tool}" && "${host_machine}" == "${target%%-*}" ]]; then
     strip_tool="strip"
   fi
-  [[ -n "${strip_tool}" ]] || die "STRIP=1 but no strip tool for ${target} (install binutils-${target%%-*}-linux-gnu or llvm)"
-  "${strip_tool}" --strip-debug "${stage}/bootstrap"
+  [[ -n "${strip_tool}" ]] || die "no strip tool for ${target} (install binutils-${target%%-*}-linux-gnu or llvm), or STRIP=0 for a local look"
+  before="$(wc -c <"${stage}/bootstrap" | tr -d ' ')"
+  "${strip_tool}" --strip-all "${stage}/bootstrap"
+  log "stripped ${before} -> $(wc -c <"${stage}/bootstrap" | tr -d ' ') bytes"
+fi
+
+unzipped="$(wc -c <"${stage}/bootstrap" | tr -d ' ')"
+if ((unzipped > LAMBDA_UNZIPPED_LIMIT)); then
+  die "bootstrap is ${unzipped} bytes unzipped; Lambda takes at most ${LAMBDA_UNZIPPED_LIMIT} (250 MB). Leave STRIP at 1."
 fi
 
 # A fixed timestamp makes the zip a function of the binary alone, so an
@@ -194,7 +204,8 @@ size="$(wc -c <"${first_zip}" | tr -d ' ')"
 for fn in "${FUNCTIONS[@]}"; do
   log "wrote ${dist_dir}/${fn}.zip (${size} bytes, handler ${fn})"
 done
+log "bootstrap unzipped: ${unzipped} bytes (Lambda's limit: ${LAMBDA_UNZIPPED_LIMIT})"
 if ((size > LAMBDA_DIRECT_UPLOAD_LIMIT)); then
-  log "warning: ${size} bytes is over Lambda's 50 MB direct-upload limit; try STRIP=1"
+  log "warning: ${size} bytes zipped is over the 50 MB that Lambda takes in a direct upload (infra/terraform uploads each zip directly)"
 fi
 log "set lambda_architecture = \"${lambda_arch}\" in Terraform to match TARGET ${target}"

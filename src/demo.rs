@@ -238,15 +238,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         r.watermark_after.map_or("none".into(), format_ts)
     );
 
-    let view = crate::serve::speed_view(
-        &lake,
-        &SpeedArgs {
-            redis_url: None,
-            speed_ttl_hours: 48,
-        },
-        signal.clone(),
-    )
-    .await?;
+    let view =
+        crate::serve::speed_view(&lake, &SpeedArgs::embedded(), signal.clone(), true).await?;
     let auth = AuthArgs {
         jwt_secret: Some(secret.clone()),
         jwks: None,

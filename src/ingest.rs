@@ -1,10 +1,15 @@
 //! `tally ingest [FILE|-]`: NDJSON events into the pipeline.
 //!
-//! The input is cut into chunks of whole lines; chunk `n` is position `n` of the
-//! source `file/NAME`, so a rerun (also after a kill part way) skips the chunks
-//! already archived and applied: both `raw_events` and the speed view keep
-//! per-source marks. With `--kinesis STREAM` the events go onto the stream
-//! instead (PutRecords, partition key = merchant, retrying only failed entries).
+//! Every line is a record of the source `file/NAME` whose position is its line
+//! number (1-based, blank lines counted), so the position of an event does not
+//! depend on how the input is cut: chunks of `--chunk-lines` lines are only the
+//! unit of a commit. A rerun with any chunking (also after a kill part way) skips
+//! the lines already archived and applied, since both `raw_events` and the speed
+//! view keep per-source marks; a file that grew since is taken up at the line
+//! where the last run stopped. A last line without its newline that is not
+//! valid JSON yet (a writer still appending) is left for the next run. With
+//! `--kinesis STREAM` the events go onto the stream instead (PutRecords,
+//! partition key = merchant, retrying only failed entries).
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::PathBuf;
@@ -31,7 +36,8 @@ pub struct IngestArgs {
     /// required to make standard input rerunnable).
     #[arg(long)]
     pub source_name: Option<String>,
-    /// Lines per chunk (one Delta commit and one speed batch per chunk).
+    /// Lines per chunk (one Delta commit and one speed batch per chunk); positions are
+    /// line numbers whatever the chunking.
     #[arg(long, default_value_t = 50_000)]
     pub chunk_lines: usize,
     /// Events per Kinesis record (NDJSON lines of one merchant) with --kinesis.
@@ -94,18 +100,60 @@ fn progress(size: Option<u64>) -> ProgressBar {
     bar
 }
 
-/// Read the next chunk of up to `lines` whole lines; empty at end of input.
-fn next_chunk(reader: &mut dyn BufRead, lines: usize, buf: &mut Vec<u8>) -> anyhow::Result<usize> {
-    buf.clear();
-    let mut n = 0;
-    while n < lines {
-        let read = reader.read_until(b'\n', buf).context("reading input")?;
+/// A chunk of whole lines read from the input: the lines as records whose
+/// positions are their line numbers.
+struct Chunk {
+    buf: Vec<u8>,
+    /// (line number, start, end) of each line in `buf`, newline included.
+    lines: Vec<(u64, usize, usize)>,
+    /// A last line without its newline that is not valid JSON yet: held back.
+    held_back: bool,
+}
+
+impl Chunk {
+    fn records(&self) -> Vec<(Position, &[u8])> {
+        self.lines
+            .iter()
+            .map(|&(n, a, b)| (Position::from_u64(n), &self.buf[a..b]))
+            .collect()
+    }
+}
+
+/// Read the lines after line `done` up to `lines` of them; empty at end of input.
+fn next_chunk(
+    reader: &mut dyn BufRead,
+    lines: usize,
+    done: &mut u64,
+    chunk: &mut Chunk,
+) -> anyhow::Result<()> {
+    chunk.buf.clear();
+    chunk.lines.clear();
+    while chunk.lines.len() < lines {
+        let start = chunk.buf.len();
+        let read = reader
+            .read_until(b'\n', &mut chunk.buf)
+            .context("reading input")?;
         if read == 0 {
             break;
         }
-        n += 1;
+        if !chunk.buf.ends_with(b"\n") && is_incomplete(&chunk.buf[start..]) {
+            // a writer may still be appending this line: it is taken up, whole, next time
+            chunk.buf.truncate(start);
+            chunk.held_back = true;
+            break;
+        }
+        *done += 1;
+        chunk.lines.push((*done, start, chunk.buf.len()));
     }
-    Ok(n)
+    Ok(())
+}
+
+/// Whether a last line without a newline looks cut short: not blank and not a
+/// JSON value (a line cut part way is never valid JSON).
+fn is_incomplete(line: &[u8]) -> bool {
+    let line = tally_common::decode::strip_bom(line);
+    !line.iter().all(u8::is_ascii_whitespace)
+        && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err()
 }
 
 pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
@@ -122,38 +170,62 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     };
     let source = SourceId::file(&input.name);
     let bar = progress(input.size);
-    let (mut accepted, mut quarantined, mut blank, mut skipped_chunks) = (0u64, 0u64, 0u64, 0u64);
-    let mut buf = Vec::with_capacity(args.chunk_lines * 200);
-    let mut chunk_no = 0u64;
+    let (mut accepted, mut quarantined, mut blank, mut already) = (0u64, 0u64, 0u64, 0u64);
+    let mut chunk = Chunk {
+        buf: Vec::with_capacity(args.chunk_lines.min(1 << 20) * 200),
+        lines: Vec::new(),
+        held_back: false,
+    };
+    let mut line_no = 0u64;
     loop {
-        let lines = next_chunk(input.reader.as_mut(), args.chunk_lines.max(1), &mut buf)?;
-        if lines == 0 {
+        next_chunk(
+            input.reader.as_mut(),
+            args.chunk_lines.max(1),
+            &mut line_no,
+            &mut chunk,
+        )?;
+        if chunk.lines.is_empty() {
             break;
         }
-        chunk_no += 1;
-        let position = Position::from_u64(chunk_no);
+        let records = chunk.records();
         let now = now_micros();
-        let report = archiver
-            .archive(&source, &[(position.clone(), &buf[..])], now)
-            .await?;
-        if report.already_archived > 0 {
-            skipped_chunks += 1;
-        }
+        let report = archiver.archive(&source, &records, now).await?;
+        already += report.already_archived;
         accepted += report.accepted;
         quarantined += report.quarantined;
         blank += report.blank;
         if let Some(store) = &speed {
-            tally_speed_layer::apply_records(store, source.clone(), [(position, &buf[..])], now)
-                .await?;
+            let o = tally_speed_layer::apply_records(store, source.clone(), records, now).await?;
+            if let (true, SpeedView::Redis(redis)) = (o.report.view_created, store) {
+                // the view is new: fill what it can own from raw_events now, without
+                // waiting (a running `tally serve` or `tally speed consume` finishes it)
+                let r = tally_speed_layer::Rebuild::new(&lake, redis)
+                    .settle(args.speed.rebuild_settle())
+                    .wait(Duration::ZERO)
+                    .run()
+                    .await?;
+                tracing::info!(
+                    complete = r.complete,
+                    events = r.events,
+                    "speed view rebuild"
+                );
+            }
         }
-        bar.inc(buf.len() as u64);
+        bar.inc(chunk.buf.len() as u64);
         bar.set_message(format!("{accepted} accepted, {quarantined} quarantined"));
     }
     bar.finish_and_clear();
     println!(
-        "ingest {}: {accepted} accepted, {quarantined} quarantined, {blank} blank lines skipped, {skipped_chunks} chunks already ingested",
+        "ingest {}: {accepted} accepted, {quarantined} quarantined, {blank} blank lines skipped, {already} lines already ingested",
         input.name
     );
+    if chunk.held_back {
+        println!(
+            "ingest {}: line {} has no newline and is not valid JSON yet; it is taken up by the next run",
+            input.name,
+            line_no + 1
+        );
+    }
     Ok(())
 }
 
@@ -234,7 +306,7 @@ fn partition_key(line: &[u8]) -> String {
         #[serde(borrow)]
         merchant_id: Option<std::borrow::Cow<'a, str>>,
     }
-    serde_json::from_slice::<Key<'_>>(line)
+    serde_json::from_slice::<Key<'_>>(tally_common::decode::strip_bom(line))
         .ok()
         .and_then(|k| k.merchant_id)
         .filter(|m| !m.is_empty() && m.len() <= 256)

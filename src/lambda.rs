@@ -49,10 +49,35 @@ pub async fn run(
         }
         "batch" => {
             let lake = lake.lake()?;
+            // the Redis speed view, connected on the first every-minute check only:
+            // the hourly run never depends on Redis
+            let redis: Arc<tokio::sync::OnceCell<tally_speed_layer::SpeedView>> = Arc::default();
             lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
                 let lake = lake.clone();
+                let redis = Arc::clone(&redis);
+                let speed = speed.clone();
                 async move {
                     let p = &event.payload;
+                    // EventBridge sends {"speed_rebuild": true} every minute: a Redis
+                    // view that lost its data is rebuilt from raw_events (usually a
+                    // look at one key that says it is whole)
+                    if p["speed_rebuild"].as_bool() == Some(true) {
+                        let view = redis
+                            .get_or_try_init(|| tally_speed_layer::SpeedView::connect(&speed))
+                            .await?;
+                        let tally_speed_layer::SpeedView::Redis(store) = view else {
+                            return Ok(serde_json::json!({"speed_rebuild": "no Redis configured"}));
+                        };
+                        let r = tally_speed_layer::Rebuild::new(&lake, store)
+                            .settle(speed.rebuild_settle())
+                            .wait(std::time::Duration::from_secs(45))
+                            .run()
+                            .await?;
+                        return Ok::<_, lambda_runtime::Error>(serde_json::json!({
+                            "speed_rebuild": if r.complete { "whole" } else { "not yet whole" },
+                            "events": r.events, "merchant_hours": r.merchant_hours,
+                        }));
+                    }
                     let run = tally_batch_layer::BatchRun::new(&lake);
                     // Step Functions sends {"from","to"}; the hourly schedule sends an EventBridge event
                     let run = match (p["from"].as_str(), p["to"].as_str()) {
@@ -87,7 +112,9 @@ pub async fn run(
         "api" => {
             let lake = lake.lake()?;
             let (_trigger, signal) = tally_common::shutdown::channel();
-            let view = crate::serve::speed_view(&lake, &speed, signal).await?;
+            // no background rebuild in a Lambda container (frozen between
+            // invocations): the batch function's every-minute check does it
+            let view = crate::serve::speed_view(&lake, &speed, signal, false).await?;
             let state = crate::serve::state(lake, &auth, view).await?;
             tally_serving_layer::run_lambda(state).await?;
             Ok(())

@@ -69,12 +69,26 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum SpeedCommand {
-    /// Consume the Kinesis stream into the speed view until SIGTERM.
+    /// Consume the Kinesis stream into the speed view until SIGTERM; a Redis view
+    /// that lost its data is rebuilt from the lake's raw_events meanwhile.
     Consume {
         #[command(flatten)]
         consume: ConsumeArgs,
         #[command(flatten)]
         speed: SpeedArgs,
+        #[command(flatten)]
+        lake: LakeArgs,
+    },
+    /// Rebuild a Redis speed view that lost its data (restart, failover) from
+    /// raw_events newer than the watermark; nothing to do when it is whole.
+    Rebuild {
+        #[command(flatten)]
+        speed: SpeedArgs,
+        #[command(flatten)]
+        lake: LakeArgs,
+        /// Seconds to keep waiting for the archiver to reach every source.
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
     },
 }
 
@@ -194,14 +208,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 SpeedCommand::Consume {
                     consume: args,
                     speed,
+                    lake,
                 },
         } => {
             let store = tally_speed_layer::SpeedView::connect(&speed).await?;
+            let (stop_keeper, keeper_signal) = shutdown::channel();
+            let keeper = match &store {
+                tally_speed_layer::SpeedView::Redis(redis) => {
+                    Some(tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
+                        lake.lake()?,
+                        redis.clone(),
+                        serve::REBUILD_CHECK_EVERY,
+                        speed.rebuild_settle(),
+                        keeper_signal,
+                    )))
+                }
+                tally_speed_layer::SpeedView::Embedded(_) => None,
+            };
             let sink = tally_speed_layer::consumer::SpeedSink(store);
-            let stats = consume(args, sink).await?;
+            let stats = consume(args, sink).await;
+            stop_keeper.fire();
+            if let Some(k) = keeper {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), k).await;
+            }
+            let stats = stats?;
             eprintln!(
                 "speed consume: {} records, {} events accepted, {} lines rejected, {} merchant-hours already applied, {} retries",
                 stats.records, stats.accepted, stats.rejected, stats.skipped, stats.retries
+            );
+            Ok(())
+        }
+        Command::Speed {
+            command:
+                SpeedCommand::Rebuild {
+                    speed,
+                    lake,
+                    wait_secs,
+                },
+        } => {
+            let tally_speed_layer::SpeedView::Redis(store) =
+                tally_speed_layer::SpeedView::connect(&speed).await?
+            else {
+                anyhow::bail!(
+                    "no Redis speed view configured (TALLY_REDIS_URL): the embedded view is rebuilt by the process that holds it"
+                );
+            };
+            let lake = lake.lake()?;
+            let r = tally_speed_layer::Rebuild::new(&lake, &store)
+                .settle(speed.rebuild_settle())
+                .wait(std::time::Duration::from_secs(wait_secs))
+                .run()
+                .await?;
+            println!(
+                "speed rebuild: generation {}, {} events into {} merchant-hours from {} sources, {}",
+                r.generation,
+                r.events,
+                r.merchant_hours,
+                r.sources,
+                match (r.complete, r.nothing_to_do) {
+                    (true, true) => "the view was whole already",
+                    (true, false) => "the view is whole",
+                    (false, true) => "another rebuild is running",
+                    (false, false) => "raw_events has not reached every source yet: run it again",
+                }
             );
             Ok(())
         }

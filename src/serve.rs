@@ -46,11 +46,16 @@ impl SpeedSource for ServingSpeed {
     }
 }
 
-/// Connect the speed view, and for the embedded one rebuild it and keep following raw_events.
+/// How often a process holding a Redis speed view checks that it is rebuilt.
+pub const REBUILD_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Connect the speed view; rebuild the embedded one and keep following
+/// raw_events, or (with `keep_rebuilt`) keep a Redis one rebuilt after a loss.
 pub async fn speed_view(
     lake: &Lake,
     args: &SpeedArgs,
     shutdown: Shutdown,
+    keep_rebuilt: bool,
 ) -> anyhow::Result<SpeedView> {
     let view = SpeedView::connect(args).await?;
     if let SpeedView::Embedded(_) = &view {
@@ -60,6 +65,14 @@ pub async fn speed_view(
             "embedded speed view rebuilt from raw_events newer than the watermark"
         );
         tokio::spawn(feed.follow(view.clone(), Duration::from_secs(2), shutdown));
+    } else if let (SpeedView::Redis(store), true) = (&view, keep_rebuilt) {
+        tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
+            lake.clone(),
+            store.clone(),
+            REBUILD_CHECK_EVERY,
+            args.rebuild_settle(),
+            shutdown,
+        ));
     }
     Ok(view)
 }
@@ -74,7 +87,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let lake = args.lake.lake()?;
     let (trigger, signal) = shutdown::channel();
     trigger.fire_on_signals();
-    let view = speed_view(&lake, &args.speed, signal.clone()).await?;
+    let view = speed_view(&lake, &args.speed, signal.clone(), true).await?;
     let state = state(lake, &args.auth, view).await?;
     tally_serving_layer::serve(args.addr, state, signal).await?;
     Ok(())

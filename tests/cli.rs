@@ -312,66 +312,25 @@ fn demo_serves_its_printed_queries_and_the_dashboard_renders() {
 fn a_running_server_shows_what_another_process_ingested() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    let addr = format!("127.0.0.1:{}", tally_testkit::free_port());
-    let secret = "a-test-secret-of-enough-length-0123456789";
-    let mut server = tally(&lake)
-        .args(["serve", "--addr", &addr])
-        .env("TALLY_JWT_SECRET", secret)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let exp = chrono::Utc::now().timestamp() + 600;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({"merchant_id": "m_live", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap();
-    let hour = chrono::Utc::now().timestamp() / 3600 * 3600;
-    let fmt = |t: i64| {
-        chrono::DateTime::from_timestamp(t, 0)
-            .unwrap()
-            .format("%Y-%m-%dT%H:%M:%SZ")
-            .to_string()
-    };
-    let path = format!(
-        "/v1/merchants/m_live/metrics?from={}&to={}&metrics=orders",
-        fmt(hour),
-        fmt(hour + 3600)
+    let (mut server, addr, token) = serve_with(&lake, &[]);
+    assert_eq!(
+        current_hour(&addr, &token, "m_live")["buckets"][0]["orders"],
+        0
     );
-    // wait until the server answers
-    let mut up = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&addr).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "tally serve did not listen");
-    assert!(http_get(&addr, &path, &token).1.contains("\"orders\":0"));
 
     let now_ms = chrono::Utc::now().timestamp_millis();
     let file = dir.path().join("live.ndjson");
     let text: String = (0..25)
-        .map(|i| format!("{{\"event_id\":\"live-{i}\",\"merchant_id\":\"m_live\",\"type\":\"order\",\"ts\":{now_ms},\"amount\":100}}\n"))
+        .map(|i| order_line(&format!("live-{i}"), "m_live", now_ms))
         .collect();
     std::fs::write(&file, text).unwrap();
-    let out = tally(&lake).arg("ingest").arg(&file).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ingest_with(&lake, &file, &[], &[]);
     let ingested = std::time::Instant::now();
     let mut seen = None;
     // correctness is asserted; the delay (2 s log polling, promised within 5 s) is
     // printed, not asserted: timing belongs to benchmarks
     while ingested.elapsed() < Duration::from_secs(30) {
-        let (status, body) = http_get(&addr, &path, &token);
-        assert_eq!(status, 200, "{body}");
-        if body.contains("\"orders\":25") {
+        if current_hour(&addr, &token, "m_live")["buckets"][0]["orders"] == 25 {
             seen = Some(ingested.elapsed());
             break;
         }
@@ -383,6 +342,281 @@ fn a_running_server_shows_what_another_process_ingested() {
         "visible in the API {:.2} s after the other process's ingest returned",
         seen.as_secs_f64()
     );
+}
+
+/// One order line of `merchant` at epoch ms `ts_ms`.
+fn order_line(id: &str, merchant: &str, ts_ms: i64) -> String {
+    format!("{{\"event_id\":\"{id}\",\"merchant_id\":\"{merchant}\",\"type\":\"order\",\"ts\":{ts_ms},\"amount\":100}}\n")
+}
+
+/// `tally ingest` with extra arguments and environment; returns stdout.
+fn ingest_with(lake: &Path, file: &Path, args: &[&str], env: &[(&str, String)]) -> String {
+    let out = tally(lake)
+        .arg("ingest")
+        .args(args)
+        .arg(file)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// An admin token and a serve process on `lake` with `env`; returns (child, addr, token).
+fn serve_with(lake: &Path, env: &[(&str, String)]) -> (std::process::Child, String, String) {
+    let addr = format!("127.0.0.1:{}", tally_testkit::free_port());
+    let secret = "a-test-secret-of-enough-length-0123456789";
+    let mut child = tally(lake)
+        .args(["serve", "--addr", &addr])
+        .env("TALLY_JWT_SECRET", secret)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"role": "admin", "exp": chrono::Utc::now().timestamp() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return (child, addr, token);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("tally serve did not listen");
+}
+
+/// The current hour's bucket of `merchant` from the API.
+fn current_hour(addr: &str, token: &str, merchant: &str) -> serde_json::Value {
+    let hour = chrono::Utc::now().timestamp() / 3600 * 3600;
+    let fmt = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
+    let path = format!(
+        "/v1/merchants/{merchant}/metrics?from={}&to={}&metrics=orders",
+        fmt(hour),
+        fmt(hour + 3600)
+    );
+    let (status, body) = http_get(addr, &path, token);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A file's position is the line, not the chunk: any chunking of any earlier run
+/// is idempotent in raw_events and in a Redis speed view, a file that grew is
+/// taken up where it stopped, and a last line still being written waits.
+#[test]
+fn ingest_is_exactly_once_by_line_whatever_the_chunking() {
+    let redis = tally_testkit::RedisServer::start();
+    let env = [("TALLY_REDIS_URL", redis.url())];
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let file = dir.path().join("orders.ndjson");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let lines: Vec<String> = (0..16)
+        .map(|i| order_line(&format!("o{i}"), "m_lines", now_ms))
+        .collect();
+    std::fs::write(&file, lines[..10].concat()).unwrap();
+    ingest_with(&lake, &file, &["--chunk-lines", "10"], &env);
+    let out = ingest_with(&lake, &file, &["--chunk-lines", "3"], &env);
+    assert!(out.contains("10 lines already ingested"), "{out}");
+    let rows = "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM raw_events";
+    assert_eq!(sql(&lake, rows).lines().nth(1), Some("10,10"));
+
+    // the file grows, and its last line is still being written
+    let partial = &lines[13][..lines[13].len() / 2];
+    std::fs::write(&file, lines[..13].concat() + partial).unwrap();
+    let out = ingest_with(&lake, &file, &["--chunk-lines", "4"], &env);
+    assert!(out.contains("line 14 has no newline"), "{out}");
+    assert_eq!(sql(&lake, rows).lines().nth(1), Some("13,13"));
+    std::fs::write(&file, lines.concat()).unwrap();
+    ingest_with(&lake, &file, &["--chunk-lines", "7"], &env);
+    assert_eq!(sql(&lake, rows).lines().nth(1), Some("16,16"));
+
+    // the speed view counted each line once too
+    let (mut server, addr, token) = serve_with(&lake, &env);
+    let b = current_hour(&addr, &token, "m_lines");
+    sigterm(&mut server);
+    assert_eq!(b["buckets"][0]["orders"], 16, "{b}");
+    assert_eq!(b["partial"], false, "{b}");
+}
+
+/// Lines the decoder must read right on the real path: a UTF-8 byte-order mark
+/// at the start of a file and `\r\n` ends, a leap second (in the second before
+/// it, so in 2016's last hour and day), and an event before 1970 (quarantined
+/// as out of range, never stored where it would stop the batch layer).
+#[test]
+fn ingest_reads_bom_crlf_and_leap_seconds_and_refuses_events_before_1970() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let file = dir.path().join("windows.ndjson");
+    let text = "\u{feff}{\"event_id\":\"b1\",\"merchant_id\":\"m_bom\",\"type\":\"page_view\",\"ts\":\"2026-11-24T10:00:00Z\"}\r\n\
+        {\"event_id\":\"l1\",\"merchant_id\":\"m_leap\",\"type\":\"page_view\",\"ts\":\"2016-12-31T23:59:60Z\"}\r\n\
+        {\"event_id\":\"x1\",\"merchant_id\":\"m_old\",\"type\":\"page_view\",\"ts\":\"1600-01-01T00:00:00Z\"}\r\n";
+    std::fs::write(&file, text).unwrap();
+    ingest_with(&lake, &file, &[], &[]);
+    let got = sql(
+        &lake,
+        "SELECT event_id, CAST(event_time AS VARCHAR) AS t, event_date FROM raw_events ORDER BY event_id",
+    );
+    let rows: Vec<&str> = got.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{got}");
+    assert!(rows[0].starts_with("b1,2026-11-24T10:00:00"), "{got}");
+    assert!(rows[1].starts_with("l1,2016-12-31T23:59:59"), "{got}");
+    assert!(rows[1].ends_with(",2016-12-31"), "{got}");
+    let q = sql(&lake, "SELECT reason FROM quarantine");
+    let reasons: Vec<&str> = q.lines().skip(1).collect();
+    assert_eq!(reasons.len(), 1, "{q}");
+    assert!(reasons[0].starts_with("out_of_range"), "{q}");
+}
+
+/// A Redis speed view that lost its data never answers zeros as if true: the
+/// current hour is unknown (null, partial) until the view is rebuilt from
+/// raw_events, then right again, also for lines ingested after the loss.
+#[test]
+fn a_speed_view_that_lost_its_data_is_never_a_silent_zero() {
+    let redis = tally_testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let file = dir.path().join("orders.ndjson");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let lines: Vec<String> = (0..25)
+        .map(|i| order_line(&format!("o{i}"), "m_lost", now_ms))
+        .collect();
+    let env = [
+        ("TALLY_REDIS_URL", redis.url()),
+        // the server must not rebuild by itself while the test looks at the gap
+        ("TALLY_SPEED_REBUILD_SETTLE_SECS", "3600".to_string()),
+    ];
+    std::fs::write(&file, lines[..20].concat()).unwrap();
+    ingest_with(&lake, &file, &[], &env);
+    let (mut server, addr, token) = serve_with(&lake, &env);
+    let b = current_hour(&addr, &token, "m_lost");
+    assert_eq!(b["buckets"][0]["orders"], 20, "{b}");
+
+    // Redis loses everything (a restart without persistence, an empty replica)
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+    let b = current_hour(&addr, &token, "m_lost");
+    assert_eq!(b["partial"], true, "{b}");
+    assert!(b["buckets"][0]["orders"].is_null(), "{b}");
+
+    // an idle source's boundary waits for the settle time: the gap stays unknown
+    let out = tally(&lake)
+        .args(["speed", "rebuild", "--wait-secs", "0"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(current_hour(&addr, &token, "m_lost")["buckets"][0]["orders"].is_null());
+
+    // another file's lines arrive (the first file is not read again: only the
+    // rebuild can bring its orders back), then the rebuild fills them from raw_events
+    let later = dir.path().join("later.ndjson");
+    std::fs::write(&later, lines[20..].concat()).unwrap();
+    ingest_with(&lake, &later, &[], &env);
+    let out = tally(&lake)
+        .args(["speed", "rebuild", "--rebuild-settle-secs", "0"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("20 events"), "{stdout}");
+    assert!(stdout.contains("the view is whole"), "{stdout}");
+    let b = current_hour(&addr, &token, "m_lost");
+    assert_eq!(b["buckets"][0]["orders"], 25, "{b}");
+    assert_eq!(b["partial"], false, "{b}");
+    // a second rebuild changes nothing
+    let out = tally(&lake)
+        .args(["speed", "rebuild", "--rebuild-settle-secs", "0"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("whole already"));
+    let b = current_hour(&addr, &token, "m_lost");
+    sigterm(&mut server);
+    assert_eq!(b["buckets"][0]["orders"], 25, "{b}");
+}
+
+/// ElastiCache with an AUTH token: the token comes from Secrets Manager (here
+/// moto's, the secret made by boto3, an independent client), never from the code
+/// or a plain variable, and works for ingest and serve alike.
+#[test]
+fn the_redis_auth_token_comes_from_secrets_manager() {
+    let password = "tok:en/with@odd chars";
+    let redis = tally_testkit::RedisServer::start_with_password(password);
+    let moto = tally_testkit::MotoServer::start();
+    let made = Command::new(tally_testkit::venv_python())
+        .args([
+            "-c",
+            "import sys, boto3; print(boto3.client('secretsmanager', endpoint_url=sys.argv[1], \
+             region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\
+             .create_secret(Name='redis-auth', SecretString=sys.argv[2])['ARN'])",
+            &moto.endpoint(),
+            password,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let arn = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    let mut env = moto.aws_env();
+    env.push(("TALLY_REDIS_URL", redis.url()));
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let file = dir.path().join("orders.ndjson");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let text: String = (0..7)
+        .map(|i| order_line(&format!("a{i}"), "m_auth", now_ms))
+        .collect();
+    std::fs::write(&file, text).unwrap();
+
+    // without the token Redis refuses, and the error says so
+    let out = tally(&lake)
+        .arg("ingest")
+        .arg(&file)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach Redis") && err.contains("NOAUTH"),
+        "{err}"
+    );
+
+    env.push(("TALLY_REDIS_AUTH_SECRET_ARN", arn));
+    ingest_with(&lake, &file, &[], &env);
+    let (mut server, addr, token) = serve_with(&lake, &env);
+    let b = current_hour(&addr, &token, "m_auth");
+    sigterm(&mut server);
+    assert_eq!(b["buckets"][0]["orders"], 7, "{b}");
+    assert_eq!(b["partial"], false, "{b}");
 }
 
 /// Midnight UTC `days_ago` days before today, as epoch seconds.
@@ -397,7 +631,7 @@ fn rfc3339(secs: i64) -> String {
         .to_string()
 }
 
-fn order_line(id: &str, merchant: &str, ts_secs: i64, amount: i64) -> String {
+fn order_at(id: &str, merchant: &str, ts_secs: i64, amount: i64) -> String {
     format!(
         "{{\"event_id\":\"{id}\",\"merchant_id\":\"{merchant}\",\"type\":\"order\",\"ts\":\"{}\",\"amount\":{amount}}}\n",
         rfc3339(ts_secs)
@@ -440,18 +674,8 @@ fn a_row_the_batch_layer_cannot_compute_is_quarantined_once_and_every_run_goes_o
     // the report's line beside normal events of two merchants
     let mut text = String::new();
     for i in 0..5 {
-        text.push_str(&order_line(
-            &format!("a{i}"),
-            "m_a",
-            day + 2 * 3600 + i,
-            100,
-        ));
-        text.push_str(&order_line(
-            &format!("b{i}"),
-            "m_b",
-            day + 30 * 3600 + i,
-            10,
-        ));
+        text.push_str(&order_at(&format!("a{i}"), "m_a", day + 2 * 3600 + i, 100));
+        text.push_str(&order_at(&format!("b{i}"), "m_b", day + 30 * 3600 + i, 10));
     }
     text.push_str(
         "{\"event_id\":\"x1\",\"merchant_id\":\"m_old\",\"type\":\"page_view\",\"ts\":\"1600-01-01T00:00:00Z\"}\n",
@@ -542,7 +766,7 @@ fn a_day_processed_by_an_early_run_gets_its_daily_row_in_the_api() {
     let lake = dir.path().join("lake");
     let day = midnight_days_ago(3);
     let text: String = (1..=3)
-        .map(|i| order_line(&format!("o{i}"), "m_d", day + 3600 + 60 * i, 1000))
+        .map(|i| order_at(&format!("o{i}"), "m_d", day + 3600 + 60 * i, 1000))
         .collect();
     let file = dir.path().join("orders.ndjson");
     std::fs::write(&file, text).unwrap();
@@ -567,30 +791,7 @@ fn a_day_processed_by_an_early_run_gets_its_daily_row_in_the_api() {
     );
 
     // the API: the day bucket and its 01:00 hour agree
-    let addr = format!("127.0.0.1:{}", tally_testkit::free_port());
-    let secret = "a-test-secret-of-enough-length-0123456789";
-    let mut server = tally(&lake)
-        .args(["serve", "--addr", &addr])
-        .env("TALLY_JWT_SECRET", secret)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({"merchant_id": "m_d", "exp": chrono::Utc::now().timestamp() + 600}),
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap();
-    let mut up = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&addr).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "tally serve did not listen");
+    let (mut server, addr, token) = serve_with(&lake, &[]);
     let get = |granularity: &str, from: i64, to: i64| -> serde_json::Value {
         let path = format!(
             "/v1/merchants/m_d/metrics?from={}&to={}&granularity={granularity}&metrics=orders",
@@ -626,7 +827,7 @@ fn hourly_runs_racing_late_events_of_a_closed_day_all_succeed() {
     let orders = |prefix: &str, n: i64| -> String {
         (0..n)
             .map(|i| {
-                order_line(
+                order_at(
                     &format!("{prefix}{i}"),
                     &format!("m{}", i % 25),
                     day + (i % 24) * 3600 + i % 3600,

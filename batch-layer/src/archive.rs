@@ -28,7 +28,7 @@ use tally_common::lake::{Lake, Table};
 use tally_common::source::{Position, SourceId};
 use tally_common::{Context as _, Error, Result};
 
-use crate::marks::{commit_with_mark, read_mark};
+use tally_common::marks::{commit_with_mark, read_mark};
 
 /// How many times a commit that lost to concurrent writers is retried on a fresh snapshot.
 pub(crate) const COMMIT_ATTEMPTS: u32 = 8;

@@ -10,7 +10,8 @@ pub mod job;
 pub mod lambda;
 pub mod layout;
 pub mod lock;
-pub mod marks;
+/// Source marks in a Delta log (defined in `tally_common::marks`, also read by the speed view's rebuild).
+pub use tally_common::marks;
 pub mod publish;
 pub mod quarantine;
 pub mod sql;

@@ -34,9 +34,36 @@ pub struct SpeedArgs {
     /// Redis URL of the speed view (redis:// or rediss://); unset: the embedded store.
     #[arg(long, env = "TALLY_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// A Secrets Manager secret (ARN or name) holding the Redis AUTH token, used as
+    /// the URL's password (ElastiCache with AUTH; the token stays out of the
+    /// environment and the code).
+    #[arg(long, env = "TALLY_REDIS_AUTH_SECRET_ARN")]
+    pub redis_auth_secret_arn: Option<String>,
     /// How long speed-view keys live, in hours (longer than the batch layer's lag).
     #[arg(long, env = "TALLY_SPEED_TTL_HOURS", default_value_t = 48)]
     pub speed_ttl_hours: u64,
+    /// Seconds after a Redis speed view lost its data before it is rebuilt from
+    /// raw_events: longer than the archiver's lag behind the speed consumers.
+    #[arg(long, env = "TALLY_SPEED_REBUILD_SETTLE_SECS", default_value_t = 30)]
+    pub rebuild_settle_secs: u64,
+}
+
+impl SpeedArgs {
+    /// The embedded speed view with the default TTL and settle time (what `tally
+    /// demo` runs on).
+    pub fn embedded() -> Self {
+        SpeedArgs {
+            redis_url: None,
+            redis_auth_secret_arn: None,
+            speed_ttl_hours: 48,
+            rebuild_settle_secs: 30,
+        }
+    }
+
+    /// How long after a loss the rebuild waits before reading raw_events.
+    pub fn rebuild_settle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.rebuild_settle_secs)
+    }
 }
 
 /// The batch layer's timing.

@@ -2,7 +2,9 @@
 //! validated events and typed rejections.
 //!
 //! A record is UTF-8 NDJSON, one event per line, optionally gzip-compressed as a
-//! whole (recognised by the gzip magic bytes). Every non-blank line ends up
+//! whole (recognised by the gzip magic bytes). A UTF-8 byte-order mark at the
+//! start of a record is ignored (Windows tools write one at the start of a file);
+//! lines end in `\n` or `\r\n`. Every non-blank line ends up
 //! either accepted or rejected with a reason; one bad line never affects the
 //! others. The decoder never panics on any input (a property test checks this).
 
@@ -24,6 +26,13 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 pub const MAX_INFLATED_BYTES: u64 = 256 * 1024 * 1024;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// The UTF-8 encoding of U+FEFF, the byte-order mark (Unicode §23.8).
+pub const UTF8_BOM: [u8; 3] = [0xef, 0xbb, 0xbf];
+
+/// `data` without a UTF-8 byte-order mark at its start.
+pub fn strip_bom(data: &[u8]) -> &[u8] {
+    data.strip_prefix(&UTF8_BOM[..]).unwrap_or(data)
+}
 
 /// Why a line (or a whole record) was rejected. Stored in `quarantine.reason` as
 /// `code: detail`.
@@ -42,6 +51,11 @@ pub enum RejectReason {
         /// What is wrong with it.
         problem: String,
     },
+    /// `ts` is before 1970-01-01T00:00:00Z, or too large to be an instant in
+    /// microseconds: nothing before the epoch is an event of this system, and
+    /// every bucket, partition name and timestamp type downstream is defined
+    /// from the epoch on.
+    OutOfRange(String),
     /// `ts` is more than five minutes after ingest time.
     FutureTimestamp {
         /// How many seconds ahead of ingest time it is.
@@ -59,6 +73,7 @@ impl RejectReason {
             RejectReason::InvalidJson(_) => "invalid_json",
             RejectReason::MissingField(_) => "missing_field",
             RejectReason::InvalidField { .. } => "invalid_field",
+            RejectReason::OutOfRange(_) => "out_of_range",
             RejectReason::FutureTimestamp { .. } => "future_timestamp",
             RejectReason::CorruptGzip(_) => "corrupt_gzip",
         }
@@ -73,6 +88,7 @@ impl fmt::Display for RejectReason {
             RejectReason::InvalidJson(m) => write!(f, "{m}"),
             RejectReason::MissingField(field) => write!(f, "`{field}` is required"),
             RejectReason::InvalidField { field, problem } => write!(f, "`{field}` {problem}"),
+            RejectReason::OutOfRange(m) => write!(f, "{m}"),
             RejectReason::FutureTimestamp { ahead_secs } => write!(
                 f,
                 "`ts` is {ahead_secs} s after ingest time (at most 300 s allowed)"
@@ -110,7 +126,10 @@ impl DecodedRecord {
     /// The original line of an accepted event (valid UTF-8 by construction).
     pub fn payload(&self, event: &Event) -> &str {
         let (a, b) = event.span;
-        std::str::from_utf8(&self.text[a as usize..b as usize]).unwrap_or_default()
+        self.text
+            .get(a..b)
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -144,6 +163,10 @@ pub fn decode_record(data: &[u8], ingest_time: i64) -> DecodedRecord {
     } else {
         out.text = data.to_vec();
     }
+    if out.text.starts_with(&UTF8_BOM) {
+        // line spans index into the text, so the mark is taken out of it
+        out.text.drain(..UTF8_BOM.len());
+    }
     decode_lines(&mut out, ingest_time);
     out
 }
@@ -166,7 +189,7 @@ fn decode_lines(out: &mut DecodedRecord, ingest_time: i64) {
             match decode_line(line, ingest_time) {
                 Ok(mut ev) => {
                     ev.line = line_no;
-                    ev.span = (start as u32, line_end as u32);
+                    ev.span = (start, line_end);
                     out.events.push(ev);
                 }
                 Err(reason) => out.rejected.push(Rejected {
@@ -223,6 +246,11 @@ pub fn decode_line(line: &[u8], ingest_time: i64) -> Result<Event, RejectReason>
     }
     let event_type = EventType::parse(&kind);
     let ts = parse_wire_ts(wire.ts.ok_or(RejectReason::MissingField("ts"))?)?;
+    if ts < 0 {
+        return Err(RejectReason::OutOfRange(
+            "`ts` is before 1970-01-01T00:00:00Z".to_string(),
+        ));
+    }
     if ts > ingest_time.saturating_add(MAX_FUTURE_MICROS) {
         return Err(RejectReason::FutureTimestamp {
             ahead_secs: (ts - ingest_time) / MICROS_PER_SECOND,
@@ -306,12 +334,14 @@ fn parse_wire_ts(raw: &RawValue) -> Result<i64, RejectReason> {
     if s.starts_with('"') {
         let text: Cow<'_, str> =
             serde_json::from_str(s).map_err(|_| invalid("ts", "is not a valid string"))?;
-        chrono::DateTime::parse_from_rfc3339(&text)
-            .map(|dt| dt.timestamp_micros())
-            .map_err(|e| RejectReason::InvalidField {
+        let dt = chrono::DateTime::parse_from_rfc3339(&text).map_err(|e| {
+            RejectReason::InvalidField {
                 field: "ts",
                 problem: format!("is not an RFC 3339 time with offset ({e})"),
-            })
+            }
+        })?;
+        rfc3339_micros(&dt)
+            .ok_or_else(|| RejectReason::OutOfRange("`ts` is out of range".to_string()))
     } else if s == "null" {
         Err(RejectReason::MissingField("ts"))
     } else {
@@ -322,8 +352,22 @@ fn parse_wire_ts(raw: &RawValue) -> Result<i64, RejectReason> {
             )
         })?;
         ms.checked_mul(1000)
-            .ok_or_else(|| invalid("ts", "is out of range"))
+            .ok_or_else(|| RejectReason::OutOfRange("`ts` is out of range".to_string()))
     }
+}
+
+/// The instant of a parsed RFC 3339 time in epoch µs, None when it does not fit.
+///
+/// Unix time has no leap seconds: RFC 3339 §5.6 allows `23:59:60`, which chrono
+/// keeps as a fraction of 1 s or more within second 59. Such a time counts in the
+/// second before it (`23:59:60.25` is `23:59:59.25`), never in the next minute,
+/// hour or day.
+pub fn rfc3339_micros<Tz: chrono::TimeZone>(dt: &chrono::DateTime<Tz>) -> Option<i64> {
+    use chrono::Timelike as _;
+    let micros = i64::from(dt.nanosecond() % 1_000_000_000) / 1_000;
+    dt.timestamp()
+        .checked_mul(MICROS_PER_SECOND)?
+        .checked_add(micros)
 }
 
 fn parse_amount(raw: &RawValue) -> Result<i64, RejectReason> {

@@ -61,5 +61,5 @@ pub struct Event {
     /// 1-based line number inside the (decompressed) record.
     pub line: u32,
     /// Byte range of the original line inside the decoded record's text.
-    pub span: (u32, u32),
+    pub span: (usize, usize),
 }

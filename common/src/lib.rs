@@ -15,6 +15,8 @@ pub mod error;
 pub mod event;
 #[cfg(feature = "lake")]
 pub mod lake;
+#[cfg(feature = "lake")]
+pub mod marks;
 pub mod metrics;
 pub mod query;
 #[cfg(feature = "lake")]

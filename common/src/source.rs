@@ -38,6 +38,10 @@ impl SourceId {
     pub fn file(name: &str) -> Self {
         SourceId(format!("file/{name}"))
     }
+    /// A source from its id as stored (the part of `raw_events.source` before `@`).
+    pub fn from_id(id: &str) -> Self {
+        SourceId(id.to_string())
+    }
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -77,6 +81,22 @@ impl Position {
     /// A position from a counter (a file's chunk number).
     pub fn from_u64(n: u64) -> Self {
         Position(n.to_string())
+    }
+
+    /// The position just before this one; None for 0.
+    pub fn pred(&self) -> Option<Self> {
+        let mut digits = self.0.clone().into_bytes();
+        let mut i = digits.len();
+        loop {
+            i = i.checked_sub(1)?;
+            if digits[i] == b'0' {
+                digits[i] = b'9';
+            } else {
+                digits[i] -= 1;
+                break;
+            }
+        }
+        Position::parse(std::str::from_utf8(&digits).ok()?).ok()
     }
 
     /// The decimal text.
@@ -165,6 +185,20 @@ mod tests {
         assert!(Position::parse("").is_err());
         assert!(Position::parse("12a").is_err());
         assert!(Position::parse("-1").is_err());
+    }
+
+    #[test]
+    fn pred_counts_down_at_any_length() {
+        assert_eq!(p("10").pred(), Some(p("9")));
+        assert_eq!(p("1").pred(), Some(p("0")));
+        assert_eq!(p("0").pred(), None);
+        assert_eq!(
+            p("49590338271490256608559692538361571095921575989136588900").pred(),
+            Some(p(
+                "49590338271490256608559692538361571095921575989136588899"
+            ))
+        );
+        assert_eq!(p("1000").pred(), Some(p("999")));
     }
 
     #[test]

@@ -188,7 +188,7 @@ resource "aws_cloudwatch_metric_alarm" "queue_not_empty" {
   )
 
   alarm_name        = "${var.name}-${each.key}-not-empty"
-  alarm_description = "${each.value} has messages: a Kinesis batch or a batch run was given up after its retries (see docs/DEPLOY.md, replaying)."
+  alarm_description = "${each.value} has messages: a Kinesis batch, a batch run or a speed-view check was given up after its retries (see docs/DEPLOY.md, replaying; a {\"speed_rebuild\": true} message needs no replay)."
   namespace         = "AWS/SQS"
   metric_name       = "ApproximateNumberOfMessagesVisible"
   dimensions        = { QueueName = each.value }
@@ -266,7 +266,7 @@ resource "aws_cloudwatch_metric_alarm" "redis_memory" {
   for_each = toset(local.redis_member_clusters)
 
   alarm_name        = "${var.name}-redis-${each.key}-memory"
-  alarm_description = "Redis memory of ${each.key} above 80% of maxmemory: speed-view keys will start being evicted."
+  alarm_description = "Redis memory of ${each.key} above 80% of maxmemory: at 100% the server refuses speed-view writes (noeviction), the speed layer falls behind and, after its retries, gives batches up to its failed-batches queue, and a speed-view rebuild cannot write. Grow redis_node_type or shorten speed_ttl_hours (docs/DEPLOY.md)."
   namespace         = "AWS/ElastiCache"
   metric_name       = "DatabaseMemoryUsagePercentage"
   dimensions        = { CacheClusterId = each.key }

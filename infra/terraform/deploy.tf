@@ -2,8 +2,10 @@
 # function. A deployment moves the function's `live` alias from its current
 # version to a newly published one by the group's configuration (api: 10% more
 # traffic every minute; speed and archiver: 10% canary for 5 minutes; batch:
-# all at once, it runs hourly) and rolls back to the old version by itself
-# when a deployment fails or one of the function's alarms goes into ALARM.
+# all at once: its hourly run is too rare for a canary to see, and its
+# every-minute speed-view check reaches the new version at once) and rolls
+# back to the old version by itself when a deployment fails or one of the
+# function's alarms goes into ALARM.
 # docs/DEPLOY.md shows the create-deployment call with its AppSpec.
 
 resource "aws_codedeploy_app" "lambda" {

@@ -5,7 +5,8 @@
 #   archiver read the stream; send failed-batch metadata to its queue;
 #            read/write the lake under raw_events/ and quarantine/.
 #   batch    read/write raw_events/ (compaction of closed partitions) and
-#            metrics_hourly/, metrics_daily/; its dead-letter queue.
+#            metrics_hourly/, metrics_daily/; its dead-letter queue; read the
+#            Redis AUTH secret (the every-minute speed-view check and rebuild).
 #   api      read-only metrics_hourly/ and metrics_daily/; read the Redis
 #            AUTH secret.
 #   all      write their own log group only, X-Ray, the ENIs of their VPC
@@ -242,6 +243,10 @@ resource "aws_iam_role_policy" "flow_logs" {
 }
 
 # --- EventBridge Scheduler -----------------------------------------------------------
+
+# One role for both schedules (hourly run, every-minute speed-view check): both
+# invoke the batch function's live alias. Scheduler invokes with this role, so
+# the function needs no resource-based permission (aws_lambda_permission).
 
 resource "aws_iam_role" "scheduler" {
   name        = "${var.name}-batch-schedule"

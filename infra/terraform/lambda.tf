@@ -4,7 +4,7 @@
 # part of tally that names: speed, archiver, batch or api.
 #
 # Every apply that changes a zip publishes a new version; the `live` alias is
-# what the event source mappings, the schedule, the state machine and API
+# what the event source mappings, the schedules, the state machine and API
 # Gateway invoke. Terraform creates the alias on the first version and then
 # leaves it alone: CodeDeploy (deploy.tf) shifts it to a new version
 # gradually and rolls back on alarm. See docs/DEPLOY.md.
@@ -26,8 +26,8 @@ locals {
       async_invoked = false
     }
     batch = {
-      description   = "tally batch layer: hourly metrics from raw_events (schedule), or one {from,to} range (Step Functions)"
-      uses_redis    = false
+      description   = "tally batch layer: hourly metrics from raw_events (schedule), one {from,to} range (Step Functions), or the every-minute {speed_rebuild} check of the Redis speed view"
+      uses_redis    = true # the speed_rebuild check reads the view and rebuilds it from raw_events
       ephemeral_mb  = 4096 # DataFusion spills here when an hour does not fit in memory
       async_invoked = true
     }
@@ -48,19 +48,34 @@ locals {
     RUST_LOG             = var.rust_log
   }
 
-  # The AUTH token is not in the environment: the function reads the secret
-  # named here at cold start and keeps the client for the container's life.
+  # How long after Redis lost its data a source that has not written since
+  # gets the archive's mark as its rebuild boundary: longer than the
+  # archiver's lag behind the speed function, which batches for
+  # archiver_batching_window_seconds.
+  speed_rebuild_settle_seconds = var.speed_rebuild_settle_seconds != null ? var.speed_rebuild_settle_seconds : var.archiver_batching_window_seconds + 30
+
+  # What one {"speed_rebuild": true} invocation may take: the settle time, up
+  # to 45 s of waiting for raw_events to reach the boundaries, and a margin for
+  # the cold start and the last pass over raw_events.
+  speed_rebuild_max_seconds = local.speed_rebuild_settle_seconds + 45 + 60
+
+  # Every function that reaches Redis (speed, batch, api) gets the same view:
+  # same URL, same key lifetime, same settle time. The AUTH token is not in
+  # the environment: the function reads the secret named here at cold start
+  # and keeps the client for the container's life.
   redis_env = {
-    TALLY_REDIS_URL             = "rediss://${aws_elasticache_replication_group.redis.primary_endpoint_address}:6379"
-    TALLY_REDIS_AUTH_SECRET_ARN = aws_secretsmanager_secret.redis_auth.arn
-    TALLY_SPEED_TTL_HOURS       = tostring(var.speed_ttl_hours)
+    TALLY_REDIS_URL                 = "rediss://${aws_elasticache_replication_group.redis.primary_endpoint_address}:6379"
+    TALLY_REDIS_AUTH_SECRET_ARN     = aws_secretsmanager_secret.redis_auth.arn
+    TALLY_SPEED_TTL_HOURS           = tostring(var.speed_ttl_hours)
+    TALLY_SPEED_REBUILD_SETTLE_SECS = tostring(local.speed_rebuild_settle_seconds)
   }
 
   function_env = {
-    speed    = merge(local.common_env, local.redis_env)
-    archiver = local.common_env
-    batch    = local.common_env
-    api      = merge(local.common_env, local.redis_env, { TALLY_JWKS = var.jwks_url })
+    for k, f in local.functions : k => merge(
+      local.common_env,
+      f.uses_redis ? local.redis_env : {},
+      k == "api" ? { TALLY_JWKS = var.jwks_url } : {},
+    )
   }
 }
 
@@ -115,7 +130,7 @@ resource "aws_lambda_function" "fn" {
     log_group  = aws_cloudwatch_log_group.fn[each.key].name
   }
 
-  # Only batch is invoked asynchronously (by the schedule), so only it has a
+  # Only batch is invoked asynchronously (by the schedules), so only it has a
   # dead-letter queue. speed and archiver are invoked synchronously by their
   # event source mappings, whose failures go to on-failure queues
   # (event_sources.tf); api synchronously by API Gateway.
@@ -130,6 +145,10 @@ resource "aws_lambda_function" "fn" {
     precondition {
       condition     = fileexists("${local.dist_dir}/${each.key}.zip")
       error_message = "${local.dist_dir}/${each.key}.zip is missing: run scripts/package-lambdas.sh first (or set lambda_dist_dir)."
+    }
+    precondition {
+      condition     = each.key != "batch" || var.lambda_timeout_seconds[each.key] >= local.speed_rebuild_max_seconds
+      error_message = "lambda_timeout_seconds.batch (${var.lambda_timeout_seconds[each.key]}) must be at least ${local.speed_rebuild_max_seconds}: a speed_rebuild invocation takes up to speed_rebuild_settle_seconds (${local.speed_rebuild_settle_seconds}) + 45 s, plus a 60 s margin."
     }
   }
 
@@ -155,9 +174,11 @@ resource "aws_lambda_alias" "live" {
   }
 }
 
-# The schedule invokes batch asynchronously: retry twice (the run is
-# idempotent), and drop a run older than an hour, which the next hourly run
-# supersedes anyway. What still fails lands in the batch dead-letter queue.
+# The schedules invoke batch asynchronously: retry twice (the run and the
+# speed-view check are idempotent), and drop an event older than an hour, which
+# the next hourly run supersedes anyway. What still fails lands in the batch
+# dead-letter queue; a failed {"speed_rebuild": true} there needs no replay
+# (the next minute's check does the same work).
 resource "aws_lambda_function_event_invoke_config" "batch" {
   function_name                = aws_lambda_function.fn["batch"].function_name
   qualifier                    = aws_lambda_alias.live["batch"].name

@@ -27,7 +27,7 @@ resource "random_password" "redis_auth" {
 resource "aws_secretsmanager_secret" "redis_auth" {
   #checkov:skip=CKV2_AWS_57:The token is rotated by Terraform (random_password keepers + ElastiCache ROTATE strategy, see docs/DEPLOY.md), not by a Secrets Manager rotation Lambda: ElastiCache offers no managed rotation function for a replication-group AUTH token, and a custom one would have to coordinate with the ROTATE/SET steps Terraform already performs.
   name                    = "${var.name}/redis-auth-token"
-  description             = "AUTH token of the ${var.name} Redis replication group; read by the speed and api functions at cold start (TALLY_REDIS_AUTH_SECRET_ARN)."
+  description             = "AUTH token of the ${var.name} Redis replication group; read by the speed, batch and api functions at cold start (TALLY_REDIS_AUTH_SECRET_ARN)."
   kms_key_id              = aws_kms_key.data.arn
   recovery_window_in_days = 7
 }
@@ -48,11 +48,13 @@ resource "aws_elasticache_parameter_group" "redis" {
   family      = "redis7"
   description = "tally speed view"
 
-  # The speed view is counters with a TTL; under memory pressure evict keys
-  # that have a TTL, oldest-first by approximation, never refuse writes.
+  # Never evict: an evicted counter is a silent loss that readers cannot tell
+  # from "no events" (the view key only reveals a server that lost everything).
+  # A full server refuses writes instead; the speed consumers retry and lag,
+  # the memory alarm fires, and every key still expires by its TTL.
   parameter {
     name  = "maxmemory-policy"
-    value = "volatile-lru"
+    value = "noeviction"
   }
 }
 

@@ -354,6 +354,17 @@ variable "speed_ttl_hours" {
   }
 }
 
+variable "speed_rebuild_settle_seconds" {
+  description = "TALLY_SPEED_REBUILD_SETTLE_SECS: seconds after Redis lost its data before a source that has not written since gets the archive's mark as its rebuild boundary. Must exceed the archiver's lag behind the speed function, or records the speed function applied just before the loss are missing from the speed view until the batch layer covers their hour. Null: archiver_batching_window_seconds + 30 (90 by default). The batch function's timeout must cover it plus 45 s of rebuild plus a margin."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.speed_rebuild_settle_seconds == null || try(var.speed_rebuild_settle_seconds >= 0 && var.speed_rebuild_settle_seconds <= 780 && floor(var.speed_rebuild_settle_seconds) == var.speed_rebuild_settle_seconds, false)
+    error_message = "speed_rebuild_settle_seconds must be null or a whole number from 0 to 780 (the rebuild then needs up to 45 s more, within Lambda's 900 s)."
+  }
+}
+
 # ---------------------------------------------------------------------------
 # Kinesis event source mappings
 # ---------------------------------------------------------------------------
@@ -450,8 +461,19 @@ variable "batch_schedule_expression" {
   }
 }
 
+variable "speed_rebuild_schedule_expression" {
+  description = "EventBridge Scheduler expression of the speed-view check: the batch function is invoked with {\"speed_rebuild\": true} and rebuilds the Redis speed view from raw_events when Redis lost its data. How long after a loss merchants see the current hours as partial is about this interval plus speed_rebuild_settle_seconds."
+  type        = string
+  default     = "rate(1 minute)"
+
+  validation {
+    condition     = can(regex("^(cron|rate)\\(.+\\)$", var.speed_rebuild_schedule_expression))
+    error_message = "speed_rebuild_schedule_expression must be cron(...) or rate(...)."
+  }
+}
+
 variable "reprocess_max_concurrency" {
-  description = "How many hour ranges the reprocessing state machine runs at once (each a batch function invocation). Keep below lambda_reserved_concurrency.batch minus one for the hourly run."
+  description = "How many hour ranges the reprocessing state machine runs at once (each a batch function invocation). Keep below lambda_reserved_concurrency.batch minus two: one for the hourly run, one for the every-minute speed-view check."
   type        = number
   default     = 4
 

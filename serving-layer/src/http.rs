@@ -111,7 +111,8 @@ pub(crate) async fn metrics(
         from: range.start,
         to: range.end,
         batch_watermark: snapshot.watermark(),
-        partial: speed.is_none(),
+        // a speed or mixed bucket left null: the view was unreadable or did not cover it
+        partial: buckets.iter().any(|b| b.values.is_none()),
         metrics,
         buckets,
     }))

@@ -140,7 +140,8 @@ impl Plan {
     }
 
     /// Put the reads together. `speed` is None when the speed view could not be
-    /// read: the speed and mixed buckets are then null.
+    /// read: the speed and mixed buckets are then null, as are those holding an
+    /// hour the view does not cover ([`SpeedReading::not_covered`]).
     pub fn assemble(
         &self,
         hourly: &HashMap<i64, MetricValues>,
@@ -155,6 +156,8 @@ impl Plan {
         self.buckets
             .iter()
             .map(|b| {
+                // a speed hour the view cannot vouch for makes its bucket unknown, never zero
+                let speed = speed.filter(|r| b.speed.clone().all(|i| r.covers(i)));
                 let values = match b.source {
                     Source::Batch => Some(
                         match self.range.granularity {
@@ -299,6 +302,7 @@ mod tests {
         let speed = SpeedReading {
             hours: vec![orders(1, Some(1)), orders(0, Some(0))],
             unions: vec![],
+            not_covered: vec![],
         };
         let out = plan.assemble(&hourly, &HashMap::new(), Some(&speed));
         let sources: Vec<_> = out.iter().map(|b| b.source).collect();
@@ -311,6 +315,14 @@ mod tests {
         assert_eq!(out[2].values, Some(orders(1, Some(1))));
         let partial = plan.assemble(&hourly, &HashMap::new(), None);
         assert!(partial[0].values.is_some() && partial[2].values.is_none());
+        // an hour the speed view cannot vouch for (it lost its data) is unknown, not zero
+        let lost = SpeedReading {
+            not_covered: vec![1],
+            ..speed.clone()
+        };
+        let out = plan.assemble(&hourly, &HashMap::new(), Some(&lost));
+        assert_eq!(out[2].values, Some(orders(1, Some(1))));
+        assert_eq!(out[3].values, None);
     }
 
     #[test]
@@ -333,6 +345,7 @@ mod tests {
         let speed = SpeedReading {
             hours: (0..7).map(|_| orders(1, Some(1))).collect(),
             unions: vec![2],
+            not_covered: vec![],
         };
         let out = plan.assemble(&hourly, &daily, Some(&speed));
         assert_eq!(out[0].source, Source::Batch);
@@ -340,6 +353,14 @@ mod tests {
         assert_eq!(out[1].source, Source::Mixed);
         assert_eq!(out[1].values, Some(orders(2 + 3 + 4, None)));
         assert_eq!(out[2].source, Source::Speed);
+        // a mixed day with one speed hour not vouched for is unknown as a whole
+        let lost = SpeedReading {
+            not_covered: vec![0],
+            ..speed.clone()
+        };
+        let partly = plan.assemble(&hourly, &daily, Some(&lost));
+        assert_eq!(partly[1].values, None);
+        assert!(partly[2].values.is_some());
         assert_eq!(out[2].values, Some(orders(3, Some(2))));
     }
 

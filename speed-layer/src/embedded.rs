@@ -110,7 +110,11 @@ impl SpeedStore for EmbeddedStore {
         let state = self.lock()?;
         let key = |h: i64| (merchant.to_string(), h);
         let mut reading = SpeedReading::default();
-        for &h in hours {
+        let now = now_micros();
+        for (i, &h) in hours.iter().enumerate() {
+            if !crate::store::hour_alive(h, now, self.ttl_micros) {
+                reading.not_covered.push(i);
+            }
             let v = state.hours.get(&key(h));
             reading.hours.push(MetricValues {
                 counters: v.map(|s| s.counters).unwrap_or_default(),

@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod embedded;
 pub mod feed;
 pub mod lambda;
+pub mod rebuild;
 pub mod redis_store;
 pub mod store;
 
@@ -19,8 +20,9 @@ use std::sync::Arc;
 
 pub use aggregate::{HourUpdate, SpeedBatch};
 pub use embedded::EmbeddedStore;
+pub use rebuild::{Rebuild, RebuildReport};
 pub use redis_store::RedisStore;
-pub use store::{ApplyReport, SpeedReading, SpeedStore};
+pub use store::{ApplyReport, SpeedReading, SpeedStore, ViewState};
 
 use tally_common::config::SpeedArgs;
 use tally_common::source::{Position, SourceId};
@@ -36,11 +38,18 @@ pub enum SpeedView {
 }
 
 impl SpeedView {
-    /// Connect as the configuration says.
+    /// Connect as the configuration says; with `redis_auth_secret_arn`, the
+    /// secret's value is the URL's password.
     pub async fn connect(args: &SpeedArgs) -> Result<Self> {
         let ttl = args.speed_ttl_hours * 3600;
         Ok(match &args.redis_url {
-            Some(url) => SpeedView::Redis(RedisStore::connect(url, ttl).await?),
+            Some(url) => {
+                let url = match &args.redis_auth_secret_arn {
+                    Some(secret) => with_password(url, &auth_token(secret).await?)?,
+                    None => url.clone(),
+                };
+                SpeedView::Redis(RedisStore::connect(&url, ttl).await?)
+            }
             None => SpeedView::Embedded(Arc::new(EmbeddedStore::new(ttl))),
         })
     }
@@ -92,6 +101,37 @@ impl SpeedStore for SpeedView {
     }
 }
 
+/// The Redis AUTH token kept in Secrets Manager as the secret's string.
+async fn auth_token(secret: &str) -> Result<String> {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let client = aws_sdk_secretsmanager::Client::new(&config);
+    let out = client
+        .get_secret_value()
+        .secret_id(secret)
+        .send()
+        .await
+        .map_err(|e| {
+            tally_common::Error::config(format!(
+                "cannot read the Redis AUTH token from secret {secret}: {}",
+                aws_sdk_secretsmanager::error::DisplayErrorContext(e)
+            ))
+        })?;
+    out.secret_string.ok_or_else(|| {
+        tally_common::Error::config(format!(
+            "secret {secret} holds no string (the Redis AUTH token must be the secret's string)"
+        ))
+    })
+}
+
+/// `url` with `password` as its password (percent-encoded as RFC 3986 requires).
+fn with_password(url: &str, password: &str) -> Result<String> {
+    let mut u = url::Url::parse(url)
+        .map_err(|e| tally_common::Error::config(format!("bad Redis URL: {e}")))?;
+    u.set_password(Some(password))
+        .map_err(|_| tally_common::Error::config("the Redis URL cannot carry a password"))?;
+    Ok(u.to_string())
+}
+
 /// The index in `batch` of update `i` of `sub` (same merchant and hour).
 fn batch_index(batch: &SpeedBatch, sub: &SpeedBatch, i: usize) -> usize {
     let u = &sub.updates[i];
@@ -128,6 +168,10 @@ pub async fn apply_records<'a, S: SpeedStore>(
         tracing::warn!(source = %batch.source, position = %pos, line = r.line, reason = %r.reason, "rejected line");
     }
     let mut report = store.apply(&batch).await?;
+    if report.view_created {
+        tracing::warn!(source = %batch.source,
+            "the speed view was new (the store lost its data, or never held any): readers treat the hours before now as unknown until it is rebuilt from raw_events (tally speed rebuild; tally serve and tally speed consume do it by themselves)");
+    }
     // A redelivery cut differently from an earlier, half-applied delivery: for each
     // merchant-hour whose mark falls inside its records, re-send only the records
     // beyond the mark. Rare (only after crashes), so a second round trip is fine.

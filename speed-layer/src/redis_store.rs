@@ -1,51 +1,95 @@
 //! The Redis speed store.
 //!
 //! Per merchant-hour two keys share the hash tag `{merchant_id}`, so every
-//! command and script touches one cluster slot and the layout runs unchanged on
-//! Redis Cluster:
+//! per-merchant command and script touches one cluster slot:
 //!
-//! - `tally:{m}:H:c`: hash of counter sums (`orders`, `gross_sales`, ...) and
-//!   of marks (`~mark:SOURCE` -> highest applied position of that source),
-//! - `tally:{m}:H:u`: HyperLogLog of customer ids,
+//! - `tally:v2:{m}:H:c`: hash of counter sums (`orders`, `gross_sales`, ...),
+//!   of the sums rebuilt from `raw_events` (`r:orders`, ...; see
+//!   [`crate::rebuild`]) and of marks (`~mark:SOURCE` -> highest applied
+//!   position of that source),
+//! - `tally:v2:{m}:H:u`: HyperLogLog of customer ids,
 //!
-//! where `H` is hours since the epoch. One Lua script per merchant-hour compares
-//! the update's position with the source's mark and, only when it is beyond,
-//! adds the counters, the customers and advances the mark: a redelivered or
-//! half-applied batch has an exactly-once effect. A whole batch is one pipelined
-//! round trip.
+//! where `H` is hours since the epoch. One more key, the *view* `tally:v2:view`
+//! (a hash: `generation`, `covered_from`, `rebuilt`, and per source
+//! `after:SOURCE`), says from when the view is whole. A server that lost its data
+//! (a restart without persistence, a failover to an empty replica) lost the view
+//! key too; the first write afterwards creates it anew with `covered_from` = now,
+//! and from then on readers know that the hours before are not whole until
+//! [`crate::rebuild`] has filled them from `raw_events` and set `rebuilt`. The
+//! first write of each source after that records `after:SOURCE`: positions up to
+//! it belong to the rebuild, positions beyond it to the consumers, so neither
+//! counts an event the other counts and none is lost between them.
+//!
+//! One Lua script per merchant-hour compares the update's position with the
+//! source's mark (or its `after:` boundary, whichever is higher) and, only when
+//! it is beyond, adds the counters and the customers and advances the mark: a
+//! redelivered or half-applied batch has an exactly-once effect. Every key
+//! written gets the store's TTL at every write, whatever wrote it first. A whole
+//! batch is one pipelined round trip.
+//!
+//! Positions are compared as decimal strings of any length (Kinesis sequence
+//! numbers have 56 digits and may have up to 129); nothing here parses one into
+//! a machine integer.
 
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Pipeline, Value};
-use tally_common::bucket::MICROS_PER_HOUR;
-use tally_common::metrics::{counter_defs, Counters, MetricValues, COUNTER_COUNT};
+use tally_common::bucket::{now_micros, MICROS_PER_HOUR, MICROS_PER_SECOND};
+use tally_common::decode::MAX_FUTURE_MICROS;
+use tally_common::metrics::{counter_defs, Counters, MetricValues};
 use tally_common::source::Position;
 use tally_common::{Error, Result};
 
 use crate::aggregate::{HourUpdate, SpeedBatch};
-use crate::store::{ApplyReport, SpeedReading, SpeedStore};
+use crate::store::{hour_alive, ApplyReport, SpeedReading, SpeedStore, ViewState};
+
+/// The key prefix of every speed-view key of this layout (version 2: marks and
+/// rebuilt sums beside the counters, and the view key).
+pub const KEY_PREFIX: &str = "tally:v2";
+
+/// The view key: when the view is whole from (see the module docs).
+pub const VIEW_KEY: &str = "tally:v2:view";
 
 /// Check the source's mark, apply the increments and customers, advance the mark.
-/// KEYS: counters hash (which also holds the marks, as fields `~mark:SOURCE`), hll.
-/// ARGV: mark field, last position, first position, ttl, n, n*(field, delta), customers...
-/// Returns 1 (applied), 0 (all of it applied before) or the mark itself when the
-/// mark falls inside the update's records (a redelivery cut differently after a
-/// crash): the caller then re-sends only the records beyond the mark. TTLs are
-/// set when a merchant-hour is first written (later updates find a mark).
+/// KEYS: counters hash (which also holds the marks, as fields `~mark:SOURCE`), hll, view.
+/// ARGV: source, last position, first position, ttl, boundary (the position
+/// before the batch's first record, '' when none), n, n*(field, delta), customers...
+/// Returns 1 (applied), 2 (applied, and the view was new: the server had lost its
+/// data or never held any), 0 (all of it applied before, or the rebuild's), or the
+/// mark when it falls inside the update's records (a redelivery cut differently
+/// after a crash): the caller then re-sends only the records beyond the mark.
 const APPLY_LUA: &str = r#"
 local function ge(a, b) return #a > #b or (#a == #b and a >= b) end
-local mark = redis.call('HGET', KEYS[1], ARGV[1])
+local src = ARGV[1]
+local ttl = ARGV[4]
+local fresh = 0
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  local t = redis.call('TIME')
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', KEYS[3], 'generation', now, 'covered_from', now, 'rebuilt', '0')
+  fresh = 1
+end
+redis.call('EXPIRE', KEYS[3], ttl)
+local after = redis.call('HGET', KEYS[3], 'after:' .. src)
+if not after then
+  -- once the rebuild is done, a source new to the view lost nothing: it owns all
+  after = ARGV[5]
+  if redis.call('HGET', KEYS[3], 'rebuilt') == '1' then after = '' end
+  redis.call('HSET', KEYS[3], 'after:' .. src, after)
+end
+local mark = redis.call('HGET', KEYS[1], '~mark:' .. src)
+if after ~= '' and (not mark or ge(after, mark)) then mark = after end
 local p = ARGV[2]
 if mark then
   if ge(mark, p) then return 0 end
   if ge(mark, ARGV[3]) then return mark end
 end
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
 for i = 0, n - 1 do
-  redis.call('HINCRBY', KEYS[1], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+  redis.call('HINCRBY', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i])
 end
-local first = 6 + 2 * n
+local first = 7 + 2 * n
 if #ARGV >= first then
   if #ARGV - first < 500 then
     redis.call('PFADD', KEYS[2], unpack(ARGV, first))
@@ -54,18 +98,19 @@ if #ARGV >= first then
       redis.call('PFADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
     end
   end
+  redis.call('EXPIRE', KEYS[2], ttl)
 end
-redis.call('HSET', KEYS[1], ARGV[1], p)
-if not mark then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  if #ARGV >= first then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
-end
-return 1
+redis.call('HSET', KEYS[1], '~mark:' .. src, p)
+redis.call('EXPIRE', KEYS[1], ttl)
+return 1 + fresh
 "#;
 
-/// The key prefix of one merchant-hour (`tally:{m}:H`).
+/// The key prefix of one merchant-hour (`tally:v2:{m}:H`).
 pub fn hour_key(merchant: &str, hour: i64) -> String {
-    format!("tally:{{{merchant}}}:{}", hour.div_euclid(MICROS_PER_HOUR))
+    format!(
+        "{KEY_PREFIX}:{{{merchant}}}:{}",
+        hour.div_euclid(MICROS_PER_HOUR)
+    )
 }
 
 /// The Redis speed store; cheap to clone (one multiplexed, self-reconnecting connection).
@@ -96,6 +141,7 @@ impl RedisStore {
         .map_err(|_| unreachable_error(&shown, "timed out"))?
         .map_err(|e| unreachable_error(&shown, &e.to_string()))?;
         let script_sha = redis::Script::new(APPLY_LUA).get_hash().to_string();
+        warn_if_evicting(&conn, &shown).await;
         let store = RedisStore {
             conn,
             url_for_errors: shown,
@@ -130,16 +176,46 @@ impl RedisStore {
 
     fn pipeline(&self, batch: &SpeedBatch) -> Pipeline {
         let mut pipe = redis::pipe();
+        // the rebuild owns what came before the batch's first record, should the view be new
+        let boundary = batch
+            .first_position
+            .as_ref()
+            .and_then(Position::pred)
+            .map_or_else(String::new, |p| p.as_str().to_string());
         for u in &batch.updates {
             add_update(
                 &mut pipe,
                 &self.script_sha,
                 batch.source.as_str(),
                 self.ttl_secs,
+                &boundary,
                 u,
             );
         }
         pipe
+    }
+
+    /// The time to live of every key written, seconds.
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl_secs
+    }
+
+    /// A connection for the rebuild's own commands.
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The error for a failed command.
+    pub(crate) fn command_error(&self, e: redis::RedisError) -> Error {
+        self.err(e)
+    }
+
+    /// The view key's state; None when the server holds no view (it lost its data,
+    /// or never held any).
+    pub async fn view_state(&self) -> Result<Option<ViewState>> {
+        let mut c = self.conn.clone();
+        let fields: Vec<(String, String)> = c.hgetall(VIEW_KEY).await.map_err(|e| self.err(e))?;
+        Ok(ViewState::from_fields(fields))
     }
 
     async fn apply_once(&self, pipe: &Pipeline) -> redis::RedisResult<Vec<Value>> {
@@ -148,7 +224,14 @@ impl RedisStore {
     }
 }
 
-fn add_update(pipe: &mut Pipeline, sha: &str, source: &str, ttl: u64, u: &HourUpdate) {
+fn add_update(
+    pipe: &mut Pipeline,
+    sha: &str,
+    source: &str,
+    ttl: u64,
+    boundary: &str,
+    u: &HourUpdate,
+) {
     let k = hour_key(&u.merchant_id, u.hour);
     let fields: Vec<(&str, i64)> = counter_defs()
         .map(|(d, _, _, slot)| (d.name, u.counters.values[slot]))
@@ -157,13 +240,15 @@ fn add_update(pipe: &mut Pipeline, sha: &str, source: &str, ttl: u64, u: &HourUp
     let cmd = pipe
         .cmd("EVALSHA")
         .arg(sha)
-        .arg(2)
+        .arg(3)
         .arg(format!("{k}:c"))
         .arg(format!("{k}:u"))
-        .arg(format!("~mark:{source}"))
+        .arg(VIEW_KEY)
+        .arg(source)
         .arg(u.position.as_str())
         .arg(u.first_position.as_str())
         .arg(ttl)
+        .arg(boundary)
         .arg(fields.len());
     for (name, v) in fields {
         cmd.arg(name).arg(v);
@@ -185,11 +270,48 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Warn when the server may evict keys: an evicted counter would be a silent
+/// loss the view key cannot see (it notices only a server that lost everything).
+/// Managed servers may refuse `CONFIG`; then the deployment's parameter group
+/// (`maxmemory-policy noeviction`, `infra/terraform/`) is what holds.
+async fn warn_if_evicting(conn: &ConnectionManager, url: &str) {
+    let mut c = conn.clone();
+    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut c)
+        .await;
+    if let Ok(v) = policy {
+        if let Some(p) = v.get(1).filter(|p| p.as_str() != "noeviction") {
+            tracing::warn!(url, policy = %p, "Redis may evict speed-view keys under memory pressure; set maxmemory-policy noeviction");
+        }
+    }
+}
+
 fn unreachable_error(url: &str, why: &str) -> Error {
     Error::Speed(format!(
         "cannot reach Redis at {url} ({why}): is redis-server running? \
          set TALLY_REDIS_URL, or unset it for the embedded store"
     ))
+}
+
+impl RedisStore {
+    /// Whether the hour starting at `hour` is whole in a view whole from
+    /// `covered_from` (None: no view at all) at `now`: events reach the view at
+    /// most [`MAX_FUTURE_MICROS`] before their hour, and a key lives `ttl` after
+    /// its last write, so an hour older than the TTL may have expired while the
+    /// batch layer was stalled.
+    fn covers(&self, covered_from: Option<i64>, hour: i64, now: i64) -> bool {
+        let ttl = i64::try_from(self.ttl_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(MICROS_PER_SECOND);
+        hour_alive(hour, now, ttl)
+            && covered_from.is_some_and(|c| hour.saturating_sub(MAX_FUTURE_MICROS) >= c)
+    }
+}
+
+fn unexpected(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Speed(format!("unexpected {what} reply from Redis: {e}"))
 }
 
 impl SpeedStore for RedisStore {
@@ -207,6 +329,10 @@ impl SpeedStore for RedisStore {
                     for (i, r) in results.into_iter().enumerate() {
                         match r {
                             Value::Int(1) => report.applied += 1,
+                            Value::Int(2) => {
+                                report.applied += 1;
+                                report.view_created = true;
+                            }
                             Value::Int(_) => report.skipped += 1,
                             other => {
                                 let mark: String = redis::from_redis_value(other).map_err(|e| {
@@ -242,10 +368,20 @@ impl SpeedStore for RedisStore {
         hours: &[i64],
         unions: &[Vec<usize>],
     ) -> Result<SpeedReading> {
+        // the counters by name (never every field: the hash also holds the marks,
+        // whose positions are 56-digit numbers), then the rebuilt sums
+        let names: Vec<&str> = counter_defs().map(|(d, ..)| d.name).collect();
         let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(VIEW_KEY)
+            .arg("covered_from")
+            .arg("rebuilt");
         let keys: Vec<String> = hours.iter().map(|&h| hour_key(merchant, h)).collect();
         for k in &keys {
-            pipe.cmd("HGETALL").arg(format!("{k}:c"));
+            let cmd = pipe.cmd("HMGET").arg(format!("{k}:c"));
+            for n in &names {
+                cmd.arg(*n).arg(format!("r:{n}"));
+            }
             pipe.cmd("PFCOUNT").arg(format!("{k}:u"));
         }
         for group in unions {
@@ -258,30 +394,42 @@ impl SpeedStore for RedisStore {
         }
         let mut c = self.conn.clone();
         let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
-        let mut reading = SpeedReading::default();
         let mut it = values.into_iter();
-        for _ in hours {
-            let fields: Vec<(String, i64)> =
-                redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                    .map_err(|e| Error::Speed(format!("unexpected counters reply: {e}")))?;
+        let view: Vec<Option<String>> = redis::from_redis_value(it.next().unwrap_or(Value::Nil))
+            .map_err(|e| unexpected("view", e))?;
+        let covered_from = match (
+            view.first().cloned().flatten(),
+            view.get(1).cloned().flatten(),
+        ) {
+            (None, _) => None,
+            (Some(_), Some(r)) if r == "1" => Some(i64::MIN),
+            (Some(c), _) => Some(c.parse::<i64>().unwrap_or(i64::MAX)),
+        };
+        let mut reading = SpeedReading::default();
+        let now = now_micros();
+        for (i, &hour) in hours.iter().enumerate() {
+            let fields: Vec<Option<i64>> = redis::from_redis_value(it.next().unwrap_or(Value::Nil))
+                .map_err(|e| unexpected("counters", e))?;
             let unique: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
-                .map_err(|e| Error::Speed(format!("unexpected PFCOUNT reply: {e}")))?;
+                .map_err(|e| unexpected("PFCOUNT", e))?;
             let mut counters = Counters::default();
-            for (name, v) in fields {
-                if let Some((_, _, _, slot)) = counter_defs().find(|(d, ..)| d.name == name) {
-                    if slot < COUNTER_COUNT {
-                        counters.values[slot] = v;
-                    }
-                }
+            for ((_, _, _, slot), pair) in counter_defs().zip(fields.chunks(2)) {
+                counters.values[slot] = pair
+                    .iter()
+                    .flatten()
+                    .fold(0i64, |a, v| a.saturating_add(*v));
             }
             reading.hours.push(MetricValues {
                 counters,
                 unique_customers: Some(unique),
             });
+            if !self.covers(covered_from, hour, now) {
+                reading.not_covered.push(i);
+            }
         }
         for _ in unions {
             let n: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
-                .map_err(|e| Error::Speed(format!("unexpected PFCOUNT reply: {e}")))?;
+                .map_err(|e| unexpected("PFCOUNT", e))?;
             reading.unions.push(n);
         }
         Ok(reading)
@@ -289,16 +437,23 @@ impl SpeedStore for RedisStore {
 
     async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
         let mut c = self.conn.clone();
-        c.get(format!("tally:checkpoint:{key}"))
+        c.get(format!("{KEY_PREFIX}:checkpoint:{key}"))
             .await
             .map_err(|e| self.err(e))
     }
 
     async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
         let mut c = self.conn.clone();
-        c.set(format!("tally:checkpoint:{key}"), value)
-            .await
-            .map_err(|e| self.err(e))
+        // like every key the speed layer writes, a checkpoint expires: a consumer
+        // idle for longer re-reads from its start position, and the marks and the
+        // view's boundaries keep that exactly once
+        c.set_ex(
+            format!("{KEY_PREFIX}:checkpoint:{key}"),
+            value,
+            self.ttl_secs,
+        )
+        .await
+        .map_err(|e| self.err(e))
     }
 
     async fn ping(&self) -> Result<()> {

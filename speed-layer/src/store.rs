@@ -21,6 +21,58 @@ pub struct ApplyReport {
     /// mark may be applied. Happens only when a redelivery is cut differently from
     /// the delivery that half-applied; [`crate::apply_records`] resolves it.
     pub overlaps: Vec<(usize, Position)>,
+    /// The store held no view before this batch: it lost its data (or never held
+    /// any), so the hours before now are not whole until a rebuild
+    /// ([`crate::rebuild`]) fills them from `raw_events`.
+    pub view_created: bool,
+}
+
+/// Whether a speed store with keys living `ttl_micros` after their last write
+/// still holds every event of the hour starting at `hour` at `now` (all epoch
+/// µs). An hour's keys are last written no earlier than
+/// [`MAX_FUTURE_MICROS`](tally_common::decode::MAX_FUTURE_MICROS) before it starts;
+/// past that plus the TTL they may have expired, e.g. while the batch layer was
+/// stalled and the watermark stayed behind.
+pub fn hour_alive(hour: i64, now: i64, ttl_micros: i64) -> bool {
+    now < hour
+        .saturating_sub(tally_common::decode::MAX_FUTURE_MICROS)
+        .saturating_add(ttl_micros)
+}
+
+/// The state of a Redis speed view (the view key, see [`crate::redis_store`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewState {
+    /// Names this life of the view: a new one after every loss.
+    pub generation: String,
+    /// From when (epoch µs) every event written is in the view.
+    pub covered_from: i64,
+    /// Whether the hours before `covered_from` were rebuilt from `raw_events`.
+    pub rebuilt: bool,
+    /// Per source: the position up to which the rebuild, not the consumers, owns
+    /// its records ('' when the consumers own them all).
+    pub after: Vec<(String, String)>,
+}
+
+impl ViewState {
+    /// From the view key's fields; None when it has none (no view).
+    pub fn from_fields(fields: Vec<(String, String)>) -> Option<Self> {
+        let mut v = ViewState::default();
+        let mut any = false;
+        for (k, val) in fields {
+            any = true;
+            match k.as_str() {
+                "generation" => v.generation = val,
+                "covered_from" => v.covered_from = val.parse().unwrap_or(i64::MAX),
+                "rebuilt" => v.rebuilt = val == "1",
+                _ => {
+                    if let Some(src) = k.strip_prefix("after:") {
+                        v.after.push((src.to_string(), val));
+                    }
+                }
+            }
+        }
+        (any && !v.generation.is_empty()).then_some(v)
+    }
 }
 
 pub use tally_common::metrics::SpeedReading;

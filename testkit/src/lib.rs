@@ -72,7 +72,8 @@ fn redis_pings(port: u16) -> bool {
         return false;
     }
     let mut buf = [0u8; 16];
-    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    // a server with a password answers NOAUTH: it is up all the same
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
 }
 
 fn http_answers(port: u16) -> bool {
@@ -96,6 +97,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With persistence: the directory of its append-only file (kept across restarts).
     data_dir: Option<tempfile::TempDir>,
+    /// The AUTH password it requires, if any.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -109,6 +112,7 @@ impl RedisServer {
                 port: free_port(),
                 child: None,
                 data_dir: None,
+                password: None,
             };
             if s.spawn() {
                 return s;
@@ -131,6 +135,18 @@ impl RedisServer {
         s
     }
 
+    /// Start one that requires `password` (`AUTH`), as ElastiCache with an AUTH token does.
+    pub fn start_with_password(password: &str) -> Self {
+        let mut s = RedisServer::start();
+        s.stop();
+        s.password = Some(password.to_string());
+        assert!(
+            s.spawn(),
+            "redis-server would not start with a password: {INSTALL_HINT}"
+        );
+        s
+    }
+
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new(&self.binary);
         cmd.args([
@@ -149,6 +165,9 @@ impl RedisServer {
                 .arg(d.path()),
             None => cmd.args(["--appendonly", "no"]),
         };
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let Ok(child) = child else { return false };
         self.child = Some(child);
@@ -179,6 +198,20 @@ impl RedisServer {
         }
     }
 
+    /// Start it again on the same port with no data at all, persistence or not
+    /// (a restart that lost its files, a failover to an empty replica).
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        if self.data_dir.is_some() {
+            self.data_dir = Some(tempfile::tempdir().expect("a directory for redis data"));
+        }
+        assert!(
+            self.spawn(),
+            "redis-server would not restart on port {}",
+            self.port
+        );
+    }
+
     /// Start it again on the same port (empty, unless started with persistence).
     pub fn restart(&mut self) {
         self.stop();
@@ -196,7 +229,13 @@ impl Drop for RedisServer {
     }
 }
 
-/// moto's server: an emulator that speaks the real S3 and Kinesis HTTP APIs.
+/// moto's server, an emulator that speaks the real S3 and Kinesis HTTP APIs,
+/// with its Kinesis made to behave like AWS where plain moto does not
+/// (`testkit/tools/kinesis_like_aws.py`): 56-digit, stream-wide increasing
+/// sequence numbers (plain moto numbers records 1, 2, 3, which hides every bug
+/// that assumes a sequence number fits a machine integer), AWS's reshard
+/// behaviour and, with `EMU_ITER_TTL`, iterator expiry. Every test that uses
+/// Kinesis sees production's shapes.
 pub struct MotoServer {
     port: u16,
     child: Option<Child>,
@@ -205,12 +244,19 @@ pub struct MotoServer {
 impl MotoServer {
     /// Start one; panics with an install hint when moto is missing or will not start.
     pub fn start() -> Self {
-        let binary = find_binary("moto_server", &[venv_dir().join("bin/moto_server")])
-            .unwrap_or_else(|| panic!("moto_server not found: {INSTALL_HINT}"));
+        Self::start_with(&[])
+    }
+
+    /// Start one with extra environment for the emulator (e.g. `EMU_ITER_TTL`).
+    pub fn start_with(env: &[(&str, &str)]) -> Self {
+        let python = venv_python();
+        let script = workspace_root().join("testkit/tools/kinesis_like_aws.py");
         for _ in 0..5 {
             let port = free_port();
-            let child = Command::new(&binary)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            let child = Command::new(&python)
+                .arg(&script)
+                .arg(port.to_string())
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn();
@@ -224,7 +270,7 @@ impl MotoServer {
             }
             s.stop();
         }
-        panic!("moto_server would not start on a loopback port: {INSTALL_HINT}");
+        panic!("moto's server (testkit/tools/kinesis_like_aws.py) would not start on a loopback port: {INSTALL_HINT}");
     }
 
     /// The endpoint URL, `http://127.0.0.1:PORT`.

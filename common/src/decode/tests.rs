@@ -53,8 +53,25 @@ fn timestamp_rules() {
     assert_eq!(bad("1.5").code(), "invalid_field");
     assert_eq!(bad("true").code(), "invalid_field");
     assert_eq!(bad("null").code(), "missing_field");
-    assert_eq!(bad("9223372036854775807").code(), "invalid_field"); // overflows µs
-                                                                    // at most five minutes ahead of ingest time
+    assert_eq!(bad("9223372036854775807").code(), "out_of_range"); // overflows µs
+    assert_eq!(bad("-9223372036854775808").code(), "out_of_range");
+    // nothing before the epoch: every bucket, partition and timestamp type downstream
+    // starts there (a 1600 event once stopped the batch layer for everyone)
+    assert_eq!(bad("\"1600-01-01T00:00:00Z\"").code(), "out_of_range");
+    assert_eq!(
+        bad("\"1969-12-31T23:59:59.999999Z\"").code(),
+        "out_of_range"
+    );
+    assert_eq!(bad("\"1970-01-01T01:00:00+02:00\"").code(), "out_of_range");
+    assert_eq!(bad("-1").code(), "out_of_range");
+    assert_eq!(bad("\"-0001-01-01T00:00:00Z\"").code(), "invalid_field");
+    assert_eq!(
+        one(r#"{"event_id":"a","merchant_id":"m","type":"page_view","ts":0}"#)
+            .unwrap()
+            .ts,
+        0
+    );
+    // at most five minutes ahead of ingest time
     assert!(matches!(
         bad("\"2026-11-24T12:05:01Z\""),
         RejectReason::FutureTimestamp { ahead_secs: 301 }
@@ -67,6 +84,54 @@ fn timestamp_rules() {
         one(r#"{"event_id":"a","merchant_id":"m","type":"page_view"}"#).unwrap_err(),
         RejectReason::MissingField("ts")
     );
+}
+
+#[test]
+fn a_leap_second_counts_in_the_second_before_it() {
+    let at = |ts: &str| {
+        one(&format!(
+            r#"{{"event_id":"a","merchant_id":"m","type":"page_view","ts":"{ts}"}}"#
+        ))
+        .unwrap()
+        .ts
+    };
+    let before = parse_ts("2016-12-31T23:59:59Z").unwrap();
+    assert_eq!(at("2016-12-31T23:59:60Z"), before);
+    assert_eq!(at("2016-12-31T23:59:60.25Z"), before + 250_000);
+    assert_eq!(at("2017-01-01T00:59:60+01:00"), before);
+    // so it stays in 2016's last hour and day
+    assert_eq!(
+        crate::bucket::hour_floor(at("2016-12-31T23:59:60.999999Z")),
+        parse_ts("2016-12-31T23:00:00Z").unwrap()
+    );
+}
+
+#[test]
+fn a_byte_order_mark_at_the_start_of_a_record_is_ignored() {
+    let with_bom = [
+        &UTF8_BOM[..],
+        GOOD.as_bytes(),
+        b"\r\n",
+        GOOD.as_bytes(),
+        b"\r\n",
+    ]
+    .concat();
+    let d = decode_record(&with_bom, now());
+    assert_eq!(d.rejected, []);
+    assert_eq!(d.events.len(), 2);
+    assert_eq!(d.payload(&d.events[0]), GOOD);
+    assert_eq!(d.payload(&d.events[1]), GOOD);
+    // a gzip record whose text starts with one
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&with_bom).unwrap();
+    let d = decode_record(&gz.finish().unwrap(), now());
+    assert_eq!((d.events.len(), d.rejected.len()), (2, 0));
+    // only at the start: elsewhere it is a character of a line, which is not JSON
+    let inner = [GOOD.as_bytes(), b"\n", &UTF8_BOM[..], GOOD.as_bytes()].concat();
+    let d = decode_record(&inner, now());
+    assert_eq!((d.events.len(), d.rejected.len()), (1, 1));
+    assert_eq!(d.rejected[0].reason.code(), "invalid_json");
+    assert_eq!(strip_bom(&with_bom)[0], b'{');
 }
 
 #[test]

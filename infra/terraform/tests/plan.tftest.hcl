@@ -84,6 +84,17 @@ run "defaults" {
     error_message = "environment per function"
   }
   assert {
+    condition = alltrue([
+      for k in ["speed", "batch", "api"] :
+      aws_lambda_function.fn[k].environment[0].variables["TALLY_SPEED_REBUILD_SETTLE_SECS"] == "90" && aws_lambda_function.fn[k].environment[0].variables["TALLY_SPEED_TTL_HOURS"] == "48" && startswith(aws_lambda_function.fn[k].environment[0].variables["TALLY_REDIS_URL"], "rediss://")
+    ])
+    error_message = "speed, batch and api share one Redis configuration; the settle time defaults to the archiver's batching window + 30 s"
+  }
+  assert {
+    condition     = jsondecode(aws_scheduler_schedule.speed_rebuild.target[0].input) == { speed_rebuild = true } && aws_scheduler_schedule.speed_rebuild.schedule_expression == "rate(1 minute)" && aws_scheduler_schedule.speed_rebuild.target[0].arn == aws_lambda_alias.live["batch"].arn
+    error_message = "the every-minute speed-view check invokes the batch function's live alias with {\"speed_rebuild\": true}"
+  }
+  assert {
     condition     = alltrue([for m in aws_lambda_event_source_mapping.stream : m.function_response_types == toset(["ReportBatchItemFailures"]) && m.bisect_batch_on_function_error && m.maximum_retry_attempts == 10 && m.parallelization_factor == 1])
     error_message = "event source mappings: partial batch responses, bisect, bounded retries, one batch per shard"
   }
@@ -122,6 +133,17 @@ run "unreachable_jwks_is_reported" {
   }
 
   expect_failures = [check.jwks_reachable]
+}
+
+run "batch_timeout_covers_the_speed_rebuild" {
+  command = plan
+
+  variables {
+    speed_rebuild_settle_seconds = 300
+    lambda_timeout_seconds       = { speed = 60, archiver = 300, batch = 300, api = 15 }
+  }
+
+  expect_failures = [aws_lambda_function.fn]
 }
 
 run "bad_zones_are_refused" {

@@ -4,9 +4,14 @@
 //! batches must count every event exactly once.
 
 use tally_common::bucket::MICROS_PER_HOUR;
+use tally_common::bucket::{format_ts, hour_floor, now_micros};
+use tally_common::lake::Lake;
 use tally_common::metrics::Metric;
 use tally_common::source::{Position, SourceId};
-use tally_speed_layer::{apply_records, EmbeddedStore, RedisStore, SpeedBatch, SpeedStore};
+use tally_speed_layer::redis_store::VIEW_KEY;
+use tally_speed_layer::{
+    apply_records, EmbeddedStore, Rebuild, RedisStore, SpeedBatch, SpeedStore,
+};
 use tally_testkit::events::{expected, generate, Expected, TestEvent};
 use tally_testkit::RedisServer;
 
@@ -173,7 +178,7 @@ async fn redis_keys_share_the_merchant_hash_tag_and_expire() {
         .await
         .unwrap();
     assert!(!keys.is_empty());
-    for k in &keys {
+    for k in keys.iter().filter(|k| k.as_str() != VIEW_KEY) {
         let tag = k
             .split('{')
             .nth(1)
@@ -213,4 +218,212 @@ async fn redis_outage_fails_the_batch_and_a_redelivery_after_restart_applies_it(
     }
     assert!(applied.is_some(), "store did not reconnect after restart");
     assert_matches(&store, &expected(&events), true).await;
+}
+
+/// A line of one event at `ts` (epoch µs).
+fn line(id: &str, merchant: &str, kind: &str, ts: i64, customer: Option<&str>) -> Vec<u8> {
+    let mut v = serde_json::json!({"event_id": id, "merchant_id": merchant, "type": kind,
+        "ts": format_ts(ts), "amount": 100});
+    if let Some(c) = customer {
+        v["customer_id"] = c.into();
+    }
+    (v.to_string() + "\n").into_bytes()
+}
+
+async fn all_keys(url: &str) -> (redis::aio::MultiplexedConnection, Vec<String>) {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    (c, keys)
+}
+
+/// An empty lake: a rebuild from it has nothing to add and marks the view whole.
+fn empty_lake() -> (tempfile::TempDir, Lake) {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().to_str().unwrap(), None, None).unwrap();
+    (dir, lake)
+}
+
+/// Every key the speed layer writes has its TTL, however it came to exist: a
+/// merchant-hour whose first write was an anonymous page view and whose
+/// customers came in a later batch (that HyperLogLog once had no TTL), a
+/// redelivery cut differently, a checkpoint, the view key, and a rebuild.
+#[tokio::test]
+async fn redis_every_key_has_its_ttl_after_a_varied_run() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let now = now_micros();
+    let t = hour_floor(now) + 1_000_000;
+    let f = SourceId::file("f");
+    let l1 = line("1", "m1", "page_view", t, None);
+    let l2 = line("2", "m1", "order", t, Some("c1"));
+    let l3 = line("3", "m2", "refund", t, Some("c2"));
+    let l4 = line("4", "m1", "page_view", t - 3_600_000_000, Some("c3"));
+    let l5 = line("5", "m1", "order", t, Some("c4"));
+    let p = Position::from_u64;
+    apply_records(&store, f.clone(), [(p(1), &l1[..])], now)
+        .await
+        .unwrap();
+    apply_records(&store, f.clone(), [(p(2), &l2[..])], now)
+        .await
+        .unwrap();
+    // a redelivery cut differently: m1's hour holds records 2 to 5 and its mark is 2
+    let r = apply_records(
+        &store,
+        f.clone(),
+        [
+            (p(2), &l2[..]),
+            (p(3), &l3[..]),
+            (p(4), &l4[..]),
+            (p(5), &l5[..]),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.report.applied, 3);
+    store
+        .set_checkpoint("stream/shardId-000000000000", &"4".repeat(56))
+        .await
+        .unwrap();
+    let (_dir, lake) = empty_lake();
+    let rebuilt = Rebuild::new(&lake, &store)
+        .settle(std::time::Duration::ZERO)
+        .run()
+        .await
+        .unwrap();
+    assert!(rebuilt.complete, "{rebuilt:?}");
+
+    let (mut c, keys) = all_keys(&redis.url()).await;
+    let hll = format!(
+        "{}:u",
+        tally_speed_layer::redis_store::hour_key("m1", hour_floor(t))
+    );
+    assert!(keys.contains(&hll), "{keys:?}");
+    assert!(keys.iter().any(|k| k == VIEW_KEY), "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains("checkpoint")), "{keys:?}");
+    assert!(keys.len() >= 6, "{keys:?}");
+    for k in &keys {
+        let ttl: i64 = redis::cmd("TTL").arg(k).query_async(&mut c).await.unwrap();
+        assert!(ttl > 0 && ttl <= 3600, "{k} has ttl {ttl}");
+    }
+}
+
+/// Kinesis sequence numbers have 56 digits on AWS (up to 129 allowed): marks of
+/// that length sit beside the counters, and reads must not take them for
+/// counters (every current-hour bucket once came back partial in production).
+#[tokio::test]
+async fn redis_reads_with_real_length_sequence_numbers() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let now = now_micros();
+    let hour = hour_floor(now);
+    let seq = |i: u32| {
+        Position::parse(&format!(
+            "4959033827149025660855969253836157109592157598913658{i:04}"
+        ))
+        .unwrap()
+    };
+    let shard = SourceId::kinesis("events", "shardId-000000000000");
+    let a = line("a", "m", "order", hour + 1_000_000, Some("c1"));
+    let b = [
+        line("b", "m", "order", hour + 2_000_000, Some("c2")),
+        line("c", "m", "page_view", hour + 3_000_000, None),
+    ]
+    .concat();
+    apply_records(
+        &store,
+        shard.clone(),
+        [(seq(1), &a[..]), (seq(2), &b[..])],
+        now,
+    )
+    .await
+    .unwrap();
+    // a redelivery of both adds nothing
+    let again = apply_records(
+        &store,
+        shard.clone(),
+        [(seq(1), &a[..]), (seq(2), &b[..])],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.report.applied, again.report.skipped), (0, 1));
+    let (_dir, lake) = empty_lake();
+    Rebuild::new(&lake, &store)
+        .settle(std::time::Duration::ZERO)
+        .run()
+        .await
+        .unwrap();
+    let r = store.read("m", &[hour], &[]).await.unwrap();
+    assert_eq!(r.not_covered, Vec::<usize>::new());
+    assert_eq!(r.hours[0].counters.get(Metric::Orders), Some(2));
+    assert_eq!(r.hours[0].counters.get(Metric::GrossSales), Some(200));
+    assert_eq!(r.hours[0].counters.get(Metric::PageViews), Some(1));
+    assert_eq!(r.hours[0].unique_customers, Some(2));
+}
+
+/// A server that lost its data is told from one that had no events: the view
+/// key goes with the data, the hours before the next write are not vouched
+/// for until a rebuild, and hours past the TTL never are.
+#[tokio::test]
+async fn redis_view_that_lost_its_data_covers_nothing_until_rebuilt() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 3 * 3600).await.unwrap();
+    let now = now_micros();
+    let hour = hour_floor(now);
+    let hours = [
+        hour - 4 * 3_600_000_000,
+        hour - 3_600_000_000,
+        hour,
+        hour + 3_600_000_000,
+    ];
+    let f = SourceId::file("f");
+    let a = line("a", "m", "order", hour + 1_000_000, None);
+    let first = apply_records(&store, f.clone(), [(Position::from_u64(1), &a[..])], now)
+        .await
+        .unwrap();
+    assert!(first.report.view_created);
+    // a new view vouches for no hour that began before it (nor for one past the TTL)
+    let r = store.read("m", &hours, &[]).await.unwrap();
+    // (the next hour too when it starts within five minutes: an event may be that early)
+    assert!(r.not_covered.starts_with(&[0, 1, 2]), "{:?}", r.not_covered);
+    let (_dir, lake) = empty_lake();
+    let rebuilt = Rebuild::new(&lake, &store)
+        .settle(std::time::Duration::ZERO)
+        .run()
+        .await
+        .unwrap();
+    assert!(rebuilt.complete && !rebuilt.nothing_to_do, "{rebuilt:?}");
+    let r = store.read("m", &hours, &[]).await.unwrap();
+    assert_eq!(r.not_covered, [0], "only the hour past the TTL");
+    assert_eq!(r.hours[2].counters.get(Metric::Orders), Some(1));
+    // the server loses everything: zeros are no longer an answer
+    let (mut c, _) = all_keys(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    let r = store.read("m", &hours, &[]).await.unwrap();
+    assert_eq!(r.not_covered, [0, 1, 2, 3]);
+    let b = line("b", "m", "order", hour + 2_000_000, None);
+    let next = apply_records(&store, f.clone(), [(Position::from_u64(2), &b[..])], now)
+        .await
+        .unwrap();
+    assert!(next.report.view_created);
+    let r = store.read("m", &hours, &[]).await.unwrap();
+    assert!(r.not_covered.starts_with(&[0, 1, 2]), "{:?}", r.not_covered);
+    assert_eq!(r.hours[2].counters.get(Metric::Orders), Some(1));
 }

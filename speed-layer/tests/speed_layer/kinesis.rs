@@ -180,3 +180,105 @@ async fn lambda_reports_the_first_record_when_redis_is_down() {
     assert!(ok, "redelivery did not apply after Redis came back");
     assert_view(&store, &expected(&events)).await;
 }
+
+/// A sink that holds its first few batches for longer than the emulator's
+/// iterator lifetime, so the consumer's next iterator has expired (AWS: 300 s).
+struct SlowSink {
+    inner: tally_speed_layer::consumer::SpeedSink<RedisStore>,
+    slow_batches: std::sync::atomic::AtomicU32,
+}
+
+impl tally_speed_layer::consumer::RecordSink for SlowSink {
+    async fn apply<'a>(
+        &'a self,
+        source: tally_common::source::SourceId,
+        records: Vec<(tally_common::source::Position, &'a [u8])>,
+        ingest_time: i64,
+    ) -> tally_common::Result<tally_speed_layer::consumer::SinkOutcome> {
+        use std::sync::atomic::Ordering;
+        if self
+            .slow_batches
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+        }
+        self.inner.apply(source, records, ingest_time).await
+    }
+    async fn checkpoint(&self, stream: &str, shard: &str) -> tally_common::Result<Option<String>> {
+        self.inner.checkpoint(stream, shard).await
+    }
+    async fn set_checkpoint(
+        &self,
+        stream: &str,
+        shard: &str,
+        value: &str,
+    ) -> tally_common::Result<()> {
+        self.inner.set_checkpoint(stream, shard, value).await
+    }
+}
+
+/// On AWS-shaped Kinesis (56-digit sequence numbers, a split that closes its
+/// parent, iterators that expire), the consumer reads the parent to its end and
+/// then both children, takes up again after its iterators expired, and counts
+/// every event once.
+#[tokio::test]
+async fn a_split_shard_and_expired_iterators_count_every_event_once() {
+    let moto = MotoServer::start_with(&[("EMU_ITER_TTL", "1")]);
+    let redis = RedisServer::start();
+    let client = client(&moto);
+    client
+        .create_stream()
+        .stream_name(STREAM)
+        .shard_count(1)
+        .send()
+        .await
+        .unwrap();
+    let before = generate(51, 600, 10, START_MS, 2);
+    put(&client, &before).await;
+    let shards = client
+        .list_shards()
+        .stream_name(STREAM)
+        .send()
+        .await
+        .unwrap()
+        .shards
+        .unwrap();
+    let parent = &shards[0];
+    // real sequence numbers are longer than any machine integer
+    let seq = parent
+        .sequence_number_range
+        .as_ref()
+        .unwrap()
+        .starting_sequence_number
+        .clone();
+    assert!(seq.len() >= 56, "{seq}");
+    client
+        .split_shard()
+        .stream_name(STREAM)
+        .shard_to_split(&parent.shard_id)
+        .new_starting_hash_key("170141183460469231731687303715884105728")
+        .send()
+        .await
+        .unwrap();
+    let after = generate(52, 600, 10, START_MS, 2);
+    put(&client, &after).await;
+
+    let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let sink = SlowSink {
+        inner: tally_speed_layer::consumer::SpeedSink(store.clone()),
+        slow_batches: std::sync::atomic::AtomicU32::new(2),
+    };
+    let options = ConsumeOptions {
+        until_caught_up: true,
+        limit: 100,
+        ..Default::default()
+    };
+    let stats = Consumer::with_sink(client.clone(), STREAM, sink, options)
+        .run(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(stats.accepted, 1_200, "{stats:?}");
+    let all: Vec<TestEvent> = before.iter().chain(after.iter()).cloned().collect();
+    assert_view(&store, &expected(&all)).await;
+}

@@ -5,12 +5,15 @@
 //! Delta transaction version is an `i64` while Kinesis sequence numbers run to
 //! 129 digits, so a mark is stored as a few `txn` actions, `tally.mark/{source}#i`,
 //! holding [`Position::to_parts`]: the digit count, then 18-digit chunks.
+//!
+//! The archiver writes them (`tally-batch-layer`); the speed view's rebuild reads
+//! them to know how far `raw_events` holds each source.
 
+use crate::source::{Position, SourceId};
+use crate::{Context as _, Result};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
-use tally_common::source::{Position, SourceId};
-use tally_common::{Context as _, Result};
 
 fn app_id(source: &SourceId, part: usize) -> String {
     format!("tally.mark/{source}#{part}")

@@ -1,0 +1,600 @@
+//! Rebuilding a Redis speed view that lost its data, from `raw_events`.
+//!
+//! A Redis server can come back empty (a restart without persistence, a
+//! failover to an empty replica). Its view key goes with the data, so the first
+//! write afterwards makes a new view whose `covered_from` is that moment, and
+//! readers treat the hours before as not whole ([`crate::redis_store`]). A
+//! rebuild fills them from the master dataset:
+//!
+//! 1. It takes the rebuild lock (one rebuild at a time) and makes sure a view
+//!    exists.
+//! 2. For every source in `raw_events` newer than the batch watermark, and every
+//!    source the view knows, it fixes the boundary `after:SOURCE`: the
+//!    consumers' own (the position before their first write since the loss) or,
+//!    for a source that has not written since, the archive's mark for it, taken
+//!    no sooner than `settle` after the loss so the archiver has caught up with
+//!    what that source's consumer had applied before it. The rebuild owns
+//!    positions up to the boundary, the consumers those beyond.
+//! 3. It sums the rows it owns per merchant-hour and *replaces* the hours'
+//!    rebuilt sums (`r:orders`, ...) and adds their customers, so a rebuild killed
+//!    and run again, or run again with more archived rows, is right.
+//! 4. When `raw_events` holds every source up to its boundary, it marks the view
+//!    `rebuilt`; otherwise it retries until `wait` is over and reports itself
+//!    incomplete (the hours stay unknown to readers, never wrong).
+//!
+//! Each write checks the view's generation, so a rebuild overtaken by a second
+//! loss writes nothing into the new view. `tally speed rebuild` runs it; `tally
+//! speed consume` and `tally serve` run it by themselves when they find a view
+//! that is not rebuilt.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use redis::Value;
+use tally_common::bucket::{date_string, hour_floor, now_micros};
+use tally_common::deltalake;
+use tally_common::lake::{register, Lake, Table};
+use tally_common::marks::read_mark;
+use tally_common::metrics::{counter_defs, Counters};
+use tally_common::source::{Position, SourceId};
+use tally_common::watermark::read_progress;
+use tally_common::{Context as _, Error, EventType, Result};
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMicrosecondType};
+use deltalake::datafusion::prelude::{col, lit, SessionContext};
+use deltalake::datafusion::scalar::ScalarValue;
+
+use crate::redis_store::{hour_key, RedisStore, VIEW_KEY};
+use crate::store::ViewState;
+
+/// Makes the view when there is none. KEYS: view. ARGV: ttl.
+const ENSURE_VIEW_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', KEYS[1], 'generation', now, 'covered_from', now, 'rebuilt', '0')
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// Sets a source's boundary unless one is set, in the view of one generation.
+/// KEYS: view. ARGV: generation, source, boundary. Returns the boundary in force,
+/// or -1 when the view is of another generation.
+const BOUNDARY_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return -1 end
+redis.call('HSETNX', KEYS[1], 'after:' .. ARGV[2], ARGV[3])
+return redis.call('HGET', KEYS[1], 'after:' .. ARGV[2])
+"#;
+
+/// Replaces one merchant-hour's rebuilt sums and adds its customers.
+/// KEYS: counters hash, hll, view. ARGV: generation, ttl, n, n*(field, value), customers...
+/// Returns 1, or -1 when the view is of another generation (nothing written).
+const REPLACE_LUA: &str = r#"
+if redis.call('HGET', KEYS[3], 'generation') ~= ARGV[1] then return -1 end
+local n = tonumber(ARGV[3])
+for i = 0, n - 1 do
+  redis.call('HSET', KEYS[1], 'r:' .. ARGV[4 + 2 * i], ARGV[5 + 2 * i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local first = 4 + 2 * n
+if #ARGV >= first then
+  for i = first, #ARGV, 500 do
+    redis.call('PFADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"#;
+
+/// Marks the view rebuilt. KEYS: view. ARGV: generation. Returns 1, or -1 when
+/// the view is of another generation.
+const FINISH_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'rebuilt', '1')
+return 1
+"#;
+
+/// Extends the lock when it is still ours. KEYS: lock. ARGV: token, ttl ms.
+const RENEW_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
+
+/// Releases the lock when it is still ours. KEYS: lock. ARGV: token.
+const UNLOCK_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// The rebuild lock's key.
+const LOCK_KEY: &str = "tally:v2:view:rebuild";
+/// How long a rebuild's lock lives unless renewed: a killed rebuild blocks the
+/// next one this long at most. The holder renews it every third of this.
+const LOCK_TTL: Duration = Duration::from_secs(10);
+/// The longest sleep between two looks at the view and the lake.
+const STEP: Duration = Duration::from_secs(2);
+/// Merchant-hours per pipelined round trip.
+const WRITE_BATCH: usize = 500;
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// The view's generation rebuilt.
+    pub generation: String,
+    /// The view was already rebuilt (or another rebuild holds the lock): nothing done.
+    pub nothing_to_do: bool,
+    /// Events of `raw_events` summed into the view.
+    pub events: u64,
+    /// Merchant-hours written.
+    pub merchant_hours: u64,
+    /// Sources whose boundary was settled.
+    pub sources: usize,
+    /// Whether the view is now marked rebuilt (false: `raw_events` did not reach
+    /// every source's boundary within the wait; run it again later).
+    pub complete: bool,
+}
+
+/// A rebuild of a Redis speed view from `raw_events`, configured with builder
+/// methods and started with [`Rebuild::run`].
+pub struct Rebuild<'a> {
+    lake: &'a Lake,
+    store: &'a RedisStore,
+    settle: Duration,
+    wait: Duration,
+    token: String,
+}
+
+impl<'a> Rebuild<'a> {
+    /// A rebuild of `store` from `lake` that waits 30 s after the loss before
+    /// reading `raw_events`, and up to 5 minutes for the archiver to reach the
+    /// consumers' boundaries.
+    pub fn new(lake: &'a Lake, store: &'a RedisStore) -> Self {
+        Rebuild {
+            lake,
+            store,
+            settle: Duration::from_secs(30),
+            wait: Duration::from_secs(300),
+            token: format!("{}-{}", std::process::id(), now_micros()),
+        }
+    }
+
+    /// How long after the loss to wait before reading `raw_events`: longer than
+    /// the archiver's lag behind the speed layer's consumers.
+    pub fn settle(mut self, d: Duration) -> Self {
+        self.settle = d;
+        self
+    }
+
+    /// How long to keep reading `raw_events` for sources it has not reached yet
+    /// (zero: one pass, and no waiting for `settle` either).
+    pub fn wait(mut self, d: Duration) -> Self {
+        self.wait = d;
+        self
+    }
+
+    /// Run it. Errors: Redis or the lake unreachable (the view is then left as
+    /// it was, unknown to readers where it is not whole).
+    pub async fn run(&self) -> Result<RebuildReport> {
+        let mut conn = self.store.connection();
+        let token = &self.token;
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(LOCK_KEY)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_TTL.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.store.command_error(e))?;
+        if locked.is_none() {
+            tracing::info!("another speed-view rebuild is running");
+            return Ok(RebuildReport {
+                nothing_to_do: true,
+                ..RebuildReport::default()
+            });
+        }
+        // the lock is renewed beside the work, however long a step takes
+        let renewing = async {
+            loop {
+                tokio::time::sleep(LOCK_TTL / 3).await;
+                if let Err(e) = self.renew().await {
+                    return e;
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = self.run_locked() => r,
+            e = renewing => Err(e),
+        };
+        self.release().await;
+        result
+    }
+
+    /// Give up the lock if this rebuild holds it (after [`Rebuild::run`] was
+    /// dropped part way, e.g. at shutdown). Best effort: it expires by itself.
+    pub async fn release(&self) {
+        let mut conn = self.store.connection();
+        let _: redis::RedisResult<i64> = redis::Script::new(UNLOCK_LUA)
+            .key(LOCK_KEY)
+            .arg(&self.token)
+            .invoke_async(&mut conn)
+            .await;
+    }
+
+    /// Extend the lock; an error when another rebuild has it now (ours expired).
+    async fn renew(&self) -> Result<()> {
+        let mut conn = self.store.connection();
+        let ok: i64 = redis::Script::new(RENEW_LUA)
+            .key(LOCK_KEY)
+            .arg(&self.token)
+            .arg(LOCK_TTL.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.store.command_error(e))?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(Error::Speed(
+                "the rebuild lock expired and another rebuild took it; this one stops".into(),
+            ))
+        }
+    }
+
+    async fn run_locked(&self) -> Result<RebuildReport> {
+        let mut conn = self.store.connection();
+        let _: i64 = redis::Script::new(ENSURE_VIEW_LUA)
+            .key(VIEW_KEY)
+            .arg(self.store.ttl_secs())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.store.command_error(e))?;
+        let Some(view) = self.store.view_state().await? else {
+            return Err(Error::Speed(
+                "the speed view vanished while rebuilding".into(),
+            ));
+        };
+        let mut report = RebuildReport {
+            generation: view.generation.clone(),
+            ..RebuildReport::default()
+        };
+        if view.rebuilt {
+            report.nothing_to_do = true;
+            report.complete = true;
+            return Ok(report);
+        }
+        let settled = view
+            .covered_from
+            .saturating_add(self.settle.as_micros() as i64);
+        let early = Duration::from_micros(settled.saturating_sub(now_micros()).max(0) as u64);
+        let deadline = std::time::Instant::now() + early + self.wait;
+        loop {
+            match self.pass(&view, settled, &mut report).await? {
+                Pass::Complete => break,
+                // a zero wait asks for what can be done now (e.g. from `tally ingest`)
+                Pass::Settling(_) if self.wait.is_zero() => return Ok(report),
+                Pass::Settling(d) => tokio::time::sleep(d.min(STEP)).await,
+                Pass::Lost => {
+                    tracing::warn!("the speed view was lost again while rebuilding; the next rebuild starts over");
+                    return Ok(report);
+                }
+                Pass::Behind(n) if std::time::Instant::now() >= deadline => {
+                    tracing::warn!(
+                        sources = n,
+                        "raw_events has not reached every source's boundary; the view stays not rebuilt"
+                    );
+                    return Ok(report);
+                }
+                Pass::Behind(_) => tokio::time::sleep(STEP).await,
+            }
+        }
+        let done: i64 = redis::Script::new(FINISH_LUA)
+            .key(VIEW_KEY)
+            .arg(&view.generation)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.store.command_error(e))?;
+        report.complete = done == 1;
+        Ok(report)
+    }
+
+    /// One read of `raw_events` and one write of the rebuilt sums.
+    async fn pass(
+        &self,
+        view: &ViewState,
+        settled: i64,
+        report: &mut RebuildReport,
+    ) -> Result<Pass> {
+        // the consumers' boundaries as of now (they write theirs on their first write)
+        let view = &match self.store.view_state().await? {
+            Some(v) if v.generation == view.generation => v,
+            _ => return Ok(Pass::Lost),
+        };
+        let w = match self.lake.open(Table::MetricsHourly).await? {
+            Some(t) => read_progress(&t).await?.watermark.unwrap_or(0),
+            None => 0,
+        };
+        let Some(raw) = self.lake.open(Table::RawEvents).await? else {
+            return Ok(Pass::Complete);
+        };
+        let rows = read_rows(&raw, w).await?;
+        // every source the view or the rows know, with its boundary
+        let mut sources: BTreeMap<String, Option<Position>> = BTreeMap::new();
+        for (s, b) in &view.after {
+            sources.insert(s.clone(), parse_boundary(b));
+        }
+        for r in &rows {
+            sources.entry(r.source.clone()).or_insert(None);
+        }
+        // a source that has not written since the loss gets the archive's mark as its
+        // boundary; before that, the archiver is given `settle` to catch up with
+        // what its consumer had applied before the loss
+        let idle = sources
+            .keys()
+            .any(|s| !view.after.iter().any(|(a, _)| a == s));
+        let early = settled.saturating_sub(now_micros());
+        if idle && early > 0 {
+            return Ok(Pass::Settling(Duration::from_micros(early as u64)));
+        }
+        let mut conn = self.store.connection();
+        let mut behind = 0;
+        let mut owned: HashMap<String, Option<Position>> = HashMap::new();
+        for (source, known) in &sources {
+            let archived = read_mark(&raw, &SourceId::from_id(source)).await?;
+            let boundary = match view.after.iter().find(|(s, _)| s == source) {
+                Some(_) => known.clone(),
+                None => {
+                    // not written since the loss: the archive's mark, or the rows' own
+                    // highest position for a writer that keeps no marks
+                    let proposed = archived.clone().or_else(|| {
+                        rows.iter()
+                            .filter(|r| &r.source == source)
+                            .map(|r| r.position.clone())
+                            .max()
+                    });
+                    let v: Value = redis::Script::new(BOUNDARY_LUA)
+                        .key(VIEW_KEY)
+                        .arg(&view.generation)
+                        .arg(source)
+                        .arg(proposed.as_ref().map_or("", |p| p.as_str()))
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(|e| self.store.command_error(e))?;
+                    match v {
+                        Value::Int(-1) => return Ok(Pass::Lost),
+                        other => {
+                            let b: String = redis::from_redis_value(other).unwrap_or_default();
+                            parse_boundary(&b)
+                        }
+                    }
+                }
+            };
+            let reached = match (&boundary, &archived) {
+                (None, _) => true,
+                (Some(b), Some(a)) => a >= b,
+                // no marks: the rows are all the writer leaves
+                (Some(_), None) => true,
+            };
+            if !reached {
+                behind += 1;
+            }
+            owned.insert(source.clone(), boundary);
+        }
+        report.sources = sources.len();
+
+        // the rows the rebuild owns, summed per merchant-hour
+        let mut hours: HashMap<(String, i64), (Counters, HashSet<String>)> = HashMap::new();
+        let mut events = 0u64;
+        for r in rows {
+            let mine = owned
+                .get(&r.source)
+                .and_then(Option::as_ref)
+                .is_some_and(|b| r.position <= *b);
+            if !mine {
+                continue;
+            }
+            events += 1;
+            let e = hours
+                .entry((r.merchant_id, hour_floor(r.event_time)))
+                .or_default();
+            e.0.apply_parts(&EventType::parse(&r.event_type), r.amount);
+            if let Some(c) = r.customer_id {
+                e.1.insert(c);
+            }
+        }
+        let entries: Vec<_> = hours.into_iter().collect();
+        for chunk in entries.chunks(WRITE_BATCH) {
+            // EVAL, not EVALSHA: a rebuild is rare, and follows a restart that
+            // emptied the script cache anyway
+            let mut pipe = redis::pipe();
+            for ((merchant, hour), (counters, customers)) in chunk {
+                let k = hour_key(merchant, *hour);
+                let cmd = pipe
+                    .cmd("EVAL")
+                    .arg(REPLACE_LUA)
+                    .arg(3)
+                    .arg(format!("{k}:c"))
+                    .arg(format!("{k}:u"))
+                    .arg(VIEW_KEY)
+                    .arg(&view.generation)
+                    .arg(self.store.ttl_secs())
+                    .arg(counters.values.len());
+                for (d, _, _, slot) in counter_defs() {
+                    cmd.arg(d.name).arg(counters.values[slot]);
+                }
+                for c in customers {
+                    cmd.arg(c.as_str());
+                }
+            }
+            let replies: Vec<i64> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.store.command_error(e))?;
+            if replies.contains(&-1) {
+                return Ok(Pass::Lost);
+            }
+        }
+        report.events = events;
+        report.merchant_hours = entries.len() as u64;
+        Ok(if behind == 0 {
+            Pass::Complete
+        } else {
+            Pass::Behind(behind)
+        })
+    }
+}
+
+enum Pass {
+    Complete,
+    Settling(Duration),
+    Behind(usize),
+    Lost,
+}
+
+fn parse_boundary(b: &str) -> Option<Position> {
+    if b.is_empty() {
+        None
+    } else {
+        Position::parse(b).ok()
+    }
+}
+
+/// The columns of a `raw_events` row the rebuild sums.
+struct Row {
+    merchant_id: String,
+    event_time: i64,
+    event_type: String,
+    amount: Option<i64>,
+    customer_id: Option<String>,
+    source: String,
+    position: Position,
+}
+
+/// `raw_events` rows with `event_time` at or after `since`, read as a stream.
+async fn read_rows(raw: &deltalake::DeltaTable, since: i64) -> Result<Vec<Row>> {
+    let ctx = SessionContext::new();
+    register(&ctx, "raw_events", raw).await?;
+    let df = ctx
+        .table("raw_events")
+        .await
+        .context("reading raw_events")?
+        .filter(
+            col("event_date")
+                .gt_eq(lit(date_string(since)))
+                .and(
+                    col("event_time").gt_eq(lit(ScalarValue::TimestampMicrosecond(
+                        Some(since),
+                        Some("UTC".into()),
+                    ))),
+                ),
+        )
+        .context("filtering raw_events")?
+        .select_columns(&[
+            "merchant_id",
+            "event_time",
+            "event_type",
+            "amount",
+            "customer_id",
+            "source",
+        ])
+        .context("projecting raw_events")?;
+    let mut stream = df.execute_stream().await.context("reading raw_events")?;
+    let mut rows = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.context("reading raw_events")?;
+        rows_of(&batch, &mut rows)?;
+    }
+    Ok(rows)
+}
+
+fn rows_of(b: &RecordBatch, out: &mut Vec<Row>) -> Result<()> {
+    let text =
+        |i: usize| cast(b.column(i), &DataType::Utf8).context("reading a raw_events string column");
+    let (merchant, kind, customer, source) = (text(0)?, text(2)?, text(4)?, text(5)?);
+    let (merchant, kind, customer, source) = (
+        merchant.as_string::<i32>(),
+        kind.as_string::<i32>(),
+        customer.as_string::<i32>(),
+        source.as_string::<i32>(),
+    );
+    let t = cast(
+        b.column(1),
+        &DataType::Timestamp(TimeUnit::Microsecond, None),
+    )
+    .context("reading raw_events.event_time")?;
+    let t = t.as_primitive::<TimestampMicrosecondType>();
+    let amount = cast(b.column(3), &DataType::Int64).context("reading raw_events.amount")?;
+    let amount = amount.as_primitive::<Int64Type>();
+    for i in 0..b.num_rows() {
+        if t.is_null(i) || merchant.is_null(i) || source.is_null(i) {
+            continue;
+        }
+        // `SOURCE@POSITION:LINE` (the archiver's `source` column)
+        let Some((src, at)) = source.value(i).rsplit_once('@') else {
+            continue;
+        };
+        let Ok(position) = Position::parse(at.split(':').next().unwrap_or("")) else {
+            continue;
+        };
+        out.push(Row {
+            merchant_id: merchant.value(i).to_string(),
+            event_time: t.value(i),
+            event_type: if kind.is_null(i) {
+                String::new()
+            } else {
+                kind.value(i).to_string()
+            },
+            amount: (!amount.is_null(i)).then(|| amount.value(i)),
+            customer_id: (!customer.is_null(i)).then(|| customer.value(i).to_string()),
+            source: src.to_string(),
+            position,
+        });
+    }
+    Ok(())
+}
+
+/// Keeps a view rebuilt: every `every`, when the view is missing or not rebuilt,
+/// runs a [`Rebuild`] with `settle`, until shutdown. Errors are logged and the
+/// next tick retries; readers meanwhile treat the hours concerned as unknown.
+pub async fn keep_rebuilt(
+    lake: Lake,
+    store: RedisStore,
+    every: Duration,
+    settle: Duration,
+    mut shutdown: tally_common::shutdown::Shutdown,
+) {
+    loop {
+        let needed = match store.view_state().await {
+            Ok(Some(v)) => !v.rebuilt,
+            Ok(None) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "speed view unreadable; rebuild check retries");
+                false
+            }
+        };
+        if needed {
+            let rebuild = Rebuild::new(&lake, &store).settle(settle);
+            tokio::select! {
+                r = rebuild.run() => match r {
+                    Ok(r) if r.complete && !r.nothing_to_do => tracing::info!(
+                        events = r.events, merchant_hours = r.merchant_hours, sources = r.sources,
+                        "speed view rebuilt from raw_events"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "speed view rebuild failed; retrying"),
+                },
+                _ = shutdown.wait() => {
+                    // the next process need not wait for the lock to expire
+                    rebuild.release().await;
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+}
