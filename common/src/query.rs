@@ -146,14 +146,14 @@ fn is_instant(s: &str) -> bool {
     ) else {
         return false;
     };
-    if !(at(4, b'-') && at(7, b'-') && at(10, b'T') && at(13, b':') && at(16, b':'))
-        || !(FIRST_YEAR..=LAST_YEAR).contains(&year)
-        || !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
+    let separators = at(4, b'-') && at(7, b'-') && at(10, b'T') && at(13, b':') && at(16, b':');
+    let fields = (FIRST_YEAR..=LAST_YEAR).contains(&year)
+        && (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+        && hour <= 23
+        && minute <= 59
+        && second <= 59;
+    if !(separators && fields) {
         return false;
     }
     let mut i = 19;
