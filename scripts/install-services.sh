@@ -2,12 +2,13 @@
 # Install what tally's tests need when it is missing: Debian's redis-server, and a
 # Python venv (default ~/.cache/tally/venv, override with TALLY_VENV) holding
 # moto's server (the S3 + Kinesis emulator) and the reference readers used by
-# tests and benchmarks (deltalake, duckdb, pyarrow). Safe to rerun: it only
+# tests and benchmarks (deltalake, duckdb, pyarrow), and schemathesis (the
+# schema-driven API fuzzer of scripts/api-fuzz.sh). Safe to rerun: it only
 # installs what is absent.
 set -euo pipefail
 
 VENV="${TALLY_VENV:-$HOME/.cache/tally/venv}"
-PY_PACKAGES=("moto[server]>=5.2.5,<5.3" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow")
+PY_PACKAGES=("moto[server]>=5.2.5,<5.3" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow" "schemathesis>=4.3,<5")
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "install-services: installing redis-server (apt-get)"
@@ -40,8 +41,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import moto, deltalake, duckdb, pyarrow, flask_cors; assert moto.__version__.startswith("5.2.")' >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c 'import moto, deltalake, duckdb, pyarrow, flask_cors, schemathesis; assert moto.__version__.startswith("5.2.")' >/dev/null 2>&1; then
   echo "install-services: installing ${PY_PACKAGES[*]} into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi
 "$VENV/bin/python" -c 'import moto, deltalake, duckdb; print("moto", moto.__version__, "| deltalake", deltalake.__version__, "| duckdb", duckdb.__version__)'
+"$VENV/bin/schemathesis" --version

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the tests need when missing, then
 # checks formatting, lints with warnings denied, runs every test of the
-# workspace against real services, and checks the infrastructure code.
+# workspace against real services, fuzzes the running API from its own OpenAPI
+# document (scripts/api-fuzz.sh), and checks the infrastructure code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests"
 cargo test --workspace --locked
+
+step "api fuzzing (schemathesis against tally serve)"
+bash scripts/api-fuzz.sh
 
 if [ -x scripts/check-infra.sh ]; then
   step "infrastructure"

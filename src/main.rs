@@ -10,6 +10,7 @@ mod lambda;
 mod serve;
 mod sql;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -177,8 +178,11 @@ fn init_tracing(lambda: bool) {
             "info,deltalake=warn,deltalake_core=warn,datafusion=warn,buoyant_kernel=off",
         )
     });
+    // colour only for a person at a terminal: a file, a pipe or CloudWatch gets
+    // plain text (escape codes there are noise, and break log queries)
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if lambda {
         // CloudWatch adds timestamps

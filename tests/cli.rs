@@ -895,3 +895,60 @@ fn hourly_runs_racing_late_events_of_a_closed_day_all_succeed() {
         );
     }
 }
+
+/// Logs written to a file or a pipe (systemd, CloudWatch, `2> log`) carry no ANSI
+/// colour codes: colour is for a terminal only. Both log formats: the compact one
+/// of the commands and the JSON one of the Lambda entry point.
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let addr = format!("127.0.0.1:{}", tally_testkit::free_port());
+    let log = dir.path().join("serve.log");
+    let mut server = tally(&lake)
+        .args(["serve", "--addr", &addr])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("TALLY_JWT_SECRET")
+        .env_remove("TALLY_JWKS")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut answered = false;
+    for _ in 0..100 {
+        // an access-log line at info, and a refused request
+        if let Ok((status, _)) = tally_testkit::http_get(&addr, "/v1/merchants/m/metrics", "x") {
+            assert_eq!(status, 401);
+            answered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sigterm(&mut server);
+    assert!(answered, "tally serve did not answer");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("serving the API"), "{text}");
+    assert!(text.contains("status=401"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in a log file: {text:?}"
+    );
+
+    // the Lambda entry point's JSON lines, through a pipe
+    let out = tally(&lake)
+        .args(["lambda", "--handler", "api"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .env_remove("TALLY_JWT_SECRET")
+        .env_remove("TALLY_JWKS")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("\"level\":\"WARN\""), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in Lambda logs: {text:?}"
+    );
+}

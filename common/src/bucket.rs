@@ -18,7 +18,8 @@ pub const MICROS_PER_HOUR: i64 = 3_600 * MICROS_PER_SECOND;
 /// Microseconds in one day.
 pub const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 
-/// The size of a bucket.
+/// The size of a bucket. Only UTC hours and days are implemented; `week` and
+/// `month` of the contract come with time zones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
@@ -29,6 +30,9 @@ pub enum Granularity {
 }
 
 impl Granularity {
+    /// Every granularity, in the order the API documents them.
+    pub const ALL: [Granularity; 2] = [Granularity::Hour, Granularity::Day];
+
     /// The bucket length in microseconds.
     pub const fn micros(self) -> i64 {
         match self {
@@ -37,9 +41,22 @@ impl Granularity {
         }
     }
 
-    /// The start of the bucket containing `t`.
+    /// The start of the bucket containing `t`, or None when that start is before
+    /// the first instant an `i64` holds (the first bucket-long stretch of
+    /// `i64::MIN`, some 290,000 years BC).
+    pub const fn checked_floor(self, t: i64) -> Option<i64> {
+        t.checked_sub(t.rem_euclid(self.micros()))
+    }
+
+    /// The start of the bucket containing `t`. Never overflows: for the few `t`
+    /// whose bucket starts before `i64::MIN` ([`Granularity::checked_floor`] is
+    /// None) it is the first aligned instant instead. No valid event or request
+    /// time comes near (both are years 1970 to 9999).
     pub const fn floor(self, t: i64) -> i64 {
-        t.div_euclid(self.micros()) * self.micros()
+        match self.checked_floor(t) {
+            Some(start) => start,
+            None => i64::MIN + (self.micros() - i64::MIN.rem_euclid(self.micros())),
+        }
     }
 
     /// Whether `t` is the start of a bucket.
@@ -71,7 +88,11 @@ impl std::str::FromStr for Granularity {
             "hour" => Ok(Granularity::Hour),
             "day" => Ok(Granularity::Day),
             other => Err(Error::invalid(format!(
-                "unknown granularity {other:?}: use \"hour\" or \"day\""
+                "unknown granularity {:?}: use {}",
+                clip(other),
+                Granularity::ALL
+                    .map(|g| format!("{:?}", g.as_str()))
+                    .join(" or ")
             ))),
         }
     }
@@ -118,8 +139,9 @@ impl BucketRange {
         if end <= start {
             return Err(Error::invalid("`to` must be after `from`"));
         }
-        let n = (end - start) / granularity.micros();
-        if n > granularity.max_buckets() {
+        // i128: `end - start` of two arbitrary i64 instants may not fit an i64
+        let n = (i128::from(end) - i128::from(start)) / i128::from(granularity.micros());
+        if n > i128::from(granularity.max_buckets()) {
             return Err(Error::invalid(format!(
                 "range of {n} {g}s is too long: at most {} {g}s per request",
                 granularity.max_buckets()
@@ -149,25 +171,32 @@ impl BucketRange {
     }
 }
 
-/// Hours `[start, end)` one by one (both floored to hours), for jobs that walk history.
+/// Hours `[start, end)` one by one (`start` floored to its hour), for jobs that
+/// walk history. Stepping by addition that stops at `end`, so no instant overflows.
 pub fn hours_between(start: i64, end: i64) -> impl Iterator<Item = i64> {
-    let first = hour_floor(start);
-    let n = if end > first {
-        (end - first + MICROS_PER_HOUR - 1) / MICROS_PER_HOUR
-    } else {
-        0
-    };
-    (0..n).map(move |i| first + i * MICROS_PER_HOUR)
+    std::iter::successors(Some(hour_floor(start)), |h| h.checked_add(MICROS_PER_HOUR))
+        .take_while(move |h| *h < end)
 }
 
-/// Parse an RFC 3339 instant (`2026-11-24T00:00:00Z`, any offset) to epoch microseconds.
+/// Parse an RFC 3339 instant (`2026-11-24T00:00:00Z`, any offset) to epoch
+/// microseconds. RFC 3339 years have four digits, so every instant it can write
+/// fits (years 0000 to 9999 are about ±2.5·10^17 µs of an i64's ±9.2·10^18).
 pub fn parse_ts(s: &str) -> Result<i64> {
     let dt = DateTime::parse_from_rfc3339(s).map_err(|e| {
         Error::invalid(format!(
-            "{s:?} is not an RFC 3339 time like 2026-11-24T00:00:00Z ({e})"
+            "{:?} is not an RFC 3339 time like 2026-11-24T00:00:00Z ({e})",
+            clip(s)
         ))
     })?;
     Ok(dt.timestamp_micros())
+}
+
+/// At most the first 80 characters of `s`, for echoing caller input in a message.
+pub(crate) fn clip(s: &str) -> &str {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
 
 /// Format epoch microseconds as RFC 3339 UTC with a `Z` suffix and no needless fraction.
@@ -252,6 +281,49 @@ mod tests {
         let t = max_ms * 1000;
         assert!(hour_floor(t) <= t && t - hour_floor(t) < MICROS_PER_HOUR);
         assert!(Granularity::Hour.is_aligned(hour_floor(i64::MIN / 2)));
+        // the very ends of an i64 floor without overflowing
+        for g in Granularity::ALL {
+            for t in [i64::MIN, i64::MIN + 1, i64::MAX, i64::MAX - 1] {
+                let f = g.floor(t);
+                assert!(g.is_aligned(f), "{g:?} {t}");
+            }
+            assert_eq!(g.checked_floor(i64::MIN), None);
+            assert!(i64::MAX - g.floor(i64::MAX) < g.micros());
+            assert_eq!(g.checked_floor(i64::MAX), Some(g.floor(i64::MAX)));
+        }
+    }
+
+    #[test]
+    fn ranges_and_walks_of_extreme_instants_do_not_overflow() {
+        // a range whose length does not fit an i64 is just too long
+        for g in Granularity::ALL {
+            let (lo, hi) = (g.floor(i64::MIN), g.floor(i64::MAX));
+            let e = BucketRange::new(lo, hi, g).unwrap_err();
+            assert!(e.to_string().contains("too long"), "{e}");
+            assert!(BucketRange::new(hi, lo, g).is_err());
+            assert!(BucketRange::new(hi - g.micros(), hi, g).is_ok());
+        }
+        let top = hour_floor(i64::MAX);
+        assert_eq!(hours_between(top - MICROS_PER_HOUR, i64::MAX).count(), 2);
+        // the hour containing an unaligned start is walked, even when it is the end
+        assert_eq!(hours_between(i64::MAX, i64::MAX).collect::<Vec<_>>(), [top]);
+        assert_eq!(
+            hours_between(i64::MIN, i64::MIN + 2 * MICROS_PER_HOUR).count(),
+            2
+        );
+        // years 0000 and 9999, the ends of what RFC 3339 can write
+        assert!(ts("0000-01-01T00:00:00Z") < 0);
+        assert_eq!(
+            format_ts(ts("9999-12-31T23:59:59.999999+00:00")),
+            "9999-12-31T23:59:59.999999Z"
+        );
+        for bad in [
+            "+275760-09-13T00:00:00Z",
+            "-271821-04-20T00:00:00Z",
+            "10000-01-01T00:00:00Z",
+        ] {
+            assert!(parse_ts(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

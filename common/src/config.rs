@@ -87,6 +87,15 @@ pub struct AuthArgs {
     /// RS256 keys: a JWKS file path or URL.
     #[arg(long, env = "TALLY_JWKS")]
     pub jwks: Option<String>,
+    /// Seconds between fetches of the JWKS (a URL's `Cache-Control: max-age` may
+    /// make it sooner), so a key removed from the set stops working.
+    #[arg(
+        long,
+        env = "TALLY_JWKS_REFRESH_SECS",
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub jwks_refresh_secs: u64,
 }
 
 /// The Kinesis stream.

@@ -166,17 +166,24 @@ impl Metric {
     }
 }
 
-/// Parse the API's `metrics=a,b` list (empty or absent: all), keeping API order and
-/// rejecting unknown names.
+/// Parse the API's `metrics=a,b` list (absent: all), keeping API order and
+/// rejecting unknown names. Names are exact: no spaces, no empty names, so the
+/// list is exactly what the OpenAPI document's pattern describes.
 pub fn parse_metric_list(list: Option<&str>) -> Result<Vec<Metric>> {
-    let Some(list) = list.filter(|l| !l.trim().is_empty()) else {
+    let Some(list) = list else {
         return Ok(Metric::all().collect());
     };
+    if list.is_empty() {
+        return Err(Error::invalid(
+            "`metrics` is empty: leave it out for every metric, or name at least one",
+        ));
+    }
     let mut out = Vec::new();
-    for name in list.split(',').map(str::trim) {
+    for name in list.split(',') {
         let m = Metric::from_name(name).ok_or_else(|| {
             Error::invalid(format!(
-                "unknown metric {name:?}; known metrics: {}",
+                "unknown metric {:?}; known metrics: {}",
+                crate::bucket::clip(name),
                 METRICS
                     .iter()
                     .map(|d| d.name)
@@ -447,7 +454,9 @@ mod tests {
     #[test]
     fn metric_lists_parse_in_api_order_and_reject_unknown_names() {
         assert_eq!(parse_metric_list(None).unwrap().len(), 9);
-        assert_eq!(parse_metric_list(Some("")).unwrap().len(), 9);
+        assert!(parse_metric_list(Some("")).is_err());
+        assert!(parse_metric_list(Some("orders, net_sales")).is_err());
+        assert!(parse_metric_list(Some("orders,")).is_err());
         assert_eq!(
             parse_metric_list(Some("net_sales,orders,orders")).unwrap(),
             [Metric::Orders, Metric::NetSales]

@@ -730,6 +730,7 @@ fn main() {
             "info,deltalake=warn,datafusion=warn",
         ))
         .with_writer(std::sync::Mutex::new(sink))
+        .with_ansi(false)
         .compact()
         .init();
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -32,35 +33,38 @@ fn invalid(e: Error) -> ApiError {
     }
 }
 
+// The parameters are not listed here: `openapi::Generated` fills them in from
+// the parser's own rules (`tally_common::query`), so the two cannot drift apart.
 /// Time-series metrics of one merchant.
 #[utoipa::path(
     get,
     path = "/v1/merchants/{merchant_id}/metrics",
     tag = "metrics",
-    params(
-        ("merchant_id" = String, Path, description = "The merchant: 1-64 characters of [A-Za-z0-9_.:-]."),
-        ("from" = String, Query, description = "Range start, inclusive: RFC 3339, aligned to the granularity.", example = "2026-11-24T00:00:00Z"),
-        ("to" = String, Query, description = "Range end, exclusive: RFC 3339, aligned to the granularity; at most 31 days of hours or 366 days of days after `from`.", example = "2026-11-25T00:00:00Z"),
-        ("granularity" = Option<String>, Query, description = "`hour` (default) or `day` (UTC)."),
-        ("metrics" = Option<String>, Query, description = "Comma-separated metrics (default: all)."),
-    ),
     responses(
         (status = 200, description = "Every bucket of the range, in order.", body = MetricsResponse),
-        (status = 400, description = "Bad range, unknown metric, misaligned time or malformed merchant id.", body = ErrorBody),
-        (status = 401, description = "Missing, malformed, expired or wrongly signed token.", body = ErrorBody),
+        (status = 400, description = "Bad range (misaligned, backwards, too long or outside years 1970-9999), unknown metric, unsupported time zone, unknown or repeated query parameter, or malformed merchant id.", body = ErrorBody),
+        (status = 401, description = "Missing, malformed, expired (`exp`) or not yet valid (`nbf`) token, or a wrong signature; 30 s of leeway.", body = ErrorBody),
         (status = 403, description = "The token is for another merchant.", body = ErrorBody),
-        (status = 503, description = "The lake cannot be read right now.", body = ErrorBody),
+        (status = 404, description = "No such route (an empty merchant id).", body = ErrorBody),
+        (status = 503, description = "The lake cannot be read right now, or the RS256 signing keys could not be refreshed for too long.", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn metrics(
     State(state): State<AppState>,
-    Path(merchant): Path<String>,
+    merchant: Result<Path<String>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Json<MetricsResponse>, ApiError> {
     let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    state.inner.auth.authorize(authorization, &merchant).await?;
+    let claimed = merchant.as_ref().map_or("", |Path(m)| m.as_str());
+    state.inner.auth.authorize(authorization, claimed).await?;
+    // a path segment that does not decode is a JSON 400 like every other bad request
+    let Path(merchant) = merchant.map_err(|_| {
+        ApiError::BadRequest(
+            "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
+        )
+    })?;
     let MetricsRequest { range, metrics } =
         parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
 
@@ -179,7 +183,7 @@ pub(crate) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Re
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "The OpenAPI document of this API.")))]
+    responses((status = 200, description = "The OpenAPI document of this API.", content_type = "application/json")))]
 pub(crate) async fn openapi_json() -> Response {
     Json(crate::openapi::document()).into_response()
 }

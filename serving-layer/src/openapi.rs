@@ -1,15 +1,25 @@
 //! The API's OpenAPI document, generated from the code: the routes from their
 //! handlers' annotations, the bucket schema and the `metrics` parameter from the
-//! metric registry, so a new metric shows up in the document by itself.
+//! metric registry, so a new metric shows up in the document by itself, and the
+//! metrics endpoint's parameters from the request parser's own rules
+//! (`tally_common::query`: patterns, enums, years), so that a client generated
+//! from the document, or a schema-driven fuzzer, sends what the server accepts.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
+use serde_json::json;
+use tally_common::bucket::Granularity;
 use tally_common::metrics::{Metric, METRICS};
+use tally_common::query::{
+    FIRST_YEAR, INSTANT_PATTERN, LAST_YEAR, MERCHANT_ID_PATTERN, SUPPORTED_TIME_ZONES,
+};
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn, ParameterStyle};
 use utoipa::openapi::schema::{
     ArrayBuilder, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::Required;
 use utoipa::openapi::{KnownFormat, Ref, RefOr};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
@@ -47,30 +57,120 @@ impl Modify for Generated {
                         .scheme(HttpAuthScheme::Bearer)
                         .bearer_format("JWT")
                         .description(Some(
-                            "HS256 or RS256; `exp` required; the `merchant_id` claim must \
-                             equal the path's, or the `role` claim be `admin`",
+                            "A JWT, HS256 or RS256 (keys from the JWKS, refreshed every \
+                             `TALLY_JWKS_REFRESH_SECS`); `exp` required and `nbf` honoured, \
+                             with 30 s of leeway; NumericDates may have fractions. The \
+                             `merchant_id` claim must equal the path's, or the `role` claim \
+                             be `admin`.",
                         ))
                         .build(),
                 ),
             );
         }
-        let names: Vec<&str> = METRICS.iter().map(|d| d.name).collect();
         if let Some(op) = doc
             .paths
             .paths
             .get_mut(METRICS_PATH)
             .and_then(|p| p.get.as_mut())
         {
-            for p in op.parameters.iter_mut().flatten() {
-                if p.name == "metrics" {
-                    p.description = Some(format!(
-                        "Comma-separated metrics to return (default: all): {}",
-                        names.join(", ")
-                    ));
-                }
-            }
+            op.parameters = Some(metrics_parameters());
         }
     }
+}
+
+/// The metrics endpoint's parameters, from the rules `tally_common::query`
+/// enforces, so that what the document allows is what the parser accepts.
+fn metrics_parameters() -> Vec<Parameter> {
+    let instant = |name: &str, description: &str, example: &str| {
+        ParameterBuilder::new()
+            .name(name)
+            .parameter_in(ParameterIn::Query)
+            .required(Required::True)
+            .description(Some(format!(
+                "{description} RFC 3339 with a year from {FIRST_YEAR} to {LAST_YEAR}, an upper-case \
+                 `T`, and `Z` or a `±hh:mm` offset; aligned to the granularity (a whole UTC hour, \
+                 or a UTC midnight for `day`). `to` must be after `from`, by at most {} hours \
+                 or {} days. (Alignment and the range's length depend on more than one \
+                 parameter, which a schema cannot say; every other rule is in the schema.)",
+                Granularity::Hour.max_buckets(),
+                Granularity::Day.max_buckets(),
+            )))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+                    .pattern(Some(INSTANT_PATTERN)),
+            ))
+            .example(Some(json!(example)))
+            .build()
+    };
+    let names: Vec<&str> = METRICS.iter().map(|d| d.name).collect();
+    vec![
+        ParameterBuilder::new()
+            .name("merchant_id")
+            .parameter_in(ParameterIn::Path)
+            .required(Required::True)
+            .description(Some("The merchant: 1-64 characters of `[A-Za-z0-9_.:-]`."))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(64))
+                    .pattern(Some(MERCHANT_ID_PATTERN)),
+            ))
+            .example(Some(json!("m_42")))
+            .build(),
+        instant("from", "Range start, inclusive.", "2026-11-24T00:00:00Z"),
+        instant("to", "Range end, exclusive.", "2026-11-25T00:00:00Z"),
+        ParameterBuilder::new()
+            .name("granularity")
+            .parameter_in(ParameterIn::Query)
+            .required(Required::False)
+            .description(Some("Bucket size: UTC hours (default) or UTC days."))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(Granularity::ALL.map(|g| g.as_str())))
+                    .default(Some(json!(Granularity::Hour.as_str()))),
+            ))
+            .build(),
+        ParameterBuilder::new()
+            .name("metrics")
+            .parameter_in(ParameterIn::Query)
+            .required(Required::False)
+            .description(Some(format!(
+                "The metrics to return, comma-separated (default: all): {}. A name given \
+                 twice counts once; the response keeps API order.",
+                names.join(", ")
+            )))
+            .style(Some(ParameterStyle::Form))
+            .explode(Some(false))
+            .schema(Some(
+                ArrayBuilder::new()
+                    .items(
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .enum_values(Some(names.clone())),
+                    )
+                    .min_items(Some(1)),
+            ))
+            .build(),
+        ParameterBuilder::new()
+            .name("tz")
+            .parameter_in(ParameterIn::Query)
+            .required(Required::False)
+            .description(Some(
+                "Time zone of the buckets (default: the merchant's, UTC for every merchant \
+                 today). Only `UTC` is supported for now; any other zone is a 400 (`unknown \
+                 or unsupported time zone`).",
+            ))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(SUPPORTED_TIME_ZONES)),
+            ))
+            .build(),
+    ]
 }
 
 /// The OpenAPI document (built once).
@@ -165,7 +265,7 @@ impl PartialSchema for MetricsResponse {
             .required("merchant_id")
             .property(
                 "granularity",
-                string("Bucket size.").enum_values(Some(["hour", "day"])),
+                string("Bucket size.").enum_values(Some(Granularity::ALL.map(|g| g.as_str()))),
             )
             .required("granularity")
             .property("from", timestamp("Range start (inclusive)."))

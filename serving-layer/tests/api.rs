@@ -53,6 +53,15 @@ fn hs256(claims: Value) -> String {
     .unwrap()
 }
 
+/// An RS256 token signed with the test key in `tests/data/{pem}`, naming `kid`.
+fn rs256(pem: &str, kid: &str, claims: Value) -> String {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(data.join(pem)).unwrap()).unwrap();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    encode(&header, &claims, &key).unwrap()
+}
+
 fn merchant_token(m: &str) -> String {
     hs256(json!({"merchant_id": m, "exp": now_secs() + 600}))
 }
@@ -508,6 +517,7 @@ async fn tokens_are_checked_hs256_and_rs256() {
     let auth = Auth::from_args(&tally_common::config::AuthArgs {
         jwt_secret: Some(SECRET.into()),
         jwks: Some(data.join("test-jwks.json").to_str().unwrap().into()),
+        jwks_refresh_secs: 600,
     })
     .await
     .unwrap();
@@ -569,10 +579,237 @@ async fn tokens_are_checked_hs256_and_rs256() {
     let (s, b) = get(&app, &uri, Some(&rs)).await;
     assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
 
+    // `nbf` (30 s of leeway) and NumericDates with fractions, on both paths
+    let now = now_secs() as f64;
+    let timed = |exp: f64, nbf: Option<f64>| {
+        let mut c = json!({"merchant_id": "m_42", "exp": exp});
+        if let Some(nbf) = nbf {
+            c["nbf"] = json!(nbf);
+        }
+        [hs256(c.clone()), rs256("test-rsa-key.pem", "test-key", c)]
+    };
+    for token in timed(now + 7200.0, Some(now + 3600.0))
+        .into_iter()
+        .chain(timed(now + 7200.0, Some(now + 45.5)))
+        .chain(timed(now - 31.5, None))
+    {
+        let (s, b) = get(&app, &uri, Some(&token)).await;
+        assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let (s, b) = get(
+        &app,
+        &uri,
+        Some(&timed(now + 7200.0, Some(now + 3600.0))[0]),
+    )
+    .await;
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("nbf"),
+        "{s} {b}"
+    );
+    for token in timed(now + 600.5, None)
+        .into_iter()
+        .chain(timed(now + 600.5, Some(now + 10.25)))
+        .chain(timed(now + 600.0, Some(now - 3600.0)))
+        .chain(timed(now - 10.5, None))
+        .chain(timed(
+            1_798_625_942.5_f64.max(now + 600.5),
+            Some(1_700_000_000.5),
+        ))
+    {
+        let (s, b) = get(&app, &uri, Some(&token)).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    // a time claim that is not a number makes the token invalid, not unchecked
+    for claims in [
+        json!({"merchant_id": "m_42", "exp": now + 600.0, "nbf": "tomorrow"}),
+        json!({"merchant_id": "m_42", "exp": (now + 600.0).to_string()}),
+    ] {
+        let (s, b) = get(&app, &uri, Some(&hs256(claims))).await;
+        assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+
     // a server with no key configured refuses everything
     let (state, _) = fake_state(dir.path(), Auth::default()).await;
     let (s, b) = get(&router(state), &uri, Some(&merchant_token("m_42"))).await;
     assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+/// A key server for the tests: serves a JWKS that the test changes, with an
+/// optional `Cache-Control`, or a 500 while it is "down"; counts its fetches.
+#[derive(Clone, Default)]
+struct KeyServer {
+    state: Arc<std::sync::Mutex<(Value, Option<&'static str>, bool)>>,
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl KeyServer {
+    async fn start(keys: Value) -> (KeyServer, String) {
+        let server = KeyServer::default();
+        server.publish(keys);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().unwrap()
+        );
+        let app = Router::new()
+            .route(
+                "/.well-known/jwks.json",
+                axum::routing::get(
+                    |axum::extract::State(ks): axum::extract::State<KeyServer>| async move {
+                        ks.fetches.fetch_add(1, Ordering::SeqCst);
+                        let (keys, cache_control, down) = ks.state.lock().unwrap().clone();
+                        let mut response =
+                            axum::response::IntoResponse::into_response(axum::Json(keys));
+                        if down {
+                            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        if let Some(cc) = cache_control {
+                            response.headers_mut().insert(
+                                axum::http::header::CACHE_CONTROL,
+                                axum::http::HeaderValue::from_static(cc),
+                            );
+                        }
+                        response
+                    },
+                ),
+            )
+            .with_state(server.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (server, url)
+    }
+
+    fn publish(&self, keys: Value) {
+        self.state.lock().unwrap().0 = keys;
+    }
+
+    fn cache_control(&self, value: Option<&'static str>) {
+        self.state.lock().unwrap().1 = value;
+    }
+
+    fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().2 = down;
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+/// The key sets of the tests: `a` (kid `test-key`), `b` (kid `test-key-b`).
+fn key_set(a: bool, b: bool) -> Value {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let read = |f: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(data.join(f)).unwrap()).unwrap()
+    };
+    let mut keys = Vec::new();
+    if a {
+        keys.extend(read("test-jwks.json")["keys"].as_array().unwrap().clone());
+    }
+    if b {
+        keys.extend(read("test-jwks-b.json")["keys"].as_array().unwrap().clone());
+    }
+    json!({ "keys": keys })
+}
+
+/// A key removed from the JWKS stops working within the refresh period (or the
+/// server's shorter `max-age`), whether the set comes from a URL or a file; a
+/// refresh failure keeps the last good set for a while, then RS256 requests are
+/// 503 until the key server is back; unknown `kid`s do not hammer the key server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_from_the_jwks_stops_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = tally_common::bucket::parse_ts("2026-11-24T00:00:00Z").unwrap();
+    let uri = metrics_uri("m_42", d, d + MICROS_PER_HOUR, "hour");
+    let claims = || json!({"merchant_id": "m_42", "exp": now_secs() + 600});
+    let token_a = || rs256("test-rsa-key.pem", "test-key", claims());
+    let token_b = || rs256("test-rsa-key-b.pem", "test-key-b", claims());
+    let app_for = |jwks: String, refresh: u64| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let auth = Auth::from_args(&tally_common::config::AuthArgs {
+                jwt_secret: None,
+                jwks: Some(jwks),
+                jwks_refresh_secs: refresh,
+            })
+            .await
+            .unwrap();
+            router(fake_state(&dir, auth).await.0)
+        }
+    };
+    let status = |app: Router, token: String| {
+        let uri = uri.clone();
+        async move { get(&app, &uri, Some(&token)).await }
+    };
+
+    // by URL, refreshed every second
+    let (keys, url) = KeyServer::start(key_set(true, false)).await;
+    let app = app_for(url.clone(), 1).await;
+    assert_eq!(status(app.clone(), token_a()).await.0, StatusCode::OK);
+    let (s, b) = status(app.clone(), token_b()).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    // A revoked, B published: within the period A is refused and B accepted
+    keys.publish(key_set(false, true));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, b) = status(app.clone(), token_a()).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(status(app.clone(), token_b()).await.0, StatusCode::OK);
+
+    // the key server fails: the last good set is kept...
+    keys.set_down(true);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fetched = keys.fetches();
+    assert_eq!(status(app.clone(), token_b()).await.0, StatusCode::OK);
+    assert_eq!(keys.fetches(), fetched + 1, "the refresh was tried");
+    // ...for JWKS_STALE_PERIODS periods, then the server cannot vouch for it any more
+    let stale = Duration::from_secs(u64::from(tally_serving_layer::auth::JWKS_STALE_PERIODS));
+    tokio::time::sleep(stale).await;
+    let (s, b) = status(app.clone(), token_b()).await;
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("JWKS"),
+        "{b}"
+    );
+    // the key server is back: so are RS256 requests
+    keys.set_down(false);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(status(app.clone(), token_b()).await.0, StatusCode::OK);
+
+    // a long refresh period, but the server says max-age=1: refreshed within a second
+    keys.publish(key_set(true, true));
+    keys.cache_control(Some("public, max-age=1"));
+    let app = app_for(url.clone(), 600).await;
+    assert_eq!(status(app.clone(), token_a()).await.0, StatusCode::OK);
+    keys.publish(key_set(false, true));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, b) = status(app.clone(), token_a()).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(status(app.clone(), token_b()).await.0, StatusCode::OK);
+
+    // a long period and no max-age: forged kids cost no fetch within the rate limit
+    keys.cache_control(None);
+    let app = app_for(url.clone(), 600).await;
+    let fetched = keys.fetches();
+    for i in 0..20 {
+        let forged = rs256("test-rsa-key.pem", &format!("forged-{i}"), claims());
+        let (s, b) = status(app.clone(), forged).await;
+        assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    assert_eq!(
+        keys.fetches(),
+        fetched,
+        "unknown kids refetched the key set"
+    );
+
+    // a file is read again on the same schedule
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, key_set(true, false).to_string()).unwrap();
+    let app = app_for(file.to_str().unwrap().into(), 1).await;
+    assert_eq!(status(app.clone(), token_a()).await.0, StatusCode::OK);
+    std::fs::write(&file, key_set(false, true).to_string()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, b) = status(app.clone(), token_a()).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(status(app.clone(), token_b()).await.0, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,6 +831,17 @@ async fn bad_requests_are_400_with_json_errors() {
         "from=yesterday&to=2026-11-24T03:00:00Z",
         "to=2026-11-24T03:00:00Z",
         "",
+        // unknown parameters and zones are refused, not ignored
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&tz=Europe/Paris",
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&timezone=UTC",
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&granularity=",
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&metrics=",
+        // far from now, either way
+        "from=1600-01-01T00:00:00Z&to=1600-01-02T00:00:00Z&granularity=day",
+        "from=9999-12-31T23:00:00Z&to=10000-01-01T00:00:00Z",
+        "from=%2B275760-09-13T00:00:00Z&to=%2B275760-09-13T01:00:00Z",
+        "from=-9223372036854775808&to=9223372036854775807",
+        "from=1970-01-01T00:00:00Z&to=9999-12-31T00:00:00Z&granularity=day",
     ] {
         let (s, b) = get(&app, &format!("{base}?{query}"), Some(&token)).await;
         assert_error(s, &b, StatusCode::BAD_REQUEST, "bad_request");
@@ -608,6 +856,41 @@ async fn bad_requests_are_400_with_json_errors() {
         b["error"]["message"].as_str().unwrap().contains("revenue"),
         "{s} {b}"
     );
+    for (query, says) in [
+        ("tz=Europe/Paris", "unknown or unsupported time zone"),
+        ("tz=UTC&verbose=1", "unknown query parameter"),
+    ] {
+        let uri = format!("{base}?from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&{query}");
+        let (s, b) = get(&app, &uri, Some(&token)).await;
+        assert_error(s, &b, StatusCode::BAD_REQUEST, "bad_request");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains(says),
+            "{b}"
+        );
+    }
+    let (s, b) = get(
+        &app,
+        &format!("{base}?from=1600-01-01T00:00:00Z&to=1600-01-02T00:00:00Z&granularity=day"),
+        Some(&token),
+    )
+    .await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "bad_request");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1970 to 9999"),
+        "{b}"
+    );
+    // tz=UTC is the one zone there is; the ends of the years served answer
+    for query in [
+        "from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z&tz=UTC",
+        "from=1970-01-01T00:00:00Z&to=1970-01-02T00:00:00Z&granularity=day",
+        "from=9999-12-31T00:00:00Z&to=9999-12-31T23:00:00Z",
+    ] {
+        let (s, b) = get(&app, &format!("{base}?{query}"), Some(&token)).await;
+        assert_eq!(s, StatusCode::OK, "{query}: {b}");
+    }
     // a malformed merchant id is a 400 for an admin (anyone else gets 403 first)
     let uri = "/v1/merchants/m%20x/metrics?from=2026-11-24T00:00:00Z&to=2026-11-24T03:00:00Z";
     let (s, b) = get(&app, uri, Some(&admin_token())).await;
@@ -681,10 +964,43 @@ async fn health_ready_and_the_openapi_document() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    for p in ["merchant_id", "from", "to", "granularity", "metrics"] {
+    for p in ["merchant_id", "from", "to", "granularity", "metrics", "tz"] {
         assert!(params.contains(&p), "{params:?}");
     }
-    for status in ["200", "400", "401", "403", "503"] {
+    // every constraint of the parser, as the parser states it
+    let param = |name: &str| {
+        op["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    use tally_common::query::{INSTANT_PATTERN, MERCHANT_ID_PATTERN};
+    assert_eq!(
+        param("merchant_id")["schema"]["pattern"],
+        MERCHANT_ID_PATTERN
+    );
+    for p in ["from", "to"] {
+        assert_eq!(param(p)["required"], true);
+        assert_eq!(param(p)["schema"]["format"], "date-time");
+        assert_eq!(param(p)["schema"]["pattern"], INSTANT_PATTERN);
+    }
+    assert_eq!(
+        param("granularity")["schema"]["enum"],
+        json!(["hour", "day"])
+    );
+    assert_eq!(param("tz")["schema"]["enum"], json!(["UTC"]));
+    let metrics = param("metrics");
+    assert_eq!(
+        (&metrics["style"], &metrics["explode"]),
+        (&json!("form"), &json!(false))
+    );
+    let names: Vec<&str> = METRICS.iter().map(|d| d.name).collect();
+    assert_eq!(metrics["schema"]["items"]["enum"], json!(names));
+    assert_eq!(metrics["schema"]["minItems"], 1);
+    for status in ["200", "400", "401", "403", "404", "503"] {
         assert!(op["responses"][status].is_object(), "no {status}");
     }
     let bucket = &doc["components"]["schemas"]["Bucket"]["properties"];
