@@ -349,12 +349,10 @@ fn order_line(id: &str, merchant: &str, ts_ms: i64) -> String {
     format!("{{\"event_id\":\"{id}\",\"merchant_id\":\"{merchant}\",\"type\":\"order\",\"ts\":{ts_ms},\"amount\":100}}\n")
 }
 
-/// `tally ingest` with extra arguments and environment; returns stdout.
-fn ingest_with(lake: &Path, file: &Path, args: &[&str], env: &[(&str, String)]) -> String {
+/// `tally ARGS` with extra environment, which must succeed; returns stdout.
+fn run_with(lake: &Path, args: &[&std::ffi::OsStr], env: &[(&str, String)]) -> String {
     let out = tally(lake)
-        .arg("ingest")
         .args(args)
-        .arg(file)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .unwrap();
@@ -364,6 +362,14 @@ fn ingest_with(lake: &Path, file: &Path, args: &[&str], env: &[(&str, String)]) 
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `tally ingest` with extra arguments and environment; returns stdout.
+fn ingest_with(lake: &Path, file: &Path, args: &[&str], env: &[(&str, String)]) -> String {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["ingest".as_ref()];
+    all.extend(args.iter().map(|a| std::ffi::OsStr::new(a)));
+    all.push(file.as_os_str());
+    run_with(lake, &all, env)
 }
 
 /// An admin token and a serve process on `lake` with `env`; returns (child, addr, token).
@@ -515,16 +521,11 @@ fn a_speed_view_that_lost_its_data_is_never_a_silent_zero() {
     assert!(b["buckets"][0]["orders"].is_null(), "{b}");
 
     // an idle source's boundary waits for the settle time: the gap stays unknown
-    let out = tally(&lake)
-        .args(["speed", "rebuild", "--wait-secs", "0"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rebuild = |args: &[&str]| {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        run_with(&lake, &args, &env)
+    };
+    rebuild(&["speed", "rebuild", "--wait-secs", "0"]);
     assert!(current_hour(&addr, &token, "m_lost")["buckets"][0]["orders"].is_null());
 
     // another file's lines arrive (the first file is not read again: only the
@@ -532,29 +533,14 @@ fn a_speed_view_that_lost_its_data_is_never_a_silent_zero() {
     let later = dir.path().join("later.ndjson");
     std::fs::write(&later, lines[20..].concat()).unwrap();
     ingest_with(&lake, &later, &[], &env);
-    let out = tally(&lake)
-        .args(["speed", "rebuild", "--rebuild-settle-secs", "0"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = rebuild(&["speed", "rebuild", "--rebuild-settle-secs", "0"]);
     assert!(stdout.contains("20 events"), "{stdout}");
     assert!(stdout.contains("the view is whole"), "{stdout}");
     let b = current_hour(&addr, &token, "m_lost");
     assert_eq!(b["buckets"][0]["orders"], 25, "{b}");
     assert_eq!(b["partial"], false, "{b}");
     // a second rebuild changes nothing
-    let out = tally(&lake)
-        .args(["speed", "rebuild", "--rebuild-settle-secs", "0"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("whole already"));
+    assert!(rebuild(&["speed", "rebuild", "--rebuild-settle-secs", "0"]).contains("whole already"));
     let b = current_hour(&addr, &token, "m_lost");
     sigterm(&mut server);
     assert_eq!(b["buckets"][0]["orders"], 25, "{b}");
