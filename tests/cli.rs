@@ -367,7 +367,7 @@ fn run_with(lake: &Path, args: &[&std::ffi::OsStr], env: &[(&str, String)]) -> S
 /// `tally ingest` with extra arguments and environment; returns stdout.
 fn ingest_with(lake: &Path, file: &Path, args: &[&str], env: &[(&str, String)]) -> String {
     let mut all: Vec<&std::ffi::OsStr> = vec!["ingest".as_ref()];
-    all.extend(args.iter().map(|a| std::ffi::OsStr::new(a)));
+    all.extend(args.iter().map(std::ffi::OsStr::new));
     all.push(file.as_os_str());
     run_with(lake, &all, env)
 }
