@@ -4,7 +4,6 @@
 mod archive;
 mod batch;
 mod demo;
-mod gen;
 mod ingest;
 mod lambda;
 mod serve;
@@ -16,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tally_common::config::{KinesisArgs, LakeArgs, SpeedArgs};
 use tally_common::shutdown;
+use tally_gen as gen;
 
 /// Merchant analytics as a Lambda architecture on object storage.
 #[derive(Debug, Parser)]

@@ -31,3 +31,13 @@ pub use event::{Event, EventType};
 /// Re-exports of delta-rs and its DataFusion/Arrow so every crate builds one copy.
 #[cfg(feature = "lake")]
 pub use deltalake;
+
+/// This crate's directory when its tests run: `CARGO_MANIFEST_DIR` as cargo sets
+/// it at run time (a shared target directory may hold tests compiled in another
+/// checkout), else as it was at compile time.
+#[cfg(test)]
+fn test_crate_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}

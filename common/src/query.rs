@@ -341,8 +341,7 @@ mod tests {
     /// not a panic, and what is accepted must be a valid range of the years served.
     #[test]
     fn fuzz_regressions() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/regressions/metrics_query");
+        let dir = crate::test_crate_dir().join("../fuzz/regressions/metrics_query");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let data = std::fs::read(entry.path()).unwrap();

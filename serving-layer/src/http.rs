@@ -22,10 +22,6 @@ use crate::error::{ApiError, ErrorBody};
 use crate::merge::{MetricsResponse, Plan};
 use crate::AppState;
 
-/// How far ahead of now an event may be stamped (the decoder's rule), so the
-/// newest hour the speed view can hold data for.
-const FUTURE_ALLOWANCE_MICROS: i64 = 5 * 60 * 1_000_000;
-
 fn invalid(e: Error) -> ApiError {
     match e {
         Error::Invalid(msg) => ApiError::BadRequest(msg),
@@ -71,7 +67,9 @@ pub(crate) async fn metrics(
     let snapshot = state.inner.batch.snapshot().ok_or_else(|| {
         ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())
     })?;
-    let horizon = hour_floor(now_micros() + FUTURE_ALLOWANCE_MICROS);
+    // the newest hour the speed view can hold data for: events may be stamped
+    // up to the decoder's allowance ahead of now
+    let horizon = hour_floor(now_micros() + tally_common::decode::MAX_FUTURE_MICROS);
     let plan = Plan::new(range, snapshot.watermark(), horizon);
 
     let batch = async {

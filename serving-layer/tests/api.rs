@@ -55,7 +55,7 @@ fn hs256(claims: Value) -> String {
 
 /// An RS256 token signed with the test key in `tests/data/{pem}`, naming `kid`.
 fn rs256(pem: &str, kid: &str, claims: Value) -> String {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let data = tally_testkit::crate_dir().join("tests/data");
     let key = EncodingKey::from_rsa_pem(&std::fs::read(data.join(pem)).unwrap()).unwrap();
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.into());
@@ -512,7 +512,7 @@ async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked_hs256_and_rs256() {
     let dir = tempfile::tempdir().unwrap();
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let data = tally_testkit::crate_dir().join("tests/data");
     // a JWKS from a file, as TALLY_JWKS names it
     let auth = Auth::from_args(&tally_common::config::AuthArgs {
         jwt_secret: Some(SECRET.into()),
@@ -697,7 +697,7 @@ impl KeyServer {
 
 /// The key sets of the tests: `a` (kid `test-key`), `b` (kid `test-key-b`).
 fn key_set(a: bool, b: bool) -> Value {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let data = tally_testkit::crate_dir().join("tests/data");
     let read = |f: &str| -> Value {
         serde_json::from_slice(&std::fs::read(data.join(f)).unwrap()).unwrap()
     };

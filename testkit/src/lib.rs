@@ -344,14 +344,30 @@ pub fn cpu_secs_children() -> f64 {
     tv(r.ru_utime) + tv(r.ru_stime)
 }
 
-/// The workspace root (for finding scripts and the built binary).
-pub fn workspace_root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
+/// The directory of the crate under test: `CARGO_MANIFEST_DIR` as cargo sets it
+/// when it runs a test or benchmark, not as it was when the test was compiled
+/// (a target directory shared between checkouts, as CI's cache is, may hold a
+/// test built from another path).
+pub fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
-/// A small deterministic event generator for tests (the product's own generator is
-/// `tally gen`; tests use this one so an expected answer never comes from the code under test).
+/// The workspace root (for finding scripts and the built binary): the nearest
+/// directory at or above [`crate_dir`] whose `Cargo.toml` declares `[workspace]`.
+pub fn workspace_root() -> PathBuf {
+    let start = crate_dir();
+    start
+        .ancestors()
+        .find(|d| {
+            std::fs::read_to_string(d.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
+        })
+        .map_or(start.clone(), Path::to_path_buf)
+}
+
+/// Zipf-skewed NDJSON records for the benchmarks (drawn with the generator's
+/// random source; expected answers always come from the records themselves).
 pub mod zipf;
 
 pub mod events {

@@ -325,7 +325,7 @@ proptest! {
 /// every non-blank line is accepted or rejected, none panics.
 #[test]
 fn fuzz_regressions() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/decode");
+    let dir = crate::test_crate_dir().join("../fuzz/regressions/decode");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let data = std::fs::read(entry.path()).unwrap();

@@ -1,8 +1,13 @@
-//! `tally gen`: seeded, byte-for-byte reproducible synthetic events as NDJSON
+//! tally's event generator (`tally gen`, `tally demo`'s history and live feed,
+//! the tests): seeded, byte-for-byte reproducible synthetic events as NDJSON
 //! (Zipf-skewed merchants, a daily rhythm, an order/refund/page-view mix,
 //! returning customers, and shares of late, duplicate and malformed lines).
 //! [`Generator`] is the line iterator (a Kinesis producer drives it itself,
 //! pacing with [`Generator::due`]); [`run`] writes it to stdout or a file.
+//! [`random`] holds its random source and Zipf sampler, which the benchmarks'
+//! record builders (`tally-testkit`) share.
+
+pub mod random;
 
 use std::f64::consts::{FRAC_PI_2, TAU};
 use std::fmt::Write as _;
@@ -13,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use tally_common::decode::MAX_FUTURE_MICROS;
+
+pub use random::{Rng, Zipf};
 
 const MS_PER_HOUR: i64 = 3_600_000;
 const MS_PER_DAY: i64 = 24 * MS_PER_HOUR;
@@ -22,7 +30,7 @@ const DIURNAL_AMPLITUDE: f64 = 0.6;
 /// Second of the UTC day where the rate peaks (17:30); the trough is 12 h away (05:30).
 const DIURNAL_PEAK_SOD: f64 = 17.5 * 3600.0;
 /// How far ahead of the clock an event may be before the decoder rejects it.
-const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
+const MAX_FUTURE_MS: i64 = MAX_FUTURE_MICROS / 1000;
 /// How far in the future a deliberate "future timestamp" line is (100 years).
 const FUTURE_FLAW_MS: i64 = 36_525 * MS_PER_DAY;
 const CUSTOMER_SHARE: f64 = 0.8;
@@ -170,82 +178,6 @@ const FLAWS: [Flaw; 4] = [
     Flaw::BadMerchant,
     Flaw::FutureTs,
 ];
-
-/// xoshiro256** seeded through SplitMix64. Its output is fixed forever, so a
-/// seed means the same bytes across dependency upgrades (`rand`'s `StdRng`
-/// makes no such promise).
-struct Rng([u64; 4]);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        let mut z = seed;
-        Rng(std::array::from_fn(|_| {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let x = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            let x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            x ^ (x >> 31)
-        }))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.0;
-        let out = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        out
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform in 0..n.
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.unit();
-        let u2 = self.unit();
-        (-2.0 * u1.ln()).sqrt() * (TAU * u2).cos()
-    }
-}
-
-/// Zipf over ranks 0..n: the CDF, searched with a uniform draw.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize, exponent: f64) -> Self {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=n)
-            .map(|k| {
-                acc += (k as f64).powf(-exponent);
-                acc
-            })
-            .collect();
-        cdf.iter_mut().for_each(|c| *c /= acc);
-        if let Some(last) = cdf.last_mut() {
-            *last = 1.0;
-        }
-        Zipf { cdf }
-    }
-
-    fn sample(&self, rng: &mut Rng) -> usize {
-        let u = rng.unit();
-        self.cdf
-            .partition_point(|&c| c <= u)
-            .min(self.cdf.len() - 1)
-    }
-}
 
 /// The daily curve r(t) = 1 + A sin(θ(t)) with mean 1, over seconds t since
 /// the start, and its integral Λ ("operational time").
@@ -771,15 +703,15 @@ mod tests {
         let zipf = Zipf::new(5_000, 1.1);
         let top = share(&|e| e.merchant_id == "m_1");
         assert!(
-            (top - zipf.cdf[0]).abs() < 0.005,
+            (top - zipf.cdf(0)).abs() < 0.005,
             "top merchant {top} vs {}",
-            zipf.cdf[0]
+            zipf.cdf(0)
         );
         let top10 = share(&|e| e.merchant_id[2..].parse::<u32>().unwrap() <= 10);
         assert!(
-            (top10 - zipf.cdf[9]).abs() < 0.01,
+            (top10 - zipf.cdf(9)).abs() < 0.01,
             "top 10 {top10} vs {}",
-            zipf.cdf[9]
+            zipf.cdf(9)
         );
         let mut per_merchant: HashMap<&str, u64> = HashMap::new();
         for e in &events {
