@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Build `tally` for AWS Lambda's custom runtime (provided.al2023) and zip it as
-# `bootstrap` once per function, where infra/terraform expects it:
+# `bootstrap` into one package, where infra/terraform expects it:
 #
-#   dist/lambda/speed.zip  dist/lambda/archiver.zip  dist/lambda/batch.zip  dist/lambda/api.zip
+#   dist/lambda/tally.zip
 #
-# All four hold the same binary; Lambda sets _HANDLER from each function's
-# handler setting (speed, archiver, batch, api) and the binary runs that part.
+# All four functions run this one package: Lambda sets _HANDLER from each
+# function's handler setting (speed, archiver, batch, api) and the binary runs
+# that part. The zip (~60 MB) is over the 50 MB Lambda takes in a direct
+# upload, so infra/terraform uploads it once to its artifacts bucket and the
+# four functions load their code from there (s3_bucket/s3_key/
+# s3_object_version); through S3 the limit is 250 MB unzipped, which this
+# script checks.
 #
 # Environment:
 #   TARGET    Rust target triple (default aarch64-unknown-linux-gnu, Graviton;
 #             x86_64-unknown-linux-gnu for lambda_architecture = "x86_64").
-#   DIST_DIR  where the zips go (default <repo>/dist/lambda).
+#   DIST_DIR  where tally.zip goes (default <repo>/dist/lambda; Terraform's
+#             lambda_dist_dir).
 #   BINARY    package this already built binary instead of building (for a CI
 #             artifact); it must be for TARGET's architecture.
 #   STRIP     1 (default): strip the packaged copy's debug info and symbols
@@ -34,8 +40,12 @@ set -euo pipefail
 
 readonly FUNCTIONS=(speed archiver batch api)
 readonly AL2023_GLIBC="2.34"
+# Lambda's limit on a zip uploaded directly (CreateFunction/UpdateFunctionCode
+# with ZipFile, `aws lambda update-function-code --zip-file`): 50 MB. Only
+# reported: infra/terraform does not upload directly, it stages the zip in S3.
 readonly LAMBDA_DIRECT_UPLOAD_LIMIT=$((50 * 1024 * 1024))
-# Lambda's limit on a function's unzipped code (with its layers): 250 MB.
+# Lambda's limit on a function's unzipped code (with its layers): 250 MB,
+# whichever way the zip arrives.
 readonly LAMBDA_UNZIPPED_LIMIT=$((250 * 1024 * 1024))
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -167,8 +177,8 @@ if ((unzipped > LAMBDA_UNZIPPED_LIMIT)); then
 fi
 
 # A fixed timestamp makes the zip a function of the binary alone, so an
-# unchanged binary gives an unchanged source_code_hash and Terraform publishes
-# no new version.
+# unchanged binary gives an unchanged hash: Terraform uploads nothing and
+# publishes no new version.
 touch -t 198001010000 "${stage}/bootstrap"
 
 # --- zip -----------------------------------------------------------------------------
@@ -194,18 +204,24 @@ PY
   fi
 }
 
-first_zip="${dist_dir}/${FUNCTIONS[0]}.zip"
-make_zip "${first_zip}"
-for fn in "${FUNCTIONS[@]:1}"; do
-  cp "${first_zip}" "${dist_dir}/${fn}.zip"
+package="${dist_dir}/tally.zip"
+make_zip "${package}"
+
+# Earlier versions of this script wrote one copy per function; Terraform no
+# longer reads them, and left behind they would hold an old binary.
+for fn in "${FUNCTIONS[@]}"; do
+  if [[ -f "${dist_dir}/${fn}.zip" ]]; then
+    rm -f "${dist_dir}/${fn}.zip"
+    log "removed ${dist_dir}/${fn}.zip (per-function copies are gone: all four functions use tally.zip)"
+  fi
 done
 
-size="$(wc -c <"${first_zip}" | tr -d ' ')"
-for fn in "${FUNCTIONS[@]}"; do
-  log "wrote ${dist_dir}/${fn}.zip (${size} bytes, handler ${fn})"
-done
+size="$(wc -c <"${package}" | tr -d ' ')"
+log "wrote ${package} (${size} bytes; handlers ${FUNCTIONS[*]})"
 log "bootstrap unzipped: ${unzipped} bytes (Lambda's limit: ${LAMBDA_UNZIPPED_LIMIT})"
 if ((size > LAMBDA_DIRECT_UPLOAD_LIMIT)); then
-  log "warning: ${size} bytes zipped is over the 50 MB that Lambda takes in a direct upload (infra/terraform uploads each zip directly)"
+  log "${size} bytes zipped is over the ${LAMBDA_DIRECT_UPLOAD_LIMIT} (50 MB) that Lambda takes in a direct upload; that is fine: infra/terraform uploads it to the artifacts bucket and the functions load it from S3"
+else
+  log "infra/terraform uploads it to the artifacts bucket and the functions load it from S3"
 fi
 log "set lambda_architecture = \"${lambda_arch}\" in Terraform to match TARGET ${target}"

@@ -1,7 +1,8 @@
 # Two customer managed keys:
 #   data - everything that holds events or secrets: the lake bucket, the
 #          stream, the on-failure queues, the Redis AUTH secret, Redis at
-#          rest, the functions' environment, Step Functions and the schedules.
+#          rest, the functions' environment, Step Functions and the schedules;
+#          and the artifacts bucket (the functions' code package).
 #   ops  - operational telemetry: CloudWatch log groups and the alarm topic.
 # Separate keys keep the two audiences apart: people who may read logs need
 # not be able to decrypt the lake, and the services that write logs and

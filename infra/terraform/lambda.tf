@@ -1,9 +1,16 @@
 # The four functions. They are one binary, `tally`, packaged as `bootstrap`
-# in dist/lambda/<name>.zip by scripts/package-lambdas.sh; the custom runtime
+# in dist/lambda/tally.zip by scripts/package-lambdas.sh; the custom runtime
 # passes the function's handler setting in _HANDLER, and the binary runs the
 # part of tally that names: speed, archiver, batch or api.
 #
-# Every apply that changes a zip publishes a new version; the `live` alias is
+# The zip (~60 MB) is over the 50 MB Lambda takes in a direct upload
+# (`filename`), so Terraform puts it in the artifacts bucket (s3.tf) and the
+# functions take their code from there (S3 allows up to 250 MB unzipped).
+# All four functions run the same bytes, so there is one object, uploaded
+# once per change, not four copies of it: one 60 MB upload per apply that
+# changes the binary instead of four.
+#
+# Every apply that changes the zip publishes a new version; the `live` alias is
 # what the event source mappings, the schedules, the state machine and API
 # Gateway invoke. Terraform creates the alias on the first version and then
 # leaves it alone: CodeDeploy (deploy.tf) shifts it to a new version
@@ -11,6 +18,13 @@
 
 locals {
   dist_dir = coalesce(var.lambda_dist_dir, "${path.module}/../../dist/lambda")
+
+  # The one package of all four functions. Its hash is taken only when it
+  # exists, so that a plan without it stops at the precondition on
+  # aws_s3_object.lambda_code (which says what to run) rather than at an
+  # error of filebase64sha256.
+  lambda_zip        = "${local.dist_dir}/tally.zip"
+  lambda_zip_sha256 = fileexists(local.lambda_zip) ? filebase64sha256(local.lambda_zip) : null
 
   functions = {
     speed = {
@@ -87,8 +101,40 @@ resource "aws_cloudwatch_log_group" "fn" {
   kms_key_id        = aws_kms_key.ops.arn
 }
 
+# The package in the artifacts bucket, under a fixed key: a changed zip
+# changes source_hash, Terraform uploads it again as a new object version, and
+# the new version_id updates the functions' code (s3_object_version) and
+# publishes a version of each. Old object versions expire (s3.tf); a published
+# Lambda version keeps its own copy of the code.
+resource "aws_s3_object" "lambda_code" {
+  bucket       = aws_s3_bucket.artifacts.id
+  key          = "lambda/tally.zip"
+  source       = local.lambda_zip
+  source_hash  = local.lambda_zip_sha256
+  content_type = "application/zip"
+
+  server_side_encryption = "aws:kms"
+  kms_key_id             = aws_kms_key.data.arn
+  bucket_key_enabled     = true
+
+  lifecycle {
+    precondition {
+      condition     = fileexists(local.lambda_zip)
+      error_message = "${local.lambda_zip} is missing: run scripts/package-lambdas.sh first (or set lambda_dist_dir)."
+    }
+  }
+
+  # version_id exists only once versioning is on; the bucket policy and the
+  # default encryption are in place before the first object.
+  depends_on = [
+    aws_s3_bucket_versioning.artifacts,
+    aws_s3_bucket_server_side_encryption_configuration.artifacts,
+    aws_s3_bucket_policy.artifacts,
+  ]
+}
+
 resource "aws_lambda_function" "fn" {
-  #checkov:skip=CKV_AWS_272:Code signing needs an AWS Signer job over an S3-staged artifact; the zips are built from this repository by scripts/package-lambdas.sh and uploaded by this module directly, and the live alias only moves to a new version through CodeDeploy with alarm rollback. Add aws_lambda_code_signing_config when the release pipeline signs artifacts.
+  #checkov:skip=CKV_AWS_272:Code signing needs an AWS Signer job and a signed copy of the artifact; the zip is built from this repository by scripts/package-lambdas.sh and staged in the artifacts bucket by this module, and the live alias only moves to a new version through CodeDeploy with alarm rollback. Add aws_lambda_code_signing_config when the release pipeline signs artifacts.
   for_each = local.functions
 
   function_name = local.function_names[each.key]
@@ -99,9 +145,11 @@ resource "aws_lambda_function" "fn" {
   handler       = each.key
   architectures = [var.lambda_architecture]
 
-  filename         = "${local.dist_dir}/${each.key}.zip"
-  source_code_hash = fileexists("${local.dist_dir}/${each.key}.zip") ? filebase64sha256("${local.dist_dir}/${each.key}.zip") : null
-  publish          = true
+  s3_bucket         = aws_s3_object.lambda_code.bucket
+  s3_key            = aws_s3_object.lambda_code.key
+  s3_object_version = aws_s3_object.lambda_code.version_id
+  source_code_hash  = local.lambda_zip_sha256
+  publish           = true
 
   memory_size                    = var.lambda_memory_mb[each.key]
   timeout                        = var.lambda_timeout_seconds[each.key]
@@ -142,10 +190,6 @@ resource "aws_lambda_function" "fn" {
   }
 
   lifecycle {
-    precondition {
-      condition     = fileexists("${local.dist_dir}/${each.key}.zip")
-      error_message = "${local.dist_dir}/${each.key}.zip is missing: run scripts/package-lambdas.sh first (or set lambda_dist_dir)."
-    }
     precondition {
       condition     = each.key != "batch" || var.lambda_timeout_seconds[each.key] >= local.speed_rebuild_max_seconds
       error_message = "lambda_timeout_seconds.batch (${var.lambda_timeout_seconds[each.key]}) must be at least ${local.speed_rebuild_max_seconds}: a speed_rebuild invocation takes up to speed_rebuild_settle_seconds (${local.speed_rebuild_settle_seconds}) + 45 s, plus a 60 s margin."

@@ -24,8 +24,22 @@ output "lake_uri" {
 }
 
 output "access_log_bucket" {
-  description = "Bucket receiving the lake's S3 server access logs."
+  description = "Bucket receiving the S3 server access logs of the lake and artifacts buckets."
   value       = aws_s3_bucket.access_logs.bucket
+}
+
+output "artifacts_bucket" {
+  description = "Bucket holding the functions' code package (uploaded by Terraform from dist/lambda/tally.zip)."
+  value       = aws_s3_bucket.artifacts.bucket
+}
+
+output "lambda_code" {
+  description = "Where the four functions' code comes from: S3 URI and object version of the package, and its base64 SHA-256 (= each function's CodeSha256)."
+  value = {
+    uri     = "s3://${aws_s3_object.lambda_code.bucket}/${aws_s3_object.lambda_code.key}"
+    version = aws_s3_object.lambda_code.version_id
+    sha256  = local.lambda_zip_sha256
+  }
 }
 
 output "redis_endpoint" {

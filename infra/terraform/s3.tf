@@ -1,12 +1,15 @@
 # The lake bucket: the Delta tables raw_events, quarantine, metrics_hourly and
 # metrics_daily under s3://<bucket>/<lake_prefix>/. Delta commits use S3
 # conditional writes (If-None-Match on the next _delta_log entry), so no lock
-# table is needed. Plus a bucket that receives the lake's server access logs.
+# table is needed. Plus a bucket that receives the server access logs of the
+# lake and of the artifacts bucket, and the artifacts bucket: the functions'
+# code package, which is too large for a direct upload to Lambda (lambda.tf).
 
 locals {
-  lake_bucket_name = coalesce(var.lake_bucket_name, "${var.name}-lake-${local.account_id}-${local.region}")
-  lake_uri         = "s3://${aws_s3_bucket.lake.bucket}/${var.lake_prefix}"
-  lake_tables      = ["raw_events", "quarantine", "metrics_hourly", "metrics_daily"]
+  lake_bucket_name      = coalesce(var.lake_bucket_name, "${var.name}-lake-${local.account_id}-${local.region}")
+  artifacts_bucket_name = "${var.name}-artifacts-${local.account_id}-${local.region}"
+  lake_uri              = "s3://${aws_s3_bucket.lake.bucket}/${var.lake_prefix}"
+  lake_tables           = ["raw_events", "quarantine", "metrics_hourly", "metrics_daily"]
 }
 
 resource "aws_s3_bucket" "lake" {
@@ -202,13 +205,13 @@ resource "aws_s3_bucket_policy" "access_logs" {
     Version = "2012-10-17"
     Statement = [
       {
-        Sid       = "S3ServerAccessLogsFromTheLake"
+        Sid       = "S3ServerAccessLogsFromTheLakeAndArtifacts"
         Effect    = "Allow"
         Principal = { Service = "logging.s3.amazonaws.com" }
         Action    = "s3:PutObject"
         Resource  = "${aws_s3_bucket.access_logs.arn}/s3-access/*"
         Condition = {
-          ArnLike      = { "aws:SourceArn" = aws_s3_bucket.lake.arn }
+          ArnLike      = { "aws:SourceArn" = [aws_s3_bucket.lake.arn, aws_s3_bucket.artifacts.arn] }
           StringEquals = { "aws:SourceAccount" = local.account_id }
         }
       },
@@ -224,4 +227,119 @@ resource "aws_s3_bucket_policy" "access_logs" {
   })
 
   depends_on = [aws_s3_bucket_public_access_block.access_logs]
+}
+
+# --- artifacts bucket ---------------------------------------------------------------
+
+# The functions' code: lambda/tally.zip (lambda.tf). Lambda copies the code
+# when it creates or updates a function, so a published version does not
+# depend on the object staying here; noncurrent versions are kept a while
+# only to look at what was deployed.
+
+resource "aws_s3_bucket" "artifacts" {
+  #checkov:skip=CKV_AWS_144:The package is rebuilt from the repository by scripts/package-lambdas.sh and Lambda keeps its own copy of every published version's code; a replica would add nothing to recovery.
+  #checkov:skip=CKV2_AWS_62:Nothing consumes object-level events: Terraform uploads the package and updates the functions itself.
+  bucket = local.artifacts_bucket_name
+}
+
+resource "aws_s3_bucket_ownership_controls" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
+resource "aws_s3_bucket_public_access_block" "artifacts" {
+  bucket                  = aws_s3_bucket.artifacts.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+# Versioning is what s3_object_version of the functions refers to.
+resource "aws_s3_bucket_versioning" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm     = "aws:kms"
+      kms_master_key_id = aws_kms_key.data.arn
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+
+  rule {
+    id     = "expire-noncurrent-versions"
+    status = "Enabled"
+    filter {}
+
+    noncurrent_version_expiration {
+      noncurrent_days = 30
+    }
+    expiration {
+      expired_object_delete_marker = true
+    }
+    # Terraform uploads the ~60 MB package in parts; an interrupted apply
+    # leaves them behind.
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
+
+  depends_on = [aws_s3_bucket_versioning.artifacts]
+}
+
+resource "aws_s3_bucket_logging" "artifacts" {
+  bucket        = aws_s3_bucket.artifacts.id
+  target_bucket = aws_s3_bucket.access_logs.id
+  target_prefix = "s3-access/${local.artifacts_bucket_name}/"
+}
+
+resource "aws_s3_bucket_policy" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid       = "DenyInsecureTransport"
+        Effect    = "Deny"
+        Principal = "*"
+        Action    = "s3:*"
+        Resource  = [aws_s3_bucket.artifacts.arn, "${aws_s3_bucket.artifacts.arn}/*"]
+        Condition = { Bool = { "aws:SecureTransport" = "false" } }
+      },
+      {
+        Sid       = "DenyOldTls"
+        Effect    = "Deny"
+        Principal = "*"
+        Action    = "s3:*"
+        Resource  = [aws_s3_bucket.artifacts.arn, "${aws_s3_bucket.artifacts.arn}/*"]
+        Condition = { NumericLessThan = { "s3:TlsVersion" = "1.2" } }
+      },
+      {
+        Sid       = "DenyNonKmsEncryptionHeader"
+        Effect    = "Deny"
+        Principal = "*"
+        Action    = "s3:PutObject"
+        Resource  = "${aws_s3_bucket.artifacts.arn}/*"
+        Condition = {
+          StringNotEqualsIfExists = { "s3:x-amz-server-side-encryption" = "aws:kms" }
+          Null                    = { "s3:x-amz-server-side-encryption" = "false" }
+        }
+      },
+    ]
+  })
+
+  depends_on = [aws_s3_bucket_public_access_block.artifacts]
 }

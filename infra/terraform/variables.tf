@@ -158,7 +158,7 @@ variable "lake_noncurrent_version_days" {
 }
 
 variable "access_log_retention_days" {
-  description = "Days S3 server access logs of the lake bucket are kept."
+  description = "Days S3 server access logs of the lake and artifacts buckets are kept."
   type        = number
   default     = 365
 
@@ -236,7 +236,7 @@ variable "lambda_architecture" {
 }
 
 variable "lambda_dist_dir" {
-  description = "Directory holding speed.zip, archiver.zip, batch.zip and api.zip from scripts/package-lambdas.sh. Null: <repo>/dist/lambda."
+  description = "Directory holding tally.zip, the code package of all four functions, from scripts/package-lambdas.sh (its DIST_DIR). Terraform uploads it to the artifacts bucket. Null: <repo>/dist/lambda."
   type        = string
   default     = null
 }

@@ -64,7 +64,7 @@ variables {
   jwt_audience       = ["tally"]
   jwks_url           = "https://issuer.example.com/.well-known/jwks.json"
   enable_nat_gateway = true
-  # Any four files will do for a plan.
+  # Any tally.zip will do for a plan.
   lambda_dist_dir = "./tests/fixtures"
 }
 
@@ -78,6 +78,21 @@ run "defaults" {
   assert {
     condition     = alltrue([for k, f in aws_lambda_function.fn : f.handler == k && f.runtime == "provided.al2023" && f.architectures == tolist(["arm64"])])
     error_message = "each function's handler is its name, on provided.al2023 arm64"
+  }
+  assert {
+    condition = alltrue([
+      for f in aws_lambda_function.fn :
+      f.filename == null && f.s3_bucket == aws_s3_object.lambda_code.bucket && f.s3_key == aws_s3_object.lambda_code.key && f.s3_object_version == aws_s3_object.lambda_code.version_id && f.source_code_hash == filebase64sha256("./tests/fixtures/tally.zip")
+    ])
+    error_message = "all four functions take their code from the one package object in the artifacts bucket, at its current version"
+  }
+  assert {
+    condition     = aws_s3_object.lambda_code.bucket == aws_s3_bucket.artifacts.id && aws_s3_object.lambda_code.source == "./tests/fixtures/tally.zip" && aws_s3_object.lambda_code.source_hash == filebase64sha256("./tests/fixtures/tally.zip") && aws_s3_object.lambda_code.kms_key_id == aws_kms_key.data.arn
+    error_message = "the package is uploaded from lambda_dist_dir, re-uploaded when its hash changes, under the data key"
+  }
+  assert {
+    condition     = aws_s3_bucket_versioning.artifacts.versioning_configuration[0].status == "Enabled"
+    error_message = "the artifacts bucket is versioned (s3_object_version refers to it)"
   }
   assert {
     condition     = aws_lambda_function.fn["api"].environment[0].variables["TALLY_JWKS"] == var.jwks_url && !contains(keys(aws_lambda_function.fn["archiver"].environment[0].variables), "TALLY_REDIS_URL")
@@ -144,6 +159,16 @@ run "batch_timeout_covers_the_speed_rebuild" {
   }
 
   expect_failures = [aws_lambda_function.fn]
+}
+
+run "missing_package_is_reported" {
+  command = plan
+
+  variables {
+    lambda_dist_dir = "./tests/no-such-dir"
+  }
+
+  expect_failures = [aws_s3_object.lambda_code]
 }
 
 run "bad_zones_are_refused" {
