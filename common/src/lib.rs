@@ -1,12 +1,14 @@
 //! tally's shared model: the event format and its decoder, the metric registry,
-//! UTC buckets, sources and positions, configuration, the lake handle and the
-//! error type. Knows nothing of Redis, HTTP or how the layers write.
+//! UTC buckets, sources and positions, configuration, the lake handle, analysts'
+//! read-only SQL and the error type. Knows nothing of Redis, HTTP or how the layers write.
 
 //!
 //! Without the default `lake` feature only the pure parts build (decoder, metric
 //! registry, buckets, sources, request parsing): what the fuzz targets need,
 //! without compiling delta-rs and DataFusion with instrumentation.
 
+#[cfg(feature = "lake")]
+pub mod analyst;
 pub mod bucket;
 #[cfg(feature = "lake")]
 pub mod config;
