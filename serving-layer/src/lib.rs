@@ -7,7 +7,7 @@
 //! depends on `tally-common` only; the binary adapts its speed store to it.
 
 pub mod auth;
-pub mod batch;
+pub mod batch_view;
 pub mod error;
 mod http;
 mod lookup;
@@ -27,7 +27,7 @@ use tally_common::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
 pub use auth::{Auth, Claims};
-pub use batch::{BatchSnapshot, BatchView};
+pub use batch_view::{BatchSnapshot, BatchView};
 pub use error::{ApiError, Result, ServingError};
 pub use merge::{Bucket, MetricsResponse, Plan, Source};
 pub use speed::SpeedSource;
