@@ -77,7 +77,9 @@ impl AppState {
         speed: impl SpeedView + 'static,
         options: ServeOptions,
     ) -> Result<Self> {
-        let batch = BatchView::open(lake).await?;
+        let batch = BatchView::open(lake)
+            .await
+            .map_err(ServingError::BatchView)?;
         batch.spawn_refresher(options.refresh_every);
         Ok(AppState {
             inner: Arc::new(Inner {
