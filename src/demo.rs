@@ -239,7 +239,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     let view =
-        crate::serve::speed_view(&lake, &SpeedArgs::embedded(), signal.clone(), true).await?;
+        crate::serve::speed_store(&lake, &SpeedArgs::embedded(), signal.clone(), true).await?;
     let auth = AuthArgs {
         jwt_secret: Some(secret.clone()),
         jwks: None,

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tally_common::bucket::now_micros;
 use tally_common::config::{LakeArgs, SpeedArgs};
 use tally_common::source::{Position, SourceId};
-use tally_speed_layer::SpeedView;
+use tally_speed_layer::SpeedStore;
 
 /// Arguments of `tally ingest`.
 #[derive(Debug, Args)]
@@ -164,7 +164,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let lake = args.lake.lake()?;
     let mut archiver = tally_batch_layer::Archiver::open(&lake).await?;
     let speed = match &args.speed.redis_url {
-        Some(_) => Some(SpeedView::connect(&args.speed).await?),
+        Some(_) => Some(SpeedStore::connect(&args.speed).await?),
         // the embedded store lives in the serving process, which rebuilds it from raw_events
         None => None,
     };
@@ -196,7 +196,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         blank += report.blank;
         if let Some(store) = &speed {
             let o = tally_speed_layer::apply_records(store, source.clone(), records, now).await?;
-            if let (true, SpeedView::Redis(redis)) = (o.report.view_created, store) {
+            if let (true, SpeedStore::Redis(redis)) = (o.report.view_created, store) {
                 // the view is new: fill what it can own from raw_events now, without
                 // waiting (a running `tally serve` or `tally speed consume` finishes it)
                 let r = tally_speed_layer::Rebuild::new(&lake, redis)

@@ -19,7 +19,7 @@ pub async fn run(
     match handler {
         "speed" => {
             // created once per container, reused by every invocation
-            let store = Arc::new(tally_speed_layer::SpeedView::connect(&speed).await?);
+            let store = Arc::new(tally_speed_layer::SpeedStore::connect(&speed).await?);
             lambda_runtime::run(service_fn(move |event: LambdaEvent<KinesisEvent>| {
                 let store = Arc::clone(&store);
                 async move {
@@ -51,7 +51,7 @@ pub async fn run(
             let lake = lake.lake()?;
             // the Redis speed view, connected on the first every-minute check only:
             // the hourly run never depends on Redis
-            let redis: Arc<tokio::sync::OnceCell<tally_speed_layer::SpeedView>> = Arc::default();
+            let redis: Arc<tokio::sync::OnceCell<tally_speed_layer::SpeedStore>> = Arc::default();
             lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
                 let lake = lake.clone();
                 let redis = Arc::clone(&redis);
@@ -63,9 +63,9 @@ pub async fn run(
                     // look at one key that says it is whole)
                     if p["speed_rebuild"].as_bool() == Some(true) {
                         let view = redis
-                            .get_or_try_init(|| tally_speed_layer::SpeedView::connect(&speed))
+                            .get_or_try_init(|| tally_speed_layer::SpeedStore::connect(&speed))
                             .await?;
-                        let tally_speed_layer::SpeedView::Redis(store) = view else {
+                        let tally_speed_layer::SpeedStore::Redis(store) = view else {
                             return Ok(serde_json::json!({"speed_rebuild": "no Redis configured"}));
                         };
                         let r = tally_speed_layer::Rebuild::new(&lake, store)
@@ -114,7 +114,7 @@ pub async fn run(
             let (_trigger, signal) = tally_common::shutdown::channel();
             // no background rebuild in a Lambda container (frozen between
             // invocations): the batch function's every-minute check does it
-            let view = crate::serve::speed_view(&lake, &speed, signal, false).await?;
+            let view = crate::serve::speed_store(&lake, &speed, signal, false).await?;
             let state = crate::serve::state(lake, &auth, view).await?;
             tally_serving_layer::run_lambda(state).await?;
             Ok(())

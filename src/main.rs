@@ -215,10 +215,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     lake,
                 },
         } => {
-            let store = tally_speed_layer::SpeedView::connect(&speed).await?;
+            let store = tally_speed_layer::SpeedStore::connect(&speed).await?;
             let (stop_keeper, keeper_signal) = shutdown::channel();
             let keeper = match &store {
-                tally_speed_layer::SpeedView::Redis(redis) => {
+                tally_speed_layer::SpeedStore::Redis(redis) => {
                     Some(tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
                         lake.lake()?,
                         redis.clone(),
@@ -227,7 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         keeper_signal,
                     )))
                 }
-                tally_speed_layer::SpeedView::Embedded(_) => None,
+                tally_speed_layer::SpeedStore::Embedded(_) => None,
             };
             let sink = tally_speed_layer::consumer::SpeedSink(store);
             let stats = consume(args, sink).await;
@@ -250,8 +250,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     wait_secs,
                 },
         } => {
-            let tally_speed_layer::SpeedView::Redis(store) =
-                tally_speed_layer::SpeedView::connect(&speed).await?
+            let tally_speed_layer::SpeedStore::Redis(store) =
+                tally_speed_layer::SpeedStore::connect(&speed).await?
             else {
                 anyhow::bail!(
                     "no Redis speed view configured (TALLY_REDIS_URL): the embedded view is rebuilt by the process that holds it"

@@ -8,11 +8,10 @@ use std::time::Duration;
 use clap::Args;
 use tally_common::config::{AuthArgs, LakeArgs, SpeedArgs};
 use tally_common::lake::Lake;
-use tally_common::metrics::SpeedReading;
 use tally_common::shutdown::{self, Shutdown};
-use tally_serving_layer::{AppState, Auth, ServeOptions, SpeedSource};
+use tally_serving_layer::{AppState, Auth, ServeOptions};
 use tally_speed_layer::feed::RawFeed;
-use tally_speed_layer::{SpeedStore, SpeedView};
+use tally_speed_layer::SpeedStore;
 
 /// Arguments of `tally serve`.
 #[derive(Debug, Args)]
@@ -28,66 +27,48 @@ pub struct ServeArgs {
     pub auth: AuthArgs,
 }
 
-/// The speed view as the serving layer sees it (layers do not depend on each other;
-/// the binary joins them).
-pub struct ServingSpeed(pub SpeedView);
-
-impl SpeedSource for ServingSpeed {
-    async fn read(
-        &self,
-        merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> tally_common::Result<SpeedReading> {
-        SpeedStore::read(&self.0, merchant, hours, unions).await
-    }
-    async fn ping(&self) -> tally_common::Result<()> {
-        SpeedStore::ping(&self.0).await
-    }
-}
-
 /// How often a process holding a Redis speed view checks that it is rebuilt.
 pub const REBUILD_CHECK_EVERY: Duration = Duration::from_secs(2);
 
-/// Connect the speed view; rebuild the embedded one and keep following
+/// Connect the speed store; rebuild the embedded one and keep following
 /// raw_events, or (with `keep_rebuilt`) keep a Redis one rebuilt after a loss.
-pub async fn speed_view(
+pub async fn speed_store(
     lake: &Lake,
     args: &SpeedArgs,
     shutdown: Shutdown,
     keep_rebuilt: bool,
-) -> anyhow::Result<SpeedView> {
-    let view = SpeedView::connect(args).await?;
-    if let SpeedView::Embedded(_) = &view {
-        let (feed, n) = RawFeed::start(lake, &view).await?;
+) -> anyhow::Result<SpeedStore> {
+    let store = SpeedStore::connect(args).await?;
+    if let SpeedStore::Embedded(_) = &store {
+        let (feed, n) = RawFeed::start(lake, &store).await?;
         tracing::info!(
             events = n,
             "embedded speed view rebuilt from raw_events newer than the watermark"
         );
-        tokio::spawn(feed.follow(view.clone(), Duration::from_secs(2), shutdown));
-    } else if let (SpeedView::Redis(store), true) = (&view, keep_rebuilt) {
+        tokio::spawn(feed.follow(store.clone(), Duration::from_secs(2), shutdown));
+    } else if let (SpeedStore::Redis(redis), true) = (&store, keep_rebuilt) {
         tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
             lake.clone(),
-            store.clone(),
+            redis.clone(),
             REBUILD_CHECK_EVERY,
             args.rebuild_settle(),
             shutdown,
         ));
     }
-    Ok(view)
+    Ok(store)
 }
 
 /// The serving state for `lake`.
-pub async fn state(lake: Lake, auth: &AuthArgs, view: SpeedView) -> anyhow::Result<AppState> {
+pub async fn state(lake: Lake, auth: &AuthArgs, speed: SpeedStore) -> anyhow::Result<AppState> {
     let auth = Auth::from_args(auth).await?;
-    Ok(AppState::new(lake, auth, ServingSpeed(view), ServeOptions::default()).await?)
+    Ok(AppState::new(lake, auth, speed, ServeOptions::default()).await?)
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let lake = args.lake.lake()?;
     let (trigger, signal) = shutdown::channel();
     trigger.fire_on_signals();
-    let view = speed_view(&lake, &args.speed, signal.clone(), true).await?;
+    let view = speed_store(&lake, &args.speed, signal.clone(), true).await?;
     let state = state(lake, &args.auth, view).await?;
     tally_serving_layer::serve(args.addr, state, signal).await?;
     Ok(())

@@ -546,9 +546,11 @@ fn the_same_batch_delivered_twice_to_both_lambda_handlers_counts_once() {
     rt.block_on(async {
         let client = kinesis::client(&p.moto.endpoint());
         let events = kinesis::lambda_events(&client, STREAM).await;
-        let store = tally_speed_layer::RedisStore::connect(&p.redis.url(), 48 * 3600)
-            .await
-            .expect("redis");
+        let store = tally_speed_layer::SpeedStore::Redis(
+            tally_speed_layer::RedisStore::connect(&p.redis.url(), 48 * 3600)
+                .await
+                .expect("redis"),
+        );
         let mut archiver = tally_batch_layer::Archiver::open(&p.lake())
             .await
             .expect("the archiver");

@@ -1,7 +1,7 @@
 //! tally's shared model: the event format and its decoder, the metric registry,
-//! UTC buckets, sources and positions, configuration, the lake handle, analysts'
-//! read-only SQL and the error type. Knows nothing of Redis, HTTP or how the layers write.
-
+//! UTC buckets, sources and positions, the speed view's read trait, configuration,
+//! the lake handle, analysts' read-only SQL and the error type. Knows nothing of
+//! Redis, HTTP or how the layers write.
 //!
 //! Without the default `lake` feature only the pure parts build (decoder, metric
 //! registry, buckets, sources, request parsing): what the fuzz targets need,
@@ -24,6 +24,7 @@ pub mod query;
 #[cfg(feature = "lake")]
 pub mod shutdown;
 pub mod source;
+pub mod speed_view;
 #[cfg(feature = "lake")]
 pub mod watermark;
 

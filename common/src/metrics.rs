@@ -271,28 +271,6 @@ pub struct MetricValues {
     pub unique_customers: Option<i64>,
 }
 
-/// A read of one merchant's speed view.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SpeedReading {
-    /// Per requested hour: counters, and the hour's distinct-customer estimate.
-    pub hours: Vec<MetricValues>,
-    /// Per requested group of hours: the distinct-customer estimate of their union.
-    pub unions: Vec<i64>,
-    /// Indices into the requested hours that the view cannot vouch for: it lost
-    /// data that may fall in them (a restart without persistence, a failover to an
-    /// empty replica, keys past their TTL) and has not been rebuilt from
-    /// `raw_events` yet. Their counters may be short, so they must never be
-    /// answered as if true. Empty: every hour is whole.
-    pub not_covered: Vec<usize>,
-}
-
-impl SpeedReading {
-    /// Whether requested hour `i` is whole in the view.
-    pub fn covers(&self, i: usize) -> bool {
-        !self.not_covered.contains(&i)
-    }
-}
-
 /// A metric's value as the API returns it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(untagged)]

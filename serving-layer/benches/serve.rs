@@ -48,11 +48,11 @@ use tally_common::bucket::{
     MICROS_PER_HOUR,
 };
 use tally_common::lake::{Lake, Table};
-use tally_common::metrics::{MetricValues, SpeedReading};
+use tally_common::metrics::MetricValues;
 use tally_common::shutdown;
 use tally_common::source::{Position, SourceId};
 use tally_common::watermark::{read_progress, WATERMARK_APP};
-use tally_serving_layer::{serve_listener, AppState, Auth, ServeOptions, SpeedSource};
+use tally_serving_layer::{serve_listener, AppState, Auth, ServeOptions};
 use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
 use tally_testkit::{cpu_secs, free_port, RedisServer};
 
@@ -441,27 +441,9 @@ fn dir_stats(dir: &Path) -> (u64, u64) {
 
 // ------------------------------------------------------- the speed view
 
-/// The Redis store behind the serving layer's trait, as `tally serve` wires it.
-struct RedisSpeed(RedisStore);
-
-impl SpeedSource for RedisSpeed {
-    async fn read(
-        &self,
-        merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> tally_common::Result<SpeedReading> {
-        SpeedStore::read(&self.0, merchant, hours, unions).await
-    }
-
-    async fn ping(&self) -> tally_common::Result<()> {
-        SpeedStore::ping(&self.0).await
-    }
-}
-
 /// Events of the current hour (from `w` to now) for every merchant, through the
 /// speed layer's own path into Redis. Returns the number of events.
-async fn feed_current_hour(store: &RedisStore, merchants: u32, w: i64) -> usize {
+async fn feed_current_hour(store: &SpeedStore, merchants: u32, w: i64) -> usize {
     let now_ms = now_micros() / 1000;
     let w_ms = w / 1000;
     let span = (now_ms - w_ms).max(1) as u64;
@@ -754,9 +736,10 @@ fn main() {
     unsafe { libc::malloc_trim(0) };
     let (files, bytes) = dir_stats(&lake_dir.join("lake").join(Table::MetricsHourly.name()));
     let redis = RedisServer::start();
-    let store = rt
-        .block_on(RedisStore::connect(&redis.url(), 2 * 3600))
-        .expect("connecting to Redis");
+    let store = SpeedStore::Redis(
+        rt.block_on(RedisStore::connect(&redis.url(), 2 * 3600))
+            .expect("connecting to Redis"),
+    );
     let t = Instant::now();
     let events = rt.block_on(feed_current_hour(&store, merchants, w));
     println!(
@@ -769,7 +752,7 @@ fn main() {
         .block_on(AppState::new(
             lake,
             Auth::hs256(SECRET),
-            RedisSpeed(store),
+            store,
             ServeOptions::default(),
         ))
         .expect("serving state");

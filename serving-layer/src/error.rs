@@ -115,9 +115,10 @@ pub enum ServingError {
     /// The Lambda runtime stopped with an error.
     #[error("lambda runtime: {0}")]
     Lambda(String),
-    /// A lower layer failed while setting up (e.g. the lake URI).
+    /// The batch view could not be opened (its query runtime could not be built).
+    /// A lake not readable yet is not this error: `/ready` answers 503 until it is.
     #[error(transparent)]
-    Common(#[from] tally_common::Error),
+    BatchView(tally_common::Error),
 }
 
 /// `Result` with [`ServingError`].

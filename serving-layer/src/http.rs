@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use tally_common::bucket::{hour_floor, now_micros};
-use tally_common::metrics::{MetricValues, SpeedReading};
+use tally_common::metrics::MetricValues;
 use tally_common::query::{parse_metrics_request, MetricsRequest};
+use tally_common::speed_view::SpeedReading;
 use tally_common::Error;
 use utoipa::ToSchema;
 

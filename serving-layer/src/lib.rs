@@ -3,17 +3,17 @@
 //! later ones from the speed view; the same [`router`] is served by
 //! `tally serve` ([`serve`]) and by Lambda behind API Gateway ([`run_lambda`]).
 //!
-//! The speed view is reached through the [`SpeedSource`] trait, so this crate
-//! depends on `tally-common` only; the binary adapts its speed store to it.
+//! The speed view is reached through the [`SpeedView`] trait of `tally-common`,
+//! so this crate depends on `tally-common` only; the speed layer's stores
+//! implement it and the binary hands one to [`AppState::new`].
 
 pub mod auth;
-pub mod batch;
+pub mod batch_view;
 pub mod error;
 mod http;
 mod lookup;
 pub mod merge;
 pub mod openapi;
-pub mod speed;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,15 +24,13 @@ use axum::routing::get;
 use axum::Router;
 use tally_common::lake::Lake;
 use tally_common::shutdown::Shutdown;
+use tally_common::speed_view::SpeedView;
 use tokio::net::TcpListener;
 
 pub use auth::{Auth, Claims};
-pub use batch::{BatchSnapshot, BatchView};
+pub use batch_view::{BatchSnapshot, BatchView};
 pub use error::{ApiError, Result, ServingError};
 pub use merge::{Bucket, MetricsResponse, Plan, Source};
-pub use speed::SpeedSource;
-
-use crate::speed::DynSpeedSource;
 
 /// Tunables of the server.
 #[derive(Debug, Clone)]
@@ -58,7 +56,7 @@ impl Default for ServeOptions {
 
 struct Inner {
     batch: Arc<BatchView>,
-    speed: Arc<dyn DynSpeedSource>,
+    speed: Arc<dyn SpeedView>,
     auth: Auth,
     options: ServeOptions,
     draining: AtomicBool,
@@ -76,10 +74,12 @@ impl AppState {
     pub async fn new(
         lake: Lake,
         auth: Auth,
-        speed: impl SpeedSource,
+        speed: impl SpeedView + 'static,
         options: ServeOptions,
     ) -> Result<Self> {
-        let batch = BatchView::open(lake).await?;
+        let batch = BatchView::open(lake)
+            .await
+            .map_err(ServingError::BatchView)?;
         batch.spawn_refresher(options.refresh_every);
         Ok(AppState {
             inner: Arc::new(Inner {

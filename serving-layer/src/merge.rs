@@ -15,7 +15,8 @@ use std::ops::Range;
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 use tally_common::bucket::{format_ts, BucketRange, Granularity, MICROS_PER_HOUR};
-use tally_common::metrics::{Metric, MetricValues, SpeedReading, Value};
+use tally_common::metrics::{Metric, MetricValues, Value};
+use tally_common::speed_view::SpeedReading;
 
 /// Where a bucket's numbers come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

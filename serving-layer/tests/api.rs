@@ -26,10 +26,11 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tally_common::bucket::{date_string, format_ts, month_string, MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::lake::{Lake, Table};
-use tally_common::metrics::{MetricValues, SpeedReading, METRICS};
+use tally_common::metrics::{MetricValues, METRICS};
 use tally_common::source::{Position, SourceId};
+use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::watermark::WATERMARK_APP;
-use tally_serving_layer::{router, serve_listener, AppState, Auth, ServeOptions, SpeedSource};
+use tally_serving_layer::{router, serve_listener, AppState, Auth, ServeOptions};
 use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
 use tally_testkit::check_bucket;
 use tally_testkit::events::{generate, TestEvent};
@@ -114,51 +115,36 @@ struct FakeSpeed {
     down: Arc<AtomicBool>,
 }
 
-impl SpeedSource for FakeSpeed {
-    async fn read(
-        &self,
-        _merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> tally_common::Result<SpeedReading> {
-        self.ping().await?;
-        let mut one = MetricValues {
-            unique_customers: Some(1),
-            ..MetricValues::default()
-        };
-        one.counters.values[0] = 1;
-        Ok(SpeedReading {
-            hours: hours.iter().map(|_| one).collect(),
-            unions: unions.iter().map(|g| g.len() as i64).collect(),
-            not_covered: Vec::new(),
+impl SpeedView for FakeSpeed {
+    fn read<'a>(
+        &'a self,
+        _merchant: &'a str,
+        hours: &'a [i64],
+        unions: &'a [Vec<usize>],
+    ) -> BoxFuture<'a, tally_common::Result<SpeedReading>> {
+        Box::pin(async move {
+            self.ping().await?;
+            let mut one = MetricValues {
+                unique_customers: Some(1),
+                ..MetricValues::default()
+            };
+            one.counters.values[0] = 1;
+            Ok(SpeedReading {
+                hours: hours.iter().map(|_| one).collect(),
+                unions: unions.iter().map(|g| g.len() as i64).collect(),
+                not_covered: Vec::new(),
+            })
         })
     }
 
-    async fn ping(&self) -> tally_common::Result<()> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(tally_common::Error::Speed("fake speed view is down".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// The real Redis store behind the serving layer's trait (the binary does the same).
-#[derive(Clone)]
-struct RedisSpeed(RedisStore);
-
-impl SpeedSource for RedisSpeed {
-    async fn read(
-        &self,
-        merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> tally_common::Result<SpeedReading> {
-        SpeedStore::read(&self.0, merchant, hours, unions).await
-    }
-
-    async fn ping(&self) -> tally_common::Result<()> {
-        SpeedStore::ping(&self.0).await
+    fn ping(&self) -> BoxFuture<'_, tally_common::Result<()>> {
+        Box::pin(async move {
+            if self.down.load(Ordering::SeqCst) {
+                Err(tally_common::Error::Speed("fake speed view is down".into()))
+            } else {
+                Ok(())
+            }
+        })
     }
 }
 
@@ -342,6 +328,7 @@ async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
     let store = RedisStore::connect(&redis.url(), 14 * 24 * 3600)
         .await
         .unwrap();
+    let speed = SpeedStore::Redis(store.clone());
     let mut lines: Vec<String> = events.iter().map(|e| e.to_line(true)).collect();
     lines.extend(
         events
@@ -353,7 +340,7 @@ async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
     let records: Vec<String> = lines.chunks(100).map(|c| c.join("\n")).collect();
     let now = tally_common::bucket::now_micros();
     apply_records(
-        &store,
+        &speed,
         SourceId::file("serving-test"),
         records
             .iter()
@@ -374,7 +361,7 @@ async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
 
     // the speed view really holds those duplicates (so the checks below can tell the views apart)
     let probe: Vec<i64> = (0..24).map(|i| d0 + i * MICROS_PER_HOUR).collect();
-    let reading = SpeedStore::read(&store, "m1", &probe, &[]).await.unwrap();
+    let reading = speed.read("m1", &probe, &[]).await.unwrap();
     let in_speed: i64 = reading
         .hours
         .iter()
@@ -383,14 +370,9 @@ async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
     let in_truth: i64 = sum(&truth, "m1", d0, d1).0.iter().sum();
     assert!(in_speed > in_truth, "{in_speed} vs {in_truth}");
 
-    let state = AppState::new(
-        lake,
-        Auth::hs256(SECRET),
-        RedisSpeed(store.clone()),
-        fast_options(),
-    )
-    .await
-    .unwrap();
+    let state = AppState::new(lake, Auth::hs256(SECRET), speed, fast_options())
+        .await
+        .unwrap();
     let app = router(state);
     let token = merchant_token("m1");
 

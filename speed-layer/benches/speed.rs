@@ -12,7 +12,7 @@ use tally_common::bucket::MICROS_PER_HOUR;
 use tally_common::decode::decode_record;
 use tally_common::metrics::counter_defs;
 use tally_common::source::{Position, SourceId};
-use tally_speed_layer::{apply_records, RedisStore};
+use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
 use tally_testkit::zipf::zipf_records;
 use tally_testkit::{cpu_secs, RedisServer};
 
@@ -76,7 +76,7 @@ fn main() {
             .build()
             .unwrap();
         let (ours, ours_cpu, applied) = rt.block_on(async {
-            let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+            let store = SpeedStore::Redis(RedisStore::connect(&redis.url(), 3600).await.unwrap());
             let (t, c) = (Instant::now(), cpu_secs());
             let mut applied = 0;
             for (b, batch) in records.chunks(per_batch).enumerate() {

@@ -65,9 +65,9 @@ pub trait RecordSink: Send + Sync {
 }
 
 /// The speed view as a sink; checkpoints live in the speed store under `{stream}/{shard}`.
-pub struct SpeedSink<S>(pub S);
+pub struct SpeedSink(pub SpeedStore);
 
-impl<S: SpeedStore> RecordSink for SpeedSink<S> {
+impl RecordSink for SpeedSink {
     async fn apply<'a>(
         &'a self,
         source: SourceId,
@@ -151,12 +151,12 @@ pub struct Consumer<K> {
     options: ConsumeOptions,
 }
 
-impl<S: SpeedStore> Consumer<SpeedSink<S>> {
+impl Consumer<SpeedSink> {
     /// A consumer of `stream` into the speed store `store`.
     pub fn new(
         client: Client,
         stream: impl Into<String>,
-        store: S,
+        store: SpeedStore,
         options: ConsumeOptions,
     ) -> Self {
         Consumer::with_sink(client, stream, SpeedSink(store), options)

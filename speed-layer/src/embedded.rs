@@ -8,10 +8,11 @@ use std::sync::Mutex;
 use tally_common::bucket::{now_micros, MICROS_PER_SECOND};
 use tally_common::metrics::{Counters, MetricValues};
 use tally_common::source::{Position, SourceId};
+use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::{Error, Result};
 
 use crate::aggregate::SpeedBatch;
-use crate::store::{ApplyReport, SpeedReading, SpeedStore};
+use crate::store::ApplyReport;
 
 #[derive(Debug, Default)]
 struct HourState {
@@ -68,8 +69,10 @@ impl EmbeddedStore {
     }
 }
 
-impl SpeedStore for EmbeddedStore {
-    async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
+/// The write side, as [`crate::SpeedStore`] has it.
+impl EmbeddedStore {
+    /// Apply a batch's updates (each merchant-hour under the store's lock).
+    pub async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
         let now = now_micros();
         {
@@ -101,50 +104,56 @@ impl SpeedStore for EmbeddedStore {
         Ok(report)
     }
 
-    async fn read(
-        &self,
-        merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> Result<SpeedReading> {
-        let state = self.lock()?;
-        let key = |h: i64| (merchant.to_string(), h);
-        let mut reading = SpeedReading::default();
-        let now = now_micros();
-        for (i, &h) in hours.iter().enumerate() {
-            if !crate::store::hour_alive(h, now, self.ttl_micros) {
-                reading.not_covered.push(i);
-            }
-            let v = state.hours.get(&key(h));
-            reading.hours.push(MetricValues {
-                counters: v.map(|s| s.counters).unwrap_or_default(),
-                unique_customers: Some(v.map_or(0, |s| s.customers.len() as i64)),
-            });
-        }
-        for group in unions {
-            let mut all: HashSet<&str> = HashSet::new();
-            for &i in group {
-                if let Some(s) = hours.get(i).and_then(|&h| state.hours.get(&key(h))) {
-                    all.extend(s.customers.iter().map(String::as_str));
-                }
-            }
-            reading.unions.push(all.len() as i64);
-        }
-        Ok(reading)
-    }
-
-    async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
+    /// The stored checkpoint of a consumer.
+    pub async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
         Ok(self.lock()?.checkpoints.get(key).cloned())
     }
 
-    async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
+    /// Store a consumer's checkpoint.
+    pub async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
         self.lock()?
             .checkpoints
             .insert(key.to_string(), value.to_string());
         Ok(())
     }
+}
 
-    async fn ping(&self) -> Result<()> {
-        self.lock().map(|_| ())
+impl SpeedView for EmbeddedStore {
+    fn read<'a>(
+        &'a self,
+        merchant: &'a str,
+        hours: &'a [i64],
+        unions: &'a [Vec<usize>],
+    ) -> BoxFuture<'a, Result<SpeedReading>> {
+        Box::pin(async move {
+            let state = self.lock()?;
+            let key = |h: i64| (merchant.to_string(), h);
+            let mut reading = SpeedReading::default();
+            let now = now_micros();
+            for (i, &h) in hours.iter().enumerate() {
+                if !crate::store::hour_alive(h, now, self.ttl_micros) {
+                    reading.not_covered.push(i);
+                }
+                let v = state.hours.get(&key(h));
+                reading.hours.push(MetricValues {
+                    counters: v.map(|s| s.counters).unwrap_or_default(),
+                    unique_customers: Some(v.map_or(0, |s| s.customers.len() as i64)),
+                });
+            }
+            for group in unions {
+                let mut all: HashSet<&str> = HashSet::new();
+                for &i in group {
+                    if let Some(s) = hours.get(i).and_then(|&h| state.hours.get(&key(h))) {
+                        all.extend(s.customers.iter().map(String::as_str));
+                    }
+                }
+                reading.unions.push(all.len() as i64);
+            }
+            Ok(reading)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.lock().map(|_| ()) })
     }
 }

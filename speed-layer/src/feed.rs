@@ -72,7 +72,7 @@ fn payloads(batches: &[RecordBatch], since: i64) -> (Vec<u8>, u64) {
 
 impl RawFeed {
     /// Rebuild `store` from the rows of `raw_events` newer than the watermark.
-    pub async fn start<S: SpeedStore>(lake: &Lake, store: &S) -> Result<(Self, u64)> {
+    pub async fn start(lake: &Lake, store: &SpeedStore) -> Result<(Self, u64)> {
         let mut feed = RawFeed {
             lake: lake.clone(),
             table: None,
@@ -112,9 +112,9 @@ impl RawFeed {
         Ok((feed, n))
     }
 
-    async fn apply<S: SpeedStore>(
+    async fn apply(
         &mut self,
-        store: &S,
+        store: &SpeedStore,
         batches: &[RecordBatch],
         since: i64,
     ) -> Result<u64> {
@@ -134,7 +134,7 @@ impl RawFeed {
     }
 
     /// Apply what was committed since the last call; returns the events applied.
-    pub async fn poll<S: SpeedStore>(&mut self, store: &S) -> Result<u64> {
+    pub async fn poll(&mut self, store: &SpeedStore) -> Result<u64> {
         if self.table.is_none() {
             self.table = self.lake.open(Table::RawEvents).await?;
             if self.table.is_none() {
@@ -197,12 +197,7 @@ impl RawFeed {
     }
 
     /// Poll every `every` until shutdown (errors are logged; the next tick retries).
-    pub async fn follow<S: SpeedStore>(
-        mut self,
-        store: S,
-        every: Duration,
-        mut shutdown: Shutdown,
-    ) {
+    pub async fn follow(mut self, store: SpeedStore, every: Duration, mut shutdown: Shutdown) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}

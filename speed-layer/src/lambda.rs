@@ -14,7 +14,7 @@ use crate::{apply_records, SpeedStore};
 type ShardRecords<'a> = Vec<(Position, String, &'a [u8])>;
 
 /// Handle one Kinesis event.
-pub async fn handle<S: SpeedStore>(store: &S, event: KinesisEvent) -> KinesisEventResponse {
+pub async fn handle(store: &SpeedStore, event: KinesisEvent) -> KinesisEventResponse {
     let mut response = KinesisEventResponse::default();
     // group by shard, keeping each shard's record order
     let mut shards: Vec<(SourceId, ShardRecords<'_>)> = Vec::new();

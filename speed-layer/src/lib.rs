@@ -3,7 +3,9 @@
 //!
 //! [`SpeedBatch`] decodes and aggregates a batch per (merchant, hour) with the
 //! metric registry; a [`SpeedStore`] (Redis, or the embedded store) applies it
-//! in one round trip, guarded by per-source marks. The Lambda handler
+//! in one round trip, guarded by per-source marks. Readers see the stores
+//! through [`SpeedView`](tally_common::speed_view::SpeedView), the read trait the
+//! serving layer holds, which both stores implement. The Lambda handler
 //! ([`lambda`]) and the long-running consumer ([`consumer`]) are thin shells
 //! around [`apply_records`].
 
@@ -16,121 +18,14 @@ pub mod rebuild;
 pub mod redis_store;
 pub mod store;
 
-use std::sync::Arc;
-
 pub use aggregate::{HourUpdate, SpeedBatch};
 pub use embedded::EmbeddedStore;
 pub use rebuild::{Rebuild, RebuildReport};
 pub use redis_store::RedisStore;
-pub use store::{ApplyReport, SpeedReading, SpeedStore, ViewState};
+pub use store::{ApplyReport, SpeedStore, ViewState};
 
-use tally_common::config::SpeedArgs;
 use tally_common::source::{Position, SourceId};
 use tally_common::Result;
-
-/// The speed view a process uses: Redis when configured, else the embedded store.
-#[derive(Clone)]
-pub enum SpeedView {
-    /// A Redis server or cluster endpoint.
-    Redis(RedisStore),
-    /// The in-process store.
-    Embedded(Arc<EmbeddedStore>),
-}
-
-impl SpeedView {
-    /// Connect as the configuration says; with `redis_auth_secret_arn`, the
-    /// secret's value is the URL's password.
-    pub async fn connect(args: &SpeedArgs) -> Result<Self> {
-        let ttl = args.speed_ttl_hours * 3600;
-        Ok(match &args.redis_url {
-            Some(url) => {
-                let url = match &args.redis_auth_secret_arn {
-                    Some(secret) => with_password(url, &auth_token(secret).await?)?,
-                    None => url.clone(),
-                };
-                SpeedView::Redis(RedisStore::connect(&url, ttl).await?)
-            }
-            None => SpeedView::Embedded(Arc::new(EmbeddedStore::new(ttl))),
-        })
-    }
-
-    /// A short name for logs and `/ready`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SpeedView::Redis(_) => "redis",
-            SpeedView::Embedded(_) => "embedded",
-        }
-    }
-}
-
-impl SpeedStore for SpeedView {
-    async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
-        match self {
-            SpeedView::Redis(s) => s.apply(batch).await,
-            SpeedView::Embedded(s) => s.apply(batch).await,
-        }
-    }
-    async fn read(
-        &self,
-        merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> Result<SpeedReading> {
-        match self {
-            SpeedView::Redis(s) => s.read(merchant, hours, unions).await,
-            SpeedView::Embedded(s) => s.read(merchant, hours, unions).await,
-        }
-    }
-    async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
-        match self {
-            SpeedView::Redis(s) => s.checkpoint(key).await,
-            SpeedView::Embedded(s) => s.checkpoint(key).await,
-        }
-    }
-    async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
-        match self {
-            SpeedView::Redis(s) => s.set_checkpoint(key, value).await,
-            SpeedView::Embedded(s) => s.set_checkpoint(key, value).await,
-        }
-    }
-    async fn ping(&self) -> Result<()> {
-        match self {
-            SpeedView::Redis(s) => s.ping().await,
-            SpeedView::Embedded(s) => s.ping().await,
-        }
-    }
-}
-
-/// The Redis AUTH token kept in Secrets Manager as the secret's string.
-async fn auth_token(secret: &str) -> Result<String> {
-    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let client = aws_sdk_secretsmanager::Client::new(&config);
-    let out = client
-        .get_secret_value()
-        .secret_id(secret)
-        .send()
-        .await
-        .map_err(|e| {
-            tally_common::Error::config(format!(
-                "cannot read the Redis AUTH token from secret {secret}: {}",
-                aws_sdk_secretsmanager::error::DisplayErrorContext(e)
-            ))
-        })?;
-    out.secret_string.ok_or_else(|| {
-        tally_common::Error::config(format!(
-            "secret {secret} holds no string (the Redis AUTH token must be the secret's string)"
-        ))
-    })
-}
-
-/// `url` with `password` as its password (percent-encoded as RFC 3986 requires).
-fn with_password(url: &str, password: &str) -> Result<String> {
-    let mut u = url::Url::parse(url)
-        .map_err(|e| tally_common::Error::config(format!("bad Redis URL: {e}")))?;
-    u.set_password(Some(password))
-        .map_err(|_| tally_common::Error::config("the Redis URL cannot carry a password"))?;
-    Ok(u.to_string())
-}
 
 /// The index in `batch` of update `i` of `sub` (same merchant and hour).
 fn batch_index(batch: &SpeedBatch, sub: &SpeedBatch, i: usize) -> usize {
@@ -156,8 +51,8 @@ pub struct BatchOutcome {
 /// Decode, aggregate and apply one source's records (in source order). Bad lines
 /// never fail the batch; a store failure (after the store's bounded retries) does,
 /// so the caller can have the records redelivered.
-pub async fn apply_records<'a, S: SpeedStore>(
-    store: &S,
+pub async fn apply_records<'a>(
+    store: &SpeedStore,
     source: SourceId,
     records: impl IntoIterator<Item = (Position, &'a [u8])>,
     ingest_time: i64,

@@ -39,10 +39,11 @@ use tally_common::bucket::{now_micros, MICROS_PER_HOUR, MICROS_PER_SECOND};
 use tally_common::decode::MAX_FUTURE_MICROS;
 use tally_common::metrics::{counter_defs, Counters, MetricValues};
 use tally_common::source::Position;
+use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::{Error, Result};
 
 use crate::aggregate::{HourUpdate, SpeedBatch};
-use crate::store::{hour_alive, ApplyReport, SpeedReading, SpeedStore, ViewState};
+use crate::store::{hour_alive, ApplyReport, ViewState};
 
 /// The key prefix of every speed-view key of this layout (version 2: marks and
 /// rebuilt sums beside the counters, and the view key).
@@ -314,8 +315,11 @@ fn unexpected(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Speed(format!("unexpected {what} reply from Redis: {e}"))
 }
 
-impl SpeedStore for RedisStore {
-    async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
+/// The write side, as [`crate::SpeedStore`] has it.
+impl RedisStore {
+    /// Apply a batch's updates (all of them, atomically per merchant-hour) in one
+    /// pipelined round trip, retried with backoff up to the store's attempts.
+    pub async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
         if batch.updates.is_empty() {
             return Ok(ApplyReport::default());
         }
@@ -362,87 +366,16 @@ impl SpeedStore for RedisStore {
         }
     }
 
-    async fn read(
-        &self,
-        merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> Result<SpeedReading> {
-        // the counters by name (never every field: the hash also holds the marks,
-        // whose positions are 56-digit numbers), then the rebuilt sums
-        let names: Vec<&str> = counter_defs().map(|(d, ..)| d.name).collect();
-        let mut pipe = redis::pipe();
-        pipe.cmd("HMGET")
-            .arg(VIEW_KEY)
-            .arg("covered_from")
-            .arg("rebuilt");
-        let keys: Vec<String> = hours.iter().map(|&h| hour_key(merchant, h)).collect();
-        for k in &keys {
-            let cmd = pipe.cmd("HMGET").arg(format!("{k}:c"));
-            for n in &names {
-                cmd.arg(*n).arg(format!("r:{n}"));
-            }
-            pipe.cmd("PFCOUNT").arg(format!("{k}:u"));
-        }
-        for group in unions {
-            let cmd = pipe.cmd("PFCOUNT");
-            for &i in group {
-                if let Some(k) = keys.get(i) {
-                    cmd.arg(format!("{k}:u"));
-                }
-            }
-        }
-        let mut c = self.conn.clone();
-        let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
-        let mut it = values.into_iter();
-        let view: Vec<Option<String>> = redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-            .map_err(|e| unexpected("view", e))?;
-        let covered_from = match (
-            view.first().cloned().flatten(),
-            view.get(1).cloned().flatten(),
-        ) {
-            (None, _) => None,
-            (Some(_), Some(r)) if r == "1" => Some(i64::MIN),
-            (Some(c), _) => Some(c.parse::<i64>().unwrap_or(i64::MAX)),
-        };
-        let mut reading = SpeedReading::default();
-        let now = now_micros();
-        for (i, &hour) in hours.iter().enumerate() {
-            let fields: Vec<Option<i64>> = redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                .map_err(|e| unexpected("counters", e))?;
-            let unique: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
-                .map_err(|e| unexpected("PFCOUNT", e))?;
-            let mut counters = Counters::default();
-            for ((_, _, _, slot), pair) in counter_defs().zip(fields.chunks(2)) {
-                counters.values[slot] = pair
-                    .iter()
-                    .flatten()
-                    .fold(0i64, |a, v| a.saturating_add(*v));
-            }
-            reading.hours.push(MetricValues {
-                counters,
-                unique_customers: Some(unique),
-            });
-            if !self.covers(covered_from, hour, now) {
-                reading.not_covered.push(i);
-            }
-        }
-        for _ in unions {
-            let n: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
-                .map_err(|e| unexpected("PFCOUNT", e))?;
-            reading.unions.push(n);
-        }
-        Ok(reading)
-    }
-
-    async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
+    /// The stored checkpoint of a consumer.
+    pub async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
         let mut c = self.conn.clone();
         c.get(format!("{KEY_PREFIX}:checkpoint:{key}"))
             .await
             .map_err(|e| self.err(e))
     }
 
-    async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
+    /// Store a consumer's checkpoint (it expires with the store's TTL).
+    pub async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
         let mut c = self.conn.clone();
         // like every key the speed layer writes, a checkpoint expires: a consumer
         // idle for longer re-reads from its start position, and the marks and the
@@ -455,13 +388,94 @@ impl SpeedStore for RedisStore {
         .await
         .map_err(|e| self.err(e))
     }
+}
 
-    async fn ping(&self) -> Result<()> {
-        let mut c = self.conn.clone();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
+impl SpeedView for RedisStore {
+    fn read<'a>(
+        &'a self,
+        merchant: &'a str,
+        hours: &'a [i64],
+        unions: &'a [Vec<usize>],
+    ) -> BoxFuture<'a, Result<SpeedReading>> {
+        Box::pin(async move {
+            // the counters by name (never every field: the hash also holds the marks,
+            // whose positions are 56-digit numbers), then the rebuilt sums
+            let names: Vec<&str> = counter_defs().map(|(d, ..)| d.name).collect();
+            let mut pipe = redis::pipe();
+            pipe.cmd("HMGET")
+                .arg(VIEW_KEY)
+                .arg("covered_from")
+                .arg("rebuilt");
+            let keys: Vec<String> = hours.iter().map(|&h| hour_key(merchant, h)).collect();
+            for k in &keys {
+                let cmd = pipe.cmd("HMGET").arg(format!("{k}:c"));
+                for n in &names {
+                    cmd.arg(*n).arg(format!("r:{n}"));
+                }
+                pipe.cmd("PFCOUNT").arg(format!("{k}:u"));
+            }
+            for group in unions {
+                let cmd = pipe.cmd("PFCOUNT");
+                for &i in group {
+                    if let Some(k) = keys.get(i) {
+                        cmd.arg(format!("{k}:u"));
+                    }
+                }
+            }
+            let mut c = self.conn.clone();
+            let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
+            let mut it = values.into_iter();
+            let view: Vec<Option<String>> =
+                redis::from_redis_value(it.next().unwrap_or(Value::Nil))
+                    .map_err(|e| unexpected("view", e))?;
+            let covered_from = match (
+                view.first().cloned().flatten(),
+                view.get(1).cloned().flatten(),
+            ) {
+                (None, _) => None,
+                (Some(_), Some(r)) if r == "1" => Some(i64::MIN),
+                (Some(c), _) => Some(c.parse::<i64>().unwrap_or(i64::MAX)),
+            };
+            let mut reading = SpeedReading::default();
+            let now = now_micros();
+            for (i, &hour) in hours.iter().enumerate() {
+                let fields: Vec<Option<i64>> =
+                    redis::from_redis_value(it.next().unwrap_or(Value::Nil))
+                        .map_err(|e| unexpected("counters", e))?;
+                let unique: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
+                    .map_err(|e| unexpected("PFCOUNT", e))?;
+                let mut counters = Counters::default();
+                for ((_, _, _, slot), pair) in counter_defs().zip(fields.chunks(2)) {
+                    counters.values[slot] = pair
+                        .iter()
+                        .flatten()
+                        .fold(0i64, |a, v| a.saturating_add(*v));
+                }
+                reading.hours.push(MetricValues {
+                    counters,
+                    unique_customers: Some(unique),
+                });
+                if !self.covers(covered_from, hour, now) {
+                    reading.not_covered.push(i);
+                }
+            }
+            for _ in unions {
+                let n: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
+                    .map_err(|e| unexpected("PFCOUNT", e))?;
+                reading.unions.push(n);
+            }
+            Ok(reading)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let _: String = redis::cmd("PING")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(())
+        })
     }
 }

@@ -1,13 +1,18 @@
-//! The speed store: where the current hours' counters live. Two implementations
-//! behind one trait, held to one conformance suite: Redis ([`crate::RedisStore`])
-//! and the in-process embedded store ([`crate::EmbeddedStore`]).
+//! The speed store: where the current hours' counters live. [`SpeedStore`] is
+//! the one a process uses, Redis ([`crate::RedisStore`]) or the in-process
+//! embedded store ([`crate::EmbeddedStore`]), held to one conformance suite. It
+//! is the speed layer's write side (applying batches, consumer checkpoints); its
+//! read side is [`SpeedView`], the trait the serving layer holds.
 
-use std::future::Future;
+use std::sync::Arc;
 
+use tally_common::config::SpeedArgs;
 use tally_common::source::Position;
+use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::Result;
 
 use crate::aggregate::SpeedBatch;
+use crate::{EmbeddedStore, RedisStore};
 
 /// What applying a batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -75,30 +80,116 @@ impl ViewState {
     }
 }
 
-pub use tally_common::metrics::SpeedReading;
+/// The speed store a process uses: Redis when configured, else the embedded
+/// store. Every update carries its source's position; a store applies an update
+/// only when it is beyond the mark it holds for that (merchant, hour, source), and
+/// advances the mark in the same atomic step.
+#[derive(Clone)]
+pub enum SpeedStore {
+    /// A Redis server or cluster endpoint.
+    Redis(RedisStore),
+    /// The in-process store.
+    Embedded(Arc<EmbeddedStore>),
+}
 
-/// A speed store. Every update carries its source's position; a store applies an
-/// update only when it is beyond the mark it holds for that (merchant, hour,
-/// source), and advances the mark in the same atomic step.
-pub trait SpeedStore: Send + Sync {
+impl SpeedStore {
+    /// Connect as the configuration says; with `redis_auth_secret_arn`, the
+    /// secret's value is the URL's password.
+    pub async fn connect(args: &SpeedArgs) -> Result<Self> {
+        let ttl = args.speed_ttl_hours * 3600;
+        Ok(match &args.redis_url {
+            Some(url) => {
+                let url = match &args.redis_auth_secret_arn {
+                    Some(secret) => with_password(url, &auth_token(secret).await?)?,
+                    None => url.clone(),
+                };
+                SpeedStore::Redis(RedisStore::connect(&url, ttl).await?)
+            }
+            None => SpeedStore::Embedded(Arc::new(EmbeddedStore::new(ttl))),
+        })
+    }
+
+    /// A short name for logs and `/ready`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SpeedStore::Redis(_) => "redis",
+            SpeedStore::Embedded(_) => "embedded",
+        }
+    }
+
     /// Apply a batch's updates (all of them, atomically per merchant-hour).
-    fn apply(&self, batch: &SpeedBatch) -> impl Future<Output = Result<ApplyReport>> + Send;
-
-    /// Read `hours` of `merchant`, plus the union estimate of each group of indices
-    /// into `hours` (for day buckets).
-    fn read(
-        &self,
-        merchant: &str,
-        hours: &[i64],
-        unions: &[Vec<usize>],
-    ) -> impl Future<Output = Result<SpeedReading>> + Send;
+    pub async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
+        match self {
+            SpeedStore::Redis(s) => s.apply(batch).await,
+            SpeedStore::Embedded(s) => s.apply(batch).await,
+        }
+    }
 
     /// The stored checkpoint of a consumer (e.g. a shard's last sequence number).
-    fn checkpoint(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+    pub async fn checkpoint(&self, key: &str) -> Result<Option<String>> {
+        match self {
+            SpeedStore::Redis(s) => s.checkpoint(key).await,
+            SpeedStore::Embedded(s) => s.checkpoint(key).await,
+        }
+    }
 
     /// Store a consumer's checkpoint.
-    fn set_checkpoint(&self, key: &str, value: &str) -> impl Future<Output = Result<()>> + Send;
+    pub async fn set_checkpoint(&self, key: &str, value: &str) -> Result<()> {
+        match self {
+            SpeedStore::Redis(s) => s.set_checkpoint(key, value).await,
+            SpeedStore::Embedded(s) => s.set_checkpoint(key, value).await,
+        }
+    }
+}
 
-    /// Whether the store answers.
-    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+impl SpeedView for SpeedStore {
+    fn read<'a>(
+        &'a self,
+        merchant: &'a str,
+        hours: &'a [i64],
+        unions: &'a [Vec<usize>],
+    ) -> BoxFuture<'a, Result<SpeedReading>> {
+        match self {
+            SpeedStore::Redis(s) => s.read(merchant, hours, unions),
+            SpeedStore::Embedded(s) => s.read(merchant, hours, unions),
+        }
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        match self {
+            SpeedStore::Redis(s) => s.ping(),
+            SpeedStore::Embedded(s) => s.ping(),
+        }
+    }
+}
+
+/// The Redis AUTH token kept in Secrets Manager as the secret's string.
+async fn auth_token(secret: &str) -> Result<String> {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let client = aws_sdk_secretsmanager::Client::new(&config);
+    let out = client
+        .get_secret_value()
+        .secret_id(secret)
+        .send()
+        .await
+        .map_err(|e| {
+            tally_common::Error::config(format!(
+                "cannot read the Redis AUTH token from secret {secret}: {}",
+                aws_sdk_secretsmanager::error::DisplayErrorContext(e)
+            ))
+        })?;
+    out.secret_string.ok_or_else(|| {
+        tally_common::Error::config(format!(
+            "secret {secret} holds no string (the Redis AUTH token must be the secret's string)"
+        ))
+    })
+}
+
+/// `url` with `password` as its password (percent-encoded as RFC 3986 requires).
+fn with_password(url: &str, password: &str) -> Result<String> {
+    let mut u = url::Url::parse(url)
+        .map_err(|e| tally_common::Error::config(format!("bad Redis URL: {e}")))?;
+    u.set_password(Some(password))
+        .map_err(|_| tally_common::Error::config("the Redis URL cannot carry a password"))?;
+    Ok(u.to_string())
 }

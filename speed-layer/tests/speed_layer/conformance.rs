@@ -3,11 +3,14 @@
 //! computation over the same events, and redelivered, bisected or half-applied
 //! batches must count every event exactly once.
 
+use std::sync::Arc;
+
 use tally_common::bucket::MICROS_PER_HOUR;
 use tally_common::bucket::{format_ts, hour_floor, now_micros};
 use tally_common::lake::Lake;
 use tally_common::metrics::Metric;
 use tally_common::source::{Position, SourceId};
+use tally_common::speed_view::SpeedView;
 use tally_speed_layer::redis_store::VIEW_KEY;
 use tally_speed_layer::{
     apply_records, EmbeddedStore, Rebuild, RedisStore, SpeedBatch, SpeedStore,
@@ -39,7 +42,7 @@ fn as_input(recs: &[(Position, Vec<u8>)]) -> Vec<(Position, &[u8])> {
         .collect()
 }
 
-async fn assert_matches<S: SpeedStore>(store: &S, want: &Expected, hll: bool) {
+async fn assert_matches(store: &impl SpeedView, want: &Expected, hll: bool) {
     let mut merchants: Vec<&String> = want.keys().map(|(m, _)| m).collect();
     merchants.dedup();
     for m in merchants {
@@ -84,7 +87,7 @@ async fn assert_matches<S: SpeedStore>(store: &S, want: &Expected, hll: bool) {
     }
 }
 
-async fn conformance<S: SpeedStore>(store: S, hll: bool) {
+async fn conformance(store: SpeedStore, hll: bool) {
     let events = generate(7, 3_000, 12, START_MS, 6);
     let recs = records(&events, 25);
     let want = expected(&events);
@@ -151,23 +154,28 @@ async fn conformance<S: SpeedStore>(store: S, hll: bool) {
 
 #[tokio::test]
 async fn embedded_store_conforms() {
-    conformance(EmbeddedStore::new(48 * 3600), false).await;
+    conformance(
+        SpeedStore::Embedded(Arc::new(EmbeddedStore::new(48 * 3600))),
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn redis_store_conforms() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 48 * 3600).await.unwrap();
-    conformance(store, true).await;
+    conformance(SpeedStore::Redis(store), true).await;
 }
 
 #[tokio::test]
 async fn redis_keys_share_the_merchant_hash_tag_and_expire() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let speed = SpeedStore::Redis(store.clone());
     let events = generate(3, 200, 3, START_MS, 2);
     let recs = records(&events, 50);
-    apply_records(&store, SourceId::file("f"), as_input(&recs), NOW)
+    apply_records(&speed, SourceId::file("f"), as_input(&recs), NOW)
         .await
         .unwrap();
     let client = redis::Client::open(redis.url()).unwrap();
@@ -197,10 +205,11 @@ async fn redis_outage_fails_the_batch_and_a_redelivery_after_restart_applies_it(
         .await
         .unwrap()
         .with_max_attempts(2);
+    let speed = SpeedStore::Redis(store.clone());
     let events = generate(5, 400, 4, START_MS, 3);
     let recs = records(&events, 20);
     redis.stop();
-    let err = apply_records(&store, SourceId::file("f"), as_input(&recs), NOW)
+    let err = apply_records(&speed, SourceId::file("f"), as_input(&recs), NOW)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("cannot reach Redis"), "{err}");
@@ -208,7 +217,7 @@ async fn redis_outage_fails_the_batch_and_a_redelivery_after_restart_applies_it(
     // the connection manager reconnects by itself; the redelivered batch applies once
     let mut applied = None;
     for _ in 0..50 {
-        match apply_records(&store, SourceId::file("f"), as_input(&recs), NOW).await {
+        match apply_records(&speed, SourceId::file("f"), as_input(&recs), NOW).await {
             Ok(o) => {
                 applied = Some(o);
                 break;
@@ -267,6 +276,7 @@ fn empty_lake() -> (tempfile::TempDir, Lake) {
 async fn redis_every_key_has_its_ttl_after_a_varied_run() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let speed = SpeedStore::Redis(store.clone());
     let now = now_micros();
     let t = hour_floor(now) + 1_000_000;
     let f = SourceId::file("f");
@@ -276,15 +286,15 @@ async fn redis_every_key_has_its_ttl_after_a_varied_run() {
     let l4 = line("4", "m1", "page_view", t - 3_600_000_000, Some("c3"));
     let l5 = line("5", "m1", "order", t, Some("c4"));
     let p = Position::from_u64;
-    apply_records(&store, f.clone(), [(p(1), &l1[..])], now)
+    apply_records(&speed, f.clone(), [(p(1), &l1[..])], now)
         .await
         .unwrap();
-    apply_records(&store, f.clone(), [(p(2), &l2[..])], now)
+    apply_records(&speed, f.clone(), [(p(2), &l2[..])], now)
         .await
         .unwrap();
     // a redelivery cut differently: m1's hour holds records 2 to 5 and its mark is 2
     let r = apply_records(
-        &store,
+        &speed,
         f.clone(),
         [
             (p(2), &l2[..]),
@@ -331,6 +341,7 @@ async fn redis_every_key_has_its_ttl_after_a_varied_run() {
 async fn redis_reads_with_real_length_sequence_numbers() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let speed = SpeedStore::Redis(store.clone());
     let now = now_micros();
     let hour = hour_floor(now);
     let seq = |i: u32| {
@@ -347,7 +358,7 @@ async fn redis_reads_with_real_length_sequence_numbers() {
     ]
     .concat();
     apply_records(
-        &store,
+        &speed,
         shard.clone(),
         [(seq(1), &a[..]), (seq(2), &b[..])],
         now,
@@ -356,7 +367,7 @@ async fn redis_reads_with_real_length_sequence_numbers() {
     .unwrap();
     // a redelivery of both adds nothing
     let again = apply_records(
-        &store,
+        &speed,
         shard.clone(),
         [(seq(1), &a[..]), (seq(2), &b[..])],
         now,
@@ -385,6 +396,7 @@ async fn redis_reads_with_real_length_sequence_numbers() {
 async fn redis_view_that_lost_its_data_covers_nothing_until_rebuilt() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 3 * 3600).await.unwrap();
+    let speed = SpeedStore::Redis(store.clone());
     let now = now_micros();
     let hour = hour_floor(now);
     let hours = [
@@ -395,7 +407,7 @@ async fn redis_view_that_lost_its_data_covers_nothing_until_rebuilt() {
     ];
     let f = SourceId::file("f");
     let a = line("a", "m", "order", hour + 1_000_000, None);
-    let first = apply_records(&store, f.clone(), [(Position::from_u64(1), &a[..])], now)
+    let first = apply_records(&speed, f.clone(), [(Position::from_u64(1), &a[..])], now)
         .await
         .unwrap();
     assert!(first.report.view_created);
@@ -419,7 +431,7 @@ async fn redis_view_that_lost_its_data_covers_nothing_until_rebuilt() {
     let r = store.read("m", &hours, &[]).await.unwrap();
     assert_eq!(r.not_covered, [0, 1, 2, 3]);
     let b = line("b", "m", "order", hour + 2_000_000, None);
-    let next = apply_records(&store, f.clone(), [(Position::from_u64(2), &b[..])], now)
+    let next = apply_records(&speed, f.clone(), [(Position::from_u64(2), &b[..])], now)
         .await
         .unwrap();
     assert!(next.report.view_created);

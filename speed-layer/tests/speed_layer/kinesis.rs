@@ -10,6 +10,7 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
 use tally_common::metrics::Metric;
 use tally_common::shutdown::Shutdown;
+use tally_common::speed_view::SpeedView;
 use tally_speed_layer::consumer::{ConsumeOptions, Consumer};
 use tally_speed_layer::{RedisStore, SpeedStore};
 use tally_testkit::events::{expected, generate, Expected, TestEvent};
@@ -53,7 +54,7 @@ async fn put(client: &Client, events: &[TestEvent]) {
     }
 }
 
-async fn assert_view<S: SpeedStore>(store: &S, want: &Expected) {
+async fn assert_view(store: &impl SpeedView, want: &Expected) {
     for ((m, hour_ms), (counts, customers)) in want {
         let r = store.read(m, &[hour_ms * 1000], &[]).await.unwrap();
         let c = &r.hours[0].counters;
@@ -102,7 +103,7 @@ async fn consumer_and_lambda_agree_with_a_plain_computation_exactly_once() {
         until_caught_up: true,
         ..Default::default()
     };
-    let store_a = RedisStore::connect(&redis_a.url(), 3600).await.unwrap();
+    let store_a = SpeedStore::Redis(RedisStore::connect(&redis_a.url(), 3600).await.unwrap());
     let consumer = Consumer::new(client.clone(), STREAM, store_a.clone(), options.clone());
     let stats = consumer.run(Shutdown::never()).await.unwrap();
     assert_eq!(stats.accepted, 2_000);
@@ -127,7 +128,7 @@ async fn consumer_and_lambda_agree_with_a_plain_computation_exactly_once() {
     assert_view(&store_a, &expected(&all)).await;
 
     // the Lambda handler fed the same records, each event delivered twice (a retry)
-    let store_b = RedisStore::connect(&redis_b.url(), 3600).await.unwrap();
+    let store_b = SpeedStore::Redis(RedisStore::connect(&redis_b.url(), 3600).await.unwrap());
     for event in lambda_events(&client).await {
         for _ in 0..2 {
             let resp = tally_speed_layer::lambda::handle(&store_b, event.clone()).await;
@@ -151,10 +152,12 @@ async fn lambda_reports_the_first_record_when_redis_is_down() {
         .unwrap();
     let events = generate(41, 300, 5, START_MS, 2);
     put(&client, &events).await;
-    let store = RedisStore::connect(&redis.url(), 3600)
-        .await
-        .unwrap()
-        .with_max_attempts(1);
+    let store = SpeedStore::Redis(
+        RedisStore::connect(&redis.url(), 3600)
+            .await
+            .unwrap()
+            .with_max_attempts(1),
+    );
     let event = lambda_events(&client).await.remove(0);
     let first_seq = event.records[0].kinesis.sequence_number.clone();
     redis.stop();
@@ -184,7 +187,7 @@ async fn lambda_reports_the_first_record_when_redis_is_down() {
 /// A sink that holds its first few batches for longer than the emulator's
 /// iterator lifetime, so the consumer's next iterator has expired (AWS: 300 s).
 struct SlowSink {
-    inner: tally_speed_layer::consumer::SpeedSink<RedisStore>,
+    inner: tally_speed_layer::consumer::SpeedSink,
     slow_batches: std::sync::atomic::AtomicU32,
 }
 
@@ -264,7 +267,7 @@ async fn a_split_shard_and_expired_iterators_count_every_event_once() {
     let after = generate(52, 600, 10, START_MS, 2);
     put(&client, &after).await;
 
-    let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let store = SpeedStore::Redis(RedisStore::connect(&redis.url(), 3600).await.unwrap());
     let sink = SlowSink {
         inner: tally_speed_layer::consumer::SpeedSink(store.clone()),
         slow_batches: std::sync::atomic::AtomicU32::new(2),
