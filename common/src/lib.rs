@@ -10,6 +10,7 @@
 #[cfg(feature = "lake")]
 pub mod analyst;
 pub mod bucket;
+pub mod calendar;
 #[cfg(feature = "lake")]
 pub mod config;
 pub mod decode;
