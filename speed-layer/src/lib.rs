@@ -3,17 +3,18 @@
 //!
 //! [`SpeedBatch`] decodes and aggregates a batch per (merchant, hour) with the
 //! metric registry; a [`SpeedStore`] (Redis, or the embedded store) applies it
-//! in one round trip, guarded by per-source marks. The Lambda handler
-//! ([`lambda`]) and the long-running consumer ([`consumer`]) are thin shells
-//! around [`apply_records`].
+//! in one round trip, guarded by per-source marks. The stream reaches it
+//! through [`SpeedSink`], the layer's `tally_stream::RecordSink` around
+//! [`apply_records`]: the Lambda function is that sink with
+//! `tally_stream::kinesis_event::handle`, `tally speed consume` the same sink
+//! with `tally_stream::Consumer`.
 
 pub mod aggregate;
-pub mod consumer;
 pub mod embedded;
 pub mod feed;
-pub mod lambda;
 pub mod rebuild;
 pub mod redis_store;
+pub mod speed_sink;
 pub mod store;
 
 use std::sync::Arc;
@@ -22,10 +23,11 @@ pub use aggregate::{HourUpdate, SpeedBatch};
 pub use embedded::EmbeddedStore;
 pub use rebuild::{Rebuild, RebuildReport};
 pub use redis_store::RedisStore;
+pub use speed_sink::SpeedSink;
 pub use store::{ApplyReport, SpeedReading, SpeedStore, ViewState};
 
 use tally_common::config::SpeedArgs;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::Result;
 
 /// The speed view a process uses: Redis when configured, else the embedded store.
@@ -159,10 +161,10 @@ pub struct BatchOutcome {
 pub async fn apply_records<'a, S: SpeedStore>(
     store: &S,
     source: SourceId,
-    records: impl IntoIterator<Item = (Position, &'a [u8])>,
+    records: impl IntoIterator<Item = Record<'a>>,
     ingest_time: i64,
 ) -> Result<BatchOutcome> {
-    let records: Vec<(Position, &'a [u8])> = records.into_iter().collect();
+    let records: Vec<Record<'a>> = records.into_iter().collect();
     let batch = SpeedBatch::build(source, records.iter().cloned(), ingest_time);
     for (pos, r) in batch.rejected.iter().take(5) {
         tracing::warn!(source = %batch.source, position = %pos, line = r.line, reason = %r.reason, "rejected line");
@@ -192,7 +194,7 @@ pub async fn apply_records<'a, S: SpeedStore>(
         for (mark, keys) in by_mark {
             let mut sub = SpeedBatch::build(
                 batch.source.clone(),
-                records.iter().filter(|(p, _)| *p > mark).cloned(),
+                records.iter().filter(|r| r.position > mark).cloned(),
                 ingest_time,
             );
             sub.updates.retain(|u| {
