@@ -184,7 +184,10 @@ mod tests {
     #[test]
     fn lines_are_keyed_by_merchant_and_unparsable_ones_share_a_key() {
         assert_eq!(partition_key(b"{\"merchant_id\":\"m_7\",\"x\":1}\n"), "m_7");
-        assert_eq!(partition_key(b"\xef\xbb\xbf{\"merchant_id\":\"m_7\"}"), "m_7");
+        assert_eq!(
+            partition_key(b"\xef\xbb\xbf{\"merchant_id\":\"m_7\"}"),
+            "m_7"
+        );
         assert_eq!(partition_key(b"{not json"), "_unkeyed");
         assert_eq!(partition_key(b"{\"merchant_id\":\"\"}"), "_unkeyed");
         let long = format!("{{\"merchant_id\":\"{}\"}}", "m".repeat(257));

@@ -104,40 +104,30 @@ async fn consumer_and_lambda_agree_with_a_plain_computation_exactly_once() {
         ..Default::default()
     };
     let store_a = RedisStore::connect(&redis_a.url(), 3600).await.unwrap();
-    let consumer = Consumer::new(
-        client.clone(),
-        STREAM,
-        SpeedSink(store_a.clone()),
-        options.clone(),
-    );
-    let stats = consumer.run(Shutdown::never()).await.unwrap();
+    // each run a new consumer, as after a restart
+    let consume = || async {
+        Consumer::new(
+            client.clone(),
+            STREAM,
+            SpeedSink(store_a.clone()),
+            options.clone(),
+        )
+        .run(Shutdown::never())
+        .await
+        .unwrap()
+    };
+    let stats = consume().await;
     assert_eq!(stats.accepted, 2_000);
     assert_view(&store_a, &expected(&first)).await;
 
     // a restart resumes from the checkpoints: nothing is read again
-    let again = Consumer::new(
-        client.clone(),
-        STREAM,
-        SpeedSink(store_a.clone()),
-        options.clone(),
-    )
-    .run(Shutdown::never())
-    .await
-    .unwrap();
+    let again = consume().await;
     assert_eq!(again.records, 0);
 
     // new events after the restart are applied once
     let second = generate(32, 1_000, 25, START_MS, 3);
     put(&client, &second).await;
-    let third = Consumer::new(
-        client.clone(),
-        STREAM,
-        SpeedSink(store_a.clone()),
-        options.clone(),
-    )
-    .run(Shutdown::never())
-    .await
-    .unwrap();
+    let third = consume().await;
     assert_eq!(third.accepted, 1_000);
     let all: Vec<TestEvent> = first.iter().chain(second.iter()).cloned().collect();
     assert_view(&store_a, &expected(&all)).await;
