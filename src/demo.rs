@@ -14,7 +14,8 @@ use tally_common::bucket::{format_ts, hour_floor, now_micros, MICROS_PER_HOUR};
 use tally_common::config::{AuthArgs, SpeedArgs};
 use tally_common::lake::{Lake, Table};
 use tally_common::shutdown::{self, Shutdown};
-use tally_common::source::{Position, SourceId};
+use tally_common::source::SourceId;
+use tally_stream::LineBatch;
 
 use crate::gen::{GenArgs, Generator};
 
@@ -106,33 +107,20 @@ async fn load_history(lake: &Lake, args: &DemoArgs) -> anyhow::Result<u64> {
     let mut archiver = Archiver::open(lake).await?;
     let source = SourceId::file(&format!("demo-history-{}", g.seed));
     let progress = bar(args.events, "history");
-    let (mut chunk, mut line, mut pos, mut accepted) = (Vec::new(), String::new(), 0u64, 0u64);
-    let mut more = true;
-    while more {
-        chunk.clear();
-        let mut n = 0;
-        while n < 100_000 {
-            more = generator.next_into(&mut line);
-            if !more {
-                break;
-            }
-            chunk.extend_from_slice(line.as_bytes());
-            chunk.push(b'\n');
-            n += 1;
+    let (mut batch, mut line, mut accepted) = (LineBatch::default(), String::new(), 0u64);
+    loop {
+        batch.clear();
+        while batch.len() < 100_000 && generator.next_into(&mut line) {
+            batch.push(line.as_bytes());
         }
-        if n == 0 {
+        if batch.is_empty() {
             break;
         }
-        pos += 1;
         let r = archiver
-            .archive(
-                &source,
-                &[(Position::from_u64(pos), &chunk[..])],
-                now_micros(),
-            )
+            .archive(&source, &batch.records(), now_micros())
             .await?;
         accepted += r.accepted;
-        progress.inc(n);
+        progress.inc(batch.len() as u64);
     }
     progress.finish_and_clear();
     Ok(accepted)
@@ -158,29 +146,23 @@ async fn live_feed(lake: Lake, rate: f64, mut shutdown: Shutdown) {
     };
     let source = SourceId::file(&format!("demo-live-{}", g.seed));
     let started = Instant::now();
-    let (mut pos, mut line, mut chunk) = (0u64, String::new(), Vec::new());
+    let (mut batch, mut line) = (LineBatch::default(), String::new());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.wait() => return,
         }
-        chunk.clear();
+        batch.clear();
         while generator.due().is_some_and(|d| d <= started.elapsed())
             && generator.next_into(&mut line)
         {
-            chunk.extend_from_slice(line.as_bytes());
-            chunk.push(b'\n');
+            batch.push(line.as_bytes());
         }
-        if chunk.is_empty() {
+        if batch.is_empty() {
             continue;
         }
-        pos += 1;
         if let Err(e) = archiver
-            .archive(
-                &source,
-                &[(Position::from_u64(pos), &chunk[..])],
-                now_micros(),
-            )
+            .archive(&source, &batch.records(), now_micros())
             .await
         {
             tracing::warn!(error = %e, "live feed: archive failed; retrying with the next chunk");

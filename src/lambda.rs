@@ -5,10 +5,9 @@
 use std::sync::Arc;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_lambda_events::event::streams::KinesisEventResponse;
 use lambda_runtime::{service_fn, LambdaEvent};
 use tally_common::config::{AuthArgs, LakeArgs, SpeedArgs};
-use tokio::sync::Mutex;
+use tally_stream::RecordSink;
 
 pub async fn run(
     handler: &str,
@@ -19,33 +18,12 @@ pub async fn run(
     match handler {
         "speed" => {
             // created once per container, reused by every invocation
-            let store = Arc::new(tally_speed_layer::SpeedStore::connect(&speed).await?);
-            lambda_runtime::run(service_fn(move |event: LambdaEvent<KinesisEvent>| {
-                let store = Arc::clone(&store);
-                async move {
-                    Ok::<_, lambda_runtime::Error>(
-                        tally_speed_layer::lambda::handle(store.as_ref(), event.payload).await,
-                    )
-                }
-            }))
-            .await
-            .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+            let store = tally_speed_layer::SpeedStore::connect(&speed).await?;
+            on_kinesis(tally_speed_layer::SpeedSink(store)).await
         }
         "archiver" => {
-            let archiver = Arc::new(Mutex::new(
-                tally_batch_layer::Archiver::open(&lake.lake()?).await?,
-            ));
-            lambda_runtime::run(service_fn(move |event: LambdaEvent<KinesisEvent>| {
-                let archiver = Arc::clone(&archiver);
-                async move {
-                    let mut a = archiver.lock().await;
-                    Ok::<KinesisEventResponse, lambda_runtime::Error>(
-                        tally_batch_layer::lambda::handle_kinesis(&mut a, event.payload).await,
-                    )
-                }
-            }))
-            .await
-            .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+            let archiver = tally_batch_layer::Archiver::open(&lake.lake()?).await?;
+            on_kinesis(tally_batch_layer::ArchiveSink::new(archiver)).await
         }
         "batch" => {
             let lake = lake.lake()?;
@@ -123,4 +101,21 @@ pub async fn run(
             "unknown Lambda handler {other:?}: set the function's handler to speed, archiver, batch or api"
         ),
     }
+}
+
+/// Run a function on the Kinesis stream: every event into `sink` (made once
+/// per container, reused by every invocation), answered with a partial batch
+/// response.
+async fn on_kinesis<K: RecordSink + 'static>(sink: K) -> anyhow::Result<()> {
+    let sink = Arc::new(sink);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<KinesisEvent>| {
+        let sink = Arc::clone(&sink);
+        async move {
+            Ok::<_, lambda_runtime::Error>(
+                tally_stream::kinesis_event::handle(sink.as_ref(), &event.payload).await,
+            )
+        }
+    }))
+    .await
+    .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
 }

@@ -1,7 +1,6 @@
 //! `tally`: one binary for every part of the pipeline. Argument parsing and
 //! wiring only; the work is done by the layer crates.
 
-mod archive;
 mod batch;
 mod demo;
 mod ingest;
@@ -118,26 +117,22 @@ enum ArchiveCommand {
     },
 }
 
-/// Run a consumer of the configured stream into `sink` until SIGTERM (or caught up).
-async fn consume<K: tally_speed_layer::consumer::RecordSink>(
-    args: ConsumeArgs,
-    sink: K,
-) -> anyhow::Result<tally_speed_layer::consumer::ConsumeStats> {
-    let stream = args
-        .kinesis
-        .stream
-        .ok_or_else(|| anyhow::anyhow!("no stream: pass --stream or set TALLY_KINESIS_STREAM"))?;
-    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let client = aws_sdk_kinesis::Client::new(&config);
-    let (trigger, signal) = shutdown::channel();
-    trigger.fire_on_signals();
-    let options = tally_speed_layer::consumer::ConsumeOptions {
-        limit: args.limit,
-        until_caught_up: args.until_caught_up,
-        ..Default::default()
-    };
-    let consumer = tally_speed_layer::consumer::Consumer::with_sink(client, stream, sink, options);
-    Ok(consumer.run(signal).await?)
+impl ConsumeArgs {
+    /// Consume the configured stream into `sink` until SIGTERM (or caught up).
+    async fn run<K: tally_stream::RecordSink>(
+        self,
+        sink: K,
+    ) -> anyhow::Result<tally_stream::ConsumeStats> {
+        let stream = self.kinesis.stream.ok_or_else(|| {
+            anyhow::anyhow!("no stream: pass --stream or set TALLY_KINESIS_STREAM")
+        })?;
+        let options = tally_stream::ConsumeOptions {
+            limit: self.limit,
+            until_caught_up: self.until_caught_up,
+            ..Default::default()
+        };
+        Ok(tally_stream::consume(&stream, sink, options).await?)
+    }
 }
 
 fn main() -> ExitCode {
@@ -229,8 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 tally_speed_layer::SpeedStore::Embedded(_) => None,
             };
-            let sink = tally_speed_layer::consumer::SpeedSink(store);
-            let stats = consume(args, sink).await;
+            let stats = args.run(tally_speed_layer::SpeedSink(store)).await;
             stop_keeper.fire();
             if let Some(k) = keeper {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), k).await;
@@ -286,7 +280,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let archiver = tally_batch_layer::Archiver::open(&lake.lake()?).await?;
-            let stats = consume(args, archive::ArchiveSink::new(archiver)).await?;
+            let stats = args
+                .run(tally_batch_layer::ArchiveSink::new(archiver))
+                .await?;
             eprintln!(
                 "archive consume: {} records, {} events archived, {} lines quarantined, {} records already archived, {} retries",
                 stats.records, stats.accepted, stats.rejected, stats.skipped, stats.retries

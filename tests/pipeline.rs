@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
+use tally_stream::kinesis_event;
 use tally_testkit::{free_port, http_get, kinesis, MotoServer, Proxy, RedisServer};
 
 const SECRET: &str = "pipeline-test-secret";
@@ -546,23 +547,25 @@ fn the_same_batch_delivered_twice_to_both_lambda_handlers_counts_once() {
     rt.block_on(async {
         let client = kinesis::client(&p.moto.endpoint());
         let events = kinesis::lambda_events(&client, STREAM).await;
-        let store = tally_speed_layer::SpeedStore::Redis(
+        let speed = tally_speed_layer::SpeedSink(tally_speed_layer::SpeedStore::Redis(
             tally_speed_layer::RedisStore::connect(&p.redis.url(), 48 * 3600)
                 .await
                 .expect("redis"),
+        ));
+        let archiver = tally_batch_layer::ArchiveSink::new(
+            tally_batch_layer::Archiver::open(&p.lake())
+                .await
+                .expect("the archiver"),
         );
-        let mut archiver = tally_batch_layer::Archiver::open(&p.lake())
-            .await
-            .expect("the archiver");
         for event in events {
             // a first delivery cut short (the first half, as a bisecting retry
             // sends it), then the whole batch, then the whole batch again
             let mut half = event.clone();
             half.records.truncate(event.records.len() / 2);
             for delivery in [half, event.clone(), event] {
-                let r = tally_speed_layer::lambda::handle(&store, delivery.clone()).await;
+                let r = kinesis_event::handle(&speed, &delivery).await;
                 assert!(r.batch_item_failures.is_empty(), "speed: {r:?}");
-                let r = tally_batch_layer::lambda::handle_kinesis(&mut archiver, delivery).await;
+                let r = kinesis_event::handle(&archiver, &delivery).await;
                 assert!(r.batch_item_failures.is_empty(), "archiver: {r:?}");
             }
         }

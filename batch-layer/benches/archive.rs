@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tally_batch_layer::Archiver;
 use tally_common::lake::Lake;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_testkit::zipf::zipf_records;
 use tally_testkit::{cpu_secs, MotoServer};
 
@@ -19,13 +19,13 @@ async fn run(lake: &Lake, records: &[Vec<u8>], now: i64) -> (f64, f64, u64) {
     let (t, c) = (Instant::now(), cpu_secs());
     let mut n = 0;
     for (b, batch) in records.chunks(PER_BATCH_RECORDS).enumerate() {
-        let input: Vec<(Position, &[u8])> = batch
+        let input: Vec<Record<'_>> = batch
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                (
+                Record::new(
                     Position::from_u64((b * PER_BATCH_RECORDS + i) as u64 + 1),
-                    r.as_slice(),
+                    r,
                 )
             })
             .collect();

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tally_batch_layer::{Archiver, BatchRun};
 use tally_common::bucket::{MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::lake::{Lake, Table};
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_testkit::zipf::zipf_records;
 use tally_testkit::{venv_python, workspace_root};
 
@@ -52,11 +52,11 @@ fn main() {
                 100 + h as u64,
             );
             for half in recs.chunks(recs.len().div_ceil(2)) {
-                let input: Vec<(Position, &[u8])> = half
+                let input: Vec<Record<'_>> = half
                     .iter()
                     .map(|r| {
                         pos += 1;
-                        (Position::from_u64(pos), r.as_slice())
+                        Record::new(Position::from_u64(pos), r)
                     })
                     .collect();
                 a.archive(&SourceId::file("bench"), &input, now)

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deltalake::arrow::array::{
     ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
@@ -23,9 +23,9 @@ use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use tally_common::bucket::{date_string, hour_floor, hour_of_day};
-use tally_common::decode::decode_record;
+use tally_common::decode::{decode_record, DecodedRecord};
 use tally_common::lake::{Lake, Table};
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::{Context as _, Error, Result};
 
 use tally_common::marks::{commit_with_mark, read_mark};
@@ -69,18 +69,17 @@ pub fn writer_properties() -> WriterProperties {
 /// tables' snapshots between batches.
 pub struct Archiver {
     lake: Lake,
-    raw: DeltaTable,
-    quarantine: DeltaTable,
-    /// Marks known at a table version: (raw or quarantine, source) -> (version, mark).
-    marks: HashMap<(bool, String), (Option<u64>, Option<Position>)>,
-    /// When each table's snapshot was last brought up to date (raw, quarantine).
-    refreshed: [std::time::Instant; 2],
+    raw: ArchiveTable,
+    quarantine: ArchiveTable,
 }
 
 /// A snapshot older than this is refreshed before a first commit attempt: a
 /// long-idle archiver (a Lambda container reused after an hour) would otherwise
 /// have Delta's conflict check read every commit since.
 const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(10);
+
+/// One record of a batch, decoded: its position and its events and rejects.
+type Decoded<'a> = (&'a Position, DecodedRecord);
 
 struct RawRow<'a> {
     hour: i64,
@@ -93,11 +92,9 @@ impl Archiver {
     /// Open (creating when missing) `raw_events` and `quarantine` of `lake`.
     pub async fn open(lake: &Lake) -> Result<Self> {
         Ok(Archiver {
-            raw: lake.open_or_create(Table::RawEvents).await?,
-            quarantine: lake.open_or_create(Table::Quarantine).await?,
+            raw: ArchiveTable::open(lake, Table::RawEvents).await?,
+            quarantine: ArchiveTable::open(lake, Table::Quarantine).await?,
             lake: lake.clone(),
-            marks: HashMap::new(),
-            refreshed: [std::time::Instant::now(); 2],
         })
     }
 
@@ -110,195 +107,248 @@ impl Archiver {
     pub async fn archive(
         &mut self,
         source: &SourceId,
-        records: &[(Position, &[u8])],
+        records: &[Record<'_>],
         ingest_time: i64,
     ) -> Result<ArchiveReport> {
-        let mut report = ArchiveReport::default();
-        let Some(last) = records.last().map(|r| r.0.clone()) else {
-            return Ok(report);
+        let Some(last) = records.last().map(|r| r.position.clone()) else {
+            return Ok(ArchiveReport::default());
         };
-        let decoded: Vec<_> = records
+        let decoded: Vec<Decoded<'_>> = records
             .iter()
-            .map(|(p, data)| (p, decode_record(data, ingest_time)))
+            .map(|r| (&r.position, decode_record(r.data, ingest_time)))
             .collect();
-
         // quarantine first: a crash between the two commits re-runs the batch, and the
         // quarantine mark then skips what it already holds
-        let has_rejects = decoded.iter().any(|(_, d)| !d.rejected.is_empty());
-        if has_rejects {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                if attempt > 1 || self.refreshed[1].elapsed() > MAX_SNAPSHOT_AGE {
-                    // as for raw_events below
-                    self.quarantine
-                        .update_state()
-                        .await
-                        .context("refreshing quarantine")?;
-                    self.refreshed[1] = std::time::Instant::now();
-                }
-                let mark = self.mark(false, source).await?;
+        let quarantined = self
+            .quarantine_rejects(source, &last, &decoded, ingest_time)
+            .await?;
+        let mut report = self
+            .archive_events(source, &last, &decoded, ingest_time)
+            .await?;
+        report.quarantined = quarantined;
+        Ok(report)
+    }
+
+    /// Commit the rejected lines of the records beyond the `quarantine` mark,
+    /// with the mark `last`; returns the lines written.
+    async fn quarantine_rejects(
+        &mut self,
+        source: &SourceId,
+        last: &Position,
+        decoded: &[Decoded<'_>],
+        ingest_time: i64,
+    ) -> Result<u64> {
+        if decoded.iter().all(|(_, d)| d.rejected.is_empty()) {
+            return Ok(0);
+        }
+        let (rows, _) = self
+            .quarantine
+            .commit_beyond_mark(source, last, |mark| {
                 let fresh: Vec<_> = decoded
                     .iter()
-                    .filter(|(p, _)| mark.as_ref().is_none_or(|m| *p > m))
+                    .filter(|(p, _)| mark.is_none_or(|m| *p > m))
                     .collect();
                 if fresh.is_empty() {
-                    break;
+                    return Ok((None, 0));
                 }
                 let batch = quarantine_batch(source, &fresh, ingest_time)?;
                 let rows = batch.num_rows() as u64;
-                let result = self
-                    .quarantine
-                    .clone()
-                    .write(vec![batch])
-                    .with_save_mode(SaveMode::Append)
-                    .with_partition_columns(Table::Quarantine.partition_columns().iter().copied())
-                    .with_writer_properties(writer_properties())
-                    .with_commit_properties(commit_with_mark(source, &last, "archive"))
-                    .await;
-                match result {
-                    Ok(t) => {
-                        self.remember(false, source, t.version(), &last);
-                        self.quarantine = t;
-                        // the commit brought the snapshot up to its own version
-                        self.refreshed[1] = std::time::Instant::now();
-                        report.quarantined = rows;
-                        break;
+                Ok((Some(batch), rows))
+            })
+            .await?;
+        Ok(rows)
+    }
+
+    /// Commit the events of the records beyond the `raw_events` mark, sorted by
+    /// hour and merchant, with the mark `last`; the report counts them, the
+    /// blank lines and the records archived before.
+    async fn archive_events(
+        &mut self,
+        source: &SourceId,
+        last: &Position,
+        decoded: &[Decoded<'_>],
+        ingest_time: i64,
+    ) -> Result<ArchiveReport> {
+        let (mut report, version) = self
+            .raw
+            .commit_beyond_mark(source, last, |mark| {
+                let mut report = ArchiveReport::default();
+                let mut rows = Vec::new();
+                for (p, d) in decoded {
+                    if mark.is_some_and(|m| *p <= m) {
+                        report.already_archived += 1;
+                        continue;
                     }
-                    Err(e) if attempt < COMMIT_ATTEMPTS && is_retryable(&e) => {
-                        tracing::warn!(%source, attempt, error = %e, "quarantine commit lost a race; retrying");
-                        tokio::time::sleep(backoff(attempt)).await;
+                    report.blank += u64::from(d.blank_lines);
+                    for ev in &d.events {
+                        rows.push(RawRow {
+                            hour: hour_floor(ev.ts),
+                            payload: d.payload(ev),
+                            position: p,
+                            event: ev,
+                        });
                     }
-                    Err(e) => return Err(e).context(format!("committing quarantine for {source}")),
                 }
-            }
-        }
-
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            if attempt > 1 || self.refreshed[0].elapsed() > MAX_SNAPSHOT_AGE {
-                // A first attempt within MAX_SNAPSHOT_AGE reads the mark from the
-                // snapshot this archiver last committed or refreshed. Should
-                // another writer have committed this source since, its commit
-                // carries this source's transaction ids, so Delta's conflict check
-                // rejects ours and this retry reads the mark afresh. Not
-                // refreshing first saves a log listing per batch (a seventh of
-                // the archiver's time on a local lake).
-                self.raw
-                    .update_state()
-                    .await
-                    .context("refreshing raw_events")?;
-                self.refreshed[0] = std::time::Instant::now();
-            }
-            let mark = self.mark(true, source).await?;
-            let mut rows = Vec::new();
-            for (p, d) in &decoded {
-                if mark.as_ref().is_some_and(|m| *p <= m) {
-                    report.already_archived += 1;
-                    continue;
+                if mark.is_some_and(|m| m >= last) {
+                    return Ok((None, report));
                 }
-                report.blank += u64::from(d.blank_lines);
-                for ev in &d.events {
-                    rows.push(RawRow {
-                        hour: hour_floor(ev.ts),
-                        payload: d.payload(ev),
-                        position: p,
-                        event: ev,
-                    });
-                }
-            }
-            if mark.as_ref().is_some_and(|m| *m >= last) {
-                return Ok(report);
-            }
-            // Only bad or blank lines still commit (no rows, the mark alone): the
-            // raw mark is then the source's exact progress, which a consumer
-            // resumes from and compares with a closed shard's end.
-            rows.sort_unstable_by(|a, b| {
-                (a.hour, &a.event.merchant_id, a.position, a.event.line).cmp(&(
-                    b.hour,
-                    &b.event.merchant_id,
-                    b.position,
-                    b.event.line,
-                ))
-            });
-            let n = rows.len() as u64;
-            let batch = raw_batch(source, &rows, ingest_time)?;
-            let result = self
-                .raw
-                .clone()
-                .write(vec![batch])
-                .with_save_mode(SaveMode::Append)
-                .with_partition_columns(Table::RawEvents.partition_columns().iter().copied())
-                .with_writer_properties(writer_properties())
-                .with_target_file_size(None)
-                .with_commit_properties(commit_with_mark(source, &last, "archive"))
-                .await;
-            match result {
-                Ok(t) => {
-                    report.raw_version = t.version();
-                    self.remember(true, source, t.version(), &last);
-                    self.raw = t;
-                    self.refreshed[0] = std::time::Instant::now();
-                    report.accepted = n;
-                    return Ok(report);
-                }
-                Err(e) if attempt < COMMIT_ATTEMPTS && is_retryable(&e) => {
-                    tracing::warn!(%source, attempt, error = %e, "raw_events commit lost a race; retrying");
-                    report.already_archived = 0;
-                    report.blank = 0;
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(e) => return Err(e).context(format!("committing raw_events for {source}")),
-            }
-        }
-    }
-
-    /// `source`'s mark in `raw_events` (`raw`) or `quarantine` at the snapshot held.
-    /// Reading it from the log replays the log's transactions (milliseconds per
-    /// batch), so the mark this archiver committed last is remembered with the
-    /// version it committed.
-    async fn mark(&mut self, raw: bool, source: &SourceId) -> Result<Option<Position>> {
-        let table = if raw { &self.raw } else { &self.quarantine };
-        let version = table.version();
-        let key = (raw, source.as_str().to_string());
-        if let Some((v, m)) = self.marks.get(&key) {
-            if *v == version {
-                return Ok(m.clone());
-            }
-        }
-        let m = read_mark(table, source).await?;
-        self.remember_mark(key, version, m.clone());
-        Ok(m)
-    }
-
-    fn remember(&mut self, raw: bool, source: &SourceId, version: Option<u64>, mark: &Position) {
-        let key = (raw, source.as_str().to_string());
-        self.remember_mark(key, version, Some(mark.clone()));
-    }
-
-    fn remember_mark(&mut self, key: (bool, String), version: Option<u64>, mark: Option<Position>) {
-        if self.marks.len() >= 1024 {
-            // entries of other versions are stale anyway; bound the map
-            self.marks.clear();
-        }
-        self.marks.insert(key, (version, mark));
+                // Only bad or blank lines still commit (no rows, the mark alone): the
+                // raw mark is then the source's exact progress, which a consumer
+                // resumes from and compares with a closed shard's end.
+                rows.sort_unstable_by(|a, b| {
+                    (a.hour, &a.event.merchant_id, a.position, a.event.line).cmp(&(
+                        b.hour,
+                        &b.event.merchant_id,
+                        b.position,
+                        b.event.line,
+                    ))
+                });
+                report.accepted = rows.len() as u64;
+                Ok((Some(raw_batch(source, &rows, ingest_time)?), report))
+            })
+            .await?;
+        report.raw_version = version;
+        Ok(report)
     }
 
     /// The position up to which `source` is archived (its `raw_events` mark), read
     /// from the table's latest version.
     pub async fn archived_up_to(&mut self, source: &SourceId) -> Result<Option<Position>> {
-        self.raw
-            .update_state()
-            .await
-            .context("refreshing raw_events")?;
-        self.refreshed[0] = std::time::Instant::now();
-        self.mark(true, source).await
+        self.raw.sync(true).await?;
+        self.raw.mark(source).await
     }
 
     /// The current `raw_events` table.
     pub fn raw_table(&self) -> &DeltaTable {
-        &self.raw
+        &self.raw.table
+    }
+}
+
+/// One table of the master dataset (`raw_events` or `quarantine`) as the
+/// archiver holds it: its snapshot, how fresh that is, and the marks read from it.
+struct ArchiveTable {
+    kind: Table,
+    table: DeltaTable,
+    /// When the snapshot was last brought up to date (a refresh, or a commit of ours).
+    synced_at: Instant,
+    /// Marks known at a table version: source -> (version, mark).
+    marks: HashMap<String, (Option<u64>, Option<Position>)>,
+}
+
+impl ArchiveTable {
+    async fn open(lake: &Lake, kind: Table) -> Result<Self> {
+        Ok(ArchiveTable {
+            kind,
+            table: lake.open_or_create(kind).await?,
+            synced_at: Instant::now(),
+            marks: HashMap::new(),
+        })
+    }
+
+    /// Bring the snapshot up to date when `always` or when it is older than
+    /// [`MAX_SNAPSHOT_AGE`].
+    async fn sync(&mut self, always: bool) -> Result<()> {
+        if always || self.synced_at.elapsed() > MAX_SNAPSHOT_AGE {
+            self.table
+                .update_state()
+                .await
+                .context(format!("refreshing {}", self.kind.name()))?;
+            self.synced_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// `source`'s mark at the snapshot held. Reading it from the log replays the
+    /// log's transactions (milliseconds per batch), so the mark this archiver
+    /// committed last is remembered with the version it committed.
+    async fn mark(&mut self, source: &SourceId) -> Result<Option<Position>> {
+        let version = self.table.version();
+        if let Some((v, m)) = self.marks.get(source.as_str()) {
+            if *v == version {
+                return Ok(m.clone());
+            }
+        }
+        let m = read_mark(&self.table, source).await?;
+        self.remember(source, version, m.clone());
+        Ok(m)
+    }
+
+    fn remember(&mut self, source: &SourceId, version: Option<u64>, mark: Option<Position>) {
+        if self.marks.len() >= 1024 {
+            // entries of other versions are stale anyway; bound the map
+            self.marks.clear();
+        }
+        self.marks
+            .insert(source.as_str().to_string(), (version, mark));
+    }
+
+    /// Commit what `plan` makes of the records beyond `source`'s mark, in one
+    /// commit that moves the mark to `last`; a commit that loses a race is
+    /// planned again on a fresh snapshot. `plan` gets the mark and returns the
+    /// batch to write (None: nothing to commit) and what it counted; returned
+    /// are those counts and the version committed.
+    async fn commit_beyond_mark<T>(
+        &mut self,
+        source: &SourceId,
+        last: &Position,
+        mut plan: impl FnMut(Option<&Position>) -> Result<(Option<RecordBatch>, T)>,
+    ) -> Result<(T, Option<u64>)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A first attempt within MAX_SNAPSHOT_AGE reads the mark from the
+            // snapshot this archiver last committed or refreshed. Should another
+            // writer have committed this source since, its commit carries this
+            // source's transaction ids, so Delta's conflict check rejects ours
+            // and this retry reads the mark afresh. Not refreshing first saves a
+            // log listing per batch (a seventh of the archiver's time on a local
+            // lake).
+            self.sync(attempt > 1).await?;
+            let mark = self.mark(source).await?;
+            let (batch, counts) = plan(mark.as_ref())?;
+            let Some(batch) = batch else {
+                return Ok((counts, None));
+            };
+            match self.append(batch, source, last).await {
+                Ok(t) => {
+                    let version = t.version();
+                    self.remember(source, version, Some(last.clone()));
+                    self.table = t;
+                    // the commit brought the snapshot up to its own version
+                    self.synced_at = Instant::now();
+                    return Ok((counts, version));
+                }
+                Err(e) if attempt < COMMIT_ATTEMPTS && is_retryable(&e) => {
+                    tracing::warn!(%source, attempt, error = %e, "{} commit lost a race; retrying", self.kind.name());
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => {
+                    return Err(e).context(format!("committing {} for {source}", self.kind.name()))
+                }
+            }
+        }
+    }
+
+    /// Append `batch` in one commit carrying `source`'s new mark `last`.
+    async fn append(
+        &self,
+        batch: RecordBatch,
+        source: &SourceId,
+        last: &Position,
+    ) -> std::result::Result<DeltaTable, deltalake::DeltaTableError> {
+        let write = self
+            .table
+            .clone()
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns(self.kind.partition_columns().iter().copied())
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(commit_with_mark(source, last, "archive"));
+        match self.kind {
+            // one file per hour partition and batch, however large
+            Table::RawEvents => write.with_target_file_size(None).await,
+            _ => write.await,
+        }
     }
 }
 
@@ -395,7 +445,7 @@ fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Res
 
 fn quarantine_batch(
     source: &SourceId,
-    records: &[&(&Position, tally_common::decode::DecodedRecord)],
+    records: &[&Decoded<'_>],
     ingest_time: i64,
 ) -> Result<RecordBatch> {
     let mut payload = BinaryBuilder::new();

@@ -1,13 +1,18 @@
 //! tally's master dataset and batch layer: the archiver writing raw facts to
 //! Delta Lake idempotently, compaction, and the hourly DataFusion job with its
 //! watermark and reprocessing over history.
+//!
+//! The stream reaches the archiver through [`ArchiveSink`], the layer's
+//! `tally_stream::RecordSink`: the archiver Lambda function is that sink with
+//! `tally_stream::kinesis_event::handle`, `tally archive consume` the same sink
+//! with `tally_stream::Consumer`.
 
 pub mod archive;
+pub mod archive_sink;
 pub mod compact;
 pub mod daily;
 pub mod dirty;
 pub mod job;
-pub mod lambda;
 pub mod layout;
 pub mod lock;
 /// Source marks in a Delta log (defined in `tally_common::marks`, also read by the speed view's rebuild).
@@ -17,4 +22,5 @@ pub mod quarantine;
 pub mod sql;
 
 pub use archive::{ArchiveReport, Archiver};
+pub use archive_sink::ArchiveSink;
 pub use job::{BatchRun, RunReport, LOGIC_VERSION};

@@ -1,8 +1,8 @@
 //! Sources and positions: the identity behind exactly-once effects.
 //!
-//! Every batch of records comes from a *source*, a Kinesis shard or a file, and
-//! each record has a *position* in it: the Kinesis sequence number, or the chunk
-//! number of a file. Positions grow within a source. Both the speed store and
+//! Every batch of [`Record`]s comes from a *source*, a Kinesis shard or a file,
+//! and each record has a *position* in it: the Kinesis sequence number, or the
+//! line number of a file. Positions grow within a source. Both the speed store and
 //! the master dataset keep, per source, the highest position already applied (a
 //! *mark*); a record at or below the mark was applied before and is skipped.
 //! A retried, bisected or half-applied batch therefore applies each record's
@@ -78,7 +78,7 @@ impl Position {
         }))
     }
 
-    /// A position from a counter (a file's chunk number).
+    /// A position from a counter (a file's line number).
     pub fn from_u64(n: u64) -> Self {
         Position(n.to_string())
     }
@@ -154,6 +154,24 @@ impl PartialOrd for Position {
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// One record of a source as the layers receive it: its position and its bytes
+/// (NDJSON lines: a Kinesis record's data, or a line of a file), borrowed from
+/// whoever read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Where the record is in its source.
+    pub position: Position,
+    /// The record's bytes, one or more NDJSON lines.
+    pub data: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// A record at `position` holding `data`.
+    pub fn new(position: Position, data: &'a [u8]) -> Self {
+        Record { position, data }
     }
 }
 

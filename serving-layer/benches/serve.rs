@@ -50,7 +50,7 @@ use tally_common::bucket::{
 use tally_common::lake::{Lake, Table};
 use tally_common::metrics::MetricValues;
 use tally_common::shutdown;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::watermark::{read_progress, WATERMARK_APP};
 use tally_serving_layer::{serve_listener, AppState, Auth, ServeOptions};
 use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
@@ -473,11 +473,11 @@ async fn feed_current_hour(store: &SpeedStore, merchants: u32, w: i64) -> usize 
     let source = SourceId::file("serve-bench");
     let mut pos = 0u64;
     for chunk in records.chunks(100) {
-        let input: Vec<(Position, &[u8])> = chunk
+        let input: Vec<Record<'_>> = chunk
             .iter()
             .map(|r| {
                 pos += 1;
-                (Position::from_u64(pos), r.as_bytes())
+                Record::new(Position::from_u64(pos), r.as_bytes())
             })
             .collect();
         apply_records(store, source.clone(), input, now_micros())

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tally_common::bucket::{date_string, format_ts, month_string, MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::lake::{Lake, Table};
 use tally_common::metrics::{MetricValues, METRICS};
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::watermark::WATERMARK_APP;
 use tally_serving_layer::{router, serve_listener, AppState, Auth, ServeOptions};
@@ -345,7 +345,7 @@ async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
         records
             .iter()
             .enumerate()
-            .map(|(i, r)| (Position::from_u64(i as u64 + 1), r.as_bytes())),
+            .map(|(i, r)| Record::new(Position::from_u64(i as u64 + 1), r.as_bytes())),
         now,
     )
     .await

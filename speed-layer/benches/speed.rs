@@ -11,7 +11,7 @@ use std::time::Instant;
 use tally_common::bucket::MICROS_PER_HOUR;
 use tally_common::decode::decode_record;
 use tally_common::metrics::counter_defs;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
 use tally_testkit::zipf::zipf_records;
 use tally_testkit::{cpu_secs, RedisServer};
@@ -81,10 +81,7 @@ fn main() {
             let mut applied = 0;
             for (b, batch) in records.chunks(per_batch).enumerate() {
                 let input = batch.iter().enumerate().map(|(i, r)| {
-                    (
-                        Position::from_u64((b * per_batch + i) as u64 + 1),
-                        r.as_slice(),
-                    )
+                    Record::new(Position::from_u64((b * per_batch + i) as u64 + 1), r)
                 });
                 let out = apply_records(&store, SourceId::kinesis("bench", "shard-0"), input, now)
                     .await

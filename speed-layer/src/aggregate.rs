@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use tally_common::bucket::hour_floor;
 use tally_common::decode::{decode_record, Rejected};
 use tally_common::metrics::Counters;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 
 /// One merchant-hour's share of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl SpeedBatch {
     /// Decode and aggregate `records` (in source order) of `source`.
     pub fn build<'a>(
         source: SourceId,
-        records: impl IntoIterator<Item = (Position, &'a [u8])>,
+        records: impl IntoIterator<Item = Record<'a>>,
         ingest_time: i64,
     ) -> Self {
         let mut index: HashMap<(String, i64), usize> = HashMap::new();
@@ -63,7 +63,7 @@ impl SpeedBatch {
             first_position: None,
             last_position: None,
         };
-        for (position, data) in records {
+        for Record { position, data } in records {
             batch.records += 1;
             let decoded = decode_record(data, ingest_time);
             batch.accepted += decoded.events.len() as u64;
@@ -129,8 +129,8 @@ garbage
         let b = SpeedBatch::build(
             SourceId::file("t"),
             [
-                (Position::from_u64(10), &r1[..]),
-                (Position::from_u64(11), &r2[..]),
+                Record::new(Position::from_u64(10), r1),
+                Record::new(Position::from_u64(11), r2),
             ],
             now,
         );

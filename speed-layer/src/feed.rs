@@ -19,7 +19,7 @@ use deltalake::DeltaTable;
 use tally_common::bucket::{date_string, now_micros};
 use tally_common::lake::{register, Lake, Table};
 use tally_common::shutdown::Shutdown;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Result};
 
@@ -126,7 +126,7 @@ impl RawFeed {
         apply_records(
             store,
             self.source.clone(),
-            [(Position::from_u64(self.position), record.as_slice())],
+            [Record::new(Position::from_u64(self.position), &record)],
             now_micros(),
         )
         .await?;

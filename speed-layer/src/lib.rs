@@ -5,26 +5,28 @@
 //! metric registry; a [`SpeedStore`] (Redis, or the embedded store) applies it
 //! in one round trip, guarded by per-source marks. Readers see the stores
 //! through [`SpeedView`](tally_common::speed_view::SpeedView), the read trait the
-//! serving layer holds, which both stores implement. The Lambda handler
-//! ([`lambda`]) and the long-running consumer ([`consumer`]) are thin shells
-//! around [`apply_records`].
+//! serving layer holds, which both stores implement. The stream reaches it
+//! through [`SpeedSink`], the layer's `tally_stream::RecordSink` around
+//! [`apply_records`]: the Lambda function is that sink with
+//! `tally_stream::kinesis_event::handle`, `tally speed consume` the same sink
+//! with `tally_stream::Consumer`.
 
 pub mod aggregate;
-pub mod consumer;
 pub mod embedded;
 pub mod feed;
-pub mod lambda;
 pub mod rebuild;
 pub mod redis_store;
+pub mod speed_sink;
 pub mod store;
 
 pub use aggregate::{HourUpdate, SpeedBatch};
 pub use embedded::EmbeddedStore;
 pub use rebuild::{Rebuild, RebuildReport};
 pub use redis_store::RedisStore;
+pub use speed_sink::SpeedSink;
 pub use store::{ApplyReport, SpeedStore, ViewState};
 
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::Result;
 
 /// The index in `batch` of update `i` of `sub` (same merchant and hour).
@@ -54,10 +56,10 @@ pub struct BatchOutcome {
 pub async fn apply_records<'a>(
     store: &SpeedStore,
     source: SourceId,
-    records: impl IntoIterator<Item = (Position, &'a [u8])>,
+    records: impl IntoIterator<Item = Record<'a>>,
     ingest_time: i64,
 ) -> Result<BatchOutcome> {
-    let records: Vec<(Position, &'a [u8])> = records.into_iter().collect();
+    let records: Vec<Record<'a>> = records.into_iter().collect();
     let batch = SpeedBatch::build(source, records.iter().cloned(), ingest_time);
     for (pos, r) in batch.rejected.iter().take(5) {
         tracing::warn!(source = %batch.source, position = %pos, line = r.line, reason = %r.reason, "rejected line");
@@ -87,7 +89,7 @@ pub async fn apply_records<'a>(
         for (mark, keys) in by_mark {
             let mut sub = SpeedBatch::build(
                 batch.source.clone(),
-                records.iter().filter(|(p, _)| *p > mark).cloned(),
+                records.iter().filter(|r| r.position > mark).cloned(),
                 ingest_time,
             );
             sub.updates.retain(|u| {

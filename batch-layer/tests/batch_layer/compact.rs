@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use tally_batch_layer::compact::compact_days;
 use tally_batch_layer::{Archiver, BatchRun};
 use tally_common::lake::{Lake, Table};
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_testkit::events::TestEvent;
 
 use tally_common::bucket::date_string;
@@ -36,7 +36,10 @@ async fn append_one_by_one(lake: Lake, source: &'static str, events: Vec<TestEve
         let r = a
             .archive(
                 &src,
-                &[(Position::from_u64(i as u64 + 1), line.as_bytes())],
+                &[Record::new(
+                    Position::from_u64(i as u64 + 1),
+                    line.as_bytes(),
+                )],
                 now,
             )
             .await
@@ -60,7 +63,7 @@ async fn compaction_racing_late_events_never_fails_nor_loses_or_doubles_a_row() 
             .collect();
         a.archive(
             &SourceId::file(&format!("day-{chunk}")),
-            &[(Position::from_u64(1), text.as_bytes())],
+            &[Record::new(Position::from_u64(1), text.as_bytes())],
             now,
         )
         .await

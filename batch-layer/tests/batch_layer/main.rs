@@ -8,7 +8,7 @@ mod quarantine;
 use tally_common::deltalake::arrow::array::AsArray;
 use tally_common::deltalake::arrow::datatypes::Int64Type;
 use tally_common::lake::{Lake, Table};
-use tally_common::source::Position;
+use tally_common::source::{Position, Record};
 use tally_testkit::events::TestEvent;
 
 pub const START_MS: i64 = 1_764_000_000_000 / 86_400_000 * 86_400_000; // a UTC midnight, Nov 2025
@@ -29,9 +29,9 @@ pub fn records(events: &[TestEvent], per_record: usize, first: u64) -> Vec<(Posi
         .collect()
 }
 
-pub fn input(recs: &[(Position, Vec<u8>)]) -> Vec<(Position, &[u8])> {
+pub fn input(recs: &[(Position, Vec<u8>)]) -> Vec<Record<'_>> {
     recs.iter()
-        .map(|(p, d)| (p.clone(), d.as_slice()))
+        .map(|(p, d)| Record::new(p.clone(), d))
         .collect()
 }
 

@@ -9,7 +9,7 @@ use tally_common::bucket::MICROS_PER_HOUR;
 use tally_common::bucket::{format_ts, hour_floor, now_micros};
 use tally_common::lake::Lake;
 use tally_common::metrics::Metric;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::speed_view::SpeedView;
 use tally_speed_layer::redis_store::VIEW_KEY;
 use tally_speed_layer::{
@@ -36,9 +36,9 @@ fn records(events: &[TestEvent], per_record: usize) -> Vec<(Position, Vec<u8>)> 
         .collect()
 }
 
-fn as_input(recs: &[(Position, Vec<u8>)]) -> Vec<(Position, &[u8])> {
+fn as_input(recs: &[(Position, Vec<u8>)]) -> Vec<Record<'_>> {
     recs.iter()
-        .map(|(p, d)| (p.clone(), d.as_slice()))
+        .map(|(p, d)| Record::new(p.clone(), d))
         .collect()
 }
 
@@ -286,10 +286,10 @@ async fn redis_every_key_has_its_ttl_after_a_varied_run() {
     let l4 = line("4", "m1", "page_view", t - 3_600_000_000, Some("c3"));
     let l5 = line("5", "m1", "order", t, Some("c4"));
     let p = Position::from_u64;
-    apply_records(&speed, f.clone(), [(p(1), &l1[..])], now)
+    apply_records(&speed, f.clone(), [Record::new(p(1), &l1[..])], now)
         .await
         .unwrap();
-    apply_records(&speed, f.clone(), [(p(2), &l2[..])], now)
+    apply_records(&speed, f.clone(), [Record::new(p(2), &l2[..])], now)
         .await
         .unwrap();
     // a redelivery cut differently: m1's hour holds records 2 to 5 and its mark is 2
@@ -297,10 +297,10 @@ async fn redis_every_key_has_its_ttl_after_a_varied_run() {
         &speed,
         f.clone(),
         [
-            (p(2), &l2[..]),
-            (p(3), &l3[..]),
-            (p(4), &l4[..]),
-            (p(5), &l5[..]),
+            Record::new(p(2), &l2[..]),
+            Record::new(p(3), &l3[..]),
+            Record::new(p(4), &l4[..]),
+            Record::new(p(5), &l5[..]),
         ],
         now,
     )
@@ -360,7 +360,7 @@ async fn redis_reads_with_real_length_sequence_numbers() {
     apply_records(
         &speed,
         shard.clone(),
-        [(seq(1), &a[..]), (seq(2), &b[..])],
+        [Record::new(seq(1), &a[..]), Record::new(seq(2), &b[..])],
         now,
     )
     .await
@@ -369,7 +369,7 @@ async fn redis_reads_with_real_length_sequence_numbers() {
     let again = apply_records(
         &speed,
         shard.clone(),
-        [(seq(1), &a[..]), (seq(2), &b[..])],
+        [Record::new(seq(1), &a[..]), Record::new(seq(2), &b[..])],
         now,
     )
     .await
@@ -407,9 +407,14 @@ async fn redis_view_that_lost_its_data_covers_nothing_until_rebuilt() {
     ];
     let f = SourceId::file("f");
     let a = line("a", "m", "order", hour + 1_000_000, None);
-    let first = apply_records(&speed, f.clone(), [(Position::from_u64(1), &a[..])], now)
-        .await
-        .unwrap();
+    let first = apply_records(
+        &speed,
+        f.clone(),
+        [Record::new(Position::from_u64(1), &a[..])],
+        now,
+    )
+    .await
+    .unwrap();
     assert!(first.report.view_created);
     // a new view vouches for no hour that began before it (nor for one past the TTL)
     let r = store.read("m", &hours, &[]).await.unwrap();
@@ -431,9 +436,14 @@ async fn redis_view_that_lost_its_data_covers_nothing_until_rebuilt() {
     let r = store.read("m", &hours, &[]).await.unwrap();
     assert_eq!(r.not_covered, [0, 1, 2, 3]);
     let b = line("b", "m", "order", hour + 2_000_000, None);
-    let next = apply_records(&speed, f.clone(), [(Position::from_u64(2), &b[..])], now)
-        .await
-        .unwrap();
+    let next = apply_records(
+        &speed,
+        f.clone(),
+        [Record::new(Position::from_u64(2), &b[..])],
+        now,
+    )
+    .await
+    .unwrap();
     assert!(next.report.view_created);
     let r = store.read("m", &hours, &[]).await.unwrap();
     assert!(r.not_covered.starts_with(&[0, 1, 2]), "{:?}", r.not_covered);

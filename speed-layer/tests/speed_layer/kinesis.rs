@@ -10,9 +10,10 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
 use tally_common::metrics::Metric;
 use tally_common::shutdown::Shutdown;
+use tally_common::source::{Record, SourceId};
 use tally_common::speed_view::SpeedView;
-use tally_speed_layer::consumer::{ConsumeOptions, Consumer};
-use tally_speed_layer::{RedisStore, SpeedStore};
+use tally_speed_layer::{RedisStore, SpeedSink, SpeedStore};
+use tally_stream::{kinesis_event, ConsumeOptions, Consumer, RecordSink, SinkOutcome};
 use tally_testkit::events::{expected, generate, Expected, TestEvent};
 use tally_testkit::{MotoServer, RedisServer};
 
@@ -104,34 +105,40 @@ async fn consumer_and_lambda_agree_with_a_plain_computation_exactly_once() {
         ..Default::default()
     };
     let store_a = SpeedStore::Redis(RedisStore::connect(&redis_a.url(), 3600).await.unwrap());
-    let consumer = Consumer::new(client.clone(), STREAM, store_a.clone(), options.clone());
-    let stats = consumer.run(Shutdown::never()).await.unwrap();
+    // each run a new consumer, as after a restart
+    let consume = || async {
+        Consumer::new(
+            client.clone(),
+            STREAM,
+            SpeedSink(store_a.clone()),
+            options.clone(),
+        )
+        .run(Shutdown::never())
+        .await
+        .unwrap()
+    };
+    let stats = consume().await;
     assert_eq!(stats.accepted, 2_000);
     assert_view(&store_a, &expected(&first)).await;
 
     // a restart resumes from the checkpoints: nothing is read again
-    let again = Consumer::new(client.clone(), STREAM, store_a.clone(), options.clone())
-        .run(Shutdown::never())
-        .await
-        .unwrap();
+    let again = consume().await;
     assert_eq!(again.records, 0);
 
     // new events after the restart are applied once
     let second = generate(32, 1_000, 25, START_MS, 3);
     put(&client, &second).await;
-    let third = Consumer::new(client.clone(), STREAM, store_a.clone(), options.clone())
-        .run(Shutdown::never())
-        .await
-        .unwrap();
+    let third = consume().await;
     assert_eq!(third.accepted, 1_000);
     let all: Vec<TestEvent> = first.iter().chain(second.iter()).cloned().collect();
     assert_view(&store_a, &expected(&all)).await;
 
     // the Lambda handler fed the same records, each event delivered twice (a retry)
     let store_b = SpeedStore::Redis(RedisStore::connect(&redis_b.url(), 3600).await.unwrap());
+    let sink_b = SpeedSink(store_b.clone());
     for event in lambda_events(&client).await {
         for _ in 0..2 {
-            let resp = tally_speed_layer::lambda::handle(&store_b, event.clone()).await;
+            let resp = kinesis_event::handle(&sink_b, &event).await;
             assert!(resp.batch_item_failures.is_empty());
         }
     }
@@ -158,10 +165,11 @@ async fn lambda_reports_the_first_record_when_redis_is_down() {
             .unwrap()
             .with_max_attempts(1),
     );
+    let sink = SpeedSink(store.clone());
     let event = lambda_events(&client).await.remove(0);
     let first_seq = event.records[0].kinesis.sequence_number.clone();
     redis.stop();
-    let resp = tally_speed_layer::lambda::handle(&store, event.clone()).await;
+    let resp = kinesis_event::handle(&sink, &event).await;
     assert_eq!(resp.batch_item_failures.len(), 1);
     assert_eq!(
         resp.batch_item_failures[0].item_identifier.as_deref(),
@@ -170,7 +178,7 @@ async fn lambda_reports_the_first_record_when_redis_is_down() {
     redis.restart();
     let mut ok = false;
     for _ in 0..50 {
-        if tally_speed_layer::lambda::handle(&store, event.clone())
+        if kinesis_event::handle(&sink, &event)
             .await
             .batch_item_failures
             .is_empty()
@@ -187,17 +195,17 @@ async fn lambda_reports_the_first_record_when_redis_is_down() {
 /// A sink that holds its first few batches for longer than the emulator's
 /// iterator lifetime, so the consumer's next iterator has expired (AWS: 300 s).
 struct SlowSink {
-    inner: tally_speed_layer::consumer::SpeedSink,
+    inner: SpeedSink,
     slow_batches: std::sync::atomic::AtomicU32,
 }
 
-impl tally_speed_layer::consumer::RecordSink for SlowSink {
+impl RecordSink for SlowSink {
     async fn apply<'a>(
         &'a self,
-        source: tally_common::source::SourceId,
-        records: Vec<(tally_common::source::Position, &'a [u8])>,
+        source: &'a SourceId,
+        records: &'a [Record<'a>],
         ingest_time: i64,
-    ) -> tally_common::Result<tally_speed_layer::consumer::SinkOutcome> {
+    ) -> tally_common::Result<SinkOutcome> {
         use std::sync::atomic::Ordering;
         if self
             .slow_batches
@@ -269,7 +277,7 @@ async fn a_split_shard_and_expired_iterators_count_every_event_once() {
 
     let store = SpeedStore::Redis(RedisStore::connect(&redis.url(), 3600).await.unwrap());
     let sink = SlowSink {
-        inner: tally_speed_layer::consumer::SpeedSink(store.clone()),
+        inner: SpeedSink(store.clone()),
         slow_batches: std::sync::atomic::AtomicU32::new(2),
     };
     let options = ConsumeOptions {
@@ -277,7 +285,7 @@ async fn a_split_shard_and_expired_iterators_count_every_event_once() {
         limit: 100,
         ..Default::default()
     };
-    let stats = Consumer::with_sink(client.clone(), STREAM, sink, options)
+    let stats = Consumer::new(client.clone(), STREAM, sink, options)
         .run(Shutdown::never())
         .await
         .unwrap();

@@ -1,20 +1,23 @@
-//! `tally archive consume`: the archiver as a long-running Kinesis consumer, the
-//! same loop as `tally speed consume` with the master dataset as its sink. Its
+//! The master dataset as the stream's sink: records from a Lambda event (the
+//! archiver function, with `tally_stream::kinesis_event::handle`) or the
+//! Kinesis consumer (`tally archive consume`) go through the [`Archiver`]. Its
 //! checkpoints are the source marks the archiver commits with the data, so it
 //! keeps no state of its own.
 
-use tally_batch_layer::Archiver;
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Record, SourceId};
 use tally_common::Result;
-use tally_speed_layer::consumer::{RecordSink, SinkOutcome};
+use tally_stream::{RecordSink, SinkOutcome};
 use tokio::sync::Mutex;
 
-/// `raw_events` and `quarantine` as a [`RecordSink`].
+use crate::Archiver;
+
+/// `raw_events` and `quarantine` as a [`RecordSink`]; one batch at a time.
 pub struct ArchiveSink {
     archiver: Mutex<Archiver>,
 }
 
 impl ArchiveSink {
+    /// A sink writing with `archiver`.
     pub fn new(archiver: Archiver) -> Self {
         ArchiveSink {
             archiver: Mutex::new(archiver),
@@ -25,12 +28,12 @@ impl ArchiveSink {
 impl RecordSink for ArchiveSink {
     async fn apply<'a>(
         &'a self,
-        source: SourceId,
-        records: Vec<(Position, &'a [u8])>,
+        source: &'a SourceId,
+        records: &'a [Record<'a>],
         ingest_time: i64,
     ) -> Result<SinkOutcome> {
         let mut a = self.archiver.lock().await;
-        let r = a.archive(&source, &records, ingest_time).await?;
+        let r = a.archive(source, records, ingest_time).await?;
         Ok(SinkOutcome {
             accepted: r.accepted,
             rejected: r.quarantined,

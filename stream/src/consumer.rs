@@ -1,6 +1,6 @@
 //! A long-running Kinesis consumer: `tally speed consume` (into the speed view)
 //! and `tally archive consume` (into the master dataset) are this loop with
-//! different [`RecordSink`]s.
+//! different [`RecordSink`]s ([`consume`] runs one until SIGTERM).
 //!
 //! It lists the stream's shards, reads each from its checkpoint with
 //! GetRecords, applies every batch to the sink and then stores the checkpoint. A
@@ -18,80 +18,14 @@ use std::time::Duration;
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
 use aws_sdk_kinesis::Client;
 use tally_common::bucket::now_micros;
-use tally_common::shutdown::Shutdown;
-use tally_common::source::{Position, SourceId};
+use tally_common::shutdown::{self, Shutdown};
+use tally_common::source::{Position, Record, SourceId};
 use tally_common::{Error, Result};
 
-use crate::{apply_records, SpeedStore};
+use crate::{kinesis_client, RecordSink};
 
 const SHARD_END: &str = "SHARD_END";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// What applying one batch did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SinkOutcome {
-    /// Events accepted.
-    pub accepted: u64,
-    /// Lines rejected (kept with their reason by the sink).
-    pub rejected: u64,
-    /// Units skipped as already applied (merchant-hours, records).
-    pub skipped: u64,
-}
-
-/// Where a consumer puts a shard's records. `apply` must be idempotent per
-/// source and position (a redelivered batch changes nothing), since a crash
-/// between `apply` and `set_checkpoint` redelivers it.
-pub trait RecordSink: Send + Sync {
-    /// Apply one shard's records, in shard order.
-    fn apply<'a>(
-        &'a self,
-        source: SourceId,
-        records: Vec<(Position, &'a [u8])>,
-        ingest_time: i64,
-    ) -> impl Future<Output = Result<SinkOutcome>> + Send + 'a;
-    /// The last sequence number of `shard` known applied (or `SHARD_END`).
-    fn checkpoint(
-        &self,
-        stream: &str,
-        shard: &str,
-    ) -> impl Future<Output = Result<Option<String>>> + Send;
-    /// Record that `shard` is applied up to `value` (a sequence number or `SHARD_END`).
-    fn set_checkpoint(
-        &self,
-        stream: &str,
-        shard: &str,
-        value: &str,
-    ) -> impl Future<Output = Result<()>> + Send;
-}
-
-/// The speed view as a sink; checkpoints live in the speed store under `{stream}/{shard}`.
-pub struct SpeedSink(pub SpeedStore);
-
-impl RecordSink for SpeedSink {
-    async fn apply<'a>(
-        &'a self,
-        source: SourceId,
-        records: Vec<(Position, &'a [u8])>,
-        ingest_time: i64,
-    ) -> Result<SinkOutcome> {
-        let o = apply_records(&self.0, source, records, ingest_time).await?;
-        Ok(SinkOutcome {
-            accepted: o.accepted,
-            rejected: o.rejected,
-            skipped: o.report.skipped as u64,
-        })
-    }
-
-    async fn checkpoint(&self, stream: &str, shard: &str) -> Result<Option<String>> {
-        self.0.checkpoint(&format!("{stream}/{shard}")).await
-    }
-
-    async fn set_checkpoint(&self, stream: &str, shard: &str, value: &str) -> Result<()> {
-        self.0
-            .set_checkpoint(&format!("{stream}/{shard}"), value)
-            .await
-    }
-}
 
 /// Options of a consumer run.
 #[derive(Debug, Clone)]
@@ -126,7 +60,7 @@ pub struct ConsumeStats {
     pub accepted: u64,
     /// Lines rejected.
     pub rejected: u64,
-    /// Units skipped as already applied (see [`SinkOutcome::skipped`]).
+    /// Units skipped as already applied (see [`crate::SinkOutcome::skipped`]).
     pub skipped: u64,
     /// Failed attempts retried (sink or GetRecords).
     pub retries: u64,
@@ -151,21 +85,9 @@ pub struct Consumer<K> {
     options: ConsumeOptions,
 }
 
-impl Consumer<SpeedSink> {
-    /// A consumer of `stream` into the speed store `store`.
-    pub fn new(
-        client: Client,
-        stream: impl Into<String>,
-        store: SpeedStore,
-        options: ConsumeOptions,
-    ) -> Self {
-        Consumer::with_sink(client, stream, SpeedSink(store), options)
-    }
-}
-
 impl<K: RecordSink> Consumer<K> {
     /// A consumer of `stream` into `sink`.
-    pub fn with_sink(
+    pub fn new(
         client: Client,
         stream: impl Into<String>,
         sink: K,
@@ -438,12 +360,12 @@ impl<K: RecordSink> Consumer<K> {
             let mut input = Vec::with_capacity(n);
             for r in &records {
                 let pos = Position::parse(&r.sequence_number)?;
-                input.push((pos, r.data.as_ref()));
+                input.push(Record::new(pos, r.data.as_ref()));
             }
             let now = now_micros();
             let outcome = self
                 .retrying("applying a batch", shutdown, stats, || {
-                    self.sink.apply(source.clone(), input.clone(), now)
+                    self.sink.apply(&source, &input, now)
                 })
                 .await?;
             stats.records += n as u64;
@@ -489,4 +411,20 @@ impl From<Error> for PollError {
     fn from(e: Error) -> Self {
         PollError::Fatal(e)
     }
+}
+
+/// Consume `stream` into `sink` with a client from the environment's AWS
+/// configuration ([`kinesis_client`]) until SIGTERM or Ctrl-C (or until caught
+/// up, when `options` ask); the batch in hand is finished and checkpointed first.
+pub async fn consume<K: RecordSink>(
+    stream: &str,
+    sink: K,
+    options: ConsumeOptions,
+) -> Result<ConsumeStats> {
+    let client = kinesis_client().await;
+    let (trigger, signal) = shutdown::channel();
+    trigger.fire_on_signals();
+    Consumer::new(client, stream, sink, options)
+        .run(signal)
+        .await
 }

@@ -1,0 +1,196 @@
+//! NDJSON lines onto a Kinesis stream: grouped by merchant into records (the
+//! partition key is the merchant, so one merchant's events keep their order on
+//! one shard) and put with PutRecords, retrying only the entries that failed.
+//! `tally ingest --kinesis` and `tally gen --kinesis` use it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use tally_common::{Error, Result};
+
+/// The most a PutRecords request may carry (Kinesis: 5 MiB including partition keys).
+const MAX_PUT_RECORDS_BYTES: usize = 5 * 1024 * 1024;
+
+/// Groups NDJSON lines by merchant into records and puts them with PutRecords.
+pub struct KinesisProducer {
+    client: aws_sdk_kinesis::Client,
+    stream: String,
+    per_record: usize,
+    /// Records being filled, per partition key: data and events in it.
+    open: HashMap<String, (Vec<u8>, usize)>,
+    /// Full records waiting for PutRecords: partition key and data.
+    ready: Vec<(String, Vec<u8>)>,
+    /// Events (non-blank lines) taken.
+    pub events: u64,
+    /// Records put on the stream.
+    pub records: u64,
+    /// Entries PutRecords refused and that were sent again.
+    pub retried: u64,
+}
+
+/// The partition key of a line: its merchant id, or a fixed key for unparsable lines
+/// (they go to quarantine from any shard).
+pub fn partition_key(line: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Key<'a> {
+        #[serde(borrow)]
+        merchant_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Key<'_>>(tally_common::decode::strip_bom(line))
+        .ok()
+        .and_then(|k| k.merchant_id)
+        .filter(|m| !m.is_empty() && m.len() <= 256)
+        .map_or_else(|| "_unkeyed".to_string(), |m| m.into_owned())
+}
+
+impl KinesisProducer {
+    /// A producer onto `stream` putting records of at most `per_record` events
+    /// (NDJSON lines of one merchant; at least 1).
+    pub fn new(client: aws_sdk_kinesis::Client, stream: &str, per_record: usize) -> Self {
+        KinesisProducer {
+            client,
+            stream: stream.to_string(),
+            per_record: per_record.max(1),
+            open: Default::default(),
+            ready: Vec::new(),
+            events: 0,
+            records: 0,
+            retried: 0,
+        }
+    }
+
+    /// Take one NDJSON line (blank lines are dropped; a missing newline is
+    /// added); full records are put once 500 of them are ready.
+    pub async fn push_line(&mut self, line: &[u8]) -> Result<()> {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let key = partition_key(line);
+        let entry = self.open.entry(key.clone()).or_default();
+        entry.0.extend_from_slice(line);
+        if !line.ends_with(b"\n") {
+            entry.0.push(b'\n');
+        }
+        entry.1 += 1;
+        self.events += 1;
+        if entry.1 >= self.per_record || entry.0.len() > 512 * 1024 {
+            if let Some((data, _)) = self.open.remove(&key) {
+                self.ready.push((key, data));
+            }
+        }
+        if self.ready.len() >= 500 {
+            self.flush_ready().await?;
+        }
+        Ok(())
+    }
+
+    /// Put every record, full or not.
+    pub async fn flush_all(&mut self) -> Result<()> {
+        let open: Vec<_> = self.open.drain().map(|(k, (d, _))| (k, d)).collect();
+        self.ready.extend(open);
+        while !self.ready.is_empty() {
+            self.flush_ready().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_ready(&mut self) -> Result<()> {
+        // a PutRecords request carries at most 500 records and 5 MiB (data and
+        // partition keys together)
+        let mut take = 0;
+        let mut bytes = 0;
+        for (k, d) in self.ready.iter().take(500) {
+            let size = k.len() + d.len();
+            if take > 0 && bytes + size > MAX_PUT_RECORDS_BYTES {
+                break;
+            }
+            bytes += size;
+            take += 1;
+        }
+        let mut pending: Vec<(String, Vec<u8>)> = self.ready.drain(..take).collect();
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=10 {
+            let sent = pending.len();
+            let entries = pending
+                .iter()
+                .map(|(k, d)| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(k)
+                        .data(Blob::new(d.clone()))
+                        .build()
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| Error::Aws(format!("a PutRecords entry: {e}")))?;
+            let out = self
+                .client
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(entries))
+                .send()
+                .await;
+            let out = match out {
+                Ok(o) => o,
+                Err(e)
+                    if attempt < 10
+                        && !e.as_service_error().is_some_and(|s| {
+                            s.is_invalid_argument_exception()
+                                || s.is_resource_not_found_exception()
+                                || s.is_access_denied_exception()
+                        }) =>
+                {
+                    tracing::warn!(error = %aws_sdk_kinesis::error::DisplayErrorContext(&e), "PutRecords failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::Aws(format!(
+                        "PutRecords to {}: {}",
+                        self.stream,
+                        aws_sdk_kinesis::error::DisplayErrorContext(e)
+                    )))
+                }
+            };
+            let failed: Vec<(String, Vec<u8>)> = out
+                .records
+                .iter()
+                .zip(pending.drain(..))
+                .filter(|(r, _)| r.error_code.is_some())
+                .map(|(_, p)| p)
+                .collect();
+            self.records += (sent - failed.len()) as u64;
+            if failed.is_empty() {
+                return Ok(());
+            }
+            self.retried += failed.len() as u64;
+            pending = failed;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        Err(Error::Aws(format!(
+            "PutRecords to {}: {} entries still failing after retries",
+            self.stream,
+            pending.len()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_key;
+
+    #[test]
+    fn lines_are_keyed_by_merchant_and_unparsable_ones_share_a_key() {
+        assert_eq!(partition_key(b"{\"merchant_id\":\"m_7\",\"x\":1}\n"), "m_7");
+        assert_eq!(
+            partition_key(b"\xef\xbb\xbf{\"merchant_id\":\"m_7\"}"),
+            "m_7"
+        );
+        assert_eq!(partition_key(b"{not json"), "_unkeyed");
+        assert_eq!(partition_key(b"{\"merchant_id\":\"\"}"), "_unkeyed");
+        let long = format!("{{\"merchant_id\":\"{}\"}}", "m".repeat(257));
+        assert_eq!(partition_key(long.as_bytes()), "_unkeyed");
+    }
+}
