@@ -2,7 +2,7 @@
 //! wiring only; the work is done by the layer crates.
 
 mod archive;
-mod batch;
+mod batch_run;
 mod demo;
 mod gen;
 mod ingest;
@@ -38,7 +38,7 @@ enum Command {
     /// The batch layer: the hourly run and reprocessing of history.
     Batch {
         #[command(subcommand)]
-        command: batch::BatchCommand,
+        command: batch_run::BatchCommand,
     },
     /// Read-only SQL over the lake's tables, for analysts.
     Sql(sql::SqlArgs),
@@ -205,7 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Ingest(args) => ingest::run(args).await,
-        Command::Batch { command } => batch::run(command).await,
+        Command::Batch { command } => batch_run::run(command).await,
         Command::Sql(args) => sql::run(args).await,
         Command::Speed {
             command:
