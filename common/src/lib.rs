@@ -1,6 +1,7 @@
-//! tally's shared model: the event format and its decoder, the metric registry,
-//! UTC buckets, sources and positions, configuration, the lake handle and the
-//! error type. Knows nothing of Redis, HTTP or how the layers write.
+//! tally's shared model: the event format and its decoder, the metric registry
+//! and the metric tables' row shape, UTC buckets, sources and positions,
+//! configuration, the lake handle (with its Delta log reader) and the error
+//! type. Knows nothing of Redis, HTTP or how the layers write.
 
 //!
 //! Without the default `lake` feature only the pure parts build (decoder, metric
@@ -17,6 +18,8 @@ pub mod event;
 pub mod lake;
 #[cfg(feature = "lake")]
 pub mod marks;
+#[cfg(feature = "lake")]
+pub mod metric_table;
 pub mod metrics;
 pub mod query;
 #[cfg(feature = "lake")]
