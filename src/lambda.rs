@@ -1,6 +1,8 @@
 //! The Lambda entry point: one `bootstrap` for every function, the handler picked
-//! by name. Each handler converts its event and calls the same library code as
-//! the command line.
+//! by name. Each handler lives in its layer and calls the same library code as
+//! the command line; here is only the wiring, and the batch function's dispatch
+//! between its speed-view check and the batch layer's run
+//! ([`tally_batch_layer::run_request`]).
 
 use std::sync::Arc;
 
@@ -36,52 +38,14 @@ pub async fn run(
                 let speed = speed.clone();
                 async move {
                     let p = &event.payload;
-                    // EventBridge sends {"speed_rebuild": true} every minute: a Redis
-                    // view that lost its data is rebuilt from raw_events (usually a
-                    // look at one key that says it is whole)
+                    // EventBridge sends {"speed_rebuild": true} every minute: the speed
+                    // layer's check; anything else is the batch layer's run
                     if p["speed_rebuild"].as_bool() == Some(true) {
-                        let view = redis
-                            .get_or_try_init(|| tally_speed_layer::SpeedStore::connect(&speed))
-                            .await?;
-                        let tally_speed_layer::SpeedStore::Redis(store) = view else {
-                            return Ok(serde_json::json!({"speed_rebuild": "no Redis configured"}));
-                        };
-                        let r = tally_speed_layer::Rebuild::new(&lake, store)
-                            .settle(speed.rebuild_settle())
-                            .wait(std::time::Duration::from_secs(45))
-                            .run()
-                            .await?;
-                        return Ok::<_, lambda_runtime::Error>(serde_json::json!({
-                            "speed_rebuild": if r.complete { "whole" } else { "not yet whole" },
-                            "events": r.events, "merchant_hours": r.merchant_hours,
-                        }));
+                        return speed_rebuild(&lake, &redis, &speed).await;
                     }
-                    let run = tally_batch_layer::BatchRun::new(&lake);
-                    // Step Functions sends {"from","to"}; the hourly schedule sends an EventBridge event
-                    let run = match (p["from"].as_str(), p["to"].as_str()) {
-                        (Some(f), Some(t)) => run.reprocess(
-                            tally_common::bucket::parse_ts(f)?,
-                            tally_common::bucket::parse_ts(t)?,
-                        ),
-                        _ => run,
-                    };
-                    let r = run.execute().await?;
-                    let lag = r.watermark_after.map(|w| (tally_common::bucket::now_micros() - w) / 1_000_000);
-                    // CloudWatch embedded metric format: the watermark lag alarm reads it
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "_aws": {"Timestamp": chrono::Utc::now().timestamp_millis(),
-                                     "CloudWatchMetrics": [{"Namespace": "Tally", "Dimensions": [[]],
-                                     "Metrics": [{"Name": "BatchWatermarkLagSeconds", "Unit": "Seconds"}]}]},
-                            "BatchWatermarkLagSeconds": lag.unwrap_or(0)
-                        })
-                    );
-                    Ok::<_, lambda_runtime::Error>(serde_json::json!({
-                        "hours": r.hours, "days": r.days, "hourly_rows": r.hourly_rows,
-                        "daily_rows": r.daily_rows, "raw_version": r.raw_version,
-                        "watermark": r.watermark_after.map(tally_common::bucket::format_ts),
-                    }))
+                    Ok::<_, lambda_runtime::Error>(
+                        tally_batch_layer::run_request::handle(&lake, p).await?,
+                    )
                 }
             }))
             .await
@@ -118,4 +82,29 @@ async fn on_kinesis<K: RecordSink + 'static>(sink: K) -> anyhow::Result<()> {
     }))
     .await
     .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+}
+
+/// The batch function's every-minute check: a Redis speed view that lost its
+/// data is rebuilt from raw_events (usually a look at one key that says it is
+/// whole). `redis` is connected on the first check and kept.
+async fn speed_rebuild(
+    lake: &tally_common::lake::Lake,
+    redis: &tokio::sync::OnceCell<tally_speed_layer::SpeedStore>,
+    speed: &SpeedArgs,
+) -> Result<serde_json::Value, lambda_runtime::Error> {
+    let view = redis
+        .get_or_try_init(|| tally_speed_layer::SpeedStore::connect(speed))
+        .await?;
+    let tally_speed_layer::SpeedStore::Redis(store) = view else {
+        return Ok(serde_json::json!({"speed_rebuild": "no Redis configured"}));
+    };
+    let r = tally_speed_layer::Rebuild::new(lake, store)
+        .settle(speed.rebuild_settle())
+        .wait(std::time::Duration::from_secs(45))
+        .run()
+        .await?;
+    Ok(serde_json::json!({
+        "speed_rebuild": if r.complete { "whole" } else { "not yet whole" },
+        "events": r.events, "merchant_hours": r.merchant_hours,
+    }))
 }

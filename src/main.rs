@@ -1,7 +1,7 @@
 //! `tally`: one binary for every part of the pipeline. Argument parsing and
 //! wiring only; the work is done by the layer crates.
 
-mod batch;
+mod batch_run;
 mod demo;
 mod ingest;
 mod lambda;
@@ -37,7 +37,7 @@ enum Command {
     /// The batch layer: the hourly run and reprocessing of history.
     Batch {
         #[command(subcommand)]
-        command: batch::BatchCommand,
+        command: batch_run::BatchCommand,
     },
     /// Read-only SQL over the lake's tables, for analysts.
     Sql(sql::SqlArgs),
@@ -200,7 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Ingest(args) => ingest::run(args).await,
-        Command::Batch { command } => batch::run(command).await,
+        Command::Batch { command } => batch_run::run(command).await,
         Command::Sql(args) => sql::run(args).await,
         Command::Speed {
             command:

@@ -20,7 +20,7 @@ use deltalake::{DeltaTable, FilterOp, FilterValue};
 use object_store::path::Path;
 use object_store::ObjectStoreExt as _;
 use tally_common::bucket::date_string;
-use tally_common::lake::{Lake, Table};
+use tally_common::lake::{read_commit, FileChange, Lake, Table};
 use tally_common::{Context as _, Error, Result};
 
 use crate::archive::{backoff, is_retryable, writer_properties};
@@ -154,39 +154,23 @@ async fn optimize_commit(table: &DeltaTable, read_version: u64) -> Result<Option
         return Ok(None);
     };
     for version in (read_version + 1..=last).rev() {
-        let Some(bytes) = table
-            .log_store()
-            .read_commit_entry(version)
-            .await
-            .context(format!("reading raw_events commit {version}"))?
-        else {
+        let Some(commit) = read_commit(table, version).await? else {
             continue;
         };
-        let mut ours = false;
+        if commit.operation.as_deref() != Some("OPTIMIZE")
+            || commit.read_version != Some(read_version)
+        {
+            continue;
+        }
         let mut rewrite: Rewrite = (Vec::new(), Vec::new());
-        for line in bytes.split(|&b| b == b'\n') {
-            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
-                continue;
-            };
-            let info = &action["commitInfo"];
-            if info.is_object() {
-                ours = info["operation"].as_str() == Some("OPTIMIZE")
-                    && info["readVersion"].as_u64() == Some(read_version);
-            }
-            if let Some(path) = action["remove"]["path"].as_str() {
-                rewrite.0.push(path.to_string());
-            }
-            if let Some(path) = action["add"]["path"].as_str() {
-                let rows = action["add"]["stats"]
-                    .as_str()
-                    .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-                    .and_then(|s| s["numRecords"].as_i64());
-                rewrite.1.push((path.to_string(), rows));
+        for file in commit.files {
+            let Some(path) = file.path else { continue };
+            match file.change {
+                FileChange::Removed => rewrite.0.push(path),
+                FileChange::Added => rewrite.1.push((path, file.num_records)),
             }
         }
-        if ours {
-            return Ok(Some((version, rewrite)));
-        }
+        return Ok(Some((version, rewrite)));
     }
     Ok(None)
 }

@@ -22,7 +22,7 @@ use tally_common::bucket::{day_floor, MICROS_PER_DAY};
 use tally_common::lake::{register, Table};
 use tally_common::{Context as _, Result};
 
-use crate::job::run_query;
+use crate::sql::run_query;
 
 /// App id of the daily mark in `metrics_daily`'s log: D in days since the epoch,
 /// every day before D that holds raw data has its daily row.

@@ -1,4 +1,5 @@
-//! Which hours need the batch layer: found from the Delta log alone.
+//! Which hours need the batch layer ([`dirty_hours`]): found from the Delta log
+//! alone.
 //!
 //! The raw table's commits since the version the last run processed name, in
 //! their `add` and `remove` actions, the hour partitions whose data changed;
@@ -13,8 +14,12 @@ use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit};
 use deltalake::DeltaTable;
-use tally_common::bucket::{date_string, parse_ts, MICROS_PER_HOUR};
+use tally_common::bucket::{date_string, hours_between, parse_ts, MICROS_PER_HOUR};
+use tally_common::lake::read_commit;
+use tally_common::watermark::BatchProgress;
 use tally_common::{Context as _, Result};
+
+use crate::quarantine::{computable_hour, COMPUTABLE_FROM, COMPUTABLE_UNTIL};
 
 /// Hour start (epoch µs) of a raw partition `event_date=YYYY-MM-DD/event_hour=H`,
 /// or None when the values do not name a UTC hour exactly as the archiver writes
@@ -35,45 +40,62 @@ pub async fn hours_changed(
     after: i64,
     upto: i64,
 ) -> Result<Option<BTreeSet<i64>>> {
-    let log = raw.log_store();
     let mut hours = BTreeSet::new();
     for v in (after + 1).max(0)..=upto {
-        let Some(bytes) = log
-            .read_commit_entry(v as u64)
-            .await
-            .context(format!("reading raw_events commit {v}"))?
-        else {
+        let Some(commit) = read_commit(raw, v as u64).await? else {
             return Ok(None);
         };
-        for line in bytes.split(|&b| b == b'\n') {
-            if line.is_empty() {
-                continue;
-            }
-            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
-                continue;
-            };
-            // a delete that empties a partition leaves only a `remove`: that hour
-            // changed too, or its old metric rows would stay
-            let Some(file) = action.get("add").or_else(|| action.get("remove")) else {
-                continue;
-            };
-            if file.get("dataChange").and_then(|d| d.as_bool()) == Some(false) {
-                continue;
-            }
-            let pv = &file["partitionValues"];
-            let hour = match &pv["event_hour"] {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            };
-            if let (Some(d), Some(h)) = (pv["event_date"].as_str(), hour) {
-                if let Some(t) = partition_hour(d, &h) {
+        // added and removed files alike: a delete that empties a partition leaves
+        // only a `remove`, and that hour changed too, or its old metric rows would stay
+        for file in commit.files.iter().filter(|f| f.data_change) {
+            let pv = &file.partition_values;
+            if let (Some(d), Some(h)) = (pv.get("event_date"), pv.get("event_hour")) {
+                if let Some(t) = partition_hour(d, h) {
                     hours.insert(t);
                 }
             }
         }
     }
     Ok(Some(hours))
+}
+
+/// The hours a run computes: a reprocessing range's (`range`, epoch µs) closed
+/// hours, or the closed hours from the watermark on plus those whose raw data
+/// changed since the version the last run processed. `present` holds the hours
+/// with data, `closed_end` the end of the closed hours. Only hours the batch
+/// layer computes.
+pub(crate) async fn dirty_hours(
+    raw: &DeltaTable,
+    present: &BTreeSet<i64>,
+    progress: &BatchProgress,
+    closed_end: i64,
+    range: Option<(i64, i64)>,
+) -> Result<BTreeSet<i64>> {
+    if let Some((from, to)) = range {
+        let to = to.min(closed_end).min(COMPUTABLE_UNTIL);
+        return Ok(hours_between(from.max(COMPUTABLE_FROM), to).collect());
+    }
+    let w = progress.watermark;
+    // every hour before the new watermark is processed once this run is done:
+    // also one that a run with a later clock took and that changed since
+    let end = w.map_or(closed_end, |w| w.max(closed_end));
+    let closed = |h: &i64| *h < end && computable_hour(*h);
+    let mut d: BTreeSet<i64> = present
+        .iter()
+        .copied()
+        .filter(|h| closed(h) && w.is_none_or(|w| *h >= w))
+        .collect();
+    if let Some(v) = progress.raw_version {
+        let raw_version = raw.version().map(|v| v as i64).unwrap_or(-1);
+        match hours_changed(raw, v, raw_version).await? {
+            Some(changed) => d.extend(changed.into_iter().filter(closed)),
+            None => {
+                tracing::warn!("raw_events log entries since version {v} are gone; recomputing every closed hour");
+                d.extend(present.iter().copied().filter(closed));
+            }
+        }
+    }
+    Ok(d)
 }
 
 /// One data file of `raw_events` as the log describes it: its partition and the

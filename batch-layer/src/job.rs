@@ -1,10 +1,12 @@
 //! The batch job: `tally batch run` (the hourly run) and `tally batch reprocess`.
 //!
-//! A run finds its hours from the Delta log ([`crate::dirty`]), first moves any
-//! row it could not compute to `quarantine` ([`crate::quarantine`]), computes the
-//! hours day by day with DataFusion ([`crate::sql`]), and replaces those hours'
-//! rows of `metrics_hourly` (and complete days' rows of `metrics_daily`) with
-//! atomic Delta commits. The last hourly commit records the watermark, the raw
+//! A run is a sequence of named steps ([`BatchRun::execute`]): it finds its hours
+//! from the Delta log ([`crate::dirty`]), first moves any row it could not compute
+//! to `quarantine` ([`crate::quarantine`]), computes the hours day by day with
+//! DataFusion ([`crate::sql`]), and replaces those hours' rows of
+//! `metrics_hourly` (and complete days' rows of `metrics_daily`) with atomic
+//! Delta commits ([`crate::publish`]); a dry run compares instead
+//! ([`crate::dry_run`]). The last hourly commit records the watermark, the raw
 //! version processed and the logic version ([`tally_common::watermark`]), so a
 //! run killed at any point leaves the tables whole and the next run redoes what
 //! is missing. A day's row is written before its hours' commit, and
@@ -12,61 +14,36 @@
 //! data has its row ([`crate::daily`]): a complete day gets its row in the first
 //! run that finds it complete, whichever runs processed its hours.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::Int64Type;
-use deltalake::datafusion::logical_expr::{col, lit};
-use deltalake::datafusion::prelude::SessionContext;
+use deltalake::arrow::array::RecordBatch;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
 use tally_common::bucket::{
-    date_string, day_floor, hour_floor, hours_between, month_string, now_micros, MICROS_PER_DAY,
-    MICROS_PER_HOUR, MICROS_PER_SECOND,
+    day_floor, hour_floor, now_micros, MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_SECOND,
 };
-use tally_common::lake::{register, Lake, Table};
-use tally_common::metrics::stored_metric_names;
+use tally_common::lake::{Lake, Table};
+use tally_common::metric_table::MetricTable;
 use tally_common::watermark::{
-    read_progress, BatchProgress, LOGIC_VERSION_APP, RAW_VERSION_APP, WATERMARK_APP,
+    read_progress, BatchProgress, DEFAULT_GRACE_MINUTES, LOGIC_VERSION_APP, RAW_VERSION_APP,
+    WATERMARK_APP,
 };
 use tally_common::{Context as _, Error, Result};
 
 use crate::daily;
-use crate::dirty::{hours_changed, hours_present, raw_files};
-use crate::lock::Lease;
-use crate::publish::{
-    daily_rows, hours_predicate, read_rows, record_only, rewrite_partition, to_table_rows, ts_lit,
-};
-use crate::quarantine::{self, computable_hour, COMPUTABLE_FROM, COMPUTABLE_UNTIL};
-use crate::sql::{computable_rows, daily_sql, hourly_sql};
+use crate::dirty::{dirty_hours, hours_present, raw_files};
+use crate::dry_run::DryRunDiff;
+use crate::lock::{Lease, DEFAULT_LEASE_EXPIRY};
+use crate::publish::{record_only, replace_day, replace_hours, stored_hours};
+use crate::quarantine::{self, computable_hour};
+use crate::sql::DayQueries;
 
 /// The version of the metric logic; bump it with any change of results, then
 /// reprocess history.
 pub const LOGIC_VERSION: i32 = 1;
-
-/// Default expiry of the batch lease: a killed run blocks the next one at most this long.
-pub const DEFAULT_LEASE_EXPIRY: Duration = Duration::from_secs(120);
-
-/// Totals of the stored metrics over a set of rows (orders, gross_sales, refunds,
-/// refunded_amount, page_views, unique_customers).
-pub type Totals = [i64; 6];
-
-/// What a `--dry-run` would change.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DryRunDiff {
-    /// Merchant-hours whose stored metrics would change, appear or disappear.
-    pub merchant_hours_changed: u64,
-    /// Merchant-hours compared.
-    pub merchant_hours_compared: u64,
-    /// Totals over the range now.
-    pub totals_before: Totals,
-    /// Totals over the range after the run.
-    pub totals_after: Totals,
-}
 
 /// What a run did.
 #[derive(Debug, Clone, Default)]
@@ -112,12 +89,13 @@ pub struct BatchRun {
 }
 
 impl BatchRun {
-    /// The hourly run over `lake` as of now, with a 5 minute grace period.
+    /// The hourly run over `lake` as of now, with the default grace period
+    /// ([`DEFAULT_GRACE_MINUTES`]) and lease expiry ([`DEFAULT_LEASE_EXPIRY`]).
     pub fn new(lake: &Lake) -> Self {
         BatchRun {
             lake: lake.clone(),
             now: now_micros(),
-            grace: 5 * 60 * MICROS_PER_SECOND,
+            grace: DEFAULT_GRACE_MINUTES * 60 * MICROS_PER_SECOND,
             range: None,
             dry_run: false,
             compact: true,
@@ -188,293 +166,79 @@ impl BatchRun {
         result
     }
 
+    /// The run's steps, under the lease (none in a dry run): where the marks go,
+    /// which hours and days to compute (after moving rows that cannot be
+    /// computed to quarantine), then either the dry run's comparison or the
+    /// writes, the marks no write carried, and compaction.
     async fn execute_locked(
         &self,
         hourly: &mut DeltaTable,
         lease: Option<&Lease>,
     ) -> Result<RunReport> {
-        let mut report = RunReport::default();
         let progress = read_progress(hourly).await?;
-        report.watermark_before = progress.watermark;
+        let mut report = RunReport {
+            watermark_before: progress.watermark,
+            ..RunReport::default()
+        };
         let closed_end = hour_floor(self.now.saturating_sub(self.grace));
-        let Some(mut raw) = self.lake.open(Table::RawEvents).await? else {
+        let Some(raw) = self.lake.open(Table::RawEvents).await? else {
             return Ok(report);
         };
+        let marks = self.marks(&progress, closed_end);
+        report.watermark_after = marks.watermark;
+        let daily = self.lake.open_or_create(Table::MetricsDaily).await?;
+        let daily_mark = daily::read_mark(&daily).await?;
+        let mut run = Run {
+            job: self,
+            lease,
+            progress,
+            marks,
+            daily_mark,
+            hourly,
+            daily,
+            report,
+        };
 
-        let new_watermark = match self.range {
+        let work = run.find_work(raw).await?;
+        run.report.raw_version = Some(work.raw_version());
+        run.report.hours = work.hour_count();
+        let queries = DayQueries::new(&work.raw).await?;
+        if self.dry_run {
+            run.report.diff = Some(run.compare(&work, &queries).await?);
+            return Ok(run.report);
+        }
+        let carried = run.recompute(&work, &queries).await?;
+        run.record_marks(work.raw_version(), carried).await?;
+        run.compact(&work).await?;
+        Ok(run.report)
+    }
+
+    /// Where this run moves the watermark and the daily mark.
+    fn marks(&self, progress: &BatchProgress, closed_end: i64) -> Marks {
+        let watermark = match self.range {
             Some(_) => progress.watermark,
             None => Some(progress.watermark.map_or(closed_end, |w| w.max(closed_end))),
         };
-        report.watermark_after = new_watermark;
         // the day a daily row is due before: hourly runs keep metrics_daily's mark
-        let daily_through = match (self.range, new_watermark) {
+        let daily_through = match (self.range, watermark) {
             (None, Some(w)) => Some(day_floor(w)),
             _ => None,
         };
-        let mut daily = self.lake.open_or_create(Table::MetricsDaily).await?;
-        let daily_mark = daily::read_mark(&daily).await?;
-
-        // Rows the batch layer cannot compute leave raw_events before anything is
-        // computed, so that one row never stops the run for everyone: in every hour
-        // this run reads (the dirty hours and the whole of each day whose row it
-        // writes). Each pass screens the very snapshot then computed from.
-        let mut pass = 0;
-        let (dirty, daily_due) = loop {
-            pass += 1;
-            let files = raw_files(&raw)?;
-            let present: BTreeSet<i64> = hours_present(&files)
-                .into_iter()
-                .filter(|&h| computable_hour(h))
-                .collect();
-            let dirty = self
-                .dirty_hours(&raw, &present, &progress, closed_end)
-                .await?;
-            // Days whose daily row is computed: complete days with a dirty hour and,
-            // in an hourly run, every complete day with data that may not have its
-            // row yet (the watermark passed it in this run or in one that stopped
-            // early, or its hours were processed before the day was complete).
-            let dirty_days: BTreeSet<i64> = dirty.iter().map(|&h| day_floor(h)).collect();
-            let daily_due: BTreeSet<i64> = match daily_through {
-                Some(through) => {
-                    let mut due: BTreeSet<i64> =
-                        dirty_days.into_iter().filter(|&d| d < through).collect();
-                    due.extend(
-                        daily::unfinished_days(&daily, daily_mark, &present, through).await?,
-                    );
-                    due
-                }
-                None => dirty_days
-                    .into_iter()
-                    .filter(|&d| d + MICROS_PER_DAY <= closed_end)
-                    .collect(),
-            };
-            let read: BTreeSet<i64> = present
-                .iter()
-                .copied()
-                .filter(|h| daily_due.contains(&day_floor(*h)))
-                .chain(dirty.iter().copied())
-                .collect();
-            let bad = quarantine::screen(&raw, &files, &read, self.now).await?;
-            if bad.is_empty() {
-                break (dirty, daily_due);
-            }
-            if self.dry_run {
-                report.quarantined += bad.rows.len() as u64;
-                break (dirty, daily_due);
-            }
-            if pass > SCREEN_PASSES {
-                // a writer keeps adding such rows: the queries leave them out
-                // ([`computable_rows`]) and a later run moves them
-                tracing::warn!(
-                    rows = bad.rows.len(),
-                    "rows the batch layer cannot compute keep arriving; leaving them for the next run"
-                );
-                break (dirty, daily_due);
-            }
-            if let Some(l) = lease {
-                l.check().await?;
-            }
-            report.quarantined += quarantine::write(&self.lake, &bad).await?;
-            raw = match quarantine::delete(&raw, &bad).await? {
-                Some(t) => t,
-                None => self
-                    .lake
-                    .open(Table::RawEvents)
-                    .await?
-                    .ok_or_else(|| Error::invalid("raw_events disappeared during the run"))?,
-            };
-        };
-        let raw_version = raw.version().map(|v| v as i64).unwrap_or(-1);
-        report.raw_version = Some(raw_version);
-        report.hours = dirty.len();
-
-        let mut by_day: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-        for &h in &dirty {
-            by_day.entry(day_floor(h)).or_default().push(h);
+        Marks {
+            closed_end,
+            watermark,
+            daily_through,
         }
-        let days: BTreeSet<i64> = by_day.keys().chain(&daily_due).copied().collect();
-        let last_day = days.last().copied();
-        let last_daily = daily_due.last().copied();
-
-        let ctx = SessionContext::new();
-        register(&ctx, Table::RawEvents.name(), &raw).await?;
-        let computed_at = now_micros();
-        let mut diff = DryRunDiff::default();
-        let n_days = days.len();
-        let mut progress_recorded = false;
-        let mut mark_recorded = false;
-
-        for (i, &day) in days.iter().enumerate() {
-            let t0 = std::time::Instant::now();
-            let rows = computable_rows(Table::RawEvents.name(), day);
-            let hours = by_day.get(&day);
-            let hourly_rows = match hours {
-                Some(hours) => Some(to_table_rows(
-                    Table::MetricsHourly,
-                    &run_query(&ctx, &hourly_sql(&rows, day, hours)).await?,
-                    computed_at,
-                    &date_string(day),
-                )?),
-                None => None,
-            };
-            let daily_rows = if daily_due.contains(&day) && !self.dry_run {
-                let b = run_query(&ctx, &daily_sql(&rows, day)).await?;
-                Some(daily_rows(&b, day, computed_at)?)
-            } else {
-                None
-            };
-            report.compute_secs += t0.elapsed().as_secs_f64();
-
-            if self.dry_run {
-                if let (Some(hours), Some(after)) = (hours, &hourly_rows) {
-                    let before = existing_hourly(hourly, day, hours).await?;
-                    compare(&before, after, &mut diff)?;
-                }
-            } else {
-                if let Some(l) = lease {
-                    l.check().await?;
-                }
-                let t1 = std::time::Instant::now();
-                // The day's row before its hours: the last hourly commit records the
-                // raw version processed, after which nothing would recompute a day
-                // whose daily commit a killed run never made.
-                if let Some(rows) = daily_rows {
-                    let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
-                    let mut commit = self.commit_properties();
-                    if let (Some(through), true) = (daily_through, Some(day) == last_daily) {
-                        commit =
-                            commit.with_application_transactions(vec![daily::mark_txn(through)]);
-                        mark_recorded = true;
-                    }
-                    let month = col("month").eq(lit(month_string(day)));
-                    daily = rewrite_partition(
-                        &daily,
-                        Table::MetricsDaily,
-                        month.clone(),
-                        month.and(col("day").eq(ts_lit(day))),
-                        rows,
-                        commit,
-                    )
-                    .await?;
-                    report.daily_rows += n;
-                    report.days += 1;
-                }
-                if let (Some(hours), Some(rows)) = (hours, hourly_rows) {
-                    let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
-                    let mut commit = self.commit_properties();
-                    // a reprocessing run records no progress: the hours the last
-                    // hourly run has not seen yet stay dirty for the next one
-                    if Some(day) == last_day && self.range.is_none() {
-                        commit = commit.with_application_transactions(progress_txns(
-                            new_watermark,
-                            raw_version,
-                        ));
-                        progress_recorded = true;
-                    }
-                    *hourly = rewrite_partition(
-                        hourly,
-                        Table::MetricsHourly,
-                        col("date").eq(lit(date_string(day))),
-                        hours_predicate(day, hours),
-                        rows,
-                        commit,
-                    )
-                    .await?;
-                    report.hourly_rows += n;
-                }
-                report.write_secs += t1.elapsed().as_secs_f64();
-            }
-            if let Some(f) = &self.on_day {
-                f(i + 1, n_days);
-            }
-        }
-
-        if self.dry_run {
-            report.diff = Some(diff);
-            return Ok(report);
-        }
-        if let Some(through) = daily_through {
-            if !mark_recorded && daily_mark.is_none_or(|m| m < through) {
-                // no day was missing its row: the mark moves on alone
-                let commit = CommitProperties::default()
-                    .with_application_transactions(vec![daily::mark_txn(through)]);
-                record_only(&daily, Table::MetricsDaily, through, commit).await?;
-            }
-        }
-        if !progress_recorded
-            && self.range.is_none()
-            && (new_watermark != progress.watermark || progress.raw_version != Some(raw_version))
-        {
-            // nothing to recompute, but the watermark or the processed version moves on
-            let commit = CommitProperties::default()
-                .with_application_transactions(progress_txns(new_watermark, raw_version));
-            let w = new_watermark.unwrap_or(closed_end);
-            *hourly = record_only(hourly, Table::MetricsHourly, w, commit).await?;
-        }
-        // closed days whose raw data changed, and days that closed in this run
-        // (the watermark may pass a day in a run where none of its hours is dirty)
-        let closed_days: BTreeSet<i64> = days
-            .iter()
-            .copied()
-            .filter(|&d| match daily_through {
-                Some(through) => d < through,
-                None => d + MICROS_PER_DAY <= closed_end,
-            })
-            .collect();
-        if self.compact && !closed_days.is_empty() {
-            let t2 = std::time::Instant::now();
-            crate::compact::compact_days(&self.lake, &closed_days).await?;
-            if self.range.is_none() {
-                // once a day closes: files replaced more than the retention ago go, and
-                // readers and time travel inside the window keep theirs
-                for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily] {
-                    let n = crate::compact::vacuum(&self.lake, t, crate::compact::VACUUM_RETENTION)
-                        .await?;
-                    tracing::info!(table = t.name(), files = n, "vacuumed");
-                }
-            }
-            report.compact_secs = t2.elapsed().as_secs_f64();
-        }
-        Ok(report)
     }
 
-    /// The hours to compute: a reprocessing range's closed hours, or the closed
-    /// hours from the watermark on plus those whose raw data changed since the
-    /// version the last run processed. Only hours the batch layer computes.
-    async fn dirty_hours(
-        &self,
-        raw: &DeltaTable,
-        present: &BTreeSet<i64>,
-        progress: &BatchProgress,
-        closed_end: i64,
-    ) -> Result<BTreeSet<i64>> {
-        if let Some((from, to)) = self.range {
-            let to = to.min(closed_end).min(COMPUTABLE_UNTIL);
-            return Ok(hours_between(from.max(COMPUTABLE_FROM), to).collect());
+    /// Report a day done to the progress callback.
+    fn day_done(&self, done: usize, total: usize) {
+        if let Some(f) = &self.on_day {
+            f(done, total);
         }
-        let w = progress.watermark;
-        // every hour before the new watermark is processed once this run is done:
-        // also one that a run with a later clock took and that changed since
-        let end = w.map_or(closed_end, |w| w.max(closed_end));
-        let closed = |h: &i64| *h < end && computable_hour(*h);
-        let mut d: BTreeSet<i64> = present
-            .iter()
-            .copied()
-            .filter(|h| closed(h) && w.is_none_or(|w| *h >= w))
-            .collect();
-        if let Some(v) = progress.raw_version {
-            let raw_version = raw.version().map(|v| v as i64).unwrap_or(-1);
-            match hours_changed(raw, v, raw_version).await? {
-                Some(changed) => d.extend(changed.into_iter().filter(closed)),
-                None => {
-                    tracing::warn!("raw_events log entries since version {v} are gone; recomputing every closed hour");
-                    d.extend(present.iter().copied().filter(closed));
-                }
-            }
-        }
-        Ok(d)
     }
 
+    /// What every row commit of this run says about itself in the Delta log.
     fn commit_properties(&self) -> CommitProperties {
         CommitProperties::default().with_metadata([
             (
@@ -497,6 +261,7 @@ impl BatchRun {
 /// (each pass only finds rows committed during the one before).
 const SCREEN_PASSES: u32 = 4;
 
+/// The `txn` actions recording a run's progress ([`tally_common::watermark`]).
 fn progress_txns(watermark: Option<i64>, raw_version: i64) -> Vec<Transaction> {
     let now = chrono::Utc::now().timestamp_millis();
     let mut t = vec![
@@ -513,67 +278,310 @@ fn progress_txns(watermark: Option<i64>, raw_version: i64) -> Vec<Transaction> {
     t
 }
 
-pub(crate) async fn run_query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
-    ctx.sql(sql)
-        .await
-        .context("planning the metrics query")?
-        .collect()
-        .await
-        .context("running the metrics query")
+/// Where a run moves the batch layer's marks.
+struct Marks {
+    /// Hours starting before this are closed (epoch µs).
+    closed_end: i64,
+    /// The watermark after the run (a reprocessing run leaves it as it is).
+    watermark: Option<i64>,
+    /// In an hourly run, the day before which every day with data has its daily
+    /// row after the run (`metrics_daily`'s mark); None when reprocessing.
+    daily_through: Option<i64>,
 }
 
-type RowKey = (String, i64);
+impl Marks {
+    /// Whether the day starting at `day` is complete as far as this run goes:
+    /// before the daily mark in an hourly run, wholly closed when reprocessing.
+    fn day_complete(&self, day: i64) -> bool {
+        match self.daily_through {
+            Some(through) => day < through,
+            None => day + MICROS_PER_DAY <= self.closed_end,
+        }
+    }
+}
 
-fn metric_rows(batches: &[RecordBatch], time_col: &str) -> Result<HashMap<RowKey, Totals>> {
-    let mut out = HashMap::new();
-    for b in batches {
-        let m = b
-            .column_by_name("merchant_id")
-            .ok_or_else(|| Error::invalid("no merchant_id"))?;
-        let m = cast(m, &deltalake::arrow::datatypes::DataType::Utf8).context("merchant_id")?;
-        let m = m.as_string::<i32>();
-        let t = b
-            .column_by_name(time_col)
-            .ok_or_else(|| Error::invalid("no time column"))?;
-        let t = cast(t, &deltalake::arrow::datatypes::DataType::Int64).context("time column")?;
-        let t = t.as_primitive::<Int64Type>();
-        let cols: Vec<_> = stored_metric_names()
-            .map(|n| {
-                b.column_by_name(n)
-                    .map(|c| c.as_primitive::<Int64Type>().clone())
-            })
-            .collect();
-        for i in 0..b.num_rows() {
-            let mut v = [0i64; 6];
-            for (j, c) in cols.iter().enumerate() {
-                if let Some(c) = c {
-                    v[j] = if c.is_null(i) { 0 } else { c.value(i) };
-                }
+/// What a run computes, found before anything is computed.
+struct Work {
+    /// The `raw_events` snapshot screened, and computed from.
+    raw: DeltaTable,
+    /// The hours to recompute, by day.
+    hours: BTreeMap<i64, Vec<i64>>,
+    /// Complete days whose daily row is computed.
+    daily_due: BTreeSet<i64>,
+}
+
+impl Work {
+    fn new(raw: DeltaTable, dirty: BTreeSet<i64>, daily_due: BTreeSet<i64>) -> Self {
+        let mut hours: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        for h in dirty {
+            hours.entry(day_floor(h)).or_default().push(h);
+        }
+        Work {
+            raw,
+            hours,
+            daily_due,
+        }
+    }
+
+    /// The `raw_events` version computed from (-1: an empty table).
+    fn raw_version(&self) -> i64 {
+        self.raw.version().map(|v| v as i64).unwrap_or(-1)
+    }
+
+    /// Hours to recompute, on every day.
+    fn hour_count(&self) -> usize {
+        self.hours.values().map(Vec::len).sum()
+    }
+
+    /// Every day the run computes: days with hours to recompute, and days whose
+    /// daily row is due.
+    fn days(&self) -> BTreeSet<i64> {
+        self.hours.keys().chain(&self.daily_due).copied().collect()
+    }
+}
+
+/// Which marks the run's row commits carried.
+#[derive(Default)]
+struct Carried {
+    /// The watermark and raw version, on the last hourly commit.
+    progress: bool,
+    /// The daily mark, on the last daily commit.
+    daily_mark: bool,
+}
+
+/// One run under way: what its steps share.
+struct Run<'a> {
+    job: &'a BatchRun,
+    lease: Option<&'a Lease>,
+    /// The progress recorded before the run.
+    progress: BatchProgress,
+    marks: Marks,
+    /// `metrics_daily`'s mark before the run.
+    daily_mark: Option<i64>,
+    hourly: &'a mut DeltaTable,
+    daily: DeltaTable,
+    report: RunReport,
+}
+
+impl Run<'_> {
+    /// The hours and days to compute. Rows the batch layer cannot compute leave
+    /// raw_events before anything is computed, so that one row never stops the
+    /// run for everyone: in every hour this run reads (the dirty hours and the
+    /// whole of each day whose row it writes). Each pass screens the very
+    /// snapshot then computed from.
+    async fn find_work(&mut self, mut raw: DeltaTable) -> Result<Work> {
+        let job = self.job;
+        let mut pass = 0;
+        loop {
+            pass += 1;
+            let files = raw_files(&raw)?;
+            let present: BTreeSet<i64> = hours_present(&files)
+                .into_iter()
+                .filter(|&h| computable_hour(h))
+                .collect();
+            let dirty = dirty_hours(
+                &raw,
+                &present,
+                &self.progress,
+                self.marks.closed_end,
+                job.range,
+            )
+            .await?;
+            let daily_due = self.daily_due(&dirty, &present).await?;
+            let read: BTreeSet<i64> = present
+                .iter()
+                .copied()
+                .filter(|h| daily_due.contains(&day_floor(*h)))
+                .chain(dirty.iter().copied())
+                .collect();
+            let bad = quarantine::screen(&raw, &files, &read, job.now).await?;
+            if bad.is_empty() {
+                return Ok(Work::new(raw, dirty, daily_due));
             }
-            out.insert((m.value(i).to_string(), t.value(i)), v);
+            if job.dry_run {
+                self.report.quarantined += bad.rows.len() as u64;
+                return Ok(Work::new(raw, dirty, daily_due));
+            }
+            if pass > SCREEN_PASSES {
+                // a writer keeps adding such rows: the queries leave them out
+                // ([`computable_rows`]) and a later run moves them
+                tracing::warn!(
+                    rows = bad.rows.len(),
+                    "rows the batch layer cannot compute keep arriving; leaving them for the next run"
+                );
+                return Ok(Work::new(raw, dirty, daily_due));
+            }
+            self.check_lease().await?;
+            self.report.quarantined += quarantine::write(&job.lake, &bad).await?;
+            raw = match quarantine::delete(&raw, &bad).await? {
+                Some(t) => t,
+                None => job
+                    .lake
+                    .open(Table::RawEvents)
+                    .await?
+                    .ok_or_else(|| Error::invalid("raw_events disappeared during the run"))?,
+            };
         }
     }
-    Ok(out)
-}
 
-async fn existing_hourly(hourly: &DeltaTable, day: i64, hours: &[i64]) -> Result<Vec<RecordBatch>> {
-    read_rows(hourly, Table::MetricsHourly, hours_predicate(day, hours)).await
-}
-
-fn compare(before: &[RecordBatch], after: &[RecordBatch], diff: &mut DryRunDiff) -> Result<()> {
-    let b = metric_rows(before, "hour")?;
-    let a = metric_rows(after, "hour")?;
-    let keys: BTreeSet<&RowKey> = b.keys().chain(a.keys()).collect();
-    for k in keys {
-        diff.merchant_hours_compared += 1;
-        let (x, y) = (b.get(k), a.get(k));
-        if x != y {
-            diff.merchant_hours_changed += 1;
+    /// Days whose daily row is computed: complete days with a dirty hour and, in
+    /// an hourly run, every complete day with data that may not have its row yet
+    /// (the watermark passed it in this run or in one that stopped early, or its
+    /// hours were processed before the day was complete).
+    async fn daily_due(
+        &self,
+        dirty: &BTreeSet<i64>,
+        present: &BTreeSet<i64>,
+    ) -> Result<BTreeSet<i64>> {
+        let mut due: BTreeSet<i64> = dirty
+            .iter()
+            .map(|&h| day_floor(h))
+            .filter(|&d| self.marks.day_complete(d))
+            .collect();
+        if let Some(through) = self.marks.daily_through {
+            due.extend(
+                daily::unfinished_days(&self.daily, self.daily_mark, present, through).await?,
+            );
         }
-        for j in 0..6 {
-            diff.totals_before[j] += x.map_or(0, |v| v[j]);
-            diff.totals_after[j] += y.map_or(0, |v| v[j]);
+        Ok(due)
+    }
+
+    /// A dry run: compute the hours and compare them with what `metrics_hourly`
+    /// holds; nothing is written (daily rows are not computed).
+    async fn compare(&mut self, work: &Work, queries: &DayQueries) -> Result<DryRunDiff> {
+        let days = work.days();
+        let mut diff = DryRunDiff::default();
+        for (i, &day) in days.iter().enumerate() {
+            if let Some(hours) = work.hours.get(&day) {
+                let t0 = Instant::now();
+                let after = queries.hourly(day, hours).await?;
+                self.report.compute_secs += t0.elapsed().as_secs_f64();
+                let before = stored_hours(self.hourly, day, hours).await?;
+                diff.add(&before, &after)?;
+            }
+            self.job.day_done(i + 1, days.len());
+        }
+        Ok(diff)
+    }
+
+    /// Compute and write day by day. The last daily commit carries the daily
+    /// mark and, in an hourly run, the last hourly commit the progress.
+    async fn recompute(&mut self, work: &Work, queries: &DayQueries) -> Result<Carried> {
+        let days = work.days();
+        let last_day = days.last().copied();
+        let last_daily = work.daily_due.last().copied();
+        let mut carried = Carried::default();
+        for (i, &day) in days.iter().enumerate() {
+            let t0 = Instant::now();
+            let hours = work.hours.get(&day);
+            let hourly_rows = match hours {
+                Some(hours) => Some(queries.hourly(day, hours).await?),
+                None => None,
+            };
+            let daily_rows = match work.daily_due.contains(&day) {
+                true => Some(queries.daily(day).await?),
+                false => None,
+            };
+            self.report.compute_secs += t0.elapsed().as_secs_f64();
+
+            self.check_lease().await?;
+            let t1 = Instant::now();
+            // The day's row before its hours: the last hourly commit records the
+            // raw version processed, after which nothing would recompute a day
+            // whose daily commit a killed run never made.
+            if let Some(rows) = daily_rows {
+                let mut commit = self.job.commit_properties();
+                if let (Some(through), true) = (self.marks.daily_through, Some(day) == last_daily) {
+                    commit = commit.with_application_transactions(vec![daily::mark_txn(through)]);
+                    carried.daily_mark = true;
+                }
+                let n = row_count(&rows);
+                self.daily = replace_day(&self.daily, day, rows, commit).await?;
+                self.report.daily_rows += n;
+                self.report.days += 1;
+            }
+            if let (Some(hours), Some(rows)) = (hours, hourly_rows) {
+                let mut commit = self.job.commit_properties();
+                // a reprocessing run records no progress: the hours the last
+                // hourly run has not seen yet stay dirty for the next one
+                if Some(day) == last_day && self.job.range.is_none() {
+                    commit = commit.with_application_transactions(progress_txns(
+                        self.marks.watermark,
+                        work.raw_version(),
+                    ));
+                    carried.progress = true;
+                }
+                let n = row_count(&rows);
+                *self.hourly = replace_hours(self.hourly, day, hours, rows, commit).await?;
+                self.report.hourly_rows += n;
+            }
+            self.report.write_secs += t1.elapsed().as_secs_f64();
+            self.job.day_done(i + 1, days.len());
+        }
+        Ok(carried)
+    }
+
+    /// Commit the marks that no row commit carried: the daily mark moves on alone
+    /// when no day was missing its row, and the watermark or the processed
+    /// version when there was nothing to recompute.
+    async fn record_marks(&mut self, raw_version: i64, carried: Carried) -> Result<()> {
+        if let Some(through) = self.marks.daily_through {
+            if !carried.daily_mark && self.daily_mark.is_none_or(|m| m < through) {
+                let commit = CommitProperties::default()
+                    .with_application_transactions(vec![daily::mark_txn(through)]);
+                record_only(&self.daily, MetricTable::Daily, through, commit).await?;
+            }
+        }
+        let watermark = self.marks.watermark;
+        if !carried.progress
+            && self.job.range.is_none()
+            && (watermark != self.progress.watermark
+                || self.progress.raw_version != Some(raw_version))
+        {
+            let commit = CommitProperties::default()
+                .with_application_transactions(progress_txns(watermark, raw_version));
+            let w = watermark.unwrap_or(self.marks.closed_end);
+            *self.hourly = record_only(self.hourly, MetricTable::Hourly, w, commit).await?;
+        }
+        Ok(())
+    }
+
+    /// Compact the raw partitions of closed days whose raw data changed and of
+    /// days that closed in this run (the watermark may pass a day in a run where
+    /// none of its hours is dirty); an hourly run then vacuums.
+    async fn compact(&mut self, work: &Work) -> Result<()> {
+        let closed_days: BTreeSet<i64> = work
+            .days()
+            .into_iter()
+            .filter(|&d| self.marks.day_complete(d))
+            .collect();
+        if !self.job.compact || closed_days.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let lake = &self.job.lake;
+        crate::compact::compact_days(lake, &closed_days).await?;
+        if self.job.range.is_none() {
+            // once a day closes: files replaced more than the retention ago go, and
+            // readers and time travel inside the window keep theirs
+            for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily] {
+                let n = crate::compact::vacuum(lake, t, crate::compact::VACUUM_RETENTION).await?;
+                tracing::info!(table = t.name(), files = n, "vacuumed");
+            }
+        }
+        self.report.compact_secs = t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Fail when another run has taken the lease over.
+    async fn check_lease(&self) -> Result<()> {
+        match self.lease {
+            Some(l) => l.check().await,
+            None => Ok(()),
         }
     }
-    Ok(())
+}
+
+fn row_count(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.num_rows() as u64).sum()
 }

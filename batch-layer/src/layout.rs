@@ -9,6 +9,7 @@
 use deltalake::parquet::basic::{Compression, Encoding};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::parquet::schema::types::ColumnPath;
+use tally_common::metric_table::MERCHANT_COLUMN;
 
 /// Writer properties of `metrics_hourly` and `metrics_daily`:
 /// - pages of 1,024 rows: a merchant's day is 24 sorted rows, so a lookup
@@ -32,6 +33,9 @@ pub fn metric_writer_properties() -> WriterProperties {
         .set_data_page_row_count_limit(1024)
         .set_dictionary_enabled(false)
         .set_encoding(Encoding::DELTA_BINARY_PACKED)
-        .set_column_encoding(ColumnPath::from("merchant_id"), Encoding::DELTA_BYTE_ARRAY)
+        .set_column_encoding(
+            ColumnPath::from(MERCHANT_COLUMN),
+            Encoding::DELTA_BYTE_ARRAY,
+        )
         .build()
 }

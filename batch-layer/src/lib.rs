@@ -2,6 +2,14 @@
 //! Delta Lake idempotently, compaction, and the hourly DataFusion job with its
 //! watermark and reprocessing over history.
 //!
+//! The batch run ([`job`]) and the modules of its steps: the hours to compute,
+//! from the Delta log ([`dirty`]); rows it cannot compute, moved to quarantine
+//! ([`quarantine`]); the metric SQL ([`sql`]); the metric tables' reads and
+//! writes ([`publish`], files laid out by [`layout`]); complete days' rows and
+//! their mark ([`daily`]); a dry run's comparison ([`dry_run`]); compaction and
+//! vacuum ([`compact`]); the lease that keeps runs apart ([`lock`]). The batch
+//! Lambda's body, a run requested by an event, is [`run_request`].
+//!
 //! The stream reaches the archiver through [`ArchiveSink`], the layer's
 //! `tally_stream::RecordSink`: the archiver Lambda function is that sink with
 //! `tally_stream::kinesis_event::handle`, `tally archive consume` the same sink
@@ -12,6 +20,7 @@ pub mod archive_sink;
 pub mod compact;
 pub mod daily;
 pub mod dirty;
+pub mod dry_run;
 pub mod job;
 pub mod layout;
 pub mod lock;
@@ -19,8 +28,10 @@ pub mod lock;
 pub use tally_common::marks;
 pub mod publish;
 pub mod quarantine;
+pub mod run_request;
 pub mod sql;
 
 pub use archive::{ArchiveReport, Archiver};
 pub use archive_sink::ArchiveSink;
+pub use dry_run::DryRunDiff;
 pub use job::{BatchRun, RunReport, LOGIC_VERSION};

@@ -18,7 +18,12 @@ use futures::TryStreamExt as _;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutMode};
 use tally_common::bucket::now_micros;
+use tally_common::config::DEFAULT_LEASE_SECS;
 use tally_common::{Error, Result};
+
+/// Default expiry of the batch lease: a killed run blocks the next one at most
+/// this long (`--lease-secs`, [`DEFAULT_LEASE_SECS`]).
+pub const DEFAULT_LEASE_EXPIRY: Duration = Duration::from_secs(DEFAULT_LEASE_SECS);
 
 const LEASE_DIR: &str = "_tally/lease";
 
@@ -33,7 +38,16 @@ struct State {
     released: bool,
 }
 
-fn body(owner: &str, released: bool) -> object_store::PutPayload {
+/// What a generation's holder writes: that it holds the lease (taking or
+/// renewing it), or that it let it go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holding {
+    Held,
+    Released,
+}
+
+fn body(owner: &str, holding: Holding) -> object_store::PutPayload {
+    let released = holding == Holding::Released;
     serde_json::json!({"owner": owner, "since": now_micros(), "released": released})
         .to_string()
         .into()
@@ -92,7 +106,10 @@ fn renew(
                 tracing::error!("the batch lease was taken over; this run no longer holds it");
                 return;
             }
-            if let Err(e) = store.put(&path(generation), body(&owner, false)).await {
+            if let Err(e) = store
+                .put(&path(generation), body(&owner, Holding::Held))
+                .await
+            {
                 tracing::warn!(error = %e, "could not renew the batch lease");
             }
         }
@@ -131,7 +148,11 @@ impl Lease {
             }
             let next = current.map_or(0, |g| g + 1);
             match store
-                .put_opts(&path(next), body(&owner, false), PutMode::Create.into())
+                .put_opts(
+                    &path(next),
+                    body(&owner, Holding::Held),
+                    PutMode::Create.into(),
+                )
                 .await
             {
                 Ok(_) => {
@@ -177,7 +198,7 @@ impl Lease {
                 if s.owner == self.owner {
                     let _ = self
                         .store
-                        .put(&path(self.generation), body(&self.owner, true))
+                        .put(&path(self.generation), body(&self.owner, Holding::Released))
                         .await;
                 }
             }

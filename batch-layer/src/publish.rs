@@ -1,11 +1,14 @@
-//! Publishing metric rows: query output shaped to the metric tables' schemas
-//! and written with atomic Delta commits that replace whole partitions, sorted by
+//! The metric tables' I/O: query output shaped to the metric tables' schemas
+//! ([`MetricTable`]) and written with atomic Delta commits that replace a day's
+//! row or some hours' rows by rewriting their whole partition, sorted by
 //! merchant and time ([`crate::layout`]), or that only record the run's
-//! transactions.
+//! transactions; and the rows a run replaces, read back.
 
 use std::sync::Arc;
 
-use deltalake::arrow::array::{ArrayRef, RecordBatch};
+use deltalake::arrow::array::{
+    ArrayRef, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use deltalake::arrow::compute::{
     cast, concat_batches, lexsort_to_indices, take_record_batch, SortColumn,
 };
@@ -16,8 +19,9 @@ use deltalake::datafusion::scalar::ScalarValue;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
-use tally_common::bucket::{date_string, month_string, MICROS_PER_HOUR};
-use tally_common::lake::{register, Table};
+use tally_common::bucket::MICROS_PER_HOUR;
+use tally_common::lake::register;
+use tally_common::metric_table::{MetricTable, MERCHANT_COLUMN};
 use tally_common::{Context as _, Error, Result};
 
 use crate::job::LOGIC_VERSION;
@@ -27,14 +31,11 @@ use crate::layout::metric_writer_properties;
 /// transactions (progress or the daily mark).
 pub(crate) async fn record_only(
     table: &DeltaTable,
-    kind: Table,
+    kind: MetricTable,
     at: i64,
     commit: CommitProperties,
 ) -> Result<DeltaTable> {
-    let time = match kind {
-        Table::MetricsDaily => "day",
-        _ => "hour",
-    };
+    let time = kind.time_column();
     let never = col(time).gt_eq(ts_lit(at)).and(col(time).lt(ts_lit(at)));
     replace_rows(table, kind, Vec::new(), never, commit).await
 }
@@ -46,8 +47,14 @@ pub(crate) fn ts_lit(t: i64) -> Expr {
     ))
 }
 
+/// The partition of `kind` holding the bucket that starts at `t`.
+fn partition_of(kind: MetricTable, t: i64) -> Expr {
+    col(kind.partition_column()).eq(lit(kind.partition_of(t)))
+}
+
 /// `date = D AND (hour in contiguous runs of the given hours)`.
 pub(crate) fn hours_predicate(day: i64, hours: &[i64]) -> Expr {
+    let hour = MetricTable::Hourly.time_column();
     let mut runs: Vec<(i64, i64)> = Vec::new();
     for &h in hours {
         match runs.last_mut() {
@@ -57,73 +64,83 @@ pub(crate) fn hours_predicate(day: i64, hours: &[i64]) -> Expr {
     }
     let any = runs
         .into_iter()
-        .map(|(a, b)| col("hour").gt_eq(ts_lit(a)).and(col("hour").lt(ts_lit(b))))
+        .map(|(a, b)| col(hour).gt_eq(ts_lit(a)).and(col(hour).lt(ts_lit(b))))
         .reduce(Expr::or)
         .unwrap_or(lit(false));
-    col("date").eq(lit(date_string(day))).and(any)
+    partition_of(MetricTable::Hourly, day).and(any)
 }
 
-/// Query output plus `computed_at`, `logic_version` and the partition column, cast to the table's schema.
-pub(crate) fn to_table_rows(
-    table: Table,
-    batches: &[RecordBatch],
-    computed_at: i64,
-    partition: &str,
+/// Replace the `metrics_hourly` rows of `hours` (all on `day`) with `rows`, in one
+/// commit carrying `commit`; returns the table at the new version.
+pub(crate) async fn replace_hours(
+    hourly: &DeltaTable,
+    day: i64,
+    hours: &[i64],
+    rows: Vec<RecordBatch>,
+    commit: CommitProperties,
+) -> Result<DeltaTable> {
+    rewrite_partition(
+        hourly,
+        MetricTable::Hourly,
+        partition_of(MetricTable::Hourly, day),
+        hours_predicate(day, hours),
+        rows,
+        commit,
+    )
+    .await
+}
+
+/// Replace the `metrics_daily` rows of `day` with `rows`, in one commit carrying
+/// `commit`; returns the table at the new version.
+pub(crate) async fn replace_day(
+    daily: &DeltaTable,
+    day: i64,
+    rows: Vec<RecordBatch>,
+    commit: CommitProperties,
+) -> Result<DeltaTable> {
+    let kind = MetricTable::Daily;
+    let month = partition_of(kind, day);
+    let the_day = month.clone().and(col(kind.time_column()).eq(ts_lit(day)));
+    rewrite_partition(daily, kind, month, the_day, rows, commit).await
+}
+
+/// The `metrics_hourly` rows of `hours` (all on `day`) as stored now.
+pub(crate) async fn stored_hours(
+    hourly: &DeltaTable,
+    day: i64,
+    hours: &[i64],
 ) -> Result<Vec<RecordBatch>> {
-    batches
-        .iter()
-        .filter(|b| b.num_rows() > 0)
-        .map(|b| {
-            finish_rows(
-                table,
-                b.columns().to_vec(),
-                b.num_rows(),
-                computed_at,
-                partition,
-            )
-        })
-        .collect()
+    read_rows(hourly, MetricTable::Hourly, hours_predicate(day, hours)).await
 }
 
-fn finish_rows(
-    table: Table,
-    mut cols: Vec<ArrayRef>,
-    n: usize,
-    computed_at: i64,
-    partition: &str,
-) -> Result<RecordBatch> {
-    cols.push(Arc::new(
-        deltalake::arrow::array::TimestampMicrosecondArray::from(vec![computed_at; n])
-            .with_timezone("UTC"),
-    ));
-    cols.push(Arc::new(deltalake::arrow::array::Int32Array::from(
-        vec![LOGIC_VERSION; n],
-    )));
-    cols.push(Arc::new(deltalake::arrow::array::StringArray::from(
-        vec![partition; n],
-    )));
-    conform(&table.schema(), cols)
-}
-
-/// Daily query output (merchant, metrics...) with the `day` column put in second place.
-pub(crate) fn daily_rows(
+/// Query output shaped to `kind`'s schema: the hourly query's columns
+/// (merchant, hour, metrics...) or the daily query's (merchant, metrics...: the
+/// `day` column goes in second place), then `computed_at`, `logic_version` and
+/// the partition column of `day`, each cast to the table's type.
+pub(crate) fn table_rows(
+    kind: MetricTable,
     batches: &[RecordBatch],
     day: i64,
     computed_at: i64,
 ) -> Result<Vec<RecordBatch>> {
-    let month = month_string(day);
+    let partition = kind.partition_of(day);
+    let utc_micros = |t: i64, n: usize| -> ArrayRef {
+        Arc::new(TimestampMicrosecondArray::from(vec![t; n]).with_timezone("UTC"))
+    };
     batches
         .iter()
         .filter(|b| b.num_rows() > 0)
         .map(|b| {
             let n = b.num_rows();
-            let mut cols: Vec<ArrayRef> = vec![b.column(0).clone()];
-            cols.push(Arc::new(
-                deltalake::arrow::array::TimestampMicrosecondArray::from(vec![day; n])
-                    .with_timezone("UTC"),
-            ));
-            cols.extend(b.columns()[1..].iter().cloned());
-            finish_rows(Table::MetricsDaily, cols, n, computed_at, &month)
+            let mut cols = b.columns().to_vec();
+            if kind == MetricTable::Daily {
+                // the daily query has no time column: every row is the day's
+                cols.insert(1, utc_micros(day, n));
+            }
+            cols.push(utc_micros(computed_at, n));
+            cols.push(Arc::new(Int32Array::from(vec![LOGIC_VERSION; n])));
+            cols.push(Arc::new(StringArray::from(vec![partition.as_str(); n])));
+            conform(&kind.table().schema(), cols)
         })
         .collect()
 }
@@ -150,9 +167,10 @@ fn conform(schema: &SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
     RecordBatch::try_new(schema.clone(), cols).context("shaping metric rows")
 }
 
-pub(crate) async fn replace_rows(
+/// Replace the rows of `table` matching `predicate` with `rows`, in one commit.
+async fn replace_rows(
     table: &DeltaTable,
-    kind: Table,
+    kind: MetricTable,
     rows: Vec<RecordBatch>,
     predicate: Expr,
     commit: CommitProperties,
@@ -160,7 +178,7 @@ pub(crate) async fn replace_rows(
     // an empty replacement still commits: it removes the hours' old rows (or only
     // records progress)
     let rows = if rows.is_empty() {
-        vec![RecordBatch::new_empty(kind.schema())]
+        vec![RecordBatch::new_empty(kind.table().schema())]
     } else {
         rows
     };
@@ -169,7 +187,7 @@ pub(crate) async fn replace_rows(
         .write(rows)
         .with_save_mode(SaveMode::Overwrite)
         .with_replace_where(predicate)
-        .with_partition_columns(kind.partition_columns().iter().copied())
+        .with_partition_columns([kind.partition_column()])
         .with_writer_properties(metric_writer_properties())
         .with_commit_properties(commit)
         .await
@@ -181,9 +199,9 @@ pub(crate) async fn replace_rows(
 /// back and everything is written sorted by merchant and time, so a partition
 /// stays one file a lookup of one merchant reads a page or two of
 /// ([`crate::layout`]).
-pub(crate) async fn rewrite_partition(
+async fn rewrite_partition(
     table: &DeltaTable,
-    kind: Table,
+    kind: MetricTable,
     partition: Expr,
     replaced: Expr,
     rows: Vec<RecordBatch>,
@@ -195,9 +213,9 @@ pub(crate) async fn rewrite_partition(
 }
 
 /// The rows of `table` matching `filter`, in the table's column order and types.
-pub(crate) async fn read_rows(
+async fn read_rows(
     table: &DeltaTable,
-    kind: Table,
+    kind: MetricTable,
     filter: Expr,
 ) -> Result<Vec<RecordBatch>> {
     if table.snapshot().is_err() {
@@ -205,7 +223,7 @@ pub(crate) async fn read_rows(
     }
     let ctx = SessionContext::new();
     register(&ctx, kind.name(), table).await?;
-    let schema = kind.schema();
+    let schema = kind.table().schema();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let batches = ctx
         .table(kind.name())
@@ -226,16 +244,12 @@ pub(crate) async fn read_rows(
 }
 
 /// One batch sorted by `merchant_id`, then the table's time column.
-fn sorted_by_merchant(kind: Table, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+fn sorted_by_merchant(kind: MetricTable, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
     if batches.iter().all(|b| b.num_rows() == 0) {
         return Ok(Vec::new());
     }
-    let schema = kind.schema();
+    let schema = kind.table().schema();
     let all = concat_batches(&schema, &batches).context("gathering metric rows")?;
-    let time = match kind {
-        Table::MetricsDaily => "day",
-        _ => "hour",
-    };
     let key = |name: &str| -> Result<SortColumn> {
         Ok(SortColumn {
             values: all
@@ -245,7 +259,7 @@ fn sorted_by_merchant(kind: Table, batches: Vec<RecordBatch>) -> Result<Vec<Reco
             options: None,
         })
     };
-    let order = lexsort_to_indices(&[key("merchant_id")?, key(time)?], None)
+    let order = lexsort_to_indices(&[key(MERCHANT_COLUMN)?, key(kind.time_column())?], None)
         .context("sorting metric rows")?;
     Ok(vec![
         take_record_batch(&all, &order).context("sorting metric rows")?

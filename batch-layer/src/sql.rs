@@ -1,4 +1,5 @@
-//! The batch layer's SQL, generated from the metric registry.
+//! The batch layer's SQL, generated from the metric registry, and its running
+//! over a `raw_events` snapshot ([`DayQueries`]).
 //!
 //! Both queries deduplicate by (merchant, `event_id`) within an hour, then
 //! aggregate in two levels with [`aggregate_sql`] (per customer, then per
@@ -16,8 +17,16 @@
 //! [`computable_rows`], which leaves out a row the batch layer cannot compute
 //! ([`crate::quarantine`] moves such rows out of `raw_events` first).
 
-use tally_common::bucket::{date_string, hour_of_day, MICROS_PER_HOUR};
+use deltalake::arrow::array::RecordBatch;
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use tally_common::bucket::{date_string, hour_of_day, now_micros, MICROS_PER_HOUR};
+use tally_common::lake::{register, Table};
+use tally_common::metric_table::MetricTable;
 use tally_common::metrics::aggregate_sql;
+use tally_common::{Context as _, Result};
+
+use crate::publish::table_rows;
 
 use crate::quarantine::computable_row_sql;
 
@@ -83,6 +92,49 @@ pub fn daily_sql(table: &str, day: i64) -> String {
         partial = aggs.partial.join(", "),
         dedup = dedup_sql(table, day, &hours)
     )
+}
+
+/// The metric queries of one run: a DataFusion session over the `raw_events`
+/// snapshot computed from, and the `computed_at` every row of the run carries.
+pub(crate) struct DayQueries {
+    ctx: SessionContext,
+    computed_at: i64,
+}
+
+impl DayQueries {
+    /// Queries over the snapshot `raw`; the rows they make say they were computed now.
+    pub(crate) async fn new(raw: &DeltaTable) -> Result<Self> {
+        let ctx = SessionContext::new();
+        register(&ctx, Table::RawEvents.name(), raw).await?;
+        Ok(DayQueries {
+            ctx,
+            computed_at: now_micros(),
+        })
+    }
+
+    /// The `metrics_hourly` rows of `hours`, all on `day`.
+    pub(crate) async fn hourly(&self, day: i64, hours: &[i64]) -> Result<Vec<RecordBatch>> {
+        let rows = computable_rows(Table::RawEvents.name(), day);
+        let out = run_query(&self.ctx, &hourly_sql(&rows, day, hours)).await?;
+        table_rows(MetricTable::Hourly, &out, day, self.computed_at)
+    }
+
+    /// The `metrics_daily` rows of `day`.
+    pub(crate) async fn daily(&self, day: i64) -> Result<Vec<RecordBatch>> {
+        let rows = computable_rows(Table::RawEvents.name(), day);
+        let out = run_query(&self.ctx, &daily_sql(&rows, day)).await?;
+        table_rows(MetricTable::Daily, &out, day, self.computed_at)
+    }
+}
+
+/// Run one of these queries in `ctx` and collect its rows.
+pub(crate) async fn run_query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    ctx.sql(sql)
+        .await
+        .context("planning the metrics query")?
+        .collect()
+        .await
+        .context("running the metrics query")
 }
 
 #[cfg(test)]

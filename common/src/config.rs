@@ -1,11 +1,28 @@
 //! Configuration: command-line flags with the `TALLY_*` (and AWS SDK) environment
 //! fallbacks of the design, in one place. Libraries receive these values; they
 //! never read the environment themselves.
+//!
+//! A default is a named constant, defined once: in the `common` module that owns
+//! the concept when there is one (the grace period, [`crate::watermark`]), else
+//! here, where the layer that owns it refers to it (the batch lease, the speed
+//! view's TTL and rebuild settle time: `common` cannot see the layers).
 
 use clap::Args;
 
 use crate::lake::Lake;
+use crate::watermark::DEFAULT_GRACE_MINUTES;
 use crate::Result;
+
+/// Default hours speed-view keys live (`--speed-ttl-hours`): longer than the
+/// batch layer's lag.
+pub const DEFAULT_SPEED_TTL_HOURS: u64 = 48;
+/// Default seconds after a Redis speed view lost its data before it is rebuilt
+/// (`--rebuild-settle-secs`): longer than the archiver's lag behind the speed
+/// consumers.
+pub const DEFAULT_REBUILD_SETTLE_SECS: u64 = 30;
+/// Default seconds after which a batch lease not renewed is taken over
+/// (`--lease-secs`): a killed run blocks the next one at most this long.
+pub const DEFAULT_LEASE_SECS: u64 = 120;
 
 /// Where the lake is.
 #[derive(Debug, Clone, Args)]
@@ -40,11 +57,15 @@ pub struct SpeedArgs {
     #[arg(long, env = "TALLY_REDIS_AUTH_SECRET_ARN")]
     pub redis_auth_secret_arn: Option<String>,
     /// How long speed-view keys live, in hours (longer than the batch layer's lag).
-    #[arg(long, env = "TALLY_SPEED_TTL_HOURS", default_value_t = 48)]
+    #[arg(long, env = "TALLY_SPEED_TTL_HOURS", default_value_t = DEFAULT_SPEED_TTL_HOURS)]
     pub speed_ttl_hours: u64,
     /// Seconds after a Redis speed view lost its data before it is rebuilt from
     /// raw_events: longer than the archiver's lag behind the speed consumers.
-    #[arg(long, env = "TALLY_SPEED_REBUILD_SETTLE_SECS", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "TALLY_SPEED_REBUILD_SETTLE_SECS",
+        default_value_t = DEFAULT_REBUILD_SETTLE_SECS
+    )]
     pub rebuild_settle_secs: u64,
 }
 
@@ -55,8 +76,8 @@ impl SpeedArgs {
         SpeedArgs {
             redis_url: None,
             redis_auth_secret_arn: None,
-            speed_ttl_hours: 48,
-            rebuild_settle_secs: 30,
+            speed_ttl_hours: DEFAULT_SPEED_TTL_HOURS,
+            rebuild_settle_secs: DEFAULT_REBUILD_SETTLE_SECS,
         }
     }
 
@@ -70,11 +91,11 @@ impl SpeedArgs {
 #[derive(Debug, Clone, Args)]
 pub struct BatchArgs {
     /// Minutes after an hour's end before it is closed and the batch layer takes it.
-    #[arg(long, env = "TALLY_GRACE_MINUTES", default_value_t = 5)]
+    #[arg(long, env = "TALLY_GRACE_MINUTES", default_value_t = DEFAULT_GRACE_MINUTES)]
     pub grace_minutes: i64,
     /// Seconds after which the lease of a batch run that stopped renewing it (a
     /// killed run) is taken over.
-    #[arg(long, env = "TALLY_BATCH_LEASE_SECS", default_value_t = 120)]
+    #[arg(long, env = "TALLY_BATCH_LEASE_SECS", default_value_t = DEFAULT_LEASE_SECS)]
     pub lease_secs: u64,
 }
 

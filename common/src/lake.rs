@@ -1,5 +1,6 @@
 //! The lake handle: where the Delta tables live (a local path or `s3://`), how to
-//! reach them, and the schema of each table.
+//! reach them, the schema of each table, and the reader of their Delta logs'
+//! commits ([`read_commit`]: which files a commit added or removed).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Once};
@@ -14,6 +15,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use url::Url;
 
 use crate::error::Context as _;
+use crate::metric_table::MetricTable;
 use crate::{Error, Result};
 
 /// The tables of the lake.
@@ -48,14 +50,10 @@ impl Table {
         }
     }
 
-    /// The Arrow schema files of the table are written with (partition columns last).
+    /// The Arrow schema files of the table are written with (partition columns
+    /// last); the metric tables' come from [`MetricTable`].
     pub fn schema(self) -> SchemaRef {
-        let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-        let metric_cols = || {
-            crate::metrics::stored_metric_names()
-                .map(|n| Field::new(n, DataType::Int64, false))
-                .collect::<Vec<_>>()
-        };
+        let ts = utc_timestamp;
         let fields = match self {
             Table::RawEvents => vec![
                 Field::new("event_id", DataType::Utf8, false),
@@ -77,45 +75,28 @@ impl Table {
                 Field::new("ingest_time", ts(), false),
                 Field::new("ingest_date", DataType::Utf8, false),
             ],
-            Table::MetricsHourly => {
-                let mut f = vec![
-                    Field::new("merchant_id", DataType::Utf8, false),
-                    Field::new("hour", ts(), false),
-                ];
-                f.extend(metric_cols());
-                f.extend([
-                    Field::new("computed_at", ts(), false),
-                    Field::new("logic_version", DataType::Int32, false),
-                    Field::new("date", DataType::Utf8, false),
-                ]);
-                f
-            }
-            Table::MetricsDaily => {
-                let mut f = vec![
-                    Field::new("merchant_id", DataType::Utf8, false),
-                    Field::new("day", ts(), false),
-                ];
-                f.extend(metric_cols());
-                f.extend([
-                    Field::new("computed_at", ts(), false),
-                    Field::new("logic_version", DataType::Int32, false),
-                    Field::new("month", DataType::Utf8, false),
-                ]);
-                f
-            }
+            Table::MetricsHourly => MetricTable::Hourly.fields(),
+            Table::MetricsDaily => MetricTable::Daily.fields(),
         };
         Arc::new(Schema::new(fields))
     }
 
     /// The partition columns.
     pub fn partition_columns(self) -> &'static [&'static str] {
+        const HOURLY: [&str; 1] = [MetricTable::Hourly.partition_column()];
+        const DAILY: [&str; 1] = [MetricTable::Daily.partition_column()];
         match self {
             Table::RawEvents => &["event_date", "event_hour"],
             Table::Quarantine => &["ingest_date"],
-            Table::MetricsHourly => &["date"],
-            Table::MetricsDaily => &["month"],
+            Table::MetricsHourly => &HOURLY,
+            Table::MetricsDaily => &DAILY,
         }
     }
+}
+
+/// The type of every time column of the lake: a UTC timestamp in µs.
+pub fn utc_timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
 /// Where the lake lives and how to reach it.
@@ -316,6 +297,111 @@ pub async fn register(ctx: &SessionContext, name: &str, table: &DeltaTable) -> R
     Ok(())
 }
 
+/// One commit of a table's Delta log, as far as tally reads it: its
+/// `commitInfo` and its file actions.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    /// `commitInfo.operation` (`WRITE`, `DELETE`, `OPTIMIZE`, ...), when recorded.
+    pub operation: Option<String>,
+    /// `commitInfo.readVersion`: the table version the writer read, when recorded.
+    pub read_version: Option<u64>,
+    /// The files the commit added and removed, in log order.
+    pub files: Vec<FileAction>,
+}
+
+/// Whether a [`FileAction`] adds a data file or removes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileChange {
+    /// An `add` action.
+    Added,
+    /// A `remove` action.
+    Removed,
+}
+
+/// An `add` or `remove` action of a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileAction {
+    /// Added or removed.
+    pub change: FileChange,
+    /// The file's path, relative to the table root or a full URL; None when the
+    /// action carries none.
+    pub path: Option<String>,
+    /// False only when the action says `dataChange: false` (a rewrite such as
+    /// compaction: the rows are the same).
+    pub data_change: bool,
+    /// Partition values by column, as text (a writer that put a number there is
+    /// read as its digits); null values are left out.
+    pub partition_values: HashMap<String, String>,
+    /// `numRecords` of the action's statistics, when present.
+    pub num_records: Option<i64>,
+}
+
+impl Commit {
+    /// Parse a commit file's lines; lines that are not JSON are skipped.
+    pub fn parse(bytes: &[u8]) -> Commit {
+        let mut commit = Commit::default();
+        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            let info = &action["commitInfo"];
+            if info.is_object() {
+                commit.operation = info["operation"].as_str().map(str::to_string);
+                commit.read_version = info["readVersion"].as_u64();
+            }
+            let (change, file) = match (action.get("add"), action.get("remove")) {
+                (Some(f), _) => (FileChange::Added, f),
+                (None, Some(f)) => (FileChange::Removed, f),
+                (None, None) => continue,
+            };
+            let partition_values = file["partitionValues"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| {
+                    let v = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Number(n) => n.to_string(),
+                        _ => return None,
+                    };
+                    Some((k.clone(), v))
+                })
+                .collect();
+            commit.files.push(FileAction {
+                change,
+                path: file["path"].as_str().map(str::to_string),
+                data_change: file["dataChange"].as_bool() != Some(false),
+                partition_values,
+                num_records: file["stats"]
+                    .as_str()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+                    .and_then(|s| s["numRecords"].as_i64()),
+            });
+        }
+        commit
+    }
+}
+
+/// Commit `version` of `table`'s Delta log; None when its file is gone (log
+/// cleanup removed it, or it was never written).
+pub async fn read_commit(table: &DeltaTable, version: u64) -> Result<Option<Commit>> {
+    let bytes = table
+        .log_store()
+        .read_commit_entry(version)
+        .await
+        .context(format!("reading commit {version} of {}", table_name(table)))?;
+    Ok(bytes.map(|b| Commit::parse(&b)))
+}
+
+/// The table's directory name, for messages.
+fn table_name(table: &DeltaTable) -> String {
+    let url = table.table_url();
+    url.path_segments()
+        .and_then(|mut s| s.rfind(|p| !p.is_empty()))
+        .unwrap_or(url.as_str())
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +434,32 @@ mod tests {
         );
         assert_eq!(lake.storage_options()["AWS_ALLOW_HTTP"], "true");
         assert!(Lake::new("gs://x/y", None, None).is_err());
+    }
+
+    #[test]
+    fn commits_parse_into_file_actions() {
+        let log = br#"{"commitInfo":{"operation":"OPTIMIZE","readVersion":4}}
+{"add":{"path":"a.parquet","dataChange":false,"partitionValues":{"event_date":"2025-11-24","event_hour":3,"x":null},"stats":"{\"numRecords\":7}"}}
+not json
+{"remove":{"path":"b.parquet","partitionValues":{"event_date":"2025-11-24","event_hour":"2"}}}
+{"txn":{"appId":"x","version":1}}
+"#;
+        let c = Commit::parse(log);
+        assert_eq!(c.operation.as_deref(), Some("OPTIMIZE"));
+        assert_eq!(c.read_version, Some(4));
+        assert_eq!(c.files.len(), 2);
+        let (a, r) = (&c.files[0], &c.files[1]);
+        assert_eq!(
+            (a.change, a.path.as_deref(), a.data_change, a.num_records),
+            (FileChange::Added, Some("a.parquet"), false, Some(7))
+        );
+        assert_eq!(a.partition_values["event_hour"], "3");
+        assert!(!a.partition_values.contains_key("x"));
+        assert_eq!(
+            (r.change, r.path.as_deref(), r.data_change, r.num_records),
+            (FileChange::Removed, Some("b.parquet"), true, None)
+        );
+        assert_eq!(r.partition_values["event_hour"], "2");
     }
 
     #[test]

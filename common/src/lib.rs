@@ -1,7 +1,8 @@
-//! tally's shared model: the event format and its decoder, the metric registry,
-//! UTC buckets, sources and positions, the speed view's read trait, configuration,
-//! the lake handle, analysts' read-only SQL and the error type. Knows nothing of
-//! Redis, HTTP or how the layers write.
+//! tally's shared model: the event format and its decoder, the metric registry
+//! and the metric tables' row shape, UTC buckets and merchants' calendars,
+//! sources and positions, the speed view's read trait, configuration, the lake
+//! handle (with its Delta log reader), analysts' read-only SQL and the error
+//! type. Knows nothing of Redis, HTTP or how the layers write.
 //!
 //! Without the default `lake` feature only the pure parts build (decoder, metric
 //! registry, buckets, sources, request parsing): what the fuzz targets need,
@@ -20,6 +21,8 @@ pub mod event;
 pub mod lake;
 #[cfg(feature = "lake")]
 pub mod marks;
+#[cfg(feature = "lake")]
+pub mod metric_table;
 pub mod metrics;
 pub mod query;
 #[cfg(feature = "lake")]

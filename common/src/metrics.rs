@@ -284,6 +284,34 @@ pub enum Value {
 }
 
 impl MetricValues {
+    /// The values as a metric table stores them: one per stored metric, in column
+    /// order ([`stored_metric_names`]); unknown distinct customers are 0.
+    pub fn stored(&self) -> [i64; STORED_COUNT] {
+        let mut out = [0; STORED_COUNT];
+        for (v, d) in out.iter_mut().zip(stored_metrics()) {
+            *v = match d.kind {
+                Kind::Counter { slot, .. } => self.counters.values[slot],
+                Kind::DistinctCustomers => self.unique_customers.unwrap_or(0),
+                Kind::Derived => 0,
+            };
+        }
+        out
+    }
+
+    /// The values of a metric table's row: `stored` in column order
+    /// ([`stored_metric_names`]); distinct customers are known.
+    pub fn from_stored(stored: [i64; STORED_COUNT]) -> Self {
+        let mut v = MetricValues::default();
+        for (x, d) in stored.into_iter().zip(stored_metrics()) {
+            match d.kind {
+                Kind::Counter { slot, .. } => v.counters.values[slot] = x,
+                Kind::DistinctCustomers => v.unique_customers = Some(x),
+                Kind::Derived => {}
+            }
+        }
+        v
+    }
+
     /// The value of any metric, deriving the derived ones.
     pub fn value(&self, metric: Metric) -> Value {
         let c = |m: Metric| self.counters.get(m).unwrap_or(0);
@@ -356,12 +384,29 @@ pub fn aggregate_sql() -> AggregateSql {
     AggregateSql { partial, r#final }
 }
 
-/// Names of the stored metrics (the metric columns of `metrics_hourly` / `metrics_daily`).
+/// Number of stored metrics: every metric but the derived ones (the metric
+/// columns of `metrics_hourly` / `metrics_daily`, [`crate::metric_table`]).
+pub const STORED_COUNT: usize = {
+    let mut n = 0;
+    let mut i = 0;
+    while i < METRICS.len() {
+        if !matches!(METRICS[i].kind, Kind::Derived) {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+};
+
+/// The stored metrics, in column order.
+pub fn stored_metrics() -> impl Iterator<Item = &'static MetricDef> {
+    METRICS.iter().filter(|d| !matches!(d.kind, Kind::Derived))
+}
+
+/// Names of the stored metrics (the metric columns of `metrics_hourly` /
+/// `metrics_daily`), in column order.
 pub fn stored_metric_names() -> impl Iterator<Item = &'static str> {
-    METRICS
-        .iter()
-        .filter(|d| !matches!(d.kind, Kind::Derived))
-        .map(|d| d.name)
+    stored_metrics().map(|d| d.name)
 }
 
 #[cfg(test)]
@@ -421,6 +466,17 @@ mod tests {
     }
 
     #[test]
+    fn stored_values_round_trip_in_column_order() {
+        let mut v = MetricValues {
+            unique_customers: Some(7),
+            ..Default::default()
+        };
+        v.counters.values = [1, 2, 3, 4, 5];
+        assert_eq!(v.stored(), [1, 2, 3, 4, 5, 7]);
+        assert_eq!(MetricValues::from_stored(v.stored()), v);
+    }
+
+    #[test]
     fn ratios_are_null_without_a_denominator() {
         let v = MetricValues::default();
         assert_eq!(v.value(Metric::AvgOrderValue), Value::Null);
@@ -465,6 +521,7 @@ CAST(COALESCE(SUM(refunded_amount), 0) AS BIGINT) AS refunded_amount,
 CAST(COALESCE(SUM(page_views), 0) AS BIGINT) AS page_views,
 CAST(COUNT(customer_id) AS BIGINT) AS unique_customers"
         );
+        assert_eq!(STORED_COUNT, stored_metric_names().count());
         assert_eq!(
             stored_metric_names().collect::<Vec<_>>(),
             [

@@ -6,11 +6,18 @@
 //!   authoritative in `metrics_hourly`,
 //! - `tally.batch/raw_version`: the `raw_events` version the last run processed,
 //! - `tally.batch/logic_version`: the metric logic version of the last run.
+//!
+//! An hour is closed, and so due for the batch layer, a grace period after its
+//! end ([`DEFAULT_GRACE_MINUTES`]).
 
 use deltalake::DeltaTable;
 
 use crate::bucket::MICROS_PER_HOUR;
 use crate::{Context as _, Result};
+
+/// Minutes after an hour's end before the hour is closed and the batch layer
+/// takes it (`--grace-minutes`): events arriving late within it still count.
+pub const DEFAULT_GRACE_MINUTES: i64 = 5;
 
 /// App id of the watermark (hours since the epoch).
 pub const WATERMARK_APP: &str = "tally.batch/watermark";

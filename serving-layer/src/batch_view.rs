@@ -21,9 +21,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use deltalake::arrow::array::{Array, AsArray};
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::{DataType, Int64Type};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
@@ -34,9 +31,9 @@ use deltalake::delta_datafusion::DeltaSessionConfig;
 use deltalake::kernel::Version;
 use deltalake::DeltaTable;
 use futures::StreamExt as _;
-use tally_common::bucket::{date_string, month_string};
 use tally_common::lake::{register, Lake, Table};
-use tally_common::metrics::{counter_defs, MetricValues};
+use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
+use tally_common::metrics::{stored_metric_names, MetricValues};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Error, Result};
 
@@ -89,16 +86,7 @@ impl BatchSnapshot {
         if self.hourly.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        let partitions = (date_string(start), date_string(end - 1));
-        self.read(
-            Table::MetricsHourly,
-            merchant,
-            start,
-            end,
-            "date",
-            partitions,
-        )
-        .await
+        self.read(MetricTable::Hourly, merchant, start, end).await
     }
 
     /// `merchant`'s rows of `metrics_daily` with `start <= day < end`, by day.
@@ -111,56 +99,43 @@ impl BatchSnapshot {
         if self.daily.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        let partitions = (month_string(start), month_string(end - 1));
-        self.read(
-            Table::MetricsDaily,
-            merchant,
-            start,
-            end,
-            "month",
-            partitions,
-        )
-        .await
+        self.read(MetricTable::Daily, merchant, start, end).await
     }
 
-    /// `merchant`'s rows of `table` with `start <= time < end` in the partitions
-    /// `partitions.0 ..= partitions.1` of `partition_col`: a point lookup when the
-    /// table allows it, else a DataFusion query.
+    /// `merchant`'s rows of `table` with `start <= time < end`, from the
+    /// partitions holding that range: a point lookup when the table allows it,
+    /// else a DataFusion query.
     async fn read(
         &self,
-        table: Table,
+        table: MetricTable,
         merchant: &str,
         start: i64,
         end: i64,
-        partition_col: &str,
-        partitions: (String, String),
     ) -> Result<HashMap<i64, MetricValues>> {
-        let (files, time_col) = match table {
-            Table::MetricsDaily => (&self.daily_files, "day"),
-            _ => (&self.hourly_files, "hour"),
+        let files = match table {
+            MetricTable::Hourly => &self.hourly_files,
+            MetricTable::Daily => &self.daily_files,
         };
+        let (first, last) = (table.partition_of(start), table.partition_of(end - 1));
         if self.point_lookups.load(Ordering::Relaxed) {
             if let Some(files) = files {
-                let found = files
-                    .lookup(merchant, start, end, &partitions.0, &partitions.1)
-                    .await?;
+                let found = files.lookup(merchant, start, end, &first, &last).await?;
                 if let Some(rows) = found {
                     return Ok(rows);
                 }
             }
         }
+        let partition_col = table.partition_column();
         let partitions = col(partition_col)
-            .gt_eq(lit(partitions.0))
-            .and(col(partition_col).lt_eq(lit(partitions.1)));
-        self.query(table, time_col, merchant, start, end, partitions)
-            .await
+            .gt_eq(lit(first))
+            .and(col(partition_col).lt_eq(lit(last)));
+        self.query(table, merchant, start, end, partitions).await
     }
 
     /// The same read as a DataFusion query.
     async fn query(
         &self,
-        table: Table,
-        time_col: &str,
+        table: MetricTable,
         merchant: &str,
         start: i64,
         end: i64,
@@ -172,14 +147,14 @@ impl BatchSnapshot {
                 Some("UTC".into()),
             ))
         };
-        let filter = col("merchant_id")
+        let time_col = table.time_column();
+        let filter = col(MERCHANT_COLUMN)
             .eq(lit(merchant))
             .and(partitions)
             .and(col(time_col).gt_eq(ts(start)))
             .and(col(time_col).lt(ts(end)));
         let mut columns = vec![time_col];
-        columns.extend(counter_defs().map(|(d, ..)| d.name));
-        columns.push("unique_customers");
+        columns.extend(stored_metric_names());
         let what = format!("reading {} for a merchant", table.name());
         let batches = self
             .ctx
@@ -195,41 +170,25 @@ impl BatchSnapshot {
             .context(what)?;
         let mut out = HashMap::new();
         for batch in &batches {
-            rows_into(batch, &mut out).context(format!("decoding {} rows", table.name()))?;
+            rows_into(batch, time_col, &mut out)
+                .context(format!("decoding {} rows", table.name()))?;
         }
         Ok(out)
     }
 }
 
-/// Decode `[time, counters..., unique_customers]` rows into `out` (casting, so a
-/// table written with narrower integers still reads).
+/// Decode the rows of `batch` (a projection of a metric table whose time column
+/// is `time_col`) into `out`, by time.
 fn rows_into(
     batch: &RecordBatch,
+    time_col: &str,
     out: &mut HashMap<i64, MetricValues>,
 ) -> std::result::Result<(), ArrowError> {
-    let ints = |i: usize| cast(batch.column(i), &DataType::Int64);
-    let time = ints(0)?;
-    let time = time.as_primitive::<Int64Type>();
-    let counters: Vec<_> = (0..tally_common::metrics::COUNTER_COUNT)
-        .map(|slot| ints(1 + slot))
-        .collect::<std::result::Result<_, _>>()?;
-    let unique = ints(1 + counters.len())?;
-    let unique = unique.as_primitive::<Int64Type>();
-    for row in 0..batch.num_rows() {
-        if time.is_null(row) {
-            continue;
+    let rows = MetricRows::new(batch, time_col)?;
+    for r in 0..rows.len() {
+        if let Some(t) = rows.time(r) {
+            out.insert(t, rows.values(r));
         }
-        let mut v = MetricValues::default();
-        for (slot, c) in counters.iter().enumerate() {
-            let c = c.as_primitive::<Int64Type>();
-            v.counters.values[slot] = if c.is_null(row) { 0 } else { c.value(row) };
-        }
-        v.unique_customers = Some(if unique.is_null(row) {
-            0
-        } else {
-            unique.value(row)
-        });
-        out.insert(time.value(row), v);
     }
     Ok(())
 }
@@ -346,12 +305,12 @@ impl BatchView {
             register(&ctx, Table::MetricsDaily.name(), t).await?;
         }
         let hourly_files = self.file_index(
-            Table::MetricsHourly,
+            MetricTable::Hourly,
             hourly.as_ref(),
             current.as_ref().and_then(|s| s.hourly_files.as_ref()),
         )?;
         let daily_files = self.file_index(
-            Table::MetricsDaily,
+            MetricTable::Daily,
             daily.as_ref(),
             current.as_ref().and_then(|s| s.daily_files.as_ref()),
         )?;
@@ -359,8 +318,16 @@ impl BatchView {
         if let Some(current) = &current {
             let mut new = Vec::new();
             for (index, previous, time_col) in [
-                (&hourly_files, &current.hourly_files, "hour"),
-                (&daily_files, &current.daily_files, "day"),
+                (
+                    &hourly_files,
+                    &current.hourly_files,
+                    MetricTable::Hourly.time_column(),
+                ),
+                (
+                    &daily_files,
+                    &current.daily_files,
+                    MetricTable::Daily.time_column(),
+                ),
             ] {
                 if let (Some(index), Some(previous)) = (index, previous) {
                     new.extend(index.new_files(previous).into_iter().map(|f| (f, time_col)));
@@ -401,23 +368,19 @@ impl BatchView {
     /// their cached footers) for files still present.
     fn file_index(
         &self,
-        table: Table,
+        table: MetricTable,
         loaded: Option<&DeltaTable>,
         previous: Option<&FileIndex>,
     ) -> Result<Option<FileIndex>> {
         let Some(loaded) = loaded else {
             return Ok(None);
         };
-        let (time_col, partition_col) = match table {
-            Table::MetricsDaily => ("day", "month"),
-            _ => ("hour", "date"),
-        };
         let local_root = if self.lake.is_local() {
-            self.lake.table_url(table).to_file_path().ok()
+            self.lake.table_url(table.table()).to_file_path().ok()
         } else {
             None
         };
-        FileIndex::build(loaded, time_col, partition_col, local_root, previous)
+        FileIndex::build(loaded, table, local_root, previous)
     }
 
     /// `table` at its newest version, and whether that differs from `current`.

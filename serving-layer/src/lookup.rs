@@ -24,9 +24,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use deltalake::arrow::array::{Array, ArrayRef, AsArray};
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::{DataType, Int64Type};
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::error::DataFusionError;
 use deltalake::parquet::arrow::arrow_reader::{
@@ -41,14 +38,11 @@ use deltalake::parquet::file::statistics::Statistics;
 use deltalake::{DeltaTable, ObjectStore, Path};
 use futures::future::{try_join_all, BoxFuture, FutureExt as _};
 use futures::TryStreamExt as _;
-use tally_common::metrics::{counter_defs, MetricValues, COUNTER_COUNT};
+use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
+use tally_common::metrics::{stored_metric_names, MetricValues};
 use tally_common::{Context as _, Error, Result};
 use tokio::sync::OnceCell;
 
-/// The column every lookup filters on.
-const MERCHANT: &str = "merchant_id";
-/// The distinct-customer column (the counters' names come from the registry).
-const UNIQUE: &str = "unique_customers";
 /// Rows decoded per batch: a lookup selects a page or two per file.
 const BATCH_ROWS: usize = 8192;
 /// Footer bytes fetched in the first read of a remote file (most footers fit).
@@ -56,8 +50,8 @@ const FOOTER_HINT: usize = 64 * 1024;
 
 /// The files of one table version, ready for point lookups.
 pub(crate) struct FileIndex {
-    /// The table's time column: `hour` or `day`.
-    time_col: &'static str,
+    /// The table read: its time column is `hour` or `day`.
+    table: MetricTable,
     /// Sorted by partition value.
     files: Vec<Arc<DataFile>>,
 }
@@ -102,14 +96,13 @@ struct Query<'a> {
 }
 
 impl FileIndex {
-    /// The files of `table`'s loaded version, partitioned by `partition_col`. Entries
+    /// The files of `table`'s loaded version, a metric table of kind `kind`. Entries
     /// of `previous` (the last snapshot's index) are reused for files still present,
     /// so their cached footers survive a refresh. None when the table needs features
     /// this reader does not handle (deletion vectors).
     pub(crate) fn build(
         table: &DeltaTable,
-        time_col: &'static str,
-        partition_col: &str,
+        kind: MetricTable,
         local_root: Option<PathBuf>,
         previous: Option<&FileIndex>,
     ) -> Result<Option<FileIndex>> {
@@ -125,7 +118,7 @@ impl FileIndex {
             }
             let partition = view
                 .partition_values_map()
-                .get(partition_col)
+                .get(kind.partition_column())
                 .cloned()
                 .flatten()
                 .unwrap_or_default();
@@ -160,7 +153,7 @@ impl FileIndex {
             files.push(file);
         }
         files.sort_by(|a, b| a.partition.cmp(&b.partition));
-        Ok(Some(FileIndex { time_col, files }))
+        Ok(Some(FileIndex { table: kind, files }))
     }
 
     /// Files of this index that were not in `previous` (new since the last refresh).
@@ -193,7 +186,12 @@ impl FileIndex {
             end,
         };
         let candidates = self.files.get(lo..hi).unwrap_or_default();
-        let parts = try_join_all(candidates.iter().map(|f| f.read(&q, self.time_col))).await?;
+        let parts = try_join_all(
+            candidates
+                .iter()
+                .map(|f| f.read(&q, self.table.time_column())),
+        )
+        .await?;
         let mut out = HashMap::new();
         for part in parts {
             let Some(rows) = part else { return Ok(None) };
@@ -249,16 +247,11 @@ impl DataFile {
                 .position(|c| c.path().string() == name)
         };
         // without these two by name (column mapping renames them) DataFusion reads the table
-        let (Some(merchant), Some(time)) = (leaf(MERCHANT), leaf(time_col)) else {
+        let (Some(merchant), Some(time)) = (leaf(MERCHANT_COLUMN), leaf(time_col)) else {
             return Ok(None);
         };
         let mut leaves = vec![merchant, time];
-        leaves.extend(
-            counter_defs()
-                .map(|(d, ..)| d.name)
-                .chain([UNIQUE])
-                .filter_map(leaf),
-        );
+        leaves.extend(stored_metric_names().filter_map(leaf));
         let projection = ProjectionMask::leaves(schema, leaves);
         Ok(Some(Arc::new(FileMeta {
             arrow,
@@ -409,51 +402,15 @@ fn matching_rows(
     time_col: &str,
     out: &mut Vec<(i64, MetricValues)>,
 ) -> std::result::Result<(), deltalake::arrow::error::ArrowError> {
-    let column = |name: &str| batch.column_by_name(name);
-    let ints = |c: &ArrayRef| cast(c, &DataType::Int64);
-    let Some(merchants) = column(MERCHANT) else {
-        return Ok(());
-    };
-    let merchants = cast(merchants, &DataType::Utf8)?;
-    let merchants = merchants.as_string::<i32>();
-    let rows: Vec<usize> = (0..batch.num_rows())
-        .filter(|&r| merchants.is_valid(r) && merchants.value(r) == q.merchant)
-        .collect();
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let Some(time) = column(time_col) else {
-        return Ok(());
-    };
-    let time = ints(time)?;
-    let time = time.as_primitive::<Int64Type>();
-    let mut counters: [Option<ArrayRef>; COUNTER_COUNT] = Default::default();
-    for (d, _, _, slot) in counter_defs() {
-        if let (Some(c), Some(target)) = (column(d.name), counters.get_mut(slot)) {
-            *target = Some(ints(c)?);
-        }
-    }
-    let unique = column(UNIQUE).map(ints).transpose()?;
-    for r in rows {
-        if time.is_null(r) {
+    let rows = MetricRows::new(batch, time_col)?;
+    for r in 0..rows.len() {
+        if rows.merchant(r) != Some(q.merchant) {
             continue;
         }
-        let t = time.value(r);
-        if t < q.start || t >= q.end {
-            continue;
+        match rows.time(r) {
+            Some(t) if t >= q.start && t < q.end => out.push((t, rows.values(r))),
+            _ => {}
         }
-        let value = |a: &Option<ArrayRef>| {
-            a.as_ref()
-                .map(|a| a.as_primitive::<Int64Type>())
-                .filter(|a| a.is_valid(r))
-                .map_or(0, |a| a.value(r))
-        };
-        let mut v = MetricValues::default();
-        for (slot, c) in counters.iter().enumerate() {
-            v.counters.values[slot] = value(c);
-        }
-        v.unique_customers = Some(value(&unique));
-        out.push((t, v));
     }
     Ok(())
 }

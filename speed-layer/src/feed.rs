@@ -17,7 +17,7 @@ use deltalake::datafusion::prelude::{col, lit, ParquetReadOptions, SessionContex
 use deltalake::datafusion::scalar::ScalarValue;
 use deltalake::DeltaTable;
 use tally_common::bucket::{date_string, now_micros};
-use tally_common::lake::{register, Lake, Table};
+use tally_common::lake::{read_commit, register, FileChange, Lake, Table};
 use tally_common::shutdown::Shutdown;
 use tally_common::source::{Position, Record, SourceId};
 use tally_common::watermark::read_progress;
@@ -149,28 +149,18 @@ impl RawFeed {
         if latest <= self.version {
             return Ok(0);
         }
-        let log = table.log_store();
         let root = table.table_url().clone();
         let mut files = Vec::new();
         for v in (self.version + 1)..=latest {
-            let Some(bytes) = log
-                .read_commit_entry(v as u64)
-                .await
-                .context("reading a raw_events commit")?
-            else {
+            let Some(commit) = read_commit(table, v as u64).await? else {
                 continue;
             };
-            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+            for file in commit.files {
+                if file.change != FileChange::Added || !file.data_change {
                     continue;
-                };
-                let add = &action["add"];
-                if add.is_object() && add["dataChange"].as_bool() != Some(false) {
-                    if let Some(p) = add["path"].as_str() {
-                        if let Ok(u) = root.join(p) {
-                            files.push(u.to_string());
-                        }
-                    }
+                }
+                if let Some(Ok(u)) = file.path.map(|p| root.join(&p)) {
+                    files.push(u.to_string());
                 }
             }
         }

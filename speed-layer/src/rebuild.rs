@@ -33,6 +33,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use redis::Value;
 use tally_common::bucket::{date_string, hour_floor, now_micros};
+use tally_common::config::DEFAULT_REBUILD_SETTLE_SECS;
 use tally_common::deltalake;
 use tally_common::lake::{register, Lake, Table};
 use tally_common::marks::read_mark;
@@ -149,14 +150,15 @@ pub struct Rebuild<'a> {
 }
 
 impl<'a> Rebuild<'a> {
-    /// A rebuild of `store` from `lake` that waits 30 s after the loss before
-    /// reading `raw_events`, and up to 5 minutes for the archiver to reach the
-    /// consumers' boundaries.
+    /// A rebuild of `store` from `lake` that waits the default settle time
+    /// ([`DEFAULT_REBUILD_SETTLE_SECS`], 30 s) after the loss before reading
+    /// `raw_events`, and up to 5 minutes for the archiver to reach the consumers'
+    /// boundaries.
     pub fn new(lake: &'a Lake, store: &'a RedisStore) -> Self {
         Rebuild {
             lake,
             store,
-            settle: Duration::from_secs(30),
+            settle: Duration::from_secs(DEFAULT_REBUILD_SETTLE_SECS),
             wait: Duration::from_secs(300),
             token: format!("{}-{}", std::process::id(), now_micros()),
         }

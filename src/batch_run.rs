@@ -1,5 +1,6 @@
-//! `tally batch run` and `tally batch reprocess`: thin wiring over
-//! [`tally_batch_layer::BatchRun`], with a progress bar on a terminal.
+//! `tally batch run` and `tally batch reprocess`: the flags of a batch run
+//! turned into a [`tally_batch_layer::BatchRun`], with a progress bar on a
+//! terminal, and its report printed.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -16,7 +17,7 @@ pub enum BatchCommand {
     /// The hourly job: dirty closed hours, watermark, compaction of closed raw partitions.
     Run {
         #[command(flatten)]
-        common: Common,
+        args: RunArgs,
     },
     /// Recompute a range of hours from raw facts with the current logic.
     Reprocess {
@@ -30,12 +31,13 @@ pub enum BatchCommand {
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
-        common: Common,
+        args: RunArgs,
     },
 }
 
+/// The flags every batch run takes.
 #[derive(Debug, Args)]
-pub struct Common {
+pub struct RunArgs {
     #[command(flatten)]
     pub lake: LakeArgs,
     #[command(flatten)]
@@ -48,19 +50,19 @@ pub struct Common {
     pub wait_secs: u64,
 }
 
-fn configured(common: &Common) -> anyhow::Result<BatchRun> {
-    if common.batch.grace_minutes < 0 {
+fn configured(args: &RunArgs) -> anyhow::Result<BatchRun> {
+    if args.batch.grace_minutes < 0 {
         anyhow::bail!(
             "--grace-minutes (TALLY_GRACE_MINUTES) is {}: it must be 0 or more, or open hours would be taken as closed",
-            common.batch.grace_minutes
+            args.batch.grace_minutes
         );
     }
-    let lake = common.lake.lake()?;
+    let lake = args.lake.lake()?;
     let run = BatchRun::new(&lake)
-        .grace_minutes(common.batch.grace_minutes)
-        .compact(!common.no_compact)
-        .wait_for_other_runs(Duration::from_secs(common.wait_secs))
-        .lease_expiry(Duration::from_secs(common.batch.lease_secs));
+        .grace_minutes(args.batch.grace_minutes)
+        .compact(!args.no_compact)
+        .wait_for_other_runs(Duration::from_secs(args.wait_secs))
+        .lease_expiry(Duration::from_secs(args.batch.lease_secs));
     Ok(if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -86,21 +88,21 @@ fn hour(s: &str, what: &str) -> anyhow::Result<i64> {
 
 pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
     match command {
-        BatchCommand::Run { common } => {
-            let report = configured(&common)?.execute().await?;
+        BatchCommand::Run { args } => {
+            let report = configured(&args)?.execute().await?;
             print_report(&report);
         }
         BatchCommand::Reprocess {
             from,
             to,
             dry_run,
-            common,
+            args,
         } => {
             let (from, to) = (hour(&from, "from")?, hour(&to, "to")?);
             if to <= from {
                 anyhow::bail!("--to must be after --from");
             }
-            let report = configured(&common)?
+            let report = configured(&args)?
                 .reprocess(from, to)
                 .dry_run(dry_run)
                 .execute()

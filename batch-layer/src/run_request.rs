@@ -1,0 +1,135 @@
+//! A batch run requested by an event rather than the command line: the batch
+//! Lambda's body. The hourly EventBridge schedule sends its own event (any
+//! payload without both `from` and `to`): the hourly run. Step Functions'
+//! reprocessing sends `{"from": RFC 3339, "to": RFC 3339}`: a reprocessing run
+//! of those hours. The answer is a JSON summary of the run, and the watermark lag
+//! goes to CloudWatch as an embedded-metric-format line on stdout (the lag
+//! alarm reads it).
+//!
+//! The same function's every-minute `{"speed_rebuild": true}` check belongs to
+//! the speed layer; the binary dispatches it before calling [`handle`].
+
+use serde_json::{json, Value};
+use tally_common::bucket::{format_ts, now_micros, parse_ts, MICROS_PER_SECOND};
+use tally_common::lake::Lake;
+use tally_common::Result;
+
+use crate::job::{BatchRun, RunReport};
+
+/// What an event asks the batch layer to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunRequest {
+    /// The hourly run.
+    Hourly,
+    /// Reprocess the closed hours of `[from, to)` (epoch µs).
+    Reprocess {
+        /// First hour, inclusive.
+        from: i64,
+        /// End, exclusive.
+        to: i64,
+    },
+}
+
+impl RunRequest {
+    /// The request an event's payload makes.
+    ///
+    /// Errors: `from` or `to` is not an RFC 3339 time.
+    pub fn from_payload(payload: &Value) -> Result<Self> {
+        Ok(match (payload["from"].as_str(), payload["to"].as_str()) {
+            (Some(from), Some(to)) => RunRequest::Reprocess {
+                from: parse_ts(from)?,
+                to: parse_ts(to)?,
+            },
+            _ => RunRequest::Hourly,
+        })
+    }
+
+    /// The run this request makes over `lake`, with the defaults of [`BatchRun::new`].
+    pub fn run(self, lake: &Lake) -> BatchRun {
+        let run = BatchRun::new(lake);
+        match self {
+            RunRequest::Hourly => run,
+            RunRequest::Reprocess { from, to } => run.reprocess(from, to),
+        }
+    }
+}
+
+/// Handle one batch Lambda event: run what it asks, print the watermark lag
+/// metric, and answer with the run's summary ([`summary`]).
+pub async fn handle(lake: &Lake, payload: &Value) -> Result<Value> {
+    let report = RunRequest::from_payload(payload)?
+        .run(lake)
+        .execute()
+        .await?;
+    println!("{}", watermark_lag_metric(&report, now_micros()));
+    Ok(summary(&report))
+}
+
+/// The JSON answer: hours, days and rows written, the raw version processed and
+/// the watermark after the run (RFC 3339, null before the first run).
+pub fn summary(r: &RunReport) -> Value {
+    json!({
+        "hours": r.hours, "days": r.days, "hourly_rows": r.hourly_rows,
+        "daily_rows": r.daily_rows, "raw_version": r.raw_version,
+        "watermark": r.watermark_after.map(format_ts),
+    })
+}
+
+/// The CloudWatch embedded-metric-format record of `BatchWatermarkLagSeconds`:
+/// whole seconds from the watermark after the run to `now` (epoch µs), 0 when
+/// there is no watermark yet.
+pub fn watermark_lag_metric(r: &RunReport, now: i64) -> Value {
+    let lag = r.watermark_after.map(|w| (now - w) / MICROS_PER_SECOND);
+    json!({
+        "_aws": {"Timestamp": chrono::Utc::now().timestamp_millis(),
+                 "CloudWatchMetrics": [{"Namespace": "Tally", "Dimensions": [[]],
+                 "Metrics": [{"Name": "BatchWatermarkLagSeconds", "Unit": "Seconds"}]}]},
+        "BatchWatermarkLagSeconds": lag.unwrap_or(0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_with_a_range_reprocess_and_others_run_hourly() {
+        let from = parse_ts("2026-11-24T00:00:00Z").unwrap();
+        let to = parse_ts("2026-11-25T00:00:00Z").unwrap();
+        assert_eq!(
+            RunRequest::from_payload(
+                &json!({"from": "2026-11-24T00:00:00Z", "to": "2026-11-25T00:00:00Z"})
+            )
+            .unwrap(),
+            RunRequest::Reprocess { from, to }
+        );
+        for hourly in [
+            json!({"source": "aws.events", "detail-type": "Scheduled Event"}),
+            json!({"from": "2026-11-24T00:00:00Z"}),
+            json!(null),
+        ] {
+            assert_eq!(
+                RunRequest::from_payload(&hourly).unwrap(),
+                RunRequest::Hourly
+            );
+        }
+        assert!(RunRequest::from_payload(&json!({"from": "yesterday", "to": "today"})).is_err());
+    }
+
+    #[test]
+    fn the_lag_metric_is_whole_seconds_behind_now() {
+        let report = RunReport {
+            watermark_after: Some(10 * MICROS_PER_SECOND),
+            ..RunReport::default()
+        };
+        let m = watermark_lag_metric(&report, 100 * MICROS_PER_SECOND + 5);
+        assert_eq!(m["BatchWatermarkLagSeconds"], 90);
+        assert_eq!(
+            m["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"],
+            "BatchWatermarkLagSeconds"
+        );
+        let none = watermark_lag_metric(&RunReport::default(), 0);
+        assert_eq!(none["BatchWatermarkLagSeconds"], 0);
+        assert_eq!(summary(&RunReport::default())["watermark"], Value::Null);
+    }
+}
