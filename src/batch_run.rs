@@ -2,15 +2,12 @@
 //! turned into a [`tally_batch_layer::BatchRun`], with a progress bar on a
 //! terminal, and its report printed.
 
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
-use tally_batch_layer::{BatchRun, RunReport};
-use tally_common::bucket::{format_ts, parse_ts, Granularity};
+use tally_batch_layer::BatchRun;
+use tally_common::bucket::{parse_ts, Granularity};
 use tally_common::config::{BatchArgs, LakeArgs};
-use tally_common::metrics::stored_metric_names;
 
 #[derive(Debug, Subcommand)]
 pub enum BatchCommand {
@@ -63,18 +60,14 @@ fn configured(args: &RunArgs) -> anyhow::Result<BatchRun> {
         .compact(!args.no_compact)
         .wait_for_other_runs(Duration::from_secs(args.wait_secs))
         .lease_expiry(Duration::from_secs(args.batch.lease_secs));
-    Ok(if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} days {pos}/{len} [{bar:30}] {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+    let bar = crate::progress_bar(Some(0), "{spinner} days {pos}/{len} [{bar:30}] {elapsed}");
+    Ok(if bar.is_hidden() {
+        run
+    } else {
         run.on_day(move |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         })
-    } else {
-        run
     })
 }
 
@@ -90,7 +83,7 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
     match command {
         BatchCommand::Run { args } => {
             let report = configured(&args)?.execute().await?;
-            print_report(&report);
+            println!("{report}");
         }
         BatchCommand::Reprocess {
             from,
@@ -107,45 +100,8 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
                 .dry_run(dry_run)
                 .execute()
                 .await?;
-            print_report(&report);
+            println!("{report}");
         }
     }
     Ok(())
-}
-
-fn print_report(r: &RunReport) {
-    let w = |t: Option<i64>| t.map_or("none".to_string(), format_ts);
-    println!(
-        "batch: {} hours and {} days recomputed ({} hourly rows, {} daily rows) from raw_events version {}; \
-         watermark {} -> {}; compute {:.1}s, write {:.1}s, compact {:.1}s",
-        r.hours,
-        r.days,
-        r.hourly_rows,
-        r.daily_rows,
-        r.raw_version.map_or("none".into(), |v| v.to_string()),
-        w(r.watermark_before),
-        w(r.watermark_after),
-        r.compute_secs,
-        r.write_secs,
-        r.compact_secs
-    );
-    if r.quarantined > 0 {
-        println!(
-            "batch: {} raw_events rows the batch layer cannot compute {} to quarantine (see its reason column)",
-            r.quarantined,
-            if r.diff.is_some() { "would be moved" } else { "moved" }
-        );
-    }
-    if let Some(d) = &r.diff {
-        println!(
-            "dry run: {} of {} merchant-hours would change; nothing was written",
-            d.merchant_hours_changed, d.merchant_hours_compared
-        );
-        for (i, name) in stored_metric_names().enumerate() {
-            println!(
-                "  {name:<17} {:>16} -> {:<16}",
-                d.totals_before[i], d.totals_after[i]
-            );
-        }
-    }
 }

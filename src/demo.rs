@@ -3,21 +3,23 @@
 //! batch-processed, a live stream feeding the current hour, the API and the
 //! dashboard on 127.0.0.1:8080, and a ready token printed with example queries.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use tally_batch_layer::{Archiver, BatchRun};
 use tally_common::bucket::{format_ts, hour_floor, now_micros, MICROS_PER_HOUR};
 use tally_common::config::{AuthArgs, SpeedArgs};
 use tally_common::lake::{Lake, Table};
 use tally_common::shutdown::{self, Shutdown};
 use tally_common::source::SourceId;
+use tally_serving_layer::auth::Claims;
 use tally_stream::LineBatch;
 
 use crate::gen::{GenArgs, Generator};
+
+/// How long the tokens the demo prints are valid.
+const TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
 
 /// Arguments of `tally demo`.
 #[derive(Debug, Args)]
@@ -45,18 +47,11 @@ pub struct DemoArgs {
     pub batch_every_minutes: u64,
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what:<10} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} {{msg}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    b
+fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    crate::progress_bar(
+        Some(len),
+        &format!("{{spinner}} {what:<10} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} {{msg}}"),
+    )
 }
 
 fn secret(dir: &std::path::Path) -> anyhow::Result<String> {
@@ -78,19 +73,6 @@ fn secret(dir: &std::path::Path) -> anyhow::Result<String> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(s)
-}
-
-fn token(secret: &str, merchant: Option<&str>) -> anyhow::Result<String> {
-    let exp = chrono::Utc::now().timestamp() + 30 * 86_400;
-    let claims = match merchant {
-        Some(m) => serde_json::json!({"sub": m, "merchant_id": m, "exp": exp}),
-        None => serde_json::json!({"sub": "demo-admin", "role": "admin", "exp": exp}),
-    };
-    Ok(jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )?)
 }
 
 /// Generate history and archive it in chunks, with a progress bar.
@@ -170,21 +152,6 @@ async fn live_feed(lake: Lake, rate: f64, mut shutdown: Shutdown) {
     }
 }
 
-async fn batch_loop(lake: Lake, every: Duration, mut shutdown: Shutdown) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.wait() => return,
-        }
-        match BatchRun::new(&lake).execute().await {
-            Ok(r) => {
-                tracing::info!(hours = r.hours, watermark = ?r.watermark_after.map(format_ts), "batch run")
-            }
-            Err(e) => tracing::warn!(error = %e, "batch run failed; the next one retries"),
-        }
-    }
-}
-
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(&args.dir)?;
@@ -229,7 +196,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let state = crate::serve::state(lake.clone(), &auth, view).await?;
     tokio::spawn(live_feed(lake.clone(), args.live_rate, signal.clone()));
-    tokio::spawn(batch_loop(
+    tokio::spawn(tally_batch_layer::job::run_every(
         lake.clone(),
         Duration::from_secs(args.batch_every_minutes * 60),
         signal.clone(),
@@ -244,8 +211,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             )
         })?;
     let merchant = "m_1";
-    let t = token(&secret, Some(merchant))?;
-    let admin = token(&secret, None)?;
+    let t = Claims::hs256_token(&secret, Some(merchant), TOKEN_TTL)?;
+    let admin = Claims::hs256_token(&secret, None, TOKEN_TTL)?;
     let now = hour_floor(now_micros());
     let base = format!("http://{}", args.addr);
     let from_h = format_ts(now - 23 * MICROS_PER_HOUR);

@@ -12,13 +12,12 @@
 //! ([`KinesisProducer`]: PutRecords, partition key = merchant, retrying only
 //! failed entries).
 
-use std::io::{BufRead, BufReader, IsTerminal};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use tally_common::bucket::now_micros;
 use tally_common::config::{LakeArgs, SpeedArgs};
 use tally_common::source::SourceId;
@@ -84,22 +83,11 @@ fn open_input(args: &IngestArgs) -> anyhow::Result<Input> {
     })
 }
 
-fn progress(size: Option<u64>) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = match size {
-        Some(n) => ProgressBar::new(n),
-        None => ProgressBar::no_length(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
+fn progress(size: Option<u64>) -> indicatif::ProgressBar {
+    crate::progress_bar(
+        size,
+        "{spinner} {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} {msg}",
+    )
 }
 
 pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
@@ -192,22 +180,9 @@ async fn put_on_kinesis(args: IngestArgs, stream: &str) -> anyhow::Result<()> {
 pub async fn generate_to_kinesis(args: &crate::gen::GenArgs, stream: &str) -> anyhow::Result<()> {
     let mut producer = KinesisProducer::new(kinesis_client().await, stream, 100);
     let mut generator = crate::gen::Generator::new(args)?;
-    let mut line = String::new();
-    let started = std::time::Instant::now();
-    let mut since_flush = 0u32;
-    while generator.next_into(&mut line) {
-        producer.push_line(line.as_bytes()).await?;
-        since_flush += 1;
-        if let Some(due) = generator.due() {
-            let ahead = due.saturating_sub(started.elapsed());
-            if since_flush >= 1_000 || ahead > Duration::from_millis(200) {
-                producer.flush_all().await?;
-                since_flush = 0;
-                tokio::time::sleep(ahead).await;
-            }
-        }
-    }
-    producer.flush_all().await?;
+    producer
+        .put_paced(|line| generator.next_into(line).then(|| generator.due()))
+        .await?;
     println!(
         "gen -> kinesis {stream}: {} events in {} records ({} entries retried)",
         producer.events, producer.records, producer.retried

@@ -164,6 +164,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// A progress bar on standard error with `template` (indicatif's syntax) and
+/// `len` steps (None: unknown), drawn only for a person at a terminal.
+pub(crate) fn progress_bar(len: Option<u64>, template: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressStyle};
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = len.map_or_else(ProgressBar::no_length, ProgressBar::new);
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
 fn init_tracing(lambda: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // delta kernel logs an ERROR when it opens a table that does not exist
@@ -211,24 +226,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let store = tally_speed_layer::SpeedStore::connect(&speed).await?;
+            // a Redis view that lost its data is rebuilt meanwhile
             let (stop_keeper, keeper_signal) = shutdown::channel();
-            let keeper = match &store {
-                tally_speed_layer::SpeedStore::Redis(redis) => {
-                    Some(tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
-                        lake.lake()?,
-                        redis.clone(),
-                        serve::REBUILD_CHECK_EVERY,
-                        speed.rebuild_settle(),
-                        keeper_signal,
-                    )))
-                }
-                tally_speed_layer::SpeedStore::Embedded(_) => None,
-            };
+            let keeper = store
+                .keep_whole(&lake.lake()?, speed.rebuild_settle(), keeper_signal)
+                .await?;
             let stats = args.run(tally_speed_layer::SpeedSink(store)).await;
             stop_keeper.fire();
-            if let Some(k) = keeper {
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), k).await;
-            }
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), keeper).await;
             let stats = stats?;
             eprintln!(
                 "speed consume: {} records, {} events accepted, {} lines rejected, {} merchant-hours already applied, {} retries",
@@ -257,19 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .wait(std::time::Duration::from_secs(wait_secs))
                 .run()
                 .await?;
-            println!(
-                "speed rebuild: generation {}, {} events into {} merchant-hours from {} sources, {}",
-                r.generation,
-                r.events,
-                r.merchant_hours,
-                r.sources,
-                match (r.complete, r.nothing_to_do) {
-                    (true, true) => "the view was whole already",
-                    (true, false) => "the view is whole",
-                    (false, true) => "another rebuild is running",
-                    (false, false) => "raw_events has not reached every source yet: run it again",
-                }
-            );
+            println!("speed rebuild: {r}");
             Ok(())
         }
         Command::Archive {

@@ -3,14 +3,12 @@
 //! the watermark at start and following new commits every two seconds.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use clap::Args;
 use tally_common::config::{AuthArgs, LakeArgs, SpeedArgs};
 use tally_common::lake::Lake;
 use tally_common::shutdown::{self, Shutdown};
 use tally_serving_layer::{AppState, Auth, ServeOptions};
-use tally_speed_layer::feed::RawFeed;
 use tally_speed_layer::SpeedStore;
 
 /// Arguments of `tally serve`.
@@ -27,11 +25,10 @@ pub struct ServeArgs {
     pub auth: AuthArgs,
 }
 
-/// How often a process holding a Redis speed view checks that it is rebuilt.
-pub const REBUILD_CHECK_EVERY: Duration = Duration::from_secs(2);
-
-/// Connect the speed store; rebuild the embedded one and keep following
-/// raw_events, or (with `keep_rebuilt`) keep a Redis one rebuilt after a loss.
+/// Connect the speed store and keep it whole in the background
+/// ([`SpeedStore::keep_whole`]); without `keep_rebuilt` (a Lambda container,
+/// frozen between invocations) a Redis store is left to the batch function's
+/// every-minute check.
 pub async fn speed_store(
     lake: &Lake,
     args: &SpeedArgs,
@@ -39,21 +36,10 @@ pub async fn speed_store(
     keep_rebuilt: bool,
 ) -> anyhow::Result<SpeedStore> {
     let store = SpeedStore::connect(args).await?;
-    if let SpeedStore::Embedded(_) = &store {
-        let (feed, n) = RawFeed::start(lake, &store).await?;
-        tracing::info!(
-            events = n,
-            "embedded speed view rebuilt from raw_events newer than the watermark"
-        );
-        tokio::spawn(feed.follow(store.clone(), Duration::from_secs(2), shutdown));
-    } else if let (SpeedStore::Redis(redis), true) = (&store, keep_rebuilt) {
-        tokio::spawn(tally_speed_layer::rebuild::keep_rebuilt(
-            lake.clone(),
-            redis.clone(),
-            REBUILD_CHECK_EVERY,
-            args.rebuild_settle(),
-            shutdown,
-        ));
+    if keep_rebuilt || matches!(store, SpeedStore::Embedded(_)) {
+        store
+            .keep_whole(lake, args.rebuild_settle(), shutdown)
+            .await?;
     }
     Ok(store)
 }

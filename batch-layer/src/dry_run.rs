@@ -68,3 +68,23 @@ fn by_merchant_hour(batches: &[RecordBatch]) -> Result<HashMap<MerchantHour, Tot
     }
     Ok(out)
 }
+
+impl std::fmt::Display for DryRunDiff {
+    /// `dry run: N of M merchant-hours would change; nothing was written`, then
+    /// each stored metric's total before and after.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dry run: {} of {} merchant-hours would change; nothing was written",
+            self.merchant_hours_changed, self.merchant_hours_compared
+        )?;
+        for (i, name) in tally_common::metrics::stored_metric_names().enumerate() {
+            write!(
+                f,
+                "\n  {name:<17} {:>16} -> {:<16}",
+                self.totals_before[i], self.totals_after[i]
+            )?;
+        }
+        Ok(())
+    }
+}

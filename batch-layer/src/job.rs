@@ -75,6 +75,42 @@ pub struct RunReport {
     pub diff: Option<DryRunDiff>,
 }
 
+impl std::fmt::Display for RunReport {
+    /// The report for people, as `tally batch run` prints it: a line of what
+    /// was recomputed and the watermark's move, a line of quarantined rows if
+    /// any, and for a dry run what would change, metric by metric.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = |t: Option<i64>| t.map_or("none".to_string(), tally_common::bucket::format_ts);
+        write!(
+            f,
+            "batch: {} hours and {} days recomputed ({} hourly rows, {} daily rows) from raw_events version {}; \
+             watermark {} -> {}; compute {:.1}s, write {:.1}s, compact {:.1}s",
+            self.hours,
+            self.days,
+            self.hourly_rows,
+            self.daily_rows,
+            self.raw_version.map_or("none".into(), |v| v.to_string()),
+            w(self.watermark_before),
+            w(self.watermark_after),
+            self.compute_secs,
+            self.write_secs,
+            self.compact_secs
+        )?;
+        if self.quarantined > 0 {
+            write!(
+                f,
+                "\nbatch: {} raw_events rows the batch layer cannot compute {} to quarantine (see its reason column)",
+                self.quarantined,
+                if self.diff.is_some() { "would be moved" } else { "moved" }
+            )?;
+        }
+        if let Some(d) = &self.diff {
+            write!(f, "\n{d}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A batch run, configured with builder methods and started with [`BatchRun::execute`].
 pub struct BatchRun {
     lake: Lake,
@@ -242,7 +278,7 @@ impl BatchRun {
     fn commit_properties(&self) -> CommitProperties {
         CommitProperties::default().with_metadata([
             (
-                "tally.operation".to_string(),
+                tally_common::lake::OPERATION_KEY.to_string(),
                 serde_json::json!(if self.range.is_some() {
                     "reprocess"
                 } else {
@@ -584,4 +620,28 @@ impl Run<'_> {
 
 fn row_count(batches: &[RecordBatch]) -> u64 {
     batches.iter().map(|b| b.num_rows() as u64).sum()
+}
+
+/// Run the batch layer every `every` until `shutdown` (for a process that keeps
+/// its own schedule, as `tally demo` does; on AWS EventBridge is the schedule).
+/// A failed run is logged and the next one retries.
+pub async fn run_every(
+    lake: Lake,
+    every: Duration,
+    mut shutdown: tally_common::shutdown::Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait() => return,
+        }
+        match BatchRun::new(&lake).execute().await {
+            Ok(r) => tracing::info!(
+                hours = r.hours,
+                watermark = ?r.watermark_after.map(tally_common::bucket::format_ts),
+                "batch run"
+            ),
+            Err(e) => tracing::warn!(error = %e, "batch run failed; the next one retries"),
+        }
+    }
 }

@@ -15,7 +15,6 @@ use deltalake::arrow::compute::{
 use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::datafusion::logical_expr::{col, lit, Expr};
 use deltalake::datafusion::prelude::SessionContext;
-use deltalake::datafusion::scalar::ScalarValue;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
@@ -40,12 +39,7 @@ pub(crate) async fn record_only(
     replace_rows(table, kind, Vec::new(), never, commit).await
 }
 
-pub(crate) fn ts_lit(t: i64) -> Expr {
-    lit(ScalarValue::TimestampMicrosecond(
-        Some(t),
-        Some("UTC".into()),
-    ))
-}
+pub(crate) use tally_common::lake::utc_micros as ts_lit;
 
 /// The partition of `kind` holding the bucket that starts at `t`.
 fn partition_of(kind: MetricTable, t: i64) -> Expr {

@@ -448,10 +448,7 @@ pub async fn write(lake: &Lake, bad: &BadRows) -> Result<u64> {
             .collect();
         let commit = CommitProperties::default()
             .with_application_transactions(marks)
-            .with_metadata([(
-                "tally.operation".to_string(),
-                serde_json::json!("batch quarantine"),
-            )]);
+            .with_metadata([tally_common::lake::operation("batch quarantine")]);
         let result = table
             .clone()
             .write(vec![quarantine_batch(&rows)?])
@@ -490,10 +487,10 @@ pub async fn delete(raw: &DeltaTable, bad: &BadRows) -> Result<Option<DeltaTable
         .delete()
         .with_predicate(bad.predicate.clone())
         .with_writer_properties(writer_properties())
-        .with_commit_properties(CommitProperties::default().with_metadata([(
-            "tally.operation".to_string(),
-            serde_json::json!("batch quarantine"),
-        )]))
+        .with_commit_properties(
+            CommitProperties::default()
+                .with_metadata([tally_common::lake::operation("batch quarantine")]),
+        )
         .await;
     match result {
         Ok((table, metrics)) => {

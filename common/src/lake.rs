@@ -18,6 +18,26 @@ use crate::error::Context as _;
 use crate::metric_table::MetricTable;
 use crate::{Error, Result};
 
+/// The commit-info key under which every tally commit says what it is
+/// (`archive`, `batch quarantine`, `reprocess`, ...), for people reading the log.
+pub const OPERATION_KEY: &str = "tally.operation";
+
+/// The commit-info entry naming a commit's operation ([`OPERATION_KEY`]).
+pub fn operation(what: &str) -> (String, serde_json::Value) {
+    (OPERATION_KEY.to_string(), serde_json::json!(what))
+}
+
+/// A DataFusion literal of the instant `t` (epoch µs) as the tables store
+/// time: a microsecond timestamp in UTC.
+pub fn utc_micros(t: i64) -> deltalake::datafusion::prelude::Expr {
+    deltalake::datafusion::prelude::lit(
+        deltalake::datafusion::scalar::ScalarValue::TimestampMicrosecond(
+            Some(t),
+            Some("UTC".into()),
+        ),
+    )
+}
+
 /// The tables of the lake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {

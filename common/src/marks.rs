@@ -61,7 +61,7 @@ pub fn commit_with_mark(source: &SourceId, position: &Position, what: &str) -> C
     CommitProperties::default()
         .with_application_transactions(mark_transactions(source, position))
         .with_metadata([
-            ("tally.operation".to_string(), serde_json::json!(what)),
+            crate::lake::operation(what),
             (
                 "tally.source".to_string(),
                 serde_json::json!(source.as_str()),

@@ -61,6 +61,31 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// An HS256 token (RFC 7519) signed with `secret` that lets `merchant`
+    /// read its own metrics, or with `None` any merchant's (`role: admin`),
+    /// expiring `ttl` from now: what `tally demo` prints for its user.
+    /// Errors: [`ServingError::Auth`] when signing fails.
+    pub fn hs256_token(
+        secret: &str,
+        merchant: Option<&str>,
+        ttl: Duration,
+    ) -> Result<String, ServingError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let exp = (now + ttl).as_secs();
+        let claims = match merchant {
+            Some(m) => serde_json::json!({"sub": m, "merchant_id": m, "exp": exp}),
+            None => serde_json::json!({"sub": "admin", "role": "admin", "exp": exp}),
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .map_err(|e| ServingError::Auth(format!("cannot sign a token: {e}")))
+    }
+
     /// Whether the token may read `merchant`'s metrics.
     pub fn may_read(&self, merchant: &str) -> bool {
         self.role.as_deref() == Some("admin") || self.merchant_id.as_deref() == Some(merchant)

@@ -26,7 +26,6 @@ use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use deltalake::datafusion::execution::session_state::SessionStateBuilder;
 use deltalake::datafusion::prelude::{col, lit, Expr, SessionConfig, SessionContext};
-use deltalake::datafusion::scalar::ScalarValue;
 use deltalake::delta_datafusion::DeltaSessionConfig;
 use deltalake::kernel::Version;
 use deltalake::DeltaTable;
@@ -141,12 +140,7 @@ impl BatchSnapshot {
         end: i64,
         partitions: Expr,
     ) -> Result<HashMap<i64, MetricValues>> {
-        let ts = |t: i64| {
-            lit(ScalarValue::TimestampMicrosecond(
-                Some(t),
-                Some("UTC".into()),
-            ))
-        };
+        let ts = tally_common::lake::utc_micros;
         let time_col = table.time_column();
         let filter = col(MERCHANT_COLUMN)
             .eq(lit(merchant))

@@ -14,7 +14,6 @@ use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::{col, lit, ParquetReadOptions, SessionContext};
-use deltalake::datafusion::scalar::ScalarValue;
 use deltalake::DeltaTable;
 use tally_common::bucket::{date_string, now_micros};
 use tally_common::lake::{read_commit, register, FileChange, Lake, Table};
@@ -91,13 +90,12 @@ impl RawFeed {
             .await
             .context("reading raw_events")?;
         if w > i64::MIN {
-            df =
-                df.filter(col("event_date").gt_eq(lit(date_string(w))).and(
-                    col("event_time").gt_eq(lit(ScalarValue::TimestampMicrosecond(
-                        Some(w),
-                        Some("UTC".into()),
-                    ))),
-                ))
+            df = df
+                .filter(
+                    col("event_date")
+                        .gt_eq(lit(date_string(w)))
+                        .and(col("event_time").gt_eq(tally_common::lake::utc_micros(w))),
+                )
                 .context("filtering raw_events")?;
         }
         let batches = df

@@ -46,7 +46,6 @@ use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
-use deltalake::datafusion::scalar::ScalarValue;
 
 use crate::redis_store::{hour_key, RedisStore, VIEW_KEY};
 use crate::store::ViewState;
@@ -137,6 +136,26 @@ pub struct RebuildReport {
     /// Whether the view is now marked rebuilt (false: `raw_events` did not reach
     /// every source's boundary within the wait; run it again later).
     pub complete: bool,
+}
+
+impl std::fmt::Display for RebuildReport {
+    /// One line for people: `generation G, N events into M merchant-hours from S sources, <state>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "generation {}, {} events into {} merchant-hours from {} sources, {}",
+            self.generation,
+            self.events,
+            self.merchant_hours,
+            self.sources,
+            match (self.complete, self.nothing_to_do) {
+                (true, true) => "the view was whole already",
+                (true, false) => "the view is whole",
+                (false, true) => "another rebuild is running",
+                (false, false) => "raw_events has not reached every source yet: run it again",
+            }
+        )
+    }
 }
 
 /// A rebuild of a Redis speed view from `raw_events`, configured with builder
@@ -486,12 +505,7 @@ async fn read_rows(raw: &deltalake::DeltaTable, since: i64) -> Result<Vec<Row>> 
         .filter(
             col("event_date")
                 .gt_eq(lit(date_string(since)))
-                .and(
-                    col("event_time").gt_eq(lit(ScalarValue::TimestampMicrosecond(
-                        Some(since),
-                        Some("UTC".into()),
-                    ))),
-                ),
+                .and(col("event_time").gt_eq(tally_common::lake::utc_micros(since))),
         )
         .context("filtering raw_events")?
         .select_columns(&[

@@ -5,13 +5,17 @@
 //! read side is [`SpeedView`], the trait the serving layer holds.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tally_common::config::SpeedArgs;
+use tally_common::lake::Lake;
+use tally_common::shutdown::Shutdown;
 use tally_common::source::Position;
 use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::Result;
 
 use crate::aggregate::SpeedBatch;
+use crate::feed::RawFeed;
 use crate::{EmbeddedStore, RedisStore};
 
 /// What applying a batch did.
@@ -80,6 +84,12 @@ impl ViewState {
     }
 }
 
+/// How often the embedded store looks for new commits of `raw_events`.
+pub const FOLLOW_EVERY: Duration = Duration::from_secs(2);
+
+/// How often a process holding a Redis speed store checks that it is whole.
+pub const REBUILD_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// The speed store a process uses: Redis when configured, else the embedded
 /// store. Every update carries its source's position; a store applies an update
 /// only when it is beyond the mark it holds for that (merchant, hour, source), and
@@ -106,6 +116,37 @@ impl SpeedStore {
                 SpeedStore::Redis(RedisStore::connect(&url, ttl).await?)
             }
             None => SpeedStore::Embedded(Arc::new(EmbeddedStore::new(ttl))),
+        })
+    }
+
+    /// Keep this store whole from the lake's `raw_events`, in a background task
+    /// until `shutdown`: the embedded store is rebuilt now from the events newer
+    /// than the watermark and then follows new commits every [`FOLLOW_EVERY`];
+    /// a Redis store is checked every [`REBUILD_CHECK_EVERY`] and rebuilt after
+    /// it lost its data ([`crate::rebuild::keep_rebuilt`], waiting `settle` for
+    /// the archiver). Errors: the embedded store's first rebuild failing.
+    pub async fn keep_whole(
+        &self,
+        lake: &Lake,
+        settle: Duration,
+        shutdown: Shutdown,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        Ok(match self {
+            SpeedStore::Embedded(_) => {
+                let (feed, n) = RawFeed::start(lake, self).await?;
+                tracing::info!(
+                    events = n,
+                    "embedded speed view rebuilt from raw_events newer than the watermark"
+                );
+                tokio::spawn(feed.follow(self.clone(), FOLLOW_EVERY, shutdown))
+            }
+            SpeedStore::Redis(redis) => tokio::spawn(crate::rebuild::keep_rebuilt(
+                lake.clone(),
+                redis.clone(),
+                REBUILD_CHECK_EVERY,
+                settle,
+                shutdown,
+            )),
         })
     }
 

@@ -86,6 +86,32 @@ impl KinesisProducer {
         Ok(())
     }
 
+    /// Put the lines `next` yields, keeping to their pace: `next` fills the
+    /// line and returns when it is due (time since the start; `None` for as
+    /// fast as possible), or returns `None` at the end. Lines are flushed at
+    /// least every 1,000 and whenever the next is more than 200 ms ahead, so
+    /// what is put never runs ahead of the clock by more than that.
+    pub async fn put_paced(
+        &mut self,
+        mut next: impl FnMut(&mut String) -> Option<Option<std::time::Duration>>,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        let (mut line, mut since_flush) = (String::new(), 0u32);
+        while let Some(due) = next(&mut line) {
+            self.push_line(line.as_bytes()).await?;
+            since_flush += 1;
+            if let Some(due) = due {
+                let ahead = due.saturating_sub(started.elapsed());
+                if since_flush >= 1_000 || ahead > std::time::Duration::from_millis(200) {
+                    self.flush_all().await?;
+                    since_flush = 0;
+                    tokio::time::sleep(ahead).await;
+                }
+            }
+        }
+        self.flush_all().await
+    }
+
     /// Put every record, full or not.
     pub async fn flush_all(&mut self) -> Result<()> {
         let open: Vec<_> = self.open.drain().map(|(k, (d, _))| (k, d)).collect();
