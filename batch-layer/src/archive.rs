@@ -26,7 +26,7 @@ use tally_common::bucket::{date_string, hour_floor, hour_of_day};
 use tally_common::decode::{decode_record, DecodedRecord};
 use tally_common::lake::{Lake, Table};
 use tally_common::source::{Position, Record, SourceId};
-use tally_common::{Context as _, Error, Result};
+use tally_common::{Context as _, Result};
 
 use tally_common::marks::{commit_with_mark, read_mark};
 
@@ -470,6 +470,5 @@ fn quarantine_batch(
         Arc::new(ingest.finish()),
         Arc::new(date.finish()),
     ];
-    RecordBatch::try_new(Table::Quarantine.schema(), columns)
-        .map_err(|e| Error::invalid(format!("building a quarantine batch: {e}")))
+    RecordBatch::try_new(Table::Quarantine.schema(), columns).context("building a quarantine batch")
 }

@@ -107,7 +107,7 @@ async fn check_rewrite(before: &DeltaTable, after: &DeltaTable, date: &str) -> R
     let read_version = before.version().unwrap_or(0);
     let (version, (removed, added)) =
         optimize_commit(after, read_version).await?.ok_or_else(|| {
-            Error::invalid(format!(
+            Error::internal(format!(
                 "compaction of raw_events {date} reported a rewrite, but no optimize commit after \
                  version {read_version} is in the log"
             ))
@@ -131,7 +131,7 @@ async fn check_rewrite(before: &DeltaTable, after: &DeltaTable, date: &str) -> R
         };
     }
     if read != written {
-        return Err(Error::invalid(format!(
+        return Err(Error::internal(format!(
             "compaction of raw_events {date} (commit {version}) wrote {written} rows in {} files \
              for the {read} rows of the {} files it replaced; restore raw_events to version {} \
              (the replaced files stay on storage until vacuum)",
@@ -180,28 +180,31 @@ async fn optimize_commit(table: &DeltaTable, read_version: u64) -> Result<Option
 async fn footer_rows(table: &DeltaTable, path: &str) -> Result<i64> {
     let store = table.log_store().object_store(None);
     let location = Path::from_url_path(path)
-        .map_err(|e| Error::invalid(format!("raw_events file {path}: {e}")))?;
-    let failed = |e: &dyn std::fmt::Display| {
-        Error::invalid(format!("reading the footer of raw_events file {path}: {e}"))
-    };
+        .map_err(|e| Error::internal(format!("the log names raw_events file {path:?}: {e}")))?;
+    let what = format!("reading the footer of raw_events file {path}");
+    let corrupt = |why: &dyn std::fmt::Display| Error::internal(format!("{what}: {why}"));
     // a Parquet file ends with its metadata, the metadata's length (4 bytes LE) and `PAR1`
-    let size = store.head(&location).await.map_err(|e| failed(&e))?.size;
+    let size = store
+        .head(&location)
+        .await
+        .map_err(|e| Error::io(what.clone(), e))?
+        .size;
     if size < 12 {
-        return Err(failed(&"the file is too short to be Parquet"));
+        return Err(corrupt(&"the file is too short to be Parquet"));
     }
     let tail = store
         .get_range(&location, size - 8..size)
         .await
-        .map_err(|e| failed(&e))?;
+        .map_err(|e| Error::io(what.clone(), e))?;
     let len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
     if &tail[4..] != b"PAR1" || len + 8 > size {
-        return Err(failed(&"no Parquet footer"));
+        return Err(corrupt(&"no Parquet footer"));
     }
     let metadata = store
         .get_range(&location, size - 8 - len..size - 8)
         .await
-        .map_err(|e| failed(&e))?;
-    let metadata = ParquetMetaDataReader::decode_metadata(&metadata).map_err(|e| failed(&e))?;
+        .map_err(|e| Error::io(what.clone(), e))?;
+    let metadata = ParquetMetaDataReader::decode_metadata(&metadata).map_err(|e| corrupt(&e))?;
     Ok(metadata.file_metadata().num_rows())
 }
 
@@ -212,7 +215,7 @@ pub async fn vacuum(lake: &Lake, table: Table, retention: Duration) -> Result<us
     };
     let result = t
         .vacuum()
-        .with_retention_period(chrono::Duration::from_std(retention).map_err(Error::invalid)?)
+        .with_retention_period(chrono::Duration::from_std(retention).map_err(Error::config)?)
         .await;
     match result {
         Ok((_, metrics)) => Ok(metrics.files_deleted.len()),

@@ -59,7 +59,7 @@ fn by_merchant_hour(batches: &[RecordBatch]) -> Result<HashMap<MerchantHour, Tot
             .context("reading metrics_hourly rows")?;
         for i in 0..rows.len() {
             let (Some(m), Some(t)) = (rows.merchant(i), rows.time(i)) else {
-                return Err(Error::invalid(
+                return Err(Error::internal(
                     "a metrics_hourly row without merchant_id or hour",
                 ));
             };

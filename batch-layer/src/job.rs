@@ -455,7 +455,7 @@ impl Run<'_> {
                     .lake
                     .open(Table::RawEvents)
                     .await?
-                    .ok_or_else(|| Error::invalid("raw_events disappeared during the run"))?,
+                    .ok_or_else(|| Error::internal("raw_events disappeared during the run"))?,
             };
         }
     }

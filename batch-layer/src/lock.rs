@@ -71,7 +71,7 @@ async fn latest(store: &dyn ObjectStore) -> Result<Option<u64>> {
         .list(Some(&prefix))
         .try_collect()
         .await
-        .map_err(|e| Error::Busy(format!("cannot list the batch lease: {e}")))?;
+        .map_err(|e| Error::io("listing the batch lease", e))?;
     Ok(metas
         .iter()
         .filter_map(|m| m.location.filename()?.parse::<u64>().ok())
@@ -172,7 +172,7 @@ impl Lease {
                 }
                 // another run took this generation first: look again
                 Err(object_store::Error::AlreadyExists { .. }) => continue,
-                Err(e) => return Err(Error::Busy(format!("cannot take the batch lease: {e}"))),
+                Err(e) => return Err(Error::io("taking the batch lease", e)),
             }
         }
     }

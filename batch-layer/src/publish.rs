@@ -141,7 +141,7 @@ pub(crate) fn table_rows(
 
 fn conform(schema: &SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
     if cols.len() != schema.fields().len() {
-        return Err(Error::invalid(format!(
+        return Err(Error::internal(format!(
             "metrics query returned {} columns, table has {}",
             cols.len(),
             schema.fields().len()
@@ -248,7 +248,7 @@ fn sorted_by_merchant(kind: MetricTable, batches: Vec<RecordBatch>) -> Result<Ve
         Ok(SortColumn {
             values: all
                 .column_by_name(name)
-                .ok_or_else(|| Error::invalid(format!("no {name} column")))?
+                .ok_or_else(|| Error::internal(format!("no {name} column")))?
                 .clone(),
             options: None,
         })

@@ -385,7 +385,7 @@ fn reason(row: &RowView<'_>, part: &Partition, hour_start: Option<i64>) -> Strin
 fn strings(b: &RecordBatch, name: &str) -> Result<Vec<Option<String>>> {
     let c = b
         .column_by_name(name)
-        .ok_or_else(|| Error::invalid(format!("the raw_events check returned no {name}")))?;
+        .ok_or_else(|| Error::internal(format!("the raw_events check returned no {name}")))?;
     let c: ArrayRef = cast(c, &DataType::Utf8).context(format!("reading {name}"))?;
     let c = c.as_string::<i32>();
     Ok((0..c.len())
@@ -396,7 +396,7 @@ fn strings(b: &RecordBatch, name: &str) -> Result<Vec<Option<String>>> {
 fn ints(b: &RecordBatch, name: &str) -> Result<Vec<Option<i64>>> {
     let c = b
         .column_by_name(name)
-        .ok_or_else(|| Error::invalid(format!("the raw_events check returned no {name}")))?;
+        .ok_or_else(|| Error::internal(format!("the raw_events check returned no {name}")))?;
     let c: ArrayRef = cast(c, &DataType::Int64).context(format!("reading {name}"))?;
     let c = c.as_primitive::<Int64Type>();
     Ok((0..c.len())

@@ -5,8 +5,22 @@ use std::fmt;
 /// `Result` with tally's [`Error`] as the default error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A lower-level error kept as the cause of one of tally's.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `": cause"` when there is a cause, for a variant's message.
+fn cause(source: &Option<BoxError>) -> String {
+    source
+        .as_ref()
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default()
+}
+
 /// Everything that can go wrong below the command line, each variant saying what
-/// was being done so a user can act on it.
+/// was being done so a user can act on it, and keeping the lower-level error
+/// it came from as its [`source`](std::error::Error::source). Which variant is
+/// which kind of failure matters: the API answers [`Error::Invalid`] with 400,
+/// [`Error::Busy`] and [`Error::Timeout`] with 503, everything else with 500.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A configuration value is missing or malformed (bad lake URI, bad Redis URL, ...).
@@ -36,19 +50,36 @@ pub enum Error {
         #[source]
         source: Box<deltalake::arrow::error::ArrowError>,
     },
-    /// The speed store (Redis or the embedded store) failed.
-    #[error("speed store: {0}")]
-    Speed(String),
-    /// Kinesis or another AWS call failed.
-    #[error("aws: {0}")]
-    Aws(String),
-    /// A local file could not be read or written.
+    /// The speed store (Redis or the embedded store) failed or answered
+    /// something it should not have.
+    #[error("speed store: {context}{}", cause(.source))]
+    Speed {
+        context: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// Kinesis, Secrets Manager or another AWS call failed. The context carries
+    /// the SDK's whole error chain (its own `Display` is only "service error").
+    #[error("aws: {context}")]
+    Aws {
+        context: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A file or an object of the object store could not be read or written.
     #[error("io: {context}: {source}")]
     Io {
         context: String,
         #[source]
-        source: std::io::Error,
+        source: BoxError,
     },
+    /// A service (the lake, Redis) did not answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A broken invariant: a bug in tally, or a table changed under it in a way
+    /// tally never writes. Not the caller's fault and not a passing failure.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
     /// Another process holds a lock this operation needs (e.g. a second `tally batch run`).
     #[error("busy: {0}")]
     Busy(String),
@@ -65,6 +96,56 @@ impl Error {
     /// A configuration error from anything printable.
     pub fn config(msg: impl fmt::Display) -> Self {
         Error::Config(msg.to_string())
+    }
+    /// A broken invariant ([`Error::Internal`]) from anything printable.
+    pub fn internal(msg: impl fmt::Display) -> Self {
+        Error::Internal(msg.to_string())
+    }
+    /// A speed-store failure with no lower-level cause.
+    pub fn speed(context: impl Into<String>) -> Self {
+        Error::Speed {
+            context: context.into(),
+            source: None,
+        }
+    }
+    /// A speed-store failure caused by `source` (a Redis error, ...).
+    pub fn speed_from(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Speed {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+    /// An AWS failure with no lower-level cause.
+    pub fn aws(context: impl Into<String>) -> Self {
+        Error::Aws {
+            context: context.into(),
+            source: None,
+        }
+    }
+    /// An AWS failure caused by `source`, an SDK error: the context says what
+    /// was being done and the error's whole chain, the source keeps the error.
+    pub fn aws_from<E: std::error::Error + Send + Sync + 'static>(what: &str, source: E) -> Self {
+        let mut context = what.to_string();
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !context.contains(&text) {
+                context.push_str(": ");
+                context.push_str(&text);
+            }
+            cause = c.source();
+        }
+        Error::Aws {
+            context,
+            source: Some(Box::new(source)),
+        }
+    }
+    /// An I/O failure of a file or an object caused by `source`.
+    pub fn io(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: source.into(),
+        }
     }
 }
 
@@ -106,9 +187,6 @@ impl<T> Context<T> for std::result::Result<T, deltalake::arrow::error::ArrowErro
 
 impl<T> Context<T> for std::result::Result<T, std::io::Error> {
     fn context(self, what: impl Into<String>) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            context: what.into(),
-            source,
-        })
+        self.map_err(|source| Error::io(what, source))
     }
 }

@@ -281,10 +281,12 @@ impl Lake {
         .await;
         match created {
             Ok(t) => Ok(t),
-            Err(_) => self
-                .open(table)
-                .await?
-                .ok_or_else(|| Error::config(format!("could not create {}", table.name()))),
+            // another writer may have created it first: then it opens; if it
+            // does not, the creation's own error says why
+            Err(e) => match self.open(table).await? {
+                Some(t) => Ok(t),
+                None => Err(e).context(format!("creating {}", table.name())),
+            },
         }
     }
 }

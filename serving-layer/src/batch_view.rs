@@ -262,7 +262,7 @@ impl BatchView {
         let _one_at_a_time = self.refreshing.lock().await;
         let result = match tokio::time::timeout(REFRESH_TIMEOUT, self.refresh_inner()).await {
             Ok(r) => r,
-            Err(_) => Err(Error::config(format!(
+            Err(_) => Err(Error::Timeout(format!(
                 "the lake did not answer within {REFRESH_TIMEOUT:?}"
             ))),
         };

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 503: the lake (the batch view) cannot be read right now.
     #[error("{0}")]
     Unavailable(String),
+    /// 500: a broken invariant inside tally (logged with its cause).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -38,6 +41,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -49,16 +53,26 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
         }
     }
 
-    /// The error a failed lake read becomes: the cause is logged, the caller only
-    /// learns to retry.
+    /// The error a failed lake read becomes: the cause is logged, the caller
+    /// only learns to retry (or, for a bug, that it is one).
     pub fn lake(cause: &tally_common::Error) -> Self {
         tracing::error!(error = %cause, "batch view read failed");
-        ApiError::Unavailable(
-            "the batch view (lake) cannot be read right now; retry shortly".into(),
-        )
+        Self::from_internal(cause).unwrap_or_else(|| {
+            ApiError::Unavailable(
+                "the batch view (lake) cannot be read right now; retry shortly".into(),
+            )
+        })
+    }
+
+    /// [`ApiError::Internal`] when `cause` is a broken invariant
+    /// ([`tally_common::Error::Internal`]): never a caller's fault to retry or fix.
+    pub fn from_internal(cause: &tally_common::Error) -> Option<Self> {
+        matches!(cause, tally_common::Error::Internal(_))
+            .then(|| ApiError::Internal("an internal error; it has been logged".into()))
     }
 }
 
@@ -72,7 +86,7 @@ pub struct ErrorBody {
 /// The code and message of an error.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// `bad_request`, `unauthorized`, `forbidden`, `not_found` or `unavailable`.
+    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `unavailable` or `internal`.
     pub code: String,
     /// A human-readable explanation of what to fix.
     pub message: String,

@@ -23,10 +23,15 @@ use crate::error::{ApiError, ErrorBody};
 use crate::merge::{MetricsResponse, Plan};
 use crate::AppState;
 
+/// A request the parser refused: 400 with its reason. The parser only refuses
+/// with [`Error::Invalid`]; anything else would be a bug, answered 500.
 fn invalid(e: Error) -> ApiError {
     match e {
         Error::Invalid(msg) => ApiError::BadRequest(msg),
-        other => ApiError::BadRequest(other.to_string()),
+        other => {
+            tracing::error!(error = %other, "request parsing failed");
+            ApiError::Internal("an internal error; it has been logged".into())
+        }
     }
 }
 

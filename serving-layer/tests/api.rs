@@ -140,7 +140,7 @@ impl SpeedView for FakeSpeed {
     fn ping(&self) -> BoxFuture<'_, tally_common::Result<()>> {
         Box::pin(async move {
             if self.down.load(Ordering::SeqCst) {
-                Err(tally_common::Error::Speed("fake speed view is down".into()))
+                Err(tally_common::Error::speed("fake speed view is down"))
             } else {
                 Ok(())
             }

@@ -48,7 +48,7 @@ impl EmbeddedStore {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
         self.state
             .lock()
-            .map_err(|_| Error::Speed("embedded store poisoned by a panic".into()))
+            .map_err(|_| Error::internal("the embedded speed store was poisoned by a panic"))
     }
 
     /// Drop merchant-hours last updated more than the TTL ago (as Redis expires its keys).

@@ -108,7 +108,7 @@ pub async fn apply_records<'a>(
         overlaps = next;
     }
     if !overlaps.is_empty() {
-        return Err(tally_common::Error::Speed(format!(
+        return Err(tally_common::Error::speed(format!(
             "{} merchant-hours of {} kept overlapping marks; not applied",
             overlaps.len(),
             batch.source

@@ -259,7 +259,7 @@ impl<'a> Rebuild<'a> {
         if ok == 1 {
             Ok(())
         } else {
-            Err(Error::Speed(
+            Err(Error::Busy(
                 "the rebuild lock expired and another rebuild took it; this one stops".into(),
             ))
         }
@@ -274,8 +274,8 @@ impl<'a> Rebuild<'a> {
             .await
             .map_err(|e| self.store.command_error(e))?;
         let Some(view) = self.store.view_state().await? else {
-            return Err(Error::Speed(
-                "the speed view vanished while rebuilding".into(),
+            return Err(Error::speed(
+                "the speed view vanished while rebuilding (Redis lost its data again)",
             ));
         };
         let mut report = RebuildReport {

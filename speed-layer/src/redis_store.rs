@@ -139,8 +139,13 @@ impl RedisStore {
             client.get_connection_manager_with_config(config),
         )
         .await
-        .map_err(|_| unreachable_error(&shown, "timed out"))?
-        .map_err(|e| unreachable_error(&shown, &e.to_string()))?;
+        .map_err(|_| {
+            Error::Timeout(format!(
+                "Redis at {shown} did not accept a connection within 5 s: is redis-server running? \
+                 set TALLY_REDIS_URL, or unset it for the embedded store"
+            ))
+        })?
+        .map_err(|e| unreachable_error(&shown, e))?;
         let script_sha = redis::Script::new(APPLY_LUA).get_hash().to_string();
         warn_if_evicting(&conn, &shown).await;
         let store = RedisStore {
@@ -171,8 +176,22 @@ impl RedisStore {
         Ok(())
     }
 
+    /// A failed command: Redis out of reach (connection refused, dropped or
+    /// timed out), or a command it refused (e.g. `OOM` under `noeviction`).
     fn err(&self, e: redis::RedisError) -> Error {
-        unreachable_error(&self.url_for_errors, &e.to_string())
+        if e.is_timeout() {
+            Error::Timeout(format!(
+                "Redis at {} did not answer: {e}",
+                self.url_for_errors
+            ))
+        } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+            unreachable_error(&self.url_for_errors, e)
+        } else {
+            Error::speed_from(
+                format!("Redis at {} refused a command", self.url_for_errors),
+                e,
+            )
+        }
     }
 
     fn pipeline(&self, batch: &SpeedBatch) -> Pipeline {
@@ -289,11 +308,14 @@ async fn warn_if_evicting(conn: &ConnectionManager, url: &str) {
     }
 }
 
-fn unreachable_error(url: &str, why: &str) -> Error {
-    Error::Speed(format!(
-        "cannot reach Redis at {url} ({why}): is redis-server running? \
-         set TALLY_REDIS_URL, or unset it for the embedded store"
-    ))
+fn unreachable_error(url: &str, e: redis::RedisError) -> Error {
+    Error::speed_from(
+        format!(
+            "cannot reach Redis at {url}: is redis-server running? \
+             set TALLY_REDIS_URL, or unset it for the embedded store"
+        ),
+        e,
+    )
 }
 
 impl RedisStore {
@@ -311,8 +333,8 @@ impl RedisStore {
     }
 }
 
-fn unexpected(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Speed(format!("unexpected {what} reply from Redis: {e}"))
+fn unexpected<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) -> Error {
+    Error::speed_from(format!("unexpected {what} reply from Redis"), e)
 }
 
 /// The write side, as [`crate::SpeedStore`] has it.
@@ -339,9 +361,8 @@ impl RedisStore {
                             }
                             Value::Int(_) => report.skipped += 1,
                             other => {
-                                let mark: String = redis::from_redis_value(other).map_err(|e| {
-                                    Error::Speed(format!("unexpected script reply: {e}"))
-                                })?;
+                                let mark: String = redis::from_redis_value(other)
+                                    .map_err(|e| unexpected("script", e))?;
                                 report.overlaps.push((i, Position::parse(&mark)?));
                             }
                         }

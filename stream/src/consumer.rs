@@ -73,8 +73,8 @@ struct ShardState {
     caught_up: bool,
 }
 
-fn aws_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Aws(format!("{what}: {e}"))
+fn aws_err<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) -> Error {
+    Error::aws_from(what, e)
 }
 
 /// A Kinesis consumer applying a stream to a [`RecordSink`].
@@ -159,12 +159,10 @@ impl<K: RecordSink> Consumer<K> {
                 Some(token) => self.client.list_shards().next_token(token),
                 None => self.client.list_shards().stream_name(&self.stream),
             };
-            let out = req.send().await.map_err(|e| {
-                aws_err(
-                    &format!("listing shards of {}", self.stream),
-                    aws_sdk_kinesis::error::DisplayErrorContext(e),
-                )
-            })?;
+            let out = req
+                .send()
+                .await
+                .map_err(|e| aws_err(&format!("listing shards of {}", self.stream), e))?;
             shards.extend(out.shards.unwrap_or_default());
             next = out.next_token;
             if next.is_none() {
@@ -185,14 +183,12 @@ impl<K: RecordSink> Consumer<K> {
                 .starting_sequence_number(seq),
             None => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
         };
-        let out = req.send().await.map_err(|e| {
-            aws_err(
-                &format!("shard iterator for {shard}"),
-                aws_sdk_kinesis::error::DisplayErrorContext(e),
-            )
-        })?;
+        let out = req
+            .send()
+            .await
+            .map_err(|e| aws_err(&format!("shard iterator for {shard}"), e))?;
         out.shard_iterator
-            .ok_or_else(|| Error::Aws(format!("no shard iterator for {shard}")))
+            .ok_or_else(|| Error::aws(format!("no shard iterator for {shard}")))
     }
 
     /// Consume until shutdown (or until caught up, when asked).
@@ -341,10 +337,7 @@ impl<K: RecordSink> Consumer<K> {
                 let fatal = svc.is_some_and(|s| {
                     s.is_resource_not_found_exception() || s.is_access_denied_exception()
                 });
-                let err = aws_err(
-                    &format!("GetRecords on {id}"),
-                    aws_sdk_kinesis::error::DisplayErrorContext(e),
-                );
+                let err = aws_err(&format!("GetRecords on {id}"), e);
                 // an unreachable endpoint or a 5xx: keep the iterator and try again
                 return Err(if fatal {
                     PollError::Fatal(err)
@@ -382,7 +375,7 @@ impl<K: RecordSink> Consumer<K> {
         }
         let state = states
             .get_mut(id)
-            .ok_or_else(|| Error::Aws(format!("unknown shard {id}")))?;
+            .ok_or_else(|| Error::aws(format!("unknown shard {id}")))?;
         state.caught_up = n == 0 && out.millis_behind_latest.unwrap_or(0) == 0;
         match out.next_shard_iterator {
             Some(next) => state.iterator = Some(next),

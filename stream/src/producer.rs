@@ -148,7 +148,7 @@ impl KinesisProducer {
                         .build()
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| Error::Aws(format!("a PutRecords entry: {e}")))?;
+                .map_err(|e| Error::aws_from("a PutRecords entry", e))?;
             let out = self
                 .client
                 .put_records()
@@ -172,11 +172,10 @@ impl KinesisProducer {
                     continue;
                 }
                 Err(e) => {
-                    return Err(Error::Aws(format!(
-                        "PutRecords to {}: {}",
-                        self.stream,
-                        aws_sdk_kinesis::error::DisplayErrorContext(e)
-                    )))
+                    return Err(Error::aws_from(
+                        &format!("PutRecords to {}", self.stream),
+                        e,
+                    ))
                 }
             };
             let failed: Vec<(String, Vec<u8>)> = out
@@ -195,7 +194,7 @@ impl KinesisProducer {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        Err(Error::Aws(format!(
+        Err(Error::aws(format!(
             "PutRecords to {}: {} entries still failing after retries",
             self.stream,
             pending.len()
