@@ -592,7 +592,7 @@ fn the_redis_auth_token_comes_from_secrets_manager() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cannot reach Redis") && err.contains("NOAUTH"),
+        err.contains("refused tally's credentials") && err.contains("NOAUTH"),
         "{err}"
     );
 

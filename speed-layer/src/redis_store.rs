@@ -186,6 +186,17 @@ impl RedisStore {
             ))
         } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
             unreachable_error(&self.url_for_errors, e)
+        } else if matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+            || e.kind() == redis::ErrorKind::AuthenticationFailed
+        {
+            Error::speed_from(
+                format!(
+                    "Redis at {} refused tally's credentials: give its AUTH token \
+                     (TALLY_REDIS_AUTH_SECRET_ARN, or the password in TALLY_REDIS_URL)",
+                    self.url_for_errors
+                ),
+                e,
+            )
         } else {
             Error::speed_from(
                 format!("Redis at {} refused a command", self.url_for_errors),
