@@ -48,18 +48,9 @@ pub struct RunArgs {
 }
 
 fn configured(args: &RunArgs) -> anyhow::Result<BatchRun> {
-    if args.batch.grace_minutes < 0 {
-        anyhow::bail!(
-            "--grace-minutes (TALLY_GRACE_MINUTES) is {}: it must be 0 or more, or open hours would be taken as closed",
-            args.batch.grace_minutes
-        );
-    }
-    let lake = args.lake.lake()?;
-    let run = BatchRun::new(&lake)
-        .grace_minutes(args.batch.grace_minutes)
+    let run = BatchRun::configured(&args.lake.lake()?, &args.batch)?
         .compact(!args.no_compact)
-        .wait_for_other_runs(Duration::from_secs(args.wait_secs))
-        .lease_expiry(Duration::from_secs(args.batch.lease_secs));
+        .wait_for_other_runs(Duration::from_secs(args.wait_secs));
     let bar = crate::progress_bar(Some(0), "{spinner} days {pos}/{len} [{bar:30}] {elapsed}");
     Ok(if bar.is_hidden() {
         run

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use lambda_runtime::{service_fn, LambdaEvent};
-use tally_common::config::{AuthArgs, LakeArgs, SpeedArgs};
+use tally_common::config::{AuthArgs, BatchArgs, LakeArgs, SpeedArgs};
 use tally_stream::RecordSink;
 
 pub async fn run(
@@ -16,6 +16,7 @@ pub async fn run(
     lake: LakeArgs,
     speed: SpeedArgs,
     auth: AuthArgs,
+    batch: BatchArgs,
 ) -> anyhow::Result<()> {
     match handler {
         "speed" => {
@@ -36,6 +37,7 @@ pub async fn run(
                 let lake = lake.clone();
                 let redis = Arc::clone(&redis);
                 let speed = speed.clone();
+                let batch = batch.clone();
                 async move {
                     let p = &event.payload;
                     // EventBridge sends {"speed_rebuild": true} every minute: the speed
@@ -44,7 +46,7 @@ pub async fn run(
                         return speed_rebuild(&lake, &redis, &speed).await;
                     }
                     Ok::<_, lambda_runtime::Error>(
-                        tally_batch_layer::run_request::handle(&lake, p).await?,
+                        tally_batch_layer::run_request::handle(&lake, &batch, p).await?,
                     )
                 }
             }))

@@ -64,6 +64,8 @@ enum Command {
         speed: SpeedArgs,
         #[command(flatten)]
         auth: tally_common::config::AuthArgs,
+        #[command(flatten)]
+        batch: tally_common::config::BatchArgs,
     },
 }
 
@@ -303,6 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             lake,
             speed,
             auth,
-        } => lambda::run(&handler, lake, speed, auth).await,
+            batch,
+        } => lambda::run(&handler, lake, speed, auth, batch).await,
     }
 }

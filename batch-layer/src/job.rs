@@ -37,6 +37,7 @@ use crate::daily;
 use crate::dirty::{dirty_hours, hours_present, raw_files};
 use crate::dry_run::DryRunDiff;
 use crate::lock::{Lease, DEFAULT_LEASE_EXPIRY};
+use crate::memory::MemoryBound;
 use crate::publish::{record_only, replace_day, replace_hours, stored_hours};
 use crate::quarantine::{self, computable_hour};
 use crate::sql::DayQueries;
@@ -73,6 +74,8 @@ pub struct RunReport {
     pub compact_secs: f64,
     /// What a dry run would change.
     pub diff: Option<DryRunDiff>,
+    /// Bytes the queries spilled to disk to stay within the memory bound.
+    pub spilled_bytes: u64,
 }
 
 impl std::fmt::Display for RunReport {
@@ -96,6 +99,13 @@ impl std::fmt::Display for RunReport {
             self.write_secs,
             self.compact_secs
         )?;
+        if self.spilled_bytes > 0 {
+            write!(
+                f,
+                "; {} spilled to disk to stay within the memory bound",
+                bytesize::ByteSize(self.spilled_bytes)
+            )?;
+        }
         if self.quarantined > 0 {
             write!(
                 f,
@@ -111,6 +121,10 @@ impl std::fmt::Display for RunReport {
     }
 }
 
+/// The smallest memory bound accepted: the queries' operators each need a
+/// batch of rows in memory to make progress (tested down to 4 MiB).
+pub const MIN_MEMORY_LIMIT: u64 = 4 << 20;
+
 /// A batch run, configured with builder methods and started with [`BatchRun::execute`].
 pub struct BatchRun {
     lake: Lake,
@@ -121,6 +135,7 @@ pub struct BatchRun {
     compact: bool,
     lease_wait: Duration,
     lease_expiry: Duration,
+    memory: MemoryBound,
     on_day: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
 }
 
@@ -137,8 +152,44 @@ impl BatchRun {
             compact: true,
             lease_wait: Duration::ZERO,
             lease_expiry: DEFAULT_LEASE_EXPIRY,
+            memory: MemoryBound::default(),
             on_day: None,
         }
+    }
+
+    /// The run the configuration asks for: grace, lease expiry, memory bound
+    /// and spill directory from `args` (flags or their environment variables,
+    /// the same for the command line and the Lambda function). Errors:
+    /// [`Error::Config`] for a negative grace period or a memory bound below
+    /// [`MIN_MEMORY_LIMIT`].
+    pub fn configured(lake: &Lake, args: &tally_common::config::BatchArgs) -> Result<Self> {
+        if args.grace_minutes < 0 {
+            return Err(Error::config(format!(
+                "--grace-minutes (TALLY_GRACE_MINUTES) is {}: it must be 0 or more, or open hours would be taken as closed",
+                args.grace_minutes
+            )));
+        }
+        if args.memory_limit < MIN_MEMORY_LIMIT {
+            return Err(Error::config(format!(
+                "--memory-limit (TALLY_BATCH_MEMORY) is {}: the batch layer needs at least {}",
+                bytesize::ByteSize(args.memory_limit),
+                bytesize::ByteSize(MIN_MEMORY_LIMIT)
+            )));
+        }
+        Ok(BatchRun::new(lake)
+            .grace_minutes(args.grace_minutes)
+            .lease_expiry(Duration::from_secs(args.lease_secs))
+            .memory(MemoryBound {
+                limit: args.memory_limit,
+                spill_dir: args.spill_dir.clone(),
+            }))
+    }
+
+    /// Bound the memory of the run's queries (default
+    /// [`tally_common::config::DEFAULT_BATCH_MEMORY`]); they spill beyond it.
+    pub fn memory(mut self, bound: MemoryBound) -> Self {
+        self.memory = bound;
+        self
     }
     /// Pretend the run happens at `t` (epoch µs).
     pub fn now(mut self, t: i64) -> Self {
@@ -238,13 +289,15 @@ impl BatchRun {
         let work = run.find_work(raw).await?;
         run.report.raw_version = Some(work.raw_version());
         run.report.hours = work.hour_count();
-        let queries = DayQueries::new(&work.raw).await?;
+        let queries = DayQueries::new(&work.raw, &self.memory).await?;
         if self.dry_run {
             run.report.diff = Some(run.compare(&work, &queries).await?);
+            run.report.spilled_bytes = queries.spilled_bytes();
             return Ok(run.report);
         }
-        let carried = run.recompute(&work, &queries).await?;
-        run.record_marks(work.raw_version(), carried).await?;
+        let carried = run.recompute(&work, &queries).await;
+        run.report.spilled_bytes = queries.spilled_bytes();
+        run.record_marks(work.raw_version(), carried?).await?;
         run.compact(&work).await?;
         Ok(run.report)
     }
@@ -430,7 +483,7 @@ impl Run<'_> {
                 .filter(|h| daily_due.contains(&day_floor(*h)))
                 .chain(dirty.iter().copied())
                 .collect();
-            let bad = quarantine::screen(&raw, &files, &read, job.now).await?;
+            let bad = quarantine::screen(&raw, &files, &read, job.now, &job.memory).await?;
             if bad.is_empty() {
                 return Ok(Work::new(raw, dirty, daily_due));
             }

@@ -24,6 +24,7 @@ pub mod dry_run;
 pub mod job;
 pub mod layout;
 pub mod lock;
+pub mod memory;
 /// Source marks in a Delta log (defined in `tally_common::marks`, also read by the speed view's rebuild).
 pub use tally_common::marks;
 pub mod publish;

@@ -32,7 +32,6 @@ use deltalake::arrow::array::{
 };
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type};
-use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::protocol::SaveMode;
@@ -182,6 +181,7 @@ pub async fn screen(
     files: &[RawFile],
     hours: &BTreeSet<i64>,
     now: i64,
+    memory: &crate::memory::MemoryBound,
 ) -> Result<BadRows> {
     // partition -> Some(hour start) when it names a computable hour (only its bad
     // rows go), None when every row in it goes
@@ -218,7 +218,7 @@ pub async fn screen(
         "raw partitions that may hold rows the batch layer cannot compute; scanning them"
     );
 
-    let ctx = SessionContext::new();
+    let ctx = memory.session()?;
     raw.update_datafusion_session(&ctx.state())
         .context("registering the object store of raw_events")?;
     let provider = raw

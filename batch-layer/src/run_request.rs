@@ -11,6 +11,7 @@
 
 use serde_json::{json, Value};
 use tally_common::bucket::{format_ts, now_micros, parse_ts, MICROS_PER_SECOND};
+use tally_common::config::BatchArgs;
 use tally_common::lake::Lake;
 use tally_common::Result;
 
@@ -44,21 +45,22 @@ impl RunRequest {
         })
     }
 
-    /// The run this request makes over `lake`, with the defaults of [`BatchRun::new`].
-    pub fn run(self, lake: &Lake) -> BatchRun {
-        let run = BatchRun::new(lake);
-        match self {
+    /// The run this request makes over `lake`, configured by `args` (the
+    /// function's environment: grace, lease, memory bound).
+    pub fn run(self, lake: &Lake, args: &BatchArgs) -> Result<BatchRun> {
+        let run = BatchRun::configured(lake, args)?;
+        Ok(match self {
             RunRequest::Hourly => run,
             RunRequest::Reprocess { from, to } => run.reprocess(from, to),
-        }
+        })
     }
 }
 
 /// Handle one batch Lambda event: run what it asks, print the watermark lag
 /// metric, and answer with the run's summary ([`summary`]).
-pub async fn handle(lake: &Lake, payload: &Value) -> Result<Value> {
+pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Value> {
     let report = RunRequest::from_payload(payload)?
-        .run(lake)
+        .run(lake, args)?
         .execute()
         .await?;
     println!("{}", watermark_lag_metric(&report, now_micros()));

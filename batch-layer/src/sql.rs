@@ -28,6 +28,7 @@ use tally_common::{Context as _, Result};
 
 use crate::publish::table_rows;
 
+use crate::memory::{MemoryBound, SpillMeter};
 use crate::quarantine::computable_row_sql;
 
 /// The rows of `table` on `day` that the batch layer can compute, as a relation
@@ -99,30 +100,41 @@ pub fn daily_sql(table: &str, day: i64) -> String {
 pub(crate) struct DayQueries {
     ctx: SessionContext,
     computed_at: i64,
+    spill: SpillMeter,
 }
 
 impl DayQueries {
-    /// Queries over the snapshot `raw`; the rows they make say they were computed now.
-    pub(crate) async fn new(raw: &DeltaTable) -> Result<Self> {
-        let ctx = SessionContext::new();
+    /// Queries over the snapshot `raw` within `memory`; the rows they make say
+    /// they were computed now.
+    pub(crate) async fn new(raw: &DeltaTable, memory: &MemoryBound) -> Result<Self> {
+        let ctx = memory.session()?;
         register(&ctx, Table::RawEvents.name(), raw).await?;
         Ok(DayQueries {
             ctx,
             computed_at: now_micros(),
+            spill: SpillMeter::default(),
         })
+    }
+
+    /// Bytes the queries spilled to disk so far.
+    pub(crate) fn spilled_bytes(&self) -> u64 {
+        self.spill.bytes()
     }
 
     /// The `metrics_hourly` rows of `hours`, all on `day`.
     pub(crate) async fn hourly(&self, day: i64, hours: &[i64]) -> Result<Vec<RecordBatch>> {
         let rows = computable_rows(Table::RawEvents.name(), day);
-        let out = run_query(&self.ctx, &hourly_sql(&rows, day, hours)).await?;
+        let out = self
+            .spill
+            .run(&self.ctx, &hourly_sql(&rows, day, hours))
+            .await?;
         table_rows(MetricTable::Hourly, &out, day, self.computed_at)
     }
 
     /// The `metrics_daily` rows of `day`.
     pub(crate) async fn daily(&self, day: i64) -> Result<Vec<RecordBatch>> {
         let rows = computable_rows(Table::RawEvents.name(), day);
-        let out = run_query(&self.ctx, &daily_sql(&rows, day)).await?;
+        let out = self.spill.run(&self.ctx, &daily_sql(&rows, day)).await?;
         table_rows(MetricTable::Daily, &out, day, self.computed_at)
     }
 }

@@ -24,6 +24,19 @@ pub const DEFAULT_REBUILD_SETTLE_SECS: u64 = 30;
 /// (`--lease-secs`): a killed run blocks the next one at most this long.
 pub const DEFAULT_LEASE_SECS: u64 = 120;
 
+/// Default memory bound of the batch layer's queries (`--memory-limit`), in
+/// the units [`parse_bytes`] reads.
+pub const DEFAULT_BATCH_MEMORY: &str = "2GiB";
+
+/// A size in bytes from `2GiB`, `512MiB`, `1.5GB` or a plain number of bytes
+/// (IEC units are powers of 1024, SI units of 1000), as `bytesize` reads it.
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size (e.g. 2GiB, 512MiB): {e}"))
+}
+
 /// Where the lake is.
 #[derive(Debug, Clone, Args)]
 pub struct LakeArgs {
@@ -97,6 +110,14 @@ pub struct BatchArgs {
     /// killed run) is taken over.
     #[arg(long, env = "TALLY_BATCH_LEASE_SECS", default_value_t = DEFAULT_LEASE_SECS)]
     pub lease_secs: u64,
+    /// Memory the batch layer's queries may hold (e.g. 2GiB); beyond it they
+    /// spill to local disk, so a bigger hour is slower, never killed.
+    #[arg(long, env = "TALLY_BATCH_MEMORY", default_value = DEFAULT_BATCH_MEMORY, value_parser = parse_bytes)]
+    pub memory_limit: u64,
+    /// Directory of the spill files [default: the system's temporary directory;
+    /// on Lambda /tmp, its ephemeral storage].
+    #[arg(long, env = "TALLY_BATCH_SPILL_DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 /// Token verification for the API.

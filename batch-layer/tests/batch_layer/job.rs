@@ -649,3 +649,39 @@ async fn runs_killed_part_way_leave_no_day_without_its_row() {
         );
     }
 }
+
+/// A memory bound far below what the queries hold makes them spill to disk and
+/// still give exactly the tables of a plain computation.
+#[tokio::test]
+async fn a_run_under_a_tiny_memory_bound_spills_and_gives_the_same_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = with_duplicates(&generate(33, 60_000, 4_000, START_MS, 24));
+    let now = (START_MS + DAY_MS + 30 * 60_000) * 1000;
+    archive(&lake, "day1", &events, now).await;
+
+    let spill = dir.path().join("spill");
+    std::fs::create_dir_all(&spill).unwrap();
+    let report = BatchRun::new(&lake)
+        .now(now)
+        .memory(tally_batch_layer::memory::MemoryBound {
+            limit: 16 << 20,
+            spill_dir: Some(spill.clone()),
+        })
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(report.hours, 24);
+    assert!(report.spilled_bytes > 0, "nothing spilled: {report}");
+    assert!(report.to_string().contains("spilled to disk"), "{report}");
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&events)
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&events)
+    );
+    // spill files are removed once the queries are done
+    assert_eq!(std::fs::read_dir(&spill).unwrap().flatten().count(), 0);
+}

@@ -242,7 +242,7 @@ async fn a_run_stopped_between_the_quarantine_write_and_the_raw_delete_writes_no
     // what a run killed right after its quarantine commit leaves behind
     let raw = lake.open(Table::RawEvents).await.unwrap().unwrap();
     let files = tally_batch_layer::dirty::raw_files(&raw).unwrap();
-    let found = quarantine::screen(&raw, &files, &Default::default(), now)
+    let found = quarantine::screen(&raw, &files, &Default::default(), now, &Default::default())
         .await
         .unwrap();
     assert_eq!(found.rows.len(), 2);
