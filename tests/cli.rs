@@ -938,3 +938,37 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         "escape codes in Lambda logs: {text:?}"
     );
 }
+
+/// `--memory-limit` / `TALLY_BATCH_MEMORY` take sizes with units; a bound too
+/// small to work or a malformed one is refused with what to give instead.
+#[test]
+fn the_batch_memory_bound_is_read_from_flags_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        tally(&lake)
+            .args(["batch", "run"])
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--memory-limit", "64MiB"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[], &[("TALLY_BATCH_MEMORY", "1MiB")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs at least 4.0 MiB"),
+        "{err}"
+    );
+    let out = run(&["--memory-limit", "lots"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not a size"),
+        "{err}"
+    );
+}

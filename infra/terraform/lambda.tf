@@ -84,11 +84,22 @@ locals {
     TALLY_SPEED_REBUILD_SETTLE_SECS = tostring(local.speed_rebuild_settle_seconds)
   }
 
+  # The batch function's queries stay within this many MiB of its memory and
+  # spill to /tmp (its ephemeral storage) beyond it: the function's memory less
+  # what the runtime, the Delta snapshots and the result batches need besides.
+  batch_query_memory_mb = floor(var.lambda_memory_mb["batch"] * var.batch_query_memory_share)
+
+  batch_env = {
+    TALLY_BATCH_MEMORY    = "${local.batch_query_memory_mb}MiB"
+    TALLY_BATCH_SPILL_DIR = "/tmp/tally-spill"
+  }
+
   function_env = {
     for k, f in local.functions : k => merge(
       local.common_env,
       f.uses_redis ? local.redis_env : {},
       k == "api" ? { TALLY_JWKS = var.jwks_url } : {},
+      k == "batch" ? local.batch_env : {},
     )
   }
 }

@@ -241,6 +241,17 @@ variable "lambda_dist_dir" {
   default     = null
 }
 
+variable "batch_query_memory_share" {
+  description = "Share of the batch function's memory its queries may hold before they spill to ephemeral storage (TALLY_BATCH_MEMORY)."
+  type        = number
+  default     = 0.6
+
+  validation {
+    condition     = var.batch_query_memory_share > 0 && var.batch_query_memory_share <= 0.9
+    error_message = "batch_query_memory_share must be above 0 and at most 0.9 (the runtime needs the rest)."
+  }
+}
+
 variable "lambda_memory_mb" {
   description = "Memory of each function in MB (CPU scales with it; 1769 MB is one full vCPU)."
   type        = map(number)
