@@ -30,6 +30,22 @@ pub enum BatchCommand {
         #[command(flatten)]
         args: RunArgs,
     },
+    /// Restore the metric tables to before the last run that changed them
+    /// (Delta restore, recorded in their logs); again for the run before.
+    Rollback {
+        #[command(flatten)]
+        args: RollbackArgs,
+    },
+}
+
+/// The flags of `tally batch rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub lake: LakeArgs,
+    /// Seconds to wait for a running batch run to finish before giving up.
+    #[arg(long, default_value_t = 0)]
+    pub wait_secs: u64,
 }
 
 /// The flags every batch run takes.
@@ -92,6 +108,14 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
                 .execute()
                 .await?;
             println!("{report}");
+        }
+        BatchCommand::Rollback { args } => {
+            let lake = args.lake.lake()?;
+            let wait = Duration::from_secs(args.wait_secs);
+            match tally_batch_layer::rollback::rollback(&lake, wait).await? {
+                Some(report) => println!("batch: {report}"),
+                None => println!("batch: no run to roll back"),
+            }
         }
     }
     Ok(())

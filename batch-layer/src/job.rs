@@ -136,6 +136,7 @@ pub struct BatchRun {
     lease_wait: Duration,
     lease_expiry: Duration,
     memory: MemoryBound,
+    run_id: String,
     on_day: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
 }
 
@@ -153,6 +154,7 @@ impl BatchRun {
             lease_wait: Duration::ZERO,
             lease_expiry: DEFAULT_LEASE_EXPIRY,
             memory: MemoryBound::default(),
+            run_id: uuid::Uuid::new_v4().to_string(),
             on_day: None,
         }
     }
@@ -341,6 +343,11 @@ impl BatchRun {
             (
                 "tally.logic_version".to_string(),
                 serde_json::json!(LOGIC_VERSION),
+            ),
+            // what `tally batch rollback` undoes as one
+            (
+                crate::rollback::RUN_KEY.to_string(),
+                serde_json::json!(self.run_id),
             ),
         ])
     }

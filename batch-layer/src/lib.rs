@@ -29,6 +29,7 @@ pub mod memory;
 pub use tally_common::marks;
 pub mod publish;
 pub mod quarantine;
+pub mod rollback;
 pub mod run_request;
 pub mod sql;
 

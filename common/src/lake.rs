@@ -325,6 +325,9 @@ pub async fn register(ctx: &SessionContext, name: &str, table: &DeltaTable) -> R
 pub struct Commit {
     /// `commitInfo.operation` (`WRITE`, `DELETE`, `OPTIMIZE`, ...), when recorded.
     pub operation: Option<String>,
+    /// The whole `commitInfo` object (null when the commit has none): the
+    /// metadata a writer added, such as [`OPERATION_KEY`].
+    pub info: serde_json::Value,
     /// `commitInfo.readVersion`: the table version the writer read, when recorded.
     pub read_version: Option<u64>,
     /// The files the commit added and removed, in log order.
@@ -370,6 +373,7 @@ impl Commit {
             if info.is_object() {
                 commit.operation = info["operation"].as_str().map(str::to_string);
                 commit.read_version = info["readVersion"].as_u64();
+                commit.info = info.clone();
             }
             let (change, file) = match (action.get("add"), action.get("remove")) {
                 (Some(f), _) => (FileChange::Added, f),

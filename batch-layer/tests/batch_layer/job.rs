@@ -685,3 +685,81 @@ async fn a_run_under_a_tiny_memory_bound_spills_and_gives_the_same_tables() {
     // spill files are removed once the queries are done
     assert_eq!(std::fs::read_dir(&spill).unwrap().flatten().count(), 0);
 }
+
+/// `rollback` after a reprocess gives back exactly the rows (and watermark)
+/// from before it; a second rollback would have to forget the first run's
+/// watermark, which a Delta log cannot, and says so.
+#[tokio::test]
+async fn rollback_after_a_reprocess_gives_back_exactly_the_previous_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = generate(41, 4_000, 12, START_MS, 24);
+    let now = (START_MS + DAY_MS + 30 * 60_000) * 1000;
+    archive(&lake, "day1", &events, now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    let hourly_before = read_table(&lake, "metrics_hourly", "hour").await;
+    let daily_before = read_table(&lake, "metrics_daily", "day").await;
+    let progress_before = read_progress(&lake.open(Table::MetricsHourly).await.unwrap().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(hourly_before, model_hourly(&events));
+
+    // late orders land in three hours; a reprocess of the day takes them in
+    let late: Vec<TestEvent> = (0..3)
+        .map(|i| TestEvent {
+            event_id: format!("late-{i}"),
+            merchant_id: "m1".into(),
+            kind: "order",
+            ts_ms: START_MS + (2 + 5 * i) * 3_600_000 + 7,
+            amount: Some(1_000 + i),
+            customer_id: Some(format!("c-late-{i}")),
+        })
+        .collect();
+    archive(&lake, "late", &late, now).await;
+    let r = BatchRun::new(&lake)
+        .now(now)
+        .reprocess(START_MS * 1000, (START_MS + DAY_MS) * 1000)
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(r.hours, 24);
+    let mut all = events.clone();
+    all.extend(late);
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&all)
+    );
+    assert_ne!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        hourly_before
+    );
+
+    let rolled = tally_batch_layer::rollback::rollback(&lake, std::time::Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("a run to roll back");
+    assert_eq!(rolled.operation, "reprocess", "{rolled}");
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        hourly_before
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        daily_before
+    );
+    let hourly = lake.open(Table::MetricsHourly).await.unwrap().unwrap();
+    assert_eq!(read_progress(&hourly).await.unwrap(), progress_before);
+
+    // the run before is the one that set the first watermark
+    let err = tally_batch_layer::rollback::rollback(&lake, std::time::Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("first that set the watermark"),
+        "{err}"
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        hourly_before
+    );
+}
