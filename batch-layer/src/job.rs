@@ -36,7 +36,7 @@ use tally_common::{Context as _, Error, Result};
 use crate::daily;
 use crate::dirty::{dirty_hours, hours_present, raw_files};
 use crate::dry_run::DryRunDiff;
-use crate::lock::{Lease, DEFAULT_LEASE_EXPIRY};
+use crate::lease::{Lease, DEFAULT_LEASE_EXPIRY};
 use crate::memory::MemoryBound;
 use crate::publish::{record_only, replace_day, replace_hours, stored_hours};
 use crate::quarantine::{self, computable_hour};
