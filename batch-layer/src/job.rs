@@ -23,7 +23,8 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
 use tally_common::bucket::{
-    day_floor, hour_floor, now_micros, MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_SECOND,
+    day_floor, hour_floor, now_micros, Granularity, MICROS_PER_DAY, MICROS_PER_HOUR,
+    MICROS_PER_SECOND,
 };
 use tally_common::lake::{Lake, Table};
 use tally_common::metric_table::MetricTable;
@@ -201,10 +202,19 @@ impl BatchRun {
         self.grace = m.max(0).saturating_mul(60 * MICROS_PER_SECOND);
         self
     }
-    /// Reprocess the closed hours of `[from, to)` (epoch µs, hour aligned) instead of the dirty ones.
-    pub fn reprocess(mut self, from: i64, to: i64) -> Self {
+    /// Reprocess the closed hours of `[from, to)` (epoch µs) instead of the
+    /// dirty ones. Errors: [`Error::Invalid`] when the range is not whole hours
+    /// ([`BatchRun::check_range`]).
+    pub fn reprocess(mut self, from: i64, to: i64) -> Result<Self> {
+        Self::check_range(from, to)?;
         self.range = Some((from, to));
-        self
+        Ok(self)
+    }
+    /// Check a range to reprocess, `[from, to)` (epoch µs): both ends aligned
+    /// to an hour and `to` after `from`. Errors: [`Error::Invalid`] naming the
+    /// end at fault.
+    pub fn check_range(from: i64, to: i64) -> Result<()> {
+        Granularity::Hour.check_range(from, to)
     }
     /// Compute and compare, write nothing.
     pub fn dry_run(mut self, yes: bool) -> Self {
