@@ -25,7 +25,7 @@ use deltalake::DeltaTable;
 use tally_common::bucket::{date_string, hour_floor, hour_of_day};
 use tally_common::decode::{decode_record, DecodedRecord};
 use tally_common::lake::{Lake, Table};
-use tally_common::source::{Position, Record, SourceId};
+use tally_common::source::{Position, Record, RowOrigin, SourceId};
 use tally_common::{Context as _, Result};
 
 use tally_common::marks::{commit_with_mark, read_mark};
@@ -390,7 +390,6 @@ fn ts_builder(n: usize) -> TimestampMicrosecondBuilder {
 }
 
 fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Result<RecordBatch> {
-    use std::fmt::Write as _;
     let n = rows.len();
     let mut event_id = StringBuilder::with_capacity(n, n * 24);
     let mut merchant = StringBuilder::with_capacity(n, n * 12);
@@ -405,7 +404,6 @@ fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Res
     let mut hour = Int32Builder::with_capacity(n);
     // rows come sorted by hour: the date string changes a few times per batch
     let mut day: Option<(i64, String)> = None;
-    let prefix = format!("{source_id}@");
     for r in rows {
         let e = &r.event;
         event_id.append_value(&e.event_id);
@@ -415,9 +413,8 @@ fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Res
         amount.append_option(e.amount);
         customer.append_option(e.customer_id.as_deref());
         ingest.append_value(ingest_time);
-        // "{source}@{position}:{line}", written straight into the column's buffer
-        source.write_str(&prefix).ok();
-        write!(source, "{}:{}", r.position, e.line).ok();
+        // written straight into the column's buffer
+        RowOrigin::write(&mut source, source_id, r.position, e.line).ok();
         source.append_value("");
         payload.append_value(r.payload);
         let d = match &day {
@@ -458,7 +455,8 @@ fn quarantine_batch(
         for r in &d.rejected {
             payload.append_value(&r.payload);
             reason.append_value(r.reason.to_string());
-            src.append_value(format!("{source}@{p}:{}", r.line));
+            RowOrigin::write(&mut src, source, p, r.line).ok();
+            src.append_value("");
             ingest.append_value(ingest_time);
             date.append_value(&day);
         }
