@@ -359,13 +359,21 @@ pub struct FileAction {
 }
 
 impl Commit {
-    /// Parse a commit file's lines; lines that are not JSON are skipped.
-    pub fn parse(bytes: &[u8]) -> Commit {
+    /// Parse the lines of commit `version`'s file. Errors: [`Error::Internal`]
+    /// naming the version when a line is not JSON (a log no Delta writer
+    /// writes: skipping the line could miss a file it added or removed).
+    pub fn parse(version: u64, bytes: &[u8]) -> Result<Commit> {
         let mut commit = Commit::default();
-        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
                 continue;
-            };
+            }
+            let action: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+                Error::internal(format!(
+                    "line {} of Delta log commit {version} is not JSON: {e}",
+                    i + 1
+                ))
+            })?;
             let info = &action["commitInfo"];
             if info.is_object() {
                 commit.operation = info["operation"].as_str().map(str::to_string);
@@ -400,19 +408,20 @@ impl Commit {
                     .and_then(|s| s["numRecords"].as_i64()),
             });
         }
-        commit
+        Ok(commit)
     }
 }
 
 /// Commit `version` of `table`'s Delta log; None when its file is gone (log
-/// cleanup removed it, or it was never written).
+/// cleanup removed it, or it was never written). Errors: the log cannot be
+/// read, or the commit does not parse ([`Commit::parse`]).
 pub async fn read_commit(table: &DeltaTable, version: u64) -> Result<Option<Commit>> {
     let bytes = table
         .log_store()
         .read_commit_entry(version)
         .await
         .context(format!("reading commit {version} of {}", table_name(table)))?;
-    Ok(bytes.map(|b| Commit::parse(&b)))
+    bytes.map(|b| Commit::parse(version, &b)).transpose()
 }
 
 /// The table's directory name, for messages.
@@ -462,11 +471,10 @@ mod tests {
     fn commits_parse_into_file_actions() {
         let log = br#"{"commitInfo":{"operation":"OPTIMIZE","readVersion":4}}
 {"add":{"path":"a.parquet","dataChange":false,"partitionValues":{"event_date":"2025-11-24","event_hour":3,"x":null},"stats":"{\"numRecords\":7}"}}
-not json
 {"remove":{"path":"b.parquet","partitionValues":{"event_date":"2025-11-24","event_hour":"2"}}}
 {"txn":{"appId":"x","version":1}}
 "#;
-        let c = Commit::parse(log);
+        let c = Commit::parse(5, log).unwrap();
         assert_eq!(c.operation.as_deref(), Some("OPTIMIZE"));
         assert_eq!(c.read_version, Some(4));
         assert_eq!(c.files.len(), 2);
@@ -482,6 +490,14 @@ not json
             (FileChange::Removed, Some("b.parquet"), true, None)
         );
         assert_eq!(r.partition_values["event_hour"], "2");
+
+        // a line that is not JSON fails the commit, never a skipped file
+        let e = Commit::parse(5, b"{\"commitInfo\":{}}\nnot json\n").unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(
+            e.to_string().contains("line 2 of Delta log commit 5"),
+            "{e}"
+        );
     }
 
     #[test]
