@@ -373,9 +373,9 @@ impl<K: RecordSink> Consumer<K> {
                 .await?;
             }
         }
-        let state = states
-            .get_mut(id)
-            .ok_or_else(|| Error::aws(format!("unknown shard {id}")))?;
+        let state = states.get_mut(id).ok_or_else(|| {
+            Error::internal(format!("polled shard {id} is not one of the consumer's"))
+        })?;
         state.caught_up = n == 0 && out.millis_behind_latest.unwrap_or(0) == 0;
         match out.next_shard_iterator {
             Some(next) => state.iterator = Some(next),
