@@ -26,7 +26,7 @@ use tally_common::bucket::{
     day_floor, hour_floor, now_micros, Granularity, MICROS_PER_DAY, MICROS_PER_HOUR,
     MICROS_PER_SECOND,
 };
-use tally_common::lake::{Lake, Table};
+use tally_common::lake::{operation, Lake, Table, LOGIC_VERSION_KEY};
 use tally_common::metric_table::MetricTable;
 use tally_common::watermark::{
     read_progress, BatchProgress, DEFAULT_GRACE_MINUTES, LOGIC_VERSION_APP, RAW_VERSION_APP,
@@ -340,16 +340,13 @@ impl BatchRun {
     /// What every row commit of this run says about itself in the Delta log.
     fn commit_properties(&self) -> CommitProperties {
         CommitProperties::default().with_metadata([
+            operation(if self.range.is_some() {
+                "reprocess"
+            } else {
+                "batch run"
+            }),
             (
-                tally_common::lake::OPERATION_KEY.to_string(),
-                serde_json::json!(if self.range.is_some() {
-                    "reprocess"
-                } else {
-                    "batch run"
-                }),
-            ),
-            (
-                "tally.logic_version".to_string(),
+                LOGIC_VERSION_KEY.to_string(),
                 serde_json::json!(LOGIC_VERSION),
             ),
         ])

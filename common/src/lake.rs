@@ -1,6 +1,12 @@
 //! The lake handle: where the Delta tables live (a local path or `s3://`), how to
 //! reach them, the schema of each table, and the reader of their Delta logs'
 //! commits ([`read_commit`]: which files a commit added or removed).
+//!
+//! Also what every writer of the lake shares: the commit-info keys of tally's
+//! commits ([`OPERATION_KEY`] with its entry [`operation`], [`LOGIC_VERSION_KEY`],
+//! [`SOURCE_KEY`], [`POSITION_KEY`]), and time as the tables store it, UTC
+//! microseconds ([`TIME_ZONE`], [`utc_timestamp`], and [`utc_micros`] for a
+//! DataFusion literal).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Once};
@@ -22,6 +28,16 @@ use crate::{Error, Result};
 /// (`archive`, `batch quarantine`, `reprocess`, ...), for people reading the log.
 pub const OPERATION_KEY: &str = "tally.operation";
 
+/// The commit-info key of the metric logic version a batch commit computed with.
+pub const LOGIC_VERSION_KEY: &str = "tally.logic_version";
+/// The commit-info key of the source whose mark a commit carries.
+pub const SOURCE_KEY: &str = "tally.source";
+/// The commit-info key of the position a commit's mark moves its source to.
+pub const POSITION_KEY: &str = "tally.position";
+
+/// The time zone of every timestamp column of the lake.
+pub const TIME_ZONE: &str = "UTC";
+
 /// The commit-info entry naming a commit's operation ([`OPERATION_KEY`]).
 pub fn operation(what: &str) -> (String, serde_json::Value) {
     (OPERATION_KEY.to_string(), serde_json::json!(what))
@@ -33,7 +49,7 @@ pub fn utc_micros(t: i64) -> deltalake::datafusion::prelude::Expr {
     deltalake::datafusion::prelude::lit(
         deltalake::datafusion::scalar::ScalarValue::TimestampMicrosecond(
             Some(t),
-            Some("UTC".into()),
+            Some(TIME_ZONE.into()),
         ),
     )
 }
@@ -116,7 +132,7 @@ impl Table {
 
 /// The type of every time column of the lake: a UTC timestamp in µs.
 pub fn utc_timestamp() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+    DataType::Timestamp(TimeUnit::Microsecond, Some(TIME_ZONE.into()))
 }
 
 /// Where the lake lives and how to reach it.

@@ -119,6 +119,9 @@ const LOCK_TTL: Duration = Duration::from_secs(10);
 const STEP: Duration = Duration::from_secs(2);
 /// Merchant-hours per pipelined round trip.
 const WRITE_BATCH: usize = 500;
+/// How long a rebuild keeps reading `raw_events` for sources it has not
+/// reached yet, by default ([`Rebuild::wait`], `tally speed rebuild --wait-secs`).
+pub const DEFAULT_REBUILD_WAIT: Duration = Duration::from_secs(300);
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,15 +173,15 @@ pub struct Rebuild<'a> {
 
 impl<'a> Rebuild<'a> {
     /// A rebuild of `store` from `lake` that waits the default settle time
-    /// ([`DEFAULT_REBUILD_SETTLE_SECS`], 30 s) after the loss before reading
-    /// `raw_events`, and up to 5 minutes for the archiver to reach the consumers'
-    /// boundaries.
+    /// ([`DEFAULT_REBUILD_SETTLE_SECS`]) after the loss before reading
+    /// `raw_events`, and up to [`DEFAULT_REBUILD_WAIT`] for the archiver to
+    /// reach the consumers' boundaries.
     pub fn new(lake: &'a Lake, store: &'a RedisStore) -> Self {
         Rebuild {
             lake,
             store,
             settle: Duration::from_secs(DEFAULT_REBUILD_SETTLE_SECS),
-            wait: Duration::from_secs(300),
+            wait: DEFAULT_REBUILD_WAIT,
             token: format!("{}-{}", std::process::id(), now_micros()),
         }
     }
