@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use tally_batch_layer::BatchRun;
-use tally_common::bucket::{parse_ts, Granularity};
+use tally_common::bucket::parse_ts;
 use tally_common::config::{BatchArgs, LakeArgs};
 
 #[derive(Debug, Subcommand)]
@@ -78,14 +78,6 @@ fn configured(args: &RunArgs) -> anyhow::Result<BatchRun> {
     })
 }
 
-fn hour(s: &str, what: &str) -> anyhow::Result<i64> {
-    let t = parse_ts(s)?;
-    if !Granularity::Hour.is_aligned(t) {
-        anyhow::bail!("--{what} {s} is not aligned to an hour");
-    }
-    Ok(t)
-}
-
 pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
     match command {
         BatchCommand::Run { args } => {
@@ -98,12 +90,9 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
             dry_run,
             args,
         } => {
-            let (from, to) = (hour(&from, "from")?, hour(&to, "to")?);
-            if to <= from {
-                anyhow::bail!("--to must be after --from");
-            }
+            let (from, to) = (parse_ts(&from)?, parse_ts(&to)?);
             let report = configured(&args)?
-                .reprocess(from, to)
+                .reprocess(from, to)?
                 .dry_run(dry_run)
                 .execute()
                 .await?;

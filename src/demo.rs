@@ -192,7 +192,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let auth = AuthArgs {
         jwt_secret: Some(secret.clone()),
         jwks: None,
-        jwks_refresh_secs: 600,
+        jwks_refresh_secs: tally_common::config::DEFAULT_JWKS_REFRESH_SECS,
     };
     let state = crate::serve::state(lake.clone(), &auth, view).await?;
     tokio::spawn(live_feed(lake.clone(), args.live_rate, signal.clone()));

@@ -24,6 +24,10 @@ use tally_common::source::SourceId;
 use tally_speed_layer::SpeedStore;
 use tally_stream::{kinesis_client, KinesisProducer, LineBatch};
 
+/// Events per Kinesis record (NDJSON lines of one merchant) that `tally ingest
+/// --kinesis` puts by default and `tally gen --kinesis` always puts.
+const EVENTS_PER_RECORD: usize = 100;
+
 /// Arguments of `tally ingest`.
 #[derive(Debug, Args)]
 pub struct IngestArgs {
@@ -42,7 +46,7 @@ pub struct IngestArgs {
     #[arg(long, default_value_t = 50_000)]
     pub chunk_lines: usize,
     /// Events per Kinesis record (NDJSON lines of one merchant) with --kinesis.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = EVENTS_PER_RECORD)]
     pub events_per_record: usize,
     #[command(flatten)]
     pub lake: LakeArgs,
@@ -178,7 +182,7 @@ async fn put_on_kinesis(args: IngestArgs, stream: &str) -> anyhow::Result<()> {
 
 /// `tally gen --kinesis STREAM`: generated lines onto a stream, keeping to `--rate`.
 pub async fn generate_to_kinesis(args: &crate::gen::GenArgs, stream: &str) -> anyhow::Result<()> {
-    let mut producer = KinesisProducer::new(kinesis_client().await, stream, 100);
+    let mut producer = KinesisProducer::new(kinesis_client().await, stream, EVENTS_PER_RECORD);
     let mut generator = crate::gen::Generator::new(args)?;
     producer
         .put_paced(|line| generator.next_into(line).then(|| generator.due()))

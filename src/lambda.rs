@@ -11,6 +11,12 @@ use lambda_runtime::{service_fn, LambdaEvent};
 use tally_common::config::{AuthArgs, BatchArgs, LakeArgs, SpeedArgs};
 use tally_stream::RecordSink;
 
+/// How long the batch function's every-minute check waits for `raw_events` to
+/// reach every source's boundary: within the function's timeout, whose minimum
+/// the infrastructure derives from it (`speed_rebuild_max_seconds` in
+/// `infra/terraform/lambda.tf`).
+const SPEED_REBUILD_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+
 pub async fn run(
     handler: &str,
     lake: LakeArgs,
@@ -102,7 +108,7 @@ async fn speed_rebuild(
     };
     let r = tally_speed_layer::Rebuild::new(lake, store)
         .settle(speed.rebuild_settle())
-        .wait(std::time::Duration::from_secs(45))
+        .wait(SPEED_REBUILD_WAIT)
         .run()
         .await?;
     Ok(serde_json::json!({

@@ -89,7 +89,7 @@ enum SpeedCommand {
         #[command(flatten)]
         lake: LakeArgs,
         /// Seconds to keep waiting for the archiver to reach every source.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = tally_speed_layer::rebuild::DEFAULT_REBUILD_WAIT.as_secs())]
         wait_secs: u64,
     },
 }
@@ -103,7 +103,7 @@ struct ConsumeArgs {
     #[arg(long)]
     until_caught_up: bool,
     /// Records per GetRecords call.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = tally_stream::consumer::MAX_GET_RECORDS)]
     limit: i32,
 }
 

@@ -596,6 +596,22 @@ fn the_redis_auth_token_comes_from_secrets_manager() {
         "{err}"
     );
 
+    // a secret that cannot be read is an AWS failure, with the service's answer
+    let out = tally(&lake)
+        .arg("ingest")
+        .arg(&file)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("TALLY_REDIS_AUTH_SECRET_ARN", "no-such-secret")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("aws: cannot read the Redis AUTH token from secret no-such-secret")
+            && err.contains("ResourceNotFound"),
+        "{err}"
+    );
+
     env.push(("TALLY_REDIS_AUTH_SECRET_ARN", arn));
     ingest_with(&lake, &file, &[], &env);
     let (mut server, addr, token) = serve_with(&lake, &env);

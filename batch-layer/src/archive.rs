@@ -24,8 +24,8 @@ use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use tally_common::bucket::{date_string, hour_floor, hour_of_day};
 use tally_common::decode::{decode_record, DecodedRecord};
-use tally_common::lake::{Lake, Table};
-use tally_common::source::{Position, Record, SourceId};
+use tally_common::lake::{self, Lake, Table};
+use tally_common::source::{Position, Record, RowOrigin, SourceId};
 use tally_common::{Context as _, Result};
 
 use tally_common::marks::{commit_with_mark, read_mark};
@@ -151,7 +151,16 @@ impl Archiver {
                 if fresh.is_empty() {
                     return Ok((None, 0));
                 }
-                let batch = quarantine_batch(source, &fresh, ingest_time)?;
+                let batch = quarantine_batch(fresh.iter().flat_map(|(p, d)| {
+                    d.rejected.iter().map(move |r| {
+                        let origin = RowOrigin {
+                            source: source.clone(),
+                            position: (*p).clone(),
+                            line: r.line,
+                        };
+                        (r.payload.as_slice(), &r.reason, origin, ingest_time)
+                    })
+                }))?;
                 let rows = batch.num_rows() as u64;
                 Ok((Some(batch), rows))
             })
@@ -386,11 +395,10 @@ pub(crate) fn is_retryable(e: &deltalake::DeltaTableError) -> bool {
 }
 
 fn ts_builder(n: usize) -> TimestampMicrosecondBuilder {
-    TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC")
+    TimestampMicrosecondBuilder::with_capacity(n).with_timezone(lake::TIME_ZONE)
 }
 
 fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Result<RecordBatch> {
-    use std::fmt::Write as _;
     let n = rows.len();
     let mut event_id = StringBuilder::with_capacity(n, n * 24);
     let mut merchant = StringBuilder::with_capacity(n, n * 12);
@@ -405,7 +413,6 @@ fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Res
     let mut hour = Int32Builder::with_capacity(n);
     // rows come sorted by hour: the date string changes a few times per batch
     let mut day: Option<(i64, String)> = None;
-    let prefix = format!("{source_id}@");
     for r in rows {
         let e = &r.event;
         event_id.append_value(&e.event_id);
@@ -415,9 +422,8 @@ fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Res
         amount.append_option(e.amount);
         customer.append_option(e.customer_id.as_deref());
         ingest.append_value(ingest_time);
-        // "{source}@{position}:{line}", written straight into the column's buffer
-        source.write_str(&prefix).ok();
-        write!(source, "{}:{}", r.position, e.line).ok();
+        // written straight into the column's buffer
+        RowOrigin::write(&mut source, source_id, r.position, e.line).ok();
         source.append_value("");
         payload.append_value(r.payload);
         let d = match &day {
@@ -443,30 +449,32 @@ fn raw_batch(source_id: &SourceId, rows: &[RawRow<'_>], ingest_time: i64) -> Res
     RecordBatch::try_new(Table::RawEvents.schema(), columns).context("building a raw_events batch")
 }
 
-fn quarantine_batch(
-    source: &SourceId,
-    records: &[&Decoded<'_>],
-    ingest_time: i64,
+/// A `quarantine` batch of `rows`, each (the original bytes, why they cannot be
+/// used, where they came from, when they arrived in epoch µs, whose day is
+/// the partition): the archiver's rejected lines and the batch layer's
+/// uncomputable rows alike.
+pub(crate) fn quarantine_batch<'a, R: std::fmt::Display, S: std::fmt::Display>(
+    rows: impl IntoIterator<Item = (&'a [u8], R, S, i64)>,
 ) -> Result<RecordBatch> {
+    use std::fmt::Write as _;
     let mut payload = BinaryBuilder::new();
     let mut reason = StringBuilder::new();
-    let mut src = StringBuilder::new();
+    let mut source = StringBuilder::new();
     let mut ingest = ts_builder(0);
     let mut date = StringBuilder::new();
-    let day = date_string(ingest_time);
-    for (p, d) in records {
-        for r in &d.rejected {
-            payload.append_value(&r.payload);
-            reason.append_value(r.reason.to_string());
-            src.append_value(format!("{source}@{p}:{}", r.line));
-            ingest.append_value(ingest_time);
-            date.append_value(&day);
-        }
+    for (p, r, s, t) in rows {
+        payload.append_value(p);
+        write!(reason, "{r}").ok();
+        reason.append_value("");
+        write!(source, "{s}").ok();
+        source.append_value("");
+        ingest.append_value(t);
+        date.append_value(date_string(t));
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(payload.finish()),
         Arc::new(reason.finish()),
-        Arc::new(src.finish()),
+        Arc::new(source.finish()),
         Arc::new(ingest.finish()),
         Arc::new(date.finish()),
     ];

@@ -23,9 +23,10 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
 use tally_common::bucket::{
-    day_floor, hour_floor, now_micros, MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_SECOND,
+    day_floor, hour_floor, now_micros, Granularity, MICROS_PER_DAY, MICROS_PER_HOUR,
+    MICROS_PER_SECOND,
 };
-use tally_common::lake::{Lake, Table};
+use tally_common::lake::{operation, Lake, Table, LOGIC_VERSION_KEY};
 use tally_common::metric_table::MetricTable;
 use tally_common::watermark::{
     read_progress, BatchProgress, DEFAULT_GRACE_MINUTES, LOGIC_VERSION_APP, RAW_VERSION_APP,
@@ -36,7 +37,7 @@ use tally_common::{Context as _, Error, Result};
 use crate::daily;
 use crate::dirty::{dirty_hours, hours_present, raw_files};
 use crate::dry_run::DryRunDiff;
-use crate::lock::{Lease, DEFAULT_LEASE_EXPIRY};
+use crate::lease::{Lease, DEFAULT_LEASE_EXPIRY};
 use crate::memory::MemoryBound;
 use crate::publish::{record_only, replace_day, replace_hours, stored_hours};
 use crate::quarantine::{self, computable_hour};
@@ -203,10 +204,19 @@ impl BatchRun {
         self.grace = m.max(0).saturating_mul(60 * MICROS_PER_SECOND);
         self
     }
-    /// Reprocess the closed hours of `[from, to)` (epoch µs, hour aligned) instead of the dirty ones.
-    pub fn reprocess(mut self, from: i64, to: i64) -> Self {
+    /// Reprocess the closed hours of `[from, to)` (epoch µs) instead of the
+    /// dirty ones. Errors: [`Error::Invalid`] when the range is not whole hours
+    /// ([`BatchRun::check_range`]).
+    pub fn reprocess(mut self, from: i64, to: i64) -> Result<Self> {
+        Self::check_range(from, to)?;
         self.range = Some((from, to));
-        self
+        Ok(self)
+    }
+    /// Check a range to reprocess, `[from, to)` (epoch µs): both ends aligned
+    /// to an hour and `to` after `from`. Errors: [`Error::Invalid`] naming the
+    /// end at fault.
+    pub fn check_range(from: i64, to: i64) -> Result<()> {
+        Granularity::Hour.check_range(from, to)
     }
     /// Compute and compare, write nothing.
     pub fn dry_run(mut self, yes: bool) -> Self {
@@ -332,16 +342,13 @@ impl BatchRun {
     /// What every row commit of this run says about itself in the Delta log.
     fn commit_properties(&self) -> CommitProperties {
         CommitProperties::default().with_metadata([
+            operation(if self.range.is_some() {
+                "reprocess"
+            } else {
+                "batch run"
+            }),
             (
-                tally_common::lake::OPERATION_KEY.to_string(),
-                serde_json::json!(if self.range.is_some() {
-                    "reprocess"
-                } else {
-                    "batch run"
-                }),
-            ),
-            (
-                "tally.logic_version".to_string(),
+                LOGIC_VERSION_KEY.to_string(),
                 serde_json::json!(LOGIC_VERSION),
             ),
             // what `tally batch rollback` undoes as one

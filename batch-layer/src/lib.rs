@@ -7,7 +7,7 @@
 //! ([`quarantine`]); the metric SQL ([`sql`]); the metric tables' reads and
 //! writes ([`publish`], files laid out by [`layout`]); complete days' rows and
 //! their mark ([`daily`]); a dry run's comparison ([`dry_run`]); compaction and
-//! vacuum ([`compact`]); the lease that keeps runs apart ([`lock`]). The batch
+//! vacuum ([`compact`]); the lease that keeps runs apart ([`lease`]). The batch
 //! Lambda's body, a run requested by an event, is [`run_request`].
 //!
 //! The stream reaches the archiver through [`ArchiveSink`], the layer's
@@ -23,7 +23,7 @@ pub mod dirty;
 pub mod dry_run;
 pub mod job;
 pub mod layout;
-pub mod lock;
+pub mod lease;
 pub mod memory;
 /// Source marks in a Delta log (defined in `tally_common::marks`, also read by the speed view's rebuild).
 pub use tally_common::marks;

@@ -19,7 +19,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use tally_common::bucket::MICROS_PER_HOUR;
-use tally_common::lake::register;
+use tally_common::lake::{register, TIME_ZONE};
 use tally_common::metric_table::{MetricTable, MERCHANT_COLUMN};
 use tally_common::{Context as _, Error, Result};
 
@@ -119,7 +119,7 @@ pub(crate) fn table_rows(
 ) -> Result<Vec<RecordBatch>> {
     let partition = kind.partition_of(day);
     let utc_micros = |t: i64, n: usize| -> ArrayRef {
-        Arc::new(TimestampMicrosecondArray::from(vec![t; n]).with_timezone("UTC"))
+        Arc::new(TimestampMicrosecondArray::from(vec![t; n]).with_timezone(TIME_ZONE))
     };
     batches
         .iter()

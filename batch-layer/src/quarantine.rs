@@ -24,24 +24,20 @@
 //! than failing the run (and is moved by the next run that sees its hour dirty).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 
-use deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryBuilder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder,
-};
+use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
-use tally_common::bucket::{date_string, format_ts, MICROS_PER_HOUR};
+use tally_common::bucket::{format_ts, MICROS_PER_HOUR};
 use tally_common::decode::MAX_AMOUNT;
 use tally_common::lake::{Lake, Table};
 use tally_common::{Context as _, Error, Result};
 
-use crate::archive::{backoff, is_retryable, writer_properties, COMMIT_ATTEMPTS};
+use crate::archive::{backoff, is_retryable, quarantine_batch, writer_properties, COMMIT_ATTEMPTS};
 use crate::dirty::RawFile;
 
 /// The first instant the batch layer computes: the Unix epoch (events before it
@@ -451,7 +447,9 @@ pub async fn write(lake: &Lake, bad: &BadRows) -> Result<u64> {
             .with_metadata([tally_common::lake::operation("batch quarantine")]);
         let result = table
             .clone()
-            .write(vec![quarantine_batch(&rows)?])
+            .write(vec![quarantine_batch(rows.iter().map(|r| {
+                (r.payload.as_slice(), &r.reason, &r.source, r.ingest_time)
+            }))?])
             .with_save_mode(SaveMode::Append)
             .with_partition_columns(Table::Quarantine.partition_columns().iter().copied())
             .with_writer_properties(writer_properties())
@@ -512,29 +510,6 @@ pub async fn delete(raw: &DeltaTable, bad: &BadRows) -> Result<Option<DeltaTable
         }
         Err(e) => Err(e).context("deleting quarantined rows from raw_events"),
     }
-}
-
-fn quarantine_batch(rows: &[&BadRow]) -> Result<RecordBatch> {
-    let mut payload = BinaryBuilder::new();
-    let mut reason = StringBuilder::new();
-    let mut source = StringBuilder::new();
-    let mut ingest = TimestampMicrosecondBuilder::new().with_timezone("UTC");
-    let mut date = StringBuilder::new();
-    for r in rows {
-        payload.append_value(&r.payload);
-        reason.append_value(&r.reason);
-        source.append_value(&r.source);
-        ingest.append_value(r.ingest_time);
-        date.append_value(date_string(r.ingest_time));
-    }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(payload.finish()),
-        Arc::new(reason.finish()),
-        Arc::new(source.finish()),
-        Arc::new(ingest.finish()),
-        Arc::new(date.finish()),
-    ];
-    RecordBatch::try_new(Table::Quarantine.schema(), columns).context("building a quarantine batch")
 }
 
 #[cfg(test)]

@@ -34,13 +34,16 @@ pub enum RunRequest {
 impl RunRequest {
     /// The request an event's payload makes.
     ///
-    /// Errors: `from` or `to` is not an RFC 3339 time.
+    /// Errors ([`tally_common::Error::Invalid`]): `from` or `to` is not an RFC
+    /// 3339 time, or the range is not whole hours ([`BatchRun::check_range`],
+    /// as on the command line).
     pub fn from_payload(payload: &Value) -> Result<Self> {
         Ok(match (payload["from"].as_str(), payload["to"].as_str()) {
-            (Some(from), Some(to)) => RunRequest::Reprocess {
-                from: parse_ts(from)?,
-                to: parse_ts(to)?,
-            },
+            (Some(from), Some(to)) => {
+                let (from, to) = (parse_ts(from)?, parse_ts(to)?);
+                BatchRun::check_range(from, to)?;
+                RunRequest::Reprocess { from, to }
+            }
             _ => RunRequest::Hourly,
         })
     }
@@ -51,7 +54,7 @@ impl RunRequest {
         let run = BatchRun::configured(lake, args)?;
         Ok(match self {
             RunRequest::Hourly => run,
-            RunRequest::Reprocess { from, to } => run.reprocess(from, to),
+            RunRequest::Reprocess { from, to } => run.reprocess(from, to)?,
         })
     }
 }
@@ -116,6 +119,39 @@ mod tests {
             );
         }
         assert!(RunRequest::from_payload(&json!({"from": "yesterday", "to": "today"})).is_err());
+    }
+
+    #[test]
+    fn a_range_that_is_not_whole_hours_is_refused_as_on_the_command_line() {
+        for (from, to, why) in [
+            (
+                "2026-11-24T00:30:00Z",
+                "2026-11-25T00:00:00Z",
+                "`from` 2026-11-24T00:30:00Z is not aligned",
+            ),
+            (
+                "2026-11-24T00:00:00Z",
+                "2026-11-24T05:00:01Z",
+                "`to` 2026-11-24T05:00:01Z is not aligned",
+            ),
+            (
+                "2026-11-25T00:00:00Z",
+                "2026-11-24T00:00:00Z",
+                "`to` must be after `from`",
+            ),
+            (
+                "2026-11-24T00:00:00Z",
+                "2026-11-24T00:00:00Z",
+                "`to` must be after `from`",
+            ),
+        ] {
+            let e = RunRequest::from_payload(&json!({"from": from, "to": to})).unwrap_err();
+            assert!(
+                matches!(e, tally_common::Error::Invalid(_)),
+                "{from}..{to}: {e}"
+            );
+            assert!(e.to_string().contains(why), "{from}..{to}: {e}");
+        }
     }
 
     #[test]

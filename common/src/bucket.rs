@@ -64,6 +64,28 @@ impl Granularity {
         t.rem_euclid(self.micros()) == 0
     }
 
+    /// Check that `[start, end)` is whole buckets: both ends aligned, `end`
+    /// after `start`. Errors: [`Error::Invalid`] naming the end at fault.
+    pub fn check_range(self, start: i64, end: i64) -> Result<()> {
+        let g = self.as_str();
+        if !self.is_aligned(start) {
+            return Err(Error::invalid(format!(
+                "`from` {} is not aligned to the {g}",
+                format_ts(start)
+            )));
+        }
+        if !self.is_aligned(end) {
+            return Err(Error::invalid(format!(
+                "`to` {} is not aligned to the {g}",
+                format_ts(end)
+            )));
+        }
+        if end <= start {
+            return Err(Error::invalid("`to` must be after `from`"));
+        }
+        Ok(())
+    }
+
     /// The longest range the API serves at this granularity (31 days of hours, 366 days of days).
     pub const fn max_buckets(self) -> i64 {
         match self {
@@ -123,22 +145,8 @@ impl BucketRange {
     /// A range from `start` (inclusive) to `end` (exclusive), both aligned, non-empty
     /// and at most [`Granularity::max_buckets`] long.
     pub fn new(start: i64, end: i64, granularity: Granularity) -> Result<Self> {
+        granularity.check_range(start, end)?;
         let g = granularity.as_str();
-        if !granularity.is_aligned(start) {
-            return Err(Error::invalid(format!(
-                "`from` {} is not aligned to the {g}",
-                format_ts(start)
-            )));
-        }
-        if !granularity.is_aligned(end) {
-            return Err(Error::invalid(format!(
-                "`to` {} is not aligned to the {g}",
-                format_ts(end)
-            )));
-        }
-        if end <= start {
-            return Err(Error::invalid("`to` must be after `from`"));
-        }
         // i128: `end - start` of two arbitrary i64 instants may not fit an i64
         let n = (i128::from(end) - i128::from(start)) / i128::from(granularity.micros());
         if n > i128::from(granularity.max_buckets()) {

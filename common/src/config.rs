@@ -24,6 +24,10 @@ pub const DEFAULT_REBUILD_SETTLE_SECS: u64 = 30;
 /// (`--lease-secs`): a killed run blocks the next one at most this long.
 pub const DEFAULT_LEASE_SECS: u64 = 120;
 
+/// Default seconds between fetches of the API's JWKS (`--jwks-refresh-secs`):
+/// how long a key removed from the set keeps working at most.
+pub const DEFAULT_JWKS_REFRESH_SECS: u64 = 600;
+
 /// Default memory bound of the batch layer's queries (`--memory-limit`), in
 /// the units [`parse_bytes`] reads.
 pub const DEFAULT_BATCH_MEMORY: &str = "2GiB";
@@ -134,7 +138,7 @@ pub struct AuthArgs {
     #[arg(
         long,
         env = "TALLY_JWKS_REFRESH_SECS",
-        default_value_t = 600,
+        default_value_t = DEFAULT_JWKS_REFRESH_SECS,
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub jwks_refresh_secs: u64,

@@ -91,7 +91,8 @@ impl fmt::Display for RejectReason {
             RejectReason::OutOfRange(m) => write!(f, "{m}"),
             RejectReason::FutureTimestamp { ahead_secs } => write!(
                 f,
-                "`ts` is {ahead_secs} s after ingest time (at most 300 s allowed)"
+                "`ts` is {ahead_secs} s after ingest time (at most {} s allowed)",
+                MAX_FUTURE_MICROS / MICROS_PER_SECOND
             ),
             RejectReason::CorruptGzip(m) => write!(f, "record does not inflate: {m}"),
         }

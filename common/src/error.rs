@@ -19,8 +19,10 @@ fn cause(source: &Option<BoxError>) -> String {
 /// Everything that can go wrong below the command line, each variant saying what
 /// was being done so a user can act on it, and keeping the lower-level error
 /// it came from as its [`source`](std::error::Error::source). Which variant is
-/// which kind of failure matters: the API answers [`Error::Invalid`] with 400,
-/// [`Error::Busy`] and [`Error::Timeout`] with 503, everything else with 500.
+/// which kind of failure matters: the API answers a request it refuses
+/// ([`Error::Invalid`]) with 400 and any other error parsing it with 500; a
+/// failed read of the lake with 500 when it is [`Error::Internal`] and with 503
+/// (retry later) for every other variant.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A configuration value is missing or malformed (bad lake URI, bad Redis URL, ...).

@@ -1,6 +1,12 @@
 //! The lake handle: where the Delta tables live (a local path or `s3://`), how to
 //! reach them, the schema of each table, and the reader of their Delta logs'
 //! commits ([`read_commit`]: which files a commit added or removed).
+//!
+//! Also what every writer of the lake shares: the commit-info keys of tally's
+//! commits ([`OPERATION_KEY`] with its entry [`operation`], [`LOGIC_VERSION_KEY`],
+//! [`SOURCE_KEY`], [`POSITION_KEY`]), and time as the tables store it, UTC
+//! microseconds ([`TIME_ZONE`], [`utc_timestamp`], and [`utc_micros`] for a
+//! DataFusion literal).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Once};
@@ -22,6 +28,16 @@ use crate::{Error, Result};
 /// (`archive`, `batch quarantine`, `reprocess`, ...), for people reading the log.
 pub const OPERATION_KEY: &str = "tally.operation";
 
+/// The commit-info key of the metric logic version a batch commit computed with.
+pub const LOGIC_VERSION_KEY: &str = "tally.logic_version";
+/// The commit-info key of the source whose mark a commit carries.
+pub const SOURCE_KEY: &str = "tally.source";
+/// The commit-info key of the position a commit's mark moves its source to.
+pub const POSITION_KEY: &str = "tally.position";
+
+/// The time zone of every timestamp column of the lake.
+pub const TIME_ZONE: &str = "UTC";
+
 /// The commit-info entry naming a commit's operation ([`OPERATION_KEY`]).
 pub fn operation(what: &str) -> (String, serde_json::Value) {
     (OPERATION_KEY.to_string(), serde_json::json!(what))
@@ -33,7 +49,7 @@ pub fn utc_micros(t: i64) -> deltalake::datafusion::prelude::Expr {
     deltalake::datafusion::prelude::lit(
         deltalake::datafusion::scalar::ScalarValue::TimestampMicrosecond(
             Some(t),
-            Some("UTC".into()),
+            Some(TIME_ZONE.into()),
         ),
     )
 }
@@ -116,7 +132,7 @@ impl Table {
 
 /// The type of every time column of the lake: a UTC timestamp in µs.
 pub fn utc_timestamp() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+    DataType::Timestamp(TimeUnit::Microsecond, Some(TIME_ZONE.into()))
 }
 
 /// Where the lake lives and how to reach it.
@@ -362,13 +378,21 @@ pub struct FileAction {
 }
 
 impl Commit {
-    /// Parse a commit file's lines; lines that are not JSON are skipped.
-    pub fn parse(bytes: &[u8]) -> Commit {
+    /// Parse the lines of commit `version`'s file. Errors: [`Error::Internal`]
+    /// naming the version when a line is not JSON (a log no Delta writer
+    /// writes: skipping the line could miss a file it added or removed).
+    pub fn parse(version: u64, bytes: &[u8]) -> Result<Commit> {
         let mut commit = Commit::default();
-        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
                 continue;
-            };
+            }
+            let action: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+                Error::internal(format!(
+                    "line {} of Delta log commit {version} is not JSON: {e}",
+                    i + 1
+                ))
+            })?;
             let info = &action["commitInfo"];
             if info.is_object() {
                 commit.operation = info["operation"].as_str().map(str::to_string);
@@ -404,19 +428,20 @@ impl Commit {
                     .and_then(|s| s["numRecords"].as_i64()),
             });
         }
-        commit
+        Ok(commit)
     }
 }
 
 /// Commit `version` of `table`'s Delta log; None when its file is gone (log
-/// cleanup removed it, or it was never written).
+/// cleanup removed it, or it was never written). Errors: the log cannot be
+/// read, or the commit does not parse ([`Commit::parse`]).
 pub async fn read_commit(table: &DeltaTable, version: u64) -> Result<Option<Commit>> {
     let bytes = table
         .log_store()
         .read_commit_entry(version)
         .await
         .context(format!("reading commit {version} of {}", table_name(table)))?;
-    Ok(bytes.map(|b| Commit::parse(&b)))
+    bytes.map(|b| Commit::parse(version, &b)).transpose()
 }
 
 /// The table's directory name, for messages.
@@ -466,11 +491,10 @@ mod tests {
     fn commits_parse_into_file_actions() {
         let log = br#"{"commitInfo":{"operation":"OPTIMIZE","readVersion":4}}
 {"add":{"path":"a.parquet","dataChange":false,"partitionValues":{"event_date":"2025-11-24","event_hour":3,"x":null},"stats":"{\"numRecords\":7}"}}
-not json
 {"remove":{"path":"b.parquet","partitionValues":{"event_date":"2025-11-24","event_hour":"2"}}}
 {"txn":{"appId":"x","version":1}}
 "#;
-        let c = Commit::parse(log);
+        let c = Commit::parse(5, log).unwrap();
         assert_eq!(c.operation.as_deref(), Some("OPTIMIZE"));
         assert_eq!(c.read_version, Some(4));
         assert_eq!(c.files.len(), 2);
@@ -486,6 +510,14 @@ not json
             (FileChange::Removed, Some("b.parquet"), true, None)
         );
         assert_eq!(r.partition_values["event_hour"], "2");
+
+        // a line that is not JSON fails the commit, never a skipped file
+        let e = Commit::parse(5, b"{\"commitInfo\":{}}\nnot json\n").unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(
+            e.to_string().contains("line 2 of Delta log commit 5"),
+            "{e}"
+        );
     }
 
     #[test]

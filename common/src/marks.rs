@@ -63,11 +63,11 @@ pub fn commit_with_mark(source: &SourceId, position: &Position, what: &str) -> C
         .with_metadata([
             crate::lake::operation(what),
             (
-                "tally.source".to_string(),
+                crate::lake::SOURCE_KEY.to_string(),
                 serde_json::json!(source.as_str()),
             ),
             (
-                "tally.position".to_string(),
+                crate::lake::POSITION_KEY.to_string(),
                 serde_json::json!(position.as_str()),
             ),
         ])

@@ -38,7 +38,7 @@ impl SourceId {
     pub fn file(name: &str) -> Self {
         SourceId(format!("file/{name}"))
     }
-    /// A source from its id as stored (the part of `raw_events.source` before `@`).
+    /// A source from its id as stored (a [`RowOrigin`]'s source, a view's boundary).
     pub fn from_id(id: &str) -> Self {
         SourceId(id.to_string())
     }
@@ -157,6 +157,55 @@ impl fmt::Display for Position {
     }
 }
 
+/// Where a row of the master dataset came from, as the `source` column of
+/// `raw_events` and `quarantine` holds it: `SOURCE@POSITION:LINE`, the record's
+/// source, its position there, and the line within the record (1-based; 0 for
+/// a whole record). The archiver writes it, the speed view's rebuild reads it
+/// to know which source and position a row is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowOrigin {
+    /// The record's source.
+    pub source: SourceId,
+    /// The record's position in its source.
+    pub position: Position,
+    /// The line within the record.
+    pub line: u32,
+}
+
+impl RowOrigin {
+    /// Write `SOURCE@POSITION:LINE` to `out` without building a [`RowOrigin`]
+    /// (the archiver writes it straight into a column's buffer).
+    pub fn write(
+        out: &mut impl fmt::Write,
+        source: &SourceId,
+        position: &Position,
+        line: u32,
+    ) -> fmt::Result {
+        write!(out, "{source}@{position}:{line}")
+    }
+
+    /// Read `SOURCE@POSITION:LINE` (the source may hold `@` itself, the
+    /// position and line are decimal); None when `s` is not of that form.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (source, at) = s.rsplit_once('@')?;
+        let (position, line) = at.split_once(':')?;
+        if source.is_empty() || !line.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(RowOrigin {
+            source: SourceId::from_id(source),
+            position: Position::parse(position).ok()?,
+            line: line.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for RowOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        RowOrigin::write(f, &self.source, &self.position, self.line)
+    }
+}
+
 /// One record of a source as the layers receive it: its position and its bytes
 /// (NDJSON lines: a Kinesis record's data, or a line of a file), borrowed from
 /// whoever read it.
@@ -190,6 +239,33 @@ mod tests {
             Some("shardId-000000000003:4959033827149025660855969253836157"),
         );
         assert_eq!(s.as_str(), "kinesis/events/shardId-000000000003");
+    }
+
+    #[test]
+    fn row_origins_round_trip_and_refuse_anything_else() {
+        let o = RowOrigin {
+            source: SourceId::file("/data/a@b.ndjson"),
+            position: p("49590338271490256608559692538361571095921575989136588898"),
+            line: 7,
+        };
+        let text = o.to_string();
+        assert_eq!(
+            text,
+            "file//data/a@b.ndjson@49590338271490256608559692538361571095921575989136588898:7"
+        );
+        assert_eq!(RowOrigin::parse(&text), Some(o));
+        for bad in [
+            "",
+            "kinesis/s/shard",
+            "kinesis/s/shard@12",
+            "kinesis/s/shard@12:",
+            "kinesis/s/shard@x:1",
+            "kinesis/s/shard@12:1:2",
+            "kinesis/s/shard@12:+1",
+            "@12:1",
+        ] {
+            assert_eq!(RowOrigin::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tally_common::lake::{read_commit, register, FileChange, Lake, Table};
 use tally_common::shutdown::Shutdown;
 use tally_common::source::{Position, Record, SourceId};
 use tally_common::watermark::read_progress;
-use tally_common::{Context as _, Result};
+use tally_common::{Context as _, Error, Result};
 
 use crate::{apply_records, SpeedStore};
 
@@ -41,21 +41,25 @@ async fn watermark(lake: &Lake) -> Result<i64> {
 }
 
 /// Concatenate the payloads of rows at or after `since` into one NDJSON record.
-fn payloads(batches: &[RecordBatch], since: i64) -> (Vec<u8>, u64) {
+/// Errors: a batch without the `payload` and `event_time` columns
+/// ([`Error::Internal`]), or whose columns cannot be read as text and
+/// timestamps ([`Error::Arrow`]).
+fn payloads(batches: &[RecordBatch], since: i64) -> Result<(Vec<u8>, u64)> {
     let mut out = Vec::new();
     let mut n = 0;
     for b in batches {
-        let (Some(p), Some(t)) = (b.column_by_name("payload"), b.column_by_name("event_time"))
-        else {
-            continue;
+        let column = |name: &str| {
+            b.column_by_name(name).ok_or_else(|| {
+                Error::internal(format!("a batch of raw_events rows has no {name} column"))
+            })
         };
         // DataFusion may hand strings out as views: normalise before reading
-        let (Ok(p), Ok(t)) = (
-            cast(p, &DataType::Utf8),
-            cast(t, &DataType::Timestamp(TimeUnit::Microsecond, None)),
-        ) else {
-            continue;
-        };
+        let p = cast(column("payload")?, &DataType::Utf8).context("reading raw_events.payload")?;
+        let t = cast(
+            column("event_time")?,
+            &DataType::Timestamp(TimeUnit::Microsecond, None),
+        )
+        .context("reading raw_events.event_time")?;
         let p = p.as_string::<i32>();
         let t = t.as_primitive::<TimestampMicrosecondType>();
         for i in 0..b.num_rows() {
@@ -66,7 +70,7 @@ fn payloads(batches: &[RecordBatch], since: i64) -> (Vec<u8>, u64) {
             }
         }
     }
-    (out, n)
+    Ok((out, n))
 }
 
 impl RawFeed {
@@ -116,7 +120,7 @@ impl RawFeed {
         batches: &[RecordBatch],
         since: i64,
     ) -> Result<u64> {
-        let (record, n) = payloads(batches, since);
+        let (record, n) = payloads(batches, since)?;
         if n == 0 {
             return Ok(0);
         }
@@ -157,9 +161,15 @@ impl RawFeed {
                 if file.change != FileChange::Added || !file.data_change {
                     continue;
                 }
-                if let Some(Ok(u)) = file.path.map(|p| root.join(&p)) {
-                    files.push(u.to_string());
-                }
+                let path = file.path.ok_or_else(|| {
+                    Error::internal(format!("commit {v} of raw_events adds a file with no path"))
+                })?;
+                let url = root.join(&path).map_err(|e| {
+                    Error::internal(format!(
+                        "commit {v} of raw_events adds {path:?}, not a file of {root}: {e}"
+                    ))
+                })?;
+                files.push(url.to_string());
             }
         }
         let table_snapshot = table.clone();
@@ -197,5 +207,44 @@ impl RawFeed {
                 Err(e) => tracing::warn!(error = %e, "following raw_events failed; retrying"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use deltalake::arrow::array::{ArrayRef, BooleanArray, StringArray, TimestampMicrosecondArray};
+
+    use super::*;
+
+    #[test]
+    fn payloads_after_the_watermark_make_one_record_and_an_unreadable_batch_is_an_error() {
+        let payload: ArrayRef = Arc::new(StringArray::from(vec!["{\"a\":1}", "{\"b\":2}"]));
+        let time: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![5, 10]));
+        let good = RecordBatch::try_from_iter([
+            ("payload", payload.clone()),
+            ("event_time", time.clone()),
+        ])
+        .unwrap();
+        assert_eq!(
+            payloads(std::slice::from_ref(&good), 10).unwrap(),
+            (b"{\"b\":2}\n".to_vec(), 1)
+        );
+
+        let no_time = RecordBatch::try_from_iter([("payload", payload.clone())]).unwrap();
+        let e = payloads(&[good.clone(), no_time], 0).unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+
+        let bad_time = RecordBatch::try_from_iter([
+            ("payload", payload),
+            (
+                "event_time",
+                Arc::new(BooleanArray::from(vec![true, false])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let e = payloads(&[good, bad_time], 0).unwrap_err();
+        assert!(matches!(e, Error::Arrow { .. }), "{e}");
     }
 }

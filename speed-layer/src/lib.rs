@@ -30,13 +30,21 @@ use tally_common::source::{Position, Record, SourceId};
 use tally_common::Result;
 
 /// The index in `batch` of update `i` of `sub` (same merchant and hour).
-fn batch_index(batch: &SpeedBatch, sub: &SpeedBatch, i: usize) -> usize {
-    let u = &sub.updates[i];
-    batch
-        .updates
-        .iter()
-        .position(|b| b.merchant_id == u.merchant_id && b.hour == u.hour)
-        .unwrap_or(0)
+/// Errors: [`tally_common::Error::Internal`] when `sub` is not part of `batch`.
+fn batch_index(batch: &SpeedBatch, sub: &SpeedBatch, i: usize) -> Result<usize> {
+    let u = sub.updates.get(i);
+    u.and_then(|u| {
+        batch
+            .updates
+            .iter()
+            .position(|b| b.merchant_id == u.merchant_id && b.hour == u.hour)
+    })
+    .ok_or_else(|| {
+        tally_common::Error::internal(format!(
+            "the store reported an overlap at update {i} of a re-sent batch of {}, which is not one of the batch's merchant-hours",
+            batch.source
+        ))
+    })
 }
 
 /// What happened to one source's batch.
@@ -99,11 +107,9 @@ pub async fn apply_records<'a>(
             let r = store.apply(&sub).await?;
             report.applied += r.applied;
             report.skipped += r.skipped;
-            next.extend(
-                r.overlaps
-                    .into_iter()
-                    .map(|(i, m)| (batch_index(&batch, &sub, i), m)),
-            );
+            for (i, m) in r.overlaps {
+                next.push((batch_index(&batch, &sub, i)?, m));
+            }
         }
         overlaps = next;
     }
@@ -121,4 +127,32 @@ pub async fn apply_records<'a>(
         rejected: batch.rejected.len() as u64,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_common::bucket::parse_ts;
+
+    fn batch(lines: &[u8]) -> SpeedBatch {
+        let now = parse_ts("2026-11-24T12:00:00Z").unwrap();
+        SpeedBatch::build(
+            SourceId::file("t"),
+            [Record::new(Position::from_u64(1), lines)],
+            now,
+        )
+    }
+
+    #[test]
+    fn an_overlap_maps_to_its_own_merchant_hour_or_is_an_error() {
+        let whole = batch(br#"{"event_id":"1","merchant_id":"a","type":"order","ts":"2026-11-24T10:01:00Z","amount":5}
+{"event_id":"2","merchant_id":"b","type":"order","ts":"2026-11-24T10:02:00Z","amount":7}"#);
+        let sub = batch(br#"{"event_id":"2","merchant_id":"b","type":"order","ts":"2026-11-24T10:02:00Z","amount":7}"#);
+        assert_eq!(batch_index(&whole, &sub, 0).unwrap(), 1);
+        // never update 0 (another merchant's) for an overlap the batch does not hold
+        let other = batch(br#"{"event_id":"3","merchant_id":"c","type":"order","ts":"2026-11-24T10:03:00Z","amount":1}"#);
+        let e = batch_index(&whole, &other, 0).unwrap_err();
+        assert!(matches!(e, tally_common::Error::Internal(_)), "{e}");
+        assert!(batch_index(&whole, &sub, 5).is_err());
+    }
 }

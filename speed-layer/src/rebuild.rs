@@ -38,7 +38,7 @@ use tally_common::deltalake;
 use tally_common::lake::{register, Lake, Table};
 use tally_common::marks::read_mark;
 use tally_common::metrics::{counter_defs, Counters};
-use tally_common::source::{Position, SourceId};
+use tally_common::source::{Position, RowOrigin, SourceId};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Error, EventType, Result};
 
@@ -119,6 +119,9 @@ const LOCK_TTL: Duration = Duration::from_secs(10);
 const STEP: Duration = Duration::from_secs(2);
 /// Merchant-hours per pipelined round trip.
 const WRITE_BATCH: usize = 500;
+/// How long a rebuild keeps reading `raw_events` for sources it has not
+/// reached yet, by default ([`Rebuild::wait`], `tally speed rebuild --wait-secs`).
+pub const DEFAULT_REBUILD_WAIT: Duration = Duration::from_secs(300);
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,15 +173,15 @@ pub struct Rebuild<'a> {
 
 impl<'a> Rebuild<'a> {
     /// A rebuild of `store` from `lake` that waits the default settle time
-    /// ([`DEFAULT_REBUILD_SETTLE_SECS`], 30 s) after the loss before reading
-    /// `raw_events`, and up to 5 minutes for the archiver to reach the consumers'
-    /// boundaries.
+    /// ([`DEFAULT_REBUILD_SETTLE_SECS`]) after the loss before reading
+    /// `raw_events`, and up to [`DEFAULT_REBUILD_WAIT`] for the archiver to
+    /// reach the consumers' boundaries.
     pub fn new(lake: &'a Lake, store: &'a RedisStore) -> Self {
         Rebuild {
             lake,
             store,
             settle: Duration::from_secs(DEFAULT_REBUILD_SETTLE_SECS),
-            wait: Duration::from_secs(300),
+            wait: DEFAULT_REBUILD_WAIT,
             token: format!("{}-{}", std::process::id(), now_micros()),
         }
     }
@@ -197,8 +200,10 @@ impl<'a> Rebuild<'a> {
         self
     }
 
-    /// Run it. Errors: Redis or the lake unreachable (the view is then left as
-    /// it was, unknown to readers where it is not whole).
+    /// Run it. Errors: Redis or the lake unreachable, or a `raw_events` row
+    /// whose `source` is not a [`RowOrigin`] ([`Error::Internal`]: it cannot be
+    /// counted for its source); the view is then left as it was, unknown to
+    /// readers where it is not whole.
     pub async fn run(&self) -> Result<RebuildReport> {
         let mut conn = self.store.connection();
         let token = &self.token;
@@ -348,7 +353,7 @@ impl<'a> Rebuild<'a> {
             sources.insert(s.clone(), parse_boundary(b));
         }
         for r in &rows {
-            sources.entry(r.source.clone()).or_insert(None);
+            sources.entry(r.source.to_string()).or_insert(None);
         }
         // a source that has not written since the loss gets the archive's mark as its
         // boundary; before that, the archiver is given `settle` to catch up with
@@ -372,7 +377,7 @@ impl<'a> Rebuild<'a> {
                     // highest position for a writer that keeps no marks
                     let proposed = archived.clone().or_else(|| {
                         rows.iter()
-                            .filter(|r| &r.source == source)
+                            .filter(|r| r.source.as_str() == source)
                             .map(|r| r.position.clone())
                             .max()
                     });
@@ -411,7 +416,7 @@ impl<'a> Rebuild<'a> {
         let mut events = 0u64;
         for r in rows {
             let mine = owned
-                .get(&r.source)
+                .get(r.source.as_str())
                 .and_then(Option::as_ref)
                 .is_some_and(|b| r.position <= *b);
             if !mine {
@@ -490,7 +495,7 @@ struct Row {
     event_type: String,
     amount: Option<i64>,
     customer_id: Option<String>,
-    source: String,
+    source: SourceId,
     position: Position,
 }
 
@@ -545,16 +550,18 @@ fn rows_of(b: &RecordBatch, out: &mut Vec<Row>) -> Result<()> {
     let amount = cast(b.column(3), &DataType::Int64).context("reading raw_events.amount")?;
     let amount = amount.as_primitive::<Int64Type>();
     for i in 0..b.num_rows() {
-        if t.is_null(i) || merchant.is_null(i) || source.is_null(i) {
+        // rows the batch layer moves to quarantine (missing_field): counted by neither
+        if t.is_null(i) || merchant.is_null(i) {
             continue;
         }
-        // `SOURCE@POSITION:LINE` (the archiver's `source` column)
-        let Some((src, at)) = source.value(i).rsplit_once('@') else {
-            continue;
-        };
-        let Ok(position) = Position::parse(at.split(':').next().unwrap_or("")) else {
-            continue;
-        };
+        let text = (!source.is_null(i)).then(|| source.value(i));
+        let origin = text.and_then(RowOrigin::parse).ok_or_else(|| {
+            Error::internal(format!(
+                "raw_events holds a row whose source {} is not SOURCE@POSITION:LINE as the \
+                 archiver writes it: the rebuild cannot tell which source's row it is",
+                text.map_or("null".to_string(), |t| format!("{t:?}"))
+            ))
+        })?;
         out.push(Row {
             merchant_id: merchant.value(i).to_string(),
             event_time: t.value(i),
@@ -565,8 +572,8 @@ fn rows_of(b: &RecordBatch, out: &mut Vec<Row>) -> Result<()> {
             },
             amount: (!amount.is_null(i)).then(|| amount.value(i)),
             customer_id: (!customer.is_null(i)).then(|| customer.value(i).to_string()),
-            source: src.to_string(),
-            position,
+            source: origin.source,
+            position: origin.position,
         });
     }
     Ok(())
@@ -611,6 +618,53 @@ pub async fn keep_rebuilt(
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use deltalake::arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+
+    use super::*;
+
+    /// A batch of the columns [`read_rows`] selects, one row per source.
+    fn batch(sources: &[Option<&str>]) -> RecordBatch {
+        let n = sources.len();
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("merchant_id", Arc::new(StringArray::from(vec!["m"; n]))),
+            (
+                "event_time",
+                Arc::new(TimestampMicrosecondArray::from(vec![7; n])),
+            ),
+            ("event_type", Arc::new(StringArray::from(vec!["order"; n]))),
+            ("amount", Arc::new(Int64Array::from(vec![5; n]))),
+            (
+                "customer_id",
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+            ),
+            ("source", Arc::new(StringArray::from(sources.to_vec()))),
+        ];
+        RecordBatch::try_from_iter(columns).unwrap()
+    }
+
+    #[test]
+    fn rows_are_read_with_their_origin_and_an_unreadable_one_is_an_error() {
+        let mut rows = Vec::new();
+        rows_of(&batch(&[Some("kinesis/s/shard-1@42:3")]), &mut rows).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].source.as_str(), "kinesis/s/shard-1");
+        assert_eq!(rows[0].position, Position::parse("42").unwrap());
+
+        for bad in [Some("kinesis/s/shard-1"), Some("x@y:1"), None] {
+            let e = rows_of(
+                &batch(&[Some("kinesis/s/shard-1@43:1"), bad]),
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Internal(_)), "{bad:?}: {e}");
         }
     }
 }

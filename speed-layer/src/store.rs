@@ -214,10 +214,10 @@ async fn auth_token(secret: &str) -> Result<String> {
         .send()
         .await
         .map_err(|e| {
-            tally_common::Error::config(format!(
-                "cannot read the Redis AUTH token from secret {secret}: {}",
-                aws_sdk_secretsmanager::error::DisplayErrorContext(e)
-            ))
+            tally_common::Error::aws_from(
+                &format!("cannot read the Redis AUTH token from secret {secret}"),
+                e,
+            )
         })?;
     out.secret_string.ok_or_else(|| {
         tally_common::Error::config(format!(

@@ -27,10 +27,14 @@ use crate::{kinesis_client, RecordSink};
 const SHARD_END: &str = "SHARD_END";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The most records one GetRecords call returns (Kinesis' limit), and the
+/// default [`ConsumeOptions::limit`].
+pub const MAX_GET_RECORDS: i32 = 10_000;
+
 /// Options of a consumer run.
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
-    /// Records per GetRecords call (at most 10,000).
+    /// Records per GetRecords call (at most [`MAX_GET_RECORDS`]).
     pub limit: i32,
     /// Pause when a whole round over the shards found nothing.
     pub idle_pause: Duration,
@@ -41,7 +45,7 @@ pub struct ConsumeOptions {
 impl Default for ConsumeOptions {
     fn default() -> Self {
         ConsumeOptions {
-            limit: 10_000,
+            limit: MAX_GET_RECORDS,
             // Kinesis allows 5 GetRecords per second per shard across all its
             // consumers; the speed and archive consumers each polling an idle
             // shard 2.5 times a second stay within it
@@ -373,9 +377,9 @@ impl<K: RecordSink> Consumer<K> {
                 .await?;
             }
         }
-        let state = states
-            .get_mut(id)
-            .ok_or_else(|| Error::aws(format!("unknown shard {id}")))?;
+        let state = states.get_mut(id).ok_or_else(|| {
+            Error::internal(format!("polled shard {id} is not one of the consumer's"))
+        })?;
         state.caught_up = n == 0 && out.millis_behind_latest.unwrap_or(0) == 0;
         match out.next_shard_iterator {
             Some(next) => state.iterator = Some(next),

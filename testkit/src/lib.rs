@@ -370,6 +370,9 @@ pub fn workspace_root() -> PathBuf {
 /// random source; expected answers always come from the records themselves).
 pub mod zipf;
 
+/// Seeded random events ([`events::generate`]) as NDJSON lines, and the
+/// tests' independent model of their metrics ([`events::expected`]), written
+/// without the registry or the SQL it checks.
 pub mod events {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};

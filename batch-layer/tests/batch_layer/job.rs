@@ -190,6 +190,7 @@ async fn reprocess_dry_run_reports_and_reprocess_fixes_exactly_the_affected_rows
     let dry = BatchRun::new(&lake)
         .now(now)
         .reprocess(from, to)
+        .unwrap()
         .dry_run(true)
         .execute()
         .await
@@ -206,6 +207,7 @@ async fn reprocess_dry_run_reports_and_reprocess_fixes_exactly_the_affected_rows
     let r = BatchRun::new(&lake)
         .now(now)
         .reprocess(from, to)
+        .unwrap()
         .execute()
         .await
         .unwrap();
@@ -229,6 +231,7 @@ async fn a_killed_run_leaves_whole_tables_and_two_runs_never_overlap() {
     BatchRun::new(&lake)
         .now(now)
         .reprocess(START_MS * 1000, (START_MS + DAY_MS) * 1000)
+        .unwrap()
         .execute()
         .await
         .unwrap();
@@ -520,6 +523,7 @@ async fn reprocessing_writes_complete_days_and_leaves_other_dirty_hours_to_the_n
     let r = BatchRun::new(&lake)
         .now(at(now))
         .reprocess(at(d2), at(d2 + 3 * 3_600_000))
+        .unwrap()
         .execute()
         .await
         .unwrap();
@@ -559,6 +563,7 @@ async fn a_lake_whose_watermark_passed_a_day_without_its_row_gets_it() {
     BatchRun::new(&lake)
         .now(at(now))
         .reprocess(at(e), at(e + DAY_MS))
+        .unwrap()
         .execute()
         .await
         .unwrap();

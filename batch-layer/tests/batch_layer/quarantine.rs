@@ -286,6 +286,7 @@ async fn a_dry_run_reports_the_rows_it_would_move_and_moves_nothing() {
     let dry = BatchRun::new(&lake)
         .now(now)
         .reprocess(from, from + DAY_MS * 1000)
+        .unwrap()
         .dry_run(true)
         .execute()
         .await

@@ -72,10 +72,15 @@ fn timestamp_rules() {
         0
     );
     // at most five minutes ahead of ingest time
+    let ahead = bad("\"2026-11-24T12:05:01Z\"");
     assert!(matches!(
-        bad("\"2026-11-24T12:05:01Z\""),
+        ahead,
         RejectReason::FutureTimestamp { ahead_secs: 301 }
     ));
+    assert_eq!(
+        ahead.to_string(),
+        "future_timestamp: `ts` is 301 s after ingest time (at most 300 s allowed)"
+    );
     assert!(one(
         r#"{"event_id":"a","merchant_id":"m","type":"page_view","ts":"2026-11-24T12:05:00Z"}"#
     )

@@ -53,14 +53,33 @@ fn body(owner: &str, holding: Holding) -> object_store::PutPayload {
         .into()
 }
 
-async fn read(store: &dyn ObjectStore, generation: u64) -> Option<State> {
-    let g = store.get(&path(generation)).await.ok()?;
-    let bytes = g.bytes().await.unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+/// What generation `generation`'s object says; None when there is no such
+/// object. Errors: [`Error::Io`] when it cannot be read, [`Error::Internal`]
+/// when it holds something tally never writes (a lease is never guessed free).
+async fn read(store: &dyn ObjectStore, generation: u64) -> Result<Option<State>> {
+    let what = || format!("reading the batch lease {}", path(generation));
+    let got = match store.get(&path(generation)).await {
+        Ok(g) => g,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(Error::io(what(), e)),
+    };
+    let bytes = got.bytes().await.map_err(|e| Error::io(what(), e))?;
+    parse(&bytes).map(Some).ok_or_else(|| {
+        Error::internal(format!(
+            "{} holds no lease tally wrote: {:?}",
+            path(generation),
+            String::from_utf8_lossy(&bytes)
+        ))
+    })
+}
+
+/// A generation's object as [`body`] writes it.
+fn parse(bytes: &[u8]) -> Option<State> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     Some(State {
-        owner: v["owner"].as_str().unwrap_or("?").to_string(),
-        since: v["since"].as_i64().unwrap_or(0),
-        released: v["released"].as_bool().unwrap_or(false),
+        owner: v["owner"].as_str()?.to_string(),
+        since: v["since"].as_i64()?,
+        released: v["released"].as_bool()?,
     })
 }
 
@@ -79,8 +98,13 @@ async fn latest(store: &dyn ObjectStore) -> Result<Option<u64>> {
 }
 
 /// Whether `generation` is still the newest (nobody took the lease over).
-async fn still_newest(store: &dyn ObjectStore, generation: u64) -> bool {
-    store.head(&path(generation + 1)).await.is_err()
+/// Errors: [`Error::Io`] when the store cannot say.
+async fn still_newest(store: &dyn ObjectStore, generation: u64) -> Result<bool> {
+    match store.head(&path(generation + 1)).await {
+        Ok(_) => Ok(false),
+        Err(object_store::Error::NotFound { .. }) => Ok(true),
+        Err(e) => Err(Error::io("checking the batch lease", e)),
+    }
 }
 
 /// A held lease, renewed in the background; released by [`Lease::release`] (or
@@ -102,9 +126,14 @@ fn renew(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(expiry / 4).await;
-            if !still_newest(store.as_ref(), generation).await {
-                tracing::error!("the batch lease was taken over; this run no longer holds it");
-                return;
+            match still_newest(store.as_ref(), generation).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!("the batch lease was taken over; this run no longer holds it");
+                    return;
+                }
+                // renewed anyway: the run's own check before each commit fails on it
+                Err(e) => tracing::warn!(error = %e, "could not check the batch lease"),
             }
             if let Err(e) = store
                 .put(&path(generation), body(&owner, Holding::Held))
@@ -126,7 +155,7 @@ impl Lease {
         loop {
             let current = latest(store.as_ref()).await?;
             if let Some(g) = current {
-                if let Some(s) = read(store.as_ref(), g).await {
+                if let Some(s) = read(store.as_ref(), g).await? {
                     let age = Duration::from_micros((now_micros() - s.since).max(0) as u64);
                     if !s.released && age <= expiry {
                         if std::time::Instant::now() >= deadline {
@@ -180,7 +209,7 @@ impl Lease {
     /// Fail when another run has taken the lease over (this one stopped renewing
     /// it for longer than the expiry).
     pub async fn check(&self) -> Result<()> {
-        if still_newest(self.store.as_ref(), self.generation).await {
+        if still_newest(self.store.as_ref(), self.generation).await? {
             Ok(())
         } else {
             Err(Error::Busy(
@@ -190,18 +219,116 @@ impl Lease {
         }
     }
 
-    /// Stop renewing and mark the lease released if it is still ours.
+    /// Stop renewing and mark the lease released if it is still ours. Best
+    /// effort: a lease that cannot be released expires by itself.
     pub async fn release(self) {
         self.renewer.abort();
-        if still_newest(self.store.as_ref(), self.generation).await {
-            if let Some(s) = read(self.store.as_ref(), self.generation).await {
-                if s.owner == self.owner {
-                    let _ = self
-                        .store
-                        .put(&path(self.generation), body(&self.owner, Holding::Released))
-                        .await;
-                }
+        if let Err(e) = self.mark_released().await {
+            tracing::warn!(error = %e, "could not release the batch lease; it expires by itself");
+        }
+    }
+
+    async fn mark_released(&self) -> Result<()> {
+        if !still_newest(self.store.as_ref(), self.generation).await? {
+            return Ok(());
+        }
+        if let Some(s) = read(self.store.as_ref(), self.generation).await? {
+            if s.owner == self.owner {
+                self.store
+                    .put(&path(self.generation), body(&self.owner, Holding::Released))
+                    .await
+                    .map_err(|e| Error::io("releasing the batch lease", e))?;
             }
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::local::LocalFileSystem;
+    use tally_common::lake::{Lake, Table};
+
+    fn local(dir: &std::path::Path) -> LocalFileSystem {
+        LocalFileSystem::new_with_prefix(dir).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_absent_only_when_its_object_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local(dir.path());
+        assert!(read(&store, 0).await.unwrap().is_none());
+        assert!(still_newest(&store, 0).await.unwrap());
+
+        store
+            .put(&path(0), body("me", Holding::Held))
+            .await
+            .unwrap();
+        let s = read(&store, 0).await.unwrap().unwrap();
+        assert_eq!((s.owner.as_str(), s.released), ("me", false));
+        store
+            .put(&path(1), body("you", Holding::Released))
+            .await
+            .unwrap();
+        assert!(!still_newest(&store, 0).await.unwrap());
+        assert!(read(&store, 1).await.unwrap().unwrap().released);
+
+        // a body tally never writes is a broken invariant, never an expired lease
+        for garbled in [
+            "",
+            "not json",
+            r#"{"owner":"x"}"#,
+            r#"{"owner":"x","since":"1","released":false}"#,
+        ] {
+            store.put(&path(2), garbled.into()).await.unwrap();
+            let e = read(&store, 2).await.err().unwrap();
+            assert!(matches!(e, Error::Internal(_)), "{garbled:?}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_cannot_be_read_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // the lease directory is a file: every generation is unreadable, not absent
+        std::fs::create_dir_all(dir.path().join("_tally")).unwrap();
+        std::fs::write(dir.path().join(LEASE_DIR), "").unwrap();
+        let store = local(dir.path());
+        assert!(matches!(read(&store, 0).await, Err(Error::Io { .. })));
+        assert!(matches!(
+            still_newest(&store, 0).await,
+            Err(Error::Io { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_garbled_lease_is_never_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+        let table = lake.open_or_create(Table::MetricsHourly).await.unwrap();
+        let store = table.log_store().object_store(None);
+        store.put(&path(0), "garbled".into()).await.unwrap();
+        let e = Lease::acquire(&table, DEFAULT_LEASE_EXPIRY, Duration::ZERO)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(
+            read(store.as_ref(), 1).await.unwrap().is_none(),
+            "no new generation"
+        );
+
+        // a released lease is taken by the next generation
+        store
+            .put(&path(0), body("old", Holding::Released))
+            .await
+            .unwrap();
+        let lease = Lease::acquire(&table, DEFAULT_LEASE_EXPIRY, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(lease.generation, 1);
+        lease.check().await.unwrap();
+        lease.release().await;
+        assert!(read(store.as_ref(), 1).await.unwrap().unwrap().released);
     }
 }
