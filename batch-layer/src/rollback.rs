@@ -25,7 +25,7 @@ use tally_common::watermark::{read_progress, LOGIC_VERSION_APP, RAW_VERSION_APP,
 use tally_common::{Context as _, Error, Result};
 
 use crate::daily;
-use crate::lock::Lease;
+use crate::lease::Lease;
 
 /// The `commitInfo` key naming the run a metric-table commit belongs to.
 pub const RUN_KEY: &str = "tally.run";
@@ -142,7 +142,7 @@ pub async fn rollback(lake: &Lake, wait: Duration) -> Result<Option<RollbackRepo
     let Some(hourly) = lake.open(Table::MetricsHourly).await? else {
         return Ok(None);
     };
-    let lease = Lease::acquire(&hourly, crate::lock::DEFAULT_LEASE_EXPIRY, wait).await?;
+    let lease = Lease::acquire(&hourly, crate::lease::DEFAULT_LEASE_EXPIRY, wait).await?;
     let result = rollback_locked(lake).await;
     lease.release().await;
     result

@@ -200,10 +200,10 @@ impl<'a> Rebuild<'a> {
         self
     }
 
-    /// Run it. Errors: Redis or the lake unreachable, or a `raw_events` row
-    /// whose `source` is not a [`RowOrigin`] ([`Error::Internal`]: it cannot be
-    /// counted for its source); the view is then left as it was, unknown to
-    /// readers where it is not whole.
+    /// Run it. A `raw_events` row whose `source` is not a [`RowOrigin`] (another
+    /// writer's) is counted by the rebuild: no consumer applied it. Errors:
+    /// Redis or the lake unreachable; the view is then left as it was, unknown
+    /// to readers where it is not whole.
     pub async fn run(&self) -> Result<RebuildReport> {
         let mut conn = self.store.connection();
         let token = &self.token;
@@ -555,13 +555,16 @@ fn rows_of(b: &RecordBatch, out: &mut Vec<Row>) -> Result<()> {
             continue;
         }
         let text = (!source.is_null(i)).then(|| source.value(i));
-        let origin = text.and_then(RowOrigin::parse).ok_or_else(|| {
-            Error::internal(format!(
-                "raw_events holds a row whose source {} is not SOURCE@POSITION:LINE as the \
-                 archiver writes it: the rebuild cannot tell which source's row it is",
-                text.map_or("null".to_string(), |t| format!("{t:?}"))
-            ))
-        })?;
+        // a row another writer put in raw_events (a backfill) has no tally origin:
+        // no consumer applied it, so the rebuild owns it (position 0 of a source
+        // named by its text, which every boundary covers)
+        let origin = text
+            .and_then(RowOrigin::parse)
+            .unwrap_or_else(|| RowOrigin {
+                source: SourceId::from_id(&format!("foreign/{}", text.unwrap_or("unnamed"))),
+                position: Position::from_u64(0),
+                line: 0,
+            });
         out.push(Row {
             merchant_id: merchant.value(i).to_string(),
             event_time: t.value(i),
@@ -651,20 +654,30 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_read_with_their_origin_and_an_unreadable_one_is_an_error() {
+    fn rows_are_read_with_their_origin_and_another_writers_rows_are_the_rebuilds() {
         let mut rows = Vec::new();
         rows_of(&batch(&[Some("kinesis/s/shard-1@42:3")]), &mut rows).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].source.as_str(), "kinesis/s/shard-1");
         assert_eq!(rows[0].position, Position::parse("42").unwrap());
 
-        for bad in [Some("kinesis/s/shard-1"), Some("x@y:1"), None] {
-            let e = rows_of(
-                &batch(&[Some("kinesis/s/shard-1@43:1"), bad]),
-                &mut Vec::new(),
+        for (foreign, named) in [
+            (
+                Some("spark:backfill/part-3"),
+                "foreign/spark:backfill/part-3",
+            ),
+            (Some("x@y:1"), "foreign/x@y:1"),
+            (None, "foreign/unnamed"),
+        ] {
+            let mut rows = Vec::new();
+            rows_of(
+                &batch(&[Some("kinesis/s/shard-1@43:1"), foreign]),
+                &mut rows,
             )
-            .unwrap_err();
-            assert!(matches!(e, Error::Internal(_)), "{bad:?}: {e}");
+            .unwrap();
+            assert_eq!(rows.len(), 2, "{foreign:?}");
+            assert_eq!(rows[1].source.as_str(), named);
+            assert_eq!(rows[1].position, Position::from_u64(0));
         }
     }
 }

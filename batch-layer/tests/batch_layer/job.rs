@@ -724,6 +724,7 @@ async fn rollback_after_a_reprocess_gives_back_exactly_the_previous_rows() {
     let r = BatchRun::new(&lake)
         .now(now)
         .reprocess(START_MS * 1000, (START_MS + DAY_MS) * 1000)
+        .unwrap()
         .execute()
         .await
         .unwrap();
