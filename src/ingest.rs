@@ -14,7 +14,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -123,21 +122,16 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         quarantined += report.quarantined;
         blank += report.blank;
         if let Some(store) = &speed {
-            let o = tally_speed_layer::apply_records(store, source.clone(), records, now).await?;
-            if let (true, SpeedStore::Redis(redis)) = (o.report.view_created, store) {
-                // the view is new: fill what it can own from raw_events now, without
-                // waiting (a running `tally serve` or `tally speed consume` finishes it)
-                let r = tally_speed_layer::Rebuild::new(&lake, redis)
-                    .settle(args.speed.rebuild_settle())
-                    .wait(Duration::ZERO)
-                    .run()
-                    .await?;
-                tracing::info!(
-                    complete = r.complete,
-                    events = r.events,
-                    "speed view rebuild"
-                );
-            }
+            let settle = args.speed.rebuild_settle();
+            tally_speed_layer::apply_records_and_fill(
+                store,
+                &lake,
+                settle,
+                source.clone(),
+                records,
+                now,
+            )
+            .await?;
         }
         bar.inc(chunk.bytes() as u64);
         bar.set_message(format!("{accepted} accepted, {quarantined} quarantined"));

@@ -11,12 +11,6 @@ use lambda_runtime::{service_fn, LambdaEvent};
 use tally_common::config::{AuthArgs, BatchArgs, LakeArgs, SpeedArgs};
 use tally_stream::RecordSink;
 
-/// How long the batch function's every-minute check waits for `raw_events` to
-/// reach every source's boundary: within the function's timeout, whose minimum
-/// the infrastructure derives from it (`speed_rebuild_max_seconds` in
-/// `infra/terraform/lambda.tf`).
-const SPEED_REBUILD_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
-
 pub async fn run(
     handler: &str,
     lake: LakeArgs,
@@ -48,7 +42,7 @@ pub async fn run(
                     let p = &event.payload;
                     // EventBridge sends {"speed_rebuild": true} every minute: the speed
                     // layer's check; anything else is the batch layer's run
-                    if p["speed_rebuild"].as_bool() == Some(true) {
+                    if tally_speed_layer::rebuild::is_scheduled_check(p) {
                         return speed_rebuild(&lake, &redis, &speed).await;
                     }
                     Ok::<_, lambda_runtime::Error>(
@@ -92,9 +86,8 @@ async fn on_kinesis<K: RecordSink + 'static>(sink: K) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
 }
 
-/// The batch function's every-minute check: a Redis speed view that lost its
-/// data is rebuilt from raw_events (usually a look at one key that says it is
-/// whole). `redis` is connected on the first check and kept.
+/// The batch function's every-minute check ([`tally_speed_layer::rebuild::scheduled_check`]);
+/// `redis` is connected on the first check and kept.
 async fn speed_rebuild(
     lake: &tally_common::lake::Lake,
     redis: &tokio::sync::OnceCell<tally_speed_layer::SpeedStore>,
@@ -106,13 +99,5 @@ async fn speed_rebuild(
     let tally_speed_layer::SpeedStore::Redis(store) = view else {
         return Ok(serde_json::json!({"speed_rebuild": "no Redis configured"}));
     };
-    let r = tally_speed_layer::Rebuild::new(lake, store)
-        .settle(speed.rebuild_settle())
-        .wait(SPEED_REBUILD_WAIT)
-        .run()
-        .await?;
-    Ok(serde_json::json!({
-        "speed_rebuild": if r.complete { "whole" } else { "not yet whole" },
-        "events": r.events, "merchant_hours": r.merchant_hours,
-    }))
+    Ok(tally_speed_layer::rebuild::scheduled_check(lake, store, speed.rebuild_settle()).await?)
 }

@@ -58,6 +58,35 @@ pub struct BatchOutcome {
     pub report: ApplyReport,
 }
 
+/// [`apply_records`] for a writer that is not a long-running process (`tally
+/// ingest`): when the batch found no view (the store lost its data, or never
+/// held any), fill what a rebuild can own from `lake`'s `raw_events` at once,
+/// without waiting for the archiver (a running `tally serve` or `tally speed
+/// consume` finishes it).
+pub async fn apply_records_and_fill<'a>(
+    store: &SpeedStore,
+    lake: &tally_common::lake::Lake,
+    settle: std::time::Duration,
+    source: SourceId,
+    records: impl IntoIterator<Item = Record<'a>>,
+    ingest_time: i64,
+) -> Result<BatchOutcome> {
+    let outcome = apply_records(store, source, records, ingest_time).await?;
+    if let (true, SpeedStore::Redis(redis)) = (outcome.report.view_created, store) {
+        let r = Rebuild::new(lake, redis)
+            .settle(settle)
+            .wait(std::time::Duration::ZERO)
+            .run()
+            .await?;
+        tracing::info!(
+            complete = r.complete,
+            events = r.events,
+            "speed view rebuild"
+        );
+    }
+    Ok(outcome)
+}
+
 /// Decode, aggregate and apply one source's records (in source order). Bad lines
 /// never fail the batch; a store failure (after the store's bounded retries) does,
 /// so the caller can have the records redelivered.

@@ -625,6 +625,37 @@ pub async fn keep_rebuilt(
     }
 }
 
+/// How long the scheduled check ([`scheduled_check`]) waits for `raw_events`
+/// to reach every source's boundary: within the batch function's timeout, whose
+/// minimum the infrastructure derives from it (`speed_rebuild_max_seconds` in
+/// `infra/terraform/lambda.tf`).
+pub const SCHEDULED_CHECK_WAIT: Duration = Duration::from_secs(45);
+
+/// The every-minute check on AWS (the batch function's `{"speed_rebuild": true}`
+/// event): rebuild `store` if it lost its data (usually one look at the view
+/// key that says it is whole), answering `{"speed_rebuild": "whole" | "not yet
+/// whole", "events", "merchant_hours"}`.
+pub async fn scheduled_check(
+    lake: &Lake,
+    store: &RedisStore,
+    settle: Duration,
+) -> Result<serde_json::Value> {
+    let r = Rebuild::new(lake, store)
+        .settle(settle)
+        .wait(SCHEDULED_CHECK_WAIT)
+        .run()
+        .await?;
+    Ok(serde_json::json!({
+        "speed_rebuild": if r.complete { "whole" } else { "not yet whole" },
+        "events": r.events, "merchant_hours": r.merchant_hours,
+    }))
+}
+
+/// Whether a batch-function event is the scheduled speed-view check.
+pub fn is_scheduled_check(payload: &serde_json::Value) -> bool {
+    payload["speed_rebuild"].as_bool() == Some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
