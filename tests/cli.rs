@@ -988,3 +988,58 @@ fn the_batch_memory_bound_is_read_from_flags_and_environment() {
         "{err}"
     );
 }
+
+/// Through the binary: a reprocess takes in late events, `tally batch rollback`
+/// gives back the tables from before it (an independent reader, `tally sql`,
+/// sees the rows), and a second rollback says why it cannot undo the first run.
+#[test]
+fn batch_rollback_undoes_a_reprocess() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let day = midnight_days_ago(3);
+    let orders = |prefix: &str, n: i64, amount: i64| -> String {
+        (0..n)
+            .map(|i| order_at(&format!("{prefix}{i}"), "m_r", day + 3 * 3600 + i, amount))
+            .collect()
+    };
+    let first = dir.path().join("first.ndjson");
+    std::fs::write(&first, orders("a", 4, 100)).unwrap();
+    ingest(&lake, &first);
+    batch_run(&lake, &[]);
+    let query = "SELECT merchant_id, CAST(SUM(orders) AS BIGINT) FROM metrics_hourly GROUP BY 1";
+    assert_eq!(pairs(&lake, query), [("m_r".to_string(), 4)]);
+
+    let late = dir.path().join("late.ndjson");
+    std::fs::write(&late, orders("late", 3, 50)).unwrap();
+    ingest(&lake, &late);
+    let from = rfc3339(day);
+    let to = rfc3339(day + 86_400);
+    let out = tally(&lake)
+        .args(["batch", "reprocess", "--from", &from, "--to", &to])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pairs(&lake, query), [("m_r".to_string(), 7)]);
+
+    let out = tally(&lake).args(["batch", "rollback"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("rolled back reprocess"), "{said}");
+    assert_eq!(pairs(&lake, query), [("m_r".to_string(), 4)]);
+
+    let out = tally(&lake).args(["batch", "rollback"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("first that set the watermark"),
+        "{err}"
+    );
+    assert_eq!(pairs(&lake, query), [("m_r".to_string(), 4)]);
+}
