@@ -1,4 +1,4 @@
-//! Which hours need the batch layer ([`dirty_hours`]): found from the Delta log
+//! Which hours need the batch layer (`dirty_hours`): found from the Delta log
 //! alone.
 //!
 //! The raw table's commits since the version the last run processed name, in

@@ -1,5 +1,5 @@
 //! The batch layer's SQL, generated from the metric registry, and its running
-//! over a `raw_events` snapshot ([`DayQueries`]).
+//! over a `raw_events` snapshot (`DayQueries`).
 //!
 //! Both queries deduplicate by (merchant, `event_id`) within an hour, then
 //! aggregate in two levels with [`aggregate_sql`] (per customer, then per

@@ -34,7 +34,7 @@ use tally_common::config::AuthArgs;
 use crate::error::{ApiError, ServingError};
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
-const LEEWAY_SECS: f64 = 30.0;
+pub const LEEWAY_SECS: f64 = 30.0;
 /// A JWKS is fetched again for an unknown `kid` (a key rotation) at most this
 /// often, so forged `kid`s cannot hammer the key server.
 const JWKS_REFETCH_AFTER: Duration = Duration::from_secs(60);

@@ -8,7 +8,7 @@
 //! task). A request takes the current snapshot and reads `merchant_id = m` over a
 //! range of `hour`/`day` in the matching `date`/`month` partitions.
 //!
-//! The read is a point lookup ([`crate::lookup`]): the partitions' files, their
+//! The read is a point lookup (the `lookup` module): the partitions' files, their
 //! row groups and pages pruned by `merchant_id` statistics and the page index
 //! (files are sorted by merchant), footers cached per file. Planning a DataFusion
 //! query per request cost more than the read itself; DataFusion still reads any
