@@ -55,6 +55,14 @@ pub struct RunArgs {
     pub lake: LakeArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
+    /// Parts each hour's (and day's) computation is split into, computed
+    /// independently and added up [default: from the Delta log's row counts,
+    /// 20 M raw rows a part].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub parts: Option<u32>,
+    /// Parts computed side by side (they share the memory bound).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
     /// Skip compaction of closed raw partitions.
     #[arg(long)]
     pub no_compact: bool,
@@ -66,6 +74,10 @@ pub struct RunArgs {
 fn configured(args: &RunArgs) -> anyhow::Result<BatchRun> {
     let run = BatchRun::configured(&args.lake.lake()?, &args.batch)?
         .compact(!args.no_compact)
+        .parts(tally_batch_layer::parts::Parts {
+            count: args.parts,
+            jobs: usize::from(args.jobs),
+        })
         .wait_for_other_runs(Duration::from_secs(args.wait_secs));
     let bar = crate::progress_bar(Some(0), "{spinner} days {pos}/{len} [{bar:30}] {elapsed}");
     Ok(if bar.is_hidden() {

@@ -1005,7 +1005,8 @@ fn batch_rollback_undoes_a_reprocess() {
     let first = dir.path().join("first.ndjson");
     std::fs::write(&first, orders("a", 4, 100)).unwrap();
     ingest(&lake, &first);
-    batch_run(&lake, &[]);
+    // in parts, side by side: the same rows as one part
+    batch_run(&lake, &["--parts", "3", "--jobs", "2"]);
     let query = "SELECT merchant_id, CAST(SUM(orders) AS BIGINT) FROM metrics_hourly GROUP BY 1";
     assert_eq!(pairs(&lake, query), [("m_r".to_string(), 4)]);
 

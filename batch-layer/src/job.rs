@@ -137,6 +137,7 @@ pub struct BatchRun {
     lease_wait: Duration,
     lease_expiry: Duration,
     memory: MemoryBound,
+    parts: crate::parts::Parts,
     run_id: String,
     on_day: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
 }
@@ -155,6 +156,7 @@ impl BatchRun {
             lease_wait: Duration::ZERO,
             lease_expiry: DEFAULT_LEASE_EXPIRY,
             memory: MemoryBound::default(),
+            parts: crate::parts::Parts::default(),
             run_id: uuid::Uuid::new_v4().to_string(),
             on_day: None,
         }
@@ -186,6 +188,15 @@ impl BatchRun {
                 limit: args.memory_limit,
                 spill_dir: args.spill_dir.clone(),
             }))
+    }
+
+    /// Split each hour's and day's computation into parts computed side by side
+    /// as `parts.jobs` allows (default: parts from the Delta log's row counts,
+    /// [`crate::parts::ROWS_PER_PART`] each, one at a time); the results are
+    /// the same whatever the split.
+    pub fn parts(mut self, parts: crate::parts::Parts) -> Self {
+        self.parts = parts;
+        self
     }
 
     /// Bound the memory of the run's queries (default
@@ -301,7 +312,7 @@ impl BatchRun {
         let work = run.find_work(raw).await?;
         run.report.raw_version = Some(work.raw_version());
         run.report.hours = work.hour_count();
-        let queries = DayQueries::new(&work.raw, &self.memory).await?;
+        let queries = DayQueries::new(&work.raw, &self.memory, self.parts).await?;
         if self.dry_run {
             run.report.diff = Some(run.compare(&work, &queries).await?);
             run.report.spilled_bytes = queries.spilled_bytes();

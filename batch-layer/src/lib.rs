@@ -25,6 +25,7 @@ pub mod job;
 pub mod layout;
 pub mod lease;
 pub mod memory;
+pub mod parts;
 /// Source marks in a Delta log (defined in `tally_common::marks`, also read by the speed view's rebuild).
 pub use tally_common::marks;
 pub mod publish;

@@ -28,7 +28,14 @@ use tally_common::{Context as _, Result};
 
 use crate::publish::table_rows;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake::datafusion::datasource::MemTable;
+
+use crate::dirty::raw_files;
 use crate::memory::{MemoryBound, SpillMeter};
+use crate::parts::{combine_sql, part_rows, part_udf, Parts};
 use crate::quarantine::computable_row_sql;
 
 /// The rows of `table` on `day` that the batch layer can compute, as a relation
@@ -101,19 +108,65 @@ pub(crate) struct DayQueries {
     ctx: SessionContext,
     computed_at: i64,
     spill: SpillMeter,
+    parts: Parts,
+    /// Raw rows per hour (epoch µs), from the Delta log's statistics.
+    rows_by_hour: HashMap<i64, u64>,
 }
 
 impl DayQueries {
     /// Queries over the snapshot `raw` within `memory`; the rows they make say
     /// they were computed now.
-    pub(crate) async fn new(raw: &DeltaTable, memory: &MemoryBound) -> Result<Self> {
+    pub(crate) async fn new(raw: &DeltaTable, memory: &MemoryBound, parts: Parts) -> Result<Self> {
         let ctx = memory.session()?;
+        ctx.register_udf(part_udf());
         register(&ctx, Table::RawEvents.name(), raw).await?;
+        let mut rows_by_hour: HashMap<i64, u64> = HashMap::new();
+        for f in raw_files(raw)? {
+            if let Some(h) = f.hour() {
+                *rows_by_hour.entry(h).or_default() += f.num_records.unwrap_or(0).max(0) as u64;
+            }
+        }
         Ok(DayQueries {
             ctx,
             computed_at: now_micros(),
             spill: SpillMeter::default(),
+            parts,
+            rows_by_hour,
         })
+    }
+
+    /// Run the metric query `sql_for(rows)` over `rows` split into `n` parts
+    /// (side by side as `jobs` allows) and add the parts' results up per `keys`.
+    async fn in_parts(
+        &self,
+        rows: &str,
+        n: u32,
+        keys: &[&str],
+        sql_for: impl Fn(&str) -> String,
+    ) -> Result<Vec<RecordBatch>> {
+        if n <= 1 {
+            return self.spill.run(&self.ctx, &sql_for(rows)).await;
+        }
+        let queries: Vec<String> = (0..n).map(|p| sql_for(&part_rows(rows, p, n))).collect();
+        // `jobs` parts at a time, in one session: they share its memory bound
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        for wave in queries.chunks(self.parts.jobs.max(1)) {
+            let running: Vec<_> = wave.iter().map(|q| self.spill.run(&self.ctx, q)).collect();
+            for part in futures::future::try_join_all(running).await? {
+                batches.extend(part);
+            }
+        }
+        let Some(schema) = batches.first().map(RecordBatch::schema) else {
+            return Ok(Vec::new());
+        };
+        let name = format!("parts_{}", uuid::Uuid::new_v4().simple());
+        let table = MemTable::try_new(schema, vec![batches]).context("collecting the parts")?;
+        self.ctx
+            .register_table(name.as_str(), Arc::new(table))
+            .context("collecting the parts")?;
+        let out = self.spill.run(&self.ctx, &combine_sql(&name, keys)).await;
+        let _ = self.ctx.deregister_table(name.as_str());
+        out
     }
 
     /// Bytes the queries spilled to disk so far.
@@ -124,9 +177,15 @@ impl DayQueries {
     /// The `metrics_hourly` rows of `hours`, all on `day`.
     pub(crate) async fn hourly(&self, day: i64, hours: &[i64]) -> Result<Vec<RecordBatch>> {
         let rows = computable_rows(Table::RawEvents.name(), day);
+        let raw_rows = hours
+            .iter()
+            .map(|h| self.rows_by_hour.get(h).copied().unwrap_or(0))
+            .sum();
+        let n = self.parts.for_rows(raw_rows);
         let out = self
-            .spill
-            .run(&self.ctx, &hourly_sql(&rows, day, hours))
+            .in_parts(&rows, n, &["merchant_id", "hour"], |r| {
+                hourly_sql(r, day, hours)
+            })
             .await?;
         table_rows(MetricTable::Hourly, &out, day, self.computed_at)
     }
@@ -134,7 +193,18 @@ impl DayQueries {
     /// The `metrics_daily` rows of `day`.
     pub(crate) async fn daily(&self, day: i64) -> Result<Vec<RecordBatch>> {
         let rows = computable_rows(Table::RawEvents.name(), day);
-        let out = self.spill.run(&self.ctx, &daily_sql(&rows, day)).await?;
+        let raw_rows = (0..24)
+            .map(|h| {
+                self.rows_by_hour
+                    .get(&(day + h * MICROS_PER_HOUR))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .sum();
+        let n = self.parts.for_rows(raw_rows);
+        let out = self
+            .in_parts(&rows, n, &["merchant_id"], |r| daily_sql(r, day))
+            .await?;
         table_rows(MetricTable::Daily, &out, day, self.computed_at)
     }
 }

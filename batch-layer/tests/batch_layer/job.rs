@@ -769,3 +769,53 @@ async fn rollback_after_a_reprocess_gives_back_exactly_the_previous_rows() {
         hourly_before
     );
 }
+
+/// The same events computed in 1 part and in 7 (two side by side) give the
+/// same tables, equal to a plain computation, with one merchant holding a
+/// tenth of the events and of the customers (split across the parts too).
+#[tokio::test]
+async fn parts_add_up_to_the_same_tables_with_a_hot_merchant() {
+    let mut events = with_duplicates(&generate(51, 9_000, 40, START_MS, 24));
+    let hot = events.len() / 9;
+    events.extend((0..hot).map(|i| TestEvent {
+        event_id: format!("hot-{i}"),
+        merchant_id: "m999".into(),
+        kind: ["order", "refund", "page_view"][i % 3],
+        ts_ms: START_MS + (i as i64 * 7_919) % DAY_MS,
+        amount: (i % 3 != 2).then_some(100 + (i as i64 % 50)),
+        customer_id: (i % 5 != 0).then(|| format!("hc-{}", i % 700)),
+    }));
+    // a producer's copies of some hot events (identical, as the contract says)
+    let copies: Vec<TestEvent> = events.iter().rev().step_by(13).take(200).cloned().collect();
+    events.extend(copies);
+    let now = (START_MS + DAY_MS + 30 * 60_000) * 1000;
+    let mut tables = Vec::new();
+    for parts in [
+        tally_batch_layer::parts::Parts {
+            count: Some(1),
+            jobs: 1,
+        },
+        tally_batch_layer::parts::Parts {
+            count: Some(7),
+            jobs: 2,
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+        archive(&lake, "day1", &events, now).await;
+        let r = BatchRun::new(&lake)
+            .now(now)
+            .parts(parts)
+            .execute()
+            .await
+            .unwrap();
+        assert_eq!(r.hours, 24);
+        tables.push((
+            read_table(&lake, "metrics_hourly", "hour").await,
+            read_table(&lake, "metrics_daily", "day").await,
+        ));
+    }
+    assert_eq!(tables[0], tables[1]);
+    assert_eq!(tables[1].0, model_hourly(&events));
+    assert_eq!(tables[1].1, model_daily(&events));
+}
