@@ -143,15 +143,13 @@ pub async fn rollback(lake: &Lake, wait: Duration) -> Result<Option<RollbackRepo
         return Ok(None);
     };
     let lease = Lease::acquire(&hourly, crate::lease::DEFAULT_LEASE_EXPIRY, wait).await?;
-    let result = rollback_locked(lake).await;
+    let result = rollback_locked(lake, hourly).await;
     lease.release().await;
     result
 }
 
-async fn rollback_locked(lake: &Lake) -> Result<Option<RollbackReport>> {
-    let Some(mut hourly) = lake.open(Table::MetricsHourly).await? else {
-        return Ok(None);
-    };
+async fn rollback_locked(lake: &Lake, mut hourly: DeltaTable) -> Result<Option<RollbackReport>> {
+    // as of now: a run may have committed while the lease was awaited
     hourly
         .update_state()
         .await

@@ -120,10 +120,13 @@ impl DayQueries {
         let ctx = memory.session()?;
         ctx.register_udf(part_udf());
         register(&ctx, Table::RawEvents.name(), raw).await?;
+        // row counts only choose the number of parts when none was given
         let mut rows_by_hour: HashMap<i64, u64> = HashMap::new();
-        for f in raw_files(raw)? {
-            if let Some(h) = f.hour() {
-                *rows_by_hour.entry(h).or_default() += f.num_records.unwrap_or(0).max(0) as u64;
+        if parts.count.is_none() {
+            for f in raw_files(raw)? {
+                if let Some(h) = f.hour() {
+                    *rows_by_hour.entry(h).or_default() += f.num_records.unwrap_or(0).max(0) as u64;
+                }
             }
         }
         Ok(DayQueries {

@@ -136,28 +136,24 @@ impl Calendar {
     /// latest bucket boundary at or before `t`.
     pub fn floor(&self, unit: Unit, t: i64) -> i64 {
         let key = self.key(unit, self.wall(t));
-        // a fall-back across a boundary can show a wall time of the unit before
-        // after the next unit began, so the unit after the wall's is looked at too
-        let mut best = self
-            .boundaries(key.step(1))
-            .into_iter()
-            .flatten()
-            .filter(|&b| b <= t)
-            .max();
-        let mut k = key;
-        for _ in 0..SEARCH_STEPS {
-            if let Some(b) = self
-                .boundaries(k)
+        let latest = |k: Key| {
+            self.boundaries(k)
                 .into_iter()
                 .flatten()
                 .filter(|&b| b <= t)
                 .max()
-            {
-                return best.map_or(b, |x| x.max(b));
+        };
+        // a fall-back across a boundary can show a wall time of the unit before
+        // after the next unit began, so the unit after the wall's is looked at too
+        let after = latest(key.step(1));
+        let mut k = key;
+        for _ in 0..SEARCH_STEPS {
+            if let Some(b) = latest(k) {
+                return after.map_or(b, |x| x.max(b));
             }
             k = k.step(-1);
         }
-        best.take().unwrap_or(t)
+        after.unwrap_or(t)
     }
 
     /// The start of the `unit` bucket after the one that holds `t`: the first
