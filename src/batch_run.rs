@@ -79,11 +79,11 @@ fn configured(args: &RunArgs) -> anyhow::Result<BatchRun> {
             jobs: usize::from(args.jobs),
         })
         .wait_for_other_runs(Duration::from_secs(args.wait_secs));
-    let bar = crate::progress_bar(Some(0), "{spinner} days {pos}/{len} [{bar:30}] {elapsed}");
+    let bar = crate::progress_bar(Some(0), "{spinner} steps {pos}/{len} [{bar:30}] {elapsed}");
     Ok(if bar.is_hidden() {
         run
     } else {
-        run.on_day(move |done, total| {
+        run.on_progress(move |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         })

@@ -196,14 +196,14 @@ pub fn raw_files(raw: &DeltaTable) -> Result<Vec<RawFile>> {
 
 /// A column of the add-actions table cast to `to`, or None when absent (no file
 /// has that statistic, or the table has no such partition column).
-fn column(adds: &RecordBatch, name: &str, to: &DataType) -> Result<Option<ArrayRef>> {
+pub(crate) fn column(adds: &RecordBatch, name: &str, to: &DataType) -> Result<Option<ArrayRef>> {
     let Some(c) = adds.column_by_name(name) else {
         return Ok(None);
     };
     let c = if c.data_type() == to {
         c.clone()
     } else {
-        cast(c, to).context(format!("reading {name} from the raw_events log"))?
+        cast(c, to).context(format!("reading {name} from a Delta log"))?
     };
     Ok(Some(c))
 }

@@ -18,15 +18,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::RecordBatch;
+use deltalake::datafusion::logical_expr::{lit, Expr};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
 use tally_common::bucket::{
-    day_floor, hour_floor, now_micros, Granularity, MICROS_PER_DAY, MICROS_PER_HOUR,
+    day_floor, hour_floor, now_micros, Granularity, MICROS_PER_HOUR,
     MICROS_PER_SECOND,
 };
-use tally_common::lake::{operation, Lake, Table, LOGIC_VERSION_KEY};
+use tally_common::lake::{operation, read_commit, Lake, Table, LOGIC_VERSION_KEY};
 use tally_common::metric_table::MetricTable;
 use tally_common::watermark::{
     read_progress, BatchProgress, DEFAULT_GRACE_MINUTES, LOGIC_VERSION_APP, RAW_VERSION_APP,
@@ -39,9 +39,14 @@ use crate::dirty::{dirty_hours, hours_present, raw_files};
 use crate::dry_run::DryRunDiff;
 use crate::lease::{Lease, DEFAULT_LEASE_EXPIRY};
 use crate::memory::MemoryBound;
-use crate::publish::{record_only, replace_day, replace_hours, stored_hours};
+use crate::items::ItemContext;
+use crate::plan::{customer_hours_files, plan_items, Marks, Plan};
+use crate::publish::{
+    compact_partition, days_predicate, hours_predicate, publish_customer_hours, publish_rows,
+    record_only, stored_hours,
+};
 use crate::quarantine::{self, computable_hour};
-use crate::sql::DayQueries;
+use crate::stage::Staging;
 
 /// The version of the metric logic; bump it with any change of results, then
 /// reprocess history.
@@ -77,6 +82,8 @@ pub struct RunReport {
     pub diff: Option<DryRunDiff>,
     /// Bytes the queries spilled to disk to stay within the memory bound.
     pub spilled_bytes: u64,
+    /// Closed days whose partitions are compacted after publishing (epoch µs).
+    pub compact_days: Vec<i64>,
 }
 
 impl std::fmt::Display for RunReport {
@@ -139,7 +146,7 @@ pub struct BatchRun {
     memory: MemoryBound,
     parts: crate::parts::Parts,
     run_id: String,
-    on_day: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
+    on_progress: Option<Arc<dyn Fn(usize, usize) + Send + Sync>>,
 }
 
 impl BatchRun {
@@ -158,7 +165,7 @@ impl BatchRun {
             memory: MemoryBound::default(),
             parts: crate::parts::Parts::default(),
             run_id: uuid::Uuid::new_v4().to_string(),
-            on_day: None,
+            on_progress: None,
         }
     }
 
@@ -251,13 +258,14 @@ impl BatchRun {
         self.lease_expiry = d.max(Duration::from_secs(1));
         self
     }
-    /// Called after each day with (days done, days in total), for progress bars.
-    pub fn on_day(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
-        self.on_day = Some(Arc::new(f));
+    /// Called with (steps done, steps in total) after each item and each
+    /// publish commit, for progress bars.
+    pub fn on_progress(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        self.on_progress = Some(Arc::new(f));
         self
     }
 
-    /// Run it.
+    /// Run it: plan, compute the items (`jobs` at a time), publish, compact.
     pub async fn execute(self) -> Result<RunReport> {
         let mut hourly = self.lake.open_or_create(Table::MetricsHourly).await?;
         let lease = if self.dry_run {
@@ -276,53 +284,186 @@ impl BatchRun {
         result
     }
 
-    /// The run's steps, under the lease (none in a dry run): where the marks go,
-    /// which hours and days to compute (after moving rows that cannot be
-    /// computed to quarantine), then either the dry run's comparison or the
-    /// writes, the marks no write carried, and compaction.
+    /// The run's steps, under the lease (none in a dry run): the plan (after
+    /// moving rows that cannot be computed to quarantine), the items, then
+    /// either the dry run's comparison or the publish, and compaction.
     async fn execute_locked(
         &self,
         hourly: &mut DeltaTable,
         lease: Option<&Lease>,
     ) -> Result<RunReport> {
-        let progress = read_progress(hourly).await?;
-        let mut report = RunReport {
-            watermark_before: progress.watermark,
-            ..RunReport::default()
+        let plan = match self.plan_locked(hourly, lease).await? {
+            Planned::Nothing(report) => return Ok(report),
+            Planned::Plan(p) => Arc::new(p),
         };
+        let staging = Staging::open(&self.lake, &plan.run_id)?;
+        let mut report = RunReport::planned(&plan);
+        let t0 = Instant::now();
+        let items = ItemContext::new(&self.lake, &self.memory, plan.clone(), staging.clone()).await?;
+        let computed = self.compute_items(&items, &plan, lease).await;
+        report.compute_secs = t0.elapsed().as_secs_f64();
+        report.spilled_bytes = items.spilled_bytes();
+        if let Err(e) = computed {
+            discard(&self.lake, &plan, &staging).await;
+            return Err(e);
+        }
+        if self.dry_run {
+            let diff = compare(hourly, &plan, &staging, &self.memory).await;
+            discard(&self.lake, &plan, &staging).await;
+            report.diff = Some(diff?);
+            return Ok(report);
+        }
+        if let Some(l) = lease {
+            l.check().await?;
+        }
+        let t1 = Instant::now();
+        let published = publish_plan(
+            &self.lake,
+            &plan,
+            &staging,
+            &self.memory,
+            hourly,
+            self.on_progress.as_deref(),
+        )
+        .await?;
+        report.hourly_rows = published.hourly_rows;
+        report.daily_rows = published.daily_rows;
+        report.write_secs = t1.elapsed().as_secs_f64();
+        if self.compact && !plan.compact_days.is_empty() {
+            let t2 = Instant::now();
+            compact_after(&self.lake, &plan, &self.memory, hourly).await?;
+            report.compact_secs = t2.elapsed().as_secs_f64();
+        }
+        Ok(report)
+    }
+
+    /// Plan the run, stage the plan and the items' payloads for Step Functions
+    /// (`plan.json`, `items.json` in the run's staging area), and return it;
+    /// None when there is nothing to compute (the marks that move without
+    /// computing are recorded). Takes the lease while planning (the plan moves
+    /// rows that cannot be computed to quarantine).
+    pub async fn plan(self) -> Result<Option<(Plan, Staging)>> {
+        let mut hourly = self.lake.open_or_create(Table::MetricsHourly).await?;
+        let lease = Lease::acquire(&hourly, self.lease_expiry, self.lease_wait).await?;
+        let result = async {
+            hourly.update_state().await.context("refreshing metrics_hourly")?;
+            match self.plan_locked(&mut hourly, Some(&lease)).await? {
+                Planned::Nothing(_) => Ok(None),
+                Planned::Plan(p) => {
+                    let staging = Staging::open(&self.lake, &p.run_id)?;
+                    staging.put_json(PLAN_NAME, &p).await?;
+                    let payloads: Vec<serde_json::Value> = (0..p.items.len())
+                        .map(|i| serde_json::json!({"step": "part", "run_id": p.run_id, "item": i}))
+                        .collect();
+                    staging.put_json(ITEMS_NAME, &payloads).await?;
+                    Ok(Some((p, staging)))
+                }
+            }
+        }
+        .await;
+        lease.release().await;
+        result
+    }
+
+    /// The plan: its hours and days, and where the marks go. When nothing is to
+    /// be computed, the marks that move anyway are recorded here.
+    async fn plan_locked(&self, hourly: &mut DeltaTable, lease: Option<&Lease>) -> Result<Planned> {
+        let progress = read_progress(hourly).await?;
         let closed_end = hour_floor(self.now.saturating_sub(self.grace));
         let Some(raw) = self.lake.open(Table::RawEvents).await? else {
-            return Ok(report);
+            return Ok(Planned::Nothing(RunReport {
+                watermark_before: progress.watermark,
+                ..RunReport::default()
+            }));
         };
         let marks = self.marks(&progress, closed_end);
-        report.watermark_after = marks.watermark;
         let daily = self.lake.open_or_create(Table::MetricsDaily).await?;
         let daily_mark = daily::read_mark(&daily).await?;
-        let mut run = Run {
+        let mut planner = Planner {
             job: self,
             lease,
             progress,
             marks,
             daily_mark,
-            hourly,
             daily,
-            report,
+            quarantined: 0,
         };
-
-        let work = run.find_work(raw).await?;
-        run.report.raw_version = Some(work.raw_version());
-        run.report.hours = work.hour_count();
-        let queries = DayQueries::new(&work.raw, &self.memory, self.parts).await?;
-        if self.dry_run {
-            run.report.diff = Some(run.compare(&work, &queries).await?);
-            run.report.spilled_bytes = queries.spilled_bytes();
-            return Ok(run.report);
+        let work = planner.find_work(raw).await?;
+        let customer_hours = self.lake.open_or_create(Table::CustomerHours).await?;
+        let files = raw_files(&work.raw)?;
+        let mut rows_by_hour: BTreeMap<i64, u64> = BTreeMap::new();
+        for f in &files {
+            if let Some(h) = f.hour() {
+                *rows_by_hour.entry(h).or_default() += f.num_records.unwrap_or(0).max(0) as u64;
+            }
         }
-        let carried = run.recompute(&work, &queries).await;
-        run.report.spilled_bytes = queries.spilled_bytes();
-        run.record_marks(work.raw_version(), carried?).await?;
-        run.compact(&work).await?;
-        Ok(run.report)
+        // a due day's hours whose customer_hours rows are missing (processed
+        // before the table existed) are recomputed with it
+        let covered: BTreeSet<i64> = customer_hours_files(&customer_hours)?
+            .into_iter()
+            .filter_map(|f| f.hour)
+            .collect();
+        let mut hours = work.dirty.clone();
+        hours.extend(
+            hours_present(&files)
+                .into_iter()
+                .filter(|&h| computable_hour(h) && h < marks.closed_end)
+                .filter(|h| work.daily_due.contains(&day_floor(*h)) && !covered.contains(h)),
+        );
+        let days: BTreeSet<i64> = work.daily_due.clone();
+        let all_days: BTreeSet<i64> = hours.iter().map(|&h| day_floor(h)).chain(days.iter().copied()).collect();
+        let plan = Plan {
+            run_id: self.run_id.clone(),
+            reprocess: self.range,
+            computed_at: now_micros(),
+            raw_version: work.raw_version(),
+            hourly_version: hourly.version().map(|v| v as i64),
+            customer_hours_version: customer_hours.version().map(|v| v as i64),
+            watermark_before: planner.progress.watermark,
+            raw_version_before: planner.progress.raw_version,
+            daily_mark_before: planner.daily_mark,
+            marks,
+            items: plan_items(&hours, &days, &rows_by_hour, self.parts),
+            hours: hours.into_iter().collect(),
+            days: days.into_iter().collect(),
+            compact_days: all_days.into_iter().filter(|&d| marks.day_complete(d)).collect(),
+            quarantined: planner.quarantined,
+        };
+        if plan.items.is_empty() && !self.dry_run {
+            // nothing to compute: the marks may still move
+            let mut hourly_t = hourly.clone();
+            record_marks(&plan, &mut hourly_t, &planner.daily, Carried::default()).await?;
+            *hourly = hourly_t;
+            let mut report = RunReport::planned(&plan);
+            report.diff = None;
+            return Ok(Planned::Nothing(report));
+        }
+        if plan.items.is_empty() {
+            let mut report = RunReport::planned(&plan);
+            report.diff = Some(DryRunDiff::default());
+            return Ok(Planned::Nothing(report));
+        }
+        Ok(Planned::Plan(plan))
+    }
+
+    /// Compute the plan's items, `jobs` at a time: the hours' parts, then the days'.
+    async fn compute_items(&self, items: &ItemContext, plan: &Plan, lease: Option<&Lease>) -> Result<()> {
+        let (hours, days) = plan.waves();
+        let total = plan.items.len() + PUBLISH_STEPS;
+        let mut done = 0;
+        for wave in [hours, days] {
+            for chunk in wave.chunks(self.parts.jobs.max(1)) {
+                if let Some(l) = lease {
+                    l.check().await?;
+                }
+                futures::future::try_join_all(chunk.iter().map(|&i| items.compute(i))).await?;
+                done += chunk.len();
+                if let Some(f) = &self.on_progress {
+                    f(done, total);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where this run moves the watermark and the daily mark.
@@ -342,33 +483,57 @@ impl BatchRun {
             daily_through,
         }
     }
+}
 
-    /// Report a day done to the progress callback.
-    fn day_done(&self, done: usize, total: usize) {
-        if let Some(f) = &self.on_day {
-            f(done, total);
+/// Staged name of a run's plan.
+pub const PLAN_NAME: &str = "plan.json";
+/// Staged name of the items' payloads (a JSON array, Step Functions' item reader).
+pub const ITEMS_NAME: &str = "items.json";
+/// Commits of a publish, counted in the progress after the items.
+const PUBLISH_STEPS: usize = 3;
+
+/// What planning found.
+enum Planned {
+    /// Nothing to compute: the report of the run.
+    Nothing(RunReport),
+    /// The plan to compute and publish.
+    Plan(Plan),
+}
+
+impl RunReport {
+    /// The report of `plan` before anything is computed.
+    fn planned(plan: &Plan) -> Self {
+        RunReport {
+            hours: plan.hours.len(),
+            days: plan.days.len(),
+            quarantined: plan.quarantined,
+            watermark_before: plan.watermark_before,
+            watermark_after: plan.marks.watermark,
+            raw_version: Some(plan.raw_version),
+            compact_days: plan.compact_days.clone(),
+            ..RunReport::default()
         }
     }
+}
 
-    /// What every row commit of this run says about itself in the Delta log.
-    fn commit_properties(&self) -> CommitProperties {
-        CommitProperties::default().with_metadata([
-            operation(if self.range.is_some() {
-                "reprocess"
-            } else {
-                "batch run"
-            }),
-            (
-                LOGIC_VERSION_KEY.to_string(),
-                serde_json::json!(LOGIC_VERSION),
-            ),
-            // what `tally batch rollback` undoes as one
-            (
-                crate::rollback::RUN_KEY.to_string(),
-                serde_json::json!(self.run_id),
-            ),
-        ])
-    }
+/// What every row commit of run `plan` says about itself in the Delta log.
+fn commit_properties(plan: &Plan) -> CommitProperties {
+    CommitProperties::default().with_metadata([
+        operation(if plan.reprocess.is_some() {
+            "reprocess"
+        } else {
+            "batch run"
+        }),
+        (
+            LOGIC_VERSION_KEY.to_string(),
+            serde_json::json!(LOGIC_VERSION),
+        ),
+        // what `tally batch rollback` undoes as one
+        (
+            crate::rollback::RUN_KEY.to_string(),
+            serde_json::json!(plan.run_id),
+        ),
+    ])
 }
 
 /// How many times a run screens raw_events again after moving rows to quarantine
@@ -392,79 +557,34 @@ fn progress_txns(watermark: Option<i64>, raw_version: i64) -> Vec<Transaction> {
     t
 }
 
-/// Where a run moves the batch layer's marks.
-struct Marks {
-    /// Hours starting before this are closed (epoch µs).
-    closed_end: i64,
-    /// The watermark after the run (a reprocessing run leaves it as it is).
-    watermark: Option<i64>,
-    /// In an hourly run, the day before which every day with data has its daily
-    /// row after the run (`metrics_daily`'s mark); None when reprocessing.
-    daily_through: Option<i64>,
-}
-
-impl Marks {
-    /// Whether the day starting at `day` is complete as far as this run goes:
-    /// before the daily mark in an hourly run, wholly closed when reprocessing.
-    fn day_complete(&self, day: i64) -> bool {
-        match self.daily_through {
-            Some(through) => day < through,
-            None => day + MICROS_PER_DAY <= self.closed_end,
-        }
-    }
-}
-
 /// What a run computes, found before anything is computed.
 struct Work {
     /// The `raw_events` snapshot screened, and computed from.
     raw: DeltaTable,
-    /// The hours to recompute, by day.
-    hours: BTreeMap<i64, Vec<i64>>,
+    /// The dirty hours.
+    dirty: BTreeSet<i64>,
     /// Complete days whose daily row is computed.
     daily_due: BTreeSet<i64>,
 }
 
 impl Work {
-    fn new(raw: DeltaTable, dirty: BTreeSet<i64>, daily_due: BTreeSet<i64>) -> Self {
-        let mut hours: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-        for h in dirty {
-            hours.entry(day_floor(h)).or_default().push(h);
-        }
-        Work {
-            raw,
-            hours,
-            daily_due,
-        }
-    }
-
     /// The `raw_events` version computed from (-1: an empty table).
     fn raw_version(&self) -> i64 {
         self.raw.version().map(|v| v as i64).unwrap_or(-1)
-    }
-
-    /// Hours to recompute, on every day.
-    fn hour_count(&self) -> usize {
-        self.hours.values().map(Vec::len).sum()
-    }
-
-    /// Every day the run computes: days with hours to recompute, and days whose
-    /// daily row is due.
-    fn days(&self) -> BTreeSet<i64> {
-        self.hours.keys().chain(&self.daily_due).copied().collect()
     }
 }
 
 /// Which marks the run's row commits carried.
 #[derive(Default)]
 struct Carried {
-    /// The watermark and raw version, on the last hourly commit.
+    /// The watermark and raw version, on the hourly commit.
     progress: bool,
-    /// The daily mark, on the last daily commit.
+    /// The daily mark, on the daily commit.
     daily_mark: bool,
 }
 
-/// One run under way: what its steps share.
-struct Run<'a> {
+/// Planning under way: what its steps share.
+struct Planner<'a> {
     job: &'a BatchRun,
     lease: Option<&'a Lease>,
     /// The progress recorded before the run.
@@ -472,12 +592,12 @@ struct Run<'a> {
     marks: Marks,
     /// `metrics_daily`'s mark before the run.
     daily_mark: Option<i64>,
-    hourly: &'a mut DeltaTable,
     daily: DeltaTable,
-    report: RunReport,
+    /// Rows moved (or, in a dry run, to move) to quarantine.
+    quarantined: u64,
 }
 
-impl Run<'_> {
+impl Planner<'_> {
     /// The hours and days to compute. Rows the batch layer cannot compute leave
     /// raw_events before anything is computed, so that one row never stops the
     /// run for everyone: in every hour this run reads (the dirty hours and the
@@ -510,11 +630,11 @@ impl Run<'_> {
                 .collect();
             let bad = quarantine::screen(&raw, &files, &read, job.now, &job.memory).await?;
             if bad.is_empty() {
-                return Ok(Work::new(raw, dirty, daily_due));
+                return Ok(Work { raw, dirty, daily_due });
             }
             if job.dry_run {
-                self.report.quarantined += bad.rows.len() as u64;
-                return Ok(Work::new(raw, dirty, daily_due));
+                self.quarantined += bad.rows.len() as u64;
+                return Ok(Work { raw, dirty, daily_due });
             }
             if pass > SCREEN_PASSES {
                 // a writer keeps adding such rows: the queries leave them out
@@ -523,10 +643,12 @@ impl Run<'_> {
                     rows = bad.rows.len(),
                     "rows the batch layer cannot compute keep arriving; leaving them for the next run"
                 );
-                return Ok(Work::new(raw, dirty, daily_due));
+                return Ok(Work { raw, dirty, daily_due });
             }
-            self.check_lease().await?;
-            self.report.quarantined += quarantine::write(&job.lake, &bad).await?;
+            if let Some(l) = self.lease {
+                l.check().await?;
+            }
+            self.quarantined += quarantine::write(&job.lake, &bad).await?;
             raw = match quarantine::delete(&raw, &bad).await? {
                 Some(t) => t,
                 None => job
@@ -560,144 +682,243 @@ impl Run<'_> {
         Ok(due)
     }
 
-    /// A dry run: compute the hours and compare them with what `metrics_hourly`
-    /// holds; nothing is written (daily rows are not computed).
-    async fn compare(&mut self, work: &Work, queries: &DayQueries) -> Result<DryRunDiff> {
-        let days = work.days();
-        let mut diff = DryRunDiff::default();
-        for (i, &day) in days.iter().enumerate() {
-            if let Some(hours) = work.hours.get(&day) {
-                let t0 = Instant::now();
-                let after = queries.hourly(day, hours).await?;
-                self.report.compute_secs += t0.elapsed().as_secs_f64();
-                let before = stored_hours(self.hourly, day, hours).await?;
-                diff.add(&before, &after)?;
-            }
-            self.job.day_done(i + 1, days.len());
+}
+
+/// What a publish wrote.
+#[derive(Debug, Default)]
+pub(crate) struct Published {
+    pub(crate) hourly_rows: u64,
+    pub(crate) daily_rows: u64,
+}
+
+/// Publish run `plan` from its staging area: one commit per table, each
+/// carrying the run's id. `customer_hours` first, then `metrics_daily` (with the
+/// daily mark), then `metrics_hourly` with the run's progress (watermark, raw
+/// version): a publish killed part way leaves the progress unrecorded, and the
+/// next run (or the publish retried) does it all again. Then the marks no row
+/// commit carried, and the staging area is removed. Errors:
+/// [`Error::Conflict`] when another run published since `plan` was made.
+pub(crate) async fn publish_plan(
+    lake: &Lake,
+    plan: &Plan,
+    staging: &Staging,
+    memory: &MemoryBound,
+    hourly: &mut DeltaTable,
+    on_progress: Option<&(dyn Fn(usize, usize) + Send + Sync)>,
+) -> Result<Published> {
+    let current = hourly.version().map(|v| v as i64);
+    if current != plan.hourly_version {
+        let newest = match current {
+            Some(v) => read_commit(hourly, v as u64).await?,
+            None => None,
+        };
+        if newest.is_some_and(|c| c.info[crate::rollback::RUN_KEY].as_str() == Some(plan.run_id.as_str())) {
+            // a publish retried after it committed
+            staging.delete_all().await?;
+            return Ok(Published::default());
         }
-        Ok(diff)
+        return Err(Error::Conflict(format!(
+            "run {} was planned at metrics_hourly version {:?}, and another run has published since (now version {:?}): plan it again",
+            plan.run_id, plan.hourly_version, current
+        )));
     }
-
-    /// Compute and write day by day. The last daily commit carries the daily
-    /// mark and, in an hourly run, the last hourly commit the progress.
-    async fn recompute(&mut self, work: &Work, queries: &DayQueries) -> Result<Carried> {
-        let days = work.days();
-        let last_day = days.last().copied();
-        let last_daily = work.daily_due.last().copied();
-        let mut carried = Carried::default();
-        for (i, &day) in days.iter().enumerate() {
-            let t0 = Instant::now();
-            let hours = work.hours.get(&day);
-            let hourly_rows = match hours {
-                Some(hours) => Some(queries.hourly(day, hours).await?),
-                None => None,
-            };
-            let daily_rows = match work.daily_due.contains(&day) {
-                true => Some(queries.daily(day).await?),
-                false => None,
-            };
-            self.report.compute_secs += t0.elapsed().as_secs_f64();
-
-            self.check_lease().await?;
-            let t1 = Instant::now();
-            // The day's row before its hours: the last hourly commit records the
-            // raw version processed, after which nothing would recompute a day
-            // whose daily commit a killed run never made.
-            if let Some(rows) = daily_rows {
-                let mut commit = self.job.commit_properties();
-                if let (Some(through), true) = (self.marks.daily_through, Some(day) == last_daily) {
-                    commit = commit.with_application_transactions(vec![daily::mark_txn(through)]);
-                    carried.daily_mark = true;
-                }
-                let n = row_count(&rows);
-                self.daily = replace_day(&self.daily, day, rows, commit).await?;
-                self.report.daily_rows += n;
-                self.report.days += 1;
-            }
-            if let (Some(hours), Some(rows)) = (hours, hourly_rows) {
-                let mut commit = self.job.commit_properties();
-                // a reprocessing run records no progress: the hours the last
-                // hourly run has not seen yet stay dirty for the next one
-                if Some(day) == last_day && self.job.range.is_none() {
-                    commit = commit.with_application_transactions(progress_txns(
-                        self.marks.watermark,
-                        work.raw_version(),
-                    ));
-                    carried.progress = true;
-                }
-                let n = row_count(&rows);
-                *self.hourly = replace_hours(self.hourly, day, hours, rows, commit).await?;
-                self.report.hourly_rows += n;
-            }
-            self.report.write_secs += t1.elapsed().as_secs_f64();
-            self.job.day_done(i + 1, days.len());
+    let total = plan.items.len() + PUBLISH_STEPS;
+    let step = |k: usize| {
+        if let Some(f) = on_progress {
+            f(plan.items.len() + k, total);
         }
-        Ok(carried)
+    };
+    let commit = commit_properties(plan);
+    let mut published = Published::default();
+    let ch = lake.open_or_create(Table::CustomerHours).await?;
+    publish_customer_hours(&ch, plan, staging, commit.clone()).await?;
+    step(1);
+
+    let mut carried = Carried::default();
+    let mut daily = lake.open_or_create(Table::MetricsDaily).await?;
+    if !plan.days.is_empty() {
+        let mut c = commit.clone();
+        if let Some(through) = plan.marks.daily_through {
+            c = c.with_application_transactions(vec![daily::mark_txn(through)]);
+            carried.daily_mark = true;
+        }
+        let (t, n) = publish_rows(&daily, MetricTable::Daily, staging, memory, days_predicate(&plan.days), c).await?;
+        daily = t;
+        published.daily_rows = n;
     }
+    step(2);
 
-    /// Commit the marks that no row commit carried: the daily mark moves on alone
-    /// when no day was missing its row, and the watermark or the processed
-    /// version when there was nothing to recompute.
-    async fn record_marks(&mut self, raw_version: i64, carried: Carried) -> Result<()> {
-        if let Some(through) = self.marks.daily_through {
-            if !carried.daily_mark && self.daily_mark.is_none_or(|m| m < through) {
-                let commit = CommitProperties::default()
-                    .with_application_transactions(vec![daily::mark_txn(through)]);
-                record_only(&self.daily, MetricTable::Daily, through, commit).await?;
-            }
+    if !plan.hours.is_empty() {
+        let mut c = commit.clone();
+        // a reprocessing run records no progress: the hours the last hourly run
+        // has not seen yet stay dirty for the next one
+        if plan.reprocess.is_none() {
+            c = c.with_application_transactions(progress_txns(plan.marks.watermark, plan.raw_version));
+            carried.progress = true;
         }
-        let watermark = self.marks.watermark;
-        if !carried.progress
-            && self.job.range.is_none()
-            && (watermark != self.progress.watermark
-                || self.progress.raw_version != Some(raw_version))
-        {
+        let replaced = plan
+            .hours_by_day()
+            .iter()
+            .map(|(&day, hours)| hours_predicate(day, hours))
+            .reduce(Expr::or)
+            .unwrap_or(lit(false));
+        let (t, n) = publish_rows(hourly, MetricTable::Hourly, staging, memory, replaced, c).await?;
+        *hourly = t;
+        published.hourly_rows = n;
+    }
+    step(3);
+    record_marks(plan, hourly, &daily, carried).await?;
+    staging.delete_all().await?;
+    Ok(published)
+}
+
+/// Commit the marks that no row commit carried: the daily mark moves on alone
+/// when no day was missing its row, and the watermark or the processed
+/// version when there was nothing to recompute.
+async fn record_marks(plan: &Plan, hourly: &mut DeltaTable, daily: &DeltaTable, carried: Carried) -> Result<()> {
+    if let Some(through) = plan.marks.daily_through {
+        if !carried.daily_mark && plan.daily_mark_before.is_none_or(|m| m < through) {
             let commit = CommitProperties::default()
-                .with_application_transactions(progress_txns(watermark, raw_version));
-            let w = watermark.unwrap_or(self.marks.closed_end);
-            *self.hourly = record_only(self.hourly, MetricTable::Hourly, w, commit).await?;
+                .with_application_transactions(vec![daily::mark_txn(through)]);
+            record_only(daily, MetricTable::Daily, through, commit).await?;
         }
-        Ok(())
     }
+    let watermark = plan.marks.watermark;
+    if !carried.progress
+        && plan.reprocess.is_none()
+        && (watermark != plan.watermark_before || plan.raw_version_before != Some(plan.raw_version))
+    {
+        let commit = CommitProperties::default()
+            .with_application_transactions(progress_txns(watermark, plan.raw_version));
+        let w = watermark.unwrap_or(plan.marks.closed_end);
+        *hourly = record_only(hourly, MetricTable::Hourly, w, commit).await?;
+    }
+    Ok(())
+}
 
-    /// Compact the raw partitions of closed days whose raw data changed and of
-    /// days that closed in this run (the watermark may pass a day in a run where
-    /// none of its hours is dirty); an hourly run then vacuums.
-    async fn compact(&mut self, work: &Work) -> Result<()> {
-        let closed_days: BTreeSet<i64> = work
-            .days()
-            .into_iter()
-            .filter(|&d| self.marks.day_complete(d))
-            .collect();
-        if !self.job.compact || closed_days.is_empty() {
-            return Ok(());
-        }
-        let t0 = Instant::now();
-        let lake = &self.job.lake;
-        crate::compact::compact_days(lake, &closed_days).await?;
-        if self.job.range.is_none() {
-            // once a day closes: files replaced more than the retention ago go, and
-            // readers and time travel inside the window keep theirs
-            for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily] {
-                let n = crate::compact::vacuum(lake, t, crate::compact::VACUUM_RETENTION).await?;
-                tracing::info!(table = t.name(), files = n, "vacuumed");
+/// A dry run's comparison: the hours' parts added up against what
+/// `metrics_hourly` holds (daily rows are not compared).
+async fn compare(hourly: &DeltaTable, plan: &Plan, staging: &Staging, memory: &MemoryBound) -> Result<DryRunDiff> {
+    let mut diff = DryRunDiff::default();
+    let ctx = memory.session()?;
+    let after = if staging
+        .register_dir(&ctx, "hourly/", "staged", MetricTable::Hourly.table().schema())
+        .await?
+    {
+        crate::sql::run_query(&ctx, &crate::publish::combine_staged_sql(MetricTable::Hourly, "staged")).await?
+    } else {
+        Vec::new()
+    };
+    let mut before = Vec::new();
+    for (day, hours) in plan.hours_by_day() {
+        before.extend(stored_hours(hourly, day, &hours).await?);
+    }
+    diff.add(&before, &after)?;
+    Ok(diff)
+}
+
+/// Remove what an unpublished run left: the `customer_hours` files its hour
+/// items wrote (never committed) and its staging area. Best effort: vacuum
+/// removes whatever this misses.
+async fn discard(lake: &Lake, plan: &Plan, staging: &Staging) {
+    let result = async {
+        let ch = lake.open_or_create(Table::CustomerHours).await?;
+        let store = ch.object_store();
+        for (i, item) in plan.items.iter().enumerate() {
+            if matches!(item, crate::plan::Item::Hour { .. }) {
+                let adds: Vec<deltalake::kernel::Add> = staging
+                    .get_json(&crate::items::adds_name(i))
+                    .await?
+                    .unwrap_or_default();
+                for a in adds {
+                    let _ = object_store::ObjectStoreExt::delete(store.as_ref(), &deltalake::Path::from(a.path.as_str())).await;
+                }
             }
         }
-        self.report.compact_secs = t0.elapsed().as_secs_f64();
-        Ok(())
+        staging.delete_all().await
     }
-
-    /// Fail when another run has taken the lease over.
-    async fn check_lease(&self) -> Result<()> {
-        match self.lease {
-            Some(l) => l.check().await,
-            None => Ok(()),
-        }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(run = %plan.run_id, error = %e, "leaving an unpublished run's files to vacuum");
     }
 }
 
-fn row_count(batches: &[RecordBatch]) -> u64 {
-    batches.iter().map(|b| b.num_rows() as u64).sum()
+/// Compact the raw partitions of the plan's closed days whose raw data changed
+/// or that closed in this run, and each such day's `metrics_hourly` partition
+/// (one file sorted by merchant); an hourly run then vacuums.
+async fn compact_after(lake: &Lake, plan: &Plan, memory: &MemoryBound, hourly: &mut DeltaTable) -> Result<()> {
+    let days: BTreeSet<i64> = plan.compact_days.iter().copied().collect();
+    crate::compact::compact_days(lake, &days).await?;
+    for &day in &days {
+        compact_metric_day(lake, day, memory).await?;
+    }
+    if plan.reprocess.is_none() {
+        // once a day closes: files replaced more than the retention ago go, and
+        // readers and time travel inside the window keep theirs
+        for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily, Table::CustomerHours] {
+            let n = crate::compact::vacuum(lake, t, crate::compact::VACUUM_RETENTION).await?;
+            tracing::info!(table = t.name(), files = n, "vacuumed");
+        }
+    }
+    hourly.update_state().await.context("refreshing metrics_hourly")?;
+    Ok(())
+}
+
+/// Rewrite the `metrics_hourly` partition of `day` as one file sorted by
+/// merchant and hour when runs left several (a compaction commit, no run id).
+pub async fn compact_metric_day(lake: &Lake, day: i64, memory: &MemoryBound) -> Result<bool> {
+    let Some(hourly) = lake.open(Table::MetricsHourly).await? else {
+        return Ok(false);
+    };
+    compact_partition(
+        &hourly,
+        MetricTable::Hourly,
+        day,
+        memory,
+        CommitProperties::default().with_metadata([operation("compact")]),
+    )
+    .await
+}
+
+/// Compute item `item` of run `run_id` (staged by [`BatchRun::plan`]) within
+/// `memory`: the Step Functions Map's item. Returns the metric rows staged.
+/// Errors: [`Error::Invalid`] when the run has no staged plan (published
+/// already, or never planned) or no such item.
+pub async fn compute_item(lake: &Lake, memory: &MemoryBound, run_id: &str, item: usize) -> Result<u64> {
+    let staging = Staging::open(lake, run_id)?;
+    let plan: Plan = staging
+        .get_json(PLAN_NAME)
+        .await?
+        .ok_or_else(|| Error::invalid(format!("run {run_id} has no staged plan (published, or never planned)")))?;
+    let items = ItemContext::new(lake, memory, Arc::new(plan), staging).await?;
+    items.compute(item).await
+}
+
+/// Publish run `run_id` from its staging area (the Step Functions' publish
+/// step), under the lease (waiting up to `wait` for it), then report. Errors:
+/// [`Error::Conflict`] when another run published since it was planned;
+/// [`Error::Invalid`] when it has no staged plan.
+pub async fn publish_run(lake: &Lake, memory: &MemoryBound, run_id: &str, lease_expiry: Duration, wait: Duration) -> Result<RunReport> {
+    let staging = Staging::open(lake, run_id)?;
+    let plan: Plan = staging
+        .get_json(PLAN_NAME)
+        .await?
+        .ok_or_else(|| Error::invalid(format!("run {run_id} has no staged plan (published, or never planned)")))?;
+    let mut hourly = lake.open_or_create(Table::MetricsHourly).await?;
+    let lease = Lease::acquire(&hourly, lease_expiry, wait).await?;
+    let result = async {
+        hourly.update_state().await.context("refreshing metrics_hourly")?;
+        let t = Instant::now();
+        let p = publish_plan(lake, &plan, &staging, memory, &mut hourly, None).await?;
+        let mut report = RunReport::planned(&plan);
+        report.hourly_rows = p.hourly_rows;
+        report.daily_rows = p.daily_rows;
+        report.write_secs = t.elapsed().as_secs_f64();
+        Ok(report)
+    }
+    .await;
+    lease.release().await;
+    result
 }
 
 /// Run the batch layer every `every` until `shutdown` (for a process that keeps

@@ -39,3 +39,13 @@ pub fn metric_writer_properties() -> WriterProperties {
         )
         .build()
 }
+
+/// Writer properties of `customer_hours`: read whole by the batch layer, never
+/// looked up by merchant, so Parquet's defaults (dictionaries, which suit the
+/// repeated merchant and customer ids) with zstd.
+pub fn customer_hours_writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(Default::default()))
+        .set_max_row_group_row_count(Some(1024 * 1024))
+        .build()
+}

@@ -21,11 +21,13 @@ pub mod compact;
 pub mod daily;
 pub mod dirty;
 pub mod dry_run;
+pub mod items;
 pub mod job;
 pub mod layout;
 pub mod lease;
 pub mod memory;
 pub mod parts;
+pub mod plan;
 /// Source marks in a Delta log (defined in `tally_common::marks`, also read by the speed view's rebuild).
 pub use tally_common::marks;
 pub mod publish;
@@ -33,6 +35,7 @@ pub mod quarantine;
 pub mod rollback;
 pub mod run_request;
 pub mod sql;
+pub mod stage;
 
 pub use archive::{ArchiveReport, Archiver};
 pub use archive_sink::ArchiveSink;

@@ -12,8 +12,12 @@ use deltalake::arrow::array::RecordBatch;
 use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use deltalake::datafusion::physical_plan::{collect, ExecutionPlan};
+use deltalake::datafusion::physical_plan::{
+    collect, execute_stream, ExecutionPlan, SendableRecordBatchStream,
+};
+use deltalake::datafusion::execution::SessionStateBuilder;
 use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::delta_datafusion::planner::DeltaPlanner;
 use tally_common::config::parse_bytes;
 use tally_common::{Context as _, Error, Result};
 
@@ -68,7 +72,14 @@ impl MemoryBound {
         let config = SessionConfig::new()
             .with_sort_spill_reservation_bytes(merge_reserve)
             .with_batch_size(batch_rows);
-        Ok(SessionContext::new_with_config_rt(config, runtime))
+        // delta-rs's planner: its writes from a plan run in this session too
+        let state = SessionStateBuilder::new()
+            .with_default_features()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_query_planner(DeltaPlanner::new())
+            .build();
+        Ok(SessionContext::new_with_state(state))
     }
 }
 
@@ -92,6 +103,30 @@ impl SpillMeter {
         self.0
             .fetch_add(spilled_bytes(plan.as_ref()), Ordering::Relaxed);
         Ok(rows)
+    }
+
+    /// Plan `sql` in `ctx` and start it: the plan (hand it to
+    /// [`SpillMeter::add`] once its stream is drained) and the stream of its rows.
+    pub async fn stream(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+    ) -> Result<(Arc<dyn ExecutionPlan>, SendableRecordBatchStream)> {
+        let plan = ctx
+            .sql(sql)
+            .await
+            .context("planning the metrics query")?
+            .create_physical_plan()
+            .await
+            .context("planning the metrics query")?;
+        let stream = execute_stream(Arc::clone(&plan), ctx.task_ctx())
+            .context("running the metrics query")?;
+        Ok((plan, stream))
+    }
+
+    /// Add what a plan run with [`SpillMeter::stream`] spilled.
+    pub fn add(&self, plan: &dyn ExecutionPlan) {
+        self.0.fetch_add(spilled_bytes(plan), Ordering::Relaxed);
     }
 
     /// Bytes spilled so far.

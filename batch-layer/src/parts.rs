@@ -8,7 +8,7 @@
 //! is split like any other, by its customers.
 //!
 //! [`PART_FUNCTION`] is the SQL function that names a row's part, registered
-//! in the batch layer's sessions; [`combine_sql`] adds the parts' rows.
+//! in the batch layer's sessions; the publish step adds the parts' rows up.
 
 use std::hash::Hasher;
 use std::sync::Arc;
@@ -20,7 +20,6 @@ use deltalake::datafusion::common::Result as DfResult;
 use deltalake::datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use tally_common::metrics::stored_metric_names;
 
 /// The SQL function `tally_part(merchant_id, key, n)`: the part (0..n) of a row.
 pub const PART_FUNCTION: &str = "tally_part";
@@ -135,26 +134,6 @@ impl ScalarUDFImpl for PartUdf {
             .collect();
         Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
     }
-}
-
-/// The rows of relation `rows` in part `part` of `n`, as a relation.
-pub fn part_rows(rows: &str, part: u32, n: u32) -> String {
-    format!(
-        "(SELECT * FROM {rows} WHERE {PART_FUNCTION}(merchant_id, COALESCE(customer_id, event_id), {n}) = {part}) AS part"
-    )
-}
-
-/// The parts' results (in table `table`, the metric query's columns) added up
-/// per merchant and, for hourly results, hour (`keys`).
-pub fn combine_sql(table: &str, keys: &[&str]) -> String {
-    let sums: Vec<String> = stored_metric_names()
-        .map(|m| format!("CAST(SUM({m}) AS BIGINT) AS {m}"))
-        .collect();
-    let keys = keys.join(", ");
-    format!(
-        "SELECT {keys}, {} FROM {table} GROUP BY {keys}",
-        sums.join(", ")
-    )
 }
 
 #[cfg(test)]

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use deltalake::arrow::array::{
     ArrayRef, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
-use deltalake::arrow::compute::{
-    cast, concat_batches, lexsort_to_indices, take_record_batch, SortColumn,
-};
+use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::datafusion::logical_expr::{col, lit, Expr};
 use deltalake::datafusion::prelude::SessionContext;
@@ -23,8 +21,20 @@ use tally_common::lake::{register, TIME_ZONE};
 use tally_common::metric_table::{MetricTable, MERCHANT_COLUMN};
 use tally_common::{Context as _, Error, Result};
 
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::datatypes::{DataType, Int64Type};
+use deltalake::kernel::transaction::CommitBuilder;
+use deltalake::kernel::{Action, Add, Remove};
+use deltalake::protocol::DeltaOperation;
+use tally_common::metrics::stored_metric_names;
+
+use crate::dirty::column;
+use crate::items::adds_name;
 use crate::job::LOGIC_VERSION;
 use crate::layout::metric_writer_properties;
+use crate::memory::MemoryBound;
+use crate::plan::{customer_hours_files, Item, Plan};
+use crate::stage::Staging;
 
 /// A commit that changes no row of a metric table and records `commit`'s
 /// transactions (progress or the daily mark).
@@ -42,7 +52,7 @@ pub(crate) async fn record_only(
 pub(crate) use tally_common::lake::utc_micros as ts_lit;
 
 /// The partition of `kind` holding the bucket that starts at `t`.
-fn partition_of(kind: MetricTable, t: i64) -> Expr {
+pub(crate) fn partition_of(kind: MetricTable, t: i64) -> Expr {
     col(kind.partition_column()).eq(lit(kind.partition_of(t)))
 }
 
@@ -62,40 +72,6 @@ pub(crate) fn hours_predicate(day: i64, hours: &[i64]) -> Expr {
         .reduce(Expr::or)
         .unwrap_or(lit(false));
     partition_of(MetricTable::Hourly, day).and(any)
-}
-
-/// Replace the `metrics_hourly` rows of `hours` (all on `day`) with `rows`, in one
-/// commit carrying `commit`; returns the table at the new version.
-pub(crate) async fn replace_hours(
-    hourly: &DeltaTable,
-    day: i64,
-    hours: &[i64],
-    rows: Vec<RecordBatch>,
-    commit: CommitProperties,
-) -> Result<DeltaTable> {
-    rewrite_partition(
-        hourly,
-        MetricTable::Hourly,
-        partition_of(MetricTable::Hourly, day),
-        hours_predicate(day, hours),
-        rows,
-        commit,
-    )
-    .await
-}
-
-/// Replace the `metrics_daily` rows of `day` with `rows`, in one commit carrying
-/// `commit`; returns the table at the new version.
-pub(crate) async fn replace_day(
-    daily: &DeltaTable,
-    day: i64,
-    rows: Vec<RecordBatch>,
-    commit: CommitProperties,
-) -> Result<DeltaTable> {
-    let kind = MetricTable::Daily;
-    let month = partition_of(kind, day);
-    let the_day = month.clone().and(col(kind.time_column()).eq(ts_lit(day)));
-    rewrite_partition(daily, kind, month, the_day, rows, commit).await
 }
 
 /// The `metrics_hourly` rows of `hours` (all on `day`) as stored now.
@@ -139,7 +115,9 @@ pub(crate) fn table_rows(
         .collect()
 }
 
-fn conform(schema: &SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
+/// Columns cast to `schema`'s types, as one batch of it. Errors:
+/// [`Error::Internal`] when the number of columns differs.
+pub(crate) fn conform(schema: &SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
     if cols.len() != schema.fields().len() {
         return Err(Error::internal(format!(
             "metrics query returned {} columns, table has {}",
@@ -188,24 +166,6 @@ async fn replace_rows(
         .context(format!("replacing rows of {}", kind.name()))
 }
 
-/// Replace the rows matching `replaced` (within the partition `partition`) with
-/// `rows` by rewriting the whole partition in one commit: its other rows are read
-/// back and everything is written sorted by merchant and time, so a partition
-/// stays one file a lookup of one merchant reads a page or two of
-/// ([`crate::layout`]).
-async fn rewrite_partition(
-    table: &DeltaTable,
-    kind: MetricTable,
-    partition: Expr,
-    replaced: Expr,
-    rows: Vec<RecordBatch>,
-    commit: CommitProperties,
-) -> Result<DeltaTable> {
-    let kept = read_rows(table, kind, partition.clone().and(!replaced)).await?;
-    let rows = sorted_by_merchant(kind, kept.into_iter().chain(rows).collect())?;
-    replace_rows(table, kind, rows, partition, commit).await
-}
-
 /// The rows of `table` matching `filter`, in the table's column order and types.
 async fn read_rows(
     table: &DeltaTable,
@@ -237,25 +197,227 @@ async fn read_rows(
         .collect()
 }
 
-/// One batch sorted by `merchant_id`, then the table's time column.
-fn sorted_by_merchant(kind: MetricTable, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-    if batches.iter().all(|b| b.num_rows() == 0) {
-        return Ok(Vec::new());
+/// Commit a run's `customer_hours` files (the add actions its hour items
+/// staged) and remove the stored files of the hours it recomputed, in one
+/// commit carrying `commit`; returns the table at the new version (unchanged
+/// when there is nothing to add or remove).
+pub(crate) async fn publish_customer_hours(
+    table: &DeltaTable,
+    plan: &Plan,
+    staging: &Staging,
+    commit: CommitProperties,
+) -> Result<DeltaTable> {
+    let mut actions: Vec<Action> = Vec::new();
+    for (i, item) in plan.items.iter().enumerate() {
+        if let Item::Hour { hour, .. } = item {
+            let adds: Vec<Add> = staging.get_json(&adds_name(i)).await?.ok_or_else(|| {
+                Error::internal(format!(
+                    "run {}: the item of hour {} has not staged its files",
+                    plan.run_id,
+                    tally_common::bucket::format_ts(*hour)
+                ))
+            })?;
+            actions.extend(adds.into_iter().map(Action::Add));
+        }
     }
+    let now = chrono::Utc::now().timestamp_millis();
+    for f in customer_hours_files(table)? {
+        if f.hour.is_some_and(|h| plan.hours.binary_search(&h).is_ok()) {
+            actions.push(Action::Remove(Remove {
+                path: f.path,
+                data_change: true,
+                deletion_timestamp: Some(now),
+                extended_file_metadata: Some(true),
+                partition_values: Some([("date".to_string(), Some(f.date))].into()),
+                size: Some(f.size),
+                tags: None,
+                deletion_vector: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+            }));
+        }
+    }
+    if actions.is_empty() {
+        return Ok(table.clone());
+    }
+    let snapshot = table.snapshot().context("reading customer_hours")?;
+    CommitBuilder::from(commit)
+        .with_actions(actions)
+        .build(
+            Some(snapshot),
+            table.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Overwrite,
+                partition_by: Some(vec!["date".to_string()]),
+                predicate: Some(format!("hour in the {} recomputed hours", plan.hours.len())),
+            },
+        )
+        .await
+        .context("committing customer_hours")?;
+    let mut table = table.clone();
+    table
+        .update_state()
+        .await
+        .context("reloading customer_hours")?;
+    Ok(table)
+}
+
+/// The SQL adding up the parts' staged rows of `kind` (relation `staged`) per
+/// merchant, bucket and partition, in the table's column order, sorted by
+/// merchant and time ([`crate::layout`]).
+pub(crate) fn combine_staged_sql(kind: MetricTable, staged: &str) -> String {
     let schema = kind.table().schema();
-    let all = concat_batches(&schema, &batches).context("gathering metric rows")?;
-    let key = |name: &str| -> Result<SortColumn> {
-        Ok(SortColumn {
-            values: all
-                .column_by_name(name)
-                .ok_or_else(|| Error::internal(format!("no {name} column")))?
-                .clone(),
-            options: None,
+    let metrics: Vec<&str> = stored_metric_names().collect();
+    let keys = [MERCHANT_COLUMN, kind.time_column(), kind.partition_column()];
+    let cols: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let n = f.name().as_str();
+            if metrics.contains(&n) {
+                format!("CAST(SUM({n}) AS BIGINT) AS {n}")
+            } else if keys.contains(&n) {
+                n.to_string()
+            } else {
+                // computed_at and logic_version: the same in every part of a run
+                format!("MAX({n}) AS {n}")
+            }
         })
+        .collect();
+    format!(
+        "SELECT {} FROM {staged} GROUP BY {} ORDER BY {}, {}",
+        cols.join(", "),
+        keys.join(", "),
+        MERCHANT_COLUMN,
+        kind.time_column()
+    )
+}
+
+/// Replace the rows of `kind` matching `replaced` with the parts' staged rows
+/// added up, in one commit carrying `commit`, streaming under `memory`; returns
+/// the table at the new version and the rows written.
+pub(crate) async fn publish_rows(
+    table: &DeltaTable,
+    kind: MetricTable,
+    staging: &Staging,
+    memory: &MemoryBound,
+    replaced: Expr,
+    commit: CommitProperties,
+) -> Result<(DeltaTable, u64)> {
+    let ctx = memory.session()?;
+    let dir = match kind {
+        MetricTable::Hourly => "hourly/",
+        MetricTable::Daily => "daily/",
     };
-    let order = lexsort_to_indices(&[key(MERCHANT_COLUMN)?, key(kind.time_column())?], None)
-        .context("sorting metric rows")?;
-    Ok(vec![
-        take_record_batch(&all, &order).context("sorting metric rows")?
-    ])
+    if !staging
+        .register_dir(&ctx, dir, "staged", kind.table().schema())
+        .await?
+    {
+        let t = replace_rows(table, kind, Vec::new(), replaced, commit).await?;
+        return Ok((t, 0));
+    }
+    let df = ctx
+        .sql(&combine_staged_sql(kind, "staged"))
+        .await
+        .context(format!("adding up the parts of {}", kind.name()))?;
+    let rows = ctx
+        .sql(&format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM staged GROUP BY {MERCHANT_COLUMN}, {})",
+            kind.time_column()
+        ))
+        .await
+        .context("counting rows")?
+        .collect()
+        .await
+        .context("counting rows")?;
+    let n = rows
+        .first()
+        .filter(|b| b.num_rows() > 0)
+        .and_then(|b| b.column(0).as_primitive_opt::<Int64Type>().map(|c| c.value(0)))
+        .unwrap_or(0)
+        .max(0) as u64;
+    let t = table
+        .clone()
+        .write(Vec::new())
+        .with_input_plan(df.logical_plan().clone())
+        .with_session_state(Arc::new(ctx.state()))
+        .with_save_mode(SaveMode::Overwrite)
+        .with_replace_where(replaced)
+        .with_partition_columns([kind.partition_column()])
+        .with_writer_properties(metric_writer_properties())
+        .with_commit_properties(commit)
+        .await
+        .context(format!("publishing {}", kind.name()))?;
+    Ok((t, n))
+}
+
+/// The predicate of `metrics_daily` rows of `days`.
+pub(crate) fn days_predicate(days: &[i64]) -> Expr {
+    let kind = MetricTable::Daily;
+    days.iter()
+        .map(|&d| partition_of(kind, d).and(col(kind.time_column()).eq(ts_lit(d))))
+        .reduce(Expr::or)
+        .unwrap_or(lit(false))
+}
+
+/// Rewrite `kind`'s partition holding `t` as one file sorted by merchant and
+/// time, when it has more than one file (each run adds one): a lookup of one
+/// merchant then reads a page or two of one file. Streams under `memory`;
+/// returns whether it rewrote.
+pub(crate) async fn compact_partition(
+    table: &DeltaTable,
+    kind: MetricTable,
+    t: i64,
+    memory: &MemoryBound,
+    commit: CommitProperties,
+) -> Result<bool> {
+    let Ok(state) = table.snapshot() else {
+        return Ok(false);
+    };
+    let value = kind.partition_of(t);
+    let adds = state
+        .add_actions_table(true)
+        .context(format!("listing {} files", kind.name()))?;
+    let files = match column(&adds, &format!("partition.{}", kind.partition_column()), &DataType::Utf8)? {
+        Some(c) => {
+            let c = c.as_string::<i32>();
+            (0..c.len()).filter(|&i| !c.is_null(i) && c.value(i) == value).count()
+        }
+        None => 0,
+    };
+    if files <= 1 {
+        return Ok(false);
+    }
+    let ctx = memory.session()?;
+    register(&ctx, kind.name(), table).await?;
+    let names: Vec<String> = kind
+        .table()
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let df = ctx
+        .sql(&format!(
+            "SELECT {} FROM {} WHERE {} = '{value}' ORDER BY {MERCHANT_COLUMN}, {}",
+            names.join(", "),
+            kind.name(),
+            kind.partition_column(),
+            kind.time_column()
+        ))
+        .await
+        .context(format!("reading {} for compaction", kind.name()))?;
+    table
+        .clone()
+        .write(Vec::new())
+        .with_input_plan(df.logical_plan().clone())
+        .with_session_state(Arc::new(ctx.state()))
+        .with_save_mode(SaveMode::Overwrite)
+        .with_replace_where(partition_of(kind, t))
+        .with_partition_columns([kind.partition_column()])
+        .with_writer_properties(metric_writer_properties())
+        .with_commit_properties(commit)
+        .await
+        .context(format!("compacting {}", kind.name()))?;
+    Ok(true)
 }

@@ -207,6 +207,18 @@ async fn rollback_locked(lake: &Lake, mut hourly: DeltaTable) -> Result<Option<R
             report.tables.push((Table::MetricsDaily, from, target_d));
         }
     }
+    // customer_hours, whose rows the run's daily rows were computed from
+    if let Some(mut ch) = lake.open(Table::CustomerHours).await? {
+        ch.update_state()
+            .await
+            .context("refreshing customer_hours")?;
+        if let Some(first_c) = first_commit_of(&ch, &run).await? {
+            let target_c = first_c.saturating_sub(1);
+            let from = ch.version().unwrap_or(0);
+            restore(ch, target_c, &run, Vec::new()).await?;
+            report.tables.push((Table::CustomerHours, from, target_c));
+        }
+    }
     let from = hourly.version().unwrap_or(0);
     restore(hourly, target, &run, txns).await?;
     report

@@ -1,5 +1,4 @@
-//! The batch layer's SQL, generated from the metric registry, and its running
-//! over a `raw_events` snapshot (`DayQueries`).
+//! The batch layer's SQL, generated from the metric registry.
 //!
 //! Both queries deduplicate by (merchant, `event_id`) within an hour, then
 //! aggregate in two levels with [`aggregate_sql`] (per customer, then per
@@ -19,23 +18,13 @@
 
 use deltalake::arrow::array::RecordBatch;
 use deltalake::datafusion::prelude::SessionContext;
-use deltalake::DeltaTable;
-use tally_common::bucket::{date_string, hour_of_day, now_micros, MICROS_PER_HOUR};
-use tally_common::lake::{register, Table};
-use tally_common::metric_table::MetricTable;
-use tally_common::metrics::aggregate_sql;
+use tally_common::bucket::{date_string, day_floor, hour_of_day, MICROS_PER_HOUR};
+use tally_common::metrics::{aggregate_sql, partial_metric_names};
 use tally_common::{Context as _, Result};
 
-use crate::publish::table_rows;
 
-use std::collections::HashMap;
-use std::sync::Arc;
 
-use deltalake::datafusion::datasource::MemTable;
 
-use crate::dirty::raw_files;
-use crate::memory::{MemoryBound, SpillMeter};
-use crate::parts::{combine_sql, part_rows, part_udf, Parts};
 use crate::quarantine::computable_row_sql;
 
 /// The rows of `table` on `day` that the batch layer can compute, as a relation
@@ -102,114 +91,46 @@ pub fn daily_sql(table: &str, day: i64) -> String {
     )
 }
 
-/// The metric queries of one run: a DataFusion session over the `raw_events`
-/// snapshot computed from, and the `computed_at` every row of the run carries.
-pub(crate) struct DayQueries {
-    ctx: SessionContext,
-    computed_at: i64,
-    spill: SpillMeter,
-    parts: Parts,
-    /// Raw rows per hour (epoch µs), from the Delta log's statistics.
-    rows_by_hour: HashMap<i64, u64>,
+/// The `customer_hours` rows of one UTC hour (epoch µs) from `table` (raw
+/// rows, or one part of them): per merchant and customer (null: events without
+/// one) the counters' partial sums of the customer's deduplicated events.
+/// Columns: `merchant_id`, `hour` (the integer epoch µs; the job casts it to
+/// the table's timestamp), `customer_id`, the partial sums
+/// ([`tally_common::metrics::partial_metric_names`]), `date`.
+pub fn customer_hour_sql(table: &str, hour: i64) -> String {
+    let aggs = aggregate_sql();
+    format!(
+        "SELECT merchant_id, CAST({hour} AS BIGINT) AS hour, customer_id, {partial}, '{date}' AS date \
+         FROM ({dedup}) AS d GROUP BY merchant_id, customer_id",
+        partial = aggs.partial.join(", "),
+        dedup = dedup_sql(table, day_floor(hour), &[hour]),
+        date = date_string(hour)
+    )
 }
 
-impl DayQueries {
-    /// Queries over the snapshot `raw` within `memory`; the rows they make say
-    /// they were computed now.
-    pub(crate) async fn new(raw: &DeltaTable, memory: &MemoryBound, parts: Parts) -> Result<Self> {
-        let ctx = memory.session()?;
-        ctx.register_udf(part_udf());
-        register(&ctx, Table::RawEvents.name(), raw).await?;
-        // row counts only choose the number of parts when none was given
-        let mut rows_by_hour: HashMap<i64, u64> = HashMap::new();
-        if parts.count.is_none() {
-            for f in raw_files(raw)? {
-                if let Some(h) = f.hour() {
-                    *rows_by_hour.entry(h).or_default() += f.num_records.unwrap_or(0).max(0) as u64;
-                }
-            }
-        }
-        Ok(DayQueries {
-            ctx,
-            computed_at: now_micros(),
-            spill: SpillMeter::default(),
-            parts,
-            rows_by_hour,
-        })
-    }
+/// Metrics per merchant and hour from `customer_hours` rows (relation `rows`):
+/// the counters add up, and each row is one distinct customer (or the events
+/// without one). Columns as [`hourly_sql`]'s.
+pub fn hourly_from_customers_sql(rows: &str) -> String {
+    format!(
+        "SELECT merchant_id, CAST(hour AS BIGINT) AS hour, {fin} FROM {rows} GROUP BY merchant_id, hour",
+        fin = aggregate_sql().r#final.join(", ")
+    )
+}
 
-    /// Run the metric query `sql_for(rows)` over `rows` split into `n` parts
-    /// (side by side as `jobs` allows) and add the parts' results up per `keys`.
-    async fn in_parts(
-        &self,
-        rows: &str,
-        n: u32,
-        keys: &[&str],
-        sql_for: impl Fn(&str) -> String,
-    ) -> Result<Vec<RecordBatch>> {
-        if n <= 1 {
-            return self.spill.run(&self.ctx, &sql_for(rows)).await;
-        }
-        let queries: Vec<String> = (0..n).map(|p| sql_for(&part_rows(rows, p, n))).collect();
-        // `jobs` parts at a time, in one session: they share its memory bound
-        let mut batches: Vec<RecordBatch> = Vec::new();
-        for wave in queries.chunks(self.parts.jobs.max(1)) {
-            let running: Vec<_> = wave.iter().map(|q| self.spill.run(&self.ctx, q)).collect();
-            for part in futures::future::try_join_all(running).await? {
-                batches.extend(part);
-            }
-        }
-        let Some(schema) = batches.first().map(RecordBatch::schema) else {
-            return Ok(Vec::new());
-        };
-        let name = format!("parts_{}", uuid::Uuid::new_v4().simple());
-        let table = MemTable::try_new(schema, vec![batches]).context("collecting the parts")?;
-        self.ctx
-            .register_table(name.as_str(), Arc::new(table))
-            .context("collecting the parts")?;
-        let out = self.spill.run(&self.ctx, &combine_sql(&name, keys)).await;
-        let _ = self.ctx.deregister_table(name.as_str());
-        out
-    }
-
-    /// Bytes the queries spilled to disk so far.
-    pub(crate) fn spilled_bytes(&self) -> u64 {
-        self.spill.bytes()
-    }
-
-    /// The `metrics_hourly` rows of `hours`, all on `day`.
-    pub(crate) async fn hourly(&self, day: i64, hours: &[i64]) -> Result<Vec<RecordBatch>> {
-        let rows = computable_rows(Table::RawEvents.name(), day);
-        let raw_rows = hours
-            .iter()
-            .map(|h| self.rows_by_hour.get(h).copied().unwrap_or(0))
-            .sum();
-        let n = self.parts.for_rows(raw_rows);
-        let out = self
-            .in_parts(&rows, n, &["merchant_id", "hour"], |r| {
-                hourly_sql(r, day, hours)
-            })
-            .await?;
-        table_rows(MetricTable::Hourly, &out, day, self.computed_at)
-    }
-
-    /// The `metrics_daily` rows of `day`.
-    pub(crate) async fn daily(&self, day: i64) -> Result<Vec<RecordBatch>> {
-        let rows = computable_rows(Table::RawEvents.name(), day);
-        let raw_rows = (0..24)
-            .map(|h| {
-                self.rows_by_hour
-                    .get(&(day + h * MICROS_PER_HOUR))
-                    .copied()
-                    .unwrap_or(0)
-            })
-            .sum();
-        let n = self.parts.for_rows(raw_rows);
-        let out = self
-            .in_parts(&rows, n, &["merchant_id"], |r| daily_sql(r, day))
-            .await?;
-        table_rows(MetricTable::Daily, &out, day, self.computed_at)
-    }
+/// Metrics per merchant over the `customer_hours` rows of one UTC day
+/// (relation `rows`): each customer's hours merged first, so distinct customers
+/// are exact over the day. Columns as [`daily_sql`]'s.
+pub fn daily_from_customers_sql(rows: &str) -> String {
+    let sums: Vec<String> = partial_metric_names()
+        .map(|m| format!("SUM({m}) AS {m}"))
+        .collect();
+    format!(
+        "SELECT merchant_id, {fin} FROM (SELECT merchant_id, customer_id, {sums} FROM {rows} \
+         GROUP BY merchant_id, customer_id) AS c GROUP BY merchant_id",
+        fin = aggregate_sql().r#final.join(", "),
+        sums = sums.join(", ")
+    )
 }
 
 /// Run one of these queries in `ctx` and collect its rows.

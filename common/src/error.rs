@@ -85,6 +85,10 @@ pub enum Error {
     /// Another process holds a lock this operation needs (e.g. a second `tally batch run`).
     #[error("busy: {0}")]
     Busy(String),
+    /// Another batch run published since this one was planned: its staged
+    /// results are from an older snapshot, so the run must be planned again.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The caller asked for something that is not valid (bad range, unknown metric, ...).
     #[error("invalid input: {0}")]
     Invalid(String),
@@ -184,6 +188,29 @@ impl<T> Context<T> for std::result::Result<T, deltalake::arrow::error::ArrowErro
             context: what.into(),
             source: Box::new(source),
         })
+    }
+}
+
+#[cfg(feature = "lake")]
+impl<T> Context<T> for std::result::Result<T, deltalake::ObjectStoreError> {
+    /// An object store's failure is the storage's ([`Error::Io`]).
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::io(what, source))
+    }
+}
+
+#[cfg(feature = "lake")]
+impl<T> Context<T> for std::result::Result<T, deltalake::parquet::errors::ParquetError> {
+    /// Encoding or decoding Parquet ([`Error::Arrow`]'s kin: data tally handles).
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::io(what, source))
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, serde_json::Error> {
+    /// JSON tally wrote itself that does not encode or parse: a broken invariant.
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|e| Error::internal(format!("{}: {e}", what.into())))
     }
 }
 

@@ -65,15 +65,22 @@ pub enum Table {
     MetricsHourly,
     /// Authoritative metrics per merchant and UTC day.
     MetricsDaily,
+    /// The batch layer's intermediate view: per merchant, UTC hour and customer
+    /// (null: events without one), the counters' partial sums of that
+    /// customer's deduplicated events. A day's exact distinct customers and
+    /// counters are computed from its hours' rows without reading raw_events
+    /// again; each hour's rows are replaced whole when the hour is recomputed.
+    CustomerHours,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 4] = [
+    pub const ALL: [Table; 5] = [
         Table::RawEvents,
         Table::Quarantine,
         Table::MetricsHourly,
         Table::MetricsDaily,
+        Table::CustomerHours,
     ];
 
     /// The table's name (its directory under the lake, and its SQL name).
@@ -83,6 +90,7 @@ impl Table {
             Table::Quarantine => "quarantine",
             Table::MetricsHourly => "metrics_hourly",
             Table::MetricsDaily => "metrics_daily",
+            Table::CustomerHours => "customer_hours",
         }
     }
 
@@ -113,6 +121,19 @@ impl Table {
             ],
             Table::MetricsHourly => MetricTable::Hourly.fields(),
             Table::MetricsDaily => MetricTable::Daily.fields(),
+            Table::CustomerHours => {
+                let mut f = vec![
+                    Field::new("merchant_id", DataType::Utf8, false),
+                    Field::new("hour", ts(), false),
+                    Field::new("customer_id", DataType::Utf8, true),
+                ];
+                f.extend(
+                    crate::metrics::partial_metric_names()
+                        .map(|m| Field::new(m, DataType::Int64, true)),
+                );
+                f.push(Field::new("date", DataType::Utf8, false));
+                f
+            }
         };
         Arc::new(Schema::new(fields))
     }
@@ -126,6 +147,7 @@ impl Table {
             Table::Quarantine => &["ingest_date"],
             Table::MetricsHourly => &HOURLY,
             Table::MetricsDaily => &DAILY,
+            Table::CustomerHours => &["date"],
         }
     }
 }

@@ -51,7 +51,7 @@ impl MetricTable {
         match table {
             Table::MetricsHourly => Some(MetricTable::Hourly),
             Table::MetricsDaily => Some(MetricTable::Daily),
-            Table::RawEvents | Table::Quarantine => None,
+            Table::RawEvents | Table::Quarantine | Table::CustomerHours => None,
         }
     }
 

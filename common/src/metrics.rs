@@ -384,6 +384,15 @@ pub fn aggregate_sql() -> AggregateSql {
     AggregateSql { partial, r#final }
 }
 
+/// Names of the columns of [`AggregateSql::partial`] (the counters' partial
+/// sums per customer, the metric columns of `customer_hours`), in order.
+pub fn partial_metric_names() -> impl Iterator<Item = &'static str> {
+    METRICS
+        .iter()
+        .filter(|d| matches!(d.kind, Kind::Counter { .. }))
+        .map(|d| d.name)
+}
+
 /// Number of stored metrics: every metric but the derived ones (the metric
 /// columns of `metrics_hourly` / `metrics_daily`, [`crate::metric_table`]).
 pub const STORED_COUNT: usize = {
@@ -522,6 +531,10 @@ CAST(COALESCE(SUM(page_views), 0) AS BIGINT) AS page_views,
 CAST(COUNT(customer_id) AS BIGINT) AS unique_customers"
         );
         assert_eq!(STORED_COUNT, stored_metric_names().count());
+        assert_eq!(
+            partial_metric_names().collect::<Vec<_>>(),
+            ["orders", "gross_sales", "refunds", "refunded_amount", "page_views"]
+        );
         assert_eq!(
             stored_metric_names().collect::<Vec<_>>(),
             [

@@ -598,9 +598,16 @@ async fn a_lake_whose_watermark_passed_a_day_without_its_row_gets_it() {
     assert_eq!(run_at(&lake, now).await.days, 0);
 }
 
-/// A `tally batch run` killed (its runtime dropped, as a killed process) right
-/// after the commits of its `k`-th day.
-fn run_killed_after_day(lake: &Lake, now: i64, k: usize) {
+/// Where a run is killed: after its first item, or after the `k`-th commit of
+/// its publish (1: customer_hours, 2: metrics_daily).
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    FirstItem,
+    PublishCommit(usize),
+}
+
+/// A `tally batch run` killed (its runtime dropped, as a killed process) at `at`.
+fn run_killed(lake: &Lake, now: i64, at: KillAt) {
     let lake = lake.clone();
     let killed = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -610,9 +617,14 @@ fn run_killed_after_day(lake: &Lake, now: i64, k: usize) {
         rt.block_on(
             BatchRun::new(&lake)
                 .now(now)
-                .on_day(move |done, _| {
-                    if done == k {
-                        panic!("killed after day {k} (expected by the test)");
+                .on_progress(move |done, total| {
+                    let kill = match at {
+                        KillAt::FirstItem => done == 1,
+                        // the publish's three commits are the last three steps
+                        KillAt::PublishCommit(k) => done == total - 3 + k,
+                    };
+                    if kill {
+                        panic!("killed at {at:?} (expected by the test)");
                     }
                 })
                 .execute(),
@@ -622,19 +634,22 @@ fn run_killed_after_day(lake: &Lake, now: i64, k: usize) {
     assert!(killed.is_err(), "the run was not killed");
 }
 
+/// A run killed while computing, or half way through its publish (after the
+/// customer_hours commit, after the metrics_daily commit), then run again:
+/// every table whole and right, no hour or day missing or doubled.
 #[tokio::test]
-async fn runs_killed_part_way_leave_no_day_without_its_row() {
+async fn runs_killed_part_way_leave_the_tables_whole_and_right() {
     let events = generate(12, 2_000, 6, START_MS, 72);
     let now = at(START_MS + 3 * DAY_MS + 30 * 60_000);
-    for k in [1, 2, 3] {
+    for at in [KillAt::FirstItem, KillAt::PublishCommit(1), KillAt::PublishCommit(2)] {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
         archive(&lake, "d", &events, now).await;
-        run_killed_after_day(&lake, now, k);
-        assert_eq!(
-            daily_orders(&lake).await.len(),
-            k,
-            "each day's row is committed before its hours'"
+        run_killed(&lake, now, at);
+        // the API's tables: nothing of the killed run's hours is visible yet
+        assert!(
+            read_table(&lake, "metrics_hourly", "hour").await.is_empty(),
+            "killed at {at:?}: metrics_hourly is published last, in one commit"
         );
         BatchRun::new(&lake)
             .now(now)
@@ -646,11 +661,12 @@ async fn runs_killed_part_way_leave_no_day_without_its_row() {
         assert_eq!(
             read_table(&lake, "metrics_daily", "day").await,
             model_daily(&events),
-            "killed after day {k}, then rerun"
+            "killed at {at:?}, then rerun"
         );
         assert_eq!(
             read_table(&lake, "metrics_hourly", "hour").await,
-            model_hourly(&events)
+            model_hourly(&events),
+            "killed at {at:?}, then rerun"
         );
     }
 }
