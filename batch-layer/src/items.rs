@@ -14,10 +14,10 @@
 use std::sync::Arc;
 
 use deltalake::arrow::array::RecordBatch;
+use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use deltalake::datafusion::datasource::listing::ListingTableUrl;
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::Add;
-use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use deltalake::DeltaTable;
 use futures::TryStreamExt as _;
 use tally_common::bucket::day_floor;
@@ -30,7 +30,9 @@ use crate::memory::{MemoryBound, SpillMeter};
 use crate::parts::{part_udf, PART_FUNCTION};
 use crate::plan::{customer_hours_files, Item, Plan};
 use crate::publish::{conform, table_rows};
-use crate::sql::{computable_rows, customer_hour_sql, daily_from_customers_sql, hourly_from_customers_sql};
+use crate::sql::{
+    computable_rows, customer_hour_sql, daily_from_customers_sql, hourly_from_customers_sql,
+};
 use crate::stage::{register_files, Staging};
 
 /// Staged name of the `customer_hours` files item `i` wrote.
@@ -74,7 +76,10 @@ impl ItemContext {
             let raw = lake.open_at_version(Table::RawEvents, v).await?;
             register(&ctx, Table::RawEvents.name(), &raw).await?;
         }
-        let customer_hours = match plan.customer_hours_version.and_then(|v| u64::try_from(v).ok()) {
+        let customer_hours = match plan
+            .customer_hours_version
+            .and_then(|v| u64::try_from(v).ok())
+        {
             Some(v) => lake.open_at_version(Table::CustomerHours, v).await?,
             None => lake.open_or_create(Table::CustomerHours).await?,
         };
@@ -83,7 +88,12 @@ impl ItemContext {
         let store_url = Url::parse(&format!("tally-lake://{}/", plan.run_id.to_lowercase()))
             .map_err(|e| Error::internal(format!("lake URL: {e}")))?;
         ctx.register_object_store(&store_url, log_store.root_object_store(None));
-        let table_path = log_store.config().location().path().trim_start_matches('/').to_string();
+        let table_path = log_store
+            .config()
+            .location()
+            .path()
+            .trim_start_matches('/')
+            .to_string();
         let customer_hours_url = store_url
             .join(&format!("{}/", table_path.trim_end_matches('/')))
             .map_err(|e| Error::internal(format!("customer_hours URL: {e}")))?;
@@ -105,17 +115,17 @@ impl ItemContext {
     /// Compute item `i` of the plan and stage its results; returns the metric
     /// rows it staged. Errors: [`Error::Invalid`] for an index out of the plan.
     pub async fn compute(&self, i: usize) -> Result<u64> {
-        let item = *self
-            .plan
-            .items
-            .get(i)
-            .ok_or_else(|| Error::invalid(format!("item {i}: the plan has {}", self.plan.items.len())))?;
+        let item = *self.plan.items.get(i).ok_or_else(|| {
+            Error::invalid(format!("item {i}: the plan has {}", self.plan.items.len()))
+        })?;
         let rows = match item {
             Item::Hour { hour, part, parts } => self.hour(i, hour, part, parts).await?,
             Item::Day { day, part, parts } => self.day(day, part, parts).await?,
         };
         let n = rows.iter().map(|b| b.num_rows() as u64).sum();
-        self.staging.put_batches(&rows_name(&item, i), &rows).await?;
+        self.staging
+            .put_batches(&rows_name(&item, i), &rows)
+            .await?;
         Ok(n)
     }
 
@@ -134,7 +144,10 @@ impl ItemContext {
             raw
         };
         let schema = Table::CustomerHours.schema();
-        let (plan, mut stream) = self.spill.stream(&self.ctx, &customer_hour_sql(&raw, hour)).await?;
+        let (plan, mut stream) = self
+            .spill
+            .stream(&self.ctx, &customer_hour_sql(&raw, hour))
+            .await?;
         let config = WriterConfig::new(
             schema.clone(),
             vec!["date".to_string()],
@@ -145,7 +158,11 @@ impl ItemContext {
             None,
         );
         let mut writer = DeltaWriter::new(self.customer_hours.object_store(), config);
-        while let Some(batch) = stream.try_next().await.context("computing customer_hours")? {
+        while let Some(batch) = stream
+            .try_next()
+            .await
+            .context("computing customer_hours")?
+        {
             if batch.num_rows() == 0 {
                 continue;
             }
@@ -156,7 +173,10 @@ impl ItemContext {
                 .context("writing customer_hours files")?;
         }
         self.spill.add(plan.as_ref());
-        let adds = writer.close().await.context("writing customer_hours files")?;
+        let adds = writer
+            .close()
+            .await
+            .context("writing customer_hours files")?;
         self.staging.put_json(&adds_name(i), &adds).await?;
         if adds.is_empty() {
             return Ok(Vec::new());
@@ -210,7 +230,10 @@ impl ItemContext {
         } else {
             name.clone()
         };
-        let out = self.spill.run(&self.ctx, &daily_from_customers_sql(&rows)).await;
+        let out = self
+            .spill
+            .run(&self.ctx, &daily_from_customers_sql(&rows))
+            .await;
         let _ = self.ctx.deregister_table(name.as_str());
         table_rows(MetricTable::Daily, &out?, day, self.plan.computed_at)
     }

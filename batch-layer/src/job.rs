@@ -23,8 +23,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
 use tally_common::bucket::{
-    day_floor, hour_floor, now_micros, Granularity, MICROS_PER_HOUR,
-    MICROS_PER_SECOND,
+    day_floor, hour_floor, now_micros, Granularity, MICROS_PER_HOUR, MICROS_PER_SECOND,
 };
 use tally_common::lake::{operation, read_commit, Lake, Table, LOGIC_VERSION_KEY};
 use tally_common::metric_table::MetricTable;
@@ -37,9 +36,9 @@ use tally_common::{Context as _, Error, Result};
 use crate::daily;
 use crate::dirty::{dirty_hours, hours_present, raw_files};
 use crate::dry_run::DryRunDiff;
+use crate::items::ItemContext;
 use crate::lease::{Lease, DEFAULT_LEASE_EXPIRY};
 use crate::memory::MemoryBound;
-use crate::items::ItemContext;
 use crate::plan::{customer_hours_files, plan_items, Marks, Plan};
 use crate::publish::{
     compact_partition, days_predicate, hours_predicate, publish_customer_hours, publish_rows,
@@ -299,7 +298,8 @@ impl BatchRun {
         let staging = Staging::open(&self.lake, &plan.run_id)?;
         let mut report = RunReport::planned(&plan);
         let t0 = Instant::now();
-        let items = ItemContext::new(&self.lake, &self.memory, plan.clone(), staging.clone()).await?;
+        let items =
+            ItemContext::new(&self.lake, &self.memory, plan.clone(), staging.clone()).await?;
         let computed = self.compute_items(&items, &plan, lease).await;
         report.compute_secs = t0.elapsed().as_secs_f64();
         report.spilled_bytes = items.spilled_bytes();
@@ -346,7 +346,10 @@ impl BatchRun {
         let mut hourly = self.lake.open_or_create(Table::MetricsHourly).await?;
         let lease = Lease::acquire(&hourly, self.lease_expiry, self.lease_wait).await?;
         let result = async {
-            hourly.update_state().await.context("refreshing metrics_hourly")?;
+            hourly
+                .update_state()
+                .await
+                .context("refreshing metrics_hourly")?;
             match self.plan_locked(&mut hourly, Some(&lease)).await? {
                 Planned::Nothing(_) => Ok(None),
                 Planned::Plan(p) => {
@@ -411,7 +414,11 @@ impl BatchRun {
                 .filter(|h| work.daily_due.contains(&day_floor(*h)) && !covered.contains(h)),
         );
         let days: BTreeSet<i64> = work.daily_due.clone();
-        let all_days: BTreeSet<i64> = hours.iter().map(|&h| day_floor(h)).chain(days.iter().copied()).collect();
+        let all_days: BTreeSet<i64> = hours
+            .iter()
+            .map(|&h| day_floor(h))
+            .chain(days.iter().copied())
+            .collect();
         let plan = Plan {
             run_id: self.run_id.clone(),
             reprocess: self.range,
@@ -426,7 +433,10 @@ impl BatchRun {
             items: plan_items(&hours, &days, &rows_by_hour, self.parts),
             hours: hours.into_iter().collect(),
             days: days.into_iter().collect(),
-            compact_days: all_days.into_iter().filter(|&d| marks.day_complete(d)).collect(),
+            compact_days: all_days
+                .into_iter()
+                .filter(|&d| marks.day_complete(d))
+                .collect(),
             quarantined: planner.quarantined,
         };
         if plan.items.is_empty() && !self.dry_run {
@@ -447,7 +457,12 @@ impl BatchRun {
     }
 
     /// Compute the plan's items, `jobs` at a time: the hours' parts, then the days'.
-    async fn compute_items(&self, items: &ItemContext, plan: &Plan, lease: Option<&Lease>) -> Result<()> {
+    async fn compute_items(
+        &self,
+        items: &ItemContext,
+        plan: &Plan,
+        lease: Option<&Lease>,
+    ) -> Result<()> {
         let (hours, days) = plan.waves();
         let total = plan.items.len() + PUBLISH_STEPS;
         let mut done = 0;
@@ -630,11 +645,19 @@ impl Planner<'_> {
                 .collect();
             let bad = quarantine::screen(&raw, &files, &read, job.now, &job.memory).await?;
             if bad.is_empty() {
-                return Ok(Work { raw, dirty, daily_due });
+                return Ok(Work {
+                    raw,
+                    dirty,
+                    daily_due,
+                });
             }
             if job.dry_run {
                 self.quarantined += bad.rows.len() as u64;
-                return Ok(Work { raw, dirty, daily_due });
+                return Ok(Work {
+                    raw,
+                    dirty,
+                    daily_due,
+                });
             }
             if pass > SCREEN_PASSES {
                 // a writer keeps adding such rows: the queries leave them out
@@ -643,7 +666,11 @@ impl Planner<'_> {
                     rows = bad.rows.len(),
                     "rows the batch layer cannot compute keep arriving; leaving them for the next run"
                 );
-                return Ok(Work { raw, dirty, daily_due });
+                return Ok(Work {
+                    raw,
+                    dirty,
+                    daily_due,
+                });
             }
             if let Some(l) = self.lease {
                 l.check().await?;
@@ -681,7 +708,6 @@ impl Planner<'_> {
         }
         Ok(due)
     }
-
 }
 
 /// What a publish wrote.
@@ -712,7 +738,9 @@ pub(crate) async fn publish_plan(
             Some(v) => read_commit(hourly, v as u64).await?,
             None => None,
         };
-        if newest.is_some_and(|c| c.info[crate::rollback::RUN_KEY].as_str() == Some(plan.run_id.as_str())) {
+        if newest.is_some_and(|c| {
+            c.info[crate::rollback::RUN_KEY].as_str() == Some(plan.run_id.as_str())
+        }) {
             // a publish retried after it committed
             staging.delete_all().await?;
             return Ok(Published::default());
@@ -742,7 +770,15 @@ pub(crate) async fn publish_plan(
             c = c.with_application_transactions(vec![daily::mark_txn(through)]);
             carried.daily_mark = true;
         }
-        let (t, n) = publish_rows(&daily, MetricTable::Daily, staging, memory, days_predicate(&plan.days), c).await?;
+        let (t, n) = publish_rows(
+            &daily,
+            MetricTable::Daily,
+            staging,
+            memory,
+            days_predicate(&plan.days),
+            c,
+        )
+        .await?;
         daily = t;
         published.daily_rows = n;
     }
@@ -753,7 +789,10 @@ pub(crate) async fn publish_plan(
         // a reprocessing run records no progress: the hours the last hourly run
         // has not seen yet stay dirty for the next one
         if plan.reprocess.is_none() {
-            c = c.with_application_transactions(progress_txns(plan.marks.watermark, plan.raw_version));
+            c = c.with_application_transactions(progress_txns(
+                plan.marks.watermark,
+                plan.raw_version,
+            ));
             carried.progress = true;
         }
         let replaced = plan
@@ -762,7 +801,8 @@ pub(crate) async fn publish_plan(
             .map(|(&day, hours)| hours_predicate(day, hours))
             .reduce(Expr::or)
             .unwrap_or(lit(false));
-        let (t, n) = publish_rows(hourly, MetricTable::Hourly, staging, memory, replaced, c).await?;
+        let (t, n) =
+            publish_rows(hourly, MetricTable::Hourly, staging, memory, replaced, c).await?;
         *hourly = t;
         published.hourly_rows = n;
     }
@@ -775,7 +815,12 @@ pub(crate) async fn publish_plan(
 /// Commit the marks that no row commit carried: the daily mark moves on alone
 /// when no day was missing its row, and the watermark or the processed
 /// version when there was nothing to recompute.
-async fn record_marks(plan: &Plan, hourly: &mut DeltaTable, daily: &DeltaTable, carried: Carried) -> Result<()> {
+async fn record_marks(
+    plan: &Plan,
+    hourly: &mut DeltaTable,
+    daily: &DeltaTable,
+    carried: Carried,
+) -> Result<()> {
     if let Some(through) = plan.marks.daily_through {
         if !carried.daily_mark && plan.daily_mark_before.is_none_or(|m| m < through) {
             let commit = CommitProperties::default()
@@ -798,14 +843,28 @@ async fn record_marks(plan: &Plan, hourly: &mut DeltaTable, daily: &DeltaTable, 
 
 /// A dry run's comparison: the hours' parts added up against what
 /// `metrics_hourly` holds (daily rows are not compared).
-async fn compare(hourly: &DeltaTable, plan: &Plan, staging: &Staging, memory: &MemoryBound) -> Result<DryRunDiff> {
+async fn compare(
+    hourly: &DeltaTable,
+    plan: &Plan,
+    staging: &Staging,
+    memory: &MemoryBound,
+) -> Result<DryRunDiff> {
     let mut diff = DryRunDiff::default();
     let ctx = memory.session()?;
     let after = if staging
-        .register_dir(&ctx, "hourly/", "staged", MetricTable::Hourly.table().schema())
+        .register_dir(
+            &ctx,
+            "hourly/",
+            "staged",
+            MetricTable::Hourly.table().schema(),
+        )
         .await?
     {
-        crate::sql::run_query(&ctx, &crate::publish::combine_staged_sql(MetricTable::Hourly, "staged")).await?
+        crate::sql::run_query(
+            &ctx,
+            &crate::publish::combine_staged_sql(MetricTable::Hourly, "staged"),
+        )
+        .await?
     } else {
         Vec::new()
     };
@@ -831,7 +890,11 @@ async fn discard(lake: &Lake, plan: &Plan, staging: &Staging) {
                     .await?
                     .unwrap_or_default();
                 for a in adds {
-                    let _ = object_store::ObjectStoreExt::delete(store.as_ref(), &deltalake::Path::from(a.path.as_str())).await;
+                    let _ = object_store::ObjectStoreExt::delete(
+                        store.as_ref(),
+                        &deltalake::Path::from(a.path.as_str()),
+                    )
+                    .await;
                 }
             }
         }
@@ -846,7 +909,12 @@ async fn discard(lake: &Lake, plan: &Plan, staging: &Staging) {
 /// Compact the raw partitions of the plan's closed days whose raw data changed
 /// or that closed in this run, and each such day's `metrics_hourly` partition
 /// (one file sorted by merchant); an hourly run then vacuums.
-async fn compact_after(lake: &Lake, plan: &Plan, memory: &MemoryBound, hourly: &mut DeltaTable) -> Result<()> {
+async fn compact_after(
+    lake: &Lake,
+    plan: &Plan,
+    memory: &MemoryBound,
+    hourly: &mut DeltaTable,
+) -> Result<()> {
     let days: BTreeSet<i64> = plan.compact_days.iter().copied().collect();
     crate::compact::compact_days(lake, &days).await?;
     for &day in &days {
@@ -855,12 +923,20 @@ async fn compact_after(lake: &Lake, plan: &Plan, memory: &MemoryBound, hourly: &
     if plan.reprocess.is_none() {
         // once a day closes: files replaced more than the retention ago go, and
         // readers and time travel inside the window keep theirs
-        for t in [Table::RawEvents, Table::MetricsHourly, Table::MetricsDaily, Table::CustomerHours] {
+        for t in [
+            Table::RawEvents,
+            Table::MetricsHourly,
+            Table::MetricsDaily,
+            Table::CustomerHours,
+        ] {
             let n = crate::compact::vacuum(lake, t, crate::compact::VACUUM_RETENTION).await?;
             tracing::info!(table = t.name(), files = n, "vacuumed");
         }
     }
-    hourly.update_state().await.context("refreshing metrics_hourly")?;
+    hourly
+        .update_state()
+        .await
+        .context("refreshing metrics_hourly")?;
     Ok(())
 }
 
@@ -884,12 +960,18 @@ pub async fn compact_metric_day(lake: &Lake, day: i64, memory: &MemoryBound) -> 
 /// `memory`: the Step Functions Map's item. Returns the metric rows staged.
 /// Errors: [`Error::Invalid`] when the run has no staged plan (published
 /// already, or never planned) or no such item.
-pub async fn compute_item(lake: &Lake, memory: &MemoryBound, run_id: &str, item: usize) -> Result<u64> {
+pub async fn compute_item(
+    lake: &Lake,
+    memory: &MemoryBound,
+    run_id: &str,
+    item: usize,
+) -> Result<u64> {
     let staging = Staging::open(lake, run_id)?;
-    let plan: Plan = staging
-        .get_json(PLAN_NAME)
-        .await?
-        .ok_or_else(|| Error::invalid(format!("run {run_id} has no staged plan (published, or never planned)")))?;
+    let plan: Plan = staging.get_json(PLAN_NAME).await?.ok_or_else(|| {
+        Error::invalid(format!(
+            "run {run_id} has no staged plan (published, or never planned)"
+        ))
+    })?;
     let items = ItemContext::new(lake, memory, Arc::new(plan), staging).await?;
     items.compute(item).await
 }
@@ -898,16 +980,26 @@ pub async fn compute_item(lake: &Lake, memory: &MemoryBound, run_id: &str, item:
 /// step), under the lease (waiting up to `wait` for it), then report. Errors:
 /// [`Error::Conflict`] when another run published since it was planned;
 /// [`Error::Invalid`] when it has no staged plan.
-pub async fn publish_run(lake: &Lake, memory: &MemoryBound, run_id: &str, lease_expiry: Duration, wait: Duration) -> Result<RunReport> {
+pub async fn publish_run(
+    lake: &Lake,
+    memory: &MemoryBound,
+    run_id: &str,
+    lease_expiry: Duration,
+    wait: Duration,
+) -> Result<RunReport> {
     let staging = Staging::open(lake, run_id)?;
-    let plan: Plan = staging
-        .get_json(PLAN_NAME)
-        .await?
-        .ok_or_else(|| Error::invalid(format!("run {run_id} has no staged plan (published, or never planned)")))?;
+    let plan: Plan = staging.get_json(PLAN_NAME).await?.ok_or_else(|| {
+        Error::invalid(format!(
+            "run {run_id} has no staged plan (published, or never planned)"
+        ))
+    })?;
     let mut hourly = lake.open_or_create(Table::MetricsHourly).await?;
     let lease = Lease::acquire(&hourly, lease_expiry, wait).await?;
     let result = async {
-        hourly.update_state().await.context("refreshing metrics_hourly")?;
+        hourly
+            .update_state()
+            .await
+            .context("refreshing metrics_hourly")?;
         let t = Instant::now();
         let p = publish_plan(lake, &plan, &staging, memory, &mut hourly, None).await?;
         let mut report = RunReport::planned(&plan);

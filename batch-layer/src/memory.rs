@@ -12,10 +12,10 @@ use deltalake::arrow::array::RecordBatch;
 use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use deltalake::datafusion::execution::SessionStateBuilder;
 use deltalake::datafusion::physical_plan::{
     collect, execute_stream, ExecutionPlan, SendableRecordBatchStream,
 };
-use deltalake::datafusion::execution::SessionStateBuilder;
 use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 use tally_common::config::parse_bytes;
@@ -52,6 +52,16 @@ impl MemoryBound {
     /// writing to `spill_dir`. Errors: [`Error::Config`] when the runtime cannot
     /// be built (e.g. the spill directory cannot be created).
     pub fn session(&self) -> Result<SessionContext> {
+        self.session_with(SessionConfig::new())
+    }
+
+    /// A session under this bound for writing sorted rows: one partition, so
+    /// the order of the plan's output is the order written.
+    pub fn ordered_session(&self) -> Result<SessionContext> {
+        self.session_with(SessionConfig::new().with_target_partitions(1))
+    }
+
+    fn session_with(&self, config: SessionConfig) -> Result<SessionContext> {
         let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
         let disk = DiskManagerBuilder::default().with_mode(match &self.spill_dir {
             Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
@@ -69,7 +79,7 @@ impl MemoryBound {
         // partition) gets an equal share of the pool and must fit one batch of
         // rows in it: small bounds get smaller batches
         let batch_rows = (FULL_BATCH_ROWS * limit / FULL_BATCH_FROM).clamp(256, FULL_BATCH_ROWS);
-        let config = SessionConfig::new()
+        let config = config
             .with_sort_spill_reservation_bytes(merge_reserve)
             .with_batch_size(batch_rows);
         // delta-rs's planner: its writes from a plan run in this session too

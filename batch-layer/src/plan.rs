@@ -15,8 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use deltalake::arrow::array::{Array, AsArray};
-use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use deltalake::DeltaTable;
 use serde::{Deserialize, Serialize};
 use tally_common::bucket::{day_floor, MICROS_PER_DAY, MICROS_PER_HOUR};
@@ -196,7 +196,11 @@ pub fn customer_hours_files(table: &DeltaTable) -> Result<Vec<CustomerHoursFile>
     let dates = column(&adds, "partition.date", &DataType::Utf8)?;
     let sizes = column(&adds, "size_bytes", &DataType::Int64)?;
     let micros = |name: &str| -> Result<Option<deltalake::arrow::array::ArrayRef>> {
-        match column(&adds, name, &DataType::Timestamp(TimeUnit::Microsecond, None))? {
+        match column(
+            &adds,
+            name,
+            &DataType::Timestamp(TimeUnit::Microsecond, None),
+        )? {
             Some(a) => Ok(Some(
                 cast(&a, &DataType::Int64).context(format!("reading {name}"))?,
             )),
@@ -248,7 +252,14 @@ mod tests {
             }
         );
         assert!(matches!(items[3], Item::Hour { parts: 1, .. }));
-        assert!(matches!(items[6], Item::Day { part: 2, parts: 3, .. }));
+        assert!(matches!(
+            items[6],
+            Item::Day {
+                part: 2,
+                parts: 3,
+                ..
+            }
+        ));
         let json = serde_json::to_value(items[6]).unwrap();
         assert_eq!(json["kind"], "day");
     }

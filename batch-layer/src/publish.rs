@@ -35,6 +35,9 @@ use crate::layout::metric_writer_properties;
 use crate::memory::MemoryBound;
 use crate::plan::{customer_hours_files, Item, Plan};
 use crate::stage::Staging;
+use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
+use deltalake::datafusion::datasource::listing::ListingTableUrl;
+use futures::TryStreamExt as _;
 
 /// A commit that changes no row of a metric table and records `commit`'s
 /// transactions (progress or the daily mark).
@@ -304,7 +307,7 @@ pub(crate) async fn publish_rows(
     replaced: Expr,
     commit: CommitProperties,
 ) -> Result<(DeltaTable, u64)> {
-    let ctx = memory.session()?;
+    let ctx = memory.ordered_session()?;
     let dir = match kind {
         MetricTable::Hourly => "hourly/",
         MetricTable::Daily => "daily/",
@@ -333,7 +336,11 @@ pub(crate) async fn publish_rows(
     let n = rows
         .first()
         .filter(|b| b.num_rows() > 0)
-        .and_then(|b| b.column(0).as_primitive_opt::<Int64Type>().map(|c| c.value(0)))
+        .and_then(|b| {
+            b.column(0)
+                .as_primitive_opt::<Int64Type>()
+                .map(|c| c.value(0))
+        })
         .unwrap_or(0)
         .max(0) as u64;
     let t = table
@@ -361,9 +368,12 @@ pub(crate) fn days_predicate(days: &[i64]) -> Expr {
 }
 
 /// Rewrite `kind`'s partition holding `t` as one file sorted by merchant and
-/// time, when it has more than one file (each run adds one): a lookup of one
-/// merchant then reads a page or two of one file. Streams under `memory`;
-/// returns whether it rewrote.
+/// time (each run adds a file, in no particular order): a lookup of one
+/// merchant then reads a page or two of one file. The sorted rows stream
+/// (under `memory`, spilling) into delta-rs's file writer, and one commit
+/// removes the partition's files and adds the new one; a writer that
+/// committed in the partition meanwhile makes it fail (Delta's conflict
+/// check), and the next run compacts again. Returns whether it rewrote.
 pub(crate) async fn compact_partition(
     table: &DeltaTable,
     kind: MetricTable,
@@ -378,46 +388,160 @@ pub(crate) async fn compact_partition(
     let adds = state
         .add_actions_table(true)
         .context(format!("listing {} files", kind.name()))?;
-    let files = match column(&adds, &format!("partition.{}", kind.partition_column()), &DataType::Utf8)? {
-        Some(c) => {
-            let c = c.as_string::<i32>();
-            (0..c.len()).filter(|&i| !c.is_null(i) && c.value(i) == value).count()
-        }
-        None => 0,
+    let partition_col = kind.partition_column();
+    let (Some(paths), Some(parts), Some(sizes)) = (
+        column(&adds, "path", &DataType::Utf8)?,
+        column(
+            &adds,
+            &format!("partition.{partition_col}"),
+            &DataType::Utf8,
+        )?,
+        column(&adds, "size_bytes", &DataType::Int64)?,
+    ) else {
+        return Ok(false);
     };
-    if files <= 1 {
+    let (paths, parts, sizes) = (
+        paths.as_string::<i32>(),
+        parts.as_string::<i32>(),
+        sizes.as_primitive::<Int64Type>(),
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let removes: Vec<Action> = (0..paths.len())
+        .filter(|&i| !parts.is_null(i) && parts.value(i) == value)
+        .map(|i| {
+            Action::Remove(Remove {
+                path: paths.value(i).to_string(),
+                data_change: false,
+                deletion_timestamp: Some(now),
+                extended_file_metadata: Some(true),
+                partition_values: Some([(partition_col.to_string(), Some(value.clone()))].into()),
+                size: Some(sizes.value(i)),
+                tags: None,
+                deletion_vector: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+            })
+        })
+        .collect();
+    // one file is rewritten too: a late hour's replacement rewrote the
+    // partition's rows in delta-rs's order, not sorted
+    if removes.is_empty() {
         return Ok(false);
     }
-    let ctx = memory.session()?;
-    register(&ctx, kind.name(), table).await?;
-    let names: Vec<String> = kind
-        .table()
-        .schema()
+    // the partition's files read as plain Parquet (the sort below must not be
+    // taken for one the Delta scan already provides)
+    let ctx = memory.ordered_session()?;
+    let log_store = table.log_store();
+    let store_url = url::Url::parse("tally-lake://compaction/")
+        .map_err(|e| Error::internal(format!("lake URL: {e}")))?;
+    ctx.register_object_store(&store_url, log_store.root_object_store(None));
+    let table_path = log_store
+        .config()
+        .location()
+        .path()
+        .trim_matches('/')
+        .to_string();
+    let urls = (0..paths.len())
+        .filter(|&i| !parts.is_null(i) && parts.value(i) == value)
+        .map(|i| ListingTableUrl::parse(format!("{store_url}{table_path}/{}", paths.value(i))))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .context("naming the partition's files")?;
+    let schema = kind.table().schema();
+    let file_schema = Arc::new(deltalake::arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != partition_col)
+            .cloned()
+            .collect::<Vec<_>>(),
+    ));
+    crate::stage::register_files(&ctx, "partition_files", urls, Some(file_schema)).await?;
+    let names: Vec<String> = schema
         .fields()
         .iter()
-        .map(|f| f.name().clone())
+        .map(|f| match f.name().as_str() {
+            n if n == partition_col => format!("'{value}' AS {n}"),
+            n => n.to_string(),
+        })
         .collect();
-    let df = ctx
-        .sql(&format!(
-            "SELECT {} FROM {} WHERE {} = '{value}' ORDER BY {MERCHANT_COLUMN}, {}",
-            names.join(", "),
-            kind.name(),
-            kind.partition_column(),
-            kind.time_column()
-        ))
+    let sql = format!(
+        "SELECT {} FROM partition_files ORDER BY {MERCHANT_COLUMN}, {}",
+        names.join(", "),
+        kind.time_column()
+    );
+    let mut stream = ctx
+        .sql(&sql)
+        .await
+        .context(format!("reading {} for compaction", kind.name()))?
+        .execute_stream()
         .await
         .context(format!("reading {} for compaction", kind.name()))?;
-    table
-        .clone()
-        .write(Vec::new())
-        .with_input_plan(df.logical_plan().clone())
-        .with_session_state(Arc::new(ctx.state()))
-        .with_save_mode(SaveMode::Overwrite)
-        .with_replace_where(partition_of(kind, t))
-        .with_partition_columns([kind.partition_column()])
-        .with_writer_properties(metric_writer_properties())
-        .with_commit_properties(commit)
+    // one partition: an unpartitioned writer under the partition's directory
+    // (delta-rs's partitioning writer reorders rows of equal partition value)
+    let file_schema = Arc::new(deltalake::arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != partition_col)
+            .cloned()
+            .collect::<Vec<_>>(),
+    ));
+    let dir = format!("{partition_col}={value}");
+    let config = WriterConfig::new(
+        file_schema.clone(),
+        Vec::new(),
+        Some(metric_writer_properties()),
+        None,
+        None,
+        Default::default(),
+        None,
+    );
+    let store = Arc::new(object_store::prefix::PrefixStore::new(
+        table.object_store(),
+        dir.as_str(),
+    ));
+    let mut writer = DeltaWriter::new(store, config);
+    while let Some(batch) = stream
+        .try_next()
         .await
-        .context(format!("compacting {}", kind.name()))?;
+        .context(format!("compacting {}", kind.name()))?
+    {
+        if batch.num_rows() > 0 {
+            let batch = conform(&schema, batch.columns().to_vec())?;
+            let keep: Vec<usize> = (0..schema.fields().len())
+                .filter(|&i| schema.field(i).name() != partition_col)
+                .collect();
+            let batch = batch.project(&keep).context("compacting")?;
+            writer
+                .write(&batch)
+                .await
+                .context(format!("compacting {}", kind.name()))?;
+        }
+    }
+    let mut actions: Vec<Action> = writer
+        .close()
+        .await
+        .context(format!("compacting {}", kind.name()))?
+        .into_iter()
+        .map(|mut a| {
+            a.path = format!("{dir}/{}", a.path);
+            a.partition_values = [(partition_col.to_string(), Some(value.clone()))].into();
+            a.data_change = false;
+            Action::Add(a)
+        })
+        .collect();
+    actions.extend(removes);
+    CommitBuilder::from(commit)
+        .with_actions(actions)
+        .build(
+            Some(state),
+            table.log_store(),
+            DeltaOperation::Optimize {
+                predicate: Some(format!("{partition_col} = '{value}'")),
+                target_size: 0,
+            },
+        )
+        .await
+        .context(format!("committing the compaction of {}", kind.name()))?;
     Ok(true)
 }

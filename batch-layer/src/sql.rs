@@ -22,9 +22,6 @@ use tally_common::bucket::{date_string, day_floor, hour_of_day, MICROS_PER_HOUR}
 use tally_common::metrics::{aggregate_sql, partial_metric_names};
 use tally_common::{Context as _, Result};
 
-
-
-
 use crate::quarantine::computable_row_sql;
 
 /// The rows of `table` on `day` that the batch layer can compute, as a relation

@@ -533,7 +533,13 @@ CAST(COUNT(customer_id) AS BIGINT) AS unique_customers"
         assert_eq!(STORED_COUNT, stored_metric_names().count());
         assert_eq!(
             partial_metric_names().collect::<Vec<_>>(),
-            ["orders", "gross_sales", "refunds", "refunded_amount", "page_views"]
+            [
+                "orders",
+                "gross_sales",
+                "refunds",
+                "refunded_amount",
+                "page_views"
+            ]
         );
         assert_eq!(
             stored_metric_names().collect::<Vec<_>>(),

@@ -345,7 +345,11 @@ async fn a_day_closing_screens_its_hours_that_no_run_screened() {
 
     let r = BatchRun::new(&lake).now(now).execute().await.unwrap();
     assert_eq!((r.quarantined, r.days), (1, 1));
-    assert_eq!(r.hours, 1, "the hour the row left is recomputed");
+    assert_eq!(
+        r.hours, 5,
+        "the hour the row left is recomputed, with the day's other hours: no run wrote \
+         their customer_hours rows (the watermark above was set by hand)"
+    );
     let got = moved(&lake).await;
     assert_eq!(got.len(), 1);
     assert!(got[0].0.starts_with("misplaced: "), "{got:?}");
