@@ -2,7 +2,11 @@
 # Static checks of the Terraform in infra/terraform, with no Terraform binary:
 #   1. every .tf file parses as HCL2 (python-hcl2);
 #   2. checkov reports no failed check (a skipped check must carry an inline
-#      `#checkov:skip=CKV_...:reason` in the .tf file that it concerns).
+#      `#checkov:skip=CKV_...:reason` in the .tf file that it concerns);
+#   3. the batch state machine's definition (stepfunctions.tf), evaluated from
+#      the HCL, has a consistent shape, passes statelint, and runs its
+#      scenarios against a scripted batch function
+#      (scripts/check_state_machine.py, with statelint's jsonata-python).
 #
 # Tools live in a Python venv at ${TALLY_VENV:-$HOME/.cache/tally/venv}, created
 # and filled from PyPI on first use. Versions are pinned so that a new checkov
@@ -16,17 +20,22 @@
 #     moto, deltalake, duckdb), whose site-packages must not be moved by it;
 #   - checkov depends on bc-python-hcl2, a fork that installs the same `hcl2`
 #     import package as python-hcl2 (which also ships a top-level `cli`
-#     package), so the two cannot share a site-packages either.
+#     package), so the two cannot share a site-packages either;
+#   - statelint (and jsonata-python) sits beside python-hcl2 on PYTHONPATH for
+#     step 3, never beside checkov.
 set -euo pipefail
 
 readonly CHECKOV_VERSION="3.3.30"
 readonly PYTHON_HCL2_VERSION="8.1.4"
+readonly STATELINT_VERSION="3.1.0"
+readonly JSONATA_PYTHON_VERSION="0.7.1"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tf_dir="${root}/infra/terraform"
 venv="${TALLY_VENV:-${HOME}/.cache/tally/venv}"
 hcl2_dir="${venv}/opt/python-hcl2-${PYTHON_HCL2_VERSION}"
 checkov_dir="${venv}/opt/checkov-${CHECKOV_VERSION}"
+statelint_dir="${venv}/opt/statelint-${STATELINT_VERSION}-jsonata-${JSONATA_PYTHON_VERSION}"
 python_bin="${PYTHON:-python3}"
 
 log() { printf 'check-infra: %s\n' "$*" >&2; }
@@ -44,16 +53,20 @@ if [[ ! -x "${venv}/bin/python" ]]; then
 fi
 vpy="${venv}/bin/python"
 
-install_tool() { # <dir> <requirement>
-  local dir="$1" req="$2"
+install_tool() { # <dir> <requirement>...
+  local dir="$1"
+  shift
   [[ -f "${dir}/.complete" ]] && return 0
-  log "installing ${req} into ${dir}"
+  log "installing $* into ${dir}"
   rm -rf "${dir}"
-  "${vpy}" -m pip install --quiet --disable-pip-version-check --target "${dir}" "${req}"
+  "${vpy}" -m pip install --quiet --disable-pip-version-check --target "${dir}" "$@"
   touch "${dir}/.complete"
 }
 install_tool "${checkov_dir}" "checkov==${CHECKOV_VERSION}"
 install_tool "${hcl2_dir}" "python-hcl2==${PYTHON_HCL2_VERSION}"
+# python-dateutil below 3, as botocore in the shared venv wants it, keeps pip from
+# reporting a conflict that the separate --target directory does not have.
+install_tool "${statelint_dir}" "statelint[jsonata]==${STATELINT_VERSION}" "jsonata-python==${JSONATA_PYTHON_VERSION}" "python-dateutil<3"
 
 # --- 1. parse ----------------------------------------------------------------
 parsed="$(
@@ -129,4 +142,8 @@ if [[ ${passed} -eq 0 ]]; then
   exit 1
 fi
 
-echo "infra: ${parsed} files parsed, checkov: ${passed} passed, 0 failed, ${skipped} skipped"
+# --- 3. the batch state machine ------------------------------------------------
+sfn="$(PYTHONPATH="${hcl2_dir}:${statelint_dir}" "${vpy}" "${root}/scripts/check_state_machine.py" "${tf_dir}")" \
+  || { log "batch state machine check failed"; exit 1; }
+
+echo "infra: ${parsed} files parsed, checkov: ${passed} passed, 0 failed, ${skipped} skipped; state machine: ${sfn}"

@@ -7,8 +7,8 @@
 #     job stops reporting;
 #   - the API's 5xx rate;
 #   - messages in the on-failure and dead-letter queues;
-#   - failed reprocessing executions, producer throttling on the stream, Redis
-#     CPU and memory.
+#   - failed executions of the batch state machine (hourly runs and
+#     reprocessing), producer throttling on the stream, Redis CPU and memory.
 # The per-function error/throttle alarms (and the 5xx alarm for api) are also
 # CodeDeploy's rollback triggers.
 
@@ -188,7 +188,7 @@ resource "aws_cloudwatch_metric_alarm" "queue_not_empty" {
   )
 
   alarm_name        = "${var.name}-${each.key}-not-empty"
-  alarm_description = "${each.value} has messages: a Kinesis batch, a batch run or a speed-view check was given up after its retries (see docs/DEPLOY.md, replaying; a {\"speed_rebuild\": true} message needs no replay)."
+  alarm_description = "${each.value} has messages: a Kinesis batch, the start of an hourly batch run or a speed-view check was given up after its retries (see docs/DEPLOY.md, replaying; a {\"speed_rebuild\": true} message needs no replay)."
   namespace         = "AWS/SQS"
   metric_name       = "ApproximateNumberOfMessagesVisible"
   dimensions        = { QueueName = each.value }
@@ -204,12 +204,12 @@ resource "aws_cloudwatch_metric_alarm" "queue_not_empty" {
   ok_actions    = local.alarm_actions
 }
 
-resource "aws_cloudwatch_metric_alarm" "reprocess_failed" {
-  alarm_name        = "${var.name}-reprocess-failed"
-  alarm_description = "A reprocessing execution failed; its completed ranges are committed, rerun the same input."
+resource "aws_cloudwatch_metric_alarm" "batch_run_failed" {
+  alarm_name        = "${var.name}-batch-run-failed"
+  alarm_description = "An execution of the batch state machine (an hourly run or a reprocess) failed before its publish finished (a compaction failure never fails a run). Redrive it or start it again (docs/DEPLOY.md, The batch run)."
   namespace         = "AWS/States"
   metric_name       = "ExecutionsFailed"
-  dimensions        = { StateMachineArn = aws_sfn_state_machine.reprocess.arn }
+  dimensions        = { StateMachineArn = aws_sfn_state_machine.batch.arn }
   statistic         = "Sum"
   period            = 300
 

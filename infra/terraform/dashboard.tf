@@ -1,6 +1,6 @@
 # One dashboard for the whole pipeline, top to bottom: what comes in, how far
 # behind each consumer is, how the functions fare, the batch watermark, the
-# read path, Redis, and what was given up (queues, failed reprocessing).
+# read path, Redis, and what was given up (queues, failed batch runs).
 
 locals {
   fn_names = { for k, f in aws_lambda_function.fn : k => f.function_name }
@@ -115,13 +115,13 @@ locals {
     {
       type = "metric", x = 12, y = 18, width = 12, height = 6
       properties = {
-        title  = "Given up: queue depth, failed reprocessing"
+        title  = "Given up: queue depth, failed batch runs"
         region = local.region
         period = 300
         metrics = concat(
           [for q in concat([for k, q in aws_sqs_queue.esm_failures : q.name], [aws_sqs_queue.batch_dlq.name]) :
           ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", q, { stat = "Maximum" }]],
-          [["AWS/States", "ExecutionsFailed", "StateMachineArn", aws_sfn_state_machine.reprocess.arn, { stat = "Sum" }]],
+          [["AWS/States", "ExecutionsFailed", "StateMachineArn", aws_sfn_state_machine.batch.arn, { stat = "Sum" }]],
         )
       }
     },

@@ -4,13 +4,18 @@
 #            the Redis AUTH secret.
 #   archiver read the stream; send failed-batch metadata to its queue;
 #            read/write the lake under raw_events/ and quarantine/.
-#   batch    read/write raw_events/ (compaction of closed partitions) and
-#            metrics_hourly/, metrics_daily/; its dead-letter queue; read the
-#            Redis AUTH secret (the every-minute speed-view check and rebuild).
+#   batch    read/write raw_events/ (compaction of closed partitions),
+#            metrics_hourly/, metrics_daily/ and the run staging area
+#            _staging/ (the plan's item list, the parts' staged results); its
+#            dead-letter queue; read the Redis AUTH secret (the every-minute
+#            speed-view check and rebuild).
 #   api      read-only metrics_hourly/ and metrics_daily/; read the Redis
 #            AUTH secret.
 #   all      write their own log group only, X-Ray, the ENIs of their VPC
 #            subnets, decrypt their environment.
+#   batch state machine (Step Functions): invoke the batch function's live
+#            alias, read the plan's item list and write the parts map's
+#            results under _staging/, run its own distributed Map children.
 #
 # S3 actions are what a Delta writer needs: Get/Put (commits are conditional
 # PutObject of the next _delta_log entry), Delete (log cleanup, VACUUM,
@@ -20,11 +25,17 @@
 locals {
   lake_bucket_arn = aws_s3_bucket.lake.arn
 
-  # Tables each function may write (read/write) and only read.
+  # Where a batch run stages its work between its steps (plan, parts,
+  # publish): <lake_prefix>/_staging/<run_id>/. Not a table; expired by a
+  # lifecycle rule (s3.tf) when a run dies before cleaning up.
+  lake_staging_dir = "_staging"
+
+  # Tables (and the batch staging area) each function may write (read/write)
+  # and only read.
   table_access = {
     speed    = { rw = [], ro = [] }
     archiver = { rw = ["raw_events", "quarantine"], ro = [] }
-    batch    = { rw = ["raw_events", "metrics_hourly", "metrics_daily"], ro = [] }
+    batch    = { rw = ["raw_events", "metrics_hourly", "metrics_daily", local.lake_staging_dir], ro = [] }
     api      = { rw = [], ro = ["metrics_hourly", "metrics_daily"] }
   }
 
@@ -244,13 +255,14 @@ resource "aws_iam_role_policy" "flow_logs" {
 
 # --- EventBridge Scheduler -----------------------------------------------------------
 
-# One role for both schedules (hourly run, every-minute speed-view check): both
-# invoke the batch function's live alias. Scheduler invokes with this role, so
-# the function needs no resource-based permission (aws_lambda_permission).
+# One role for both schedules: the hourly run starts an execution of the batch
+# state machine, the every-minute speed-view check invokes the batch function's
+# live alias. Scheduler calls with this role, so neither the state machine nor
+# the function needs a resource-based permission (aws_lambda_permission).
 
 resource "aws_iam_role" "scheduler" {
   name        = "${var.name}-batch-schedule"
-  description = "EventBridge Scheduler invoking the ${var.name} batch function"
+  description = "EventBridge Scheduler starting the ${var.name} batch state machine and invoking the batch function"
   assume_role_policy = jsonencode({
     Version = "2012-10-17"
     Statement = [{
@@ -263,6 +275,11 @@ resource "aws_iam_role" "scheduler" {
 }
 
 data "aws_iam_policy_document" "scheduler" {
+  statement {
+    sid       = "StartBatchRun"
+    actions   = ["states:StartExecution"]
+    resources = [aws_sfn_state_machine.batch.arn]
+  }
   statement {
     sid       = "InvokeBatchLive"
     actions   = ["lambda:InvokeFunction"]
@@ -286,16 +303,20 @@ resource "aws_iam_role_policy" "scheduler" {
   policy = data.aws_iam_policy_document.scheduler.json
 }
 
-# --- Step Functions (reprocessing) ---------------------------------------------------
+# --- Step Functions (the batch run) ----------------------------------------------------
 
 locals {
-  reprocess_state_machine_name = "${var.name}-reprocess"
-  reprocess_state_machine_arn  = "arn:${local.partition}:states:${local.region}:${local.account_id}:stateMachine:${local.reprocess_state_machine_name}"
+  batch_state_machine_name = "${var.name}-batch"
+  batch_state_machine_arn  = "arn:${local.partition}:states:${local.region}:${local.account_id}:stateMachine:${local.batch_state_machine_name}"
+
+  # The plan's item list (ItemReader) and the parts map's results
+  # (ResultWriter): <lake_prefix>/_staging/<run_id>/...
+  batch_staging_objects_arn = "${local.lake_bucket_arn}/${var.lake_prefix}/${local.lake_staging_dir}/*"
 }
 
-resource "aws_iam_role" "reprocess" {
-  name        = "${var.name}-reprocess-sfn"
-  description = "The ${var.name} reprocessing state machine"
+resource "aws_iam_role" "batch_sfn" {
+  name        = "${var.name}-batch-sfn"
+  description = "The ${var.name} batch state machine (hourly run and reprocessing)"
   assume_role_policy = jsonencode({
     Version = "2012-10-17"
     Statement = [{
@@ -304,32 +325,55 @@ resource "aws_iam_role" "reprocess" {
       Action    = "sts:AssumeRole"
       Condition = {
         StringEquals = { "aws:SourceAccount" = local.account_id }
-        ArnLike      = { "aws:SourceArn" = "arn:${local.partition}:states:${local.region}:${local.account_id}:stateMachine:${local.reprocess_state_machine_name}" }
+        ArnLike      = { "aws:SourceArn" = local.batch_state_machine_arn }
       }
     }]
   })
 }
 
-data "aws_iam_policy_document" "reprocess" {
+data "aws_iam_policy_document" "batch_sfn" {
+  # plan, part, publish and compact are all the batch function's live alias.
   statement {
     sid       = "InvokeBatchLive"
     actions   = ["lambda:InvokeFunction"]
     resources = [aws_lambda_alias.live["batch"].arn]
   }
 
-  # The distributed Map runs each range as a child execution of this same
-  # state machine.
+  # The parts map reads the plan's item list (ItemReader, s3:getObject) and
+  # writes its run's results (ResultWriter, s3:putObject, multipart for large
+  # result files) under the staging area, and nowhere else in the lake.
+  statement {
+    sid = "RunStagingArea"
+    actions = [
+      "s3:GetObject",
+      "s3:PutObject",
+      "s3:AbortMultipartUpload",
+      "s3:ListMultipartUploadParts",
+    ]
+    resources = [local.batch_staging_objects_arn]
+  }
+  statement {
+    sid = "LakeKey"
+    # The lake's objects are SSE-KMS under the data key: Decrypt to read the
+    # item list, GenerateDataKey to write the map's results.
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
+    resources = [aws_kms_key.data.arn]
+  }
+
+  # The distributed Maps run each item as a child execution of this same
+  # state machine; RedriveExecution lets a redriven execution rerun a map
+  # run's failed children.
   statement {
     sid       = "DistributedMapChildren"
     actions   = ["states:StartExecution"]
-    resources = [local.reprocess_state_machine_arn]
+    resources = [local.batch_state_machine_arn]
   }
   statement {
     sid     = "DistributedMapChildExecutions"
-    actions = ["states:DescribeExecution", "states:StopExecution"]
+    actions = ["states:DescribeExecution", "states:StopExecution", "states:RedriveExecution"]
     resources = [
-      "arn:${local.partition}:states:${local.region}:${local.account_id}:execution:${local.reprocess_state_machine_name}/*",
-      "arn:${local.partition}:states:${local.region}:${local.account_id}:execution:${local.reprocess_state_machine_name}:*",
+      "arn:${local.partition}:states:${local.region}:${local.account_id}:execution:${local.batch_state_machine_name}/*",
+      "arn:${local.partition}:states:${local.region}:${local.account_id}:execution:${local.batch_state_machine_name}:*",
     ]
   }
   # Step Functions' vended log delivery: these CloudWatch Logs actions have
@@ -361,10 +405,10 @@ data "aws_iam_policy_document" "reprocess" {
   }
 }
 
-resource "aws_iam_role_policy" "reprocess" {
-  name   = "${var.name}-reprocess-sfn"
-  role   = aws_iam_role.reprocess.id
-  policy = data.aws_iam_policy_document.reprocess.json
+resource "aws_iam_role_policy" "batch_sfn" {
+  name   = "${var.name}-batch-sfn"
+  role   = aws_iam_role.batch_sfn.id
+  policy = data.aws_iam_policy_document.batch_sfn.json
 }
 
 # --- CodeDeploy ---------------------------------------------------------------------

@@ -11,10 +11,10 @@
 # changes the binary instead of four.
 #
 # Every apply that changes the zip publishes a new version; the `live` alias is
-# what the event source mappings, the schedules, the state machine and API
-# Gateway invoke. Terraform creates the alias on the first version and then
-# leaves it alone: CodeDeploy (deploy.tf) shifts it to a new version
-# gradually and rolls back on alarm. See docs/DEPLOY.md.
+# what the event source mappings, the speed-view schedule, the batch state
+# machine and API Gateway invoke. Terraform creates the alias on the first
+# version and then leaves it alone: CodeDeploy (deploy.tf) shifts it to a new
+# version gradually and rolls back on alarm. See docs/DEPLOY.md.
 
 locals {
   dist_dir = coalesce(var.lambda_dist_dir, "${path.module}/../../dist/lambda")
@@ -40,7 +40,7 @@ locals {
       async_invoked = false
     }
     batch = {
-      description   = "tally batch layer: hourly metrics from raw_events (schedule), one {from,to} range (Step Functions), or the every-minute {speed_rebuild} check of the Redis speed view"
+      description   = "tally batch layer: the steps of a batch run (plan, part, publish, compact) for the batch state machine, or the every-minute {speed_rebuild} check of the Redis speed view"
       uses_redis    = true # the speed_rebuild check reads the view and rebuilds it from raw_events
       ephemeral_mb  = 4096 # DataFusion spills here when an hour does not fit in memory
       async_invoked = true
@@ -189,9 +189,9 @@ resource "aws_lambda_function" "fn" {
     log_group  = aws_cloudwatch_log_group.fn[each.key].name
   }
 
-  # Only batch is invoked asynchronously (by the schedules), so only it has a
-  # dead-letter queue. speed and archiver are invoked synchronously by their
-  # event source mappings, whose failures go to on-failure queues
+  # Only batch is invoked asynchronously (by the speed-view schedule), so only
+  # it has a dead-letter queue. speed and archiver are invoked synchronously by
+  # their event source mappings, whose failures go to on-failure queues
   # (event_sources.tf); api synchronously by API Gateway.
   dynamic "dead_letter_config" {
     for_each = each.value.async_invoked ? [aws_sqs_queue.batch_dlq.arn] : []
@@ -229,11 +229,13 @@ resource "aws_lambda_alias" "live" {
   }
 }
 
-# The schedules invoke batch asynchronously: retry twice (the run and the
-# speed-view check are idempotent), and drop an event older than an hour, which
-# the next hourly run supersedes anyway. What still fails lands in the batch
-# dead-letter queue; a failed {"speed_rebuild": true} there needs no replay
-# (the next minute's check does the same work).
+# The speed-view schedule invokes batch asynchronously (the hourly run goes
+# through the state machine, which invokes synchronously and retries itself):
+# retry twice (the check is idempotent), and drop an event older than an hour.
+# What still fails lands in the batch dead-letter queue; a failed
+# {"speed_rebuild": true} there needs no replay (the next minute's check does
+# the same work). A batch payload invoked asynchronously by hand gets the same
+# treatment.
 resource "aws_lambda_function_event_invoke_config" "batch" {
   function_name                = aws_lambda_function.fn["batch"].function_name
   qualifier                    = aws_lambda_alias.live["batch"].name

@@ -57,9 +57,9 @@ output "redis_auth_secret_arn" {
   value       = aws_secretsmanager_secret.redis_auth.arn
 }
 
-output "state_machine_arn" {
-  description = "Reprocessing state machine: start it with {\"from\",\"to\"[,\"hours_per_run\"]} or {\"ranges\":[...]}."
-  value       = aws_sfn_state_machine.reprocess.arn
+output "batch_state_machine_arn" {
+  description = "The batch state machine: the hourly schedule starts it with {}; start it with {\"from\",\"to\"} (whole hours) to reprocess."
+  value       = aws_sfn_state_machine.batch.arn
 }
 
 output "function_names" {

@@ -1,9 +1,11 @@
 # The lake bucket: the Delta tables raw_events, quarantine, metrics_hourly and
-# metrics_daily under s3://<bucket>/<lake_prefix>/. Delta commits use S3
-# conditional writes (If-None-Match on the next _delta_log entry), so no lock
-# table is needed. Plus a bucket that receives the server access logs of the
-# lake and of the artifacts bucket, and the artifacts bucket: the functions'
-# code package, which is too large for a direct upload to Lambda (lambda.tf).
+# metrics_daily under s3://<bucket>/<lake_prefix>/, and the batch runs'
+# staging area <lake_prefix>/_staging/ (expired by a lifecycle rule). Delta
+# commits use S3 conditional writes (If-None-Match on the next _delta_log
+# entry), so no lock table is needed. Plus a bucket that receives the server
+# access logs of the lake and of the artifacts bucket, and the artifacts
+# bucket: the functions' code package, which is too large for a direct upload
+# to Lambda (lambda.tf).
 
 locals {
   lake_bucket_name      = coalesce(var.lake_bucket_name, "${var.name}-lake-${local.account_id}-${local.region}")
@@ -85,6 +87,26 @@ resource "aws_s3_bucket_lifecycle_configuration" "lake" {
     transition {
       days          = 30
       storage_class = "INTELLIGENT_TIERING"
+    }
+  }
+
+  rule {
+    id     = "expire-batch-staging"
+    status = "Enabled"
+    filter {
+      prefix = "${var.lake_prefix}/${local.lake_staging_dir}/"
+    }
+    # A batch run's scratch space (the plan's item list, the parts' staged
+    # results, the parts map's results) under _staging/<run_id>/. A finished
+    # run needs none of it; a run that died, failed or was replanned leaves it
+    # behind, and a failed run can be redriven only while it is here.
+    expiration {
+      days = var.batch_staging_expiry_days
+    }
+    # Scratch is not worth keeping as noncurrent versions for
+    # lake_noncurrent_version_days.
+    noncurrent_version_expiration {
+      noncurrent_days = 1
     }
   }
 

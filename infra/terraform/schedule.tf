@@ -1,14 +1,23 @@
 # The batch function's two schedules.
 #
-# The hourly batch run: EventBridge Scheduler invokes the batch function's
-# live alias asynchronously a few minutes past every hour (after the grace
-# period has closed the previous hour). The payload has no from/to, which is
-# what tells the batch handler to run the hourly job rather than reprocess a
-# range; its shape follows EventBridge's scheduled event.
+# The hourly batch run: EventBridge Scheduler starts an execution of the batch
+# state machine (stepfunctions.tf) with {} a few minutes past every hour (after
+# the grace period has closed the previous hour). {} is what makes it the
+# hourly run rather than a reprocess; the machine plans it, computes its parts
+# side by side, publishes and compacts. The target is the state machine's ARN
+# (Scheduler's templated target for StartExecution; executions get generated
+# names). Scheduler retries a StartExecution that failed (throttling, a
+# service error) and sends what it gave up on to the batch dead-letter queue;
+# a run that started and then failed is the state machine's business (its
+# ExecutionsFailed alarm, alarms.tf).
+#
+# Executions may overlap (a run longer than the hour, a retried start, a
+# reprocess started by hand): that is safe, the later publish reports Conflict
+# and that execution replans from the new snapshot (stepfunctions.tf).
 
 resource "aws_scheduler_schedule" "batch_hourly" {
   name        = "${var.name}-batch-hourly"
-  description = "Hourly tally batch run: dirty closed hours, watermark, compaction"
+  description = "Hourly tally batch run: an execution of the batch state machine (dirty closed hours in parts, publish, watermark, compaction)"
 
   schedule_expression          = var.batch_schedule_expression
   schedule_expression_timezone = "UTC"
@@ -20,14 +29,9 @@ resource "aws_scheduler_schedule" "batch_hourly" {
   }
 
   target {
-    arn      = aws_lambda_alias.live["batch"].arn
+    arn      = aws_sfn_state_machine.batch.arn
     role_arn = aws_iam_role.scheduler.arn
-    input = jsonencode({
-      "source"      = "aws.scheduler"
-      "detail-type" = "Scheduled Event"
-      "time"        = "<aws.scheduler.scheduled-time>"
-      "detail"      = {}
-    })
+    input    = jsonencode({})
 
     retry_policy {
       maximum_event_age_in_seconds = 3600
@@ -48,7 +52,7 @@ resource "aws_scheduler_schedule" "batch_hourly" {
 # view from raw_events (up to speed_rebuild_settle_seconds + 45 s; an overlapping
 # invocation finds the rebuild lock taken and returns). Until then the API
 # answers the hours before the loss as null with partial: true, never as zeros.
-# Same role, key and dead-letter queue as the hourly run. A missed or failed
+# Same role, key and dead-letter queue as the hourly schedule. A missed or failed
 # tick needs no retry: the next one does the same work.
 
 resource "aws_scheduler_schedule" "speed_rebuild" {

@@ -1,156 +1,394 @@
-# Reprocessing history: a Step Functions state machine that fans a range of
-# hours out over the batch function, each branch one `{"from","to"}` run
-# (the same code as `tally batch reprocess --from --to`).
+# The batch run: one Step Functions state machine for the hourly run (started
+# by the hourly schedule, schedule.tf) and for reprocessing (started by hand).
+# Every step is the batch function's live alias, told what to do by the
+# payload's "step" field:
 #
-# Input, either
-#   {"from": "2026-01-01T00:00:00Z", "to": "2026-11-01T00:00:00Z", "hours_per_run": 1}
-#     whole hours, to > from, hours_per_run optional (default 1), at most
-#     20,000 runs per execution; the ranges are generated here, or
-#   {"ranges": [{"from": "...", "to": "..."}, ...]}
-#     an explicit list (at most 2,000), e.g. scattered hours.
+#   ValidateInput   {} (hourly) or {"from","to"} (reprocess [from, to)): whole
+#                   hours, to > from, no other field; anything else fails at
+#                   once with BadInput.
+#   Plan            {"step":"plan"[,"from","to"]}: finds the dirty hours, splits
+#                   each into parts, writes the item list to
+#                   s3://<lake>/<lake_prefix>/_staging/<run_id>/items.json and
+#                   answers {run_id, items: {bucket, key}, item_count}.
+#   AnythingToDo    item_count = 0: nothing to publish or compact, succeed.
+#   Parts           a distributed Map over that JSON array (ItemReader): each
+#                   element is exactly a part step's payload,
+#                   {"step":"part","run_id","item"}, invoked as is; each part
+#                   stages its result under the same run's staging prefix.
+#   Publish         {"step":"publish","run_id"}: combines the staged results,
+#                   one Delta commit per metric table, moves the watermark;
+#                   answers the run's summary with compact_days.
+#   Replan          Publish failed with Conflict (another run published since
+#                   this one was planned, so the staged parts are from a stale
+#                   snapshot): plan again from the start, at most
+#                   local.batch_max_replans times, then TooManyConflicts.
+#   Compact         a distributed Map over compact_days, {"step":"compact",
+#                   "day"} each; a failed day is caught and reported in the
+#                   output, never failing the run (the next run retries it).
 #
-# A distributed Map (not an inline one): a year of hours is 8,760 branches,
-# far over an inline Map's share of a standard execution's 25,000 history
-# events; each branch here is a child execution with its own history. The map
-# iterates over indices and computes each branch's range in ItemSelector, so
-# the state's payload stays small (~43 KB for a year of hours).
-# MaxConcurrency bounds how many batch invocations run at once; each branch
-# retries throttling and service errors, and failed runs (for instance a
-# Delta commit conflict with a concurrent run) with backoff. Any branch that
-# still fails fails the execution (ToleratedFailurePercentage 0); every
-# branch's replacement is atomic, so rerunning the same input is safe.
-# The expressions are JSONata (Step Functions' QueryLanguage).
+# Reprocessing is one plan over all of its hours and one publish: readers see
+# the whole range change in one commit per table (the design's contract), and
+# a failed reprocess leaves the tables as they were. So the former input
+# fields hours_per_run (runs of N hours, each published on its own) and
+# ranges (explicit lists of ranges) are gone: a range is split into parts by
+# the plan, not by the caller, and scattered ranges are separate executions.
+#
+# Two executions may overlap (an hourly run that outlasts the hour, a
+# reprocess running beside the hourly schedule): both plan from the same
+# snapshot, the first to publish wins and the other's publish reports
+# Conflict, so it replans from the new snapshot and publishes only what is
+# still to do. Nothing is committed twice and nothing is lost.
+#
+# Why distributed Maps. Parts: a reprocessed year is 8,760 hours times their
+# parts, far over what an inline Map can carry in one execution's 25,000
+# history events and 256 KiB of state; each part is a child execution with its
+# own history (STANDARD: a part may run up to the function's 15-minute
+# timeout, over an express child's 5), and the map run's results go to S3
+# (ResultWriter) rather than into the state, so the item count is unbounded.
+# Compact: an hourly run has one or two days, but a reprocessed year has 365
+# and a longer range more; an inline Map spends ~8 history events per day (more
+# with retries), so a few years of days would exhaust the history. A
+# distributed Map costs a few seconds of start-up for the hourly run's one day
+# and has no such limit; its results (one small object per failed day) stay
+# inline.
+#
+# Errors. Each Lambda call retries Lambda's transient errors (throttling,
+# service errors) with jittered backoff, and then any error a few times. Plan,
+# Parts and Publish have no Catch on purpose: an execution that still fails
+# there fails with the function's own error and cause, and
+# `aws stepfunctions redrive-execution` resumes it at that state (for Parts,
+# only the map run's failed children run again). Staging expires after
+# batch_staging_expiry_days (s3.tf), so redrive within that.
+#
+# The expressions are JSONata (Step Functions' QueryLanguage); $plan, $run,
+# $replans, $published, $parts and $compaction_failed are workflow variables.
+# scripts/check_state_machine.py checks the definition's shape and these
+# expressions (run by scripts/check-infra.sh).
 
 locals {
-  hours_per_run = "($exists($states.input.hours_per_run) ? $states.input.hours_per_run : 1)"
-  rfc3339       = "'[Y0001]-[M01]-[D01]T[H01]:[m01]:[s01]Z'"
+  # Publish's Conflict sends the run back to Plan at most this many times.
+  batch_max_replans = 3
 
-  reprocess_input_valid = join(" ", [
-    "$exists($states.input.ranges)",
-    "? ($type($states.input.ranges) = 'array' and $count($states.input.ranges) > 0 and $count($states.input.ranges) <= 2000)",
-    ": ($exists($states.input.from) and $exists($states.input.to)",
-    "and $toMillis($states.input.from) % 3600000 = 0 and $toMillis($states.input.to) % 3600000 = 0",
-    "and $toMillis($states.input.to) > $toMillis($states.input.from)",
-    "and ($not($exists($states.input.hours_per_run)) or ($type($states.input.hours_per_run) = 'number' and $states.input.hours_per_run >= 1 and $floor($states.input.hours_per_run) = $states.input.hours_per_run))",
-    "and ($toMillis($states.input.to) - $toMillis($states.input.from)) / (${local.hours_per_run} * 3600000) <= 20000)",
+  # Lambda's own transient errors: retried often, with backoff.
+  lambda_transient_errors = [
+    "Lambda.ServiceException",
+    "Lambda.AWSLambdaException",
+    "Lambda.SdkClientException",
+    "Lambda.TooManyRequestsException",
+    "Lambda.ClientExecutionTimeoutException",
+  ]
+
+  lambda_transient_retry = {
+    ErrorEquals     = local.lambda_transient_errors
+    IntervalSeconds = 2
+    MaxAttempts     = 8
+    BackoffRate     = 2
+    MaxDelaySeconds = 120
+    JitterStrategy  = "FULL"
+  }
+
+  # A step may take up to the function's timeout; the task waits a minute more
+  # for the answer before it counts as States.Timeout.
+  batch_task_timeout_seconds = var.lambda_timeout_seconds["batch"] + 60
+
+  # {} or {"from","to"} on whole UTC hours with to > from, nothing else. The
+  # timestamps are matched as RFC 3339 before $toMillis sees them, so a
+  # malformed one is BadInput rather than an expression error.
+  batch_input_valid = join(" ", [
+    "($i := $states.input;",
+    "$ts := /^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$/;",
+    "$type($i) != 'object' ? false",
+    ": $count($keys($i)) = 0 ? true",
+    ": ($count($keys($i)) = 2 and $type($i.from) = 'string' and $type($i.to) = 'string'",
+    "and $contains($i.from, $ts) and $contains($i.to, $ts))",
+    "? ($toMillis($i.from) % 3600000 = 0 and $toMillis($i.to) % 3600000 = 0",
+    "and $toMillis($i.to) > $toMillis($i.from))",
+    ": false)",
   ])
 
-  reprocess_items = join(" ", [
-    "$exists($states.input.ranges) ? $states.input.ranges",
-    ": [0..($ceil(($toMillis($states.input.to) - $toMillis($states.input.from)) / (${local.hours_per_run} * 3600000)) - 1)]",
-  ])
+  # The parts map's results: <lake_prefix>/_staging/<run_id>/parts/<map run>/.
+  batch_parts_results_prefix = "'${var.lake_prefix}/${local.lake_staging_dir}/' & $run.run_id & '/parts'"
 
-  reprocess_item_from = join(" ", [
-    "$exists($states.input.ranges) ? $states.context.Map.Item.Value.from",
-    ": $fromMillis($toMillis($states.input.from) + $states.context.Map.Item.Value * ${local.hours_per_run} * 3600000, ${local.rfc3339})",
-  ])
-
-  reprocess_item_to = join(" ", [
-    "$exists($states.input.ranges) ? $states.context.Map.Item.Value.to",
-    ": $fromMillis($min([$toMillis($states.input.from) + ($states.context.Map.Item.Value + 1) * ${local.hours_per_run} * 3600000, $toMillis($states.input.to)]), ${local.rfc3339})",
-  ])
-
-  reprocess_definition = {
-    Comment       = "tally: reprocess a range of history, one batch-layer run per range"
+  batch_definition = {
+    Comment       = "tally batch run: plan, parts (distributed), publish, compact; {} = the hourly run, {\"from\",\"to\"} = reprocess whole hours [from, to)"
     QueryLanguage = "JSONata"
     StartAt       = "ValidateInput"
     States = {
       ValidateInput = {
         Type = "Choice"
         Choices = [{
-          Condition = "{% ${local.reprocess_input_valid} %}"
-          Next      = "ReprocessRanges"
+          Condition = "{% ${local.batch_input_valid} %}"
+          Next      = "Plan"
+          Assign = {
+            plan    = "{% $merge([{'step': 'plan'}, $states.input]) %}"
+            replans = 0
+          }
         }]
         Default = "BadInput"
       }
+
       BadInput = {
         Type  = "Fail"
         Error = "BadInput"
-        Cause = "Input must be {\"from\",\"to\"[,\"hours_per_run\"]} on whole hours with to > from and at most 20000 runs, or {\"ranges\":[{\"from\",\"to\"},...]} with 1 to 2000 entries."
+        Cause = "Input must be {} (the hourly run) or {\"from\": RFC 3339, \"to\": RFC 3339} (reprocess), both on whole UTC hours with to > from and no other field. hours_per_run and ranges are gone: a range is one plan and one publish; start an execution per range."
       }
-      ReprocessRanges = {
-        Type  = "Map"
-        Label = "Reprocess"
-        Items = "{% ${local.reprocess_items} %}"
-        ItemSelector = {
-          from = "{% ${local.reprocess_item_from} %}"
-          to   = "{% ${local.reprocess_item_to} %}"
+
+      Plan = {
+        Type     = "Task"
+        Resource = "arn:${local.partition}:states:::lambda:invoke"
+        Arguments = {
+          FunctionName = aws_lambda_alias.live["batch"].arn
+          Payload      = "{% $plan %}"
         }
-        MaxConcurrency             = var.reprocess_max_concurrency
-        ToleratedFailurePercentage = 0
+        TimeoutSeconds = local.batch_task_timeout_seconds
+        Retry = [
+          local.lambda_transient_retry,
+          {
+            ErrorEquals     = ["States.ALL"]
+            IntervalSeconds = 15
+            MaxAttempts     = 2
+            BackoffRate     = 2
+            JitterStrategy  = "FULL"
+          },
+        ]
+        Assign = {
+          run = "{% $states.result.Payload %}"
+        }
+        Output = "{% $states.result.Payload %}"
+        Next   = "AnythingToDo"
+      }
+
+      # Only an explicit 0 skips: an answer without item_count goes on to
+      # Parts and fails there, visibly, instead of succeeding with nothing.
+      AnythingToDo = {
+        Type = "Choice"
+        Choices = [{
+          Condition = "{% $run.item_count = 0 %}"
+          Next      = "NothingToDo"
+        }]
+        Default = "Parts"
+      }
+
+      NothingToDo = {
+        Type   = "Succeed"
+        Output = "{% {'run_id': $run.run_id, 'item_count': 0, 'replans': $replans} %}"
+      }
+
+      Parts = {
+        Type  = "Map"
+        Label = "Parts"
+        ItemReader = {
+          Resource     = "arn:${local.partition}:states:::s3:getObject"
+          ReaderConfig = { InputType = "JSON" }
+          Arguments = {
+            Bucket = "{% $run.items.bucket %}"
+            Key    = "{% $run.items.key %}"
+          }
+        }
         ItemProcessor = {
           ProcessorConfig = {
             Mode          = "DISTRIBUTED"
-            ExecutionType = "STANDARD" # a batch run may take up to 15 minutes; express children stop at 5
+            ExecutionType = "STANDARD" # a part may take up to the function's timeout; express children stop at 5 minutes
           }
-          StartAt = "RunBatch"
+          StartAt = "Part"
           States = {
-            RunBatch = {
+            Part = {
               Type     = "Task"
               Resource = "arn:${local.partition}:states:::lambda:invoke"
               Arguments = {
                 FunctionName = aws_lambda_alias.live["batch"].arn
-                Payload = {
-                  from = "{% $states.input.from %}"
-                  to   = "{% $states.input.to %}"
-                }
+                Payload      = "{% $states.input %}" # {"step":"part","run_id","item"}, as the plan wrote it
               }
-              TimeoutSeconds = var.lambda_timeout_seconds["batch"] + 60
+              TimeoutSeconds = local.batch_task_timeout_seconds
               Retry = [
+                local.lambda_transient_retry,
                 {
-                  ErrorEquals = [
-                    "Lambda.ServiceException",
-                    "Lambda.AWSLambdaException",
-                    "Lambda.SdkClientException",
-                    "Lambda.TooManyRequestsException",
-                    "Lambda.ClientExecutionTimeoutException",
-                  ]
-                  IntervalSeconds = 2
-                  MaxAttempts     = 8
-                  BackoffRate     = 2
-                  MaxDelaySeconds = 120
-                  JitterStrategy  = "FULL"
-                },
-                {
+                  # A part is idempotent (a retry overwrites its staged result).
                   ErrorEquals     = ["States.ALL"]
                   IntervalSeconds = 30
-                  MaxAttempts     = 4
+                  MaxAttempts     = 3
                   BackoffRate     = 2
-                  MaxDelaySeconds = 600
+                  MaxDelaySeconds = 300
                   JitterStrategy  = "FULL"
                 },
               ]
-              # Keep each branch's result tiny: the map collects them all.
-              Output = {}
+              Output = "{% $states.result.Payload %}"
               End    = true
             }
           }
         }
-        Output = {
-          reprocessed = "{% $count($states.result) %}"
+        MaxConcurrency             = var.batch_parts_max_concurrency
+        ToleratedFailurePercentage = 0
+        ResultWriter = {
+          Resource = "arn:${local.partition}:states:::s3:putObject"
+          Arguments = {
+            Bucket = "{% $run.items.bucket %}"
+            Prefix = "{% ${local.batch_parts_results_prefix} %}"
+          }
         }
-        End = true
+        Assign = {
+          parts = "{% $states.result %}"
+        }
+        Output = "{% $states.result %}"
+        Next   = "Publish"
+      }
+
+      Publish = {
+        Type     = "Task"
+        Resource = "arn:${local.partition}:states:::lambda:invoke"
+        Arguments = {
+          FunctionName = aws_lambda_alias.live["batch"].arn
+          Payload = {
+            step   = "publish"
+            run_id = "{% $run.run_id %}"
+          }
+        }
+        TimeoutSeconds = local.batch_task_timeout_seconds
+        Retry = [
+          {
+            # Publishing the same stale run again cannot succeed: no retry,
+            # the Catch below replans.
+            ErrorEquals = ["Conflict"]
+            MaxAttempts = 0
+          },
+          local.lambda_transient_retry,
+          {
+            ErrorEquals     = ["States.ALL"]
+            IntervalSeconds = 30
+            MaxAttempts     = 3
+            BackoffRate     = 2
+            MaxDelaySeconds = 300
+            JitterStrategy  = "FULL"
+          },
+        ]
+        Catch = [{
+          ErrorEquals = ["Conflict"]
+          Next        = "Replan"
+        }]
+        Assign = {
+          published         = "{% $states.result.Payload %}"
+          compaction_failed = []
+        }
+        Output = "{% $states.result.Payload %}"
+        Next   = "AnyDaysToCompact"
+      }
+
+      Replan = {
+        Type = "Choice"
+        Choices = [{
+          Condition = "{% $replans < ${local.batch_max_replans} %}"
+          Next      = "Plan"
+          Assign = {
+            replans = "{% $replans + 1 %}"
+          }
+        }]
+        Default = "TooManyConflicts"
+      }
+
+      TooManyConflicts = {
+        Type  = "Fail"
+        Error = "TooManyConflicts"
+        Cause = "{% 'Publish reported Conflict after the first plan and after each of ' & $string($replans) & ' replans: another batch run published every time before this one could. Nothing of this run was committed; its staging expires on its own. Start it again when the other runs are done (for a long reprocess, pause the hourly schedule while it runs). Last conflict: ' & $states.input.Cause %}"
+      }
+
+      AnyDaysToCompact = {
+        Type = "Choice"
+        Choices = [{
+          Condition = "{% $count($published.compact_days) > 0 %}"
+          Next      = "Compact"
+        }]
+        Default = "Done"
+      }
+
+      Compact = {
+        Type  = "Map"
+        Label = "Compact"
+        Items = "{% $published.compact_days %}"
+        ItemSelector = {
+          step = "compact"
+          day  = "{% $states.context.Map.Item.Value %}"
+        }
+        ItemProcessor = {
+          ProcessorConfig = {
+            Mode          = "DISTRIBUTED"
+            ExecutionType = "STANDARD" # a day's compaction may take up to the function's timeout
+          }
+          StartAt = "CompactDay"
+          States = {
+            CompactDay = {
+              Type     = "Task"
+              Resource = "arn:${local.partition}:states:::lambda:invoke"
+              Arguments = {
+                FunctionName = aws_lambda_alias.live["batch"].arn
+                Payload      = "{% $states.input %}" # {"step":"compact","day"}
+              }
+              TimeoutSeconds = local.batch_task_timeout_seconds
+              Retry = [
+                local.lambda_transient_retry,
+                {
+                  ErrorEquals     = ["States.ALL"]
+                  IntervalSeconds = 60
+                  MaxAttempts     = 1
+                  JitterStrategy  = "FULL"
+                },
+              ]
+              # Compaction is an optimisation: a day that still fails is
+              # reported, not fatal; the next run that touches it retries.
+              Catch = [{
+                ErrorEquals = ["States.ALL"]
+                Next        = "CompactDayFailed"
+                Output      = "{% {'day': $states.input.day, 'error': $states.errorOutput.Error} %}"
+              }]
+              Output = {}
+              End    = true
+            }
+            CompactDayFailed = {
+              Type = "Pass"
+              End  = true
+            }
+          }
+        }
+        MaxConcurrency             = var.batch_compact_max_concurrency
+        ToleratedFailurePercentage = 100
+        Assign = {
+          compaction_failed = "{% [$states.result.day] %}"
+        }
+        # The map itself failing (it should not: every child catches its
+        # error) must not fail a run that has already published.
+        Catch = [{
+          ErrorEquals = ["States.ALL"]
+          Next        = "Done"
+          Assign = {
+            compaction_failed = "{% $published.compact_days %}"
+          }
+        }]
+        Next = "Done"
+      }
+
+      Done = {
+        Type   = "Succeed"
+        Output = "{% {'run_id': $run.run_id, 'item_count': $run.item_count, 'replans': $replans, 'parts_map_run': $parts.MapRunArn, 'published': $published, 'compaction_failed': $compaction_failed} %}"
       }
     }
   }
 }
 
-resource "aws_cloudwatch_log_group" "reprocess" {
+resource "aws_cloudwatch_log_group" "batch_sfn" {
   # /aws/vendedlogs/ keeps CloudWatch Logs' resource policy for vended log
   # delivery small.
-  name              = "/aws/vendedlogs/states/${local.reprocess_state_machine_name}"
+  name              = "/aws/vendedlogs/states/${local.batch_state_machine_name}"
   retention_in_days = var.log_retention_days
   kms_key_id        = aws_kms_key.ops.arn
 }
 
-resource "aws_sfn_state_machine" "reprocess" {
-  name       = local.reprocess_state_machine_name
+resource "aws_sfn_state_machine" "batch" {
+  name       = local.batch_state_machine_name
   type       = "STANDARD"
-  role_arn   = aws_iam_role.reprocess.arn
-  definition = jsonencode(local.reprocess_definition)
+  role_arn   = aws_iam_role.batch_sfn.arn
+  definition = jsonencode(local.batch_definition)
 
   logging_configuration {
-    log_destination        = "${aws_cloudwatch_log_group.reprocess.arn}:*"
+    log_destination        = "${aws_cloudwatch_log_group.batch_sfn.arn}:*"
     include_execution_data = true
     level                  = "ALL"
   }
@@ -159,5 +397,12 @@ resource "aws_sfn_state_machine" "reprocess" {
     enabled = true
   }
 
-  depends_on = [aws_iam_role_policy.reprocess]
+  lifecycle {
+    precondition {
+      condition     = var.batch_parts_max_concurrency <= var.lambda_reserved_concurrency["batch"] - 2 && var.batch_compact_max_concurrency <= var.lambda_reserved_concurrency["batch"] - 2
+      error_message = "batch_parts_max_concurrency (${var.batch_parts_max_concurrency}) and batch_compact_max_concurrency (${var.batch_compact_max_concurrency}) must each be at most lambda_reserved_concurrency.batch (${var.lambda_reserved_concurrency["batch"]}) minus two: one for the every-minute speed-view check, one for the plan or publish of an overlapping run."
+    }
+  }
+
+  depends_on = [aws_iam_role_policy.batch_sfn]
 }

@@ -295,7 +295,7 @@ variable "lambda_reserved_concurrency" {
   default = {
     speed    = 100
     archiver = 100
-    batch    = 20
+    batch    = 50 # batch_parts_max_concurrency (40) parts at once, + the speed-view check and an overlapping run
     api      = 200
   }
 
@@ -458,11 +458,11 @@ variable "archiver_maximum_record_age_seconds" {
 }
 
 # ---------------------------------------------------------------------------
-# Batch schedule and reprocessing
+# Batch schedule and the batch state machine
 # ---------------------------------------------------------------------------
 
 variable "batch_schedule_expression" {
-  description = "EventBridge Scheduler expression of the hourly batch run (UTC). Default: 7 minutes past every hour, after the 5-minute grace."
+  description = "EventBridge Scheduler expression of the hourly batch run, which starts an execution of the batch state machine with {} (UTC). Default: 7 minutes past every hour, after the 5-minute grace."
   type        = string
   default     = "cron(7 * * * ? *)"
 
@@ -483,14 +483,36 @@ variable "speed_rebuild_schedule_expression" {
   }
 }
 
-variable "reprocess_max_concurrency" {
-  description = "How many hour ranges the reprocessing state machine runs at once (each a batch function invocation). Keep below lambda_reserved_concurrency.batch minus two: one for the hourly run, one for the every-minute speed-view check."
+variable "batch_parts_max_concurrency" {
+  description = "How many parts of a batch run (hourly or reprocess) the state machine computes at once, each a batch function invocation (a child execution of its distributed Map). At most lambda_reserved_concurrency.batch minus two: one for the every-minute speed-view check, one for the plan or publish of an overlapping run."
   type        = number
-  default     = 4
+  default     = 40
 
   validation {
-    condition     = var.reprocess_max_concurrency >= 1 && var.reprocess_max_concurrency <= 1000
-    error_message = "reprocess_max_concurrency must be from 1 to 1000."
+    condition     = var.batch_parts_max_concurrency >= 1 && var.batch_parts_max_concurrency <= 1000
+    error_message = "batch_parts_max_concurrency must be from 1 to 1000."
+  }
+}
+
+variable "batch_compact_max_concurrency" {
+  description = "How many days' compactions the state machine runs at once after a publish (one for an hourly run, up to every day of a reprocessed range). Same bound as batch_parts_max_concurrency."
+  type        = number
+  default     = 8
+
+  validation {
+    condition     = var.batch_compact_max_concurrency >= 1 && var.batch_compact_max_concurrency <= 1000
+    error_message = "batch_compact_max_concurrency must be from 1 to 1000."
+  }
+}
+
+variable "batch_staging_expiry_days" {
+  description = "Days after which objects under <lake_prefix>/_staging/ (a batch run's item list, staged part results and map results) expire. A finished run needs none of it; a failed one can be redriven only while its staging is there."
+  type        = number
+  default     = 7
+
+  validation {
+    condition     = var.batch_staging_expiry_days >= 1 && var.batch_staging_expiry_days <= 365
+    error_message = "batch_staging_expiry_days must be from 1 to 365."
   }
 }
 

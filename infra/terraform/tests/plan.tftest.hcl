@@ -55,7 +55,7 @@ mock_provider "aws" {
     defaults = { arn = "arn:aws:cloudwatch:us-east-1:123456789012:alarm:tally" }
   }
   mock_resource "aws_sfn_state_machine" {
-    defaults = { arn = "arn:aws:states:us-east-1:123456789012:stateMachine:tally-reprocess" }
+    defaults = { arn = "arn:aws:states:us-east-1:123456789012:stateMachine:tally-batch" }
   }
 }
 
@@ -114,8 +114,32 @@ run "defaults" {
     error_message = "event source mappings: partial batch responses, bisect, bounded retries, one batch per shard"
   }
   assert {
-    condition     = jsondecode(aws_sfn_state_machine.reprocess.definition).States.ReprocessRanges.MaxConcurrency == 4 && jsondecode(aws_sfn_state_machine.reprocess.definition).States.ReprocessRanges.ItemProcessor.ProcessorConfig.Mode == "DISTRIBUTED"
-    error_message = "distributed map with the configured concurrency"
+    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.MaxConcurrency == 40 && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemProcessor.ProcessorConfig.Mode == "DISTRIBUTED" && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemProcessor.ProcessorConfig.ExecutionType == "STANDARD"
+    error_message = "the parts are a distributed map of standard children with the configured concurrency"
+  }
+  assert {
+    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemReader.Resource == "arn:aws:states:::s3:getObject" && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemReader.ReaderConfig.InputType == "JSON" && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ToleratedFailurePercentage == 0
+    error_message = "the parts map reads the plan's JSON item list from S3 and tolerates no failed part"
+  }
+  assert {
+    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.Plan.Arguments.FunctionName == aws_lambda_alias.live["batch"].arn && jsondecode(aws_sfn_state_machine.batch.definition).States.Publish.Arguments.Payload.step == "publish" && jsondecode(aws_sfn_state_machine.batch.definition).States.Publish.Catch[0].ErrorEquals[0] == "Conflict" && jsondecode(aws_sfn_state_machine.batch.definition).States.Publish.Catch[0].Next == "Replan"
+    error_message = "every step invokes the batch function's live alias; a Conflict on publish replans"
+  }
+  assert {
+    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.Compact.MaxConcurrency == 8 && jsondecode(aws_sfn_state_machine.batch.definition).States.Compact.ToleratedFailurePercentage == 100 && jsondecode(aws_sfn_state_machine.batch.definition).States.Compact.Catch[0].Next == "Done"
+    error_message = "compaction never fails a run"
+  }
+  assert {
+    condition     = aws_scheduler_schedule.batch_hourly.target[0].arn == aws_sfn_state_machine.batch.arn && jsondecode(aws_scheduler_schedule.batch_hourly.target[0].input) == {} && aws_scheduler_schedule.batch_hourly.target[0].dead_letter_config[0].arn == aws_sqs_queue.batch_dlq.arn
+    error_message = "the hourly schedule starts the batch state machine with {}, failures to start go to the dead-letter queue"
+  }
+  assert {
+    condition     = one([for r in aws_s3_bucket_lifecycle_configuration.lake.rule : r.expiration[0].days if r.id == "expire-batch-staging"]) == 7
+    error_message = "the lake's batch staging area expires after a week"
+  }
+  assert {
+    condition     = aws_cloudwatch_metric_alarm.batch_run_failed.dimensions["StateMachineArn"] == aws_sfn_state_machine.batch.arn
+    error_message = "failed batch runs alarm"
   }
   assert {
     condition     = length(aws_codedeploy_deployment_group.fn) == 4 && aws_codedeploy_deployment_group.fn["api"].deployment_config_name == "CodeDeployDefault.LambdaLinear10PercentEvery1Minute"
@@ -159,6 +183,16 @@ run "batch_timeout_covers_the_speed_rebuild" {
   }
 
   expect_failures = [aws_lambda_function.fn]
+}
+
+run "parts_concurrency_within_the_batch_reserved_concurrency" {
+  command = plan
+
+  variables {
+    batch_parts_max_concurrency = 49
+  }
+
+  expect_failures = [aws_sfn_state_machine.batch]
 }
 
 run "missing_package_is_reported" {
