@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Reproduce every row of BENCHMARKS.md: each benchmark runs alone (the machine's
 # two cores are shared by client and server), in release mode, with its
-# reference in the same run. Usage: scripts/bench.sh [decode|speed|archive|batch|serve|e2e]...
+# reference in the same run. Usage: scripts/bench.sh [decode|speed|archive|batch|serve|e2e|batch-scale]...
+# batch-scale is not in the default list: it loads lakes of 20, 40 and 83 M events
+# (kept and reused in BENCH_SCALE_DIR, default ~/.cache/tally/bench-scale) and runs
+# the release `tally` binary; see batch-layer/benches/batch_scale.rs for its variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally/target-release}"
@@ -22,6 +25,10 @@ for b in ${want[*]}; do
     batch)   run "batch layer vs DuckDB" cargo bench "${PKGS[@]}" --bench batch ;;
     serve)   run "serving layer under wrk" cargo bench "${PKGS[@]}" --bench serve ;;
     e2e)     run "whole pipeline: rate and freshness" cargo bench -p tally "${PKGS[@]}" --bench e2e ;;
+    batch-scale)
+             # the bench runs the binary as a child process; --workspace keeps the feature set whole
+             run "tally binary" cargo build --release --workspace --bins
+             run "batch layer at scale vs DuckDB" cargo bench "${PKGS[@]}" --bench batch_scale ;;
     *) echo "unknown benchmark $b" >&2; exit 2 ;;
   esac
 done
