@@ -43,11 +43,27 @@ pub async fn run(
                     // EventBridge sends {"speed_rebuild": true} every minute: the speed
                     // layer's check; anything else is the batch layer's run
                     if tally_speed_layer::rebuild::is_scheduled_check(p) {
-                        return speed_rebuild(&lake, &redis, &speed).await;
+                        return speed_rebuild(&lake, &redis, &speed).await.map_err(|e| {
+                            lambda_runtime::Diagnostic {
+                                error_type: "SpeedRebuildError".into(),
+                                error_message: e.to_string(),
+                            }
+                        });
                     }
-                    Ok::<_, lambda_runtime::Error>(
-                        tally_batch_layer::run_request::handle(&lake, &batch, p).await?,
-                    )
+                    // a publish that lost to another run's is `Conflict` to Step
+                    // Functions, which plans the run again
+                    tally_batch_layer::run_request::handle(&lake, &batch, p)
+                        .await
+                        .map_err(|e| match e {
+                            tally_common::Error::Conflict(m) => lambda_runtime::Diagnostic {
+                                error_type: "Conflict".into(),
+                                error_message: m,
+                            },
+                            other => lambda_runtime::Diagnostic {
+                                error_type: "BatchError".into(),
+                                error_message: other.to_string(),
+                            },
+                        })
                 }
             }))
             .await

@@ -61,7 +61,105 @@ impl RunRequest {
 
 /// Handle one batch Lambda event: run what it asks, print the watermark lag
 /// metric, and answer with the run's summary ([`summary`]).
+///
+/// The steps of Step Functions' batch state machine come with `"step"`:
+/// - `{"step":"plan"[,"from","to"]}`: plan the hourly run (or the reprocessing
+///   of `[from, to)`) and stage it; answers `{"run_id","items":{"bucket",
+///   "key"},"item_count"}` (the items' payloads, for the distributed Map's
+///   item reader; `item_count` 0 when there is nothing to compute, and then the
+///   watermark lag is printed here);
+/// - `{"step":"part","run_id","item"}`: compute one item; answers `{"run_id",
+///   "item","rows"}`;
+/// - `{"step":"publish","run_id"}`: publish; answers the summary with
+///   `compact_days` (`YYYY-MM-DD`); fails with [`tally_common::Error::Conflict`]
+///   when another run published since the plan;
+/// - `{"step":"compact","day":"YYYY-MM-DD"}`: compact that day's raw partitions
+///   and its `metrics_hourly` partition.
+///
+/// Without `"step"` the whole run happens in this invocation, as before.
+/// Errors: [`tally_common::Error::Invalid`] for a malformed step payload.
 pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Value> {
+    let memory = crate::memory::MemoryBound {
+        limit: args.memory_limit,
+        spill_dir: args.spill_dir.clone(),
+    };
+    let run_id = || -> Result<String> {
+        payload["run_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| tally_common::Error::invalid("the step needs a \"run_id\""))
+    };
+    match payload["step"].as_str() {
+        None => {}
+        Some("plan") => {
+            let run = RunRequest::from_payload(payload)?.run(lake, args)?;
+            return Ok(match run.plan().await? {
+                None => {
+                    let report = RunRequest::Hourly
+                        .run(lake, args)?
+                        .dry_run(true)
+                        .execute()
+                        .await;
+                    if let Ok(r) = report {
+                        println!("{}", watermark_lag_metric(&r, now_micros()));
+                    }
+                    json!({"run_id": null, "item_count": 0})
+                }
+                Some((plan, staging)) => {
+                    let url = staging.url_of(crate::job::ITEMS_NAME);
+                    json!({
+                        "run_id": plan.run_id,
+                        "items": {"bucket": url.host_str().unwrap_or(""), "key": url.path().trim_start_matches('/')},
+                        "item_count": plan.items.len(),
+                    })
+                }
+            });
+        }
+        Some("part") => {
+            let item = payload["item"].as_u64().ok_or_else(|| {
+                tally_common::Error::invalid("the part step needs an \"item\" number")
+            })?;
+            let id = run_id()?;
+            let rows = crate::job::compute_item(lake, &memory, &id, item as usize).await?;
+            return Ok(json!({"run_id": id, "item": item, "rows": rows}));
+        }
+        Some("publish") => {
+            let report = crate::job::publish_run(
+                lake,
+                &memory,
+                &run_id()?,
+                std::time::Duration::from_secs(args.lease_secs),
+                std::time::Duration::from_secs(60),
+            )
+            .await?;
+            println!("{}", watermark_lag_metric(&report, now_micros()));
+            let mut out = summary(&report);
+            out["compact_days"] = json!(report
+                .compact_days
+                .iter()
+                .map(|&d| tally_common::bucket::date_string(d))
+                .collect::<Vec<_>>());
+            return Ok(out);
+        }
+        Some("compact") => {
+            let day = payload["day"]
+                .as_str()
+                .and_then(|d| parse_ts(&format!("{d}T00:00:00Z")).ok())
+                .ok_or_else(|| {
+                    tally_common::Error::invalid("the compact step needs a \"day\" as YYYY-MM-DD")
+                })?;
+            let raw = crate::compact::compact_days(lake, &[day].into()).await?;
+            let metrics = crate::job::compact_metric_day(lake, day, &memory).await?;
+            return Ok(
+                json!({"day": payload["day"], "raw_files_removed": raw.files_removed, "metrics_hourly_rewritten": metrics}),
+            );
+        }
+        Some(other) => {
+            return Err(tally_common::Error::invalid(format!(
+                "unknown step {other:?}: plan, part, publish or compact"
+            )))
+        }
+    }
     let report = RunRequest::from_payload(payload)?
         .run(lake, args)?
         .execute()
