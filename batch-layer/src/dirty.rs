@@ -144,19 +144,7 @@ pub fn raw_files(raw: &DeltaTable) -> Result<Vec<RawFile>> {
     let dates = column(&adds, "partition.event_date", &DataType::Utf8)?;
     let hours = column(&adds, "partition.event_hour", &DataType::Int32)?;
     let i64_col = |name: &str| column(&adds, name, &DataType::Int64);
-    let micros = |name: &str| -> Result<Option<ArrayRef>> {
-        // statistics come back as timestamps of any unit: to µs (null on overflow), then integers
-        match column(
-            &adds,
-            name,
-            &DataType::Timestamp(TimeUnit::Microsecond, None),
-        )? {
-            Some(a) => Ok(Some(
-                cast(&a, &DataType::Int64).context(format!("reading {name}"))?,
-            )),
-            None => Ok(None),
-        }
-    };
+    let micros = |name: &str| micros_column(&adds, name);
     let records = i64_col("num_records")?;
     let required: Vec<Option<ArrayRef>> = ["event_id", "merchant_id", "event_type", "event_time"]
         .iter()
@@ -206,6 +194,22 @@ pub(crate) fn column(adds: &RecordBatch, name: &str, to: &DataType) -> Result<Op
         cast(c, to).context(format!("reading {name} from a Delta log"))?
     };
     Ok(Some(c))
+}
+
+/// A timestamp statistic of the add-actions table as epoch µs integers (null
+/// on overflow; statistics come back as timestamps of any unit), or None when
+/// absent.
+pub(crate) fn micros_column(adds: &RecordBatch, name: &str) -> Result<Option<ArrayRef>> {
+    match column(
+        adds,
+        name,
+        &DataType::Timestamp(TimeUnit::Microsecond, None),
+    )? {
+        Some(a) => Ok(Some(
+            cast(&a, &DataType::Int64).context(format!("reading {name}"))?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Every hour partition that holds files in `files`.

@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use deltalake::arrow::array::RecordBatch;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
-use deltalake::datafusion::datasource::listing::ListingTableUrl;
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::Add;
 use deltalake::DeltaTable;
@@ -24,7 +23,6 @@ use tally_common::bucket::day_floor;
 use tally_common::lake::{register, Lake, Table};
 use tally_common::metric_table::MetricTable;
 use tally_common::{Context as _, Error, Result};
-use url::Url;
 
 use crate::memory::{MemoryBound, SpillMeter};
 use crate::parts::{part_udf, PART_FUNCTION};
@@ -33,7 +31,7 @@ use crate::publish::{conform, table_rows};
 use crate::sql::{
     computable_rows, customer_hour_sql, daily_from_customers_sql, hourly_from_customers_sql,
 };
-use crate::stage::{register_files, Staging};
+use crate::stage::{file_schema, register_table_files, Staging};
 
 /// Staged name of the `customer_hours` files item `i` wrote.
 pub(crate) fn adds_name(i: usize) -> String {
@@ -56,9 +54,6 @@ pub struct ItemContext {
     ctx: SessionContext,
     spill: SpillMeter,
     customer_hours: DeltaTable,
-    /// `customer_hours`' directory as a URL of the lake's store, registered
-    /// in `ctx` (its files are this and their add action's path).
-    customer_hours_url: Url,
 }
 
 impl ItemContext {
@@ -83,27 +78,12 @@ impl ItemContext {
             Some(v) => lake.open_at_version(Table::CustomerHours, v).await?,
             None => lake.open_or_create(Table::CustomerHours).await?,
         };
-        // the store's root (the files it lists carry full paths), named by the run
-        let log_store = customer_hours.log_store();
-        let store_url = Url::parse(&format!("tally-lake://{}/", plan.run_id.to_lowercase()))
-            .map_err(|e| Error::internal(format!("lake URL: {e}")))?;
-        ctx.register_object_store(&store_url, log_store.root_object_store(None));
-        let table_path = log_store
-            .config()
-            .location()
-            .path()
-            .trim_start_matches('/')
-            .to_string();
-        let customer_hours_url = store_url
-            .join(&format!("{}/", table_path.trim_end_matches('/')))
-            .map_err(|e| Error::internal(format!("customer_hours URL: {e}")))?;
         Ok(ItemContext {
             plan,
             staging,
             ctx,
             spill: SpillMeter::default(),
             customer_hours,
-            customer_hours_url,
         })
     }
 
@@ -245,26 +225,7 @@ impl ItemContext {
         name: &str,
         paths: impl Iterator<Item = &'p str>,
     ) -> Result<()> {
-        let urls = paths
-            .map(|p| ListingTableUrl::parse(format!("{}{p}", self.customer_hours_url)))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .context("naming customer_hours files")?;
-        let file_schema = file_schema(&Table::CustomerHours.schema(), &["date"]);
-        register_files(&self.ctx, name, urls, Some(file_schema)).await
+        let schema = file_schema(&Table::CustomerHours.schema(), &["date"]);
+        register_table_files(&self.ctx, &self.customer_hours, name, paths, schema).await
     }
-}
-
-/// `schema` without the partition columns: the schema of the table's files.
-fn file_schema(
-    schema: &deltalake::arrow::datatypes::SchemaRef,
-    partitions: &[&str],
-) -> deltalake::arrow::datatypes::SchemaRef {
-    Arc::new(deltalake::arrow::datatypes::Schema::new(
-        schema
-            .fields()
-            .iter()
-            .filter(|f| !partitions.contains(&f.name().as_str()))
-            .cloned()
-            .collect::<Vec<_>>(),
-    ))
 }

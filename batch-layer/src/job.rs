@@ -1,18 +1,23 @@
 //! The batch job: `tally batch run` (the hourly run) and `tally batch reprocess`.
 //!
-//! A run is a sequence of named steps ([`BatchRun::execute`]): it finds its hours
-//! from the Delta log ([`crate::dirty`]), first moves any row it could not compute
-//! to `quarantine` ([`crate::quarantine`]), computes the hours day by day with
-//! DataFusion ([`crate::sql`]), and replaces those hours' rows of
-//! `metrics_hourly` (and complete days' rows of `metrics_daily`) with atomic
-//! Delta commits ([`crate::publish`]); a dry run compares instead
-//! ([`crate::dry_run`]). The last hourly commit records the watermark, the raw
-//! version processed and the logic version ([`tally_common::watermark`]), so a
-//! run killed at any point leaves the tables whole and the next run redoes what
-//! is missing. A day's row is written before its hours' commit, and
-//! `metrics_daily` keeps its own mark of the days before which every day with
-//! data has its row ([`crate::daily`]): a complete day gets its row in the first
-//! run that finds it complete, whichever runs processed its hours.
+//! A run has three steps, which run in one process ([`BatchRun::execute`]) or
+//! as the states of Step Functions' batch state machine ([`BatchRun::plan`],
+//! [`compute_item`], [`publish_run`], [`compact_metric_day`]):
+//! - **plan** ([`crate::plan`]): the hours to compute, from the Delta log
+//!   ([`crate::dirty`]), after moving any row the batch layer cannot compute to
+//!   `quarantine` ([`crate::quarantine`]); the complete days whose daily rows
+//!   are due ([`crate::daily`]); each split into parts ([`crate::parts`]);
+//! - **items** ([`crate::items`]): each part computed with DataFusion under the
+//!   memory bound ([`crate::memory`], [`crate::sql`]), its results staged
+//!   ([`crate::stage`]);
+//! - **publish**: one commit per table ([`crate::publish`]): `customer_hours`,
+//!   then `metrics_daily` with its daily mark, then `metrics_hourly` with the
+//!   watermark, the raw version processed and the logic version
+//!   ([`tally_common::watermark`]). A run killed at any point leaves the tables
+//!   whole, and the next run redoes what is missing; a dry run compares instead
+//!   ([`crate::dry_run`]).
+//!
+//! Then the closed days' partitions are compacted ([`crate::compact`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -337,12 +342,12 @@ impl BatchRun {
         Ok(report)
     }
 
-    /// Plan the run, stage the plan and the items' payloads for Step Functions
-    /// (`plan.json`, `items.json` in the run's staging area), and return it;
-    /// None when there is nothing to compute (the marks that move without
-    /// computing are recorded). Takes the lease while planning (the plan moves
-    /// rows that cannot be computed to quarantine).
-    pub async fn plan(self) -> Result<Option<(Plan, Staging)>> {
+    /// Plan the run and stage the plan and the items' payloads for Step
+    /// Functions (`plan.json`, `items.json` in the run's staging area,
+    /// [`Staging`]); [`Planned::Nothing`] when there is nothing to compute (the
+    /// marks that move without computing are recorded). Takes the lease while
+    /// planning (the plan moves rows that cannot be computed to quarantine).
+    pub async fn plan(self) -> Result<Planned> {
         let mut hourly = self.lake.open_or_create(Table::MetricsHourly).await?;
         let lease = Lease::acquire(&hourly, self.lease_expiry, self.lease_wait).await?;
         let result = async {
@@ -350,18 +355,16 @@ impl BatchRun {
                 .update_state()
                 .await
                 .context("refreshing metrics_hourly")?;
-            match self.plan_locked(&mut hourly, Some(&lease)).await? {
-                Planned::Nothing(_) => Ok(None),
-                Planned::Plan(p) => {
-                    let staging = Staging::open(&self.lake, &p.run_id)?;
-                    staging.put_json(PLAN_NAME, &p).await?;
-                    let payloads: Vec<serde_json::Value> = (0..p.items.len())
-                        .map(|i| serde_json::json!({"step": "part", "run_id": p.run_id, "item": i}))
-                        .collect();
-                    staging.put_json(ITEMS_NAME, &payloads).await?;
-                    Ok(Some((p, staging)))
-                }
+            let planned = self.plan_locked(&mut hourly, Some(&lease)).await?;
+            if let Planned::Plan(p) = &planned {
+                let staging = Staging::open(&self.lake, &p.run_id)?;
+                staging.put_json(PLAN_NAME, p).await?;
+                let payloads: Vec<serde_json::Value> = (0..p.items.len())
+                    .map(|i| serde_json::json!({"step": "part", "run_id": p.run_id, "item": i}))
+                    .collect();
+                staging.put_json(ITEMS_NAME, &payloads).await?;
             }
+            Ok(planned)
         }
         .await;
         lease.release().await;
@@ -508,7 +511,8 @@ pub const ITEMS_NAME: &str = "items.json";
 const PUBLISH_STEPS: usize = 3;
 
 /// What planning found.
-enum Planned {
+#[derive(Debug)]
+pub enum Planned {
     /// Nothing to compute: the report of the run.
     Nothing(RunReport),
     /// The plan to compute and publish.

@@ -1,10 +1,10 @@
 //! How the metric tables are laid out on storage, for the serving layer's point
 //! lookups of one merchant (figures in BENCHMARKS.md, "Serving layer").
 //!
-//! Each run rewrites a touched partition whole (a `metrics_hourly` date, a
-//! `metrics_daily` month), so a partition is one file sorted by merchant and time
-//! rather than one small file per hourly run: a 24-hour lookup opens one or two
-//! files instead of 24.
+//! A run adds a file per partition it publishes (only the hours it changed are
+//! rewritten); when a day closes, its `metrics_hourly` date is compacted into
+//! one file sorted by merchant and time ([`crate::publish`]), so a lookup of a
+//! closed day opens one file and reads a page or two of it.
 
 use deltalake::parquet::basic::{Compression, Encoding};
 use deltalake::parquet::file::properties::WriterProperties;

@@ -2,13 +2,16 @@
 //! Delta Lake idempotently, compaction, and the hourly DataFusion job with its
 //! watermark and reprocessing over history.
 //!
-//! The batch run ([`job`]) and the modules of its steps: the hours to compute,
-//! from the Delta log ([`dirty`]); rows it cannot compute, moved to quarantine
-//! ([`quarantine`]); the metric SQL ([`sql`]); the metric tables' reads and
-//! writes ([`publish`], files laid out by [`layout`]); complete days' rows and
-//! their mark ([`daily`]); a dry run's comparison ([`dry_run`]); compaction and
-//! vacuum ([`compact`]); the lease that keeps runs apart ([`lease`]). The batch
-//! Lambda's body, a run requested by an event, is [`run_request`].
+//! The batch run ([`job`]): a plan ([`plan`]) of items computed under the
+//! memory bound ([`items`], [`memory`], [`parts`], the SQL in [`sql`]) whose
+//! results wait in a staging area ([`stage`]) for one commit per table
+//! ([`publish`], files laid out by [`layout`]). Its helpers: the hours to
+//! compute, from the Delta log ([`dirty`]); rows it cannot compute, moved to
+//! quarantine ([`quarantine`]); complete days' rows and their mark ([`daily`]);
+//! a dry run's comparison ([`dry_run`]); compaction and vacuum ([`compact`]);
+//! the lease that keeps runs apart ([`lease`]); undoing a run ([`rollback`]).
+//! The batch Lambda's body, a run or a step requested by an event, is
+//! [`run_request`].
 //!
 //! The stream reaches the archiver through [`ArchiveSink`], the layer's
 //! `tally_stream::RecordSink`: the archiver Lambda function is that sink with

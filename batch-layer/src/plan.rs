@@ -15,14 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use deltalake::arrow::array::{Array, AsArray};
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
+use deltalake::arrow::datatypes::{DataType, Int64Type};
 use deltalake::DeltaTable;
 use serde::{Deserialize, Serialize};
 use tally_common::bucket::{day_floor, MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::{Context as _, Result};
 
-use crate::dirty::column;
+use crate::dirty::{column, micros_column};
 use crate::parts::Parts;
 
 /// One unit of a run's computation.
@@ -195,19 +194,10 @@ pub fn customer_hours_files(table: &DeltaTable) -> Result<Vec<CustomerHoursFile>
     let paths = paths.as_string::<i32>();
     let dates = column(&adds, "partition.date", &DataType::Utf8)?;
     let sizes = column(&adds, "size_bytes", &DataType::Int64)?;
-    let micros = |name: &str| -> Result<Option<deltalake::arrow::array::ArrayRef>> {
-        match column(
-            &adds,
-            name,
-            &DataType::Timestamp(TimeUnit::Microsecond, None),
-        )? {
-            Some(a) => Ok(Some(
-                cast(&a, &DataType::Int64).context(format!("reading {name}"))?,
-            )),
-            None => Ok(None),
-        }
-    };
-    let (lo, hi) = (micros("min.hour")?, micros("max.hour")?);
+    let (lo, hi) = (
+        micros_column(&adds, "min.hour")?,
+        micros_column(&adds, "max.hour")?,
+    );
     let get = |a: &Option<deltalake::arrow::array::ArrayRef>, i: usize| -> Option<i64> {
         let a = a.as_ref()?.as_primitive::<Int64Type>();
         (!a.is_null(i)).then(|| a.value(i))

@@ -34,9 +34,8 @@ use crate::job::LOGIC_VERSION;
 use crate::layout::metric_writer_properties;
 use crate::memory::MemoryBound;
 use crate::plan::{customer_hours_files, Item, Plan};
-use crate::stage::Staging;
+use crate::stage::{file_schema, register_table_files, Staging};
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
-use deltalake::datafusion::datasource::listing::ListingTableUrl;
 use futures::TryStreamExt as _;
 
 /// A commit that changes no row of a metric table and records `commit`'s
@@ -266,8 +265,9 @@ pub(crate) async fn publish_customer_hours(
 }
 
 /// The SQL adding up the parts' staged rows of `kind` (relation `staged`) per
-/// merchant, bucket and partition, in the table's column order, sorted by
-/// merchant and time ([`crate::layout`]).
+/// merchant, bucket and partition, in the table's column order (unsorted:
+/// delta-rs's writer reorders rows; a closed date is sorted when compacted,
+/// [`compact_partition`]).
 pub(crate) fn combine_staged_sql(kind: MetricTable, staged: &str) -> String {
     let schema = kind.table().schema();
     let metrics: Vec<&str> = stored_metric_names().collect();
@@ -288,11 +288,9 @@ pub(crate) fn combine_staged_sql(kind: MetricTable, staged: &str) -> String {
         })
         .collect();
     format!(
-        "SELECT {} FROM {staged} GROUP BY {} ORDER BY {}, {}",
+        "SELECT {} FROM {staged} GROUP BY {}",
         cols.join(", "),
-        keys.join(", "),
-        MERCHANT_COLUMN,
-        kind.time_column()
+        keys.join(", ")
     )
 }
 
@@ -307,7 +305,7 @@ pub(crate) async fn publish_rows(
     replaced: Expr,
     commit: CommitProperties,
 ) -> Result<(DeltaTable, u64)> {
-    let ctx = memory.ordered_session()?;
+    let ctx = memory.session()?;
     let dir = match kind {
         MetricTable::Hourly => "hourly/",
         MetricTable::Daily => "daily/",
@@ -428,41 +426,24 @@ pub(crate) async fn compact_partition(
     if removes.is_empty() {
         return Ok(false);
     }
-    // the partition's files read as plain Parquet (the sort below must not be
-    // taken for one the Delta scan already provides)
+    // the partition's files read as plain Parquet (a Delta scan may claim an
+    // order that makes DataFusion drop the sort)
     let ctx = memory.ordered_session()?;
-    let log_store = table.log_store();
-    let store_url = url::Url::parse("tally-lake://compaction/")
-        .map_err(|e| Error::internal(format!("lake URL: {e}")))?;
-    ctx.register_object_store(&store_url, log_store.root_object_store(None));
-    let table_path = log_store
-        .config()
-        .location()
-        .path()
-        .trim_matches('/')
-        .to_string();
-    let urls = (0..paths.len())
-        .filter(|&i| !parts.is_null(i) && parts.value(i) == value)
-        .map(|i| ListingTableUrl::parse(format!("{store_url}{table_path}/{}", paths.value(i))))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .context("naming the partition's files")?;
     let schema = kind.table().schema();
-    let file_schema = Arc::new(deltalake::arrow::datatypes::Schema::new(
-        schema
-            .fields()
-            .iter()
-            .filter(|f| f.name() != partition_col)
-            .cloned()
-            .collect::<Vec<_>>(),
-    ));
-    crate::stage::register_files(&ctx, "partition_files", urls, Some(file_schema)).await?;
-    let names: Vec<String> = schema
+    let file_schema = file_schema(&schema, &[partition_col]);
+    let files = (0..paths.len()).filter(|&i| !parts.is_null(i) && parts.value(i) == value);
+    register_table_files(
+        &ctx,
+        table,
+        "partition_files",
+        files.map(|i| paths.value(i)),
+        file_schema.clone(),
+    )
+    .await?;
+    let names: Vec<&str> = file_schema
         .fields()
         .iter()
-        .map(|f| match f.name().as_str() {
-            n if n == partition_col => format!("'{value}' AS {n}"),
-            n => n.to_string(),
-        })
+        .map(|f| f.name().as_str())
         .collect();
     let sql = format!(
         "SELECT {} FROM partition_files ORDER BY {MERCHANT_COLUMN}, {}",
@@ -478,14 +459,6 @@ pub(crate) async fn compact_partition(
         .context(format!("reading {} for compaction", kind.name()))?;
     // one partition: an unpartitioned writer under the partition's directory
     // (delta-rs's partitioning writer reorders rows of equal partition value)
-    let file_schema = Arc::new(deltalake::arrow::datatypes::Schema::new(
-        schema
-            .fields()
-            .iter()
-            .filter(|f| f.name() != partition_col)
-            .cloned()
-            .collect::<Vec<_>>(),
-    ));
     let dir = format!("{partition_col}={value}");
     let config = WriterConfig::new(
         file_schema.clone(),
@@ -507,11 +480,7 @@ pub(crate) async fn compact_partition(
         .context(format!("compacting {}", kind.name()))?
     {
         if batch.num_rows() > 0 {
-            let batch = conform(&schema, batch.columns().to_vec())?;
-            let keep: Vec<usize> = (0..schema.fields().len())
-                .filter(|&i| schema.field(i).name() != partition_col)
-                .collect();
-            let batch = batch.project(&keep).context("compacting")?;
+            let batch = conform(&file_schema, batch.columns().to_vec())?;
             writer
                 .write(&batch)
                 .await

@@ -94,19 +94,13 @@ pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Va
         Some("plan") => {
             let run = RunRequest::from_payload(payload)?.run(lake, args)?;
             return Ok(match run.plan().await? {
-                None => {
-                    let report = RunRequest::Hourly
-                        .run(lake, args)?
-                        .dry_run(true)
-                        .execute()
-                        .await;
-                    if let Ok(r) = report {
-                        println!("{}", watermark_lag_metric(&r, now_micros()));
-                    }
+                crate::job::Planned::Nothing(report) => {
+                    println!("{}", watermark_lag_metric(&report, now_micros()));
                     json!({"run_id": null, "item_count": 0})
                 }
-                Some((plan, staging)) => {
-                    let url = staging.url_of(crate::job::ITEMS_NAME);
+                crate::job::Planned::Plan(plan) => {
+                    let url = crate::stage::Staging::open(lake, &plan.run_id)?
+                        .url_of(crate::job::ITEMS_NAME);
                     json!({
                         "run_id": plan.run_id,
                         "items": {"bucket": url.host_str().unwrap_or(""), "key": url.path().trim_start_matches('/')},

@@ -236,3 +236,47 @@ pub(crate) async fn register_files(
         .context(format!("registering {name}"))?;
     Ok(())
 }
+
+/// Register files of the Delta table `table` (paths relative to its root, as
+/// in its add actions; committed or not) as table `name` in `ctx`, read as
+/// plain Parquet of `file_schema`: a scan that claims no order and needs no
+/// snapshot. The lake's store is registered at its root, since the locations
+/// it lists are full paths.
+pub(crate) async fn register_table_files<'p>(
+    ctx: &SessionContext,
+    table: &deltalake::DeltaTable,
+    name: &str,
+    paths: impl Iterator<Item = &'p str>,
+    file_schema: deltalake::arrow::datatypes::SchemaRef,
+) -> Result<()> {
+    let log_store = table.log_store();
+    let store_url =
+        Url::parse("tally-lake://root/").map_err(|e| Error::internal(format!("lake URL: {e}")))?;
+    ctx.register_object_store(&store_url, log_store.root_object_store(None));
+    let table_path = log_store
+        .config()
+        .location()
+        .path()
+        .trim_matches('/')
+        .to_string();
+    let urls = paths
+        .map(|p| ListingTableUrl::parse(format!("{store_url}{table_path}/{p}")))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .context(format!("naming the files of {name}"))?;
+    register_files(ctx, name, urls, Some(file_schema)).await
+}
+
+/// `schema` without the columns `partitions`: the schema of a table's files.
+pub(crate) fn file_schema(
+    schema: &deltalake::arrow::datatypes::SchemaRef,
+    partitions: &[&str],
+) -> deltalake::arrow::datatypes::SchemaRef {
+    Arc::new(deltalake::arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| !partitions.contains(&f.name().as_str()))
+            .cloned()
+            .collect::<Vec<_>>(),
+    ))
+}
