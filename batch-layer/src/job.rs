@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deltalake::datafusion::logical_expr::{lit, Expr};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
@@ -46,8 +45,7 @@ use crate::lease::{Lease, DEFAULT_LEASE_EXPIRY};
 use crate::memory::MemoryBound;
 use crate::plan::{customer_hours_files, plan_items, Marks, Plan};
 use crate::publish::{
-    compact_partition, days_predicate, hours_predicate, publish_customer_hours, publish_rows,
-    record_only, stored_hours,
+    compact_partition, publish_customer_hours, publish_rows, record_only, stored_hours,
 };
 use crate::quarantine::{self, computable_hour};
 use crate::stage::Staging;
@@ -774,15 +772,8 @@ pub(crate) async fn publish_plan(
             c = c.with_application_transactions(vec![daily::mark_txn(through)]);
             carried.daily_mark = true;
         }
-        let (t, n) = publish_rows(
-            &daily,
-            MetricTable::Daily,
-            staging,
-            memory,
-            days_predicate(&plan.days),
-            c,
-        )
-        .await?;
+        let (t, n) =
+            publish_rows(&daily, MetricTable::Daily, staging, memory, &plan.days, c).await?;
         daily = t;
         published.daily_rows = n;
     }
@@ -799,14 +790,8 @@ pub(crate) async fn publish_plan(
             ));
             carried.progress = true;
         }
-        let replaced = plan
-            .hours_by_day()
-            .iter()
-            .map(|(&day, hours)| hours_predicate(day, hours))
-            .reduce(Expr::or)
-            .unwrap_or(lit(false));
         let (t, n) =
-            publish_rows(hourly, MetricTable::Hourly, staging, memory, replaced, c).await?;
+            publish_rows(hourly, MetricTable::Hourly, staging, memory, &plan.hours, c).await?;
         *hourly = t;
         published.hourly_rows = n;
     }
@@ -980,6 +965,26 @@ pub async fn compute_item(
     items.compute(item).await
 }
 
+/// How far back in `metrics_hourly`'s log a retried publish looks for its own
+/// commit, in versions.
+const PUBLISHED_WITHIN: u64 = 100;
+
+/// Whether one of the newest [`PUBLISHED_WITHIN`] commits of `hourly` is run
+/// `run_id`'s.
+async fn published_recently(hourly: &DeltaTable, run_id: &str) -> Result<bool> {
+    let Some(newest) = hourly.version() else {
+        return Ok(false);
+    };
+    for v in (newest.saturating_sub(PUBLISHED_WITHIN)..=newest).rev() {
+        if let Some(c) = read_commit(hourly, v).await? {
+            if c.info[crate::rollback::RUN_KEY].as_str() == Some(run_id) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Publish run `run_id` from its staging area (the Step Functions' publish
 /// step), under the lease (waiting up to `wait` for it), then report. Errors:
 /// [`Error::Conflict`] when another run published since it was planned;
@@ -992,12 +997,22 @@ pub async fn publish_run(
     wait: Duration,
 ) -> Result<RunReport> {
     let staging = Staging::open(lake, run_id)?;
-    let plan: Plan = staging.get_json(PLAN_NAME).await?.ok_or_else(|| {
-        Error::invalid(format!(
-            "run {run_id} has no staged plan (published, or never planned)"
-        ))
-    })?;
     let mut hourly = lake.open_or_create(Table::MetricsHourly).await?;
+    let Some(plan) = staging.get_json::<Plan>(PLAN_NAME).await? else {
+        // a publish retried after it landed (its answer was lost) succeeds
+        if published_recently(&hourly, run_id).await? {
+            let progress = read_progress(&hourly).await?;
+            return Ok(RunReport {
+                watermark_before: progress.watermark,
+                watermark_after: progress.watermark,
+                raw_version: progress.raw_version,
+                ..RunReport::default()
+            });
+        }
+        return Err(Error::invalid(format!(
+            "run {run_id} has no staged plan (never planned, or planned more than {PUBLISHED_WITHIN} commits ago)"
+        )));
+    };
     let lease = Lease::acquire(&hourly, lease_expiry, wait).await?;
     let result = async {
         hourly

@@ -28,7 +28,7 @@ use deltalake::kernel::{Action, Add, Remove};
 use deltalake::protocol::DeltaOperation;
 use tally_common::metrics::stored_metric_names;
 
-use crate::dirty::column;
+use crate::dirty::{column, micros_column};
 use crate::items::adds_name;
 use crate::job::LOGIC_VERSION;
 use crate::layout::metric_writer_properties;
@@ -37,6 +37,7 @@ use crate::plan::{customer_hours_files, Item, Plan};
 use crate::stage::{file_schema, register_table_files, Staging};
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::TryStreamExt as _;
+use std::collections::BTreeMap;
 
 /// A commit that changes no row of a metric table and records `commit`'s
 /// transactions (progress or the daily mark).
@@ -294,172 +295,240 @@ pub(crate) fn combine_staged_sql(kind: MetricTable, staged: &str) -> String {
     )
 }
 
-/// Replace the rows of `kind` matching `replaced` with the parts' staged rows
-/// added up, in one commit carrying `commit`, streaming under `memory`; returns
-/// the table at the new version and the rows written.
+/// Replace the rows of `kind` in the buckets `buckets` (their start, epoch µs)
+/// with the parts' staged rows added up, in one commit carrying `commit`;
+/// returns the table at the new version and the run's rows written.
+///
+/// Per partition the run touches, one new file sorted by merchant and time
+/// ([`crate::layout`]) holds the run's rows and the other rows of the files it
+/// replaces (those whose time statistics meet a replaced bucket; files of
+/// other buckets stay as they are, so a run rewrites only what it changed).
+/// Everything streams under `memory`, spilling.
 pub(crate) async fn publish_rows(
     table: &DeltaTable,
     kind: MetricTable,
     staging: &Staging,
     memory: &MemoryBound,
-    replaced: Expr,
+    buckets: &[i64],
     commit: CommitProperties,
 ) -> Result<(DeltaTable, u64)> {
-    let ctx = memory.session()?;
+    let ctx = memory.ordered_session()?;
     let dir = match kind {
         MetricTable::Hourly => "hourly/",
         MetricTable::Daily => "daily/",
     };
-    if !staging
+    let staged = staging
         .register_dir(&ctx, dir, "staged", kind.table().schema())
-        .await?
-    {
-        let t = replace_rows(table, kind, Vec::new(), replaced, commit).await?;
-        return Ok((t, 0));
+        .await?;
+    let mut rows = 0;
+    if staged {
+        ctx.register_table(
+            "combined",
+            ctx.sql(&combine_staged_sql(kind, "staged"))
+                .await
+                .context("adding up the parts")?
+                .into_view(),
+        )
+        .context("adding up the parts")?;
+        let n = crate::sql::run_query(&ctx, "SELECT COUNT(*) FROM combined").await?;
+        rows = n
+            .first()
+            .filter(|b| b.num_rows() > 0)
+            .and_then(|b| {
+                b.column(0)
+                    .as_primitive_opt::<Int64Type>()
+                    .map(|c| c.value(0))
+            })
+            .unwrap_or(0)
+            .max(0) as u64;
     }
-    let df = ctx
-        .sql(&combine_staged_sql(kind, "staged"))
-        .await
-        .context(format!("adding up the parts of {}", kind.name()))?;
-    let rows = ctx
-        .sql(&format!(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM staged GROUP BY {MERCHANT_COLUMN}, {})",
-            kind.time_column()
-        ))
-        .await
-        .context("counting rows")?
-        .collect()
-        .await
-        .context("counting rows")?;
-    let n = rows
-        .first()
-        .filter(|b| b.num_rows() > 0)
-        .and_then(|b| {
-            b.column(0)
-                .as_primitive_opt::<Int64Type>()
-                .map(|c| c.value(0))
-        })
-        .unwrap_or(0)
-        .max(0) as u64;
-    let t = table
-        .clone()
-        .write(Vec::new())
-        .with_input_plan(df.logical_plan().clone())
-        .with_session_state(Arc::new(ctx.state()))
-        .with_save_mode(SaveMode::Overwrite)
-        .with_replace_where(replaced)
-        .with_partition_columns([kind.partition_column()])
-        .with_writer_properties(metric_writer_properties())
-        .with_commit_properties(commit)
+    let files = partition_files(table, kind)?;
+    let time = kind.time_column();
+    let pcol = kind.partition_column();
+    let mut by_partition: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for &b in buckets {
+        by_partition
+            .entry(kind.partition_of(b))
+            .or_default()
+            .push(b);
+    }
+    let file_schema = file_schema(&kind.table().schema(), &[pcol]);
+    let cols: Vec<&str> = file_schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    let cols = cols.join(", ");
+    let mut actions: Vec<Action> = Vec::new();
+    for (k, (value, replaced)) in by_partition.iter().enumerate() {
+        let replaced_list = replaced
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let touched: Vec<&PartitionFile> = files
+            .iter()
+            .filter(|f| &f.partition == value && f.meets(replaced))
+            .collect();
+        let mut sources = Vec::new();
+        if staged {
+            sources.push(format!(
+                "SELECT {cols} FROM combined WHERE {pcol} = '{value}'"
+            ));
+        }
+        if !touched.is_empty() {
+            let name = format!("kept_{k}");
+            register_table_files(
+                &ctx,
+                table,
+                &name,
+                touched.iter().map(|f| f.path.as_str()),
+                file_schema.clone(),
+            )
+            .await?;
+            sources.push(format!(
+                "SELECT {cols} FROM {name} WHERE CAST({time} AS BIGINT) NOT IN ({replaced_list})"
+            ));
+        }
+        actions.extend(touched.iter().map(|f| f.remove(pcol)));
+        if sources.is_empty() {
+            continue;
+        }
+        let sql = format!(
+            "SELECT * FROM ({}) AS rows ORDER BY {MERCHANT_COLUMN}, {time}",
+            sources.join(" UNION ALL ")
+        );
+        actions.extend(write_sorted_partition(&ctx, table, kind, value, &file_schema, &sql).await?);
+    }
+    let snapshot = table
+        .snapshot()
+        .context(format!("reading {}", kind.name()))?;
+    CommitBuilder::from(commit)
+        .with_actions(actions)
+        .build(
+            Some(snapshot),
+            table.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Overwrite,
+                partition_by: Some(vec![pcol.to_string()]),
+                predicate: Some(format!(
+                    "{time} in the {} recomputed buckets",
+                    buckets.len()
+                )),
+            },
+        )
         .await
         .context(format!("publishing {}", kind.name()))?;
-    Ok((t, n))
+    let mut table = table.clone();
+    table
+        .update_state()
+        .await
+        .context(format!("reloading {}", kind.name()))?;
+    Ok((table, rows))
 }
 
-/// The predicate of `metrics_daily` rows of `days`.
-pub(crate) fn days_predicate(days: &[i64]) -> Expr {
-    let kind = MetricTable::Daily;
-    days.iter()
-        .map(|&d| partition_of(kind, d).and(col(kind.time_column()).eq(ts_lit(d))))
-        .reduce(Expr::or)
-        .unwrap_or(lit(false))
+/// One file of a metric table, as its Delta log describes it.
+struct PartitionFile {
+    path: String,
+    partition: String,
+    size: i64,
+    /// The first and last bucket its rows hold (epoch µs), if recorded.
+    time: Option<(i64, i64)>,
 }
 
-/// Rewrite `kind`'s partition holding `t` as one file sorted by merchant and
-/// time (each run adds a file, in no particular order): a lookup of one
-/// merchant then reads a page or two of one file. The sorted rows stream
-/// (under `memory`, spilling) into delta-rs's file writer, and one commit
-/// removes the partition's files and adds the new one; a writer that
-/// committed in the partition meanwhile makes it fail (Delta's conflict
-/// check), and the next run compacts again. Returns whether it rewrote.
-pub(crate) async fn compact_partition(
-    table: &DeltaTable,
-    kind: MetricTable,
-    t: i64,
-    memory: &MemoryBound,
-    commit: CommitProperties,
-) -> Result<bool> {
+impl PartitionFile {
+    /// Whether the file may hold a row of one of `buckets`.
+    fn meets(&self, buckets: &[i64]) -> bool {
+        match self.time {
+            Some((lo, hi)) => buckets.iter().any(|b| (lo..=hi).contains(b)),
+            None => true,
+        }
+    }
+
+    /// The action removing it.
+    fn remove(&self, partition_column: &str) -> Action {
+        Action::Remove(Remove {
+            path: self.path.clone(),
+            data_change: true,
+            deletion_timestamp: Some(chrono::Utc::now().timestamp_millis()),
+            extended_file_metadata: Some(true),
+            partition_values: Some(
+                [(partition_column.to_string(), Some(self.partition.clone()))].into(),
+            ),
+            size: Some(self.size),
+            tags: None,
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+        })
+    }
+}
+
+/// The files of `kind` at the table's loaded version.
+fn partition_files(table: &DeltaTable, kind: MetricTable) -> Result<Vec<PartitionFile>> {
     let Ok(state) = table.snapshot() else {
-        return Ok(false);
+        return Ok(Vec::new());
     };
-    let value = kind.partition_of(t);
     let adds = state
         .add_actions_table(true)
         .context(format!("listing {} files", kind.name()))?;
-    let partition_col = kind.partition_column();
     let (Some(paths), Some(parts), Some(sizes)) = (
         column(&adds, "path", &DataType::Utf8)?,
         column(
             &adds,
-            &format!("partition.{partition_col}"),
+            &format!("partition.{}", kind.partition_column()),
             &DataType::Utf8,
         )?,
         column(&adds, "size_bytes", &DataType::Int64)?,
     ) else {
-        return Ok(false);
+        return Ok(Vec::new());
+    };
+    let time = kind.time_column();
+    let (lo, hi) = (
+        micros_column(&adds, &format!("min.{time}"))?,
+        micros_column(&adds, &format!("max.{time}"))?,
+    );
+    let get = |a: &Option<deltalake::arrow::array::ArrayRef>, i: usize| -> Option<i64> {
+        let a = a.as_ref()?.as_primitive::<Int64Type>();
+        (!a.is_null(i)).then(|| a.value(i))
     };
     let (paths, parts, sizes) = (
         paths.as_string::<i32>(),
         parts.as_string::<i32>(),
         sizes.as_primitive::<Int64Type>(),
     );
-    let now = chrono::Utc::now().timestamp_millis();
-    let removes: Vec<Action> = (0..paths.len())
-        .filter(|&i| !parts.is_null(i) && parts.value(i) == value)
-        .map(|i| {
-            Action::Remove(Remove {
-                path: paths.value(i).to_string(),
-                data_change: false,
-                deletion_timestamp: Some(now),
-                extended_file_metadata: Some(true),
-                partition_values: Some([(partition_col.to_string(), Some(value.clone()))].into()),
-                size: Some(sizes.value(i)),
-                tags: None,
-                deletion_vector: None,
-                base_row_id: None,
-                default_row_commit_version: None,
-            })
+    Ok((0..paths.len())
+        .filter(|&i| !parts.is_null(i))
+        .map(|i| PartitionFile {
+            path: paths.value(i).to_string(),
+            partition: parts.value(i).to_string(),
+            size: sizes.value(i),
+            time: get(&lo, i).zip(get(&hi, i)),
         })
-        .collect();
-    // one file is rewritten too: a late hour's replacement rewrote the
-    // partition's rows in delta-rs's order, not sorted
-    if removes.is_empty() {
-        return Ok(false);
-    }
-    // the partition's files read as plain Parquet (a Delta scan may claim an
-    // order that makes DataFusion drop the sort)
-    let ctx = memory.ordered_session()?;
-    let schema = kind.table().schema();
-    let file_schema = file_schema(&schema, &[partition_col]);
-    let files = (0..paths.len()).filter(|&i| !parts.is_null(i) && parts.value(i) == value);
-    register_table_files(
-        &ctx,
-        table,
-        "partition_files",
-        files.map(|i| paths.value(i)),
-        file_schema.clone(),
-    )
-    .await?;
-    let names: Vec<&str> = file_schema
-        .fields()
-        .iter()
-        .map(|f| f.name().as_str())
-        .collect();
-    let sql = format!(
-        "SELECT {} FROM partition_files ORDER BY {MERCHANT_COLUMN}, {}",
-        names.join(", "),
-        kind.time_column()
-    );
+        .collect())
+}
+
+/// Stream the rows of `sql` (the file columns of `kind`, sorted) into new
+/// files of `kind`'s partition `value`, uncommitted; returns their add
+/// actions. An unpartitioned writer under the partition's directory: delta-rs's
+/// partitioning writer reorders rows of equal partition value.
+async fn write_sorted_partition(
+    ctx: &SessionContext,
+    table: &DeltaTable,
+    kind: MetricTable,
+    value: &str,
+    file_schema: &SchemaRef,
+    sql: &str,
+) -> Result<Vec<Action>> {
+    let pcol = kind.partition_column();
     let mut stream = ctx
-        .sql(&sql)
+        .sql(sql)
         .await
-        .context(format!("reading {} for compaction", kind.name()))?
+        .context(format!("planning the rows of {}", kind.name()))?
         .execute_stream()
         .await
-        .context(format!("reading {} for compaction", kind.name()))?;
-    // one partition: an unpartitioned writer under the partition's directory
-    // (delta-rs's partitioning writer reorders rows of equal partition value)
-    let dir = format!("{partition_col}={value}");
+        .context(format!("reading the rows of {}", kind.name()))?;
+    let dir = format!("{pcol}={value}");
     let config = WriterConfig::new(
         file_schema.clone(),
         Vec::new(),
@@ -477,36 +546,89 @@ pub(crate) async fn compact_partition(
     while let Some(batch) = stream
         .try_next()
         .await
-        .context(format!("compacting {}", kind.name()))?
+        .context(format!("writing {}", kind.name()))?
     {
         if batch.num_rows() > 0 {
-            let batch = conform(&file_schema, batch.columns().to_vec())?;
+            let batch = conform(file_schema, batch.columns().to_vec())?;
             writer
                 .write(&batch)
                 .await
-                .context(format!("compacting {}", kind.name()))?;
+                .context(format!("writing {}", kind.name()))?;
         }
     }
-    let mut actions: Vec<Action> = writer
+    Ok(writer
         .close()
         .await
-        .context(format!("compacting {}", kind.name()))?
+        .context(format!("writing {}", kind.name()))?
         .into_iter()
         .map(|mut a| {
             a.path = format!("{dir}/{}", a.path);
-            a.partition_values = [(partition_col.to_string(), Some(value.clone()))].into();
-            a.data_change = false;
+            a.partition_values = [(pcol.to_string(), Some(value.to_string()))].into();
             Action::Add(a)
         })
+        .collect())
+}
+
+/// Rewrite `kind`'s partition holding `t` as one file sorted by merchant and
+/// time (each run adds a file): a lookup of one merchant then reads a page or
+/// two of one file. The sorted rows stream (under `memory`, spilling) into a
+/// new file, and one commit removes the partition's files and adds it; a
+/// writer that committed in the partition meanwhile makes it fail (Delta's
+/// conflict check), and the next run compacts again. Returns whether it
+/// rewrote (a partition of one file is left as it is).
+pub(crate) async fn compact_partition(
+    table: &DeltaTable,
+    kind: MetricTable,
+    t: i64,
+    memory: &MemoryBound,
+    commit: CommitProperties,
+) -> Result<bool> {
+    let value = kind.partition_of(t);
+    let pcol = kind.partition_column();
+    let files: Vec<PartitionFile> = partition_files(table, kind)?
+        .into_iter()
+        .filter(|f| f.partition == value)
         .collect();
-    actions.extend(removes);
+    if files.len() <= 1 {
+        return Ok(false);
+    }
+    let ctx = memory.ordered_session()?;
+    let file_schema = file_schema(&kind.table().schema(), &[pcol]);
+    register_table_files(
+        &ctx,
+        table,
+        "partition_files",
+        files.iter().map(|f| f.path.as_str()),
+        file_schema.clone(),
+    )
+    .await?;
+    let sql = format!(
+        "SELECT * FROM partition_files ORDER BY {MERCHANT_COLUMN}, {}",
+        kind.time_column()
+    );
+    let mut actions = write_sorted_partition(&ctx, table, kind, &value, &file_schema, &sql).await?;
+    for a in actions.iter_mut() {
+        if let Action::Add(add) = a {
+            add.data_change = false;
+        }
+    }
+    actions.extend(files.iter().map(|f| match f.remove(pcol) {
+        Action::Remove(mut r) => {
+            r.data_change = false;
+            Action::Remove(r)
+        }
+        other => other,
+    }));
+    let snapshot = table
+        .snapshot()
+        .context(format!("reading {}", kind.name()))?;
     CommitBuilder::from(commit)
         .with_actions(actions)
         .build(
-            Some(state),
+            Some(snapshot),
             table.log_store(),
             DeltaOperation::Optimize {
-                predicate: Some(format!("{partition_col} = '{value}'")),
+                predicate: Some(format!("{pcol} = '{value}'")),
                 target_size: 0,
             },
         )

@@ -63,8 +63,9 @@ impl RunRequest {
 /// metric, and answer with the run's summary ([`summary`]).
 ///
 /// The steps of Step Functions' batch state machine come with `"step"`:
-/// - `{"step":"plan"[,"from","to"]}`: plan the hourly run (or the reprocessing
-///   of `[from, to)`) and stage it; answers `{"run_id","items":{"bucket",
+/// - `{"step":"plan"[,"from","to"][,"parts":N]}`: plan the hourly run (or the
+///   reprocessing of `[from, to)`; N parts per hour and day instead of the
+///   number the row counts give) and stage it; answers `{"run_id","items":{"bucket",
 ///   "key"},"item_count"}` (the items' payloads, for the distributed Map's
 ///   item reader; `item_count` 0 when there is nothing to compute, and then the
 ///   watermark lag is printed here);
@@ -92,7 +93,15 @@ pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Va
     match payload["step"].as_str() {
         None => {}
         Some("plan") => {
-            let run = RunRequest::from_payload(payload)?.run(lake, args)?;
+            let mut run = RunRequest::from_payload(payload)?.run(lake, args)?;
+            // `"parts": N` fixes the parts of every hour and day (default: from
+            // the Delta log's row counts)
+            if let Some(n) = payload["parts"].as_u64() {
+                run = run.parts(crate::parts::Parts {
+                    count: Some(u32::try_from(n).unwrap_or(crate::parts::MAX_PARTS)),
+                    jobs: 1,
+                });
+            }
             return Ok(match run.plan().await? {
                 crate::job::Planned::Nothing(report) => {
                     println!("{}", watermark_lag_metric(&report, now_micros()));

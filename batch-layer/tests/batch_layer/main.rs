@@ -4,6 +4,7 @@ mod archive;
 mod compact;
 mod job;
 mod quarantine;
+mod steps;
 
 use tally_common::deltalake::arrow::array::AsArray;
 use tally_common::deltalake::arrow::datatypes::Int64Type;
