@@ -132,7 +132,8 @@ impl ItemContext {
             schema.clone(),
             vec!["date".to_string()],
             Some(crate::layout::customer_hours_writer_properties()),
-            None,
+            // a new file past this size: the writer holds at most a file in memory
+            std::num::NonZeroU64::new(crate::compact::TARGET_FILE_SIZE),
             None,
             Default::default(),
             None,

@@ -533,7 +533,8 @@ async fn write_sorted_partition(
         file_schema.clone(),
         Vec::new(),
         Some(metric_writer_properties()),
-        None,
+        // a new file past this size: the writer holds at most a file in memory
+        std::num::NonZeroU64::new(crate::compact::TARGET_FILE_SIZE),
         None,
         Default::default(),
         None,

@@ -17,8 +17,10 @@
 //! `lookup-delta`: variants; `archive`: the raw table's zstd-with-dictionaries
 //! properties, which the metric tables used before), BENCH_READ (`lookup`,
 //! default, or `datafusion`: how the server reads the batch view), BENCH_FILES
-//! (`day`, default: one file per date, as the batch layer rewrites a date on each
-//! run; `hour`: one file per hour, as runs left a date before).
+//! (`day`, default: one file per date; `hour`: one file per hour; `runs`: one
+//! file per hour on the current day and one per date before, as the batch layer
+//! leaves its tables now: a sorted file per hourly publish, a closed date
+//! compacted into one).
 
 use std::collections::HashMap;
 use std::f64::consts::TAU;
@@ -254,15 +256,24 @@ async fn write_rows(
 /// watermark to `to`, and the days that complete within `(from, to]` into
 /// `metrics_daily` (one file per day). Hourly rows go one file per date; topping a
 /// lake up (`rewrite_dates`) rewrites each touched date whole, so a date stays one
-/// sorted file. With `hour_files`, one file per hour instead, as the batch layer's
-/// hourly runs leave a date today.
+/// sorted file. With [`HourFiles::Hour`], one file per hour instead (how hourly
+/// runs left a date before the batch layer rewrote it whole); with
+/// [`HourFiles::Runs`], one file per hour for the current day only and one per
+/// date before (how the batch layer leaves its tables now: a publish adds a
+/// sorted file per hourly run, and a closed date is compacted into one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HourFiles {
+    Day,
+    Hour,
+    Runs,
+}
 async fn extend_lake(
     lake: &Lake,
     merchants: &Arc<Vec<(String, u32)>>,
     from: i64,
     to: i64,
     layout: &str,
-    hour_files: bool,
+    files: HourFiles,
     rewrite_dates: bool,
 ) {
     let computed_at = now_micros();
@@ -271,6 +282,11 @@ async fn extend_lake(
         let daily = day + MICROS_PER_DAY <= to && day + MICROS_PER_DAY > from;
         let t = Instant::now();
         let m = Arc::clone(merchants);
+        let hour_files = match files {
+            HourFiles::Day => false,
+            HourFiles::Hour => true,
+            HourFiles::Runs => day + MICROS_PER_DAY >= to,
+        };
         let rewrite = rewrite_dates && !hour_files;
         let first = if rewrite { day } else { from };
         let (hourly_rows, daily_rows) =
@@ -347,13 +363,17 @@ async fn prepare_lake(
     days: i64,
     w: i64,
     layout: &str,
-    hour_files: bool,
+    hour_files: HourFiles,
 ) -> Lake {
     let marker = dir.join("bench-lake.txt");
     let want = format!(
         "format={LAKE_FORMAT} layout={layout} merchants={} days={days}{}\n",
         merchants.len(),
-        if hour_files { " files=hour" } else { "" }
+        match hour_files {
+            HourFiles::Day => "",
+            HourFiles::Hour => " files=hour",
+            HourFiles::Runs => " files=runs",
+        }
     );
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
         let lake =
@@ -685,16 +705,19 @@ fn main() {
     let layout: String = env_or("BENCH_LAYOUT", "lookup".to_string());
     let read_path: String = env_or("BENCH_READ", "lookup".to_string());
     let hour_files = match env_or("BENCH_FILES", "day".to_string()).as_str() {
-        "day" => false,
-        "hour" => true,
-        other => panic!("BENCH_FILES={other}: use day or hour"),
+        "day" => HourFiles::Day,
+        "hour" => HourFiles::Hour,
+        "runs" => HourFiles::Runs,
+        other => panic!("BENCH_FILES={other}: use day, hour or runs"),
     };
     let mut suffix = String::new();
     if layout != "lookup" {
         suffix.push_str(&format!("-{layout}"));
     }
-    if hour_files {
-        suffix.push_str("-hourfiles");
+    match hour_files {
+        HourFiles::Day => {}
+        HourFiles::Hour => suffix.push_str("-hourfiles"),
+        HourFiles::Runs => suffix.push_str("-runfiles"),
     }
     let lake_dir = PathBuf::from(env_or(
         "BENCH_LAKE_DIR",
@@ -953,4 +976,126 @@ fn main() {
         verdict(rps >= 3000.0)
     );
     drop(redis);
+
+    let run_events: usize = env_or("BENCH_HOURLY_RUN_EVENTS", 0);
+    if run_events > 0 {
+        rt.block_on(hourly_run(&lake_dir, merchants, w, run_events));
+    }
+}
+
+/// Bytes as MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// An ordinary hourly run on this lake (issue 15): `events` Zipf events of the
+/// current hour archived into a copy of the lake (data files hard-linked, which
+/// Delta never changes in place), then `tally batch run` as the hourly schedule
+/// starts it after the hour closes; prints its seconds and the bytes its
+/// `metrics_hourly` commit added and removed (what a run rewrites).
+async fn hourly_run(lake_dir: &Path, merchants: u32, w: i64, events: usize) {
+    let copy = lake_dir.with_file_name(format!(
+        "{}-hourly-run",
+        lake_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("lake")
+    ));
+    let _ = std::fs::remove_dir_all(&copy);
+    let status = Command::new("cp")
+        .arg("-al")
+        .arg(lake_dir)
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "copying the lake");
+    let lake =
+        Lake::new(copy.join("lake").to_str().expect("utf-8 path"), None, None).expect("lake");
+    let now = w + MICROS_PER_HOUR + 6 * 60 * 1_000_000;
+    let t = Instant::now();
+    let records = tally_testkit::zipf::zipf_records(events, 1000, merchants as usize, w / 1000, 15);
+    let mut archiver = tally_batch_layer::Archiver::open(&lake)
+        .await
+        .expect("archiver");
+    for (i, chunk) in records.chunks(100).enumerate() {
+        let input: Vec<tally_common::source::Record<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, r)| {
+                tally_common::source::Record::new(
+                    tally_common::source::Position::from_u64((i * 100 + j) as u64 + 1),
+                    r,
+                )
+            })
+            .collect();
+        archiver
+            .archive(
+                &tally_common::source::SourceId::file("hourly-run"),
+                &input,
+                now,
+            )
+            .await
+            .expect("archiving the hour");
+    }
+    drop(records);
+    println!();
+    println!(
+        "ordinary hourly run: {events} events of {} over {merchants} merchants archived in {:.1}s",
+        format_ts(w),
+        t.elapsed().as_secs_f64()
+    );
+    let before = lake
+        .open(Table::MetricsHourly)
+        .await
+        .expect("metrics_hourly")
+        .and_then(|t| t.version())
+        .unwrap_or(0);
+    let t = Instant::now();
+    let report = tally_batch_layer::BatchRun::new(&lake)
+        .now(now)
+        .compact(false)
+        .execute()
+        .await
+        .expect("the hourly run");
+    let secs = t.elapsed().as_secs_f64();
+    let hourly = lake
+        .open(Table::MetricsHourly)
+        .await
+        .expect("metrics_hourly")
+        .expect("metrics_hourly");
+    let table_dir = copy.join("lake").join(Table::MetricsHourly.name());
+    let (mut added, mut removed) = (0u64, 0u64);
+    for v in before + 1..=hourly.version().unwrap_or(before) {
+        let Some(c) = tally_common::lake::read_commit(&hourly, v)
+            .await
+            .expect("reading the log")
+        else {
+            continue;
+        };
+        for f in c.files {
+            let size = f
+                .path
+                .and_then(|p| std::fs::metadata(table_dir.join(p)).ok())
+                .map_or(0, |m| m.len());
+            match f.change {
+                tally_common::lake::FileChange::Added => added += size,
+                tally_common::lake::FileChange::Removed => removed += size,
+            }
+        }
+    }
+    let (files, bytes) = dir_stats(&table_dir);
+    println!("{report}");
+    println!(
+        "| hourly run | seconds | metrics_hourly bytes added | bytes removed (rewritten) | metrics_hourly on disk |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {} hour(s), {} hourly rows | {secs:.1} | {} | {} | {} in {files} files |",
+        report.hours,
+        report.hourly_rows,
+        mib(added),
+        mib(removed),
+        mib(bytes)
+    );
+    let _ = std::fs::remove_dir_all(&copy);
 }
