@@ -538,6 +538,7 @@ LAKE_BUCKET = "tally-lake"
 def batch_function(
     *,
     items_per_plan: int = 3,
+    day_items: int = 2,
     days: tuple[str, ...] = ("2026-11-24",),
     conflicts: int = 0,
     part_fails: bool = False,
@@ -551,10 +552,15 @@ def batch_function(
         if step == "plan":
             state["plans"] += 1
             run_id = f"run-{state['plans']}"
+            hours = items_per_plan
+            day_count = day_items if items_per_plan else 0
             return {
                 "run_id": run_id,
-                "items": {"bucket": LAKE_BUCKET, "key": f"lake/_staging/{run_id}/items.json"},
-                "item_count": items_per_plan,
+                "hour_items": {"bucket": LAKE_BUCKET, "key": f"lake/_staging/{run_id}/hour_items.json"},
+                "hour_item_count": hours,
+                "day_items": {"bucket": LAKE_BUCKET, "key": f"lake/_staging/{run_id}/day_items.json"},
+                "day_item_count": day_count,
+                "item_count": hours + day_count,
             }
         if step == "part":
             if part_fails and p["item"] == 1:
@@ -578,10 +584,12 @@ def batch_function(
 
 
 def items_file(uri: str) -> list[dict[str, Any]]:
-    m = re.fullmatch(rf"s3://{LAKE_BUCKET}/lake/_staging/(run-\d+)/items\.json", uri)
+    # the hour items are 0..2, the day items 3..4 (the plan's two waves)
+    m = re.fullmatch(rf"s3://{LAKE_BUCKET}/lake/_staging/(run-\d+)/(hour|day)_items\.json", uri)
     if not m:
         raise StepError("States.ItemReaderFailed", f"no such object {uri}")
-    return [{"step": "part", "run_id": m.group(1), "item": n} for n in range(3)]
+    wave = range(3) if m.group(2) == "hour" else range(3, 5)
+    return [{"step": "part", "run_id": m.group(1), "item": n} for n in wave]
 
 
 def scenarios(defn: dict[str, Any]) -> tuple[int, list[str]]:
@@ -607,19 +615,25 @@ def scenarios(defn: dict[str, Any]) -> tuple[int, list[str]]:
             return f"{status} {out}"
         if w.calls[0] != {"step": "plan"}:
             return f"plan payload {w.calls[0]}"
-        if w.steps("part") != [{"step": "part", "run_id": "run-1", "item": n} for n in range(3)]:
-            return f"part payloads {w.steps('part')}"
+        if w.steps("part") != [{"step": "part", "run_id": "run-1", "item": n} for n in range(5)]:
+            return f"part payloads (the hours' items, then the days') {w.steps('part')}"
         if w.steps("publish") != [{"step": "publish", "run_id": "run-1"}]:
             return f"publish payloads {w.steps('publish')}"
         if w.steps("compact") != [{"step": "compact", "day": "2026-11-24"}]:
             return f"compact payloads {w.steps('compact')}"
         if out.get("published", {}).get("watermark") != "2026-11-24T10:00:00Z" or out.get("compaction_failed") != []:
             return f"output {out}"
-        if not str(out.get("parts_map_run", "")).startswith("arn:"):
+        if not str(out.get("hour_parts_map_run", "")).startswith("arn:"):
             return f"no map run in {out}"
         return None
 
     case("hourly", {}, batch_function(), hourly_ok)
+
+    case("hours without a complete day", {}, batch_function(day_items=0, days=()),
+         lambda s, o, w: None if s == "SUCCEEDED"
+         and [c["item"] for c in w.steps("part")] == [0, 1, 2]
+         and len(w.steps("publish")) == 1 and o.get("day_parts_map_run") is None
+         else f"{s} {o} {w.calls}")
 
     case("reprocess", hour, batch_function(days=("2026-11-01", "2026-11-02")),
          lambda s, o, w: None if s == "SUCCEEDED" and w.calls[0] == {"step": "plan", **hour}

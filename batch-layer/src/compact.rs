@@ -213,8 +213,11 @@ pub async fn vacuum(lake: &Lake, table: Table, retention: Duration) -> Result<us
     let Some(t) = lake.open(table).await? else {
         return Ok(0);
     };
+    // full mode: files no commit names (those of items whose run never
+    // published) go too, once older than the retention
     let result = t
         .vacuum()
+        .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
         .with_retention_period(chrono::Duration::from_std(retention).map_err(Error::config)?)
         .await;
     match result {

@@ -38,12 +38,23 @@ pub(crate) fn adds_name(i: usize) -> String {
     format!("adds/{i:06}.json")
 }
 
-/// Staged name of item `i`'s share of metric rows.
+/// Staged name of item `i`'s share of metric rows: under the directory of the
+/// metric table's partition it goes to ([`rows_dir`]).
 pub(crate) fn rows_name(item: &Item, i: usize) -> String {
-    match item {
-        Item::Hour { .. } => format!("hourly/{i:06}.parquet"),
-        Item::Day { .. } => format!("daily/{i:06}.parquet"),
-    }
+    let (kind, t) = match *item {
+        Item::Hour { hour, .. } => (MetricTable::Hourly, hour),
+        Item::Day { day, .. } => (MetricTable::Daily, day),
+    };
+    format!("{}{i:06}.parquet", rows_dir(kind, &kind.partition_of(t)))
+}
+
+/// Staged directory of the rows of `kind`'s partition `value`.
+pub(crate) fn rows_dir(kind: MetricTable, value: &str) -> String {
+    let table = match kind {
+        MetricTable::Hourly => "hourly",
+        MetricTable::Daily => "daily",
+    };
+    format!("{table}/{}={value}/", kind.partition_column())
 }
 
 /// What the items of one plan share in one process: a session under the
@@ -54,6 +65,8 @@ pub struct ItemContext {
     ctx: SessionContext,
     spill: SpillMeter,
     customer_hours: DeltaTable,
+    /// Its files at the planned version.
+    customer_hours_files: Vec<crate::plan::CustomerHoursFile>,
 }
 
 impl ItemContext {
@@ -78,12 +91,14 @@ impl ItemContext {
             Some(v) => lake.open_at_version(Table::CustomerHours, v).await?,
             None => lake.open_or_create(Table::CustomerHours).await?,
         };
+        let customer_hours_files = customer_hours_files(&customer_hours)?;
         Ok(ItemContext {
             plan,
             staging,
             ctx,
             spill: SpillMeter::default(),
             customer_hours,
+            customer_hours_files,
         })
     }
 
@@ -113,6 +128,9 @@ impl ItemContext {
     async fn hour(&self, i: usize, hour: i64, part: u32, parts: u32) -> Result<Vec<RecordBatch>> {
         let day = day_floor(hour);
         if self.plan.raw_version < 0 {
+            self.staging
+                .put_json(&adds_name(i), &Vec::<Add>::new())
+                .await?;
             return Ok(Vec::new());
         }
         let raw = computable_rows(Table::RawEvents.name(), day);
@@ -177,11 +195,10 @@ impl ItemContext {
     async fn day(&self, day: i64, part: u32, parts: u32) -> Result<Vec<RecordBatch>> {
         let mut paths: Vec<String> = Vec::new();
         // the stored files of the day's hours this run does not recompute
-        let recomputed = self.plan.hours_of(day);
         let date = tally_common::bucket::date_string(day);
-        for f in customer_hours_files(&self.customer_hours)? {
-            if f.date == date && f.hour.is_none_or(|h| !recomputed.contains(&h)) {
-                paths.push(f.path);
+        for f in &self.customer_hours_files {
+            if f.date == date && !self.plan.supersedes(f) {
+                paths.push(f.path.clone());
             }
         }
         // and what this run's hour items wrote for it

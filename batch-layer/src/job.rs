@@ -27,9 +27,12 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::DeltaTable;
 use tally_common::bucket::{
-    day_floor, hour_floor, now_micros, Granularity, MICROS_PER_HOUR, MICROS_PER_SECOND,
+    day_floor, hour_floor, now_micros, parse_ts, Granularity, MICROS_PER_DAY, MICROS_PER_HOUR,
+    MICROS_PER_SECOND,
 };
-use tally_common::lake::{operation, read_commit, Lake, Table, LOGIC_VERSION_KEY};
+use tally_common::lake::{
+    operation, read_commit, Commit, FileChange, Lake, Table, LOGIC_VERSION_KEY,
+};
 use tally_common::metric_table::MetricTable;
 use tally_common::watermark::{
     read_progress, BatchProgress, DEFAULT_GRACE_MINUTES, LOGIC_VERSION_APP, RAW_VERSION_APP,
@@ -326,6 +329,7 @@ impl BatchRun {
             &staging,
             &self.memory,
             hourly,
+            lease,
             self.on_progress.as_deref(),
         )
         .await?;
@@ -341,7 +345,8 @@ impl BatchRun {
     }
 
     /// Plan the run and stage the plan and the items' payloads for Step
-    /// Functions (`plan.json`, `items.json` in the run's staging area,
+    /// Functions (`plan.json`, `hour_items.json`, `day_items.json` in the run's
+    /// staging area,
     /// [`Staging`]); [`Planned::Nothing`] when there is nothing to compute (the
     /// marks that move without computing are recorded). Takes the lease while
     /// planning (the plan moves rows that cannot be computed to quarantine).
@@ -357,10 +362,15 @@ impl BatchRun {
             if let Planned::Plan(p) = &planned {
                 let staging = Staging::open(&self.lake, &p.run_id)?;
                 staging.put_json(PLAN_NAME, p).await?;
-                let payloads: Vec<serde_json::Value> = (0..p.items.len())
-                    .map(|i| serde_json::json!({"step": "part", "run_id": p.run_id, "item": i}))
-                    .collect();
-                staging.put_json(ITEMS_NAME, &payloads).await?;
+                // one list per wave: the day items read what the hour items wrote
+                let (hours, days) = p.waves();
+                for (name, wave) in [(HOUR_ITEMS_NAME, hours), (DAY_ITEMS_NAME, days)] {
+                    let payloads: Vec<serde_json::Value> = wave
+                        .into_iter()
+                        .map(|i| serde_json::json!({"step": "part", "run_id": p.run_id, "item": i}))
+                        .collect();
+                    staging.put_json(name, &payloads).await?;
+                }
             }
             Ok(planned)
         }
@@ -408,11 +418,36 @@ impl BatchRun {
             .filter_map(|f| f.hour)
             .collect();
         let mut hours = work.dirty.clone();
+        let present: Vec<i64> = hours_present(&files)
+            .into_iter()
+            .filter(|&h| computable_hour(h) && h < marks.closed_end)
+            .collect();
         hours.extend(
-            hours_present(&files)
-                .into_iter()
-                .filter(|&h| computable_hour(h) && h < marks.closed_end)
+            present
+                .iter()
+                .copied()
                 .filter(|h| work.daily_due.contains(&day_floor(*h)) && !covered.contains(h)),
+        );
+        // Dates whose every hour is recomputed: those of a run whose publish
+        // stopped after its customer_hours commit (its metrics_hourly commit
+        // never came: nothing else would recompute them), and closed dates with
+        // customer_hours files of several hours (written outside tally), which
+        // this run replaces whole.
+        let mut rewritten: BTreeSet<i64> =
+            unfinished_publish_dates(&customer_hours, hourly).await?;
+        let closed_dates_with_multi_hour_files: BTreeSet<i64> =
+            customer_hours_files(&customer_hours)?
+                .into_iter()
+                .filter(|f| f.hour.is_none())
+                .filter_map(|f| parse_ts(&format!("{}T00:00:00Z", f.date)).ok())
+                .filter(|&d| d + MICROS_PER_DAY <= marks.closed_end)
+                .collect();
+        rewritten.extend(&closed_dates_with_multi_hour_files);
+        hours.extend(
+            present
+                .iter()
+                .copied()
+                .filter(|h| rewritten.contains(&day_floor(*h))),
         );
         let days: BTreeSet<i64> = work.daily_due.clone();
         let all_days: BTreeSet<i64> = hours
@@ -439,11 +474,19 @@ impl BatchRun {
                 .filter(|&d| marks.day_complete(d))
                 .collect(),
             quarantined: planner.quarantined,
+            rewritten_dates: closed_dates_with_multi_hour_files.into_iter().collect(),
         };
         if plan.items.is_empty() && !self.dry_run {
             // nothing to compute: the marks may still move
             let mut hourly_t = hourly.clone();
-            record_marks(&plan, &mut hourly_t, &planner.daily, Carried::default()).await?;
+            record_marks(
+                &plan,
+                &mut hourly_t,
+                &planner.daily,
+                Carried::default(),
+                CommitProperties::default(),
+            )
+            .await?;
             *hourly = hourly_t;
             let mut report = RunReport::planned(&plan);
             report.diff = None;
@@ -503,8 +546,11 @@ impl BatchRun {
 
 /// Staged name of a run's plan.
 pub const PLAN_NAME: &str = "plan.json";
-/// Staged name of the items' payloads (a JSON array, Step Functions' item reader).
-pub const ITEMS_NAME: &str = "items.json";
+/// Staged name of the hour items' payloads (a JSON array, Step Functions'
+/// item reader): the first wave.
+pub const HOUR_ITEMS_NAME: &str = "hour_items.json";
+/// Staged name of the day items' payloads: the second wave, after every hour item.
+pub const DAY_ITEMS_NAME: &str = "day_items.json";
 /// Commits of a publish, counted in the progress after the items.
 const PUBLISH_STEPS: usize = 3;
 
@@ -549,6 +595,14 @@ fn commit_properties(plan: &Plan) -> CommitProperties {
         (
             crate::rollback::RUN_KEY.to_string(),
             serde_json::json!(plan.run_id),
+        ),
+        (
+            COMPACT_DAYS_KEY.to_string(),
+            serde_json::json!(plan
+                .compact_days
+                .iter()
+                .map(|&d| tally_common::bucket::date_string(d))
+                .collect::<Vec<_>>()),
         ),
     ])
 }
@@ -732,25 +786,31 @@ pub(crate) async fn publish_plan(
     staging: &Staging,
     memory: &MemoryBound,
     hourly: &mut DeltaTable,
+    lease: Option<&Lease>,
     on_progress: Option<&(dyn Fn(usize, usize) + Send + Sync)>,
 ) -> Result<Published> {
-    let current = hourly.version().map(|v| v as i64);
-    if current != plan.hourly_version {
-        let newest = match current {
-            Some(v) => read_commit(hourly, v as u64).await?,
-            None => None,
-        };
-        if newest.is_some_and(|c| {
-            c.info[crate::rollback::RUN_KEY].as_str() == Some(plan.run_id.as_str())
-        }) {
-            // a publish retried after it committed
-            staging.delete_all().await?;
-            return Ok(Published::default());
+    hourly
+        .update_state()
+        .await
+        .context("refreshing metrics_hourly")?;
+    if published_by(hourly, &plan.run_id).await?.is_some() {
+        // a publish retried after it committed
+        staging.delete_all().await?;
+        return Ok(Published::default());
+    }
+    let ch = lake.open_or_create(Table::CustomerHours).await?;
+    for (table, name, planned) in [
+        (&*hourly, Table::MetricsHourly, plan.hourly_version),
+        (&ch, Table::CustomerHours, plan.customer_hours_version),
+    ] {
+        if let Some(other) = published_since(table, planned, &plan.run_id).await? {
+            return Err(Error::Conflict(format!(
+                "run {} was planned at {} version {:?}, and run {other} has published since: plan it again",
+                plan.run_id,
+                name.name(),
+                planned
+            )));
         }
-        return Err(Error::Conflict(format!(
-            "run {} was planned at metrics_hourly version {:?}, and another run has published since (now version {:?}): plan it again",
-            plan.run_id, plan.hourly_version, current
-        )));
     }
     let total = plan.items.len() + PUBLISH_STEPS;
     let step = |k: usize| {
@@ -760,12 +820,13 @@ pub(crate) async fn publish_plan(
     };
     let commit = commit_properties(plan);
     let mut published = Published::default();
-    let ch = lake.open_or_create(Table::CustomerHours).await?;
+    check_lease(lease).await?;
     publish_customer_hours(&ch, plan, staging, commit.clone()).await?;
     step(1);
 
     let mut carried = Carried::default();
     let mut daily = lake.open_or_create(Table::MetricsDaily).await?;
+    check_lease(lease).await?;
     if !plan.days.is_empty() {
         let mut c = commit.clone();
         if let Some(through) = plan.marks.daily_through {
@@ -779,6 +840,7 @@ pub(crate) async fn publish_plan(
     }
     step(2);
 
+    check_lease(lease).await?;
     if !plan.hours.is_empty() {
         let mut c = commit.clone();
         // a reprocessing run records no progress: the hours the last hourly run
@@ -796,25 +858,36 @@ pub(crate) async fn publish_plan(
         published.hourly_rows = n;
     }
     step(3);
-    record_marks(plan, hourly, &daily, carried).await?;
+    record_marks(plan, hourly, &daily, carried, commit).await?;
     staging.delete_all().await?;
     Ok(published)
 }
 
+/// Fail when another run has taken `lease` over (no lease: a dry run).
+async fn check_lease(lease: Option<&Lease>) -> Result<()> {
+    match lease {
+        Some(l) => l.check().await,
+        None => Ok(()),
+    }
+}
+
 /// Commit the marks that no row commit carried: the daily mark moves on alone
 /// when no day was missing its row, and the watermark or the processed
-/// version when there was nothing to recompute.
+/// version when there was nothing to recompute; each commit carries `commit`'s
+/// metadata (a publish's: its run id).
 async fn record_marks(
     plan: &Plan,
     hourly: &mut DeltaTable,
     daily: &DeltaTable,
     carried: Carried,
+    commit: CommitProperties,
 ) -> Result<()> {
     if let Some(through) = plan.marks.daily_through {
         if !carried.daily_mark && plan.daily_mark_before.is_none_or(|m| m < through) {
-            let commit = CommitProperties::default()
+            let c = commit
+                .clone()
                 .with_application_transactions(vec![daily::mark_txn(through)]);
-            record_only(daily, MetricTable::Daily, through, commit).await?;
+            record_only(daily, MetricTable::Daily, c).await?;
         }
     }
     let watermark = plan.marks.watermark;
@@ -822,10 +895,8 @@ async fn record_marks(
         && plan.reprocess.is_none()
         && (watermark != plan.watermark_before || plan.raw_version_before != Some(plan.raw_version))
     {
-        let commit = CommitProperties::default()
-            .with_application_transactions(progress_txns(watermark, plan.raw_version));
-        let w = watermark.unwrap_or(plan.marks.closed_end);
-        *hourly = record_only(hourly, MetricTable::Hourly, w, commit).await?;
+        let c = commit.with_application_transactions(progress_txns(watermark, plan.raw_version));
+        *hourly = record_only(hourly, MetricTable::Hourly, c).await?;
     }
     Ok(())
 }
@@ -912,6 +983,7 @@ async fn compact_after(
     if plan.reprocess.is_none() {
         // once a day closes: files replaced more than the retention ago go, and
         // readers and time travel inside the window keep theirs
+        crate::stage::expire_local(lake, crate::compact::VACUUM_RETENTION);
         for t in [
             Table::RawEvents,
             Table::MetricsHourly,
@@ -935,14 +1007,15 @@ pub async fn compact_metric_day(lake: &Lake, day: i64, memory: &MemoryBound) -> 
     let Some(hourly) = lake.open(Table::MetricsHourly).await? else {
         return Ok(false);
     };
-    compact_partition(
-        &hourly,
-        MetricTable::Hourly,
-        day,
-        memory,
-        CommitProperties::default().with_metadata([operation("compact")]),
-    )
-    .await
+    let commit = CommitProperties::default().with_metadata([operation("compact")]);
+    match compact_partition(&hourly, MetricTable::Hourly, day, memory, commit).await {
+        Err(Error::Conflict(m)) => {
+            // a run published meanwhile: the next compaction of the day does it
+            tracing::warn!(reason = %m, "compaction lost to a commit; leaving it to the next run");
+            Ok(false)
+        }
+        other => other,
+    }
 }
 
 /// Compute item `item` of run `run_id` (staged by [`BatchRun::plan`]) within
@@ -969,21 +1042,97 @@ pub async fn compute_item(
 /// commit, in versions.
 const PUBLISHED_WITHIN: u64 = 100;
 
-/// Whether one of the newest [`PUBLISHED_WITHIN`] commits of `hourly` is run
-/// `run_id`'s.
-async fn published_recently(hourly: &DeltaTable, run_id: &str) -> Result<bool> {
-    let Some(newest) = hourly.version() else {
-        return Ok(false);
+/// The commit of run `run_id` among the newest [`PUBLISHED_WITHIN`] of `table`.
+async fn published_by(table: &DeltaTable, run_id: &str) -> Result<Option<Commit>> {
+    let Some(newest) = table.version() else {
+        return Ok(None);
     };
     for v in (newest.saturating_sub(PUBLISHED_WITHIN)..=newest).rev() {
-        if let Some(c) = read_commit(hourly, v).await? {
+        if let Some(c) = read_commit(table, v).await? {
             if c.info[crate::rollback::RUN_KEY].as_str() == Some(run_id) {
-                return Ok(true);
+                return Ok(Some(c));
             }
         }
     }
-    Ok(false)
+    Ok(None)
 }
+
+/// The run, other than `run_id`, that committed to `table` after version
+/// `planned` (compactions, which change no row, do not count; a commit of
+/// marks only does: its watermark is newer than the plan's).
+async fn published_since(
+    table: &DeltaTable,
+    planned: Option<i64>,
+    run_id: &str,
+) -> Result<Option<String>> {
+    let Some(newest) = table.version() else {
+        return Ok(None);
+    };
+    let first = planned.map_or(0, |v| v + 1).max(0) as u64;
+    for v in first..=newest {
+        let Some(c) = read_commit(table, v).await? else {
+            continue;
+        };
+        let run = c.info[crate::rollback::RUN_KEY].as_str().unwrap_or("");
+        // a compaction rewrites rows without changing them
+        let compaction = !c.files.is_empty() && c.files.iter().all(|f| !f.data_change);
+        if run == run_id || compaction {
+            continue;
+        }
+        return Ok(Some(if run.is_empty() {
+            format!("(version {v})")
+        } else {
+            run.to_string()
+        }));
+    }
+    Ok(None)
+}
+
+/// The dates (epoch µs) of the `customer_hours` files that the newest run
+/// committing to `customer_hours` added, when that run has no commit in
+/// `metrics_hourly` (its publish stopped half way).
+async fn unfinished_publish_dates(
+    customer_hours: &DeltaTable,
+    hourly: &DeltaTable,
+) -> Result<BTreeSet<i64>> {
+    let Some(newest) = customer_hours.version() else {
+        return Ok(BTreeSet::new());
+    };
+    for v in (newest.saturating_sub(PUBLISHED_WITHIN)..=newest).rev() {
+        let Some(c) = read_commit(customer_hours, v).await? else {
+            continue;
+        };
+        let Some(run) = c.info[crate::rollback::RUN_KEY].as_str() else {
+            continue;
+        };
+        if published_by(hourly, run).await?.is_some() {
+            return Ok(BTreeSet::new());
+        }
+        return Ok(c
+            .files
+            .iter()
+            .filter(|f| f.change == FileChange::Added)
+            .filter_map(|f| f.partition_values.get("date"))
+            .filter_map(|d| parse_ts(&format!("{d}T00:00:00Z")).ok())
+            .collect());
+    }
+    Ok(BTreeSet::new())
+}
+
+/// Closed days (epoch µs) a run's commit says it leaves to compaction.
+fn compact_days_of(commit: &Commit) -> Vec<i64> {
+    commit.info[COMPACT_DAYS_KEY]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str())
+        .filter_map(|d| parse_ts(&format!("{d}T00:00:00Z")).ok())
+        .collect()
+}
+
+/// Commit metadata key: the closed days (`YYYY-MM-DD`) a run leaves to
+/// compaction, so that a publish retried after it landed still answers them.
+const COMPACT_DAYS_KEY: &str = "tally.compact_days";
 
 /// Publish run `run_id` from its staging area (the Step Functions' publish
 /// step), under the lease (waiting up to `wait` for it), then report. Errors:
@@ -1000,17 +1149,27 @@ pub async fn publish_run(
     let mut hourly = lake.open_or_create(Table::MetricsHourly).await?;
     let Some(plan) = staging.get_json::<Plan>(PLAN_NAME).await? else {
         // a publish retried after it landed (its answer was lost) succeeds
-        if published_recently(&hourly, run_id).await? {
-            let progress = read_progress(&hourly).await?;
-            return Ok(RunReport {
-                watermark_before: progress.watermark,
-                watermark_after: progress.watermark,
-                raw_version: progress.raw_version,
-                ..RunReport::default()
-            });
+        for t in [
+            Table::MetricsHourly,
+            Table::MetricsDaily,
+            Table::CustomerHours,
+        ] {
+            let Some(table) = lake.open(t).await? else {
+                continue;
+            };
+            if let Some(c) = published_by(&table, run_id).await? {
+                let progress = read_progress(&hourly).await?;
+                return Ok(RunReport {
+                    watermark_before: progress.watermark,
+                    watermark_after: progress.watermark,
+                    raw_version: progress.raw_version,
+                    compact_days: compact_days_of(&c),
+                    ..RunReport::default()
+                });
+            }
         }
         return Err(Error::invalid(format!(
-            "run {run_id} has no staged plan (never planned, or planned more than {PUBLISHED_WITHIN} commits ago)"
+            "run {run_id} has no staged plan (never planned, or published more than {PUBLISHED_WITHIN} commits ago)"
         )));
     };
     let lease = Lease::acquire(&hourly, lease_expiry, wait).await?;
@@ -1020,7 +1179,24 @@ pub async fn publish_run(
             .await
             .context("refreshing metrics_hourly")?;
         let t = Instant::now();
-        let p = publish_plan(lake, &plan, &staging, memory, &mut hourly, None).await?;
+        let p = match publish_plan(
+            lake,
+            &plan,
+            &staging,
+            memory,
+            &mut hourly,
+            Some(&lease),
+            None,
+        )
+        .await
+        {
+            Err(Error::Conflict(m)) => {
+                // the run is planned again: what it wrote is nobody's
+                discard(lake, &plan, &staging).await;
+                return Err(Error::Conflict(m));
+            }
+            other => other?,
+        };
         let mut report = RunReport::planned(&plan);
         report.hourly_rows = p.hourly_rows;
         report.daily_rows = p.daily_rows;

@@ -108,6 +108,12 @@ pub struct Plan {
     pub items: Vec<Item>,
     /// Rows moved to quarantine while planning (a dry run: rows it would move).
     pub quarantined: u64,
+    /// Dates (epoch µs of their start) whose `customer_hours` files holding
+    /// several hours (written outside tally, e.g. by an OPTIMIZE) this run
+    /// replaces: every hour of such a date with raw data is recomputed, and
+    /// its day's items read none of those files.
+    #[serde(default)]
+    pub rewritten_dates: Vec<i64>,
 }
 
 impl Plan {
@@ -127,6 +133,18 @@ impl Plan {
             by_day.entry(day_floor(h)).or_default().push(h);
         }
         by_day
+    }
+
+    /// Whether the `customer_hours` file `f` is superseded by this run: it
+    /// holds one of the recomputed hours, or several hours of a rewritten date.
+    pub fn supersedes(&self, f: &CustomerHoursFile) -> bool {
+        match f.hour {
+            Some(h) => self.hours.binary_search(&h).is_ok(),
+            None => self
+                .rewritten_dates
+                .iter()
+                .any(|&d| tally_common::bucket::date_string(d) == f.date),
+        }
     }
 
     /// Indices of the hour items (the first wave) and the day items (the second).

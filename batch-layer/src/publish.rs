@@ -1,8 +1,12 @@
-//! The metric tables' I/O: query output shaped to the metric tables' schemas
-//! ([`MetricTable`]) and written with atomic Delta commits that replace a day's
-//! row or some hours' rows by rewriting their whole partition, sorted by
-//! merchant and time ([`crate::layout`]), or that only record the run's
-//! transactions; and the rows a run replaces, read back.
+//! The batch layer's writes: query output shaped to the metric tables'
+//! schemas ([`MetricTable`]); a run's publish, one commit per table
+//! ([`publish_customer_hours`], [`publish_rows`]: a new file sorted by merchant
+//! and time per partition it touches, [`crate::layout`]); the compaction of a
+//! closed partition into one sorted file ([`compact_partition`]); commits that
+//! only record the run's transactions ([`record_only`]); and the rows a run
+//! replaces, read back. Every commit here is made on the version read, with
+//! no retry ([`commit_exact`]): another writer's commit in between is a
+//! [`Error::Conflict`] for the run to resolve, never a silent merge.
 
 use std::sync::Arc;
 
@@ -17,7 +21,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use tally_common::bucket::MICROS_PER_HOUR;
-use tally_common::lake::{register, TIME_ZONE};
+use tally_common::lake::{register, Table, TIME_ZONE};
 use tally_common::metric_table::{MetricTable, MERCHANT_COLUMN};
 use tally_common::{Context as _, Error, Result};
 
@@ -29,7 +33,7 @@ use deltalake::protocol::DeltaOperation;
 use tally_common::metrics::stored_metric_names;
 
 use crate::dirty::{column, micros_column};
-use crate::items::adds_name;
+use crate::items::{adds_name, rows_dir};
 use crate::job::LOGIC_VERSION;
 use crate::layout::metric_writer_properties;
 use crate::memory::MemoryBound;
@@ -37,19 +41,73 @@ use crate::plan::{customer_hours_files, Item, Plan};
 use crate::stage::{file_schema, register_table_files, Staging};
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::TryStreamExt as _;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// A commit that changes no row of a metric table and records `commit`'s
 /// transactions (progress or the daily mark).
 pub(crate) async fn record_only(
     table: &DeltaTable,
     kind: MetricTable,
-    at: i64,
     commit: CommitProperties,
 ) -> Result<DeltaTable> {
-    let time = kind.time_column();
-    let never = col(time).gt_eq(ts_lit(at)).and(col(time).lt(ts_lit(at)));
-    replace_rows(table, kind, Vec::new(), never, commit).await
+    commit_exact(table, kind.table(), Vec::new(), "record progress", commit).await
+}
+
+/// Commit `actions` (with `commit`'s metadata and transactions) on the version
+/// of `table` that was read, and return the table at the new version. Errors:
+/// [`Error::Conflict`] when another writer committed since (no retry and no
+/// merging: files this commit removes may have been rewritten meanwhile).
+pub(crate) async fn commit_exact(
+    table: &DeltaTable,
+    which: Table,
+    actions: Vec<Action>,
+    what: &str,
+    commit: CommitProperties,
+) -> Result<DeltaTable> {
+    use deltalake::kernel::transaction::TransactionError;
+    use deltalake::DeltaTableError as E;
+    let snapshot = table
+        .snapshot()
+        .context(format!("reading {}", which.name()))?;
+    let result = CommitBuilder::from(commit)
+        .with_actions(actions)
+        .with_max_retries(0)
+        .build(
+            Some(snapshot),
+            table.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Overwrite,
+                partition_by: Some(
+                    which
+                        .partition_columns()
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
+                ),
+                predicate: None,
+            },
+        )
+        .await;
+    match result {
+        Ok(_) => {}
+        Err(E::VersionAlreadyExists(_))
+        | Err(E::Transaction {
+            source: TransactionError::MaxCommitAttempts(_),
+        }) => {
+            return Err(Error::Conflict(format!(
+                "{what}: {} changed since version {:?} was read",
+                which.name(),
+                table.version()
+            )))
+        }
+        Err(e) => return Err(e).context(format!("{what} ({})", which.name())),
+    }
+    let mut table = table.clone();
+    table
+        .update_state()
+        .await
+        .context(format!("reloading {}", which.name()))?;
+    Ok(table)
 }
 
 pub(crate) use tally_common::lake::utc_micros as ts_lit;
@@ -142,33 +200,6 @@ pub(crate) fn conform(schema: &SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordB
     RecordBatch::try_new(schema.clone(), cols).context("shaping metric rows")
 }
 
-/// Replace the rows of `table` matching `predicate` with `rows`, in one commit.
-async fn replace_rows(
-    table: &DeltaTable,
-    kind: MetricTable,
-    rows: Vec<RecordBatch>,
-    predicate: Expr,
-    commit: CommitProperties,
-) -> Result<DeltaTable> {
-    // an empty replacement still commits: it removes the hours' old rows (or only
-    // records progress)
-    let rows = if rows.is_empty() {
-        vec![RecordBatch::new_empty(kind.table().schema())]
-    } else {
-        rows
-    };
-    table
-        .clone()
-        .write(rows)
-        .with_save_mode(SaveMode::Overwrite)
-        .with_replace_where(predicate)
-        .with_partition_columns([kind.partition_column()])
-        .with_writer_properties(metric_writer_properties())
-        .with_commit_properties(commit)
-        .await
-        .context(format!("replacing rows of {}", kind.name()))
-}
-
 /// The rows of `table` matching `filter`, in the table's column order and types.
 async fn read_rows(
     table: &DeltaTable,
@@ -201,74 +232,67 @@ async fn read_rows(
 }
 
 /// Commit a run's `customer_hours` files (the add actions its hour items
-/// staged) and remove the stored files of the hours it recomputed, in one
-/// commit carrying `commit`; returns the table at the new version (unchanged
-/// when there is nothing to add or remove).
+/// staged) and remove the stored files it supersedes ([`Plan::supersedes`]),
+/// in one commit carrying `commit`; returns the table at the new version. A
+/// publish retried after this commit landed finds its files there and commits
+/// nothing again.
 pub(crate) async fn publish_customer_hours(
     table: &DeltaTable,
     plan: &Plan,
     staging: &Staging,
     commit: CommitProperties,
 ) -> Result<DeltaTable> {
-    let mut actions: Vec<Action> = Vec::new();
+    let mut adds: Vec<Add> = Vec::new();
     for (i, item) in plan.items.iter().enumerate() {
         if let Item::Hour { hour, .. } = item {
-            let adds: Vec<Add> = staging.get_json(&adds_name(i)).await?.ok_or_else(|| {
+            let staged: Vec<Add> = staging.get_json(&adds_name(i)).await?.ok_or_else(|| {
                 Error::internal(format!(
                     "run {}: the item of hour {} has not staged its files",
                     plan.run_id,
                     tally_common::bucket::format_ts(*hour)
                 ))
             })?;
-            actions.extend(adds.into_iter().map(Action::Add));
+            adds.extend(staged);
         }
+    }
+    let files = customer_hours_files(table)?;
+    let ours: HashSet<&str> = adds.iter().map(|a| a.path.as_str()).collect();
+    if !adds.is_empty() && files.iter().any(|f| ours.contains(f.path.as_str())) {
+        // committed by an earlier attempt of this publish
+        return Ok(table.clone());
     }
     let now = chrono::Utc::now().timestamp_millis();
-    for f in customer_hours_files(table)? {
-        if f.hour.is_some_and(|h| plan.hours.binary_search(&h).is_ok()) {
-            actions.push(Action::Remove(Remove {
-                path: f.path,
-                data_change: true,
-                deletion_timestamp: Some(now),
-                extended_file_metadata: Some(true),
-                partition_values: Some([("date".to_string(), Some(f.date))].into()),
-                size: Some(f.size),
-                tags: None,
-                deletion_vector: None,
-                base_row_id: None,
-                default_row_commit_version: None,
-            }));
-        }
-    }
+    let removes = files.into_iter().filter(|f| plan.supersedes(f)).map(|f| {
+        Action::Remove(Remove {
+            path: f.path,
+            data_change: true,
+            deletion_timestamp: Some(now),
+            extended_file_metadata: Some(true),
+            partition_values: Some([("date".to_string(), Some(f.date))].into()),
+            size: Some(f.size),
+            tags: None,
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+        })
+    });
+    let actions: Vec<Action> = adds.into_iter().map(Action::Add).chain(removes).collect();
     if actions.is_empty() {
         return Ok(table.clone());
     }
-    let snapshot = table.snapshot().context("reading customer_hours")?;
-    CommitBuilder::from(commit)
-        .with_actions(actions)
-        .build(
-            Some(snapshot),
-            table.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Overwrite,
-                partition_by: Some(vec!["date".to_string()]),
-                predicate: Some(format!("hour in the {} recomputed hours", plan.hours.len())),
-            },
-        )
-        .await
-        .context("committing customer_hours")?;
-    let mut table = table.clone();
-    table
-        .update_state()
-        .await
-        .context("reloading customer_hours")?;
-    Ok(table)
+    commit_exact(
+        table,
+        Table::CustomerHours,
+        actions,
+        "publishing customer_hours",
+        commit,
+    )
+    .await
 }
 
 /// The SQL adding up the parts' staged rows of `kind` (relation `staged`) per
 /// merchant, bucket and partition, in the table's column order (unsorted:
-/// delta-rs's writer reorders rows; a closed date is sorted when compacted,
-/// [`compact_partition`]).
+/// [`publish_rows`] sorts what it writes).
 pub(crate) fn combine_staged_sql(kind: MetricTable, staged: &str) -> String {
     let schema = kind.table().schema();
     let metrics: Vec<&str> = stored_metric_names().collect();
@@ -300,10 +324,11 @@ pub(crate) fn combine_staged_sql(kind: MetricTable, staged: &str) -> String {
 /// returns the table at the new version and the run's rows written.
 ///
 /// Per partition the run touches, one new file sorted by merchant and time
-/// ([`crate::layout`]) holds the run's rows and the other rows of the files it
-/// replaces (those whose time statistics meet a replaced bucket; files of
-/// other buckets stay as they are, so a run rewrites only what it changed).
-/// Everything streams under `memory`, spilling.
+/// ([`crate::layout`]) holds the run's rows (its parts' rows staged for that
+/// partition, [`crate::items::rows_dir`], added up) and the other rows of the
+/// files it replaces (those whose time statistics meet a replaced bucket;
+/// files of other buckets stay as they are, so a run rewrites only what it
+/// changed). Everything streams under `memory`, spilling.
 pub(crate) async fn publish_rows(
     table: &DeltaTable,
     kind: MetricTable,
@@ -313,35 +338,6 @@ pub(crate) async fn publish_rows(
     commit: CommitProperties,
 ) -> Result<(DeltaTable, u64)> {
     let ctx = memory.ordered_session()?;
-    let dir = match kind {
-        MetricTable::Hourly => "hourly/",
-        MetricTable::Daily => "daily/",
-    };
-    let staged = staging
-        .register_dir(&ctx, dir, "staged", kind.table().schema())
-        .await?;
-    let mut rows = 0;
-    if staged {
-        ctx.register_table(
-            "combined",
-            ctx.sql(&combine_staged_sql(kind, "staged"))
-                .await
-                .context("adding up the parts")?
-                .into_view(),
-        )
-        .context("adding up the parts")?;
-        let n = crate::sql::run_query(&ctx, "SELECT COUNT(*) FROM combined").await?;
-        rows = n
-            .first()
-            .filter(|b| b.num_rows() > 0)
-            .and_then(|b| {
-                b.column(0)
-                    .as_primitive_opt::<Int64Type>()
-                    .map(|c| c.value(0))
-            })
-            .unwrap_or(0)
-            .max(0) as u64;
-    }
     let files = partition_files(table, kind)?;
     let time = kind.time_column();
     let pcol = kind.partition_column();
@@ -360,6 +356,7 @@ pub(crate) async fn publish_rows(
         .collect();
     let cols = cols.join(", ");
     let mut actions: Vec<Action> = Vec::new();
+    let mut rows = 0;
     for (k, (value, replaced)) in by_partition.iter().enumerate() {
         let replaced_list = replaced
             .iter()
@@ -370,10 +367,16 @@ pub(crate) async fn publish_rows(
             .iter()
             .filter(|f| &f.partition == value && f.meets(replaced))
             .collect();
+        // each source says whether its rows are the run's (`fresh`)
         let mut sources = Vec::new();
-        if staged {
+        let staged = format!("staged_{k}");
+        if staging
+            .register_dir(&ctx, &rows_dir(kind, value), &staged, kind.table().schema())
+            .await?
+        {
+            let combined = combine_staged_sql(kind, &staged);
             sources.push(format!(
-                "SELECT {cols} FROM combined WHERE {pcol} = '{value}'"
+                "SELECT {cols}, TRUE AS {FRESH} FROM ({combined}) AS c"
             ));
         }
         if !touched.is_empty() {
@@ -387,7 +390,7 @@ pub(crate) async fn publish_rows(
             )
             .await?;
             sources.push(format!(
-                "SELECT {cols} FROM {name} WHERE CAST({time} AS BIGINT) NOT IN ({replaced_list})"
+                "SELECT {cols}, FALSE AS {FRESH} FROM {name} WHERE CAST({time} AS BIGINT) NOT IN ({replaced_list})"
             ));
         }
         actions.extend(touched.iter().map(|f| f.remove(pcol)));
@@ -398,34 +401,18 @@ pub(crate) async fn publish_rows(
             "SELECT * FROM ({}) AS rows ORDER BY {MERCHANT_COLUMN}, {time}",
             sources.join(" UNION ALL ")
         );
-        actions.extend(write_sorted_partition(&ctx, table, kind, value, &file_schema, &sql).await?);
+        let (adds, fresh) =
+            write_sorted_partition(&ctx, table, kind, value, &file_schema, &sql).await?;
+        actions.extend(adds);
+        rows += fresh;
     }
-    let snapshot = table
-        .snapshot()
-        .context(format!("reading {}", kind.name()))?;
-    CommitBuilder::from(commit)
-        .with_actions(actions)
-        .build(
-            Some(snapshot),
-            table.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Overwrite,
-                partition_by: Some(vec![pcol.to_string()]),
-                predicate: Some(format!(
-                    "{time} in the {} recomputed buckets",
-                    buckets.len()
-                )),
-            },
-        )
-        .await
-        .context(format!("publishing {}", kind.name()))?;
-    let mut table = table.clone();
-    table
-        .update_state()
-        .await
-        .context(format!("reloading {}", kind.name()))?;
+    let what = format!("publishing {}", kind.name());
+    let table = commit_exact(table, kind.table(), actions, &what, commit).await?;
     Ok((table, rows))
 }
+
+/// The column marking a run's own rows among those a publish writes.
+const FRESH: &str = "tally_fresh";
 
 /// One file of a metric table, as its Delta log describes it.
 struct PartitionFile {
@@ -508,10 +495,12 @@ fn partition_files(table: &DeltaTable, kind: MetricTable) -> Result<Vec<Partitio
         .collect())
 }
 
-/// Stream the rows of `sql` (the file columns of `kind`, sorted) into new
-/// files of `kind`'s partition `value`, uncommitted; returns their add
-/// actions. An unpartitioned writer under the partition's directory: delta-rs's
-/// partitioning writer reorders rows of equal partition value.
+/// Stream the rows of `sql` (the file columns of `kind`, sorted, and
+/// optionally a last boolean column [`FRESH`], counted where true and not
+/// written) into new files of `kind`'s partition `value`, uncommitted;
+/// returns their add actions and the fresh rows. An unpartitioned writer under
+/// the partition's directory: delta-rs's partitioning writer reorders rows of
+/// equal partition value.
 async fn write_sorted_partition(
     ctx: &SessionContext,
     table: &DeltaTable,
@@ -519,8 +508,9 @@ async fn write_sorted_partition(
     value: &str,
     file_schema: &SchemaRef,
     sql: &str,
-) -> Result<Vec<Action>> {
+) -> Result<(Vec<Action>, u64)> {
     let pcol = kind.partition_column();
+    let mut fresh = 0u64;
     let mut stream = ctx
         .sql(sql)
         .await
@@ -550,14 +540,21 @@ async fn write_sorted_partition(
         .context(format!("writing {}", kind.name()))?
     {
         if batch.num_rows() > 0 {
-            let batch = conform(file_schema, batch.columns().to_vec())?;
+            let mut cols = batch.columns().to_vec();
+            if batch.schema().field(cols.len() - 1).name() == FRESH {
+                let marks = cols
+                    .pop()
+                    .unwrap_or_else(|| unreachable!("a column was there"));
+                fresh += marks.as_boolean_opt().map_or(0, |m| m.true_count() as u64);
+            }
+            let batch = conform(file_schema, cols)?;
             writer
                 .write(&batch)
                 .await
                 .context(format!("writing {}", kind.name()))?;
         }
     }
-    Ok(writer
+    let adds = writer
         .close()
         .await
         .context(format!("writing {}", kind.name()))?
@@ -567,7 +564,8 @@ async fn write_sorted_partition(
             a.partition_values = [(pcol.to_string(), Some(value.to_string()))].into();
             Action::Add(a)
         })
-        .collect())
+        .collect();
+    Ok((adds, fresh))
 }
 
 /// Rewrite `kind`'s partition holding `t` as one file sorted by merchant and
@@ -607,7 +605,8 @@ pub(crate) async fn compact_partition(
         "SELECT * FROM partition_files ORDER BY {MERCHANT_COLUMN}, {}",
         kind.time_column()
     );
-    let mut actions = write_sorted_partition(&ctx, table, kind, &value, &file_schema, &sql).await?;
+    let (mut actions, _) =
+        write_sorted_partition(&ctx, table, kind, &value, &file_schema, &sql).await?;
     for a in actions.iter_mut() {
         if let Action::Add(add) = a {
             add.data_change = false;
@@ -620,20 +619,7 @@ pub(crate) async fn compact_partition(
         }
         other => other,
     }));
-    let snapshot = table
-        .snapshot()
-        .context(format!("reading {}", kind.name()))?;
-    CommitBuilder::from(commit)
-        .with_actions(actions)
-        .build(
-            Some(snapshot),
-            table.log_store(),
-            DeltaOperation::Optimize {
-                predicate: Some(format!("{pcol} = '{value}'")),
-                target_size: 0,
-            },
-        )
-        .await
-        .context(format!("committing the compaction of {}", kind.name()))?;
+    let what = format!("compacting {} {pcol}={value}", kind.name());
+    commit_exact(table, kind.table(), actions, &what, commit).await?;
     Ok(true)
 }

@@ -65,10 +65,12 @@ impl RunRequest {
 /// The steps of Step Functions' batch state machine come with `"step"`:
 /// - `{"step":"plan"[,"from","to"][,"parts":N]}`: plan the hourly run (or the
 ///   reprocessing of `[from, to)`; N parts per hour and day instead of the
-///   number the row counts give) and stage it; answers `{"run_id","items":{"bucket",
-///   "key"},"item_count"}` (the items' payloads, for the distributed Map's
-///   item reader; `item_count` 0 when there is nothing to compute, and then the
-///   watermark lag is printed here);
+///   number the row counts give) and stage it; answers `{"run_id",
+///   "hour_items":{"bucket","key"},"hour_item_count","day_items":{...},
+///   "day_item_count","item_count"}` (the two waves' payloads, for two
+///   distributed Maps' item readers, the day items after every hour item;
+///   `item_count` 0 when there is nothing to compute, and then the watermark
+///   lag is printed here);
 /// - `{"step":"part","run_id","item"}`: compute one item; answers `{"run_id",
 ///   "item","rows"}`;
 /// - `{"step":"publish","run_id"}`: publish; answers the summary with
@@ -108,11 +110,19 @@ pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Va
                     json!({"run_id": null, "item_count": 0})
                 }
                 crate::job::Planned::Plan(plan) => {
-                    let url = crate::stage::Staging::open(lake, &plan.run_id)?
-                        .url_of(crate::job::ITEMS_NAME);
+                    let staging = crate::stage::Staging::open(lake, &plan.run_id)?;
+                    let (hours, days) = plan.waves();
+                    let location = |name: &str| {
+                        staging
+                            .s3_location(name)
+                            .map(|(bucket, key)| json!({"bucket": bucket, "key": key}))
+                    };
                     json!({
                         "run_id": plan.run_id,
-                        "items": {"bucket": url.host_str().unwrap_or(""), "key": url.path().trim_start_matches('/')},
+                        "hour_items": location(crate::job::HOUR_ITEMS_NAME),
+                        "hour_item_count": hours.len(),
+                        "day_items": location(crate::job::DAY_ITEMS_NAME),
+                        "day_item_count": days.len(),
                         "item_count": plan.items.len(),
                     })
                 }
@@ -151,11 +161,25 @@ pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Va
                 .ok_or_else(|| {
                     tally_common::Error::invalid("the compact step needs a \"day\" as YYYY-MM-DD")
                 })?;
-            let raw = crate::compact::compact_days(lake, &[day].into()).await?;
-            let metrics = crate::job::compact_metric_day(lake, day, &memory).await?;
-            return Ok(
-                json!({"day": payload["day"], "raw_files_removed": raw.files_removed, "metrics_hourly_rewritten": metrics}),
-            );
+            // under the lease: a publish meanwhile would make the metric
+            // compaction's commit conflict
+            let hourly = lake
+                .open_or_create(tally_common::lake::Table::MetricsHourly)
+                .await?;
+            let lease = crate::lease::Lease::acquire(
+                &hourly,
+                std::time::Duration::from_secs(args.lease_secs),
+                std::time::Duration::from_secs(60),
+            )
+            .await?;
+            let result = async {
+                let raw = crate::compact::compact_days(lake, &[day].into()).await?;
+                let metrics = crate::job::compact_metric_day(lake, day, &memory).await?;
+                Ok::<_, tally_common::Error>(json!({"day": payload["day"], "raw_files_removed": raw.files_removed, "metrics_hourly_rewritten": metrics}))
+            }
+            .await;
+            lease.release().await;
+            return result;
         }
         Some(other) => {
             return Err(tally_common::Error::invalid(format!(

@@ -89,19 +89,20 @@ impl Staging {
         })
     }
 
-    /// The run this area belongs to.
-    pub fn run_id(&self) -> &str {
-        &self.run_id
-    }
-
     /// The full path of `name` in the lake's store.
     fn path(&self, name: &str) -> Path {
         Path::from(format!("{}/{}", self.prefix, name.trim_start_matches('/')))
     }
 
-    /// The URL of an object in the area (e.g. for Step Functions' item reader).
-    pub fn url_of(&self, name: &str) -> Url {
-        self.root.join(name).unwrap_or_else(|_| self.root.clone())
+    /// Where an object of the area is in an S3 lake: its bucket and key (the
+    /// key as stored, not percent-encoded), for Step Functions' item reader;
+    /// None for a local lake.
+    pub fn s3_location(&self, name: &str) -> Option<(String, String)> {
+        let bucket = self
+            .root
+            .host_str()
+            .filter(|_| self.root.scheme().starts_with("s3"))?;
+        Some((bucket.to_string(), self.path(name).to_string()))
     }
 
     /// Store `value` as JSON at `name`.
@@ -279,4 +280,34 @@ pub(crate) fn file_schema(
             .cloned()
             .collect::<Vec<_>>(),
     ))
+}
+
+/// Remove the staging areas of a local lake older than `retention` (runs
+/// killed before they published or discarded; an S3 lake's lifecycle rule
+/// expires them there). Best effort.
+pub fn expire_local(lake: &Lake, retention: std::time::Duration) {
+    let Ok(dir) = lake
+        .root()
+        .join(&format!("{STAGING_DIR}/"))
+        .map(|u| u.to_file_path())
+    else {
+        return;
+    };
+    let Ok(dir) = dir else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > retention);
+        if old {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }

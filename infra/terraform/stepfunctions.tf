@@ -6,15 +6,21 @@
 #   ValidateInput   {} (hourly) or {"from","to"} (reprocess [from, to)): whole
 #                   hours, to > from, no other field; anything else fails at
 #                   once with BadInput.
-#   Plan            {"step":"plan"[,"from","to"]}: finds the dirty hours, splits
-#                   each into parts, writes the item list to
-#                   s3://<lake>/<lake_prefix>/_staging/<run_id>/items.json and
-#                   answers {run_id, items: {bucket, key}, item_count}.
+#   Plan            {"step":"plan"[,"from","to"]}: finds the dirty hours and
+#                   the complete days due, splits each into parts, writes two
+#                   item lists to s3://<lake>/<lake_prefix>/_staging/<run_id>/
+#                   (hour_items.json, day_items.json) and answers {run_id,
+#                   hour_items: {bucket, key}, hour_item_count, day_items: {...},
+#                   day_item_count, item_count}.
 #   AnythingToDo    item_count = 0: nothing to publish or compact, succeed.
-#   Parts           a distributed Map over that JSON array (ItemReader): each
+#   HourParts       a distributed Map over the hour items (ItemReader): each
 #                   element is exactly a part step's payload,
 #                   {"step":"part","run_id","item"}, invoked as is; each part
-#                   stages its result under the same run's staging prefix.
+#                   writes its customer_hours files (uncommitted) and stages
+#                   its share of metrics_hourly under the run's staging prefix.
+#   DayParts        the same over the day items, after every hour item (a day
+#                   part reads the files the hour parts wrote); skipped when
+#                   day_item_count = 0.
 #   Publish         {"step":"publish","run_id"}: combines the staged results,
 #                   one Delta commit per metric table, moves the watermark;
 #                   answers the run's summary with compact_days.
@@ -28,7 +34,8 @@
 #
 # Reprocessing is one plan over all of its hours and one publish: readers see
 # the whole range change in one commit per table (the design's contract), and
-# a failed reprocess leaves the tables as they were. So the former input
+# a failed reprocess leaves metrics_hourly as it was (its dates are
+# recomputed by the next run if customer_hours was committed). So the former input
 # fields hours_per_run (runs of N hours, each published on its own) and
 # ranges (explicit lists of ranges) are gone: a range is split into parts by
 # the plan, not by the caller, and scattered ranges are separate executions.
@@ -37,7 +44,11 @@
 # reprocess running beside the hourly schedule): both plan from the same
 # snapshot, the first to publish wins and the other's publish reports
 # Conflict, so it replans from the new snapshot and publishes only what is
-# still to do. Nothing is committed twice and nothing is lost.
+# still to do. A publish is one commit per table made on the version it read
+# (another commit in between is a Conflict, never a merge), a retried
+# publish finds its own commits and commits nothing again, and a publish that
+# stopped after its customer_hours commit has its dates recomputed by the
+# next plan: nothing is committed twice and nothing is lost.
 #
 # Why distributed Maps. Parts: a reprocessed year is 8,760 hours times their
 # parts, far over what an inline Map can carry in one execution's 25,000
@@ -61,7 +72,8 @@
 # batch_staging_expiry_days (s3.tf), so redrive within that.
 #
 # The expressions are JSONata (Step Functions' QueryLanguage); $plan, $run,
-# $replans, $published, $parts and $compaction_failed are workflow variables.
+# $replans, $published, $hour_parts, $day_parts and $compaction_failed are
+# workflow variables.
 # scripts/check_state_machine.py checks the definition's shape and these
 # expressions (run by scripts/check-infra.sh).
 
@@ -106,7 +118,37 @@ locals {
     ": false)",
   ])
 
-  # The parts map's results: <lake_prefix>/_staging/<run_id>/parts/<map run>/.
+  # Each part: one invocation of the batch function with the item as payload.
+  batch_part_config = {
+    Mode          = "DISTRIBUTED"
+    ExecutionType = "STANDARD" # a part may take up to the function's timeout; express children stop at 5 minutes
+  }
+  batch_part_task = {
+    Type     = "Task"
+    Resource = "arn:${local.partition}:states:::lambda:invoke"
+    Arguments = {
+      FunctionName = aws_lambda_alias.live["batch"].arn
+      Payload      = "{% $states.input %}" # {"step":"part","run_id","item"}, as the plan wrote it
+    }
+    TimeoutSeconds = local.batch_task_timeout_seconds
+    Retry = [
+      local.lambda_transient_retry,
+      {
+        # A part is idempotent (a retry overwrites its staged result).
+        ErrorEquals     = ["States.ALL"]
+        IntervalSeconds = 30
+        MaxAttempts     = 3
+        BackoffRate     = 2
+        MaxDelaySeconds = 300
+        JitterStrategy  = "FULL"
+      },
+    ]
+    Output = "{% $states.result.Payload %}"
+    End    = true
+  }
+
+
+  # The parts maps' results: <lake_prefix>/_staging/<run_id>/parts/<map run>/.
   batch_parts_results_prefix = "'${var.lake_prefix}/${local.lake_staging_dir}/' & $run.run_id & '/parts'"
 
   batch_definition = {
@@ -152,7 +194,8 @@ locals {
           },
         ]
         Assign = {
-          run = "{% $states.result.Payload %}"
+          run       = "{% $states.result.Payload %}"
+          day_parts = null # set by DayParts when the run has day items
         }
         Output = "{% $states.result.Payload %}"
         Next   = "AnythingToDo"
@@ -166,7 +209,7 @@ locals {
           Condition = "{% $run.item_count = 0 %}"
           Next      = "NothingToDo"
         }]
-        Default = "Parts"
+        Default = "HourParts"
       }
 
       NothingToDo = {
@@ -174,60 +217,75 @@ locals {
         Output = "{% {'run_id': $run.run_id, 'item_count': 0, 'replans': $replans} %}"
       }
 
-      Parts = {
+      HourParts = {
         Type  = "Map"
-        Label = "Parts"
+        Label = "HourParts"
         ItemReader = {
           Resource     = "arn:${local.partition}:states:::s3:getObject"
           ReaderConfig = { InputType = "JSON" }
           Arguments = {
-            Bucket = "{% $run.items.bucket %}"
-            Key    = "{% $run.items.key %}"
+            Bucket = "{% $run.hour_items.bucket %}"
+            Key    = "{% $run.hour_items.key %}"
           }
         }
         ItemProcessor = {
-          ProcessorConfig = {
-            Mode          = "DISTRIBUTED"
-            ExecutionType = "STANDARD" # a part may take up to the function's timeout; express children stop at 5 minutes
-          }
-          StartAt = "Part"
-          States = {
-            Part = {
-              Type     = "Task"
-              Resource = "arn:${local.partition}:states:::lambda:invoke"
-              Arguments = {
-                FunctionName = aws_lambda_alias.live["batch"].arn
-                Payload      = "{% $states.input %}" # {"step":"part","run_id","item"}, as the plan wrote it
-              }
-              TimeoutSeconds = local.batch_task_timeout_seconds
-              Retry = [
-                local.lambda_transient_retry,
-                {
-                  # A part is idempotent (a retry overwrites its staged result).
-                  ErrorEquals     = ["States.ALL"]
-                  IntervalSeconds = 30
-                  MaxAttempts     = 3
-                  BackoffRate     = 2
-                  MaxDelaySeconds = 300
-                  JitterStrategy  = "FULL"
-                },
-              ]
-              Output = "{% $states.result.Payload %}"
-              End    = true
-            }
-          }
+          ProcessorConfig = local.batch_part_config
+          StartAt         = "HourPart"
+          States          = { HourPart = local.batch_part_task }
         }
         MaxConcurrency             = var.batch_parts_max_concurrency
         ToleratedFailurePercentage = 0
         ResultWriter = {
           Resource = "arn:${local.partition}:states:::s3:putObject"
           Arguments = {
-            Bucket = "{% $run.items.bucket %}"
+            Bucket = "{% $run.hour_items.bucket %}"
             Prefix = "{% ${local.batch_parts_results_prefix} %}"
           }
         }
         Assign = {
-          parts = "{% $states.result %}"
+          hour_parts = "{% $states.result %}"
+        }
+        Output = "{% $states.result %}"
+        Next   = "AnyDayParts"
+      }
+
+      # A run may have hours and no complete day (most hourly runs).
+      AnyDayParts = {
+        Type = "Choice"
+        Choices = [{
+          Condition = "{% $run.day_item_count = 0 %}"
+          Next      = "Publish"
+        }]
+        Default = "DayParts"
+      }
+
+      DayParts = {
+        Type  = "Map"
+        Label = "DayParts"
+        ItemReader = {
+          Resource     = "arn:${local.partition}:states:::s3:getObject"
+          ReaderConfig = { InputType = "JSON" }
+          Arguments = {
+            Bucket = "{% $run.day_items.bucket %}"
+            Key    = "{% $run.day_items.key %}"
+          }
+        }
+        ItemProcessor = {
+          ProcessorConfig = local.batch_part_config
+          StartAt         = "DayPart"
+          States          = { DayPart = local.batch_part_task }
+        }
+        MaxConcurrency             = var.batch_parts_max_concurrency
+        ToleratedFailurePercentage = 0
+        ResultWriter = {
+          Resource = "arn:${local.partition}:states:::s3:putObject"
+          Arguments = {
+            Bucket = "{% $run.day_items.bucket %}"
+            Prefix = "{% ${local.batch_parts_results_prefix} %}"
+          }
+        }
+        Assign = {
+          day_parts = "{% $states.result %}"
         }
         Output = "{% $states.result %}"
         Next   = "Publish"
@@ -288,7 +346,7 @@ locals {
       TooManyConflicts = {
         Type  = "Fail"
         Error = "TooManyConflicts"
-        Cause = "{% 'Publish reported Conflict after the first plan and after each of ' & $string($replans) & ' replans: another batch run published every time before this one could. Nothing of this run was committed; its staging expires on its own. Start it again when the other runs are done (for a long reprocess, pause the hourly schedule while it runs). Last conflict: ' & $states.input.Cause %}"
+        Cause = "{% 'Publish reported Conflict after the first plan and after each of ' & $string($replans) & ' replans: another batch run published every time before this one could. Nothing of this run reached metrics_hourly (had its customer_hours commit landed, the next run recomputes those dates); its staging expires on its own. Start it again when the other runs are done (for a long reprocess, pause the hourly schedule while it runs). Last conflict: ' & $states.input.Cause %}"
       }
 
       AnyDaysToCompact = {
@@ -367,7 +425,7 @@ locals {
 
       Done = {
         Type   = "Succeed"
-        Output = "{% {'run_id': $run.run_id, 'item_count': $run.item_count, 'replans': $replans, 'parts_map_run': $parts.MapRunArn, 'published': $published, 'compaction_failed': $compaction_failed} %}"
+        Output = "{% {'run_id': $run.run_id, 'item_count': $run.item_count, 'replans': $replans, 'hour_parts_map_run': $hour_parts.MapRunArn, 'day_parts_map_run': $day_parts ? $day_parts.MapRunArn : null, 'published': $published, 'compaction_failed': $compaction_failed} %}"
       }
     }
   }

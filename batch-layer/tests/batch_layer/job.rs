@@ -620,30 +620,81 @@ enum KillAt {
 
 /// A `tally batch run` killed (its runtime dropped, as a killed process) at `at`.
 fn run_killed(lake: &Lake, now: i64, at: KillAt) {
+    run_killed_reprocessing(lake, now, at, None)
+}
+
+/// [`run_killed`], for a reprocessing of `range` (epoch µs) when given.
+fn run_killed_reprocessing(lake: &Lake, now: i64, at: KillAt, range: Option<(i64, i64)>) {
     let lake = lake.clone();
     let killed = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        let run = BatchRun::new(&lake).now(now);
+        let run = match range {
+            Some((from, to)) => run.reprocess(from, to).unwrap(),
+            None => run,
+        };
         rt.block_on(
-            BatchRun::new(&lake)
-                .now(now)
-                .on_progress(move |done, total| {
-                    let kill = match at {
-                        KillAt::FirstItem => done == 1,
-                        // the publish's three commits are the last three steps
-                        KillAt::PublishCommit(k) => done == total - 3 + k,
-                    };
-                    if kill {
-                        panic!("killed at {at:?} (expected by the test)");
-                    }
-                })
-                .execute(),
+            run.on_progress(move |done, total| {
+                let kill = match at {
+                    KillAt::FirstItem => done == 1,
+                    // the publish's three commits are the last three steps
+                    KillAt::PublishCommit(k) => done == total - 3 + k,
+                };
+                if kill {
+                    panic!("killed at {at:?} (expected by the test)");
+                }
+            })
+            .execute(),
         )
     })
     .join();
     assert!(killed.is_err(), "the run was not killed");
+}
+
+/// A reprocess killed after its customer_hours commit leaves metrics_hourly as
+/// it was and records no progress, so nothing marks its hours dirty: the next
+/// run finds the unfinished publish in customer_hours' log and recomputes
+/// every hour of its dates.
+#[tokio::test]
+async fn a_reprocess_killed_after_its_first_commit_is_redone_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = generate(14, 2_000, 6, START_MS, 48);
+    let now = at(START_MS + 2 * DAY_MS + 30 * 60_000);
+    archive(&lake, "d", &events, now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    let day2 = (START_MS + DAY_MS) * 1000;
+    run_killed_reprocessing(
+        &lake,
+        now,
+        KillAt::PublishCommit(1),
+        Some((day2, day2 + DAY_MS * 1000)),
+    );
+    // the killed run's lease is taken over once it expires
+    let r = BatchRun::new(&lake)
+        .now(now)
+        .lease_expiry(std::time::Duration::from_secs(1))
+        .wait_for_other_runs(std::time::Duration::from_secs(30))
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.hours, 24,
+        "the reprocessed date's hours are recomputed: {r}"
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&events)
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_daily", "day").await,
+        model_daily(&events)
+    );
+    let r = BatchRun::new(&lake).now(now).execute().await.unwrap();
+    assert_eq!(r.hours, 0, "and only once: {r}");
 }
 
 /// A run killed while computing, or half way through its publish (after the

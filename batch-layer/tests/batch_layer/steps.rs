@@ -63,34 +63,38 @@ async fn the_state_machines_steps_on_s3_give_the_tables_of_one_run() {
     let events = with_duplicates(&generate(41, 4_000, 12, START_MS, 48));
     archive(&lake, "two-days", &events, (START_MS + 2 * DAY_MS) * 1000).await;
 
-    // plan: 3 parts per hour and day; the items' payloads where the Map reads them
+    // plan: 3 parts per hour and day; the two waves' payloads where the Maps read them
     let planned = handle(&lake, &args(), &json!({"step": "plan", "parts": 3}))
         .await
         .unwrap();
     let run_id = planned["run_id"].as_str().unwrap().to_string();
-    assert_eq!(planned["items"]["bucket"], "lake");
-    assert_eq!(
-        planned["items"]["key"],
-        format!("tally/_staging/{run_id}/items.json")
-    );
     let staging = Staging::open(&lake, &run_id).unwrap();
-    let payloads: Vec<Value> = staging.get_json("items.json").await.unwrap().unwrap();
-    assert_eq!(
-        payloads.len() as u64,
-        planned["item_count"].as_u64().unwrap()
-    );
-    assert_eq!(
-        payloads[0],
-        json!({"step": "part", "run_id": run_id, "item": 0})
-    );
     let plan: Plan = staging.get_json(PLAN_NAME).await.unwrap().unwrap();
     assert_eq!(plan.hours.len(), 48);
     assert_eq!(plan.days.len(), 2);
     assert_eq!(plan.items.len(), (48 + 2) * 3);
+    assert_eq!(planned["item_count"], plan.items.len());
+    let (hours, days) = plan.waves();
+    for (wave, name, count, items) in [
+        ("hour_items", "hour_items.json", "hour_item_count", &hours),
+        ("day_items", "day_items.json", "day_item_count", &days),
+    ] {
+        assert_eq!(planned[wave]["bucket"], "lake");
+        assert_eq!(
+            planned[wave]["key"],
+            format!("tally/_staging/{run_id}/{name}")
+        );
+        assert_eq!(planned[count], items.len());
+        let payloads: Vec<Value> = staging.get_json(name).await.unwrap().unwrap();
+        let expected: Vec<Value> = items
+            .iter()
+            .map(|i| json!({"step": "part", "run_id": run_id, "item": i}))
+            .collect();
+        assert_eq!(payloads, expected, "{wave}");
+    }
 
     // the hours' parts, then the days', each wave shared by two processes at
     // once; the first item of each wave computed by both (a retried invocation)
-    let (hours, days) = plan.waves();
     for wave in [hours, days] {
         let (mut a, mut b): (Vec<usize>, Vec<usize>) = wave.iter().partition(|&&i| i % 2 == 0);
         b.push(a[0]);

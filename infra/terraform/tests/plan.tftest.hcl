@@ -114,11 +114,11 @@ run "defaults" {
     error_message = "event source mappings: partial batch responses, bisect, bounded retries, one batch per shard"
   }
   assert {
-    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.MaxConcurrency == 40 && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemProcessor.ProcessorConfig.Mode == "DISTRIBUTED" && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemProcessor.ProcessorConfig.ExecutionType == "STANDARD"
+    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.HourParts.MaxConcurrency == 40 && jsondecode(aws_sfn_state_machine.batch.definition).States.DayParts.MaxConcurrency == 40 && jsondecode(aws_sfn_state_machine.batch.definition).States.HourParts.ItemProcessor.ProcessorConfig.Mode == "DISTRIBUTED" && jsondecode(aws_sfn_state_machine.batch.definition).States.HourParts.ItemProcessor.ProcessorConfig.ExecutionType == "STANDARD"
     error_message = "the parts are a distributed map of standard children with the configured concurrency"
   }
   assert {
-    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemReader.Resource == "arn:aws:states:::s3:getObject" && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ItemReader.ReaderConfig.InputType == "JSON" && jsondecode(aws_sfn_state_machine.batch.definition).States.Parts.ToleratedFailurePercentage == 0
+    condition     = jsondecode(aws_sfn_state_machine.batch.definition).States.HourParts.ItemReader.Resource == "arn:aws:states:::s3:getObject" && jsondecode(aws_sfn_state_machine.batch.definition).States.DayParts.ItemReader.ReaderConfig.InputType == "JSON" && jsondecode(aws_sfn_state_machine.batch.definition).States.DayParts.ToleratedFailurePercentage == 0
     error_message = "the parts map reads the plan's JSON item list from S3 and tolerates no failed part"
   }
   assert {
