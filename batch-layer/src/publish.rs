@@ -20,7 +20,7 @@ use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
-use tally_common::bucket::MICROS_PER_HOUR;
+use tally_common::bucket::{MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::lake::{register, Table, TIME_ZONE};
 use tally_common::metric_table::{MetricTable, MERCHANT_COLUMN};
 use tally_common::{Context as _, Error, Result};
@@ -363,10 +363,11 @@ pub(crate) async fn publish_rows(
             .map(|b| b.to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        let touched: Vec<&PartitionFile> = files
+        let (mut touched, others): (Vec<&PartitionFile>, Vec<&PartitionFile>) = files
             .iter()
-            .filter(|f| &f.partition == value && f.meets(replaced))
-            .collect();
+            .filter(|f| &f.partition == value)
+            .partition(|f| f.meets(replaced));
+        touched.extend(merged_into_new(kind, replaced.len(), others));
         // each source says whether its rows are the run's (`fresh`)
         let mut sources = Vec::new();
         let staged = format!("staged_{k}");
@@ -413,6 +414,38 @@ pub(crate) async fn publish_rows(
 
 /// The column marking a run's own rows among those a publish writes.
 const FRESH: &str = "tally_fresh";
+
+/// The files of a partition (not touched by the run) that a publish writing
+/// `new` buckets merges into its new file, so that a partition filled bucket
+/// by bucket keeps few files: smallest first, every file spanning no more
+/// buckets than what is being written so far (a binary counter: after n
+/// hourly runs a date has as many files as n has bits set, at most 5 for a
+/// day, and a row is rewritten about log2(n) times, against n/2 times when a
+/// run rewrites the whole partition). A file whose span is unknown is left.
+fn merged_into_new(
+    kind: MetricTable,
+    new: usize,
+    mut others: Vec<&PartitionFile>,
+) -> Vec<&PartitionFile> {
+    let bucket = match kind {
+        MetricTable::Hourly => MICROS_PER_HOUR,
+        MetricTable::Daily => MICROS_PER_DAY,
+    };
+    let span = |f: &PartitionFile| f.time.map(|(lo, hi)| ((hi - lo) / bucket + 1) as usize);
+    others.retain(|f| span(f).is_some());
+    others.sort_by_key(|f| span(f));
+    let mut writing = new;
+    let mut merged = Vec::new();
+    for f in others {
+        let s = span(f).unwrap_or(usize::MAX);
+        if s > writing {
+            break;
+        }
+        writing += s;
+        merged.push(f);
+    }
+    merged
+}
 
 /// One file of a metric table, as its Delta log describes it.
 struct PartitionFile {
@@ -622,4 +655,55 @@ pub(crate) async fn compact_partition(
     let what = format!("compacting {} {pcol}={value}", kind.name());
     commit_exact(table, kind.table(), actions, &what, commit).await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 24 hourly runs into one date: the files left after each are the bits of
+    /// the hours so far, and each hour is rewritten at most log2(24) times.
+    #[test]
+    fn hourly_publishes_keep_a_date_to_a_binary_counter_of_files() {
+        let h = MICROS_PER_HOUR;
+        let mut files: Vec<PartitionFile> = Vec::new();
+        let mut rewrites = [0u32; 24];
+        for hour in 0..24i64 {
+            let others: Vec<&PartitionFile> = files.iter().collect();
+            let merged: Vec<String> = merged_into_new(MetricTable::Hourly, 1, others)
+                .iter()
+                .map(|f| f.path.clone())
+                .collect();
+            let mut lo = hour * h;
+            for f in files.iter().filter(|f| merged.contains(&f.path)) {
+                let (a, b) = f.time.unwrap();
+                lo = lo.min(a);
+                for k in a / h..=b / h {
+                    rewrites[k as usize] += 1;
+                }
+            }
+            files.retain(|f| !merged.contains(&f.path));
+            files.push(PartitionFile {
+                path: format!("run-{hour}"),
+                partition: "2026-11-24".into(),
+                size: 0,
+                time: Some((lo, hour * h)),
+            });
+            assert_eq!(
+                files.len() as u32,
+                (hour as u32 + 1).count_ones(),
+                "after hour {hour}: {:?}",
+                files.iter().map(|f| f.time).collect::<Vec<_>>()
+            );
+        }
+        assert!(rewrites.iter().all(|&r| r <= 5), "{rewrites:?}");
+        // a file of unknown span is never merged
+        let unknown = PartitionFile {
+            path: "x".into(),
+            partition: "2026-11-24".into(),
+            size: 0,
+            time: None,
+        };
+        assert!(merged_into_new(MetricTable::Hourly, 24, vec![&unknown]).is_empty());
+    }
 }

@@ -17,10 +17,10 @@
 //! `lookup-delta`: variants; `archive`: the raw table's zstd-with-dictionaries
 //! properties, which the metric tables used before), BENCH_READ (`lookup`,
 //! default, or `datafusion`: how the server reads the batch view), BENCH_FILES
-//! (`day`, default: one file per date; `hour`: one file per hour; `runs`: one
-//! file per hour on the current day and one per date before, as the batch layer
-//! leaves its tables now: a sorted file per hourly publish, a closed date
-//! compacted into one).
+//! (`day`, default: one file per date; `hour`: one file per hour; `runs`: as the
+//! batch layer leaves its tables now: on the current day the files its hourly
+//! publishes leave, one per bit of the hours so far, and one file per closed
+//! date).
 
 use std::collections::HashMap;
 use std::f64::consts::TAU;
@@ -55,12 +55,12 @@ use tally_common::shutdown;
 use tally_common::source::{Position, Record, SourceId};
 use tally_common::watermark::{read_progress, WATERMARK_APP};
 use tally_serving_layer::{serve_listener, AppState, Auth, ServeOptions};
-use tally_speed_layer::{apply_records, RedisStore, SpeedStore};
+use tally_speed_layer::{apply_records_and_fill, RedisStore, SpeedStore};
 use tally_testkit::{cpu_secs, free_port, RedisServer};
 
 const SECRET: &str = "serve-bench-secret";
 /// Bumped when the generated data or its layout changes, so a cached lake is remade.
-const LAKE_FORMAT: u32 = 3;
+const LAKE_FORMAT: u32 = 4;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -258,9 +258,10 @@ async fn write_rows(
 /// lake up (`rewrite_dates`) rewrites each touched date whole, so a date stays one
 /// sorted file. With [`HourFiles::Hour`], one file per hour instead (how hourly
 /// runs left a date before the batch layer rewrote it whole); with
-/// [`HourFiles::Runs`], one file per hour for the current day only and one per
-/// date before (how the batch layer leaves its tables now: a publish adds a
-/// sorted file per hourly run, and a closed date is compacted into one).
+/// [`HourFiles::Runs`], for the current day files of 16, 8, 4, 2 and 1 hours
+/// (the bits of its hours so far) and one per date before (how the batch layer
+/// leaves its tables now: a publish merges the smaller files into its own,
+/// `tally_batch_layer::publish`, and a closed date is compacted into one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HourFiles {
     Day,
@@ -305,11 +306,24 @@ async fn extend_lake(
                     .downcast_ref::<TimestampMicrosecondArray>()
                     .expect("the hour column")
                     .clone();
+                // HourFiles::Hour: one file per hour; HourFiles::Runs: as the
+                // batch layer's publishes leave an open date, files of 16, 8,
+                // 4, 2 and 1 hours (the bits of the hours so far)
+                let end = to.min(day + MICROS_PER_DAY);
                 let mut t = from.max(day);
-                while t < to.min(day + MICROS_PER_DAY) {
-                    let mask: BooleanArray = times.iter().map(|v| Some(v == Some(t))).collect();
-                    let part = filter_record_batch(&h, &mask).expect("one hour's rows");
-                    let w = (t + MICROS_PER_HOUR >= to).then_some(to / MICROS_PER_HOUR);
+                while t < end {
+                    let left = ((end - t) / MICROS_PER_HOUR) as u32;
+                    let hours = match files {
+                        HourFiles::Runs => 1i64 << (31 - left.leading_zeros()),
+                        _ => 1,
+                    };
+                    let next = t + hours * MICROS_PER_HOUR;
+                    let mask: BooleanArray = times
+                        .iter()
+                        .map(|v| Some(v.is_some_and(|v| v >= t && v < next)))
+                        .collect();
+                    let part = filter_record_batch(&h, &mask).expect("the file's rows");
+                    let w = (next >= to).then_some(to / MICROS_PER_HOUR);
                     write_rows(
                         lake,
                         Table::MetricsHourly,
@@ -319,7 +333,7 @@ async fn extend_lake(
                         None,
                     )
                     .await;
-                    t += MICROS_PER_HOUR;
+                    t = next;
                 }
             } else {
                 let w = is_last.then_some(to / MICROS_PER_HOUR);
@@ -463,7 +477,7 @@ fn dir_stats(dir: &Path) -> (u64, u64) {
 
 /// Events of the current hour (from `w` to now) for every merchant, through the
 /// speed layer's own path into Redis. Returns the number of events.
-async fn feed_current_hour(store: &SpeedStore, merchants: u32, w: i64) -> usize {
+async fn feed_current_hour(store: &SpeedStore, lake: &Lake, merchants: u32, w: i64) -> usize {
     let now_ms = now_micros() / 1000;
     let w_ms = w / 1000;
     let span = (now_ms - w_ms).max(1) as u64;
@@ -500,9 +514,20 @@ async fn feed_current_hour(store: &SpeedStore, merchants: u32, w: i64) -> usize 
                 Record::new(Position::from_u64(pos), r.as_bytes())
             })
             .collect();
-        apply_records(store, source.clone(), input, now_micros())
-            .await
-            .expect("feeding the speed view");
+        // the first write makes a new view, whose hours before now readers
+        // take as unknown until it is rebuilt from raw_events: the rebuild
+        // (nothing to read: the bench archives none of the live hour) marks it
+        // whole at once, as `tally ingest` does
+        apply_records_and_fill(
+            store,
+            lake,
+            Duration::ZERO,
+            source.clone(),
+            input,
+            now_micros(),
+        )
+        .await
+        .expect("feeding the speed view");
     }
     lines.len()
 }
@@ -764,7 +789,7 @@ fn main() {
             .expect("connecting to Redis"),
     );
     let t = Instant::now();
-    let events = rt.block_on(feed_current_hour(&store, merchants, w));
+    let events = rt.block_on(feed_current_hour(&store, &lake, merchants, w));
     println!(
         "speed view: {events} events of the current hour for {merchants} merchants fed through the speed layer into Redis in {:.1}s",
         t.elapsed().as_secs_f64()
