@@ -539,6 +539,7 @@ def batch_function(
     *,
     items_per_plan: int = 3,
     day_items: int = 2,
+    left_uncompacted: tuple[str, ...] = (),
     days: tuple[str, ...] = ("2026-11-24",),
     conflicts: int = 0,
     part_fails: bool = False,
@@ -561,6 +562,7 @@ def batch_function(
                 "day_items": {"bucket": LAKE_BUCKET, "key": f"lake/_staging/{run_id}/day_items.json"},
                 "day_item_count": day_count,
                 "item_count": hours + day_count,
+                **({"compact_days": list(left_uncompacted)} if hours == 0 else {}),
             }
         if step == "part":
             if part_fails and p["item"] == 1:
@@ -638,6 +640,12 @@ def scenarios(defn: dict[str, Any]) -> tuple[int, list[str]]:
     case("reprocess", hour, batch_function(days=("2026-11-01", "2026-11-02")),
          lambda s, o, w: None if s == "SUCCEEDED" and w.calls[0] == {"step": "plan", **hour}
          and [c["day"] for c in w.steps("compact")] == ["2026-11-01", "2026-11-02"]
+         else f"{s} {o} {w.calls}")
+
+    case("nothing to compute, a day left uncompacted", {},
+         batch_function(items_per_plan=0, left_uncompacted=("2026-11-23",)),
+         lambda s, o, w: None if s == "SUCCEEDED" and [c["step"] for c in w.calls] == ["plan", "compact"]
+         and w.steps("compact") == [{"step": "compact", "day": "2026-11-23"}]
          else f"{s} {o} {w.calls}")
 
     case("nothing to do", {}, batch_function(items_per_plan=0),

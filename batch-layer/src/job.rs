@@ -298,7 +298,23 @@ impl BatchRun {
         lease: Option<&Lease>,
     ) -> Result<RunReport> {
         let plan = match self.plan_locked(hourly, lease).await? {
-            Planned::Nothing(report) => return Ok(report),
+            Planned::Nothing(mut report) => {
+                // nothing to compute, but days may be left uncompacted (a run
+                // killed after its publish)
+                if self.compact && !self.dry_run && !report.compact_days.is_empty() {
+                    let t = Instant::now();
+                    compact_after(
+                        &self.lake,
+                        &report.compact_days,
+                        self.range.is_some(),
+                        &self.memory,
+                        hourly,
+                    )
+                    .await?;
+                    report.compact_secs = t.elapsed().as_secs_f64();
+                }
+                return Ok(report);
+            }
             Planned::Plan(p) => Arc::new(p),
         };
         let staging = Staging::open(&self.lake, &plan.run_id)?;
@@ -338,7 +354,14 @@ impl BatchRun {
         report.write_secs = t1.elapsed().as_secs_f64();
         if self.compact && !plan.compact_days.is_empty() {
             let t2 = Instant::now();
-            compact_after(&self.lake, &plan, &self.memory, hourly).await?;
+            compact_after(
+                &self.lake,
+                &plan.compact_days,
+                plan.reprocess.is_some(),
+                &self.memory,
+                hourly,
+            )
+            .await?;
             report.compact_secs = t2.elapsed().as_secs_f64();
         }
         Ok(report)
@@ -469,9 +492,14 @@ impl BatchRun {
             items: plan_items(&hours, &days, &rows_by_hour, self.parts),
             hours: hours.into_iter().collect(),
             days: days.into_iter().collect(),
+            // the days this run touches, and any complete day left
+            // uncompacted (a run killed after its publish, before compacting)
             compact_days: all_days
                 .into_iter()
+                .chain(uncompacted_days(&files, &hourly_files_by_date(hourly)?))
                 .filter(|&d| marks.day_complete(d))
+                .collect::<BTreeSet<i64>>()
+                .into_iter()
                 .collect(),
             quarantined: planner.quarantined,
             rewritten_dates: closed_dates_with_multi_hour_files.into_iter().collect(),
@@ -971,16 +999,17 @@ async fn discard(lake: &Lake, plan: &Plan, staging: &Staging) {
 /// (one file sorted by merchant); an hourly run then vacuums.
 async fn compact_after(
     lake: &Lake,
-    plan: &Plan,
+    compact_days: &[i64],
+    reprocess: bool,
     memory: &MemoryBound,
     hourly: &mut DeltaTable,
 ) -> Result<()> {
-    let days: BTreeSet<i64> = plan.compact_days.iter().copied().collect();
+    let days: BTreeSet<i64> = compact_days.iter().copied().collect();
     crate::compact::compact_days(lake, &days).await?;
     for &day in &days {
         compact_metric_day(lake, day, memory).await?;
     }
-    if plan.reprocess.is_none() {
+    if !reprocess {
         // once a day closes: files replaced more than the retention ago go, and
         // readers and time travel inside the window keep theirs
         crate::stage::expire_local(lake, crate::compact::VACUUM_RETENTION);
@@ -1117,6 +1146,48 @@ async fn unfinished_publish_dates(
             .collect());
     }
     Ok(BTreeSet::new())
+}
+
+/// Raw rows below which a file is small: compaction makes files of
+/// [`crate::compact::TARGET_FILE_SIZE`] (about 2 M rows), so two small files
+/// in one hour partition mean the partition was never compacted.
+const SMALL_FILE_ROWS: i64 = 1_000_000;
+
+/// Days (epoch µs) whose raw partitions or `metrics_hourly` date are not
+/// compacted: an hour partition with two small files, or a date of several
+/// files (`hourly_files`: files per date).
+fn uncompacted_days(
+    raw: &[crate::dirty::RawFile],
+    hourly_files: &BTreeMap<String, usize>,
+) -> BTreeSet<i64> {
+    let mut small: BTreeMap<i64, usize> = BTreeMap::new();
+    for f in raw {
+        if let (Some(h), Some(n)) = (f.hour(), f.num_records) {
+            if n < SMALL_FILE_ROWS {
+                *small.entry(h).or_default() += 1;
+            }
+        }
+    }
+    small
+        .into_iter()
+        .filter(|&(_, n)| n >= 2)
+        .map(|(h, _)| day_floor(h))
+        .chain(
+            hourly_files
+                .iter()
+                .filter(|&(_, &n)| n >= 2)
+                .filter_map(|(d, _)| parse_ts(&format!("{d}T00:00:00Z")).ok()),
+        )
+        .collect()
+}
+
+/// The number of `metrics_hourly` files per date.
+fn hourly_files_by_date(hourly: &DeltaTable) -> Result<BTreeMap<String, usize>> {
+    let mut by_date = BTreeMap::new();
+    for f in crate::publish::partition_files(hourly, MetricTable::Hourly)? {
+        *by_date.entry(f.partition).or_default() += 1;
+    }
+    Ok(by_date)
 }
 
 /// Closed days (epoch µs) a run's commit says it leaves to compaction.

@@ -36,6 +36,9 @@ struct State {
     owner: String,
     since: i64,
     released: bool,
+    /// The holder's expiry (it renews every quarter of it); None from a
+    /// holder that predates it.
+    expiry: Option<Duration>,
 }
 
 /// What a generation's holder writes: that it holds the lease (taking or
@@ -46,11 +49,14 @@ enum Holding {
     Released,
 }
 
-fn body(owner: &str, holding: Holding) -> object_store::PutPayload {
+fn body(owner: &str, holding: Holding, expiry: Duration) -> object_store::PutPayload {
     let released = holding == Holding::Released;
-    serde_json::json!({"owner": owner, "since": now_micros(), "released": released})
-        .to_string()
-        .into()
+    serde_json::json!({
+        "owner": owner, "since": now_micros(), "released": released,
+        "expiry_secs": expiry.as_secs(),
+    })
+    .to_string()
+    .into()
 }
 
 /// What generation `generation`'s object says; None when there is no such
@@ -80,6 +86,7 @@ fn parse(bytes: &[u8]) -> Option<State> {
         owner: v["owner"].as_str()?.to_string(),
         since: v["since"].as_i64()?,
         released: v["released"].as_bool()?,
+        expiry: v["expiry_secs"].as_u64().map(Duration::from_secs),
     })
 }
 
@@ -113,6 +120,7 @@ pub struct Lease {
     store: std::sync::Arc<dyn ObjectStore>,
     owner: String,
     generation: u64,
+    expiry: Duration,
     renewer: tokio::task::JoinHandle<()>,
 }
 
@@ -136,7 +144,7 @@ fn renew(
                 Err(e) => tracing::warn!(error = %e, "could not check the batch lease"),
             }
             if let Err(e) = store
-                .put(&path(generation), body(&owner, Holding::Held))
+                .put(&path(generation), body(&owner, Holding::Held, expiry))
                 .await
             {
                 tracing::warn!(error = %e, "could not renew the batch lease");
@@ -157,11 +165,14 @@ impl Lease {
             if let Some(g) = current {
                 if let Some(s) = read(store.as_ref(), g).await? {
                     let age = Duration::from_micros((now_micros() - s.since).max(0) as u64);
+                    // the holder's expiry, not ours: it renews by its own
+                    let expiry = s.expiry.unwrap_or(expiry);
                     if !s.released && age <= expiry {
                         if std::time::Instant::now() >= deadline {
                             return Err(Error::Busy(format!(
                                 "another batch run ({}) holds the lease, renewed {}s ago; \
-                                 wait for it to finish (a lease not renewed for {}s is taken over)",
+                                 wait for it to finish (--wait-secs N waits up to N seconds; \
+                                 a lease not renewed for {}s, its holder's --lease-secs, is taken over)",
                                 s.owner,
                                 age.as_secs(),
                                 expiry.as_secs()
@@ -179,7 +190,7 @@ impl Lease {
             match store
                 .put_opts(
                     &path(next),
-                    body(&owner, Holding::Held),
+                    body(&owner, Holding::Held, expiry),
                     PutMode::Create.into(),
                 )
                 .await
@@ -196,6 +207,7 @@ impl Lease {
                         store,
                         owner,
                         generation: next,
+                        expiry,
                         renewer,
                     });
                 }
@@ -235,7 +247,10 @@ impl Lease {
         if let Some(s) = read(self.store.as_ref(), self.generation).await? {
             if s.owner == self.owner {
                 self.store
-                    .put(&path(self.generation), body(&self.owner, Holding::Released))
+                    .put(
+                        &path(self.generation),
+                        body(&self.owner, Holding::Released, self.expiry),
+                    )
                     .await
                     .map_err(|e| Error::io("releasing the batch lease", e))?;
             }
@@ -262,13 +277,19 @@ mod tests {
         assert!(still_newest(&store, 0).await.unwrap());
 
         store
-            .put(&path(0), body("me", Holding::Held))
+            .put(
+                &path(0),
+                body("me", Holding::Held, Duration::from_secs(120)),
+            )
             .await
             .unwrap();
         let s = read(&store, 0).await.unwrap().unwrap();
         assert_eq!((s.owner.as_str(), s.released), ("me", false));
         store
-            .put(&path(1), body("you", Holding::Released))
+            .put(
+                &path(1),
+                body("you", Holding::Released, Duration::from_secs(120)),
+            )
             .await
             .unwrap();
         assert!(!still_newest(&store, 0).await.unwrap());
@@ -320,7 +341,10 @@ mod tests {
 
         // a released lease is taken by the next generation
         store
-            .put(&path(0), body("old", Holding::Released))
+            .put(
+                &path(0),
+                body("old", Holding::Released, Duration::from_secs(120)),
+            )
             .await
             .unwrap();
         let lease = Lease::acquire(&table, DEFAULT_LEASE_EXPIRY, Duration::ZERO)
@@ -330,5 +354,36 @@ mod tests {
         lease.check().await.unwrap();
         lease.release().await;
         assert!(read(store.as_ref(), 1).await.unwrap().unwrap().released);
+    }
+
+    /// A live holder is judged by its own expiry: a run started with a short
+    /// `--lease-secs` does not take over a holder renewing every 30 s of its
+    /// 120 s, 2 s after its last renewal; one that stopped renewing for longer
+    /// than its own expiry is taken over.
+    #[tokio::test]
+    async fn a_holder_is_judged_by_its_own_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+        let table = lake.open_or_create(Table::MetricsHourly).await.unwrap();
+        let store = table.log_store().object_store(None);
+        let renewed = |ago: i64, expiry_secs: u64| -> object_store::PutPayload {
+            serde_json::json!({"owner": "holder", "since": now_micros() - ago * 1_000_000,
+                               "released": false, "expiry_secs": expiry_secs})
+            .to_string()
+            .into()
+        };
+        store.put(&path(0), renewed(2, 120)).await.unwrap();
+        let e = Lease::acquire(&table, Duration::from_secs(1), Duration::ZERO)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Busy(_)), "{e}");
+        assert!(e.to_string().contains("--wait-secs"), "{e}");
+        store.put(&path(0), renewed(5, 3)).await.unwrap();
+        let lease = Lease::acquire(&table, DEFAULT_LEASE_EXPIRY, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(lease.generation, 1);
+        lease.release().await;
     }
 }

@@ -448,9 +448,9 @@ fn merged_into_new(
 }
 
 /// One file of a metric table, as its Delta log describes it.
-struct PartitionFile {
+pub(crate) struct PartitionFile {
     path: String,
-    partition: String,
+    pub(crate) partition: String,
     size: i64,
     /// The first and last bucket its rows hold (epoch µs), if recorded.
     time: Option<(i64, i64)>,
@@ -485,7 +485,7 @@ impl PartitionFile {
 }
 
 /// The files of `kind` at the table's loaded version.
-fn partition_files(table: &DeltaTable, kind: MetricTable) -> Result<Vec<PartitionFile>> {
+pub(crate) fn partition_files(table: &DeltaTable, kind: MetricTable) -> Result<Vec<PartitionFile>> {
     let Ok(state) = table.snapshot() else {
         return Ok(Vec::new());
     };

@@ -165,7 +165,7 @@ async fn rollback_locked(lake: &Lake, mut hourly: DeltaTable) -> Result<Option<R
     if now_p.watermark.is_some() && then_p.watermark.is_none() {
         return Err(Error::invalid(format!(
             "the last run ({run}) is the first that set the watermark; there is nothing \
-             before it to restore (remove metrics_hourly and metrics_daily to start over)"
+             before it to restore (remove metrics_hourly, metrics_daily and customer_hours to start over)"
         )));
     }
     let stamp = Some(chrono::Utc::now().timestamp_millis());

@@ -70,7 +70,7 @@ impl RunRequest {
 ///   "day_item_count","item_count"}` (the two waves' payloads, for two
 ///   distributed Maps' item readers, the day items after every hour item;
 ///   `item_count` 0 when there is nothing to compute, and then the watermark
-///   lag is printed here);
+///   lag is printed here and `compact_days` lists the days left uncompacted);
 /// - `{"step":"part","run_id","item"}`: compute one item; answers `{"run_id",
 ///   "item","rows"}`;
 /// - `{"step":"publish","run_id"}`: publish; answers the summary with
@@ -107,7 +107,9 @@ pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Va
             return Ok(match run.plan().await? {
                 crate::job::Planned::Nothing(report) => {
                     println!("{}", watermark_lag_metric(&report, now_micros()));
-                    json!({"run_id": null, "item_count": 0})
+                    // days left uncompacted (a run killed after its publish)
+                    // still go to the Compact Map
+                    json!({"run_id": null, "item_count": 0, "compact_days": dates(&report.compact_days)})
                 }
                 crate::job::Planned::Plan(plan) => {
                     let staging = crate::stage::Staging::open(lake, &plan.run_id)?;
@@ -147,11 +149,7 @@ pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Va
             .await?;
             println!("{}", watermark_lag_metric(&report, now_micros()));
             let mut out = summary(&report);
-            out["compact_days"] = json!(report
-                .compact_days
-                .iter()
-                .map(|&d| tally_common::bucket::date_string(d))
-                .collect::<Vec<_>>());
+            out["compact_days"] = dates(&report.compact_days);
             return Ok(out);
         }
         Some("compact") => {
@@ -193,6 +191,14 @@ pub async fn handle(lake: &Lake, args: &BatchArgs, payload: &Value) -> Result<Va
         .await?;
     println!("{}", watermark_lag_metric(&report, now_micros()));
     Ok(summary(&report))
+}
+
+/// Days (epoch µs) as a JSON array of `YYYY-MM-DD`.
+fn dates(days: &[i64]) -> Value {
+    json!(days
+        .iter()
+        .map(|&d| tally_common::bucket::date_string(d))
+        .collect::<Vec<_>>())
 }
 
 /// The JSON answer: hours, days and rows written, the raw version processed and

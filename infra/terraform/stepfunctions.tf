@@ -12,7 +12,9 @@
 #                   (hour_items.json, day_items.json) and answers {run_id,
 #                   hour_items: {bucket, key}, hour_item_count, day_items: {...},
 #                   day_item_count, item_count}.
-#   AnythingToDo    item_count = 0: nothing to publish or compact, succeed.
+#   AnythingToDo    item_count = 0: nothing to publish; succeed, or first
+#                   compact the days the plan found left uncompacted
+#                   (compact_days, e.g. after a run died past its publish).
 #   HourParts       a distributed Map over the hour items (ItemReader): each
 #                   element is exactly a part step's payload,
 #                   {"step":"part","run_id","item"}, invoked as is; each part
@@ -205,11 +207,29 @@ locals {
       # Parts and fails there, visibly, instead of succeeding with nothing.
       AnythingToDo = {
         Type = "Choice"
-        Choices = [{
-          Condition = "{% $run.item_count = 0 %}"
-          Next      = "NothingToDo"
-        }]
+        Choices = [
+          {
+            # nothing to compute, but days left uncompacted (a run that died
+            # after its publish): compact them
+            Condition = "{% $run.item_count = 0 and $count($run.compact_days) > 0 %}"
+            Next      = "CompactOnly"
+          },
+          {
+            Condition = "{% $run.item_count = 0 %}"
+            Next      = "NothingToDo"
+          },
+        ]
         Default = "HourParts"
+      }
+
+      CompactOnly = {
+        Type = "Pass"
+        Assign = {
+          published         = "{% {'compact_days': $run.compact_days} %}"
+          compaction_failed = []
+          hour_parts        = null
+        }
+        Next = "Compact"
       }
 
       NothingToDo = {
@@ -425,7 +445,7 @@ locals {
 
       Done = {
         Type   = "Succeed"
-        Output = "{% {'run_id': $run.run_id, 'item_count': $run.item_count, 'replans': $replans, 'hour_parts_map_run': $hour_parts.MapRunArn, 'day_parts_map_run': $day_parts ? $day_parts.MapRunArn : null, 'published': $published, 'compaction_failed': $compaction_failed} %}"
+        Output = "{% {'run_id': $run.run_id, 'item_count': $run.item_count, 'replans': $replans, 'hour_parts_map_run': $hour_parts ? $hour_parts.MapRunArn : null, 'day_parts_map_run': $day_parts ? $day_parts.MapRunArn : null, 'published': $published, 'compaction_failed': $compaction_failed} %}"
       }
     }
   }

@@ -631,7 +631,10 @@ fn run_killed_reprocessing(lake: &Lake, now: i64, at: KillAt, range: Option<(i64
             .enable_all()
             .build()
             .unwrap();
-        let run = BatchRun::new(&lake).now(now);
+        // a short lease: the next run takes a killed run's over after 1 s
+        let run = BatchRun::new(&lake)
+            .now(now)
+            .lease_expiry(std::time::Duration::from_secs(1));
         let run = match range {
             Some((from, to)) => run.reprocess(from, to).unwrap(),
             None => run,
@@ -652,6 +655,55 @@ fn run_killed_reprocessing(lake: &Lake, now: i64, at: KillAt, range: Option<(i64
     })
     .join();
     assert!(killed.is_err(), "the run was not killed");
+}
+
+/// A run killed after its publish, before compacting: the next run, with
+/// nothing to recompute, still compacts the closed days left as they were
+/// (found from the tables, not from what the killed run meant to do).
+#[tokio::test]
+async fn compaction_a_killed_run_never_did_is_done_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = generate(15, 2_000, 6, START_MS, 24);
+    let now = at(START_MS + DAY_MS + 30 * 60_000);
+    // two commits: every hour partition holds two small files
+    let (a, b) = events.split_at(events.len() / 2);
+    archive(&lake, "a", a, now).await;
+    archive(&lake, "b", b, now).await;
+    let raw_files = |lake: Lake| async move {
+        lake.open(Table::RawEvents)
+            .await
+            .unwrap()
+            .unwrap()
+            .get_file_uris()
+            .unwrap()
+            .count()
+    };
+    let before = raw_files(lake.clone()).await;
+    assert!(before >= 2 * 20, "{before} raw files");
+    run_killed(&lake, now, KillAt::PublishCommit(3));
+    assert_eq!(
+        raw_files(lake.clone()).await,
+        before,
+        "killed before compacting"
+    );
+    let r = BatchRun::new(&lake)
+        .now(now)
+        .lease_expiry(std::time::Duration::from_secs(1))
+        .wait_for_other_runs(std::time::Duration::from_secs(30))
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(r.hours, 0, "{r}");
+    let after = raw_files(lake.clone()).await;
+    assert!(
+        after <= 24,
+        "one file per hour partition after compaction: {after}"
+    );
+    assert_eq!(
+        read_table(&lake, "metrics_hourly", "hour").await,
+        model_hourly(&events)
+    );
 }
 
 /// A reprocess killed after its customer_hours commit leaves metrics_hourly as
