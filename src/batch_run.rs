@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use tally_batch_layer::BatchRun;
-use tally_common::bucket::parse_ts;
+use tally_common::bucket::{format_ts, hour_floor, now_micros, parse_ts, MICROS_PER_SECOND};
 use tally_common::config::{BatchArgs, LakeArgs};
 
 #[derive(Debug, Subcommand)]
@@ -21,7 +21,8 @@ pub enum BatchCommand {
         /// First hour (RFC 3339, hour aligned), inclusive.
         #[arg(long)]
         from: String,
-        /// Last hour (RFC 3339, hour aligned), exclusive.
+        /// Last hour (RFC 3339, hour aligned), exclusive. Hours not closed yet
+        /// (ending less than the grace period ago) are left out, and said so.
         #[arg(long)]
         to: String,
         /// Write nothing; print what would change.
@@ -103,12 +104,26 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
             args,
         } => {
             let (from, to) = (parse_ts(&from)?, parse_ts(&to)?);
+            let closed_end = hour_floor(
+                now_micros().saturating_sub(
+                    args.batch
+                        .grace_minutes
+                        .saturating_mul(60 * MICROS_PER_SECOND),
+                ),
+            );
             let report = configured(&args)?
                 .reprocess(from, to)?
                 .dry_run(dry_run)
                 .execute()
                 .await?;
             println!("{report}");
+            if to > closed_end {
+                eprintln!(
+                    "note: the hours from {} on are not closed yet (grace {} min) and were left out",
+                    format_ts(closed_end.max(from)),
+                    args.batch.grace_minutes
+                );
+            }
         }
         BatchCommand::Rollback { args } => {
             let lake = args.lake.lake()?;
