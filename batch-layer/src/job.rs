@@ -625,6 +625,14 @@ fn commit_properties(plan: &Plan) -> CommitProperties {
             serde_json::json!(plan.run_id),
         ),
         (
+            tally_common::serving_store::DAILY_DAYS_KEY.to_string(),
+            serde_json::json!(plan
+                .days
+                .iter()
+                .map(|&d| tally_common::bucket::date_string(d))
+                .collect::<Vec<_>>()),
+        ),
+        (
             COMPACT_DAYS_KEY.to_string(),
             serde_json::json!(plan
                 .compact_days

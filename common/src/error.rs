@@ -60,6 +60,14 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// The serving store (the batch view loaded for point reads: Redis or the
+    /// embedded store) failed or holds something it should not.
+    #[error("serving store: {context}{}", cause(.source))]
+    ServingStore {
+        context: String,
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Kinesis, Secrets Manager or another AWS call failed. The context carries
     /// the SDK's whole error chain (its own `Display` is only "service error").
     #[error("aws: {context}")]
@@ -117,6 +125,20 @@ impl Error {
     /// A speed-store failure caused by `source` (a Redis error, ...).
     pub fn speed_from(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Speed {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+    /// A serving-store failure with no lower-level cause.
+    pub fn serving(context: impl Into<String>) -> Self {
+        Error::ServingStore {
+            context: context.into(),
+            source: None,
+        }
+    }
+    /// A serving-store failure caused by `source` (a Redis error, ...).
+    pub fn serving_from(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::ServingStore {
             context: context.into(),
             source: Some(source.into()),
         }

@@ -26,6 +26,8 @@ pub mod metric_table;
 pub mod metrics;
 pub mod query;
 #[cfg(feature = "lake")]
+pub mod serving_store;
+#[cfg(feature = "lake")]
 pub mod shutdown;
 pub mod source;
 pub mod speed_view;

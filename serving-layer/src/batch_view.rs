@@ -32,7 +32,9 @@ use deltalake::DeltaTable;
 use futures::StreamExt as _;
 use tally_common::lake::{register, Lake, Table};
 use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
+use tally_common::bucket::{day_floor, now_micros, MICROS_PER_DAY};
 use tally_common::metrics::{stored_metric_names, MetricValues};
+use tally_common::serving_store::{dates_between, DayRows, ServingStore, StoreState};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Error, Result};
 
@@ -59,12 +61,125 @@ pub struct BatchSnapshot {
     daily_files: Option<FileIndex>,
     point_lookups: Arc<AtomicBool>,
     watermark: Option<i64>,
+    /// The serving store and the state it published, when it holds the batch
+    /// view of these table versions.
+    served: Option<Served>,
 }
+
+/// A serving store's published state, as a snapshot reads it.
+struct Served {
+    store: Arc<dyn ServingStore>,
+    state: StoreState,
+    /// When the store last confirmed this state is still its newest (epoch µs).
+    confirmed_at: std::sync::atomic::AtomicI64,
+    /// How long after that confirmation the state may be read.
+    max_age: i64,
+}
+
+impl Served {
+    fn fresh(&self) -> bool {
+        now_micros() - self.confirmed_at.load(Ordering::Relaxed) <= self.max_age
+    }
+}
+
+/// Rows of one merchant by bucket start: (hourly, daily).
+pub type MerchantRows = (HashMap<i64, MetricValues>, HashMap<i64, MetricValues>);
 
 impl BatchSnapshot {
     /// The batch watermark W (epoch µs), None when the batch layer never ran.
     pub fn watermark(&self) -> Option<i64> {
         self.watermark
+    }
+
+    /// Whether requests read the serving store (it holds these versions and
+    /// confirmed its state recently), rather than the lake alone.
+    pub fn serves_from_store(&self) -> bool {
+        self.served.as_ref().is_some_and(Served::fresh)
+    }
+
+    /// `merchant`'s `metrics_hourly` rows with `start <= hour < end` and
+    /// `metrics_daily` rows with `start <= day < end` for the given ranges: the
+    /// dates the serving store holds from it (one round trip), the others from
+    /// the lake at the same table versions.
+    pub async fn read(
+        &self,
+        merchant: &str,
+        hourly: Option<(i64, i64)>,
+        daily: Option<(i64, i64)>,
+    ) -> Result<MerchantRows> {
+        let Some(served) = self.served.as_ref().filter(|s| s.fresh()) else {
+            let h = match hourly {
+                Some((a, b)) => self.hourly(merchant, a, b).await?,
+                None => HashMap::new(),
+            };
+            let d = match daily {
+                Some((a, b)) => self.daily(merchant, a, b).await?,
+                None => HashMap::new(),
+            };
+            return Ok((h, d));
+        };
+        let state = &served.state;
+        let mut in_store: std::collections::BTreeSet<i64> = Default::default();
+        let mut lake_hourly: Vec<(i64, i64)> = Vec::new();
+        let mut lake_daily: Vec<(i64, i64)> = Vec::new();
+        let mut split = |(a, b): (i64, i64), lake: &mut Vec<(i64, i64)>| {
+            if a >= b {
+                return;
+            }
+            for d in dates_between(day_floor(a), day_floor(b - 1)) {
+                let (s, e) = (a.max(d), b.min(d + MICROS_PER_DAY));
+                if state.date(d).is_some() {
+                    in_store.insert(d);
+                } else {
+                    match lake.last_mut() {
+                        Some(last) if last.1 == s => last.1 = e,
+                        _ => lake.push((s, e)),
+                    }
+                }
+            }
+        };
+        if let Some(r) = hourly {
+            split(r, &mut lake_hourly);
+        }
+        if let Some(r) = daily {
+            split(r, &mut lake_daily);
+        }
+        let keys: Vec<(i64, u8)> = in_store
+            .iter()
+            .filter_map(|&d| state.date(d).map(|e| (d, e.slot)))
+            .collect();
+        let from_lake = async {
+            let mut h = HashMap::new();
+            for &(a, b) in &lake_hourly {
+                h.extend(self.hourly(merchant, a, b).await?);
+            }
+            let mut d = HashMap::new();
+            for &(a, b) in &lake_daily {
+                d.extend(self.daily(merchant, a, b).await?);
+            }
+            Result::Ok((h, d))
+        };
+        let (values, lake) = tokio::join!(served.store.read(merchant, &keys), from_lake);
+        let (mut h, mut d) = lake?;
+        for (&(day, _), value) in keys.iter().zip(values?) {
+            let Some(value) = value else { continue };
+            let rows = DayRows::decode(&value)?;
+            // left in this slot by an older load: the merchant had no rows since
+            if state.date(day).map(|e| e.generation) != Some(rows.generation) {
+                continue;
+            }
+            if let Some((a, b)) = hourly {
+                rows.hours_into(day, a, b, &mut h);
+            }
+            if let Some((a, b)) = daily {
+                if day >= a && day < b {
+                    if let Some(v) = rows.daily_values() {
+                        d.insert(day, v);
+                    }
+                }
+            }
+        }
+        Ok((h, d))
     }
 
     /// The loaded versions of `metrics_hourly` and `metrics_daily`.
@@ -85,7 +200,7 @@ impl BatchSnapshot {
         if self.hourly.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        self.read(MetricTable::Hourly, merchant, start, end).await
+        self.read_table(MetricTable::Hourly, merchant, start, end).await
     }
 
     /// `merchant`'s rows of `metrics_daily` with `start <= day < end`, by day.
@@ -98,13 +213,13 @@ impl BatchSnapshot {
         if self.daily.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        self.read(MetricTable::Daily, merchant, start, end).await
+        self.read_table(MetricTable::Daily, merchant, start, end).await
     }
 
     /// `merchant`'s rows of `table` with `start <= time < end`, from the
     /// partitions holding that range: a point lookup when the table allows it,
     /// else a DataFusion query.
-    async fn read(
+    async fn read_table(
         &self,
         table: MetricTable,
         merchant: &str,
@@ -190,6 +305,10 @@ fn rows_into(
 /// The cached batch view and its refresher.
 pub struct BatchView {
     lake: Lake,
+    /// The serving store requests read, when there is one.
+    store: Option<Arc<dyn ServingStore>>,
+    /// How long a store's state may be read after the store last confirmed it.
+    state_max_age: Duration,
     runtime: Arc<RuntimeEnv>,
     point_lookups: Arc<AtomicBool>,
     current: RwLock<Option<Arc<BatchSnapshot>>>,
@@ -202,11 +321,25 @@ impl BatchView {
     /// read yet is not an error here: the view reports itself unhealthy and the
     /// refresher keeps trying.
     pub async fn open(lake: Lake) -> Result<Arc<Self>> {
+        Self::open_with_store(lake, None, Duration::from_secs(5)).await
+    }
+
+    /// A view reading `store` for the dates it holds, and the lake at the table
+    /// versions the store reflects for the rest (the lake alone, at its newest
+    /// versions, while the store has no state). A state the store has not
+    /// confirmed for `state_max_age` is not read (the lake answers alone).
+    pub async fn open_with_store(
+        lake: Lake,
+        store: Option<Arc<dyn ServingStore>>,
+        state_max_age: Duration,
+    ) -> Result<Arc<Self>> {
         let runtime = RuntimeEnvBuilder::new()
             .build_arc()
             .context("building the DataFusion runtime")?;
         let view = Arc::new(BatchView {
             lake,
+            store,
+            state_max_age,
             runtime,
             point_lookups: Arc::new(AtomicBool::new(true)),
             current: RwLock::new(None),
@@ -234,6 +367,19 @@ impl BatchView {
                 }
             }
         });
+    }
+
+    /// The newest versions of the metric tables in the lake (a listing of their
+    /// logs), when the view has both tables open; None otherwise.
+    pub(crate) async fn latest_versions(&self) -> Result<Option<(i64, Option<i64>)>> {
+        let Some(s) = self.snapshot() else { return Ok(None) };
+        let Some(h) = &s.hourly else { return Ok(None) };
+        let hv = h.get_latest_version().await.context("checking the version of metrics_hourly")?;
+        let dv = match &s.daily {
+            Some(d) => Some(d.get_latest_version().await.context("checking the version of metrics_daily")?),
+            None => None,
+        };
+        Ok(Some((hv as i64, dv.map(|v| v as i64))))
     }
 
     /// Read with point lookups where the tables allow (the default), or always with
@@ -274,19 +420,52 @@ impl BatchView {
 
     async fn refresh_inner(&self) -> Result<bool> {
         let current = self.snapshot();
-        let (hourly, hourly_changed) = self
-            .newest(
-                Table::MetricsHourly,
-                current.as_ref().and_then(|s| s.hourly.as_ref()),
-            )
-            .await?;
-        let (daily, daily_changed) = self
-            .newest(
-                Table::MetricsDaily,
-                current.as_ref().and_then(|s| s.daily.as_ref()),
-            )
-            .await?;
-        if current.is_some() && !hourly_changed && !daily_changed {
+        let state = match &self.store {
+            Some(store) => store.state().await?.filter(StoreState::readable),
+            None => None,
+        };
+        if let (Some(state), Some(cur)) = (&state, &current) {
+            if let Some(served) = cur.served.as_ref().filter(|s| s.state.load == state.load) {
+                served.confirmed_at.store(now_micros(), Ordering::Relaxed);
+                return Ok(false);
+            }
+        }
+        let (hourly, hourly_changed, daily, daily_changed) = match &state {
+            Some(state) => {
+                let (h, hc) = self
+                    .at_version(
+                        Table::MetricsHourly,
+                        current.as_ref().and_then(|s| s.hourly.as_ref()),
+                        state.hourly_version,
+                    )
+                    .await?;
+                let (d, dc) = self
+                    .at_version(
+                        Table::MetricsDaily,
+                        current.as_ref().and_then(|s| s.daily.as_ref()),
+                        state.daily_version,
+                    )
+                    .await?;
+                (h, hc, d, dc)
+            }
+            None => {
+                let (h, hc) = self
+                    .newest(
+                        Table::MetricsHourly,
+                        current.as_ref().and_then(|s| s.hourly.as_ref()),
+                    )
+                    .await?;
+                let (d, dc) = self
+                    .newest(
+                        Table::MetricsDaily,
+                        current.as_ref().and_then(|s| s.daily.as_ref()),
+                    )
+                    .await?;
+                (h, hc, d, dc)
+            }
+        };
+        let was_served = current.as_ref().is_some_and(|c| c.served.is_some());
+        if current.is_some() && !hourly_changed && !daily_changed && state.is_none() && !was_served {
             return Ok(false);
         }
         let ctx = self.session();
@@ -341,6 +520,19 @@ impl BatchView {
                 tracing::warn!("warming new files' footers took over {WARM_TIMEOUT:?}; the rest load on first use");
             }
         }
+        let served = match (state, &self.store) {
+            (Some(state), Some(store)) => {
+                // the state's watermark is that of the version read above
+                watermark = state.watermark;
+                Some(Served {
+                    store: Arc::clone(store),
+                    state,
+                    confirmed_at: std::sync::atomic::AtomicI64::new(now_micros()),
+                    max_age: i64::try_from(self.state_max_age.as_micros()).unwrap_or(i64::MAX),
+                })
+            }
+            _ => None,
+        };
         let snapshot = BatchSnapshot {
             ctx,
             hourly,
@@ -349,9 +541,10 @@ impl BatchView {
             daily_files,
             point_lookups: self.point_lookups.clone(),
             watermark,
+            served,
         };
         tracing::info!(versions = ?snapshot.versions(), watermark = ?watermark.map(tally_common::bucket::format_ts),
-            "batch view refreshed");
+            serving_store = snapshot.served.is_some(), "batch view refreshed");
         if let Ok(mut c) = self.current.write() {
             *c = Some(Arc::new(snapshot));
         }
@@ -401,6 +594,30 @@ impl BatchView {
             .await
             .context(format!("loading the new version of {}", table.name()))?;
         Ok((Some(table_state), true))
+    }
+
+    /// `table` at `version` (None: the table did not exist then), and whether
+    /// that differs from `current`.
+    async fn at_version(
+        &self,
+        table: Table,
+        current: Option<&DeltaTable>,
+        version: Option<i64>,
+    ) -> Result<(Option<DeltaTable>, bool)> {
+        let Some(v) = version.and_then(|v| u64::try_from(v).ok()) else {
+            return Ok((None, current.is_some()));
+        };
+        match current {
+            Some(c) if c.version() == Some(v) => Ok((Some(c.clone()), false)),
+            Some(c) => {
+                let mut t = c.clone();
+                t.load_version(v)
+                    .await
+                    .context(format!("loading version {v} of {}", table.name()))?;
+                Ok((Some(t), true))
+            }
+            None => Ok((Some(self.lake.open_at_version(table, v).await?), true)),
+        }
     }
 
     /// A session for one snapshot, on the shared runtime (and so the shared Parquet

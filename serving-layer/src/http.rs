@@ -1,7 +1,6 @@
 //! The HTTP handlers: the metrics endpoint, `/health`, `/ready`, `/openapi.json`,
 //! the JSON 404, and the access log around all of them.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::PathRejection;
@@ -13,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use tally_common::bucket::{hour_floor, now_micros};
-use tally_common::metrics::MetricValues;
 use tally_common::query::{parse_metrics_request, MetricsRequest};
 use tally_common::speed_view::SpeedReading;
 use tally_common::Error;
@@ -78,18 +76,7 @@ pub(crate) async fn metrics(
     let horizon = hour_floor(now_micros() + tally_common::decode::MAX_FUTURE_MICROS);
     let plan = Plan::new(range, snapshot.watermark(), horizon);
 
-    let batch = async {
-        let empty = HashMap::<i64, MetricValues>::new;
-        let hourly = match plan.hourly {
-            Some((a, b)) => snapshot.hourly(&merchant, a, b).await?,
-            None => empty(),
-        };
-        let daily = match plan.daily {
-            Some((a, b)) => snapshot.daily(&merchant, a, b).await?,
-            None => empty(),
-        };
-        tally_common::Result::Ok((hourly, daily))
-    };
+    let batch = snapshot.read(&merchant, plan.hourly, plan.daily);
     let speed = async {
         if plan.speed_hours.is_empty() {
             return Some(SpeedReading::default());

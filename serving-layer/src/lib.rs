@@ -11,6 +11,7 @@ pub mod auth;
 pub mod batch_view;
 pub mod error;
 mod http;
+pub mod load;
 mod lookup;
 pub mod merge;
 pub mod openapi;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use tally_common::lake::Lake;
+use tally_common::serving_store::{EmbeddedServingStore, ServingStore};
 use tally_common::shutdown::Shutdown;
 use tally_common::speed_view::SpeedView;
 use tokio::net::TcpListener;
@@ -30,6 +32,7 @@ use tokio::net::TcpListener;
 pub use auth::{Auth, Claims};
 pub use batch_view::{BatchSnapshot, BatchView};
 pub use error::{ApiError, Result, ServingError};
+pub use load::{load, LoadOptions, LoadReport};
 pub use merge::{Bucket, MetricsResponse, Plan, Source};
 
 /// Tunables of the server.
@@ -40,8 +43,15 @@ pub struct ServeOptions {
     pub drain_delay: Duration,
     /// How long a speed-view read may take before the answer is served `partial`.
     pub speed_timeout: Duration,
-    /// How often the batch tables are checked for a new version.
+    /// How often the serving store's state (or, without one, the batch tables)
+    /// is checked for a new version.
     pub refresh_every: Duration,
+    /// Where requests read the batch view.
+    pub store: StoreChoice,
+    /// How long a serving store's state is read after the store last confirmed
+    /// it (a store that stops answering leaves requests to the lake after this);
+    /// a load waits twice this before overwriting slots readers may use.
+    pub state_max_age: Duration,
 }
 
 impl Default for ServeOptions {
@@ -50,12 +60,39 @@ impl Default for ServeOptions {
             drain_delay: Duration::from_secs(2),
             speed_timeout: Duration::from_secs(1),
             refresh_every: Duration::from_secs(2),
+            store: StoreChoice::Embedded,
+            state_max_age: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where the serving layer reads the batch view from.
+#[derive(Clone, Default)]
+pub enum StoreChoice {
+    /// A serving store in this process, loaded from the lake by this process
+    /// whenever the tables change: what `tally serve` uses without Redis.
+    #[default]
+    Embedded,
+    /// A shared store (Redis) that the batch layer loads after each publish.
+    Shared(Arc<dyn ServingStore>),
+    /// The lake alone, read per request (for comparisons).
+    LakeOnly,
+}
+
+impl std::fmt::Debug for StoreChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreChoice::Embedded => f.write_str("Embedded"),
+            StoreChoice::Shared(s) => write!(f, "Shared({})", s.describe()),
+            StoreChoice::LakeOnly => f.write_str("LakeOnly"),
         }
     }
 }
 
 struct Inner {
     batch: Arc<BatchView>,
+    /// The embedded store this process loads itself, when it uses one.
+    embedded: Option<(Lake, EmbeddedServingStore, tokio::sync::Mutex<()>)>,
     speed: Arc<dyn SpeedView>,
     auth: Auth,
     options: ServeOptions,
@@ -77,19 +114,81 @@ impl AppState {
         speed: impl SpeedView + 'static,
         options: ServeOptions,
     ) -> Result<Self> {
-        let batch = BatchView::open(lake)
+        let (store, embedded): (Option<Arc<dyn ServingStore>>, _) = match &options.store {
+            StoreChoice::Embedded => {
+                let e = EmbeddedServingStore::new();
+                (
+                    Some(Arc::new(e.clone())),
+                    Some((lake.clone(), e, tokio::sync::Mutex::new(()))),
+                )
+            }
+            StoreChoice::Shared(s) => (Some(Arc::clone(s)), None),
+            StoreChoice::LakeOnly => (None, None),
+        };
+        let batch = BatchView::open_with_store(lake, store, options.state_max_age)
             .await
             .map_err(ServingError::BatchView)?;
-        batch.spawn_refresher(options.refresh_every);
-        Ok(AppState {
+        let state = AppState {
             inner: Arc::new(Inner {
                 batch,
+                embedded,
                 speed: Arc::new(speed),
                 auth,
                 options,
                 draining: AtomicBool::new(false),
             }),
-        })
+        };
+        if state.inner.embedded.is_some() {
+            if let Err(e) = state.load_embedded().await {
+                tracing::warn!(error = %e, "loading the embedded serving store failed; requests read the lake meanwhile");
+            }
+            let _ = state.inner.batch.refresh().await;
+            let weak = Arc::downgrade(&state.inner);
+            let every = state.inner.options.refresh_every;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let state = AppState { inner };
+                    match state.load_embedded().await {
+                        Ok(r) if r.published => {
+                            let _ = state.inner.batch.refresh().await;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "loading the embedded serving store failed"),
+                    }
+                }
+            });
+        }
+        state.inner.batch.spawn_refresher(state.inner.options.refresh_every);
+        Ok(state)
+    }
+
+    /// Bring this process's embedded serving store up to the lake's newest
+    /// table versions (nothing to do with a shared store or none).
+    async fn load_embedded(&self) -> tally_common::Result<LoadReport> {
+        let Some((lake, store, lock)) = &self.inner.embedded else {
+            return Ok(LoadReport::default());
+        };
+        let _one = lock.lock().await;
+        // the cheap check first: the tables' newest versions against the store's
+        if let (Ok(Some((h, d))), Ok(Some(state))) =
+            (self.inner.batch.latest_versions().await, store.state().await)
+        {
+            if state.hourly_version == Some(h) && (d.is_none() || state.daily_version == d) {
+                return Ok(LoadReport::default());
+            }
+        }
+        let options = LoadOptions {
+            // readers here see a new state at once: only requests in flight
+            // may still read the slots a next load overwrites
+            flip_guard: Duration::from_millis(300),
+            ..LoadOptions::default()
+        };
+        load(lake, store, &options).await
     }
 
     /// The batch view.
@@ -97,9 +196,11 @@ impl AppState {
         &self.inner.batch
     }
 
-    /// Check the batch tables for a new version now (the refresher does it every
-    /// [`ServeOptions::refresh_every`]); returns whether the view changed.
+    /// Check for a new version of the batch view now (the refresher does it
+    /// every [`ServeOptions::refresh_every`]), first loading the embedded
+    /// serving store when this process has one; returns whether the view changed.
     pub async fn refresh_batch(&self) -> tally_common::Result<bool> {
+        self.load_embedded().await?;
         self.inner.batch.refresh().await
     }
 

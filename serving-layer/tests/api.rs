@@ -153,6 +153,9 @@ fn fast_options() -> ServeOptions {
         drain_delay: Duration::from_millis(400),
         speed_timeout: Duration::from_secs(2),
         refresh_every: Duration::from_secs(3600),
+        // refreshed by hand: the store's state stays readable between refreshes
+        state_max_age: Duration::from_secs(3600),
+        ..ServeOptions::default()
     }
 }
 
@@ -1222,13 +1225,27 @@ async fn an_unreadable_lake_is_503() {
         unique: 1,
     }];
     write_rows(&lake, Table::MetricsHourly, &rows, Some(d + MICROS_PER_DAY)).await;
-    let (state, _) = fake_state(&lake_dir, Auth::hs256(SECRET)).await;
-    let app = router(state);
+    // the serving store answers from memory; the lake alone reads the files
+    let stored = fake_state(&lake_dir, Auth::hs256(SECRET)).await.0;
+    let lake_only = AppState::new(
+        lake.clone(),
+        Auth::hs256(SECRET),
+        FakeSpeed::default(),
+        ServeOptions {
+            store: tally_serving_layer::StoreChoice::LakeOnly,
+            ..fast_options()
+        },
+    )
+    .await
+    .unwrap();
+    let (stored, lake_only) = (router(stored), router(lake_only));
     let token = merchant_token("m1");
     let uri = metrics_uri("m1", d, d + 3 * MICROS_PER_HOUR, "hour");
-    let (s, b) = get(&app, &uri, Some(&token)).await;
-    assert_eq!(s, StatusCode::OK, "{b}");
-    assert_eq!(b["buckets"][0]["orders"], 1);
+    for app in [&stored, &lake_only] {
+        let (s, b) = get(app, &uri, Some(&token)).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        assert_eq!(b["buckets"][0]["orders"], 1);
+    }
     // the data files vanish (a lost bucket, revoked credentials...)
     let table_dir = lake_dir.join("metrics_hourly");
     for part in std::fs::read_dir(&table_dir).unwrap() {
@@ -1237,8 +1254,12 @@ async fn an_unreadable_lake_is_503() {
             std::fs::remove_dir_all(part).unwrap();
         }
     }
-    let (s, b) = get(&app, &uri, Some(&token)).await;
+    let (s, b) = get(&lake_only, &uri, Some(&token)).await;
     assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    // the store holds the date: the same request reads no lake file
+    let (s, b) = get(&stored, &uri, Some(&token)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["buckets"][0]["orders"], 1);
 }
 
 /// One server over a real socket: it answers, and on shutdown `/ready` turns 503

@@ -226,6 +226,11 @@ impl RedisStore {
         pipe
     }
 
+    /// The serving store on the same server and connection.
+    pub fn serving_store(&self) -> crate::RedisServingStore {
+        crate::RedisServingStore::new(self.conn.clone(), self.url_for_errors.clone())
+    }
+
     /// The time to live of every key written, seconds.
     pub fn ttl_secs(&self) -> u64 {
         self.ttl_secs

@@ -1,0 +1,449 @@
+//! The serving store: the batch view loaded for point reads, so that a request
+//! reads no object-store bytes (the serving database of Marz's Lambda
+//! architecture; Druid and Pinot keep their segments on query nodes for the same
+//! reason). The Delta tables stay the source of truth; the store holds a window of
+//! recent UTC dates and the serving layer reads older history from the lake.
+//!
+//! # Layout
+//!
+//! The unit is one merchant's **date**: its `metrics_hourly` rows of that UTC date
+//! and its `metrics_daily` row of that day, encoded as one [`DayRows`] protobuf
+//! message (prost; field numbers below are the format). A load always rewrites
+//! whole dates, for every merchant with rows on them, so a merchant without a
+//! value for a loaded date had no rows there.
+//!
+//! Each date has two **slots**. A load writes the dates it (re)computes into the
+//! slot readers do not use, then **publishes** a new [`StoreState`] naming, per
+//! date, the live slot and the load's **generation** in one atomic write, together
+//! with the table versions and the batch watermark it reflects. Readers take the
+//! state first and then read only live slots, so a reprocess that rewrites a month
+//! changes every date of it at once for readers, and a watermark is never seen
+//! ahead of its rows. A value whose generation differs from the state's is left
+//! from an older load into the same slot: it is read as "no rows" (that merchant
+//! had none in the newer load).
+//!
+//! A store that lost its data (a restart without persistence, a flush) lost its
+//! state too; readers then read the lake, and the next load fills the store
+//! again. Stores must never evict what a load wrote: the loader refuses a store
+//! that may ([`ServingStore::check_retention`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bucket::{MICROS_PER_DAY, MICROS_PER_HOUR};
+use crate::metrics::{stored_metric_names, MetricValues, STORED_COUNT};
+use crate::speed_view::BoxFuture;
+use crate::{Error, Result};
+
+/// The store layout's version: a state of another format is not read.
+pub const FORMAT: u32 = 1;
+
+/// Commit metadata of a batch run's commits: the days whose `metrics_daily`
+/// rows the run rewrote (`YYYY-MM-DD` strings). A load reloads only these dates
+/// for such a commit of `metrics_daily` (every date of the partitions it
+/// changed for a commit without it).
+pub const DAILY_DAYS_KEY: &str = "tally.daily_days";
+
+/// Where one date's rows are, as of a published state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DateEntry {
+    /// The load that wrote them ([`StoreState::load`] of that load).
+    pub generation: u64,
+    /// The live slot, 0 or 1.
+    pub slot: u8,
+}
+
+/// What readers of a store see at once: published by a load in one atomic write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreState {
+    /// [`FORMAT`] of the writer.
+    pub format: u32,
+    /// The stored metrics, in the order the rows hold them ([`stored_metric_names`]).
+    pub metrics: Vec<String>,
+    /// The `metrics_hourly` version the rows and the watermark are from.
+    pub hourly_version: Option<i64>,
+    /// The `metrics_daily` version the daily rows are from.
+    pub daily_version: Option<i64>,
+    /// The batch watermark W (epoch µs) of `hourly_version`.
+    pub watermark: Option<i64>,
+    /// This load's number: 1 for the first, one more for each publish.
+    pub load: u64,
+    /// When it was published (epoch µs).
+    pub published_at: i64,
+    /// The first date (epoch µs, UTC midnight) the store keeps.
+    pub window_start: i64,
+    /// The dates held, by UTC midnight (epoch µs): every hour of such a date
+    /// before the watermark, and its daily row when it has one, is in the store.
+    pub dates: BTreeMap<i64, DateEntry>,
+}
+
+impl StoreState {
+    /// Whether this process can read a store in this state (same format, same
+    /// stored metrics in the same order).
+    pub fn readable(&self) -> bool {
+        self.format == FORMAT && self.metrics.iter().map(String::as_str).eq(stored_metric_names())
+    }
+
+    /// The entry of the date holding `t` (epoch µs), when the store has it.
+    pub fn date(&self, t: i64) -> Option<DateEntry> {
+        self.dates
+            .get(&crate::bucket::day_floor(t))
+            .copied()
+            .filter(|_| t >= self.window_start)
+    }
+
+    /// Encode as the store keeps it (JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Decode what [`StoreState::to_json`] wrote.
+    pub fn from_json(s: &[u8]) -> Result<Self> {
+        serde_json::from_slice(s)
+            .map_err(|e| Error::serving_from("the serving store's state does not parse", e))
+    }
+}
+
+/// One merchant's rows of one UTC date: the value kept per merchant, date and slot.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DayRows {
+    /// The load that wrote it.
+    #[prost(uint64, tag = "1")]
+    pub generation: u64,
+    /// `metrics_hourly` rows of the date, any order.
+    #[prost(message, repeated, tag = "2")]
+    pub hours: Vec<HourRow>,
+    /// The `metrics_daily` row of the day, when it has one.
+    #[prost(message, optional, tag = "3")]
+    pub daily: Option<StoredRow>,
+}
+
+/// One hour's row within a [`DayRows`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HourRow {
+    /// Hour of the day, 0-23 (UTC).
+    #[prost(uint32, tag = "1")]
+    pub hour: u32,
+    /// The stored metrics in [`StoreState::metrics`] order (zigzag varints).
+    #[prost(sint64, repeated, tag = "2")]
+    pub values: Vec<i64>,
+}
+
+/// A daily row within a [`DayRows`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredRow {
+    /// The stored metrics in [`StoreState::metrics`] order (zigzag varints).
+    #[prost(sint64, repeated, tag = "1")]
+    pub values: Vec<i64>,
+}
+
+impl DayRows {
+    /// Encode for the store.
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(self)
+    }
+
+    /// Decode a stored value. Errors: the bytes are not a [`DayRows`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        <DayRows as prost::Message>::decode(bytes)
+            .map_err(|e| Error::serving_from("a serving-store value does not decode", e))
+    }
+
+    /// The hourly rows of date `day` (epoch µs, UTC midnight) with
+    /// `start <= hour < end`, into `out` by hour start.
+    pub fn hours_into(
+        &self,
+        day: i64,
+        start: i64,
+        end: i64,
+        out: &mut std::collections::HashMap<i64, MetricValues>,
+    ) {
+        for h in &self.hours {
+            let t = day + i64::from(h.hour) * MICROS_PER_HOUR;
+            if t >= start && t < end && h.hour < 24 {
+                out.insert(t, values_of(&h.values));
+            }
+        }
+    }
+
+    /// The daily row's values, when the day has one.
+    pub fn daily_values(&self) -> Option<MetricValues> {
+        self.daily.as_ref().map(|d| values_of(&d.values))
+    }
+}
+
+/// Values in [`stored_metric_names`] order as [`MetricValues`] (missing ones 0).
+fn values_of(v: &[i64]) -> MetricValues {
+    let mut stored = [0; STORED_COUNT];
+    for (s, x) in stored.iter_mut().zip(v) {
+        *s = *x;
+    }
+    MetricValues::from_stored(stored)
+}
+
+/// One value to write: `rows` of `merchant` on date `day` (epoch µs) into `slot`.
+#[derive(Debug, Clone)]
+pub struct DayWrite {
+    /// The merchant.
+    pub merchant: String,
+    /// UTC midnight of the date (epoch µs).
+    pub day: i64,
+    /// 0 or 1.
+    pub slot: u8,
+    /// An encoded [`DayRows`].
+    pub value: Vec<u8>,
+}
+
+/// The serving store as the loader writes it and the serving layer reads it:
+/// Redis (ElastiCache) in production, [`EmbeddedServingStore`] in one process.
+pub trait ServingStore: Send + Sync {
+    /// The published state; None when the store holds none (never loaded, or lost
+    /// its data). Errors: the store cannot be reached or its state does not parse.
+    fn state(&self) -> BoxFuture<'_, Result<Option<StoreState>>>;
+
+    /// `merchant`'s values at `days` (pairs of UTC midnight in epoch µs and slot),
+    /// in the same order; None where there is none. One round trip.
+    fn read<'a>(
+        &'a self,
+        merchant: &'a str,
+        days: &'a [(i64, u8)],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>>>;
+
+    /// Write `values` (replacing what their merchant, date and slot held).
+    fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, Result<()>>;
+
+    /// Publish `state` if the store's state is still the one of load `expected`
+    /// (None: the store has no state). Returns false, writing nothing, when it is
+    /// not: another loader published meanwhile, or the store lost its data.
+    fn publish<'a>(
+        &'a self,
+        expected: Option<u64>,
+        state: &'a StoreState,
+    ) -> BoxFuture<'a, Result<bool>>;
+
+    /// Delete every value of the dates before `before` (UTC midnight, epoch µs);
+    /// returns how many keys or values went.
+    fn drop_before(&self, before: i64) -> BoxFuture<'_, Result<u64>>;
+
+    /// Fail when the store may drop what a load writes (an eviction policy over
+    /// all keys): readers would then take a missing value for "no rows".
+    fn check_retention(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// The store's size as its server reports it (bytes of memory in use), when known.
+    fn memory_used(&self) -> BoxFuture<'_, Result<Option<u64>>>;
+
+    /// What the store is, for logs (no secrets).
+    fn describe(&self) -> String;
+}
+
+/// A [`ServingStore`] in this process's memory: what `tally serve` uses with no
+/// Redis configured (it loads the store itself from the lake). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct EmbeddedServingStore {
+    inner: std::sync::Arc<std::sync::RwLock<Embedded>>,
+}
+
+#[derive(Default)]
+struct Embedded {
+    state: Option<StoreState>,
+    values: std::collections::HashMap<(String, i64, u8), Vec<u8>>,
+    bytes: u64,
+}
+
+impl EmbeddedServingStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forget everything, state included (as a restarted server without persistence).
+    pub fn flush(&self) {
+        if let Ok(mut g) = self.inner.write() {
+            *g = Embedded::default();
+        }
+    }
+
+    fn poisoned() -> Error {
+        Error::serving("the embedded serving store's lock is poisoned (a thread panicked)")
+    }
+}
+
+impl ServingStore for EmbeddedServingStore {
+    fn state(&self) -> BoxFuture<'_, Result<Option<StoreState>>> {
+        let r = self
+            .inner
+            .read()
+            .map(|g| g.state.clone())
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn read<'a>(
+        &'a self,
+        merchant: &'a str,
+        days: &'a [(i64, u8)],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>>> {
+        let r = self
+            .inner
+            .read()
+            .map(|g| {
+                days.iter()
+                    .map(|&(d, s)| g.values.get(&(merchant.to_string(), d, s)).cloned())
+                    .collect()
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, Result<()>> {
+        let r = self
+            .inner
+            .write()
+            .map(|mut g| {
+                for v in values {
+                    g.bytes += v.value.len() as u64;
+                    let old = g
+                        .values
+                        .insert((v.merchant.clone(), v.day, v.slot), v.value.clone());
+                    g.bytes -= old.map_or(0, |o| o.len() as u64);
+                }
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        expected: Option<u64>,
+        state: &'a StoreState,
+    ) -> BoxFuture<'a, Result<bool>> {
+        let r = self
+            .inner
+            .write()
+            .map(|mut g| {
+                if g.state.as_ref().map(|s| s.load) != expected {
+                    return false;
+                }
+                g.state = Some(state.clone());
+                true
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn drop_before(&self, before: i64) -> BoxFuture<'_, Result<u64>> {
+        let r = self
+            .inner
+            .write()
+            .map(|mut g| {
+                let n = g.values.len();
+                let mut freed = 0;
+                g.values.retain(|(_, d, _), v| {
+                    let keep = *d >= before;
+                    if !keep {
+                        freed += v.len() as u64;
+                    }
+                    keep
+                });
+                g.bytes -= freed;
+                (n - g.values.len()) as u64
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn check_retention(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn memory_used(&self) -> BoxFuture<'_, Result<Option<u64>>> {
+        let r = self
+            .inner
+            .read()
+            .map(|g| Some(g.bytes))
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn describe(&self) -> String {
+        "the embedded serving store (in this process)".into()
+    }
+}
+
+/// The dates `[first, last]` (UTC midnights, epoch µs), one by one.
+pub fn dates_between(first: i64, last: i64) -> impl Iterator<Item = i64> {
+    std::iter::successors(Some(first), |d| d.checked_add(MICROS_PER_DAY))
+        .take_while(move |d| *d <= last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn day_rows_round_trip_and_keep_hours_in_range() {
+        let day = 20_000 * MICROS_PER_DAY;
+        let v = |x: i64| {
+            let mut s = [0; STORED_COUNT];
+            s[0] = x;
+            s[STORED_COUNT - 1] = -x;
+            s.to_vec()
+        };
+        let rows = DayRows {
+            generation: 7,
+            hours: vec![
+                HourRow { hour: 3, values: v(5) },
+                HourRow { hour: 23, values: v(9) },
+            ],
+            daily: Some(StoredRow { values: v(14) }),
+        };
+        let back = DayRows::decode(&rows.encode_to_vec()).unwrap();
+        assert_eq!(back, rows);
+        let mut out = std::collections::HashMap::new();
+        back.hours_into(day, day + 4 * MICROS_PER_HOUR, day + MICROS_PER_DAY, &mut out);
+        assert_eq!(out.len(), 1);
+        let got = out[&(day + 23 * MICROS_PER_HOUR)].stored();
+        assert_eq!((got[0], got[STORED_COUNT - 1]), (9, -9));
+        assert_eq!(back.daily_values().unwrap().stored()[0], 14);
+        assert!(DayRows::decode(b"\xff\xff").is_err());
+    }
+
+    #[tokio::test]
+    async fn embedded_store_publishes_only_on_the_expected_state() {
+        let store = EmbeddedServingStore::new();
+        let state = StoreState {
+            format: FORMAT,
+            metrics: stored_metric_names().map(str::to_string).collect(),
+            hourly_version: Some(3),
+            daily_version: None,
+            watermark: Some(0),
+            load: 1,
+            published_at: 0,
+            window_start: 0,
+            dates: BTreeMap::from([(0, DateEntry { generation: 1, slot: 0 })]),
+        };
+        assert!(state.readable());
+        assert!(!store.publish(Some(1), &state).await.unwrap());
+        assert!(store.publish(None, &state).await.unwrap());
+        assert!(!store.publish(None, &state).await.unwrap());
+        let json = state.to_json();
+        assert_eq!(StoreState::from_json(json.as_bytes()).unwrap(), state);
+        store
+            .write(&[DayWrite {
+                merchant: "m".into(),
+                day: 0,
+                slot: 0,
+                value: vec![1, 2],
+            }])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.read("m", &[(0, 0), (0, 1)]).await.unwrap(),
+            vec![Some(vec![1, 2]), None]
+        );
+        assert_eq!(store.drop_before(MICROS_PER_DAY).await.unwrap(), 1);
+        store.flush();
+        assert_eq!(store.state().await.unwrap(), None);
+    }
+}

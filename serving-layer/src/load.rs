@@ -1,0 +1,468 @@
+//! Loading the serving store from the Delta tables: what runs after each
+//! publish (`tally batch run`, `tally batch load`, the batch state machine's Load
+//! step), and what `tally serve` runs itself for its embedded store.
+//!
+//! A load brings the store from the table versions it reflects to the newest
+//! ones. The dates it rewrites are those whose rows changed in between, read
+//! from the Delta log: the `date` partitions of `metrics_hourly`'s data changes,
+//! and the days a batch run records it rewrote in `metrics_daily` (every date of
+//! a changed `month` partition when a commit does not say, as a restore's does
+//! not). Compactions change no rows and are skipped. Dates of the window the
+//! store does not hold yet (a new day, a store that lost its data) are loaded
+//! too, newest first. A log too old to replay (its commits cleaned up) makes the
+//! load rewrite the whole window.
+//!
+//! Each date is read whole from the tables (its `metrics_hourly` partition, and
+//! its `metrics_daily` rows), sorted by merchant under a memory limit that
+//! spills, and written into the slots readers do not use; then one publish of
+//! the new state switches readers to all of them at once (see
+//! [`tally_common::serving_store`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use deltalake::datafusion::execution::memory_pool::FairSpillPool;
+use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use deltalake::datafusion::execution::session_state::SessionStateBuilder;
+use deltalake::datafusion::prelude::{col, lit, SessionConfig, SessionContext};
+use deltalake::delta_datafusion::DeltaSessionConfig;
+use deltalake::DeltaTable;
+use futures::StreamExt as _;
+use tally_common::bucket::{
+    date_string, day_floor, format_ts, hour_of_day, month_string, now_micros, parse_ts,
+    MICROS_PER_DAY,
+};
+use tally_common::lake::{read_commit, register, utc_micros, Lake, Table};
+use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
+use tally_common::metrics::{stored_metric_names, STORED_COUNT};
+use tally_common::serving_store::{
+    dates_between, DateEntry, DayRows, DayWrite, HourRow, ServingStore, StoreState, StoredRow,
+    DAILY_DAYS_KEY, FORMAT,
+};
+use tally_common::watermark::read_progress;
+use tally_common::{Context as _, Error, Result};
+
+/// Values written per round trip.
+const WRITE_BATCH: usize = 2_000;
+
+/// How a load runs.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// UTC dates kept, ending with the watermark's (default 35: every hourly
+    /// range the API allows, 31 days, plus the days around it).
+    pub window_days: u32,
+    /// At most this many dates loaded by one call (None: all); the rest are
+    /// loaded by the next calls while readers read them from the lake. Dates
+    /// whose rows changed are never left stale: beyond the budget they are
+    /// dropped from the store until loaded.
+    pub max_dates: Option<usize>,
+    /// How long after the last publish a load may overwrite slots: readers take
+    /// a published state for at most half of this.
+    pub flip_guard: Duration,
+    /// Memory for sorting one date's rows before spilling to disk, bytes.
+    pub memory_limit: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            window_days: 35,
+            max_dates: None,
+            flip_guard: Duration::from_secs(10),
+            memory_limit: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a load did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct LoadReport {
+    /// Whether it published a new state.
+    pub published: bool,
+    /// Dates written (`YYYY-MM-DD`), newest first.
+    pub dates: Vec<String>,
+    /// Merchant-dates written.
+    pub values: u64,
+    /// Bytes written (encoded values).
+    pub bytes: u64,
+    /// Whether every date of the window is in the store now.
+    pub complete: bool,
+    /// The versions and watermark the store reflects now.
+    pub hourly_version: Option<i64>,
+    /// See `hourly_version`.
+    pub daily_version: Option<i64>,
+    /// The batch watermark (RFC 3339) the store serves now.
+    pub watermark: Option<String>,
+    /// Values removed as their dates left the window.
+    pub dropped: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// Bring `store` up to the newest versions of `lake`'s metric tables.
+/// Errors: the lake or the store cannot be read or written, the store may evict
+/// (see [`ServingStore::check_retention`]), or another loader published meanwhile
+/// ([`Error::Conflict`]: run it again).
+pub async fn load(
+    lake: &Lake,
+    store: &dyn ServingStore,
+    options: &LoadOptions,
+) -> Result<LoadReport> {
+    let started = Instant::now();
+    store.check_retention().await?;
+    let previous = store.state().await?;
+    let expected = previous.as_ref().map(|s| s.load);
+    // a state this process cannot read (another format) is replaced whole
+    let previous = previous.filter(StoreState::readable);
+    let mut report = LoadReport::default();
+    let Some(hourly) = lake.open(Table::MetricsHourly).await? else {
+        report.complete = true;
+        return Ok(report);
+    };
+    let daily = lake.open(Table::MetricsDaily).await?;
+    let hourly_version = hourly.version().map(|v| v as i64);
+    let daily_version = daily.as_ref().and_then(|t| t.version()).map(|v| v as i64);
+    let Some(watermark) = read_progress(&hourly).await?.watermark else {
+        report.complete = true;
+        return Ok(report);
+    };
+    report.hourly_version = hourly_version;
+    report.daily_version = daily_version;
+    report.watermark = Some(format_ts(watermark));
+
+    let last = day_floor(watermark - 1);
+    let window_start = last - i64::from(options.window_days.max(1) - 1) * MICROS_PER_DAY;
+    let window: BTreeSet<i64> = dates_between(window_start, last).collect();
+
+    let held: BTreeMap<i64, DateEntry> = previous
+        .as_ref()
+        .map(|s| {
+            s.dates
+                .iter()
+                .filter(|(d, _)| window.contains(d))
+                .map(|(d, e)| (*d, *e))
+                .collect()
+        })
+        .unwrap_or_default();
+    let changed: BTreeSet<i64> = match &previous {
+        Some(p) => {
+            let h = changed_dates(&hourly, p.hourly_version, hourly_version, Changes::Hourly).await?;
+            let d = match &daily {
+                Some(t) => changed_dates(t, p.daily_version, daily_version, Changes::Daily).await?,
+                None => Some(BTreeSet::new()),
+            };
+            match (h, d) {
+                (Some(h), Some(d)) => h.union(&d).copied().collect(),
+                _ => window.clone(),
+            }
+        }
+        None => window.clone(),
+    };
+    let mut to_load: Vec<i64> = window
+        .iter()
+        .copied()
+        .filter(|d| changed.contains(d) || !held.contains_key(d))
+        .collect();
+    to_load.reverse(); // newest first
+    let mut dates = held;
+    if let Some(max) = options.max_dates {
+        for d in to_load.iter().skip(max) {
+            // changed and not loaded now: readers go to the lake for it meanwhile
+            dates.remove(d);
+        }
+        to_load.truncate(max);
+    }
+    let unchanged = previous.as_ref().is_some_and(|p| {
+        p.hourly_version == hourly_version
+            && p.daily_version == daily_version
+            && p.watermark == Some(watermark)
+            && p.window_start == window_start
+    });
+    if unchanged && to_load.is_empty() {
+        report.complete = dates.len() == window.len();
+        return Ok(report);
+    }
+
+    if let Some(p) = &previous {
+        // readers of the state before the last publish may still read the slots
+        // this load overwrites: give them the guard's time to move on
+        let since = Duration::from_micros(u64::try_from(now_micros() - p.published_at).unwrap_or(0));
+        if !to_load.is_empty() && since < options.flip_guard {
+            tokio::time::sleep(options.flip_guard - since).await;
+        }
+    }
+    let generation = expected.unwrap_or(0) + 1;
+    let ctx = session(options.memory_limit)?;
+    register(&ctx, Table::MetricsHourly.name(), &hourly).await?;
+    if let Some(t) = &daily {
+        register(&ctx, Table::MetricsDaily.name(), t).await?;
+    }
+    for &day in &to_load {
+        let slot = dates.get(&day).map_or(0, |e| 1 - e.slot.min(1));
+        let (values, bytes) =
+            load_date(&ctx, store, day, slot, generation, daily.is_some()).await?;
+        report.values += values;
+        report.bytes += bytes;
+        report.dates.push(date_string(day));
+        dates.insert(day, DateEntry { generation, slot });
+    }
+    report.complete = dates.len() == window.len();
+    let state = StoreState {
+        format: FORMAT,
+        metrics: stored_metric_names().map(str::to_string).collect(),
+        hourly_version,
+        daily_version,
+        watermark: Some(watermark),
+        load: generation,
+        published_at: now_micros(),
+        window_start,
+        dates,
+    };
+    if !store.publish(expected, &state).await? {
+        return Err(Error::Conflict(format!(
+            "{} changed while this load ran (another load published, or it lost its data); \
+             load again",
+            store.describe()
+        )));
+    }
+    report.published = true;
+    // months and days that left the window
+    let old_start = previous.as_ref().map(|p| p.window_start);
+    if old_start.is_none_or(|s| s < window_start) {
+        report.dropped = store.drop_before(window_start).await?;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(dates = report.dates.len(), values = report.values, bytes = report.bytes,
+        watermark = ?report.watermark, seconds = report.seconds, complete = report.complete,
+        "loaded the serving store");
+    Ok(report)
+}
+
+/// Which table's changes to read.
+#[derive(Clone, Copy)]
+enum Changes {
+    Hourly,
+    Daily,
+}
+
+/// The dates whose rows changed in `table` after version `from` up to `to`;
+/// None when a commit in between cannot be read (its log file was cleaned up).
+async fn changed_dates(
+    table: &DeltaTable,
+    from: Option<i64>,
+    to: Option<i64>,
+    kind: Changes,
+) -> Result<Option<BTreeSet<i64>>> {
+    let Some(to) = to else {
+        return Ok(Some(BTreeSet::new()));
+    };
+    let first = from.map_or(0, |v| v + 1);
+    let mut out = BTreeSet::new();
+    for v in first..=to {
+        let Some(commit) = read_commit(table, u64::try_from(v).unwrap_or(0)).await? else {
+            return Ok(None);
+        };
+        let data: Vec<_> = commit.files.iter().filter(|f| f.data_change).collect();
+        if data.is_empty() {
+            continue;
+        }
+        match kind {
+            Changes::Hourly => {
+                for f in data {
+                    let Some(date) = f.partition_values.get("date") else {
+                        return Ok(None);
+                    };
+                    out.insert(parse_date(date)?);
+                }
+            }
+            Changes::Daily => {
+                if let Some(days) = commit.info[DAILY_DAYS_KEY].as_array() {
+                    for d in days.iter().filter_map(|d| d.as_str()) {
+                        out.insert(parse_date(d)?);
+                    }
+                    continue;
+                }
+                for f in data {
+                    let Some(month) = f.partition_values.get("month") else {
+                        return Ok(None);
+                    };
+                    let first = parse_date(&format!("{month}-01"))?;
+                    out.extend(dates_between(first, first + 31 * MICROS_PER_DAY).filter(|&d| {
+                        month_string(d) == *month
+                    }));
+                }
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+fn parse_date(d: &str) -> Result<i64> {
+    parse_ts(&format!("{d}T00:00:00Z"))
+}
+
+/// A session that sorts under `limit` bytes and spills beyond it.
+fn session(limit: usize) -> Result<SessionContext> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(FairSpillPool::new(limit)))
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::OsTmpDirectory),
+        )
+        .build_arc()
+        .map_err(|e| Error::config(format!("the loader's query runtime: {e}")))?;
+    let config: SessionConfig = DeltaSessionConfig::default().into();
+    let state = SessionStateBuilder::new()
+        .with_default_features()
+        .with_config(config.with_target_partitions(2))
+        .with_runtime_env(runtime)
+        .build();
+    Ok(SessionContext::new_with_state(state))
+}
+
+/// Write every merchant's rows of date `day` into `slot`; returns the values and
+/// bytes written.
+async fn load_date(
+    ctx: &SessionContext,
+    store: &dyn ServingStore,
+    day: i64,
+    slot: u8,
+    generation: u64,
+    has_daily: bool,
+) -> Result<(u64, u64)> {
+    let what = format!("loading {} into the serving store", date_string(day));
+    let mut daily: HashMap<String, [i64; STORED_COUNT]> = HashMap::new();
+    if has_daily {
+        let t = MetricTable::Daily;
+        let mut columns = vec![MERCHANT_COLUMN, t.time_column()];
+        columns.extend(stored_metric_names());
+        let batches = ctx
+            .table(t.name())
+            .await
+            .context(what.clone())?
+            .filter(
+                col(t.partition_column())
+                    .eq(lit(month_string(day)))
+                    .and(col(t.time_column()).eq(utc_micros(day))),
+            )
+            .context(what.clone())?
+            .select_columns(&columns)
+            .context(what.clone())?
+            .collect()
+            .await
+            .context(what.clone())?;
+        for b in &batches {
+            let rows = MetricRows::new(b, t.time_column()).context(what.clone())?;
+            for r in 0..rows.len() {
+                if let Some(m) = rows.merchant(r) {
+                    daily.insert(m.to_string(), rows.stored(r));
+                }
+            }
+        }
+    }
+    let t = MetricTable::Hourly;
+    let mut columns = vec![MERCHANT_COLUMN, t.time_column()];
+    columns.extend(stored_metric_names());
+    let mut stream = ctx
+        .table(t.name())
+        .await
+        .context(what.clone())?
+        .filter(col(t.partition_column()).eq(lit(date_string(day))))
+        .context(what.clone())?
+        .select_columns(&columns)
+        .context(what.clone())?
+        .sort(vec![col(MERCHANT_COLUMN).sort(true, false)])
+        .context(what.clone())?
+        .execute_stream()
+        .await
+        .context(what.clone())?;
+    let mut writer = Writer {
+        store,
+        day,
+        slot,
+        generation,
+        pending: Vec::with_capacity(WRITE_BATCH),
+        values: 0,
+        bytes: 0,
+    };
+    let mut current: Option<(String, Vec<HourRow>)> = None;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.context(what.clone())?;
+        let rows = MetricRows::new(&batch, t.time_column()).context(what.clone())?;
+        for r in 0..rows.len() {
+            let (Some(m), Some(hour)) = (rows.merchant(r), rows.time(r)) else {
+                continue;
+            };
+            let row = HourRow {
+                hour: u32::try_from(hour_of_day(hour)).unwrap_or(0),
+                values: rows.stored(r).to_vec(),
+            };
+            match &mut current {
+                Some((cm, hours)) if cm == m => hours.push(row),
+                _ => {
+                    if let Some((cm, hours)) = current.take() {
+                        let d = daily.remove(&cm);
+                        writer.add(cm, hours, d).await?;
+                    }
+                    current = Some((m.to_string(), vec![row]));
+                }
+            }
+        }
+    }
+    if let Some((cm, hours)) = current.take() {
+        let d = daily.remove(&cm);
+        writer.add(cm, hours, d).await?;
+    }
+    // a daily row without hourly rows (written outside tally)
+    for (m, d) in daily {
+        writer.add(m, Vec::new(), Some(d)).await?;
+    }
+    writer.flush().await?;
+    Ok((writer.values, writer.bytes))
+}
+
+/// Encodes merchants' dates and writes them in batches.
+struct Writer<'a> {
+    store: &'a dyn ServingStore,
+    day: i64,
+    slot: u8,
+    generation: u64,
+    pending: Vec<DayWrite>,
+    values: u64,
+    bytes: u64,
+}
+
+impl Writer<'_> {
+    async fn add(
+        &mut self,
+        merchant: String,
+        hours: Vec<HourRow>,
+        daily: Option<[i64; STORED_COUNT]>,
+    ) -> Result<()> {
+        let value = DayRows {
+            generation: self.generation,
+            hours,
+            daily: daily.map(|d| StoredRow { values: d.to_vec() }),
+        }
+        .encode_to_vec();
+        self.bytes += value.len() as u64;
+        self.values += 1;
+        self.pending.push(DayWrite {
+            merchant,
+            day: self.day,
+            slot: self.slot,
+            value,
+        });
+        if self.pending.len() >= WRITE_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.store.write(&self.pending).await?;
+        self.pending.clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! The serving store in Redis (ElastiCache): the batch view loaded for point
+//! reads, beside the speed view on the same server (see
+//! [`tally_common::serving_store`] for the model).
+//!
+//! Keys, all without a TTL (a load removes what leaves its window):
+//!
+//! - `tally:sv1:{m}:YYYY-MM`: a hash per merchant and UTC month; field `DD.s`
+//!   (day of month, slot) holds the merchant's encoded
+//!   [`DayRows`](tally_common::serving_store::DayRows) of that date. The hash tag
+//!   `{m}` is the speed view's, so one merchant's reads of both land on one
+//!   cluster slot.
+//! - `tally:sv1:state`: a hash, `load` (the load number) and `json` (the
+//!   [`StoreState`]), replaced only by a compare-and-set script on `load`.
+//!
+//! The server must not evict these keys: with `maxmemory-policy` over all keys
+//! (`allkeys-*`) a missing value could be an eviction, not "no rows", so
+//! [`ServingStore::check_retention`] refuses it (`noeviction`, as deployed, or a
+//! `volatile-*` policy only evicts keys with a TTL, which these have not).
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands as _;
+use tally_common::bucket::{date_string, month_string};
+use tally_common::serving_store::{DayWrite, ServingStore, StoreState};
+use tally_common::speed_view::BoxFuture;
+use tally_common::{Error, Result};
+
+/// The key prefix of every serving-store key of this layout.
+pub const SERVING_PREFIX: &str = "tally:sv1";
+/// The state key.
+pub const STATE_KEY: &str = "tally:sv1:state";
+
+/// Publish ARGV[3] (the state's JSON) with load ARGV[2] if the state's load is
+/// ARGV[1] ('' = no state). KEYS: the state key. Returns 1, or 0 (not published).
+const PUBLISH_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'load')
+if ARGV[1] == '' then
+  if cur then return 0 end
+elseif cur ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'load', ARGV[2], 'json', ARGV[3])
+return 1
+"#;
+
+/// Keys scanned per `SCAN` call when dropping old months.
+const SCAN_COUNT: usize = 1000;
+
+/// The serving store on a Redis server; cheap to clone.
+#[derive(Clone)]
+pub struct RedisServingStore {
+    conn: ConnectionManager,
+    shown: String,
+}
+
+/// The hash of `merchant`'s month holding `day`, and the field of `day` in `slot`.
+pub fn day_location(merchant: &str, day: i64, slot: u8) -> (String, String) {
+    let date = date_string(day);
+    let key = format!("{SERVING_PREFIX}:{{{merchant}}}:{}", &date[..7.min(date.len())]);
+    let field = format!("{}.{slot}", date.get(8..10).unwrap_or("00"));
+    (key, field)
+}
+
+impl RedisServingStore {
+    /// The store on `conn` (a connection of [`crate::RedisStore`]); `shown` names
+    /// the server in errors (no password).
+    pub(crate) fn new(conn: ConnectionManager, shown: String) -> Self {
+        RedisServingStore { conn, shown }
+    }
+
+    fn err(&self, what: &str, e: redis::RedisError) -> Error {
+        if e.is_timeout() {
+            Error::Timeout(format!("Redis at {} did not answer ({what}): {e}", self.shown))
+        } else {
+            Error::serving_from(format!("Redis at {}: {what}", self.shown), e)
+        }
+    }
+
+    async fn info(&self, section: &str) -> Result<String> {
+        let mut c = self.conn.clone();
+        redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err("INFO", e))
+    }
+}
+
+/// The value of `name` in an `INFO` reply.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+impl ServingStore for RedisServingStore {
+    fn state(&self) -> BoxFuture<'_, Result<Option<StoreState>>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let json: Option<Vec<u8>> = c
+                .hget(STATE_KEY, "json")
+                .await
+                .map_err(|e| self.err("reading the state", e))?;
+            json.map(|j| StoreState::from_json(&j)).transpose()
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        merchant: &'a str,
+        days: &'a [(i64, u8)],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>>> {
+        Box::pin(async move {
+            if days.is_empty() {
+                return Ok(Vec::new());
+            }
+            // one HMGET per month hash, in one pipeline
+            let mut months: Vec<(String, Vec<(usize, String)>)> = Vec::new();
+            for (i, &(day, slot)) in days.iter().enumerate() {
+                let (key, field) = day_location(merchant, day, slot);
+                match months.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, fields)) => fields.push((i, field)),
+                    None => months.push((key, vec![(i, field)])),
+                }
+            }
+            let mut pipe = redis::pipe();
+            for (key, fields) in &months {
+                let cmd = pipe.cmd("HMGET").arg(key);
+                for (_, f) in fields {
+                    cmd.arg(f);
+                }
+            }
+            let mut c = self.conn.clone();
+            let replies: Vec<Vec<Option<Vec<u8>>>> = pipe
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err("reading a merchant's dates", e))?;
+            let mut out = vec![None; days.len()];
+            for ((_, fields), values) in months.iter().zip(replies) {
+                for ((i, _), v) in fields.iter().zip(values) {
+                    out[*i] = v;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if values.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            for v in values {
+                let (key, field) = day_location(&v.merchant, v.day, v.slot);
+                pipe.hset(key, field, v.value.as_slice()).ignore();
+            }
+            let mut c = self.conn.clone();
+            let () = pipe
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err("writing loaded rows", e))?;
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        expected: Option<u64>,
+        state: &'a StoreState,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let done: i64 = redis::Script::new(PUBLISH_LUA)
+                .key(STATE_KEY)
+                .arg(expected.map_or_else(String::new, |l| l.to_string()))
+                .arg(state.load.to_string())
+                .arg(state.to_json())
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.err("publishing the state", e))?;
+            Ok(done == 1)
+        })
+    }
+
+    fn drop_before(&self, before: i64) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let before_month = month_string(before);
+            let before_day = date_string(before);
+            let pattern = format!("{SERVING_PREFIX}:{{*}}:*");
+            let mut c = self.conn.clone();
+            let mut cursor: u64 = 0;
+            let mut dropped = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.err("scanning for old months", e))?;
+                for key in keys {
+                    let Some(month) = key.rsplit(':').next() else {
+                        continue;
+                    };
+                    if month < before_month.as_str() {
+                        let n: u64 = c.del(&key).await.map_err(|e| self.err("DEL", e))?;
+                        dropped += n;
+                    } else if month == before_month.as_str() {
+                        // the month the window starts in: only its earlier dates
+                        let fields: Vec<String> =
+                            c.hkeys(&key).await.map_err(|e| self.err("HKEYS", e))?;
+                        let old: Vec<&String> = fields
+                            .iter()
+                            .filter(|f| {
+                                let dd = f.split('.').next().unwrap_or("");
+                                format!("{month}-{dd}") < before_day
+                            })
+                            .collect();
+                        if !old.is_empty() {
+                            let n: u64 = c.hdel(&key, old).await.map_err(|e| self.err("HDEL", e))?;
+                            dropped += n;
+                        }
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    return Ok(dropped);
+                }
+            }
+        })
+    }
+
+    fn check_retention(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let info = self.info("memory").await?;
+            match info_field(&info, "maxmemory_policy") {
+                Some(p) if p.starts_with("allkeys-") => Err(Error::config(format!(
+                    "Redis at {} may evict any key (maxmemory-policy {p}): the serving store \
+                     would take an evicted merchant-date for one without rows. Set \
+                     maxmemory-policy noeviction (or a volatile-* policy)",
+                    self.shown
+                ))),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn memory_used(&self) -> BoxFuture<'_, Result<Option<u64>>> {
+        Box::pin(async move {
+            let info = self.info("memory").await?;
+            Ok(info_field(&info, "used_memory").and_then(|v| v.parse().ok()))
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("the serving store in Redis at {}", self.shown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_date_lives_in_its_merchants_month_hash() {
+        let day = tally_common::bucket::parse_ts("2026-11-24T00:00:00Z").unwrap();
+        assert_eq!(
+            day_location("m_42", day, 1),
+            ("tally:sv1:{m_42}:2026-11".to_string(), "24.1".to_string())
+        );
+        assert_eq!(
+            info_field("# Memory\r\nused_memory:123\r\nmaxmemory_policy:noeviction\r\n", "maxmemory_policy"),
+            Some("noeviction")
+        );
+    }
+}
