@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tally_batch_layer::BatchRun;
 use tally_common::bucket::{format_ts, hour_floor, now_micros, parse_ts, MICROS_PER_SECOND};
-use tally_common::config::{BatchArgs, LakeArgs};
+use tally_common::config::{BatchArgs, LakeArgs, SpeedArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum BatchCommand {
@@ -37,6 +37,66 @@ pub enum BatchCommand {
         #[command(flatten)]
         args: RollbackArgs,
     },
+    /// Load the serving store (Redis) from the metric tables: the dates changed
+    /// since it was last loaded, and any of its window it lacks (after a flush
+    /// or a restart). `batch run`, `reprocess` and `rollback` do it themselves
+    /// when Redis is configured.
+    Load {
+        #[command(flatten)]
+        lake: LakeArgs,
+        #[command(flatten)]
+        speed: SpeedArgs,
+        #[command(flatten)]
+        serving: ServingArgs,
+    },
+}
+
+/// The flags of loading the serving store.
+#[derive(Debug, Args, Clone)]
+pub struct ServingArgs {
+    /// UTC dates the serving store keeps, ending with the watermark's.
+    #[arg(long, env = "TALLY_SERVING_WINDOW_DAYS", default_value_t = 35,
+          value_parser = clap::value_parser!(u32).range(1..=400))]
+    pub serving_window_days: u32,
+}
+
+impl ServingArgs {
+    /// The load options these flags make.
+    pub fn options(&self) -> tally_serving_layer::LoadOptions {
+        tally_serving_layer::LoadOptions {
+            window_days: self.serving_window_days,
+            ..Default::default()
+        }
+    }
+}
+
+/// Load the serving store in Redis when `speed` names one (with the embedded
+/// store, `tally serve` loads its own); prints what it did.
+pub async fn load_serving_store(
+    lake: &tally_common::lake::Lake,
+    speed: &SpeedArgs,
+    serving: &ServingArgs,
+) -> anyhow::Result<()> {
+    if speed.redis_url.is_none() {
+        return Ok(());
+    }
+    let tally_speed_layer::SpeedStore::Redis(redis) =
+        tally_speed_layer::SpeedStore::connect(speed).await?
+    else {
+        return Ok(());
+    };
+    let report =
+        tally_serving_layer::load(lake, &redis.serving_store(), &serving.options()).await?;
+    println!(
+        "serving store: {} date(s) loaded ({} merchant-dates, {} bytes) in {:.1} s; watermark {}{}",
+        report.dates.len(),
+        report.values,
+        report.bytes,
+        report.seconds,
+        report.watermark.as_deref().unwrap_or("none"),
+        if report.complete { "" } else { "; not complete yet: run `tally batch load` again" }
+    );
+    Ok(())
 }
 
 /// The flags of `tally batch rollback`.
@@ -44,6 +104,10 @@ pub enum BatchCommand {
 pub struct RollbackArgs {
     #[command(flatten)]
     pub lake: LakeArgs,
+    #[command(flatten)]
+    pub speed: SpeedArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
     /// Seconds to wait for a running batch run to finish before giving up.
     #[arg(long, default_value_t = 0)]
     pub wait_secs: u64,
@@ -54,6 +118,10 @@ pub struct RollbackArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub lake: LakeArgs,
+    #[command(flatten)]
+    pub speed: SpeedArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
     /// Parts each hour's (and day's) computation is split into, computed
@@ -96,6 +164,7 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
         BatchCommand::Run { args } => {
             let report = configured(&args)?.execute().await?;
             println!("{report}");
+            load_serving_store(&args.lake.lake()?, &args.speed, &args.serving).await?;
         }
         BatchCommand::Reprocess {
             from,
@@ -117,6 +186,9 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
                 .execute()
                 .await?;
             println!("{report}");
+            if !dry_run {
+                load_serving_store(&args.lake.lake()?, &args.speed, &args.serving).await?;
+            }
             if to > closed_end {
                 eprintln!(
                     "note: the hours from {} on are not closed yet (grace {} min) and were left out",
@@ -132,6 +204,20 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
                 Some(report) => println!("batch: {report}"),
                 None => println!("batch: no run to roll back"),
             }
+            load_serving_store(&lake, &args.speed, &args.serving).await?;
+        }
+        BatchCommand::Load {
+            lake,
+            speed,
+            serving,
+        } => {
+            if speed.redis_url.is_none() {
+                anyhow::bail!(
+                    "no serving store to load: set TALLY_REDIS_URL (--redis-url); without Redis \
+                     `tally serve` loads its own embedded store"
+                );
+            }
+            load_serving_store(&lake.lake()?, &speed, &serving).await?;
         }
     }
     Ok(())

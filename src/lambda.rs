@@ -50,6 +50,15 @@ pub async fn run(
                             }
                         });
                     }
+                    // {"step":"load"}: the serving store, after a publish
+                    if p["step"].as_str() == Some("load") {
+                        return load_step(&lake, &redis, &speed, p).await.map_err(|e| {
+                            lambda_runtime::Diagnostic {
+                                error_type: "LoadError".into(),
+                                error_message: e.to_string(),
+                            }
+                        });
+                    }
                     // a publish that lost to another run's is `Conflict` to Step
                     // Functions, which plans the run again
                     tally_batch_layer::run_request::handle(&lake, &batch, p)
@@ -83,6 +92,39 @@ pub async fn run(
             "unknown Lambda handler {other:?}: set the function's handler to speed, archiver, batch or api"
         ),
     }
+}
+
+/// The batch state machine's Load step: bring the serving store in Redis up to
+/// the metric tables' newest versions, at most `"max_dates"` dates (default 40)
+/// per invocation; answers the load's report, whose `complete` tells the state
+/// machine whether to load again.
+async fn load_step(
+    lake: &tally_common::lake::Lake,
+    redis: &tokio::sync::OnceCell<tally_speed_layer::SpeedStore>,
+    speed: &SpeedArgs,
+    payload: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let store = redis
+        .get_or_try_init(|| tally_speed_layer::SpeedStore::connect(speed))
+        .await?;
+    let tally_speed_layer::SpeedStore::Redis(r) = store else {
+        anyhow::bail!("the load step needs TALLY_REDIS_URL: the serving store is in Redis");
+    };
+    let options = tally_serving_layer::LoadOptions {
+        window_days: payload["window_days"]
+            .as_u64()
+            .and_then(|d| u32::try_from(d).ok())
+            .unwrap_or(35),
+        max_dates: Some(
+            payload["max_dates"]
+                .as_u64()
+                .and_then(|d| usize::try_from(d).ok())
+                .unwrap_or(40),
+        ),
+        ..Default::default()
+    };
+    let report = tally_serving_layer::load(lake, &r.serving_store(), &options).await?;
+    Ok(serde_json::to_value(report)?)
 }
 
 /// Run a function on the Kinesis stream: every event into `sink` (made once

@@ -8,7 +8,7 @@ use clap::Args;
 use tally_common::config::{AuthArgs, LakeArgs, SpeedArgs};
 use tally_common::lake::Lake;
 use tally_common::shutdown::{self, Shutdown};
-use tally_serving_layer::{AppState, Auth, ServeOptions};
+use tally_serving_layer::{AppState, Auth, ServeOptions, StoreChoice};
 use tally_speed_layer::SpeedStore;
 
 /// Arguments of `tally serve`.
@@ -44,10 +44,21 @@ pub async fn speed_store(
     Ok(store)
 }
 
-/// The serving state for `lake`.
+/// The serving state for `lake`. With Redis the batch view is read from the
+/// serving store on the same server, which the batch layer loads after each
+/// publish; with the embedded speed store this process keeps its own serving
+/// store, loaded from the lake.
 pub async fn state(lake: Lake, auth: &AuthArgs, speed: SpeedStore) -> anyhow::Result<AppState> {
     let auth = Auth::from_args(auth).await?;
-    Ok(AppState::new(lake, auth, speed, ServeOptions::default()).await?)
+    let store = match &speed {
+        SpeedStore::Redis(r) => StoreChoice::Shared(std::sync::Arc::new(r.serving_store())),
+        SpeedStore::Embedded(_) => StoreChoice::Embedded,
+    };
+    let options = ServeOptions {
+        store,
+        ..ServeOptions::default()
+    };
+    Ok(AppState::new(lake, auth, speed, options).await?)
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -510,24 +510,37 @@ pub mod events {
 
 /// A TCP proxy on a loopback port in front of another, which a test can take
 /// down (open connections cut, new ones closed at once) and bring back: an
-/// endpoint that is unreachable for a while.
+/// endpoint that is unreachable for a while. It counts the requests it forwards
+/// (a burst of bytes from the client after the server's last answer) and can
+/// hold each answer's first bytes back for a fixed time: a distant endpoint,
+/// such as S3 seen from a Lambda function.
 pub struct Proxy {
     port: u16,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Open connections (the client side), by id, so going down can cut them.
     open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, std::net::TcpStream>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
     /// Forward a free loopback port to `127.0.0.1:target`.
     pub fn start(target: u16) -> Self {
+        Self::start_with_delay(target, Duration::ZERO)
+    }
+
+    /// Forward a free loopback port to `127.0.0.1:target`, holding the first
+    /// bytes of every answer back for `delay`.
+    pub fn start_with_delay(target: u16, delay: Duration) -> Self {
+        use std::io::{Read as _, Write as _};
         use std::net::{TcpListener, TcpStream};
-        use std::sync::atomic::Ordering;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
         let port = listener.local_addr().expect("proxy address").port();
-        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let open = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-        let (d, o) = (down.clone(), open.clone());
+        let down = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (d, o, r) = (down.clone(), open.clone(), requests.clone());
         std::thread::spawn(move || {
             for (id, client) in listener.incoming().enumerate() {
                 let id = id as u64;
@@ -538,6 +551,7 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 let (Ok(c2), Ok(s2), Ok(keep)) =
                     (client.try_clone(), server.try_clone(), client.try_clone())
                 else {
@@ -546,18 +560,43 @@ impl Proxy {
                 if let Ok(mut m) = o.lock() {
                     m.insert(id, keep);
                 }
+                // true from a request's first bytes until its answer's first bytes
+                let asked = Arc::new(AtomicBool::new(false));
                 // one thread per direction; when the client side ends, both sockets
                 // are shut down and the connection is forgotten
+                let (a, r) = (asked.clone(), r.clone());
                 std::thread::spawn(move || {
                     let (mut from, mut to) = (c2, s2);
-                    let _ = std::io::copy(&mut from, &mut to);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if !a.swap(true, Ordering::SeqCst) {
+                            r.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = to.shutdown(std::net::Shutdown::Both);
                     let _ = from.shutdown(std::net::Shutdown::Both);
                 });
                 let o = o.clone();
                 std::thread::spawn(move || {
                     let (mut from, mut to) = (server, client);
-                    let _ = std::io::copy(&mut from, &mut to);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if asked.swap(false, Ordering::SeqCst) && !delay.is_zero() {
+                            std::thread::sleep(delay);
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = to.shutdown(std::net::Shutdown::Both);
                     let _ = from.shutdown(std::net::Shutdown::Both);
                     if let Ok(mut m) = o.lock() {
@@ -566,7 +605,17 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, down, open }
+        Proxy {
+            port,
+            down,
+            open,
+            requests,
+        }
+    }
+
+    /// Requests forwarded so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The proxy's port.

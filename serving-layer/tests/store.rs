@@ -1,0 +1,314 @@
+//! The serving store on real parts: a lake on moto's S3 (behind a proxy that
+//! counts the requests reaching it) loaded into a real redis-server, against the
+//! same events on a local lake read directly. The API's answers must be equal
+//! through hourly publishes, a late event, a reprocess, a rollback and a flush of
+//! Redis, and once the store is loaded a request must reach S3 not once.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tally_batch_layer::{Archiver, BatchRun};
+use tally_common::bucket::{format_ts, MICROS_PER_DAY, MICROS_PER_HOUR};
+use tally_common::lake::Lake;
+use tally_common::serving_store::ServingStore;
+use tally_common::source::{Position, Record, SourceId};
+use tally_serving_layer::{load, router, AppState, Auth, LoadOptions, ServeOptions, StoreChoice};
+use tally_speed_layer::RedisStore;
+use tally_testkit::events::{generate, TestEvent};
+use tally_testkit::{MotoServer, Proxy, RedisServer};
+use tower::ServiceExt as _;
+
+const SECRET: &str = "store-test-secret";
+/// A UTC midnight (Nov 2025).
+const START_MS: i64 = 1_764_000_000_000 / 86_400_000 * 86_400_000;
+const MERCHANTS: usize = 9;
+
+fn token(m: &str) -> String {
+    let exp = chrono::Utc::now().timestamp() + 600;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"merchant_id": m, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn get(app: &Router, uri: &str, m: &str) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .uri(uri)
+        .header("authorization", format!("Bearer {}", token(m)))
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn archive(lake: &Lake, name: &str, events: &[TestEvent], now: i64) {
+    let mut a = Archiver::open(lake).await.unwrap();
+    let recs: Vec<(Position, Vec<u8>)> = events
+        .chunks(300)
+        .enumerate()
+        .map(|(i, c)| {
+            let text: String = c.iter().map(|e| e.to_line(true) + "\n").collect();
+            (Position::from_u64(1 + i as u64), text.into_bytes())
+        })
+        .collect();
+    let input: Vec<Record<'_>> = recs.iter().map(|(p, d)| Record::new(p.clone(), d)).collect();
+    a.archive(&SourceId::file(name), &input, now).await.unwrap();
+}
+
+/// The two lakes, fed and run alike.
+struct Lakes {
+    local: Lake,
+    s3: Lake,
+}
+
+impl Lakes {
+    async fn archive(&self, name: &str, events: &[TestEvent], now: i64) {
+        archive(&self.local, name, events, now).await;
+        archive(&self.s3, name, events, now).await;
+    }
+
+    async fn run(&self, now: i64, range: Option<(i64, i64)>) {
+        for lake in [&self.local, &self.s3] {
+            let run = BatchRun::new(lake).now(now);
+            let run = match range {
+                Some((a, b)) => run.reprocess(a, b).unwrap(),
+                None => run,
+            };
+            run.execute().await.unwrap();
+        }
+    }
+
+    async fn rollback(&self) {
+        for lake in [&self.local, &self.s3] {
+            tally_batch_layer::rollback::rollback(lake, Duration::ZERO)
+                .await
+                .unwrap()
+                .expect("a run to roll back");
+        }
+    }
+}
+
+/// Every merchant's hours over the three days, its days, and a range ending at
+/// the newest closed hours, from `app`.
+async fn answers(app: &Router, w_hint: i64) -> Vec<Value> {
+    let from = START_MS * 1000;
+    let mut out = Vec::new();
+    for m in 0..MERCHANTS {
+        let m = format!("m{m}");
+        for (a, b, g) in [
+            (from, from + 3 * MICROS_PER_DAY, "hour"),
+            (from, from + 4 * MICROS_PER_DAY, "day"),
+            (w_hint - 5 * MICROS_PER_HOUR, w_hint + 2 * MICROS_PER_HOUR, "hour"),
+        ] {
+            let uri = format!(
+                "/v1/merchants/{m}/metrics?from={}&to={}&granularity={g}",
+                format_ts(a),
+                format_ts(b)
+            );
+            let (s, body) = get(app, &uri, &m).await;
+            assert_eq!(s, StatusCode::OK, "{uri}: {body}");
+            out.push(body);
+        }
+    }
+    out
+}
+
+fn options(store: StoreChoice) -> ServeOptions {
+    ServeOptions {
+        refresh_every: Duration::from_secs(3600),
+        state_max_age: Duration::from_secs(3600),
+        store,
+        ..ServeOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let moto = MotoServer::start();
+    moto.create_bucket("lake");
+    let proxy = Proxy::start(moto.port());
+    let mut s3 = Lake::new("s3://lake/tally", Some(&proxy.endpoint()), Some("us-east-1")).unwrap();
+    for (k, v) in moto.aws_env() {
+        if k != "AWS_ENDPOINT_URL" {
+            s3 = s3.with_option(k, &v);
+        }
+    }
+    let lakes = Lakes {
+        local: Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap(),
+        s3,
+    };
+    let speed = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let store = speed.serving_store();
+    let load_options = LoadOptions {
+        flip_guard: Duration::ZERO,
+        ..LoadOptions::default()
+    };
+
+    // two days and two hours of events; the run closes them
+    let events = generate(5, 4_000, MERCHANTS, START_MS, 50);
+    let mut now = (START_MS + 2 * 86_400_000 + 2 * 3_600_000 + 30 * 60_000) * 1000;
+    let w = (START_MS + 2 * 86_400_000 + 2 * 3_600_000) * 1000;
+    lakes.archive("first", &events, now).await;
+    lakes.run(now, None).await;
+    let report = load(&lakes.s3, &store, &load_options).await.unwrap();
+    assert!(report.published && report.complete, "{report:?}");
+    assert_eq!(report.dates.len(), 35, "the whole window, days without rows too");
+    assert!(report.values >= 2 * MERCHANTS as u64, "{report:?}");
+
+    let auth = || Auth::hs256(SECRET);
+    let stored = AppState::new(
+        lakes.s3.clone(),
+        auth(),
+        speed.clone(),
+        options(StoreChoice::Shared(std::sync::Arc::new(store.clone()))),
+    )
+    .await
+    .unwrap();
+    let direct = AppState::new(
+        lakes.local.clone(),
+        auth(),
+        speed.clone(),
+        options(StoreChoice::LakeOnly),
+    )
+    .await
+    .unwrap();
+    let embedded = AppState::new(
+        lakes.local.clone(),
+        auth(),
+        speed.clone(),
+        options(StoreChoice::Embedded),
+    )
+    .await
+    .unwrap();
+    let apps = [&stored, &direct, &embedded].map(|s| router(s.clone()));
+    let refresh = || async {
+        for s in [&stored, &direct, &embedded] {
+            s.refresh_batch().await.unwrap();
+        }
+    };
+    let check = |what: &'static str, w: i64| {
+        let apps = apps.clone();
+        async move {
+            let want = answers(&apps[1], w).await;
+            assert_eq!(answers(&apps[0], w).await, want, "{what}: S3 lake + Redis store");
+            assert_eq!(answers(&apps[2], w).await, want, "{what}: embedded store");
+            want
+        }
+    };
+    assert!(stored.batch().snapshot().unwrap().serves_from_store());
+    let first = check("first run", w).await;
+    assert!(first[0]["buckets"][0]["orders"].as_i64() > Some(0), "{}", first[0]);
+    assert_eq!(first[0]["batch_watermark"], json!(format_ts(w)));
+
+    // warmed up: requests read Redis only
+    let before = proxy.requests();
+    answers(&apps[0], w).await;
+    assert_eq!(proxy.requests(), before, "a request reached the object store");
+
+    // the next hour, with a late event for the first day
+    let late = TestEvent {
+        event_id: "late-1".into(),
+        merchant_id: "m3".into(),
+        kind: "order",
+        ts_ms: START_MS + 5 * 3_600_000 + 17,
+        amount: Some(999),
+        customer_id: Some("c-late".into()),
+    };
+    now += MICROS_PER_HOUR;
+    let w = w + MICROS_PER_HOUR;
+    let next: Vec<TestEvent> = generate(6, 300, MERCHANTS, START_MS + 50 * 3_600_000, 1)
+        .into_iter()
+        .chain([late])
+        .collect();
+    lakes.archive("second", &next, now).await;
+    lakes.run(now, None).await;
+    // not loaded yet: the store still serves the state before, as a whole
+    stored.refresh_batch().await.unwrap();
+    assert_eq!(answers(&apps[0], w - MICROS_PER_HOUR).await, first);
+    let report = load(&lakes.s3, &store, &load_options).await.unwrap();
+    assert_eq!(
+        report.dates,
+        ["2025-11-26", "2025-11-24"].map(String::from),
+        "the new hour's date and the late event's"
+    );
+    refresh().await;
+    let second = check("a publish with a late event", w).await;
+    assert_ne!(second, first);
+
+    // a reprocess of the first day (one more late event in it)
+    let late2 = TestEvent {
+        event_id: "late-2".into(),
+        merchant_id: "m1".into(),
+        kind: "refund",
+        ts_ms: START_MS + 9 * 3_600_000,
+        amount: Some(50),
+        customer_id: None,
+    };
+    lakes.archive("third", &[late2], now).await;
+    lakes
+        .run(now, Some((START_MS * 1000, START_MS * 1000 + MICROS_PER_DAY)))
+        .await;
+    load(&lakes.s3, &store, &load_options).await.unwrap();
+    refresh().await;
+    let third = check("a reprocess", w).await;
+    assert_ne!(third, second);
+
+    // rolled back: the answers before the reprocess
+    lakes.rollback().await;
+    let report = load(&lakes.s3, &store, &load_options).await.unwrap();
+    assert!(report.dates.contains(&"2025-11-24".to_string()), "{report:?}");
+    refresh().await;
+    assert_eq!(check("a rollback", w).await, second);
+
+    // Redis loses everything: the lake answers meanwhile, the next load refills
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    assert_eq!(store.state().await.unwrap(), None);
+    stored.refresh_batch().await.unwrap();
+    assert!(!stored.batch().snapshot().unwrap().serves_from_store());
+    assert_eq!(answers(&apps[0], w).await, second, "read from the S3 lake");
+    let report = load(&lakes.s3, &store, &load_options).await.unwrap();
+    assert!(report.complete && report.dates.len() == 35, "{report:?}");
+    stored.refresh_batch().await.unwrap();
+    assert!(stored.batch().snapshot().unwrap().serves_from_store());
+    let before = proxy.requests();
+    assert_eq!(answers(&apps[0], w).await, second, "refilled");
+    assert_eq!(proxy.requests(), before, "a request reached the object store");
+}
+
+/// A load of a store that may evict any key is refused, with the fix named.
+#[tokio::test]
+async fn a_store_that_may_evict_is_refused() {
+    let redis = RedisServer::start();
+    let speed = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let err = speed.serving_store().check_retention().await.unwrap_err();
+    assert!(err.to_string().contains("noeviction"), "{err}");
+}
