@@ -18,7 +18,9 @@ jsonata-python) on PYTHONPATH:
    ItemReader, ItemSelector, ResultWriter) evaluates its JSONata with
    jsonata-python against scripted batch-function answers: the hourly run,
    a reprocess, nothing to do, a Conflict and a replan, too many conflicts,
-   a failed part, a failed publish, a failed compaction, and bad inputs.
+   a failed part, a failed publish, a failed compaction, the serving store's
+   load (a refill over several loads, the cap on loads, a load that fails on
+   every path), and bad inputs.
 
 Exits non-zero on the first kind of problem found, after printing them all.
 """
@@ -377,11 +379,14 @@ class StepError(Exception):
 
 def jsonata(text: str, states: dict[str, Any], variables: dict[str, Any]) -> Any:
     from jsonata import Jsonata  # jsonata-python, installed with statelint
+    from jsonata.utils import Utils
 
     expr = Jsonata(text)
     expr.assign("states", states)
     for k, v in variables.items():
-        expr.assign(k, v)
+        # a variable assigned null is JSON null (kept in an object), while
+        # jsonata-python takes a bound None for undefined (dropped)
+        expr.assign(k, Utils.NULL_VALUE if v is None else v)
     try:
         return expr.evaluate(None)
     except Exception as exc:  # Step Functions' States.QueryEvaluationError
@@ -545,8 +550,14 @@ def batch_function(
     part_fails: bool = False,
     publish_fails: bool = False,
     compact_fails: tuple[str, ...] = (),
+    load_complete: tuple[bool, ...] = (True,),
+    load_errors: tuple[str | None, ...] = (),
 ) -> Callable[[dict[str, Any], World], Any]:
-    state = {"plans": 0, "publishes": 0}
+    """The batch function's answers. The n-th load (from 1) raises
+    load_errors[n-1] when that is set (the last entry stands for every later
+    load), else answers a report whose `complete` is load_complete[n-1] (the
+    last entry likewise)."""
+    state = {"plans": 0, "publishes": 0, "loads": 0}
 
     def answer(p: dict[str, Any], world: World) -> Any:
         step = p.get("step")
@@ -580,9 +591,26 @@ def batch_function(
             if p["day"] in compact_fails:
                 raise StepError("States.TaskFailed", "compaction failed")
             return {"day": p["day"]}
+        if step == "load":
+            state["loads"] += 1
+            n = state["loads"]
+            error = load_errors[min(n, len(load_errors)) - 1] if load_errors else None
+            if error:
+                raise StepError(error, json.dumps({"errorType": error, "errorMessage": "redis: connection refused"}))
+            return load_report(load_complete[min(n, len(load_complete)) - 1], n)
         raise StepError("BadPayload", json.dumps(p))
 
     return answer
+
+
+def load_report(complete: bool, n: int = 1) -> dict[str, Any]:
+    """What the load step answers (serving-layer's LoadReport)."""
+    return {"published": True, "dates": [f"2026-11-{30 - n:02d}"], "values": 123, "bytes": 4567,
+            "complete": complete, "hourly_version": 12, "daily_version": 7,
+            "watermark": "2026-11-24T10:00:00Z", "dropped": 0, "seconds": 3.2}
+
+
+LOAD = {"step": "load", "max_dates": 40}
 
 
 def items_file(uri: str) -> list[dict[str, Any]]:
@@ -623,8 +651,14 @@ def scenarios(defn: dict[str, Any]) -> tuple[int, list[str]]:
             return f"publish payloads {w.steps('publish')}"
         if w.steps("compact") != [{"step": "compact", "day": "2026-11-24"}]:
             return f"compact payloads {w.steps('compact')}"
+        if w.steps("load") != [LOAD]:
+            return f"load payloads {w.steps('load')}"
+        if [c["step"] for c in w.calls][-3:] != ["publish", "load", "compact"]:
+            return f"load not between publish and compact: {[c['step'] for c in w.calls]}"
         if out.get("published", {}).get("watermark") != "2026-11-24T10:00:00Z" or out.get("compaction_failed") != []:
             return f"output {out}"
+        if out.get("loads") != 1 or out.get("load") != load_report(True) or out.get("load_failed", "absent") is not None:
+            return f"load in output {out}"
         if not str(out.get("hour_parts_map_run", "")).startswith("arn:"):
             return f"no map run in {out}"
         return None
@@ -644,35 +678,109 @@ def scenarios(defn: dict[str, Any]) -> tuple[int, list[str]]:
 
     case("nothing to compute, a day left uncompacted", {},
          batch_function(items_per_plan=0, left_uncompacted=("2026-11-23",)),
-         lambda s, o, w: None if s == "SUCCEEDED" and [c["step"] for c in w.calls] == ["plan", "compact"]
+         lambda s, o, w: None if s == "SUCCEEDED" and [c["step"] for c in w.calls] == ["plan", "load", "compact"]
          and w.steps("compact") == [{"step": "compact", "day": "2026-11-23"}]
+         and o["load"] == load_report(True) and o["load_failed"] is None
+         and o["published"] == {"compact_days": ["2026-11-23"]} and o["compaction_failed"] == []
          else f"{s} {o} {w.calls}")
 
-    case("nothing to do", {}, batch_function(items_per_plan=0),
-         lambda s, o, w: None if s == "SUCCEEDED" and [c["step"] for c in w.calls] == ["plan"]
-         and o == {"run_id": "run-1", "item_count": 0, "replans": 0} else f"{s} {o} {w.calls}")
+    # the hourly run with nothing to compute is what refills a Redis that lost
+    # its data within the hour: it still loads, once
+    case("nothing to do still loads once", {}, batch_function(items_per_plan=0),
+         lambda s, o, w: None if s == "SUCCEEDED" and [c["step"] for c in w.calls] == ["plan", "load"]
+         and w.steps("load") == [LOAD]
+         and o == {"run_id": "run-1", "item_count": 0, "replans": 0, "loads": 1, "load": load_report(True),
+                   "load_failed": None} else f"{s} {o} {w.calls}")
 
     case("one conflict, one replan", {}, batch_function(conflicts=1),
          lambda s, o, w: None if s == "SUCCEEDED" and len(w.steps("plan")) == 2 and len(w.steps("publish")) == 2
          and w.steps("publish")[1]["run_id"] == "run-2" and o["replans"] == 1 and o["run_id"] == "run-2"
+         and len(w.steps("load")) == 1 and o["loads"] == 1
          else f"{s} {o} {[c['step'] for c in w.calls]}")
 
     case("too many conflicts", {}, batch_function(conflicts=99),
          lambda s, o, w: None if s == "FAILED" and o.error == "TooManyConflicts"
          and len(w.steps("plan")) == 4 and len(w.steps("publish")) == 4 and "3 replans" in o.cause
-         and not w.steps("compact") else f"{s} {o} {[c['step'] for c in w.calls]}")
+         and not w.steps("compact") and not w.steps("load") else f"{s} {o} {[c['step'] for c in w.calls]}")
 
     case("a part fails", {}, batch_function(part_fails=True),
          lambda s, o, w: None if s == "FAILED" and o.error == "States.ExceedToleratedFailureThreshold"
-         and not w.steps("publish") else f"{s} {o}")
+         and not w.steps("publish") and not w.steps("load") else f"{s} {o}")
 
     case("publish fails", {}, batch_function(publish_fails=True),
          lambda s, o, w: None if s == "FAILED" and o.error == "Lambda.Unknown" and len(w.steps("plan")) == 1
-         and len(w.steps("publish")) == 4 else f"{s} {o} {[c['step'] for c in w.calls]}")
+         and len(w.steps("publish")) == 4 and not w.steps("load") else f"{s} {o} {[c['step'] for c in w.calls]}")
 
     case("a compaction fails", hour, batch_function(days=("2026-11-01", "2026-11-02"), compact_fails=("2026-11-02",)),
          lambda s, o, w: None if s == "SUCCEEDED" and o["compaction_failed"] == ["2026-11-02"]
-         and len(w.steps("compact")) == 3 else f"{s} {o} {[c.get('day') for c in w.steps('compact')]}")
+         and len(w.steps("compact")) == 3 and o["loads"] == 1
+         else f"{s} {o} {[c.get('day') for c in w.steps('compact')]}")
+
+    # --- the serving store's load ---
+
+    def steps_of(w):
+        return [c["step"] for c in w.calls if c["step"] != "part"]
+
+    # a refill after Redis lost its data: more dates than one load takes
+    case("a refill over 3 loads", {}, batch_function(load_complete=(False, False, True)),
+         lambda s, o, w: None if s == "SUCCEEDED"
+         and steps_of(w) == ["plan", "publish", "load", "load", "load", "compact"]
+         and w.steps("load") == [LOAD] * 3
+         and o["loads"] == 3 and o["load"] == load_report(True, 3) and o["load_failed"] is None
+         and o["compaction_failed"] == [] else f"{s} {o} {steps_of(w)}")
+
+    case("a refill over 3 loads, nothing to compute", {},
+         batch_function(items_per_plan=0, load_complete=(False, False, True)),
+         lambda s, o, w: None if s == "SUCCEEDED" and steps_of(w) == ["plan", "load", "load", "load"]
+         and o == {"run_id": "run-1", "item_count": 0, "replans": 0, "loads": 3, "load": load_report(True, 3),
+                   "load_failed": None} else f"{s} {o} {steps_of(w)}")
+
+    case("a store never complete: 20 loads, then on", {}, batch_function(load_complete=(False,)),
+         lambda s, o, w: None if s == "SUCCEEDED"
+         and steps_of(w) == ["plan", "publish"] + ["load"] * 20 + ["compact"]
+         and o["loads"] == 20 and o["load"]["complete"] is False and o["load_failed"] is None
+         else f"{s} {o} {steps_of(w)}")
+
+    def load_failed_ok(o, loads):
+        f = o.get("load_failed") or {}
+        return o.get("loads") == loads and f.get("error") == "LoadError" and "connection refused" in f.get("cause", "")
+
+    # the publish stands: a load that keeps failing is reported, never fatal
+    case("a load keeps failing", {}, batch_function(load_errors=("LoadError",)),
+         lambda s, o, w: None if s == "SUCCEEDED"
+         and steps_of(w) == ["plan", "publish", "load", "load", "load", "load", "compact"]  # 1 + 3 retries
+         and load_failed_ok(o, 1) and o["load"] is None
+         and o["published"]["watermark"] == "2026-11-24T10:00:00Z" and o["compaction_failed"] == []
+         else f"{s} {o} {steps_of(w)}")
+
+    case("a load keeps failing, nothing to compute", {},
+         batch_function(items_per_plan=0, load_errors=("LoadError",)),
+         lambda s, o, w: None if s == "SUCCEEDED" and steps_of(w) == ["plan"] + ["load"] * 4
+         and load_failed_ok(o, 1) and o["load"] is None and o["item_count"] == 0
+         and set(o) == {"run_id", "item_count", "replans", "loads", "load", "load_failed"}
+         else f"{s} {o} {steps_of(w)}")
+
+    case("a load keeps failing, a day left uncompacted", {},
+         batch_function(items_per_plan=0, left_uncompacted=("2026-11-23",), load_errors=("LoadError",)),
+         lambda s, o, w: None if s == "SUCCEEDED" and steps_of(w) == ["plan"] + ["load"] * 4 + ["compact"]
+         and load_failed_ok(o, 1) and o["compaction_failed"] == []
+         else f"{s} {o} {steps_of(w)}")
+
+    # a refill whose second load fails for good: stops loading, keeps the first
+    # load's report, goes on to compact
+    case("a refill whose second load fails", {},
+         batch_function(load_complete=(False,), load_errors=(None, "LoadError")),
+         lambda s, o, w: None if s == "SUCCEEDED"
+         and steps_of(w) == ["plan", "publish"] + ["load"] * 5 + ["compact"]
+         and load_failed_ok(o, 2) and o["load"] == load_report(False, 1)
+         else f"{s} {o} {steps_of(w)}")
+
+    # retried: Lambda's throttling (the transient retrier), then a LoadError
+    case("a load that succeeds when retried", {},
+         batch_function(load_errors=("Lambda.TooManyRequestsException", "LoadError", None)),
+         lambda s, o, w: None if s == "SUCCEEDED" and len(w.steps("load")) == 3
+         and o["loads"] == 1 and o["load"] == load_report(True, 3) and o["load_failed"] is None
+         else f"{s} {o} {steps_of(w)}")
 
     bad_inputs = [
         {"from": "2026-11-01T00:00:00Z"},

@@ -94,7 +94,11 @@ pub async fn load_serving_store(
         report.bytes,
         report.seconds,
         report.watermark.as_deref().unwrap_or("none"),
-        if report.complete { "" } else { "; not complete yet: run `tally batch load` again" }
+        if report.complete {
+            ""
+        } else {
+            "; not complete yet: run `tally batch load` again"
+        }
     );
     Ok(())
 }

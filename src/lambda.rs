@@ -111,9 +111,15 @@ async fn load_step(
         anyhow::bail!("the load step needs TALLY_REDIS_URL: the serving store is in Redis");
     };
     let options = tally_serving_layer::LoadOptions {
+        // the same window as `tally batch load` (TALLY_SERVING_WINDOW_DAYS), unless the payload says
         window_days: payload["window_days"]
             .as_u64()
             .and_then(|d| u32::try_from(d).ok())
+            .or_else(|| {
+                std::env::var("TALLY_SERVING_WINDOW_DAYS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+            })
             .unwrap_or(35),
         max_dates: Some(
             payload["max_dates"]

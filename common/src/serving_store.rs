@@ -82,7 +82,12 @@ impl StoreState {
     /// Whether this process can read a store in this state (same format, same
     /// stored metrics in the same order).
     pub fn readable(&self) -> bool {
-        self.format == FORMAT && self.metrics.iter().map(String::as_str).eq(stored_metric_names())
+        self.format == FORMAT
+            && self
+                .metrics
+                .iter()
+                .map(String::as_str)
+                .eq(stored_metric_names())
     }
 
     /// The entry of the date holding `t` (epoch µs), when the store has it.
@@ -393,15 +398,26 @@ mod tests {
         let rows = DayRows {
             generation: 7,
             hours: vec![
-                HourRow { hour: 3, values: v(5) },
-                HourRow { hour: 23, values: v(9) },
+                HourRow {
+                    hour: 3,
+                    values: v(5),
+                },
+                HourRow {
+                    hour: 23,
+                    values: v(9),
+                },
             ],
             daily: Some(StoredRow { values: v(14) }),
         };
         let back = DayRows::decode(&rows.encode_to_vec()).unwrap();
         assert_eq!(back, rows);
         let mut out = std::collections::HashMap::new();
-        back.hours_into(day, day + 4 * MICROS_PER_HOUR, day + MICROS_PER_DAY, &mut out);
+        back.hours_into(
+            day,
+            day + 4 * MICROS_PER_HOUR,
+            day + MICROS_PER_DAY,
+            &mut out,
+        );
         assert_eq!(out.len(), 1);
         let got = out[&(day + 23 * MICROS_PER_HOUR)].stored();
         assert_eq!((got[0], got[STORED_COUNT - 1]), (9, -9));
@@ -421,7 +437,13 @@ mod tests {
             load: 1,
             published_at: 0,
             window_start: 0,
-            dates: BTreeMap::from([(0, DateEntry { generation: 1, slot: 0 })]),
+            dates: BTreeMap::from([(
+                0,
+                DateEntry {
+                    generation: 1,
+                    slot: 0,
+                },
+            )]),
         };
         assert!(state.readable());
         assert!(!store.publish(Some(1), &state).await.unwrap());

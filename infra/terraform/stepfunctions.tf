@@ -12,9 +12,10 @@
 #                   (hour_items.json, day_items.json) and answers {run_id,
 #                   hour_items: {bucket, key}, hour_item_count, day_items: {...},
 #                   day_item_count, item_count}.
-#   AnythingToDo    item_count = 0: nothing to publish; succeed, or first
-#                   compact the days the plan found left uncompacted
-#                   (compact_days, e.g. after a run died past its publish).
+#   AnythingToDo    item_count = 0: nothing to publish; go straight to
+#                   LoadServingStore (CompactOnly first when the plan found
+#                   days left uncompacted, compact_days, e.g. after a run died
+#                   past its publish), then NothingToDo or Compact.
 #   HourParts       a distributed Map over the hour items (ItemReader): each
 #                   element is exactly a part step's payload,
 #                   {"step":"part","run_id","item"}, invoked as is; each part
@@ -30,6 +31,24 @@
 #                   this one was planned, so the staged parts are from a stale
 #                   snapshot): plan again from the start, at most
 #                   local.batch_max_replans times, then TooManyConflicts.
+#   LoadServingStore {"step":"load","max_dates":40}: brings the serving store
+#                   in Redis (the batch view the API reads) up to the metric
+#                   tables' newest versions, at most 40 dates per invocation;
+#                   answers a report {published, dates, values, bytes,
+#                   complete, hourly_version, daily_version, watermark,
+#                   dropped, seconds}. Also after CompactOnly and when there is
+#                   nothing to compute: an hourly run with nothing to do is
+#                   what refills a Redis that lost its data. A load that still
+#                   fails after its retries is caught and reported in the
+#                   output ($load_failed), never failing the run: the publish
+#                   stands, the store keeps serving the state it had (readers
+#                   take what it lacks from the lake) and the next run loads
+#                   again.
+#   MoreToLoad      complete = false (a refill: more dates than one load
+#                   takes): load again, at most local.batch_max_loads loads
+#                   per execution (the next run carries on).
+#   AfterLoad       nothing to compute and nothing to compact: NothingToDo
+#                   (succeed); otherwise AnyDaysToCompact.
 #   Compact         a distributed Map over compact_days, {"step":"compact",
 #                   "day"} each; a failed day is caught and reported in the
 #                   output, never failing the run (the next run retries it).
@@ -71,17 +90,23 @@
 # there fails with the function's own error and cause, and
 # `aws stepfunctions redrive-execution` resumes it at that state (for Parts,
 # only the map run's failed children run again). Staging expires after
-# batch_staging_expiry_days (s3.tf), so redrive within that.
+# batch_staging_expiry_days (s3.tf), so redrive within that. LoadServingStore
+# and Compact catch theirs: they come after the publish, which stands.
 #
 # The expressions are JSONata (Step Functions' QueryLanguage); $plan, $run,
-# $replans, $published, $hour_parts, $day_parts and $compaction_failed are
-# workflow variables.
+# $replans, $published, $hour_parts, $day_parts, $loads, $load, $load_failed
+# and $compaction_failed are workflow variables.
 # scripts/check_state_machine.py checks the definition's shape and these
 # expressions (run by scripts/check-infra.sh).
 
 locals {
   # Publish's Conflict sends the run back to Plan at most this many times.
   batch_max_replans = 3
+
+  # LoadServingStore runs at most this many times per execution (40 dates
+  # each: a refill of the default 35-day window takes one); a store still
+  # incomplete after them is carried on by the next run.
+  batch_max_loads = 20
 
   # Lambda's own transient errors: retried often, with backoff.
   lambda_transient_errors = [
@@ -154,7 +179,7 @@ locals {
   batch_parts_results_prefix = "'${var.lake_prefix}/${local.lake_staging_dir}/' & $run.run_id & '/parts'"
 
   batch_definition = {
-    Comment       = "tally batch run: plan, parts (distributed), publish, compact; {} = the hourly run, {\"from\",\"to\"} = reprocess whole hours [from, to)"
+    Comment       = "tally batch run: plan, parts (distributed), publish, load the serving store, compact; {} = the hourly run, {\"from\",\"to\"} = reprocess whole hours [from, to)"
     QueryLanguage = "JSONata"
     StartAt       = "ValidateInput"
     States = {
@@ -164,8 +189,11 @@ locals {
           Condition = "{% ${local.batch_input_valid} %}"
           Next      = "Plan"
           Assign = {
-            plan    = "{% $merge([{'step': 'plan'}, $states.input]) %}"
-            replans = 0
+            plan        = "{% $merge([{'step': 'plan'}, $states.input]) %}"
+            replans     = 0
+            loads       = 0    # LoadServingStore invocations so far
+            load        = null # the last load's report
+            load_failed = null # {error, cause} of a load that failed for good
           }
         }]
         Default = "BadInput"
@@ -215,8 +243,10 @@ locals {
             Next      = "CompactOnly"
           },
           {
+            # nothing to compute: still load, which refills a Redis that lost
+            # its data, then NothingToDo
             Condition = "{% $run.item_count = 0 %}"
-            Next      = "NothingToDo"
+            Next      = "LoadServingStore"
           },
         ]
         Default = "HourParts"
@@ -229,12 +259,12 @@ locals {
           compaction_failed = []
           hour_parts        = null
         }
-        Next = "Compact"
+        Next = "LoadServingStore"
       }
 
       NothingToDo = {
         Type   = "Succeed"
-        Output = "{% {'run_id': $run.run_id, 'item_count': 0, 'replans': $replans} %}"
+        Output = "{% {'run_id': $run.run_id, 'item_count': 0, 'replans': $replans, 'loads': $loads, 'load': $load, 'load_failed': $load_failed} %}"
       }
 
       HourParts = {
@@ -348,7 +378,7 @@ locals {
           compaction_failed = []
         }
         Output = "{% $states.result.Payload %}"
-        Next   = "AnyDaysToCompact"
+        Next   = "LoadServingStore"
       }
 
       Replan = {
@@ -367,6 +397,69 @@ locals {
         Type  = "Fail"
         Error = "TooManyConflicts"
         Cause = "{% 'Publish reported Conflict after the first plan and after each of ' & $string($replans) & ' replans: another batch run published every time before this one could. Nothing of this run reached metrics_hourly (had its customer_hours commit landed, the next run recomputes those dates); its staging expires on its own. Start it again when the other runs are done (for a long reprocess, pause the hourly schedule while it runs). Last conflict: ' & $states.input.Cause %}"
+      }
+
+      LoadServingStore = {
+        Type     = "Task"
+        Resource = "arn:${local.partition}:states:::lambda:invoke"
+        Arguments = {
+          FunctionName = aws_lambda_alias.live["batch"].arn
+          Payload = {
+            step      = "load"
+            max_dates = 40
+          }
+        }
+        TimeoutSeconds = local.batch_task_timeout_seconds
+        Retry = [
+          local.lambda_transient_retry,
+          {
+            # A load is idempotent, and one that lost to another loader
+            # (overlapping runs) succeeds when run again.
+            ErrorEquals     = ["States.ALL"]
+            IntervalSeconds = 10
+            MaxAttempts     = 3
+            BackoffRate     = 2
+            JitterStrategy  = "FULL"
+          },
+        ]
+        # The publish stands: a load that still fails is reported, not fatal.
+        # The store keeps serving the state it had, and the next run loads
+        # again.
+        Catch = [{
+          ErrorEquals = ["States.ALL"]
+          Next        = "AfterLoad"
+          Assign = {
+            loads       = "{% $loads + 1 %}"
+            load_failed = "{% {'error': $states.errorOutput.Error, 'cause': $states.errorOutput.Cause} %}"
+          }
+        }]
+        Assign = {
+          loads = "{% $loads + 1 %}"
+          load  = "{% $states.result.Payload %}"
+        }
+        Output = "{% $states.result.Payload %}"
+        Next   = "MoreToLoad"
+      }
+
+      # Only an explicit false loads again: a report without `complete` goes on.
+      MoreToLoad = {
+        Type = "Choice"
+        Choices = [{
+          Condition = "{% $load.complete = false and $loads < ${local.batch_max_loads} %}"
+          Next      = "LoadServingStore"
+        }]
+        Default = "AfterLoad"
+      }
+
+      # The nothing-to-do path (AnythingToDo's item_count = 0 without
+      # compact_days) ends here; the others go on to compact.
+      AfterLoad = {
+        Type = "Choice"
+        Choices = [{
+          Condition = "{% $run.item_count = 0 and $count($run.compact_days) = 0 %}"
+          Next      = "NothingToDo"
+        }]
+        Default = "AnyDaysToCompact"
       }
 
       AnyDaysToCompact = {
@@ -445,7 +538,7 @@ locals {
 
       Done = {
         Type   = "Succeed"
-        Output = "{% {'run_id': $run.run_id, 'item_count': $run.item_count, 'replans': $replans, 'hour_parts_map_run': $hour_parts ? $hour_parts.MapRunArn : null, 'day_parts_map_run': $day_parts ? $day_parts.MapRunArn : null, 'published': $published, 'compaction_failed': $compaction_failed} %}"
+        Output = "{% {'run_id': $run.run_id, 'item_count': $run.item_count, 'replans': $replans, 'hour_parts_map_run': $hour_parts ? $hour_parts.MapRunArn : null, 'day_parts_map_run': $day_parts ? $day_parts.MapRunArn : null, 'published': $published, 'loads': $loads, 'load': $load, 'load_failed': $load_failed, 'compaction_failed': $compaction_failed} %}"
       }
     }
   }
@@ -478,7 +571,7 @@ resource "aws_sfn_state_machine" "batch" {
   lifecycle {
     precondition {
       condition     = var.batch_parts_max_concurrency <= var.lambda_reserved_concurrency["batch"] - 2 && var.batch_compact_max_concurrency <= var.lambda_reserved_concurrency["batch"] - 2
-      error_message = "batch_parts_max_concurrency (${var.batch_parts_max_concurrency}) and batch_compact_max_concurrency (${var.batch_compact_max_concurrency}) must each be at most lambda_reserved_concurrency.batch (${var.lambda_reserved_concurrency["batch"]}) minus two: one for the every-minute speed-view check, one for the plan or publish of an overlapping run."
+      error_message = "batch_parts_max_concurrency (${var.batch_parts_max_concurrency}) and batch_compact_max_concurrency (${var.batch_compact_max_concurrency}) must each be at most lambda_reserved_concurrency.batch (${var.lambda_reserved_concurrency["batch"]}) minus two: one for the every-minute speed-view check, one for the plan, publish or load of an overlapping run."
     }
   }
 

@@ -1000,12 +1000,278 @@ fn main() {
         ms(p99),
         verdict(rps >= 3000.0)
     );
+    if env_or("BENCH_STORE", 1u32) == 1 {
+        let lake_row = Row {
+            name: "local lake, read per request (no serving store)",
+            rps,
+            p50,
+            p99,
+            object_requests: None,
+        };
+        rt.block_on(store_comparison(StoreBench {
+            lake_dir: &lake_dir,
+            redis: &redis,
+            token: &token,
+            query: &query,
+            script: &script,
+            threads,
+            connections,
+            secs,
+            days,
+            w,
+            lake_row,
+        }));
+    }
     drop(redis);
 
     let run_events: usize = env_or("BENCH_HOURLY_RUN_EVENTS", 0);
     if run_events > 0 {
         rt.block_on(hourly_run(&lake_dir, merchants, w, run_events));
     }
+}
+
+/// One measured configuration.
+struct Row {
+    name: &'static str,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    /// Requests that reached the object store during the measured run.
+    object_requests: Option<u64>,
+}
+
+/// What the serving-store comparison needs of the main bench.
+struct StoreBench<'a> {
+    lake_dir: &'a Path,
+    redis: &'a RedisServer,
+    token: &'a str,
+    query: &'a str,
+    script: &'a Path,
+    threads: u32,
+    connections: u32,
+    secs: u32,
+    days: i64,
+    w: i64,
+    lake_row: Row,
+}
+
+/// Issue 18: the same lake copied to moto's S3 behind a proxy that holds every
+/// answer back `BENCH_S3_DELAY_MS` (default 20 ms), loaded into the Redis
+/// serving store (`BENCH_STORE_DAYS` dates, default the lake's days + 1, at most
+/// 35); a fresh server on it (a new Lambda container: its start and first
+/// request, with the object-store requests each made), then the load on it and
+/// on the local lake with the same store, side by side with the lake read per
+/// request measured above.
+async fn store_comparison(b: StoreBench<'_>) {
+    let delay_ms: u64 = env_or("BENCH_S3_DELAY_MS", 20);
+    let window: u32 = env_or("BENCH_STORE_DAYS", (b.days as u32 + 1).min(35));
+    println!();
+    println!("## the serving store (issue 18)");
+    let moto = tally_testkit::MotoServer::start();
+    moto.create_bucket("lake");
+    let t = Instant::now();
+    let upload = String::from(
+        r#"
+import boto3, os, sys
+from concurrent.futures import ThreadPoolExecutor
+root = sys.argv[1]
+s3 = boto3.client("s3", endpoint_url=sys.argv[2], region_name="us-east-1",
+                  aws_access_key_id="testing", aws_secret_access_key="testing")
+files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+def put(p):
+    s3.upload_file(p, "lake", "bench/" + os.path.relpath(p, root))
+with ThreadPoolExecutor(8) as ex:
+    list(ex.map(put, files))
+print(len(files))
+"#,
+    );
+    let out = Command::new(tally_testkit::venv_python())
+        .arg("-c")
+        .arg(upload)
+        .arg(b.lake_dir.join("lake"))
+        .arg(moto.endpoint())
+        .output()
+        .expect("running the upload");
+    assert!(
+        out.status.success(),
+        "uploading the lake to moto: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "lake copied to moto's S3: {} files in {:.1}s; S3 reached through a proxy adding {delay_ms} ms to every answer",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        t.elapsed().as_secs_f64()
+    );
+    let proxy =
+        tally_testkit::Proxy::start_with_delay(moto.port(), Duration::from_millis(delay_ms));
+    let mut s3 = Lake::new(
+        "s3://lake/bench",
+        Some(&proxy.endpoint()),
+        Some("us-east-1"),
+    )
+    .expect("s3 lake");
+    for (k, v) in moto.aws_env() {
+        if k != "AWS_ENDPOINT_URL" {
+            s3 = s3.with_option(k, &v);
+        }
+    }
+    let local =
+        Lake::new(b.lake_dir.join("lake").to_str().expect("utf-8"), None, None).expect("lake");
+
+    // the load, from S3
+    let redis = RedisStore::connect(&b.redis.url(), 2 * 3600)
+        .await
+        .expect("redis");
+    let store = redis.serving_store();
+    use tally_common::serving_store::ServingStore as _;
+    let mem0 = store.memory_used().await.expect("INFO").unwrap_or(0);
+    let r0 = proxy.requests();
+    let options = tally_serving_layer::LoadOptions {
+        window_days: window,
+        flip_guard: Duration::ZERO,
+        ..Default::default()
+    };
+    let report = tally_serving_layer::load(&s3, &store, &options)
+        .await
+        .expect("loading the serving store");
+    let mem1 = store.memory_used().await.expect("INFO").unwrap_or(0);
+    println!(
+        "load from the S3 lake: {} dates, {} merchant-dates, {} encoded, in {:.1}s with {} object-store requests; Redis memory {} -> {} (+{:.0} bytes per merchant-date)",
+        report.dates.len(),
+        report.values,
+        mib(report.bytes),
+        report.seconds,
+        proxy.requests() - r0,
+        mib(mem0),
+        mib(mem1),
+        mem1.saturating_sub(mem0) as f64 / report.values.max(1) as f64
+    );
+
+    // a fresh process on the S3 lake: start and first request
+    let speed = || async {
+        SpeedStore::Redis(
+            RedisStore::connect(&b.redis.url(), 2 * 3600)
+                .await
+                .expect("redis"),
+        )
+    };
+    let shared = || tally_serving_layer::StoreChoice::Shared(Arc::new(store.clone()));
+    let r0 = proxy.requests();
+    let t = Instant::now();
+    let s3_state = AppState::new(
+        s3.clone(),
+        Auth::hs256(SECRET),
+        speed().await,
+        ServeOptions {
+            store: shared(),
+            ..ServeOptions::default()
+        },
+    )
+    .await
+    .expect("serving state on S3");
+    let start_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let start_requests = proxy.requests() - r0;
+    assert!(s3_state
+        .batch()
+        .snapshot()
+        .expect("snapshot")
+        .serves_from_store());
+    let mut rows = vec![b.lake_row];
+    let mut cold = None;
+    for (name, state) in [
+        (
+            "S3 lake (+20 ms per answer) with the Redis serving store",
+            s3_state,
+        ),
+        (
+            "local lake with the Redis serving store",
+            AppState::new(
+                local.clone(),
+                Auth::hs256(SECRET),
+                speed().await,
+                ServeOptions {
+                    store: shared(),
+                    ..ServeOptions::default()
+                },
+            )
+            .await
+            .expect("serving state"),
+        ),
+    ] {
+        let port = free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("port");
+        let (trigger, signal) = shutdown::channel();
+        let server = tokio::spawn(serve_listener(listener, state, signal));
+        let base = format!("http://127.0.0.1:{port}");
+        if cold.is_none() {
+            let r0 = proxy.requests();
+            let t = Instant::now();
+            let resp = reqwest::Client::new()
+                .get(format!("{base}/v1/merchants/m_42{}", b.query))
+                .bearer_auth(b.token)
+                .send()
+                .await
+                .expect("first request");
+            assert_eq!(resp.status().as_u16(), 200);
+            let body = resp.text().await.expect("body");
+            cold = Some((t.elapsed().as_secs_f64() * 1000.0, proxy.requests() - r0));
+            assert!(body.contains("\"source\":\"batch\""), "{body}");
+        }
+        let (threads, connections, secs, script) =
+            (b.threads, b.connections, b.secs, b.script.to_path_buf());
+        let base2 = base.clone();
+        tokio::task::spawn_blocking(move || run_wrk(threads, connections, 5, &script, &base2))
+            .await
+            .expect("warm-up");
+        let r0 = proxy.requests();
+        let script = b.script.to_path_buf();
+        let run = tokio::task::spawn_blocking(move || {
+            run_wrk(threads, connections, secs, &script, &base)
+        })
+        .await
+        .expect("wrk");
+        assert_eq!(run.errors[3], 0, "non-2xx answers: {}", run.stdout);
+        rows.push(Row {
+            name,
+            rps: run.requests as f64 / run.duration_s.max(1e-9),
+            p50: run.q(50.0),
+            p99: run.q(99.0),
+            object_requests: Some(proxy.requests() - r0),
+        });
+        trigger.fire();
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    }
+    let (first_ms, first_requests) = cold.unwrap_or_default();
+    println!(
+        "cold start on the S3 lake (a new Lambda container): serving state ready in {start_ms:.0} ms with {start_requests} object-store requests; first request {first_ms:.1} ms with {first_requests} object-store requests"
+    );
+    println!();
+    println!("| configuration | requests/s | p50 | p99 | object-store requests during the run |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} |",
+            r.name,
+            r.rps,
+            ms(r.p50),
+            ms(r.p99),
+            r.object_requests.map_or("-".to_string(), |n| n.to_string())
+        );
+    }
+    let (s3_row, local_row) = (&rows[1], &rows[2]);
+    let ok = |b: bool| if b { "met" } else { "NOT met" };
+    println!(
+        "targets (issue 18): S3 p99 <= 1.25 x local p99: {} ({} vs {}); S3 p99 <= 10 ms: {}; >= 5,000 requests/s: {} ({:.0})",
+        ok(s3_row.p99 <= 1.25 * local_row.p99),
+        ms(s3_row.p99),
+        ms(local_row.p99),
+        ok(s3_row.p99 <= 10_000.0),
+        ok(s3_row.rps >= 5000.0),
+        s3_row.rps
+    );
+    let _ = b.w;
 }
 
 /// Bytes as MiB with one decimal.

@@ -30,9 +30,9 @@ use deltalake::delta_datafusion::DeltaSessionConfig;
 use deltalake::kernel::Version;
 use deltalake::DeltaTable;
 use futures::StreamExt as _;
+use tally_common::bucket::{day_floor, now_micros, MICROS_PER_DAY};
 use tally_common::lake::{register, Lake, Table};
 use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
-use tally_common::bucket::{day_floor, now_micros, MICROS_PER_DAY};
 use tally_common::metrics::{stored_metric_names, MetricValues};
 use tally_common::serving_store::{dates_between, DayRows, ServingStore, StoreState};
 use tally_common::watermark::read_progress;
@@ -200,7 +200,8 @@ impl BatchSnapshot {
         if self.hourly.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        self.read_table(MetricTable::Hourly, merchant, start, end).await
+        self.read_table(MetricTable::Hourly, merchant, start, end)
+            .await
     }
 
     /// `merchant`'s rows of `metrics_daily` with `start <= day < end`, by day.
@@ -213,7 +214,8 @@ impl BatchSnapshot {
         if self.daily.is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        self.read_table(MetricTable::Daily, merchant, start, end).await
+        self.read_table(MetricTable::Daily, merchant, start, end)
+            .await
     }
 
     /// `merchant`'s rows of `table` with `start <= time < end`, from the
@@ -372,11 +374,20 @@ impl BatchView {
     /// The newest versions of the metric tables in the lake (a listing of their
     /// logs), when the view has both tables open; None otherwise.
     pub(crate) async fn latest_versions(&self) -> Result<Option<(i64, Option<i64>)>> {
-        let Some(s) = self.snapshot() else { return Ok(None) };
+        let Some(s) = self.snapshot() else {
+            return Ok(None);
+        };
         let Some(h) = &s.hourly else { return Ok(None) };
-        let hv = h.get_latest_version().await.context("checking the version of metrics_hourly")?;
+        let hv = h
+            .get_latest_version()
+            .await
+            .context("checking the version of metrics_hourly")?;
         let dv = match &s.daily {
-            Some(d) => Some(d.get_latest_version().await.context("checking the version of metrics_daily")?),
+            Some(d) => Some(
+                d.get_latest_version()
+                    .await
+                    .context("checking the version of metrics_daily")?,
+            ),
             None => None,
         };
         Ok(Some((hv as i64, dv.map(|v| v as i64))))
@@ -465,7 +476,8 @@ impl BatchView {
             }
         };
         let was_served = current.as_ref().is_some_and(|c| c.served.is_some());
-        if current.is_some() && !hourly_changed && !daily_changed && state.is_none() && !was_served {
+        if current.is_some() && !hourly_changed && !daily_changed && state.is_none() && !was_served
+        {
             return Ok(false);
         }
         let ctx = self.session();

@@ -158,12 +158,17 @@ impl AppState {
                             let _ = state.inner.batch.refresh().await;
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "loading the embedded serving store failed"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "loading the embedded serving store failed")
+                        }
                     }
                 }
             });
         }
-        state.inner.batch.spawn_refresher(state.inner.options.refresh_every);
+        state
+            .inner
+            .batch
+            .spawn_refresher(state.inner.options.refresh_every);
         Ok(state)
     }
 
@@ -175,9 +180,10 @@ impl AppState {
         };
         let _one = lock.lock().await;
         // the cheap check first: the tables' newest versions against the store's
-        if let (Ok(Some((h, d))), Ok(Some(state))) =
-            (self.inner.batch.latest_versions().await, store.state().await)
-        {
+        if let (Ok(Some((h, d))), Ok(Some(state))) = (
+            self.inner.batch.latest_versions().await,
+            store.state().await,
+        ) {
             if state.hourly_version == Some(h) && (d.is_none() || state.daily_version == d) {
                 return Ok(LoadReport::default());
             }

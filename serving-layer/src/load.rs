@@ -148,7 +148,8 @@ pub async fn load(
         .unwrap_or_default();
     let changed: BTreeSet<i64> = match &previous {
         Some(p) => {
-            let h = changed_dates(&hourly, p.hourly_version, hourly_version, Changes::Hourly).await?;
+            let h =
+                changed_dates(&hourly, p.hourly_version, hourly_version, Changes::Hourly).await?;
             let d = match &daily {
                 Some(t) => changed_dates(t, p.daily_version, daily_version, Changes::Daily).await?,
                 None => Some(BTreeSet::new()),
@@ -188,7 +189,8 @@ pub async fn load(
     if let Some(p) = &previous {
         // readers of the state before the last publish may still read the slots
         // this load overwrites: give them the guard's time to move on
-        let since = Duration::from_micros(u64::try_from(now_micros() - p.published_at).unwrap_or(0));
+        let since =
+            Duration::from_micros(u64::try_from(now_micros() - p.published_at).unwrap_or(0));
         if !to_load.is_empty() && since < options.flip_guard {
             tokio::time::sleep(options.flip_guard - since).await;
         }
@@ -289,9 +291,10 @@ async fn changed_dates(
                         return Ok(None);
                     };
                     let first = parse_date(&format!("{month}-01"))?;
-                    out.extend(dates_between(first, first + 31 * MICROS_PER_DAY).filter(|&d| {
-                        month_string(d) == *month
-                    }));
+                    out.extend(
+                        dates_between(first, first + 31 * MICROS_PER_DAY)
+                            .filter(|&d| month_string(d) == *month),
+                    );
                 }
             }
         }

@@ -48,7 +48,10 @@ async fn get(app: &Router, uri: &str, m: &str) -> (StatusCode, Value) {
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await
         .unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 async fn archive(lake: &Lake, name: &str, events: &[TestEvent], now: i64) {
@@ -61,7 +64,10 @@ async fn archive(lake: &Lake, name: &str, events: &[TestEvent], now: i64) {
             (Position::from_u64(1 + i as u64), text.into_bytes())
         })
         .collect();
-    let input: Vec<Record<'_>> = recs.iter().map(|(p, d)| Record::new(p.clone(), d)).collect();
+    let input: Vec<Record<'_>> = recs
+        .iter()
+        .map(|(p, d)| Record::new(p.clone(), d))
+        .collect();
     a.archive(&SourceId::file(name), &input, now).await.unwrap();
 }
 
@@ -108,7 +114,11 @@ async fn answers(app: &Router, w_hint: i64) -> Vec<Value> {
         for (a, b, g) in [
             (from, from + 3 * MICROS_PER_DAY, "hour"),
             (from, from + 4 * MICROS_PER_DAY, "day"),
-            (w_hint - 5 * MICROS_PER_HOUR, w_hint + 2 * MICROS_PER_HOUR, "hour"),
+            (
+                w_hint - 5 * MICROS_PER_HOUR,
+                w_hint + 2 * MICROS_PER_HOUR,
+                "hour",
+            ),
         ] {
             let uri = format!(
                 "/v1/merchants/{m}/metrics?from={}&to={}&granularity={g}",
@@ -139,7 +149,12 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     let moto = MotoServer::start();
     moto.create_bucket("lake");
     let proxy = Proxy::start(moto.port());
-    let mut s3 = Lake::new("s3://lake/tally", Some(&proxy.endpoint()), Some("us-east-1")).unwrap();
+    let mut s3 = Lake::new(
+        "s3://lake/tally",
+        Some(&proxy.endpoint()),
+        Some("us-east-1"),
+    )
+    .unwrap();
     for (k, v) in moto.aws_env() {
         if k != "AWS_ENDPOINT_URL" {
             s3 = s3.with_option(k, &v);
@@ -164,7 +179,11 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     lakes.run(now, None).await;
     let report = load(&lakes.s3, &store, &load_options).await.unwrap();
     assert!(report.published && report.complete, "{report:?}");
-    assert_eq!(report.dates.len(), 35, "the whole window, days without rows too");
+    assert_eq!(
+        report.dates.len(),
+        35,
+        "the whole window, days without rows too"
+    );
     assert!(report.values >= 2 * MERCHANTS as u64, "{report:?}");
 
     let auth = || Auth::hs256(SECRET);
@@ -202,20 +221,32 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
         let apps = apps.clone();
         async move {
             let want = answers(&apps[1], w).await;
-            assert_eq!(answers(&apps[0], w).await, want, "{what}: S3 lake + Redis store");
+            assert_eq!(
+                answers(&apps[0], w).await,
+                want,
+                "{what}: S3 lake + Redis store"
+            );
             assert_eq!(answers(&apps[2], w).await, want, "{what}: embedded store");
             want
         }
     };
     assert!(stored.batch().snapshot().unwrap().serves_from_store());
     let first = check("first run", w).await;
-    assert!(first[0]["buckets"][0]["orders"].as_i64() > Some(0), "{}", first[0]);
+    assert!(
+        first[0]["buckets"][0]["orders"].as_i64() > Some(0),
+        "{}",
+        first[0]
+    );
     assert_eq!(first[0]["batch_watermark"], json!(format_ts(w)));
 
     // warmed up: requests read Redis only
     let before = proxy.requests();
     answers(&apps[0], w).await;
-    assert_eq!(proxy.requests(), before, "a request reached the object store");
+    assert_eq!(
+        proxy.requests(),
+        before,
+        "a request reached the object store"
+    );
 
     // the next hour, with a late event for the first day
     let late = TestEvent {
@@ -258,7 +289,10 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     };
     lakes.archive("third", &[late2], now).await;
     lakes
-        .run(now, Some((START_MS * 1000, START_MS * 1000 + MICROS_PER_DAY)))
+        .run(
+            now,
+            Some((START_MS * 1000, START_MS * 1000 + MICROS_PER_DAY)),
+        )
         .await;
     load(&lakes.s3, &store, &load_options).await.unwrap();
     refresh().await;
@@ -268,7 +302,10 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     // rolled back: the answers before the reprocess
     lakes.rollback().await;
     let report = load(&lakes.s3, &store, &load_options).await.unwrap();
-    assert!(report.dates.contains(&"2025-11-24".to_string()), "{report:?}");
+    assert!(
+        report.dates.contains(&"2025-11-24".to_string()),
+        "{report:?}"
+    );
     refresh().await;
     assert_eq!(check("a rollback", w).await, second);
 
@@ -289,7 +326,11 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     assert!(stored.batch().snapshot().unwrap().serves_from_store());
     let before = proxy.requests();
     assert_eq!(answers(&apps[0], w).await, second, "refilled");
-    assert_eq!(proxy.requests(), before, "a request reached the object store");
+    assert_eq!(
+        proxy.requests(),
+        before,
+        "a request reached the object store"
+    );
 }
 
 /// A load of a store that may evict any key is refused, with the fix named.

@@ -55,7 +55,10 @@ pub struct RedisServingStore {
 /// The hash of `merchant`'s month holding `day`, and the field of `day` in `slot`.
 pub fn day_location(merchant: &str, day: i64, slot: u8) -> (String, String) {
     let date = date_string(day);
-    let key = format!("{SERVING_PREFIX}:{{{merchant}}}:{}", &date[..7.min(date.len())]);
+    let key = format!(
+        "{SERVING_PREFIX}:{{{merchant}}}:{}",
+        &date[..7.min(date.len())]
+    );
     let field = format!("{}.{slot}", date.get(8..10).unwrap_or("00"));
     (key, field)
 }
@@ -69,7 +72,10 @@ impl RedisServingStore {
 
     fn err(&self, what: &str, e: redis::RedisError) -> Error {
         if e.is_timeout() {
-            Error::Timeout(format!("Redis at {} did not answer ({what}): {e}", self.shown))
+            Error::Timeout(format!(
+                "Redis at {} did not answer ({what}): {e}",
+                self.shown
+            ))
         } else {
             Error::serving_from(format!("Redis at {}: {what}", self.shown), e)
         }
@@ -219,7 +225,8 @@ impl ServingStore for RedisServingStore {
                             })
                             .collect();
                         if !old.is_empty() {
-                            let n: u64 = c.hdel(&key, old).await.map_err(|e| self.err("HDEL", e))?;
+                            let n: u64 =
+                                c.hdel(&key, old).await.map_err(|e| self.err("HDEL", e))?;
                             dropped += n;
                         }
                     }
@@ -271,7 +278,10 @@ mod tests {
             ("tally:sv1:{m_42}:2026-11".to_string(), "24.1".to_string())
         );
         assert_eq!(
-            info_field("# Memory\r\nused_memory:123\r\nmaxmemory_policy:noeviction\r\n", "maxmemory_policy"),
+            info_field(
+                "# Memory\r\nused_memory:123\r\nmaxmemory_policy:noeviction\r\n",
+                "maxmemory_policy"
+            ),
             Some("noeviction")
         );
     }
