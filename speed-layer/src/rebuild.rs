@@ -38,6 +38,7 @@ use tally_common::deltalake;
 use tally_common::lake::{register, Lake, Table};
 use tally_common::marks::read_mark;
 use tally_common::metrics::{counter_defs, Counters};
+use tally_common::serving_store::ServingStore as _;
 use tally_common::source::{Position, RowOrigin, SourceId};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Error, EventType, Result};
@@ -339,10 +340,17 @@ impl<'a> Rebuild<'a> {
             Some(v) if v.generation == view.generation => v,
             _ => return Ok(Pass::Lost),
         };
-        let w = match self.lake.open(Table::MetricsHourly).await? {
+        let mut w = match self.lake.open(Table::MetricsHourly).await? {
             Some(t) => read_progress(&t).await?.watermark.unwrap_or(0),
             None => 0,
         };
+        // readers take the watermark of the serving store on this server, which
+        // may not have loaded the newest publish yet: cover the hours from there
+        if let Some(served) = self.store.serving_store().state().await? {
+            if let Some(sw) = served.watermark.filter(|_| served.readable()) {
+                w = w.min(sw);
+            }
+        }
         let Some(raw) = self.lake.open(Table::RawEvents).await? else {
             return Ok(Pass::Complete);
         };
