@@ -82,6 +82,8 @@ locals {
     TALLY_REDIS_AUTH_SECRET_ARN     = aws_secretsmanager_secret.redis_auth.arn
     TALLY_SPEED_TTL_HOURS           = tostring(var.speed_ttl_hours)
     TALLY_SPEED_REBUILD_SETTLE_SECS = tostring(local.speed_rebuild_settle_seconds)
+    # the batch function's load step keeps this many dates in the serving store
+    TALLY_SERVING_WINDOW_DAYS = tostring(var.serving_window_days)
   }
 
   # The batch function's queries stay within this many MiB of its memory and

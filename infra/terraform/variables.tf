@@ -354,6 +354,17 @@ variable "grace_minutes" {
   }
 }
 
+variable "serving_window_days" {
+  description = "TALLY_SERVING_WINDOW_DAYS: UTC dates of the batch view the serving store in Redis keeps (the API reads older history from S3). About 370 bytes of Redis per merchant active all day, per date (docs/CAPACITY.md)."
+  type        = number
+  default     = 35
+
+  validation {
+    condition     = var.serving_window_days >= 1 && var.serving_window_days <= 400
+    error_message = "serving_window_days must be from 1 to 400."
+  }
+}
+
 variable "speed_ttl_hours" {
   description = "TALLY_SPEED_TTL_HOURS: lifetime of speed-view keys in Redis; must exceed the batch layer's lag."
   type        = number

@@ -801,7 +801,10 @@ fn main() {
             lake,
             Auth::hs256(SECRET),
             store,
-            ServeOptions::default(),
+            ServeOptions {
+                store: tally_serving_layer::StoreChoice::LakeOnly,
+                ..ServeOptions::default()
+            },
         ))
         .expect("serving state");
     let snapshot = state.batch().snapshot().expect("the batch view loaded");
@@ -1178,6 +1181,25 @@ print(len(files))
         .serves_from_store());
     let mut rows = vec![b.lake_row];
     let mut cold = None;
+    // the embedded store (`tally serve` without Redis), loaded before the run
+    let t = Instant::now();
+    let embedded = AppState::new(
+        local.clone(),
+        Auth::hs256(SECRET),
+        speed().await,
+        ServeOptions {
+            window_days: window,
+            ..ServeOptions::default()
+        },
+    )
+    .await
+    .expect("serving state");
+    embedded.refresh_batch().await.expect("loading the embedded store");
+    assert!(embedded.batch().snapshot().expect("snapshot").serves_from_store());
+    println!(
+        "embedded serving store (in the server's process) loaded from the local lake in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
     for (name, state) in [
         (
             "S3 lake (+20 ms per answer) with the Redis serving store",
@@ -1197,6 +1219,7 @@ print(len(files))
             .await
             .expect("serving state"),
         ),
+        ("local lake with the embedded serving store (no Redis)", embedded),
     ] {
         let port = free_port();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

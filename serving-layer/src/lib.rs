@@ -52,6 +52,8 @@ pub struct ServeOptions {
     /// it (a store that stops answering leaves requests to the lake after this);
     /// a load waits twice this before overwriting slots readers may use.
     pub state_max_age: Duration,
+    /// UTC dates the embedded serving store keeps ([`LoadOptions::window_days`]).
+    pub window_days: u32,
 }
 
 impl Default for ServeOptions {
@@ -62,6 +64,7 @@ impl Default for ServeOptions {
             refresh_every: Duration::from_secs(2),
             store: StoreChoice::Embedded,
             state_max_age: Duration::from_secs(5),
+            window_days: LoadOptions::default().window_days,
         }
     }
 }
@@ -139,16 +142,13 @@ impl AppState {
             }),
         };
         if state.inner.embedded.is_some() {
-            if let Err(e) = state.load_embedded().await {
-                tracing::warn!(error = %e, "loading the embedded serving store failed; requests read the lake meanwhile");
-            }
-            let _ = state.inner.batch.refresh().await;
+            // loaded in the background, from now on: requests read the lake until
+            // the first load is published
             let weak = Arc::downgrade(&state.inner);
             let every = state.inner.options.refresh_every;
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
                 loop {
                     tick.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
@@ -192,6 +192,7 @@ impl AppState {
             // readers here see a new state at once: only requests in flight
             // may still read the slots a next load overwrites
             flip_guard: Duration::from_millis(300),
+            window_days: self.inner.options.window_days,
             ..LoadOptions::default()
         };
         load(lake, store, &options).await

@@ -1227,6 +1227,9 @@ async fn an_unreadable_lake_is_503() {
     write_rows(&lake, Table::MetricsHourly, &rows, Some(d + MICROS_PER_DAY)).await;
     // the serving store answers from memory; the lake alone reads the files
     let stored = fake_state(&lake_dir, Auth::hs256(SECRET)).await.0;
+    // loaded in the background from start; here at once
+    stored.refresh_batch().await.unwrap();
+    assert!(stored.batch().snapshot().unwrap().serves_from_store());
     let lake_only = AppState::new(
         lake.clone(),
         Auth::hs256(SECRET),
