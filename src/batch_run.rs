@@ -76,6 +76,7 @@ pub async fn load_serving_store(
     lake: &tally_common::lake::Lake,
     speed: &SpeedArgs,
     serving: &ServingArgs,
+    after_publish: bool,
 ) -> anyhow::Result<()> {
     if speed.redis_url.is_none() {
         return Ok(());
@@ -86,7 +87,18 @@ pub async fn load_serving_store(
         return Ok(());
     };
     let report =
-        tally_serving_layer::load(lake, &redis.serving_store(), &serving.options()).await?;
+        match tally_serving_layer::load(lake, &redis.serving_store(), &serving.options()).await {
+            Ok(r) => r,
+            Err(e) if !after_publish => return Err(e.into()),
+            Err(e) => {
+                // the publish stands; the API answers from the previous load and the speed view
+                eprintln!(
+                    "warning: loading the serving store failed ({e}); the API serves the state \
+                     before until `tally batch load` (or the next run) loads it"
+                );
+                return Ok(());
+            }
+        };
     println!(
         "serving store: {} date(s) loaded ({} merchant-dates, {} bytes) in {:.1} s; watermark {}{}",
         report.dates.len(),
@@ -168,7 +180,7 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
         BatchCommand::Run { args } => {
             let report = configured(&args)?.execute().await?;
             println!("{report}");
-            load_serving_store(&args.lake.lake()?, &args.speed, &args.serving).await?;
+            load_serving_store(&args.lake.lake()?, &args.speed, &args.serving, true).await?;
         }
         BatchCommand::Reprocess {
             from,
@@ -191,7 +203,7 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
                 .await?;
             println!("{report}");
             if !dry_run {
-                load_serving_store(&args.lake.lake()?, &args.speed, &args.serving).await?;
+                load_serving_store(&args.lake.lake()?, &args.speed, &args.serving, true).await?;
             }
             if to > closed_end {
                 eprintln!(
@@ -208,7 +220,7 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
                 Some(report) => println!("batch: {report}"),
                 None => println!("batch: no run to roll back"),
             }
-            load_serving_store(&lake, &args.speed, &args.serving).await?;
+            load_serving_store(&lake, &args.speed, &args.serving, true).await?;
         }
         BatchCommand::Load {
             lake,
@@ -221,7 +233,7 @@ pub async fn run(command: BatchCommand) -> anyhow::Result<()> {
                      `tally serve` loads its own embedded store"
                 );
             }
-            load_serving_store(&lake.lake()?, &speed, &serving).await?;
+            load_serving_store(&lake.lake()?, &speed, &serving, false).await?;
         }
     }
     Ok(())

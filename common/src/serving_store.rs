@@ -67,18 +67,39 @@ pub struct StoreState {
     pub daily_version: Option<i64>,
     /// The batch watermark W (epoch µs) of `hourly_version`.
     pub watermark: Option<i64>,
-    /// This load's number: 1 for the first, one more for each publish.
+    /// The generation of the load that published it
+    /// ([`ServingStore::next_generation`]: never reused by the store).
     pub load: u64,
     /// When it was published (epoch µs).
     pub published_at: i64,
     /// The first date (epoch µs, UTC midnight) the store keeps.
     pub window_start: i64,
+    /// Values of the dates before this (epoch µs) have been deleted.
+    #[serde(default)]
+    pub dropped_before: i64,
     /// The dates held, by UTC midnight (epoch µs): every hour of such a date
     /// before the watermark, and its daily row when it has one, is in the store.
     pub dates: BTreeMap<i64, DateEntry>,
 }
 
 impl StoreState {
+    /// The state of a store whose state this process cannot parse: never read,
+    /// replaced whole by the next load (which must still name its `load`).
+    pub fn unreadable(load: u64) -> Self {
+        StoreState {
+            format: 0,
+            metrics: Vec::new(),
+            hourly_version: None,
+            daily_version: None,
+            watermark: None,
+            load,
+            published_at: 0,
+            window_start: 0,
+            dropped_before: 0,
+            dates: BTreeMap::new(),
+        }
+    }
+
     /// Whether this process can read a store in this state (same format, same
     /// stored metrics in the same order).
     pub fn readable(&self) -> bool {
@@ -198,6 +219,9 @@ pub struct DayWrite {
     pub slot: u8,
     /// An encoded [`DayRows`].
     pub value: Vec<u8>,
+    /// Other (date, slot) values of the merchant's same UTC month to delete in
+    /// the same write: slots no published state reads any more.
+    pub clear: Vec<(i64, u8)>,
 }
 
 /// The serving store as the loader writes it and the serving layer reads it:
@@ -227,6 +251,20 @@ pub trait ServingStore: Send + Sync {
         state: &'a StoreState,
     ) -> BoxFuture<'a, Result<bool>>;
 
+    /// A generation no load of this store was given before (increasing).
+    fn next_generation(&self) -> BoxFuture<'_, Result<u64>>;
+
+    /// Take the loaders' lease for `ttl`, or renew it when `holder` has it;
+    /// false when another holder has it. One load at a time writes slots.
+    fn lease<'a>(
+        &'a self,
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool>>;
+
+    /// Give the lease back, when `holder` has it.
+    fn release<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<()>>;
+
     /// Delete every value of the dates before `before` (UTC midnight, epoch µs);
     /// returns how many keys or values went.
     fn drop_before(&self, before: i64) -> BoxFuture<'_, Result<u64>>;
@@ -252,6 +290,8 @@ pub struct EmbeddedServingStore {
 #[derive(Default)]
 struct Embedded {
     state: Option<StoreState>,
+    generation: u64,
+    lease: Option<(String, std::time::Instant)>,
     values: std::collections::HashMap<(String, i64, u8), Vec<u8>>,
     bytes: u64,
 }
@@ -307,6 +347,10 @@ impl ServingStore for EmbeddedServingStore {
             .write()
             .map(|mut g| {
                 for v in values {
+                    for &(d, sl) in &v.clear {
+                        let old = g.values.remove(&(v.merchant.clone(), d, sl));
+                        g.bytes -= old.map_or(0, |o| o.len() as u64);
+                    }
                     g.bytes += v.value.len() as u64;
                     let old = g
                         .values
@@ -332,6 +376,53 @@ impl ServingStore for EmbeddedServingStore {
                 }
                 g.state = Some(state.clone());
                 true
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn next_generation(&self) -> BoxFuture<'_, Result<u64>> {
+        let r = self
+            .inner
+            .write()
+            .map(|mut g| {
+                g.generation += 1;
+                g.generation
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn lease<'a>(
+        &'a self,
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool>> {
+        let r = self
+            .inner
+            .write()
+            .map(|mut g| {
+                let now = std::time::Instant::now();
+                match &g.lease {
+                    Some((h, until)) if h != holder && *until > now => false,
+                    _ => {
+                        g.lease = Some((holder.to_string(), now + ttl));
+                        true
+                    }
+                }
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn release<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<()>> {
+        let r = self
+            .inner
+            .write()
+            .map(|mut g| {
+                if g.lease.as_ref().is_some_and(|(h, _)| h == holder) {
+                    g.lease = None;
+                }
             })
             .map_err(|_| Self::poisoned());
         Box::pin(async move { r })
@@ -437,6 +528,7 @@ mod tests {
             load: 1,
             published_at: 0,
             window_start: 0,
+            dropped_before: 0,
             dates: BTreeMap::from([(
                 0,
                 DateEntry {
@@ -457,6 +549,7 @@ mod tests {
                 day: 0,
                 slot: 0,
                 value: vec![1, 2],
+                clear: vec![],
             }])
             .await
             .unwrap();

@@ -1194,8 +1194,15 @@ print(len(files))
     )
     .await
     .expect("serving state");
-    embedded.refresh_batch().await.expect("loading the embedded store");
-    assert!(embedded.batch().snapshot().expect("snapshot").serves_from_store());
+    embedded
+        .refresh_batch()
+        .await
+        .expect("loading the embedded store");
+    assert!(embedded
+        .batch()
+        .snapshot()
+        .expect("snapshot")
+        .serves_from_store());
     println!(
         "embedded serving store (in the server's process) loaded from the local lake in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -1219,7 +1226,10 @@ print(len(files))
             .await
             .expect("serving state"),
         ),
-        ("local lake with the embedded serving store (no Redis)", embedded),
+        (
+            "local lake with the embedded serving store (no Redis)",
+            embedded,
+        ),
     ] {
         let port = free_port();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

@@ -91,6 +91,24 @@ impl BatchSnapshot {
         self.watermark
     }
 
+    /// [`BatchSnapshot::read`] from the lake alone.
+    async fn read_lake(
+        &self,
+        merchant: &str,
+        hourly: Option<(i64, i64)>,
+        daily: Option<(i64, i64)>,
+    ) -> Result<MerchantRows> {
+        let h = match hourly {
+            Some((a, b)) => self.hourly(merchant, a, b).await?,
+            None => HashMap::new(),
+        };
+        let d = match daily {
+            Some((a, b)) => self.daily(merchant, a, b).await?,
+            None => HashMap::new(),
+        };
+        Ok((h, d))
+    }
+
     /// Whether requests read the serving store (it holds these versions and
     /// confirmed its state recently), rather than the lake alone.
     pub fn serves_from_store(&self) -> bool {
@@ -108,15 +126,7 @@ impl BatchSnapshot {
         daily: Option<(i64, i64)>,
     ) -> Result<MerchantRows> {
         let Some(served) = self.served.as_ref().filter(|s| s.fresh()) else {
-            let h = match hourly {
-                Some((a, b)) => self.hourly(merchant, a, b).await?,
-                None => HashMap::new(),
-            };
-            let d = match daily {
-                Some((a, b)) => self.daily(merchant, a, b).await?,
-                None => HashMap::new(),
-            };
-            return Ok((h, d));
+            return self.read_lake(merchant, hourly, daily).await;
         };
         let state = &served.state;
         let mut in_store: std::collections::BTreeSet<i64> = Default::default();
@@ -161,9 +171,22 @@ impl BatchSnapshot {
         };
         let (values, lake) = tokio::join!(served.store.read(merchant, &keys), from_lake);
         let (mut h, mut d) = lake?;
-        for (&(day, _), value) in keys.iter().zip(values?) {
-            let Some(value) = value else { continue };
-            let rows = DayRows::decode(&value)?;
+        let decoded = values.and_then(|values| {
+            values
+                .into_iter()
+                .map(|v| v.map(|v| DayRows::decode(&v)).transpose())
+                .collect::<Result<Vec<Option<DayRows>>>>()
+        });
+        let values = match decoded {
+            Ok(v) => v,
+            Err(e) => {
+                // the lake at the same versions holds the same rows
+                tracing::warn!(merchant, error = %e, "reading the serving store failed; reading the lake");
+                return self.read_lake(merchant, hourly, daily).await;
+            }
+        };
+        for (&(day, _), rows) in keys.iter().zip(values) {
+            let Some(rows) = rows else { continue };
             // left in this slot by an older load: the merchant had no rows since
             if state.date(day).map(|e| e.generation) != Some(rows.generation) {
                 continue;
@@ -371,6 +394,16 @@ impl BatchView {
         });
     }
 
+    /// Stop reading the serving store's state of the current snapshot (until the
+    /// next refresh confirms one): requests read the lake at its versions.
+    pub(crate) fn expire_served(&self) {
+        if let Some(s) = self.snapshot() {
+            if let Some(served) = &s.served {
+                served.confirmed_at.store(i64::MIN / 2, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// The newest versions of the metric tables in the lake (a listing of their
     /// logs), when the view has both tables open; None otherwise.
     pub(crate) async fn latest_versions(&self) -> Result<Option<(i64, Option<i64>)>> {
@@ -431,13 +464,15 @@ impl BatchView {
 
     async fn refresh_inner(&self) -> Result<bool> {
         let current = self.snapshot();
+        // the state is known current as of when it was asked for, not answered
+        let asked_at = now_micros();
         let state = match &self.store {
             Some(store) => store.state().await?.filter(StoreState::readable),
             None => None,
         };
         if let (Some(state), Some(cur)) = (&state, &current) {
             if let Some(served) = cur.served.as_ref().filter(|s| s.state.load == state.load) {
-                served.confirmed_at.store(now_micros(), Ordering::Relaxed);
+                served.confirmed_at.store(asked_at, Ordering::Relaxed);
                 return Ok(false);
             }
         }
@@ -539,7 +574,7 @@ impl BatchView {
                 Some(Served {
                     store: Arc::clone(store),
                     state,
-                    confirmed_at: std::sync::atomic::AtomicI64::new(now_micros()),
+                    confirmed_at: std::sync::atomic::AtomicI64::new(asked_at),
                     max_age: i64::try_from(self.state_max_age.as_micros()).unwrap_or(i64::MAX),
                 })
             }

@@ -155,7 +155,11 @@ impl AppState {
                     let state = AppState { inner };
                     match state.load_embedded().await {
                         Ok(r) if r.published => {
-                            let _ = state.inner.batch.refresh().await;
+                            if let Err(e) = state.inner.batch.refresh().await {
+                                // the next load may overwrite what the old state reads
+                                tracing::warn!(error = %e, "refreshing after a load failed; reading the lake meanwhile");
+                                state.inner.batch.expire_served();
+                            }
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -207,8 +211,12 @@ impl AppState {
     /// every [`ServeOptions::refresh_every`]), first loading the embedded
     /// serving store when this process has one; returns whether the view changed.
     pub async fn refresh_batch(&self) -> tally_common::Result<bool> {
-        self.load_embedded().await?;
-        self.inner.batch.refresh().await
+        let loaded = self.load_embedded().await?;
+        let refreshed = self.inner.batch.refresh().await;
+        if refreshed.is_err() && loaded.published {
+            self.inner.batch.expire_served();
+        }
+        refreshed
     }
 
     /// The options in force.

@@ -58,8 +58,9 @@ pub struct LoadOptions {
     /// whose rows changed are never left stale: beyond the budget they are
     /// dropped from the store until loaded.
     pub max_dates: Option<usize>,
-    /// How long after the last publish a load may overwrite slots: readers take
-    /// a published state for at most half of this.
+    /// How long after the last publish a load may overwrite slots or drop
+    /// dates: longer than readers keep a state the store has not confirmed
+    /// (`ServeOptions::state_max_age`, 5 s by default) plus a request's time.
     pub flip_guard: Duration,
     /// Memory for sorting one date's rows before spilling to disk, bytes.
     pub memory_limit: usize,
@@ -110,8 +111,33 @@ pub async fn load(
     store: &dyn ServingStore,
     options: &LoadOptions,
 ) -> Result<LoadReport> {
-    let started = Instant::now();
     store.check_retention().await?;
+    // one load at a time: a second one would write into the slots the first
+    // makes live
+    let holder = format!("{}-{}", std::process::id(), now_micros());
+    if !store.lease(&holder, LEASE_TTL).await? {
+        return Err(Error::Busy(format!(
+            "another load of {} is running (it loads the same changes); try again when it is done",
+            store.describe()
+        )));
+    }
+    let result = load_leased(lake, store, options, &holder).await;
+    if let Err(e) = store.release(&holder).await {
+        tracing::warn!(error = %e, "giving the serving store's lease back failed; it expires on its own");
+    }
+    result
+}
+
+/// How long a loader's lease lasts without renewal (renewed between dates).
+const LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+
+async fn load_leased(
+    lake: &Lake,
+    store: &dyn ServingStore,
+    options: &LoadOptions,
+    holder: &str,
+) -> Result<LoadReport> {
+    let started = Instant::now();
     let previous = store.state().await?;
     let expected = previous.as_ref().map(|s| s.load);
     // a state this process cannot read (another format) is replaced whole
@@ -150,9 +176,13 @@ pub async fn load(
         Some(p) => {
             let h =
                 changed_dates(&hourly, p.hourly_version, hourly_version, Changes::Hourly).await?;
-            let d = match &daily {
-                Some(t) => changed_dates(t, p.daily_version, daily_version, Changes::Daily).await?,
-                None => Some(BTreeSet::new()),
+            let d = match (&daily, p.daily_version) {
+                (Some(t), _) => {
+                    changed_dates(t, p.daily_version, daily_version, Changes::Daily).await?
+                }
+                (None, None) => Some(BTreeSet::new()),
+                // the table is gone: everything may have changed
+                (None, Some(_)) => None,
             };
             match (h, d) {
                 (Some(h), Some(d)) => h.union(&d).copied().collect(),
@@ -188,29 +218,61 @@ pub async fn load(
 
     if let Some(p) = &previous {
         // readers of the state before the last publish may still read the slots
-        // this load overwrites: give them the guard's time to move on
+        // this load overwrites and the dates it drops: give them the guard's
+        // time to move on
         let since =
             Duration::from_micros(u64::try_from(now_micros() - p.published_at).unwrap_or(0));
-        if !to_load.is_empty() && since < options.flip_guard {
+        if since < options.flip_guard {
             tokio::time::sleep(options.flip_guard - since).await;
         }
     }
-    let generation = expected.unwrap_or(0) + 1;
+    // never a generation an earlier attempt wrote (one that failed half way
+    // leaves values behind in the slots this one writes)
+    let generation = store.next_generation().await?;
+    // the slots the last load switched away from: no reader uses them after
+    // the guard, so each merchant's write deletes those of its month (the
+    // dates loaded now are written over instead)
+    let stale: Vec<(i64, u8)> = previous
+        .as_ref()
+        .map(|p| {
+            p.dates
+                .iter()
+                .filter(|(d, e)| e.generation == p.load && !to_load.contains(d))
+                .map(|(d, e)| (*d, 1 - e.slot.min(1)))
+                .collect()
+        })
+        .unwrap_or_default();
     let ctx = session(options.memory_limit)?;
     register(&ctx, Table::MetricsHourly.name(), &hourly).await?;
     if let Some(t) = &daily {
         register(&ctx, Table::MetricsDaily.name(), t).await?;
     }
     for &day in &to_load {
+        if !store.lease(holder, LEASE_TTL).await? {
+            return Err(Error::Conflict(format!(
+                "this load's lease of {} ran out and another load took it; load again",
+                store.describe()
+            )));
+        }
         let slot = dates.get(&day).map_or(0, |e| 1 - e.slot.min(1));
         let (values, bytes) =
-            load_date(&ctx, store, day, slot, generation, daily.is_some()).await?;
+            load_date(&ctx, store, day, slot, generation, daily.is_some(), &stale).await?;
         report.values += values;
         report.bytes += bytes;
         report.dates.push(date_string(day));
         dates.insert(day, DateEntry { generation, slot });
     }
     report.complete = dates.len() == window.len();
+    // dates that left the window by the last publish (readers of its state
+    // may still read those that leave it now: the next load drops them)
+    let mut dropped_before = previous.as_ref().map_or(0, |p| p.dropped_before);
+    if let Some(p) = &previous {
+        let bound = p.window_start.min(window_start);
+        if bound > dropped_before {
+            report.dropped = store.drop_before(bound).await?;
+            dropped_before = bound;
+        }
+    }
     let state = StoreState {
         format: FORMAT,
         metrics: stored_metric_names().map(str::to_string).collect(),
@@ -220,9 +282,10 @@ pub async fn load(
         load: generation,
         published_at: now_micros(),
         window_start,
+        dropped_before,
         dates,
     };
-    if !store.publish(expected, &state).await? {
+    if !store.lease(holder, LEASE_TTL).await? || !store.publish(expected, &state).await? {
         return Err(Error::Conflict(format!(
             "{} changed while this load ran (another load published, or it lost its data); \
              load again",
@@ -230,11 +293,7 @@ pub async fn load(
         )));
     }
     report.published = true;
-    // months and days that left the window
-    let old_start = previous.as_ref().map(|p| p.window_start);
-    if old_start.is_none_or(|s| s < window_start) {
-        report.dropped = store.drop_before(window_start).await?;
-    }
+
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(dates = report.dates.len(), values = report.values, bytes = report.bytes,
         watermark = ?report.watermark, seconds = report.seconds, complete = report.complete,
@@ -260,6 +319,10 @@ async fn changed_dates(
     let Some(to) = to else {
         return Ok(Some(BTreeSet::new()));
     };
+    // a table made anew (its versions start again): nothing can be assumed
+    if from.is_some_and(|f| f > to) {
+        return Ok(None);
+    }
     let first = from.map_or(0, |v| v + 1);
     let mut out = BTreeSet::new();
     for v in first..=to {
@@ -333,6 +396,7 @@ async fn load_date(
     slot: u8,
     generation: u64,
     has_daily: bool,
+    stale: &[(i64, u8)],
 ) -> Result<(u64, u64)> {
     let what = format!("loading {} into the serving store", date_string(day));
     let mut daily: HashMap<String, [i64; STORED_COUNT]> = HashMap::new();
@@ -382,6 +446,7 @@ async fn load_date(
         .context(what.clone())?;
     let mut writer = Writer {
         store,
+        stale,
         day,
         slot,
         generation,
@@ -428,6 +493,8 @@ async fn load_date(
 /// Encodes merchants' dates and writes them in batches.
 struct Writer<'a> {
     store: &'a dyn ServingStore,
+    /// Slots of other dates no state reads any more, deleted with each write.
+    stale: &'a [(i64, u8)],
     day: i64,
     slot: u8,
     generation: u64,
@@ -451,11 +518,19 @@ impl Writer<'_> {
         .encode_to_vec();
         self.bytes += value.len() as u64;
         self.values += 1;
+        let month = month_string(self.day);
+        let clear = self
+            .stale
+            .iter()
+            .copied()
+            .filter(|&(d, _)| month_string(d) == month)
+            .collect();
         self.pending.push(DayWrite {
             merchant,
             day: self.day,
             slot: self.slot,
             value,
+            clear,
         });
         if self.pending.len() >= WRITE_BATCH {
             self.flush().await?;

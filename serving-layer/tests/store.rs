@@ -14,8 +14,9 @@ use serde_json::{json, Value};
 use tally_batch_layer::{Archiver, BatchRun};
 use tally_common::bucket::{format_ts, MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::lake::Lake;
-use tally_common::serving_store::ServingStore;
+use tally_common::serving_store::{DayWrite, ServingStore, StoreState};
 use tally_common::source::{Position, Record, SourceId};
+use tally_common::speed_view::BoxFuture;
 use tally_serving_layer::{load, router, AppState, Auth, LoadOptions, ServeOptions, StoreChoice};
 use tally_speed_layer::RedisStore;
 use tally_testkit::events::{generate, TestEvent};
@@ -298,6 +299,23 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     refresh().await;
     let third = check("a reprocess", w).await;
     assert_ne!(third, second);
+    // the slot the last load switched 2025-11-26 away from went with the
+    // merchant's next write: one copy of that date left
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg("tally:sv1:{m1}:2025-11")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        fields.iter().filter(|f| f.starts_with("26.")).count(),
+        1,
+        "{fields:?}"
+    );
 
     // rolled back: the answers before the reprocess
     lakes.rollback().await;
@@ -310,11 +328,6 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     assert_eq!(check("a rollback", w).await, second);
 
     // Redis loses everything: the lake answers meanwhile, the next load refills
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
     assert_eq!(store.state().await.unwrap(), None);
     stored.refresh_batch().await.unwrap();
@@ -352,4 +365,148 @@ async fn a_store_that_may_evict_is_refused() {
         .unwrap();
     let err = speed.serving_store().check_retention().await.unwrap_err();
     assert!(err.to_string().contains("noeviction"), "{err}");
+}
+
+/// A store whose publish fails while `fail` is set: a load that dies after
+/// writing its slots.
+#[derive(Clone)]
+struct DiesBeforePublish {
+    inner: tally_common::serving_store::EmbeddedServingStore,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ServingStore for DiesBeforePublish {
+    fn state(&self) -> BoxFuture<'_, tally_common::Result<Option<StoreState>>> {
+        self.inner.state()
+    }
+    fn read<'a>(
+        &'a self,
+        merchant: &'a str,
+        days: &'a [(i64, u8)],
+    ) -> BoxFuture<'a, tally_common::Result<Vec<Option<Vec<u8>>>>> {
+        self.inner.read(merchant, days)
+    }
+    fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, tally_common::Result<()>> {
+        self.inner.write(values)
+    }
+    fn publish<'a>(
+        &'a self,
+        expected: Option<u64>,
+        state: &'a StoreState,
+    ) -> BoxFuture<'a, tally_common::Result<bool>> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(tally_common::Error::serving("killed before publishing"))
+            });
+        }
+        self.inner.publish(expected, state)
+    }
+    fn next_generation(&self) -> BoxFuture<'_, tally_common::Result<u64>> {
+        self.inner.next_generation()
+    }
+    fn lease<'a>(
+        &'a self,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, tally_common::Result<bool>> {
+        self.inner.lease(holder, ttl)
+    }
+    fn release<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, tally_common::Result<()>> {
+        self.inner.release(holder)
+    }
+    fn drop_before(&self, before: i64) -> BoxFuture<'_, tally_common::Result<u64>> {
+        self.inner.drop_before(before)
+    }
+    fn check_retention(&self) -> BoxFuture<'_, tally_common::Result<()>> {
+        self.inner.check_retention()
+    }
+    fn memory_used(&self) -> BoxFuture<'_, tally_common::Result<Option<u64>>> {
+        self.inner.memory_used()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A load killed after writing its slots, then a rollback: the next load
+/// writes the same slots, and a merchant the killed load wrote but the rolled
+/// back tables do not hold reads as no rows (the next load never reuses the
+/// killed one's generation). And one load at a time: a second one while the
+/// lease is held is refused as busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_a_load_killed_before_publishing_are_never_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let store = DiesBeforePublish {
+        inner: tally_common::serving_store::EmbeddedServingStore::new(),
+        fail: Default::default(),
+    };
+    let load_options = LoadOptions {
+        flip_guard: Duration::ZERO,
+        ..LoadOptions::default()
+    };
+    let events = generate(9, 500, 3, START_MS, 24);
+    let now = (START_MS + 86_400_000 + 30 * 60_000) * 1000;
+    archive(&lake, "first", &events, now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    load(&lake, &store, &load_options).await.unwrap();
+    let day = START_MS * 1000;
+
+    // a new merchant's late order; its load dies before publishing
+    let late = TestEvent {
+        event_id: "late".into(),
+        merchant_id: "mnew".into(),
+        kind: "order",
+        ts_ms: START_MS + 3 * 3_600_000,
+        amount: Some(5),
+        customer_id: None,
+    };
+    archive(&lake, "late", &[late], now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(load(&lake, &store, &load_options).await.is_err());
+    store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    // the run is undone: the tables hold no row of mnew
+    tally_batch_layer::rollback::rollback(&lake, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("a run to roll back");
+
+    // one load at a time
+    assert!(store
+        .lease("someone else", Duration::from_secs(60))
+        .await
+        .unwrap());
+    let err = load(&lake, &store, &load_options).await.unwrap_err();
+    assert!(matches!(err, tally_common::Error::Busy(_)), "{err}");
+    store.release("someone else").await.unwrap();
+
+    let report = load(&lake, &store, &load_options).await.unwrap();
+    assert!(
+        report.dates.contains(&"2025-11-24".to_string()),
+        "{report:?}"
+    );
+    let app = router(
+        AppState::new(
+            lake.clone(),
+            Auth::hs256(SECRET),
+            tally_speed_layer::EmbeddedStore::new(3600),
+            options(StoreChoice::Shared(std::sync::Arc::new(store.clone()))),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(
+        store.state().await.unwrap().unwrap().date(day).is_some(),
+        "the date is served from the store"
+    );
+    let uri = format!(
+        "/v1/merchants/mnew/metrics?from={}&to={}&granularity=hour",
+        format_ts(day),
+        format_ts(day + 6 * MICROS_PER_HOUR)
+    );
+    let (s, body) = get(&app, &uri, "mnew").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["buckets"][3]["source"], "batch", "{body}");
+    assert_eq!(body["buckets"][3]["orders"], 0, "{body}");
 }

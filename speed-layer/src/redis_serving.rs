@@ -28,6 +28,24 @@ use tally_common::{Error, Result};
 pub const SERVING_PREFIX: &str = "tally:sv1";
 /// The state key.
 pub const STATE_KEY: &str = "tally:sv1:state";
+/// The generation counter (`INCR`).
+pub const GENERATION_KEY: &str = "tally:sv1:generation";
+/// The loaders' lease (holder, with a TTL).
+pub const LEASE_KEY: &str = "tally:sv1:lease";
+
+/// Take or renew the lease: KEYS[1] lease; ARGV holder, ttl ms. Returns 1 or 0.
+const LEASE_LUA: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// Give the lease back: KEYS[1] lease; ARGV holder.
+const RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
 
 /// Publish ARGV[3] (the state's JSON) with load ARGV[2] if the state's load is
 /// ARGV[1] ('' = no state). KEYS: the state key. Returns 1, or 0 (not published).
@@ -102,11 +120,19 @@ impl ServingStore for RedisServingStore {
     fn state(&self) -> BoxFuture<'_, Result<Option<StoreState>>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            let json: Option<Vec<u8>> = c
-                .hget(STATE_KEY, "json")
+            let (load, json): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                .arg(STATE_KEY)
+                .arg("load")
+                .arg("json")
+                .query_async(&mut c)
                 .await
                 .map_err(|e| self.err("reading the state", e))?;
-            json.map(|j| StoreState::from_json(&j)).transpose()
+            let Some(json) = json else { return Ok(None) };
+            Ok(Some(StoreState::from_json(&json).unwrap_or_else(|e| {
+                // never read, replaced by the next load
+                tracing::warn!(error = %e, "the serving store's state does not parse");
+                StoreState::unreadable(load.unwrap_or(0))
+            })))
         })
     }
 
@@ -158,6 +184,16 @@ impl ServingStore for RedisServingStore {
             let mut pipe = redis::pipe();
             for v in values {
                 let (key, field) = day_location(&v.merchant, v.day, v.slot);
+                let clear: Vec<String> = v
+                    .clear
+                    .iter()
+                    .map(|&(d, s)| day_location(&v.merchant, d, s))
+                    .filter(|(k, _)| *k == key)
+                    .map(|(_, f)| f)
+                    .collect();
+                if !clear.is_empty() {
+                    pipe.hdel(&key, clear).ignore();
+                }
                 pipe.hset(key, field, v.value.as_slice()).ignore();
             }
             let mut c = self.conn.clone();
@@ -185,6 +221,46 @@ impl ServingStore for RedisServingStore {
                 .await
                 .map_err(|e| self.err("publishing the state", e))?;
             Ok(done == 1)
+        })
+    }
+
+    fn next_generation(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            c.incr(GENERATION_KEY, 1u64)
+                .await
+                .map_err(|e| self.err("taking a generation", e))
+        })
+    }
+
+    fn lease<'a>(
+        &'a self,
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let got: i64 = redis::Script::new(LEASE_LUA)
+                .key(LEASE_KEY)
+                .arg(holder)
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.err("taking the loaders' lease", e))?;
+            Ok(got == 1)
+        })
+    }
+
+    fn release<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let _: i64 = redis::Script::new(RELEASE_LUA)
+                .key(LEASE_KEY)
+                .arg(holder)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.err("giving the loaders' lease back", e))?;
+            Ok(())
         })
     }
 
