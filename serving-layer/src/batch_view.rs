@@ -64,6 +64,10 @@ pub struct BatchSnapshot {
     /// The serving store and the state it published, when it holds the batch
     /// view of these table versions.
     served: Option<Served>,
+    /// The lake's tables are not open yet (a process that just started with a
+    /// serving store: it answers from the store and opens them when a request
+    /// needs history outside it, or at the next refresh).
+    lake_pending: bool,
 }
 
 /// A serving store's published state, as a snapshot reads it.
@@ -91,6 +95,24 @@ impl BatchSnapshot {
         self.watermark
     }
 
+    /// Whether the lake's tables are still to be opened.
+    pub fn lake_pending(&self) -> bool {
+        self.lake_pending
+    }
+
+    /// Whether [`BatchSnapshot::read`] of these ranges needs the lake (dates the
+    /// serving store does not hold, or no fresh store state).
+    pub fn needs_lake(&self, hourly: Option<(i64, i64)>, daily: Option<(i64, i64)>) -> bool {
+        let Some(served) = self.served.as_ref().filter(|s| s.fresh()) else {
+            return true;
+        };
+        [hourly, daily].into_iter().flatten().any(|(a, b)| {
+            a < b
+                && dates_between(day_floor(a), day_floor(b - 1))
+                    .any(|d| served.state.date(d).is_none())
+        })
+    }
+
     /// [`BatchSnapshot::read`] from the lake alone.
     async fn read_lake(
         &self,
@@ -98,6 +120,11 @@ impl BatchSnapshot {
         hourly: Option<(i64, i64)>,
         daily: Option<(i64, i64)>,
     ) -> Result<MerchantRows> {
+        if self.lake_pending {
+            return Err(Error::Timeout(
+                "the lake's tables are still being opened; retry shortly".into(),
+            ));
+        }
         let h = match hourly {
             Some((a, b)) => self.hourly(merchant, a, b).await?,
             None => HashMap::new(),
@@ -330,6 +357,8 @@ fn rows_into(
 /// The cached batch view and its refresher.
 pub struct BatchView {
     lake: Lake,
+    /// Whether the first refresh may answer from the serving store alone.
+    lake_deferred: AtomicBool,
     /// The serving store requests read, when there is one.
     store: Option<Arc<dyn ServingStore>>,
     /// How long a store's state may be read after the store last confirmed it.
@@ -363,6 +392,7 @@ impl BatchView {
             .context("building the DataFusion runtime")?;
         let view = Arc::new(BatchView {
             lake,
+            lake_deferred: AtomicBool::new(true),
             store,
             state_max_age,
             runtime,
@@ -473,7 +503,35 @@ impl BatchView {
         if let (Some(state), Some(cur)) = (&state, &current) {
             if let Some(served) = cur.served.as_ref().filter(|s| s.state.load == state.load) {
                 served.confirmed_at.store(asked_at, Ordering::Relaxed);
-                return Ok(false);
+                if !cur.lake_pending {
+                    return Ok(false);
+                }
+            }
+        }
+        // a process starting with a serving store answers from it at once: the
+        // lake's tables (only for history outside the store) open later
+        if let (None, Some(store), Some(state)) = (&current, &self.store, &state) {
+            if self.lake_deferred.swap(false, Ordering::SeqCst) {
+                let snapshot = BatchSnapshot {
+                    ctx: self.session(),
+                    hourly: None,
+                    daily: None,
+                    hourly_files: None,
+                    daily_files: None,
+                    point_lookups: self.point_lookups.clone(),
+                    watermark: state.watermark,
+                    served: Some(Served {
+                        store: Arc::clone(store),
+                        state: state.clone(),
+                        confirmed_at: std::sync::atomic::AtomicI64::new(asked_at),
+                        max_age: i64::try_from(self.state_max_age.as_micros()).unwrap_or(i64::MAX),
+                    }),
+                    lake_pending: true,
+                };
+                if let Ok(mut c) = self.current.write() {
+                    *c = Some(Arc::new(snapshot));
+                }
+                return Ok(true);
             }
         }
         let (hourly, hourly_changed, daily, daily_changed) = match &state {
@@ -589,6 +647,7 @@ impl BatchView {
             point_lookups: self.point_lookups.clone(),
             watermark,
             served,
+            lake_pending: false,
         };
         tracing::info!(versions = ?snapshot.versions(), watermark = ?watermark.map(tally_common::bucket::format_ts),
             serving_store = snapshot.served.is_some(), "batch view refreshed");

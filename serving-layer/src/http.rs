@@ -68,13 +68,24 @@ pub(crate) async fn metrics(
     let MetricsRequest { range, metrics } =
         parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
 
-    let snapshot = state.inner.batch.snapshot().ok_or_else(|| {
+    let mut snapshot = state.inner.batch.snapshot().ok_or_else(|| {
         ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())
     })?;
     // the newest hour the speed view can hold data for: events may be stamped
     // up to the decoder's allowance ahead of now
     let horizon = hour_floor(now_micros() + tally_common::decode::MAX_FUTURE_MICROS);
-    let plan = Plan::new(range, snapshot.watermark(), horizon);
+    let mut plan = Plan::new(range, snapshot.watermark(), horizon);
+    if snapshot.lake_pending() && snapshot.needs_lake(plan.hourly, plan.daily) {
+        // a process that just started: open the lake's tables now (a failure
+        // leaves the snapshot pending, answered 503 below)
+        if let Err(e) = state.inner.batch.refresh().await {
+            tracing::warn!(error = %e, "opening the lake's tables failed");
+        }
+        if let Some(s) = state.inner.batch.snapshot() {
+            snapshot = s;
+            plan = Plan::new(range, snapshot.watermark(), horizon);
+        }
+    }
 
     let batch = snapshot.read(&merchant, plan.hourly, plan.daily);
     let speed = async {

@@ -344,6 +344,39 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
         before,
         "a request reached the object store"
     );
+
+    // a new process (a new Lambda container): it starts and answers the
+    // store's dates without one object-store request; history older than the
+    // window opens the lake's tables then
+    let before = proxy.requests();
+    let fresh = AppState::new(
+        lakes.s3.clone(),
+        auth(),
+        speed.clone(),
+        options(StoreChoice::Shared(std::sync::Arc::new(store.clone()))),
+    )
+    .await
+    .unwrap();
+    let fresh = router(fresh);
+    assert_eq!(answers(&fresh, w).await, second);
+    assert_eq!(
+        proxy.requests(),
+        before,
+        "a cold start read the object store"
+    );
+    let old = START_MS * 1000 - 60 * MICROS_PER_DAY;
+    let uri = format!(
+        "/v1/merchants/m1/metrics?from={}&to={}&granularity=day",
+        format_ts(old),
+        format_ts(old + 3 * MICROS_PER_DAY)
+    );
+    let (s, body) = get(&fresh, &uri, "m1").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["buckets"][0]["orders"], 0, "{body}");
+    assert!(
+        proxy.requests() > before,
+        "history outside the window is read from the lake"
+    );
 }
 
 /// A load of a store that may evict any key is refused, with the fix named.
