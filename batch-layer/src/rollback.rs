@@ -27,8 +27,8 @@ use tally_common::{Context as _, Error, Result};
 use crate::daily;
 use crate::lease::Lease;
 
-/// The `commitInfo` key naming the run a metric-table commit belongs to.
-pub const RUN_KEY: &str = "tally.run";
+/// The run id in a row commit's metadata (see [`tally_common::lake::RUN_KEY`]).
+pub use tally_common::lake::RUN_KEY;
 
 /// The `commitInfo` key of a rollback's restore commit naming the run it undid.
 pub const ROLLED_BACK_KEY: &str = "tally.rolled_back_run";

@@ -54,6 +54,11 @@ pub fn utc_micros(t: i64) -> deltalake::datafusion::prelude::Expr {
     )
 }
 
+/// Commit metadata of the batch layer's row commits: the id of the run that
+/// made them (what `tally batch rollback` undoes as one; what pairs a run's
+/// `metrics_daily` commit with its `metrics_hourly` one).
+pub const RUN_KEY: &str = "tally.run";
+
 /// The tables of the lake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {

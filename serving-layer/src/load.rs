@@ -34,7 +34,7 @@ use tally_common::bucket::{
     date_string, day_floor, format_ts, hour_of_day, month_string, now_micros, parse_ts,
     MICROS_PER_DAY,
 };
-use tally_common::lake::{read_commit, register, utc_micros, Lake, Table};
+use tally_common::lake::{read_commit, register, utc_micros, Lake, Table, RUN_KEY};
 use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
 use tally_common::metrics::{stored_metric_names, STORED_COUNT};
 use tally_common::serving_store::{
@@ -147,7 +147,10 @@ async fn load_leased(
         report.complete = true;
         return Ok(report);
     };
-    let daily = lake.open(Table::MetricsDaily).await?;
+    let daily = match lake.open(Table::MetricsDaily).await? {
+        Some(d) => Some(paired_daily(lake, &hourly, d).await?),
+        None => None,
+    };
     let hourly_version = hourly.version().map(|v| v as i64);
     let daily_version = daily.as_ref().and_then(|t| t.version()).map(|v| v as i64);
     let Some(watermark) = read_progress(&hourly).await?.watermark else {
@@ -299,6 +302,65 @@ async fn load_leased(
         watermark = ?report.watermark, seconds = report.seconds, complete = report.complete,
         "loaded the serving store");
     Ok(report)
+}
+
+/// `daily` at its newest version whose rows the hourly table's newest version
+/// goes with. A publish commits `metrics_daily` before `metrics_hourly`: while
+/// a run's daily commit has no hourly commit yet (a publish in progress, or one
+/// that died between the two, which the next run redoes), the store takes the
+/// daily table as it was before, so no state pairs a run's daily rows with the
+/// hourly rows of the run before. Errors: [`Error::Conflict`] when the daily
+/// log's last commits are all unpaired (load again shortly).
+async fn paired_daily(lake: &Lake, hourly: &DeltaTable, daily: DeltaTable) -> Result<DeltaTable> {
+    /// Hourly commits searched for a daily commit's run.
+    const HOURLY_LOOKBACK: u64 = 24;
+    /// Daily versions stepped back before giving up.
+    const DAILY_LOOKBACK: u64 = 3;
+    let (Some(h), Some(mut v)) = (hourly.version(), daily.version()) else {
+        return Ok(daily);
+    };
+    let mut runs_in_hourly: Option<BTreeSet<String>> = None;
+    for _ in 0..=DAILY_LOOKBACK {
+        let run = read_commit(&daily, v)
+            .await?
+            .and_then(|c| c.info[RUN_KEY].as_str().map(str::to_string));
+        let Some(run) = run else {
+            // not a batch run's commit (a restore, a compaction): nothing to pair
+            return open_daily(lake, daily, v).await;
+        };
+        if runs_in_hourly.is_none() {
+            let mut runs = BTreeSet::new();
+            for hv in h.saturating_sub(HOURLY_LOOKBACK)..=h {
+                if let Some(c) = read_commit(hourly, hv).await? {
+                    if let Some(r) = c.info[RUN_KEY].as_str() {
+                        runs.insert(r.to_string());
+                    }
+                }
+            }
+            runs_in_hourly = Some(runs);
+        }
+        if runs_in_hourly.as_ref().is_some_and(|r| r.contains(&run)) {
+            return open_daily(lake, daily, v).await;
+        }
+        let Some(before) = v.checked_sub(1) else {
+            break;
+        };
+        v = before;
+    }
+    Err(Error::Conflict(
+        "metrics_daily has commits of runs whose metrics_hourly commit is not there yet \
+         (a publish in progress); load again shortly"
+            .into(),
+    ))
+}
+
+/// `daily` at version `v` (itself when it is there already).
+async fn open_daily(lake: &Lake, daily: DeltaTable, v: u64) -> Result<DeltaTable> {
+    if daily.version() == Some(v) {
+        Ok(daily)
+    } else {
+        lake.open_at_version(Table::MetricsDaily, v).await
+    }
 }
 
 /// Which table's changes to read.

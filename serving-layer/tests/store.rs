@@ -543,3 +543,86 @@ async fn values_of_a_load_killed_before_publishing_are_never_read() {
     assert_eq!(body["buckets"][3]["source"], "batch", "{body}");
     assert_eq!(body["buckets"][3]["orders"], 0, "{body}");
 }
+
+/// A run killed between its `metrics_daily` and `metrics_hourly` commits: a
+/// load then keeps the daily table as it was before that run (never the run's
+/// daily rows beside the hourly rows of the run before), and takes both once
+/// the next run has published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_never_pairs_a_runs_daily_rows_with_older_hourly_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let store = tally_common::serving_store::EmbeddedServingStore::new();
+    let load_options = LoadOptions {
+        flip_guard: Duration::ZERO,
+        ..LoadOptions::default()
+    };
+    let events = generate(11, 600, 3, START_MS, 24);
+    let now = (START_MS + 86_400_000 + 30 * 60_000) * 1000;
+    archive(&lake, "first", &events, now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    load(&lake, &store, &load_options).await.unwrap();
+    let before = store.state().await.unwrap().unwrap();
+
+    // a late event of the closed day; the run that takes it in is killed after
+    // its metrics_daily commit (its second of three)
+    let late = TestEvent {
+        event_id: "late".into(),
+        merchant_id: "m1".into(),
+        kind: "order",
+        ts_ms: START_MS + 5 * 3_600_000,
+        amount: Some(7),
+        customer_id: None,
+    };
+    archive(&lake, "late", &[late], now).await;
+    let killed_lake = lake.clone();
+    let killed = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let run = BatchRun::new(&killed_lake)
+            .now(now)
+            .lease_expiry(Duration::from_secs(1))
+            .on_progress(|done, total| {
+                if done == total - 1 {
+                    panic!("killed after the metrics_daily commit (expected by the test)");
+                }
+            });
+        rt.block_on(run.execute())
+    })
+    .join();
+    assert!(killed.is_err(), "the run was not killed");
+    let daily = lake
+        .open(tally_common::lake::Table::MetricsDaily)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        daily.version().map(|v| v as i64) > before.daily_version,
+        "the killed run's daily commit landed"
+    );
+
+    let report = load(&lake, &store, &load_options).await.unwrap();
+    assert_eq!(report.daily_version, before.daily_version, "{report:?}");
+    assert_eq!(report.hourly_version, before.hourly_version, "{report:?}");
+
+    // the next run publishes both; the load takes both
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    let report = load(&lake, &store, &load_options).await.unwrap();
+    let daily = lake
+        .open(tally_common::lake::Table::MetricsDaily)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        report.daily_version,
+        daily.version().map(|v| v as i64),
+        "{report:?}"
+    );
+    assert!(
+        report.dates.contains(&"2025-11-24".to_string()),
+        "{report:?}"
+    );
+}
