@@ -1,11 +1,11 @@
 //! The batch layer's writes: query output shaped to the metric tables'
 //! schemas ([`MetricTable`]); a run's publish, one commit per table
-//! ([`publish_customer_hours`], [`publish_rows`]: a new file sorted by merchant
+//! (`publish_customer_hours`, `publish_rows`: a new file sorted by merchant
 //! and time per partition it touches, [`crate::layout`]); the compaction of a
-//! closed partition into one sorted file ([`compact_partition`]); commits that
-//! only record the run's transactions ([`record_only`]); and the rows a run
+//! closed partition into one sorted file (`compact_partition`); commits that
+//! only record the run's transactions (`record_only`); and the rows a run
 //! replaces, read back. Every commit here is made on the version read, with
-//! no retry ([`commit_exact`]): another writer's commit in between is a
+//! no retry (`commit_exact`): another writer's commit in between is a
 //! [`Error::Conflict`] for the run to resolve, never a silent merge.
 
 use std::sync::Arc;

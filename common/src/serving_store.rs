@@ -22,6 +22,12 @@
 //! from an older load into the same slot: it is read as "no rows" (that merchant
 //! had none in the newer load).
 //!
+//! Generations come from the store ([`ServingStore::next_generation`]) and are
+//! never reused, so values a load left behind when it died before publishing
+//! never match a later state. One load writes at a time (a lease), and a load
+//! waits a guard time after the last publish before it writes slots or drops
+//! dates, longer than readers keep a state the store has not confirmed.
+//!
 //! A store that lost its data (a restart without persistence, a flush) lost its
 //! state too; readers then read the lake, and the next load fills the store
 //! again. Stores must never evict what a load wrote: the loader refuses a store

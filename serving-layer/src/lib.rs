@@ -49,8 +49,9 @@ pub struct ServeOptions {
     /// Where requests read the batch view.
     pub store: StoreChoice,
     /// How long a serving store's state is read after the store last confirmed
-    /// it (a store that stops answering leaves requests to the lake after this);
-    /// a load waits twice this before overwriting slots readers may use.
+    /// it (a store that stops answering leaves requests to the lake after
+    /// this). Must stay below the loaders' [`LoadOptions::flip_guard`] (10 s),
+    /// the time a load waits after a publish before overwriting slots.
     pub state_max_age: Duration,
     /// UTC dates the embedded serving store keeps ([`LoadOptions::window_days`]).
     pub window_days: u32,
