@@ -21,7 +21,7 @@ use tally_common::bucket::now_micros;
 use tally_common::config::{LakeArgs, SpeedArgs};
 use tally_common::source::SourceId;
 use tally_speed_layer::SpeedStore;
-use tally_stream::{kinesis_client, KinesisProducer, LineBatch};
+use tally_stream::{kinesis_client, KinesisProducer, LineBatch, Salting};
 
 /// Events per Kinesis record (NDJSON lines of one merchant) that `tally ingest
 /// --kinesis` puts by default and `tally gen --kinesis` always puts.
@@ -36,6 +36,13 @@ pub struct IngestArgs {
     /// Put the events on this Kinesis stream instead of writing the lake.
     #[arg(long, value_name = "STREAM")]
     pub kinesis: Option<String>,
+    /// With --kinesis: salt the partition key of a merchant sending more than
+    /// this many events a second (`merchant_id#n`), so it spans shards; 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub salt_above: u64,
+    /// With --salt-above: salts per hot merchant (at most this many shards each).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=1024))]
+    pub salt_ways: u32,
     /// Stable name of the source for exactly-once reruns (default: the file's absolute path;
     /// required to make standard input rerunnable).
     #[arg(long)]
@@ -153,7 +160,11 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
 
 async fn put_on_kinesis(args: IngestArgs, stream: &str) -> anyhow::Result<()> {
     let mut input = open_input(&args)?;
-    let mut producer = KinesisProducer::new(kinesis_client().await, stream, args.events_per_record);
+    let mut producer = KinesisProducer::new(kinesis_client().await, stream, args.events_per_record)
+        .with_salting(Salting {
+            above_per_sec: args.salt_above,
+            ways: args.salt_ways,
+        });
     let bar = progress(input.size);
     let mut line = Vec::new();
     loop {
@@ -168,22 +179,26 @@ async fn put_on_kinesis(args: IngestArgs, stream: &str) -> anyhow::Result<()> {
     producer.flush_all().await?;
     bar.finish_and_clear();
     println!(
-        "ingest {} -> kinesis {stream}: {} events in {} records ({} entries retried)",
-        input.name, producer.events, producer.records, producer.retried
+        "ingest {} -> kinesis {stream}: {} events in {} records ({} with a salted key; {} entries retried)",
+        input.name, producer.events, producer.records, producer.salted_records, producer.retried
     );
     Ok(())
 }
 
 /// `tally gen --kinesis STREAM`: generated lines onto a stream, keeping to `--rate`.
 pub async fn generate_to_kinesis(args: &crate::gen::GenArgs, stream: &str) -> anyhow::Result<()> {
-    let mut producer = KinesisProducer::new(kinesis_client().await, stream, EVENTS_PER_RECORD);
+    let mut producer = KinesisProducer::new(kinesis_client().await, stream, EVENTS_PER_RECORD)
+        .with_salting(Salting {
+            above_per_sec: args.salt_above,
+            ways: args.salt_ways,
+        });
     let mut generator = crate::gen::Generator::new(args)?;
     producer
         .put_paced(|line| generator.next_into(line).then(|| generator.due()))
         .await?;
     println!(
-        "gen -> kinesis {stream}: {} events in {} records ({} entries retried)",
-        producer.events, producer.records, producer.retried
+        "gen -> kinesis {stream}: {} events in {} records ({} with a salted key; {} entries retried)",
+        producer.events, producer.records, producer.salted_records, producer.retried
     );
     Ok(())
 }

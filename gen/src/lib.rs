@@ -91,6 +91,13 @@ pub struct GenArgs {
     /// Put the events on this Kinesis stream instead.
     #[arg(long, value_name = "STREAM")]
     pub kinesis: Option<String>,
+    /// With --kinesis: salt the partition key of a merchant sending more than
+    /// this many events a second (`merchant_id#n`), so it spans shards; 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub salt_above: u64,
+    /// With --salt-above: salts per hot merchant (at most this many shards each).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=1024))]
+    pub salt_ways: u32,
 }
 
 impl Default for GenArgs {

@@ -28,7 +28,7 @@ mod sink;
 
 pub use consumer::{consume, ConsumeOptions, ConsumeStats, Consumer};
 pub use lines::LineBatch;
-pub use producer::KinesisProducer;
+pub use producer::{KinesisProducer, Salting};
 pub use sink::{RecordSink, SinkOutcome};
 pub use tally_common::source::Record;
 

@@ -2,6 +2,14 @@
 //! partition key is the merchant, so one merchant's events keep their order on
 //! one shard) and put with PutRecords, retrying only the entries that failed.
 //! `tally ingest --kinesis` and `tally gen --kinesis` use it.
+//!
+//! A merchant sending more than one shard takes (1 MB/s, about 6,000 events/s)
+//! can be **salted** ([`Salting`]): once its events in the current second pass
+//! the configured rate, its records get the partition key `merchant_id#n`
+//! (n < k, in turn) and an explicit hash key in the n-th k-th of the hash key
+//! space, so they spread over the shards. Nothing downstream reads the
+//! partition key (events carry their merchant), and exactly-once holds per
+//! shard, as for any merchant.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,6 +36,22 @@ pub struct KinesisProducer {
     pub records: u64,
     /// Entries PutRecords refused and that were sent again.
     pub retried: u64,
+    salting: Option<Salting>,
+    /// Events per merchant in the current second, and when it began.
+    rate: (std::time::Instant, HashMap<String, u64>),
+    /// Salted merchants and the salt their next record takes.
+    hot: HashMap<String, u32>,
+    /// Records put with a salted key.
+    pub salted_records: u64,
+}
+
+/// When and how a hot merchant's partition key is salted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Salting {
+    /// Events per second of one merchant above which its key is salted.
+    pub above_per_sec: u64,
+    /// Salts (`merchant_id#0` .. `#k-1`): at most this many shards per merchant.
+    pub ways: u32,
 }
 
 /// The partition key of a line: its merchant id, or a fixed key for unparsable lines
@@ -45,6 +69,26 @@ pub fn partition_key(line: &[u8]) -> String {
         .map_or_else(|| "_unkeyed".to_string(), |m| m.into_owned())
 }
 
+/// The explicit hash key of a salted partition key `merchant#n`: a point in
+/// the n-th of `ways` equal slices of Kinesis's 128-bit hash key space
+/// (offset within the slice by the merchant), so the salts of one merchant
+/// land on different shards of an evenly split stream. None for a key that is
+/// not salted (Kinesis hashes it, MD5, as usual).
+pub fn salted_hash_key(key: &str, ways: u32) -> Option<String> {
+    use std::hash::{Hash as _, Hasher as _};
+    let (merchant, n) = key.rsplit_once('#')?;
+    let n: u128 = n.parse().ok()?;
+    let ways = u128::from(ways.max(1));
+    if n >= ways {
+        return None;
+    }
+    let slice = u128::MAX / ways;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    merchant.hash(&mut h);
+    let offset = u128::from(h.finish()) % slice.max(1);
+    Some((n * slice + offset).to_string())
+}
+
 impl KinesisProducer {
     /// A producer onto `stream` putting records of at most `per_record` events
     /// (NDJSON lines of one merchant; at least 1).
@@ -58,7 +102,44 @@ impl KinesisProducer {
             events: 0,
             records: 0,
             retried: 0,
+            salting: None,
+            rate: (std::time::Instant::now(), HashMap::new()),
+            hot: HashMap::new(),
+            salted_records: 0,
         }
+    }
+
+    /// Salt the keys of merchants sending faster than `salting` says (once
+    /// salted, a merchant stays salted for the producer's life).
+    pub fn with_salting(mut self, salting: Salting) -> Self {
+        self.salting = Some(salting).filter(|s| s.ways > 1 && s.above_per_sec > 0);
+        self
+    }
+
+    /// The partition key for the next event of `merchant_key`: the key itself,
+    /// or, for a hot merchant, its next salted key.
+    fn key_for(&mut self, merchant_key: String) -> String {
+        let Some(salting) = self.salting else {
+            return merchant_key;
+        };
+        if !self.hot.contains_key(&merchant_key) {
+            let (since, counts) = &mut self.rate;
+            if since.elapsed() >= Duration::from_secs(1) {
+                *since = std::time::Instant::now();
+                counts.clear();
+            }
+            let n = counts.entry(merchant_key.clone()).or_default();
+            *n += 1;
+            if *n <= salting.above_per_sec {
+                return merchant_key;
+            }
+            tracing::info!(merchant = %merchant_key, ways = salting.ways, "salting a hot merchant's partition key");
+            self.hot.insert(merchant_key.clone(), 0);
+        }
+        let next = self.hot.entry(merchant_key.clone()).or_default();
+        let n = *next;
+        *next = (n + 1) % salting.ways;
+        format!("{merchant_key}#{n}")
     }
 
     /// Take one NDJSON line (blank lines are dropped; a missing newline is
@@ -67,7 +148,7 @@ impl KinesisProducer {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        let key = partition_key(line);
+        let key = self.key_for(partition_key(line));
         let entry = self.open.entry(key.clone()).or_default();
         entry.0.extend_from_slice(line);
         if !line.ends_with(b"\n") {
@@ -136,6 +217,8 @@ impl KinesisProducer {
             take += 1;
         }
         let mut pending: Vec<(String, Vec<u8>)> = self.ready.drain(..take).collect();
+        // merchant ids never hold '#' (the decoder refuses them): a salted key
+        self.salted_records += pending.iter().filter(|(k, _)| k.contains('#')).count() as u64;
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=10 {
             let sent = pending.len();
@@ -144,6 +227,9 @@ impl KinesisProducer {
                 .map(|(k, d)| {
                     PutRecordsRequestEntry::builder()
                         .partition_key(k)
+                        .set_explicit_hash_key(
+                            self.salting.and_then(|s| salted_hash_key(k, s.ways)),
+                        )
                         .data(Blob::new(d.clone()))
                         .build()
                 })
@@ -204,7 +290,20 @@ impl KinesisProducer {
 
 #[cfg(test)]
 mod tests {
-    use super::partition_key;
+    #[test]
+    fn salted_keys_land_in_their_own_slice_of_the_hash_key_space() {
+        for n in 0..4u128 {
+            let k: u128 = salted_hash_key(&format!("m_7#{n}"), 4)
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(k / (u128::MAX / 4), n);
+        }
+        assert_eq!(salted_hash_key("m_7", 4), None);
+        assert_eq!(salted_hash_key("m_7#4", 4), None);
+    }
+
+    use super::{partition_key, salted_hash_key};
 
     #[test]
     fn lines_are_keyed_by_merchant_and_unparsable_ones_share_a_key() {

@@ -293,3 +293,67 @@ async fn a_split_shard_and_expired_iterators_count_every_event_once() {
     let all: Vec<TestEvent> = before.iter().chain(after.iter()).cloned().collect();
     assert_view(&store, &expected(&all)).await;
 }
+
+/// A hot merchant's partition key salted by the producer (`m#n`) spreads its
+/// records over all four shards; each shard's records delivered twice (a
+/// Lambda retry on every shard) still count every event once.
+#[tokio::test]
+async fn a_salted_hot_merchant_spans_four_shards_and_counts_once() {
+    let moto = MotoServer::start();
+    let redis = RedisServer::start();
+    let client = client(&moto);
+    client
+        .create_stream()
+        .stream_name(STREAM)
+        .shard_count(4)
+        .send()
+        .await
+        .unwrap();
+    // 2,000 events of one merchant among 1,000 of 20 others
+    let mut events = generate(51, 1_000, 20, START_MS, 2);
+    events.extend(
+        generate(52, 2_000, 1, START_MS, 2)
+            .into_iter()
+            .map(|mut e| {
+                e.merchant_id = "mhot".into();
+                e
+            }),
+    );
+    let mut producer = tally_stream::KinesisProducer::new(client.clone(), STREAM, 25).with_salting(
+        tally_stream::Salting {
+            above_per_sec: 100,
+            ways: 4,
+        },
+    );
+    for e in &events {
+        producer
+            .push_line(e.to_line(true).as_bytes())
+            .await
+            .unwrap();
+    }
+    producer.flush_all().await.unwrap();
+    assert!(producer.salted_records > 0);
+
+    let shard_events = lambda_events(&client).await;
+    let hot_shards = shard_events
+        .iter()
+        .filter(|ev| {
+            ev.records
+                .iter()
+                .any(|r| r.kinesis.partition_key.starts_with("mhot#"))
+        })
+        .count();
+    assert_eq!(
+        hot_shards, 4,
+        "the hot merchant's salted records are on every shard"
+    );
+    let store = SpeedStore::Redis(RedisStore::connect(&redis.url(), 3600).await.unwrap());
+    let sink = SpeedSink(store.clone());
+    for event in &shard_events {
+        for _ in 0..2 {
+            let resp = kinesis_event::handle(&sink, event).await;
+            assert!(resp.batch_item_failures.is_empty());
+        }
+    }
+    assert_view(&store, &expected(&events)).await;
+}
