@@ -10,7 +10,7 @@ set -euo pipefail
 VENV="${TALLY_VENV:-$HOME/.cache/tally/venv}"
 # tzdata: the IANA database for Python's zoneinfo where the system has none
 # (the calendar tests compare tally's buckets with zoneinfo's)
-PY_PACKAGES=("moto[server]>=5.2.5,<5.3" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow" "schemathesis>=4.3,<5" "tzdata")
+PY_PACKAGES=("moto[server]>=5.2.5,<5.3" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow" "schemathesis>=4.3,<5" "tzdata" "aws-kinesis-agg>=1.2,<2")
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "install-services: installing redis-server (apt-get)"
@@ -43,7 +43,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import moto, deltalake, duckdb, pyarrow, flask_cors, schemathesis, tzdata; assert moto.__version__.startswith("5.2.")' >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c 'import moto, deltalake, duckdb, pyarrow, flask_cors, schemathesis, tzdata, aws_kinesis_agg; assert moto.__version__.startswith("5.2.")' >/dev/null 2>&1; then
   echo "install-services: installing ${PY_PACKAGES[*]} into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi

@@ -354,10 +354,15 @@ impl<K: RecordSink> Consumer<K> {
         let n = records.len();
         if n > 0 {
             let source = SourceId::kinesis(&self.stream, id);
+            // KPL aggregated records become their user records' lines
+            let payloads: Vec<_> = records
+                .iter()
+                .map(|r| crate::kpl::payload(r.data.as_ref()))
+                .collect();
             let mut input = Vec::with_capacity(n);
-            for r in &records {
+            for (r, data) in records.iter().zip(&payloads) {
                 let pos = Position::parse(&r.sequence_number)?;
-                input.push(Record::new(pos, r.data.as_ref()));
+                input.push(Record::new(pos, data));
             }
             let now = now_micros();
             let outcome = self

@@ -25,7 +25,13 @@ struct ShardBatch<'a> {
 pub async fn handle<K: RecordSink>(sink: &K, event: &KinesisEvent) -> KinesisEventResponse {
     let mut response = KinesisEventResponse::default();
     let mut shards: Vec<ShardBatch<'_>> = Vec::new();
-    for rec in &event.records {
+    // KPL aggregated records become their user records' lines
+    let payloads: Vec<_> = event
+        .records
+        .iter()
+        .map(|r| crate::kpl::payload(&r.kinesis.data.0))
+        .collect();
+    for (rec, data) in event.records.iter().zip(&payloads) {
         let source =
             SourceId::kinesis_from_lambda(rec.event_source_arn.as_deref(), rec.event_id.as_deref());
         let seq = &rec.kinesis.sequence_number;
@@ -34,7 +40,7 @@ pub async fn handle<K: RecordSink>(sink: &K, event: &KinesisEvent) -> KinesisEve
             response.add_failure(seq.clone());
             continue;
         };
-        let record = Record::new(position, &rec.kinesis.data.0);
+        let record = Record::new(position, data);
         match shards.iter_mut().find(|s| s.source == source) {
             Some(shard) => shard.records.push(record),
             None => shards.push(ShardBatch {

@@ -22,6 +22,7 @@
 
 pub mod consumer;
 pub mod kinesis_event;
+pub mod kpl;
 pub mod lines;
 pub mod producer;
 mod sink;

@@ -357,3 +357,110 @@ async fn a_salted_hot_merchant_spans_four_shards_and_counts_once() {
     }
     assert_view(&store, &expected(&events)).await;
 }
+
+/// KPL aggregated records, made by an independent implementation (PyPI's
+/// `aws-kinesis-agg`) and put on the emulator's stream with boto3, plus one
+/// whose MD5 digest is broken: the consumer and the Lambda handler (every
+/// event delivered twice) count each user record's events once, and the
+/// broken record is rejected (for quarantine), not dropped silently.
+#[tokio::test]
+async fn kpl_aggregated_records_from_an_independent_producer_count_once() {
+    let moto = MotoServer::start();
+    let redis_a = RedisServer::start();
+    let redis_b = RedisServer::start();
+    let client = client(&moto);
+    client
+        .create_stream()
+        .stream_name(STREAM)
+        .shard_count(2)
+        .send()
+        .await
+        .unwrap();
+    let events = generate(61, 1_500, 12, START_MS, 2);
+    let lines: String = events.iter().map(|e| e.to_line(true) + "\n").collect();
+    let script = r#"
+import sys, boto3
+from aws_kinesis_agg.aggregator import RecordAggregator
+kinesis = boto3.client("kinesis", endpoint_url=sys.argv[1], region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+def put(rec, corrupt=False):
+    pk, ehk, data = rec.get_contents()
+    if corrupt:
+        data = data[:-1] + bytes([data[-1] ^ 1])
+    kinesis.put_record(StreamName=sys.argv[2], Data=data, PartitionKey=pk)
+agg = RecordAggregator()
+n = 0
+for line in sys.stdin:
+    merchant = line.split('"merchant_id":"', 1)[1].split('"', 1)[0]
+    # one user record per line, flushed every 40 (or when the aggregator is full)
+    full = agg.add_user_record(merchant, line.encode())
+    if full:
+        put(full); n += 1
+    if agg.get_num_user_records() >= 40:
+        put(agg.clear_and_get()); n += 1
+if agg.get_num_user_records():
+    put(agg.clear_and_get()); n += 1
+bad = RecordAggregator()
+bad.add_user_record("m_bad", b'{"event_id":"x"}\n')
+put(bad.clear_and_get(), corrupt=True)
+print(n)
+"#;
+    let mut child = std::process::Command::new(tally_testkit::venv_python())
+        .arg("-c")
+        .arg(script)
+        .arg(moto.endpoint())
+        .arg(STREAM)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python from the test venv (scripts/install-services.sh)");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "aggregating with aws-kinesis-agg (scripts/install-services.sh installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let aggregated: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(
+        aggregated > 10 && aggregated < 1_500,
+        "{aggregated} aggregated records"
+    );
+
+    // the consumer
+    let store_a = SpeedStore::Redis(RedisStore::connect(&redis_a.url(), 3600).await.unwrap());
+    let stats = Consumer::new(
+        client.clone(),
+        STREAM,
+        SpeedSink(store_a.clone()),
+        ConsumeOptions {
+            until_caught_up: true,
+            ..Default::default()
+        },
+    )
+    .run(Shutdown::never())
+    .await
+    .unwrap();
+    assert_eq!(stats.records as usize, aggregated + 1);
+    assert_eq!(stats.accepted, 1_500);
+    assert_eq!(stats.rejected, 1, "the broken record, for quarantine");
+    assert_view(&store_a, &expected(&events)).await;
+
+    // the Lambda handler, every event twice
+    let store_b = SpeedStore::Redis(RedisStore::connect(&redis_b.url(), 3600).await.unwrap());
+    let sink_b = SpeedSink(store_b.clone());
+    for event in lambda_events(&client).await {
+        for _ in 0..2 {
+            let resp = kinesis_event::handle(&sink_b, &event).await;
+            assert!(resp.batch_item_failures.is_empty());
+        }
+    }
+    assert_view(&store_b, &expected(&events)).await;
+}
