@@ -95,15 +95,23 @@ impl BatchSnapshot {
         self.watermark
     }
 
+    /// Whether this snapshot has a serving store whose state has not been
+    /// confirmed for too long (a Lambda container thawed after idling: its
+    /// background refresher did not run while frozen).
+    pub fn store_unconfirmed(&self) -> bool {
+        self.served.as_ref().is_some_and(|s| !s.fresh())
+    }
+
     /// Whether the lake's tables are still to be opened.
     pub fn lake_pending(&self) -> bool {
         self.lake_pending
     }
 
-    /// Whether [`BatchSnapshot::read`] of these ranges needs the lake (dates the
-    /// serving store does not hold, or no fresh store state).
+    /// Whether [`BatchSnapshot::read`] of these ranges needs the lake: dates
+    /// the serving store does not hold, or no store (whether the store's state
+    /// is fresh is [`BatchSnapshot::store_unconfirmed`]'s question).
     pub fn needs_lake(&self, hourly: Option<(i64, i64)>, daily: Option<(i64, i64)>) -> bool {
-        let Some(served) = self.served.as_ref().filter(|s| s.fresh()) else {
+        let Some(served) = self.served.as_ref() else {
             return true;
         };
         [hourly, daily].into_iter().flatten().any(|(a, b)| {
@@ -479,20 +487,28 @@ impl BatchView {
 
     /// Look for new versions of the tables now; returns whether the snapshot changed.
     pub async fn refresh(&self) -> Result<bool> {
+        self.refresh_opening(true).await
+    }
+
+    /// [`BatchView::refresh`]; with `open_lake` false, a snapshot whose lake
+    /// tables are not open yet only has its store's state confirmed (a
+    /// request that needs no history outside the store).
+    pub(crate) async fn refresh_opening(&self, open_lake: bool) -> Result<bool> {
         let _one_at_a_time = self.refreshing.lock().await;
-        let result = match tokio::time::timeout(REFRESH_TIMEOUT, self.refresh_inner()).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout(format!(
-                "the lake did not answer within {REFRESH_TIMEOUT:?}"
-            ))),
-        };
+        let result =
+            match tokio::time::timeout(REFRESH_TIMEOUT, self.refresh_inner(open_lake)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout(format!(
+                    "the lake did not answer within {REFRESH_TIMEOUT:?}"
+                ))),
+            };
         if let Ok(mut last) = self.last_error.write() {
             *last = result.as_ref().err().map(ToString::to_string);
         }
         result
     }
 
-    async fn refresh_inner(&self) -> Result<bool> {
+    async fn refresh_inner(&self, open_lake: bool) -> Result<bool> {
         let current = self.snapshot();
         // the state is known current as of when it was asked for, not answered
         let asked_at = now_micros();
@@ -503,7 +519,7 @@ impl BatchView {
         if let (Some(state), Some(cur)) = (&state, &current) {
             if let Some(served) = cur.served.as_ref().filter(|s| s.state.load == state.load) {
                 served.confirmed_at.store(asked_at, Ordering::Relaxed);
-                if !cur.lake_pending {
+                if !cur.lake_pending || !open_lake {
                     return Ok(false);
                 }
             }

@@ -75,11 +75,17 @@ pub(crate) async fn metrics(
     // up to the decoder's allowance ahead of now
     let horizon = hour_floor(now_micros() + tally_common::decode::MAX_FUTURE_MICROS);
     let mut plan = Plan::new(range, snapshot.watermark(), horizon);
-    if snapshot.lake_pending() && snapshot.needs_lake(plan.hourly, plan.daily) {
-        // a process that just started: open the lake's tables now (a failure
-        // leaves the snapshot pending, answered 503 below)
-        if let Err(e) = state.inner.batch.refresh().await {
-            tracing::warn!(error = %e, "opening the lake's tables failed");
+    let open_lake = snapshot.lake_pending() && snapshot.needs_lake(plan.hourly, plan.daily);
+    if snapshot.store_unconfirmed() || open_lake {
+        // the store's state not confirmed lately (a Lambda container thawed:
+        // one Redis read confirms it), or a process that just started needing
+        // the lake's tables; a failure leaves the lake to answer (or 503)
+        let wait = state.inner.options.speed_timeout;
+        let refresh = state.inner.batch.refresh_opening(open_lake);
+        match tokio::time::timeout(wait, refresh).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "refreshing the batch view failed"),
+            Err(_) => tracing::warn!(?wait, "refreshing the batch view took too long"),
         }
         if let Some(s) = state.inner.batch.snapshot() {
             snapshot = s;

@@ -377,6 +377,47 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
         proxy.requests() > before,
         "history outside the window is read from the lake"
     );
+
+    // a process whose refresher did not run for a while (a Lambda container
+    // thawed after idling): the first request confirms the store's state with
+    // one Redis read, not by reading the lake
+    let idle = AppState::new(
+        lakes.s3.clone(),
+        auth(),
+        speed.clone(),
+        ServeOptions {
+            state_max_age: Duration::from_millis(200),
+            ..options(StoreChoice::Shared(std::sync::Arc::new(store.clone())))
+        },
+    )
+    .await
+    .unwrap();
+    let idle = router(idle);
+    // the merchants' three days of hours: dates the store holds
+    let in_store = |app: Router| async move {
+        let from = START_MS * 1000;
+        let mut out = Vec::new();
+        for m in 0..MERCHANTS {
+            let m = format!("m{m}");
+            let uri = format!(
+                "/v1/merchants/{m}/metrics?from={}&to={}&granularity=hour",
+                format_ts(from),
+                format_ts(from + 3 * MICROS_PER_DAY)
+            );
+            out.push(get(&app, &uri, &m).await.1);
+        }
+        out
+    };
+    let want: Vec<Value> = second.iter().step_by(3).cloned().collect();
+    assert_eq!(in_store(idle.clone()).await, want);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before = proxy.requests();
+    assert_eq!(in_store(idle.clone()).await, want);
+    assert_eq!(
+        proxy.requests(),
+        before,
+        "a thawed process read the object store"
+    );
 }
 
 /// A load of a store that may evict any key is refused, with the fix named.
