@@ -96,7 +96,7 @@ pub async fn run(
 
 /// The batch state machine's Load step: bring the serving store in Redis up to
 /// the metric tables' newest versions, at most `"max_dates"` dates (default 40)
-/// per invocation; answers the load's report, whose `complete` tells the state
+/// and starting no date after `"time_budget_secs"` (default 600) per invocation; answers the load's report, whose `complete` tells the state
 /// machine whether to load again.
 async fn load_step(
     lake: &tally_common::lake::Lake,
@@ -127,6 +127,11 @@ async fn load_step(
                 .and_then(|d| usize::try_from(d).ok())
                 .unwrap_or(40),
         ),
+        // well inside the function's 900 s: a date takes about a minute at
+        // 1 M merchants; the state machine loads again while not complete
+        time_budget: Some(std::time::Duration::from_secs(
+            payload["time_budget_secs"].as_u64().unwrap_or(600),
+        )),
         ..Default::default()
     };
     let report = tally_serving_layer::load(lake, &r.serving_store(), &options).await?;

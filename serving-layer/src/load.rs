@@ -58,6 +58,10 @@ pub struct LoadOptions {
     /// whose rows changed are never left stale: beyond the budget they are
     /// dropped from the store until loaded.
     pub max_dates: Option<usize>,
+    /// Stop starting new dates after this long (None: no limit) and publish
+    /// what is loaded, like `max_dates`: a Lambda invocation ends well inside
+    /// its timeout, and the state machine loads again while not complete.
+    pub time_budget: Option<Duration>,
     /// How long after the last publish a load may overwrite slots or drop
     /// dates: longer than readers keep a state the store has not confirmed
     /// (`ServeOptions::state_max_age`, 5 s by default) plus a request's time.
@@ -71,6 +75,7 @@ impl Default for LoadOptions {
         LoadOptions {
             window_days: 35,
             max_dates: None,
+            time_budget: None,
             flip_guard: Duration::from_secs(10),
             memory_limit: 512 * 1024 * 1024,
         }
@@ -128,8 +133,10 @@ pub async fn load(
     result
 }
 
-/// How long a loader's lease lasts without renewal (renewed between dates).
-const LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long a loader's lease lasts without renewal (renewed before each date,
+/// which takes about a minute at 1 M merchants): a killed load blocks the next
+/// one at most this long.
+const LEASE_TTL: Duration = Duration::from_secs(5 * 60);
 
 async fn load_leased(
     lake: &Lake,
@@ -250,7 +257,14 @@ async fn load_leased(
     if let Some(t) = &daily {
         register(&ctx, Table::MetricsDaily.name(), t).await?;
     }
-    for &day in &to_load {
+    for (i, &day) in to_load.iter().enumerate() {
+        if options.time_budget.is_some_and(|b| started.elapsed() > b) && i > 0 {
+            // out of time: the rest go to the lake until a next load
+            for d in &to_load[i..] {
+                dates.remove(d);
+            }
+            break;
+        }
         if !store.lease(holder, LEASE_TTL).await? {
             return Err(Error::Conflict(format!(
                 "this load's lease of {} ran out and another load took it; load again",

@@ -439,6 +439,23 @@ async fn a_store_that_may_evict_is_refused() {
         .unwrap();
     let err = speed.serving_store().check_retention().await.unwrap_err();
     assert!(err.to_string().contains("noeviction"), "{err}");
+    // a volatile policy could evict the lease
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(speed.serving_store().check_retention().await.is_err());
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    speed.serving_store().check_retention().await.unwrap();
 }
 
 /// A store whose publish fails while `fail` is set: a load that dies after
@@ -666,4 +683,32 @@ async fn a_load_never_pairs_a_runs_daily_rows_with_older_hourly_rows() {
         report.dates.contains(&"2025-11-24".to_string()),
         "{report:?}"
     );
+}
+
+/// A load with a time budget publishes what it loaded and says it is not
+/// complete; the next loads go on from there (what the state machine's Load
+/// loop does on Lambda).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_out_of_time_publishes_what_it_has_and_the_next_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let store = tally_common::serving_store::EmbeddedServingStore::new();
+    let events = generate(12, 300, 3, START_MS, 48);
+    let now = (START_MS + 2 * 86_400_000 + 30 * 60_000) * 1000;
+    archive(&lake, "first", &events, now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    let options = LoadOptions {
+        flip_guard: Duration::ZERO,
+        window_days: 4,
+        time_budget: Some(Duration::ZERO),
+        ..LoadOptions::default()
+    };
+    for n in 1..=4 {
+        let report = load(&lake, &store, &options).await.unwrap();
+        assert_eq!(report.dates.len(), 1, "one date a call: {report:?}");
+        assert_eq!(report.complete, n == 4, "{report:?}");
+        assert_eq!(store.state().await.unwrap().unwrap().dates.len(), n);
+    }
+    let report = load(&lake, &store, &options).await.unwrap();
+    assert!(report.dates.is_empty() && report.complete, "{report:?}");
 }

@@ -2,20 +2,24 @@
 //! reads, beside the speed view on the same server (see
 //! [`tally_common::serving_store`] for the model).
 //!
-//! Keys, all without a TTL (a load removes what leaves its window):
+//! Keys (without a TTL unless said; a load removes what leaves its window):
 //!
 //! - `tally:sv1:{m}:YYYY-MM`: a hash per merchant and UTC month; field `DD.s`
 //!   (day of month, slot) holds the merchant's encoded
 //!   [`DayRows`](tally_common::serving_store::DayRows) of that date. The hash tag
 //!   `{m}` is the speed view's, so one merchant's reads of both land on one
 //!   cluster slot.
-//! - `tally:sv1:state`: a hash, `load` (the load number) and `json` (the
-//!   [`StoreState`]), replaced only by a compare-and-set script on `load`.
+//! - `tally:sv1:state`: a hash, `load` (the generation of the load that
+//!   published it) and `json` (the [`StoreState`]), replaced only by a
+//!   compare-and-set script on `load`.
+//! - `tally:sv1:generation`: the generation counter (`INCR`).
+//! - `tally:sv1:lease`: the loader holding the lease, with a TTL (renewed by
+//!   its holder before each date).
 //!
-//! The server must not evict these keys: with `maxmemory-policy` over all keys
-//! (`allkeys-*`) a missing value could be an eviction, not "no rows", so
-//! [`ServingStore::check_retention`] refuses it (`noeviction`, as deployed, or a
-//! `volatile-*` policy only evicts keys with a TTL, which these have not).
+//! The server must not evict these keys: a missing value could be an
+//! eviction, not "no rows", and an evicted lease would let two loads overlap,
+//! so [`ServingStore::check_retention`] refuses any `maxmemory-policy` but
+//! `noeviction` (as `infra/terraform/redis.tf` deploys).
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
@@ -319,10 +323,10 @@ impl ServingStore for RedisServingStore {
         Box::pin(async move {
             let info = self.info("memory").await?;
             match info_field(&info, "maxmemory_policy") {
-                Some(p) if p.starts_with("allkeys-") => Err(Error::config(format!(
-                    "Redis at {} may evict any key (maxmemory-policy {p}): the serving store \
-                     would take an evicted merchant-date for one without rows. Set \
-                     maxmemory-policy noeviction (or a volatile-* policy)",
+                Some(p) if p != "noeviction" => Err(Error::config(format!(
+                    "Redis at {} may evict keys (maxmemory-policy {p}): the serving store would \
+                     take an evicted merchant-date for one without rows, and an evicted lease \
+                     would let two loads overlap. Set maxmemory-policy noeviction",
                     self.shown
                 ))),
                 _ => Ok(()),
