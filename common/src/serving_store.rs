@@ -18,9 +18,9 @@
 //! with the table versions and the batch watermark it reflects. Readers take the
 //! state first and then read only live slots, so a reprocess that rewrites a month
 //! changes every date of it at once for readers, and a watermark is never seen
-//! ahead of its rows. A value whose generation differs from the state's is left
-//! from an older load into the same slot: it is read as "no rows" (that merchant
-//! had none in the newer load).
+//! ahead of its rows. A value whose generation differs from its date's entry
+//! in the state is left from an older load into the same slot: it is read as
+//! "no rows" (that merchant had none in the newer load).
 //!
 //! Generations come from the store ([`ServingStore::next_generation`]) and are
 //! never reused, so values a load left behind when it died before publishing

@@ -46,12 +46,15 @@ resource "aws_elasticache_subnet_group" "redis" {
 resource "aws_elasticache_parameter_group" "redis" {
   name        = "${var.name}-redis7"
   family      = "redis7"
-  description = "tally speed view"
+  description = "tally speed view and serving store"
 
   # Never evict: an evicted counter is a silent loss that readers cannot tell
-  # from "no events" (the view key only reveals a server that lost everything).
-  # A full server refuses writes instead; the speed consumers retry and lag,
-  # the memory alarm fires, and every key still expires by its TTL.
+  # from "no events" (the view key only reveals a server that lost everything),
+  # and an evicted serving-store value would read as "no rows" (the loader
+  # refuses any other policy). A full server refuses writes instead; the speed
+  # consumers retry and lag, a load fails (the API keeps the last one), the
+  # memory alarm fires. Speed-view keys expire by their TTL; the serving
+  # store's are removed by the loads as dates leave serving_window_days.
   parameter {
     name  = "maxmemory-policy"
     value = "noeviction"

@@ -3,7 +3,8 @@
 //! one shard) and put with PutRecords, retrying only the entries that failed.
 //! `tally ingest --kinesis` and `tally gen --kinesis` use it.
 //!
-//! A merchant sending more than one shard takes (1 MB/s, about 6,000 events/s)
+//! A merchant sending more than one shard takes (1 MB/s, about 6,700 events/s
+//! at 150 bytes)
 //! can be **salted** ([`Salting`]): once its events in the current second pass
 //! the configured rate, its records get the partition key `merchant_id#n`
 //! (n < k, in turn) and an explicit hash key in the n-th k-th of the hash key
