@@ -456,6 +456,16 @@ async fn a_store_that_may_evict_is_refused() {
         .await
         .unwrap();
     speed.serving_store().check_retention().await.unwrap();
+    // nor one so full that a load would crowd out the speed view
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1000000")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let err = speed.serving_store().check_retention().await.unwrap_err();
+    assert!(err.to_string().contains("full"), "{err}");
 }
 
 /// A store whose publish fails while `fail` is set: a load that dies after

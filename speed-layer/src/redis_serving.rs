@@ -64,6 +64,10 @@ redis.call('HSET', KEYS[1], 'load', ARGV[2], 'json', ARGV[3])
 return 1
 "#;
 
+/// A load does not start on a server whose memory is this full (percent of
+/// `maxmemory`).
+const FULL_PERCENT: u64 = 85;
+
 /// Keys scanned per `SCAN` call when dropping old months.
 const SCAN_COUNT: usize = 1000;
 
@@ -329,7 +333,24 @@ impl ServingStore for RedisServingStore {
                      would let two loads overlap. Set maxmemory-policy noeviction",
                     self.shown
                 ))),
-                _ => Ok(()),
+                _ => {
+                    // the speed view shares this server: a load must not fill it
+                    // (at maxmemory, noeviction refuses the speed layer's writes too)
+                    let field = |n: &str| info_field(&info, n).and_then(|v| v.parse::<u64>().ok());
+                    match (field("used_memory"), field("maxmemory")) {
+                        (Some(used), Some(max)) if max > 0 && used * 100 >= max * FULL_PERCENT => {
+                            Err(Error::serving(format!(
+                                "Redis at {} is {}% full ({used} of {max} bytes): loading the \
+                                 serving store could crowd out the speed view. Grow the node, or \
+                                 shorten the serving window (TALLY_SERVING_WINDOW_DAYS) or the \
+                                 speed TTL (docs/CAPACITY.md)",
+                                self.shown,
+                                used * 100 / max
+                            )))
+                        }
+                        _ => Ok(()),
+                    }
+                }
             }
         })
     }
