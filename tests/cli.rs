@@ -287,6 +287,20 @@ fn demo_serves_its_printed_queries_and_the_dashboard_renders() {
         dom.contains("data-loaded=\"true\""),
         "dashboard did not load data"
     );
+    // a card's header: orders add up over the hours, distinct customers do not
+    let header = |metric: &str| {
+        let at = dom
+            .find(&format!("data-metric=\"{metric}\""))
+            .unwrap_or_else(|| panic!("no {metric} card"));
+        let end = dom[at..].find("</h2>").map_or(dom.len(), |e| at + e);
+        dom[at..end].to_string()
+    };
+    assert!(header("orders").contains("total"), "{}", header("orders"));
+    assert!(
+        !header("unique_customers").contains("total"),
+        "unique customers are never a sum: {}",
+        header("unique_customers")
+    );
     let bars = dom.matches("class=\"bar\"").count();
     assert!(
         bars >= 9 * 24,
