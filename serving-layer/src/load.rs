@@ -155,7 +155,7 @@ async fn load_leased(
         return Ok(report);
     };
     let daily = match lake.open(Table::MetricsDaily).await? {
-        Some(d) => Some(paired_daily(lake, &hourly, d).await?),
+        Some(d) => Some(paired_daily(lake, &hourly, d, previous.as_ref()).await?),
         None => None,
     };
     let hourly_version = hourly.version().map(|v| v as i64);
@@ -323,49 +323,66 @@ async fn load_leased(
 /// a run's daily commit has no hourly commit yet (a publish in progress, or one
 /// that died between the two, which the next run redoes), the store takes the
 /// daily table as it was before, so no state pairs a run's daily rows with the
-/// hourly rows of the run before. Errors: [`Error::Conflict`] when the daily
-/// log's last commits are all unpaired (load again shortly).
-async fn paired_daily(lake: &Lake, hourly: &DeltaTable, daily: DeltaTable) -> Result<DeltaTable> {
-    /// Hourly commits searched for a daily commit's run.
-    const HOURLY_LOOKBACK: u64 = 24;
-    /// Daily versions stepped back before giving up.
-    const DAILY_LOOKBACK: u64 = 3;
-    let (Some(h), Some(mut v)) = (hourly.version(), daily.version()) else {
+/// hourly rows of the run before.
+///
+/// Only commits since the `previous` load are read: a daily commit newer than
+/// the daily version it loaded belongs to a run whose hourly commit, if made,
+/// is newer than the hourly version it loaded. Without a usable previous
+/// state the last [`PAIRING_LOOKBACK`] commits of each table are read.
+/// Errors: reading the logs; [`Error::Conflict`] when no daily version within
+/// reach is paired (load again shortly).
+async fn paired_daily(
+    lake: &Lake,
+    hourly: &DeltaTable,
+    daily: DeltaTable,
+    previous: Option<&StoreState>,
+) -> Result<DeltaTable> {
+    let (Some(h), Some(newest)) = (hourly.version(), daily.version()) else {
         return Ok(daily);
     };
-    let mut runs_in_hourly: Option<BTreeSet<String>> = None;
-    for _ in 0..=DAILY_LOOKBACK {
-        let run = read_commit(&daily, v)
-            .await?
-            .and_then(|c| c.info[RUN_KEY].as_str().map(str::to_string));
-        let Some(run) = run else {
-            // not a batch run's commit (a restore, a compaction): nothing to pair
-            return open_daily(lake, daily, v).await;
-        };
-        if runs_in_hourly.is_none() {
-            let mut runs = BTreeSet::new();
-            for hv in h.saturating_sub(HOURLY_LOOKBACK)..=h {
-                if let Some(c) = read_commit(hourly, hv).await? {
-                    if let Some(r) = c.info[RUN_KEY].as_str() {
-                        runs.insert(r.to_string());
-                    }
-                }
-            }
-            runs_in_hourly = Some(runs);
-        }
-        if runs_in_hourly.as_ref().is_some_and(|r| r.contains(&run)) {
-            return open_daily(lake, daily, v).await;
-        }
-        let Some(before) = v.checked_sub(1) else {
-            break;
-        };
-        v = before;
+    let known = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+    // the previous state's daily version was paired when it was loaded
+    let paired_before = previous
+        .and_then(|p| known(p.daily_version))
+        .filter(|&d| d <= newest);
+    if paired_before == Some(newest) {
+        return Ok(daily);
     }
-    Err(Error::Conflict(
-        "metrics_daily has commits of runs whose metrics_hourly commit is not there yet \
-         (a publish in progress); load again shortly"
-            .into(),
-    ))
+    let hourly_from = previous
+        .and_then(|p| known(p.hourly_version))
+        .filter(|&v| v <= h)
+        .map_or(h.saturating_sub(PAIRING_LOOKBACK), |v| v + 1);
+    let mut runs = BTreeSet::new();
+    for v in hourly_from..=h {
+        if let Some(r) = read_commit(hourly, v).await?.and_then(|c| run_of(&c)) {
+            runs.insert(r);
+        }
+    }
+    let oldest = paired_before.map_or(newest.saturating_sub(PAIRING_LOOKBACK), |d| d + 1);
+    for v in (oldest..=newest).rev() {
+        match read_commit(&daily, v).await?.and_then(|c| run_of(&c)) {
+            // not a batch run's commit (a restore): nothing to pair
+            None => return open_daily(lake, daily, v).await,
+            Some(run) if runs.contains(&run) => return open_daily(lake, daily, v).await,
+            Some(_) => {}
+        }
+    }
+    match paired_before {
+        Some(d) => open_daily(lake, daily, d).await,
+        None => Err(Error::Conflict(
+            "metrics_daily's last commits are of runs whose metrics_hourly commit is not \
+             there yet (a publish in progress); load again shortly"
+                .into(),
+        )),
+    }
+}
+
+/// Commits of each table read back when pairing without a previous state.
+const PAIRING_LOOKBACK: u64 = 24;
+
+/// The batch run that made a commit, when a batch run did.
+fn run_of(commit: &tally_common::lake::Commit) -> Option<String> {
+    commit.info[RUN_KEY].as_str().map(str::to_string)
 }
 
 /// `daily` at version `v` (itself when it is there already).
