@@ -536,12 +536,7 @@ impl BatchView {
                     daily_files: None,
                     point_lookups: self.point_lookups.clone(),
                     watermark: state.watermark,
-                    served: Some(Served {
-                        store: Arc::clone(store),
-                        state: state.clone(),
-                        confirmed_at: std::sync::atomic::AtomicI64::new(asked_at),
-                        max_age: i64::try_from(self.state_max_age.as_micros()).unwrap_or(i64::MAX),
-                    }),
+                    served: Some(self.served(store, state.clone(), asked_at)),
                     lake_pending: true,
                 };
                 if let Ok(mut c) = self.current.write() {
@@ -645,12 +640,7 @@ impl BatchView {
             (Some(state), Some(store)) => {
                 // the state's watermark is that of the version read above
                 watermark = state.watermark;
-                Some(Served {
-                    store: Arc::clone(store),
-                    state,
-                    confirmed_at: std::sync::atomic::AtomicI64::new(asked_at),
-                    max_age: i64::try_from(self.state_max_age.as_micros()).unwrap_or(i64::MAX),
-                })
+                Some(self.served(store, state, asked_at))
             }
             _ => None,
         };
@@ -716,6 +706,16 @@ impl BatchView {
             .await
             .context(format!("loading the new version of {}", table.name()))?;
         Ok((Some(table_state), true))
+    }
+
+    /// `store`'s `state`, confirmed current as of `asked_at` (epoch µs).
+    fn served(&self, store: &Arc<dyn ServingStore>, state: StoreState, asked_at: i64) -> Served {
+        Served {
+            store: Arc::clone(store),
+            state,
+            confirmed_at: std::sync::atomic::AtomicI64::new(asked_at),
+            max_age: i64::try_from(self.state_max_age.as_micros()).unwrap_or(i64::MAX),
+        }
     }
 
     /// `table` at `version` (None: the table did not exist then), and whether

@@ -142,38 +142,25 @@ impl AppState {
                 draining: AtomicBool::new(false),
             }),
         };
+        let weak = Arc::downgrade(&state.inner);
+        let every = state.inner.options.refresh_every;
         if state.inner.embedded.is_some() {
-            // loaded in the background, from now on: requests read the lake until
-            // the first load is published
-            let weak = Arc::downgrade(&state.inner);
-            let every = state.inner.options.refresh_every;
+            // one background task loads the embedded store and then refreshes
+            // the view, from now on: requests read the lake until the first load
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
-                    let state = AppState { inner };
-                    match state.load_embedded().await {
-                        Ok(r) if r.published => {
-                            if let Err(e) = state.inner.batch.refresh().await {
-                                // the next load may overwrite what the old state reads
-                                tracing::warn!(error = %e, "refreshing after a load failed; reading the lake meanwhile");
-                                state.inner.batch.expire_served();
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "loading the embedded serving store failed")
-                        }
+                    if let Err(e) = (AppState { inner }).refresh_batch().await {
+                        tracing::warn!(error = %e, "loading the embedded serving store or refreshing the view failed");
                     }
                 }
             });
+        } else {
+            state.inner.batch.spawn_refresher(every);
         }
-        state
-            .inner
-            .batch
-            .spawn_refresher(state.inner.options.refresh_every);
         Ok(state)
     }
 
@@ -215,6 +202,7 @@ impl AppState {
         let loaded = self.load_embedded().await?;
         let refreshed = self.inner.batch.refresh().await;
         if refreshed.is_err() && loaded.published {
+            // the next load may overwrite what the old state reads
             self.inner.batch.expire_served();
         }
         refreshed

@@ -537,9 +537,15 @@ async fn load_date(
         .execute_stream()
         .await
         .context(what.clone())?;
+    let month = month_string(day);
     let mut writer = Writer {
         store,
-        stale,
+        // the same month's only: one hash per merchant and month
+        stale: stale
+            .iter()
+            .copied()
+            .filter(|&(d, _)| month_string(d) == month)
+            .collect(),
         day,
         slot,
         generation,
@@ -586,8 +592,9 @@ async fn load_date(
 /// Encodes merchants' dates and writes them in batches.
 struct Writer<'a> {
     store: &'a dyn ServingStore,
-    /// Slots of other dates no state reads any more, deleted with each write.
-    stale: &'a [(i64, u8)],
+    /// Slots of other dates of this date's month that no state reads any more,
+    /// deleted with each write.
+    stale: Vec<(i64, u8)>,
     day: i64,
     slot: u8,
     generation: u64,
@@ -611,19 +618,12 @@ impl Writer<'_> {
         .encode_to_vec();
         self.bytes += value.len() as u64;
         self.values += 1;
-        let month = month_string(self.day);
-        let clear = self
-            .stale
-            .iter()
-            .copied()
-            .filter(|&(d, _)| month_string(d) == month)
-            .collect();
         self.pending.push(DayWrite {
             merchant,
             day: self.day,
             slot: self.slot,
             value,
-            clear,
+            clear: self.stale.clone(),
         });
         if self.pending.len() >= WRITE_BATCH {
             self.flush().await?;

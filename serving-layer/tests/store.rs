@@ -167,10 +167,7 @@ async fn answers_from_the_store_equal_the_lakes_and_read_no_object_store_bytes()
     };
     let speed = RedisStore::connect(&redis.url(), 3600).await.unwrap();
     let store = speed.serving_store();
-    let load_options = LoadOptions {
-        flip_guard: Duration::ZERO,
-        ..LoadOptions::default()
-    };
+    let load_options = at_once();
 
     // two days and two hours of events; the run closes them
     let events = generate(5, 4_000, MERCHANTS, START_MS, 50);
@@ -468,6 +465,27 @@ async fn a_store_that_may_evict_is_refused() {
     assert!(err.to_string().contains("full"), "{err}");
 }
 
+/// A local lake with `events` random events of 3 merchants over `days` days
+/// from START_MS, run by the batch layer 30 minutes after they closed; the
+/// directory (keep it alive), the lake and the run's `now` (epoch µs).
+async fn closed_days(seed: u64, events: usize, days: i64) -> (tempfile::TempDir, Lake, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let events = generate(seed, events, 3, START_MS, 24 * days);
+    let now = (START_MS + days * 86_400_000 + 30 * 60_000) * 1000;
+    archive(&lake, "first", &events, now).await;
+    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    (dir, lake, now)
+}
+
+/// Load options that do not wait for readers (the tests refresh by hand).
+fn at_once() -> LoadOptions {
+    LoadOptions {
+        flip_guard: Duration::ZERO,
+        ..LoadOptions::default()
+    }
+}
+
 /// A store whose publish fails while `fail` is set: a load that dies after
 /// writing its slots.
 #[derive(Clone)]
@@ -536,20 +554,12 @@ impl ServingStore for DiesBeforePublish {
 /// lease is held is refused as busy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_of_a_load_killed_before_publishing_are_never_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let (_dir, lake, now) = closed_days(9, 500, 1).await;
     let store = DiesBeforePublish {
         inner: tally_common::serving_store::EmbeddedServingStore::new(),
         fail: Default::default(),
     };
-    let load_options = LoadOptions {
-        flip_guard: Duration::ZERO,
-        ..LoadOptions::default()
-    };
-    let events = generate(9, 500, 3, START_MS, 24);
-    let now = (START_MS + 86_400_000 + 30 * 60_000) * 1000;
-    archive(&lake, "first", &events, now).await;
-    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    let load_options = at_once();
     load(&lake, &store, &load_options).await.unwrap();
     let day = START_MS * 1000;
 
@@ -618,17 +628,9 @@ async fn values_of_a_load_killed_before_publishing_are_never_read() {
 /// the next run has published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_never_pairs_a_runs_daily_rows_with_older_hourly_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let (_dir, lake, now) = closed_days(11, 600, 1).await;
     let store = tally_common::serving_store::EmbeddedServingStore::new();
-    let load_options = LoadOptions {
-        flip_guard: Duration::ZERO,
-        ..LoadOptions::default()
-    };
-    let events = generate(11, 600, 3, START_MS, 24);
-    let now = (START_MS + 86_400_000 + 30 * 60_000) * 1000;
-    archive(&lake, "first", &events, now).await;
-    BatchRun::new(&lake).now(now).execute().await.unwrap();
+    let load_options = at_once();
     load(&lake, &store, &load_options).await.unwrap();
     let before = store.state().await.unwrap().unwrap();
 
@@ -700,18 +702,12 @@ async fn a_load_never_pairs_a_runs_daily_rows_with_older_hourly_rows() {
 /// loop does on Lambda).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_out_of_time_publishes_what_it_has_and_the_next_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+    let (_dir, lake, _) = closed_days(12, 300, 2).await;
     let store = tally_common::serving_store::EmbeddedServingStore::new();
-    let events = generate(12, 300, 3, START_MS, 48);
-    let now = (START_MS + 2 * 86_400_000 + 30 * 60_000) * 1000;
-    archive(&lake, "first", &events, now).await;
-    BatchRun::new(&lake).now(now).execute().await.unwrap();
     let options = LoadOptions {
-        flip_guard: Duration::ZERO,
         window_days: 4,
         time_budget: Some(Duration::ZERO),
-        ..LoadOptions::default()
+        ..at_once()
     };
     for n in 1..=4 {
         let report = load(&lake, &store, &options).await.unwrap();

@@ -302,13 +302,7 @@ async fn a_salted_hot_merchant_spans_four_shards_and_counts_once() {
     let moto = MotoServer::start();
     let redis = RedisServer::start();
     let client = client(&moto);
-    client
-        .create_stream()
-        .stream_name(STREAM)
-        .shard_count(4)
-        .send()
-        .await
-        .unwrap();
+    tally_testkit::kinesis::create_stream(&client, STREAM, 4).await;
     // 2,000 events of one merchant among 1,000 of 20 others
     let mut events = generate(51, 1_000, 20, START_MS, 2);
     events.extend(
@@ -369,13 +363,7 @@ async fn kpl_aggregated_records_from_an_independent_producer_count_once() {
     let redis_a = RedisServer::start();
     let redis_b = RedisServer::start();
     let client = client(&moto);
-    client
-        .create_stream()
-        .stream_name(STREAM)
-        .shard_count(2)
-        .send()
-        .await
-        .unwrap();
+    tally_testkit::kinesis::create_stream(&client, STREAM, 2).await;
     let events = generate(61, 1_500, 12, START_MS, 2);
     let lines: String = events.iter().map(|e| e.to_line(true) + "\n").collect();
     let script = r#"
