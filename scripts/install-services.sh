@@ -10,7 +10,7 @@ set -euo pipefail
 VENV="${TALLY_VENV:-$HOME/.cache/tally/venv}"
 # tzdata: the IANA database for Python's zoneinfo where the system has none
 # (the calendar tests compare tally's buckets with zoneinfo's)
-PY_PACKAGES=("moto[server]>=5.2.5,<5.3" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow" "schemathesis>=4.3,<5" "tzdata" "aws-kinesis-agg>=1.2,<2")
+PY_PACKAGES=("moto[server]>=5.2.5,<5.3" "deltalake>=1.1,<2" "duckdb>=1.1" "pyarrow" "schemathesis>=4.3,<5" "tzdata" "aws-kinesis-agg>=1.2,<2" "datasketches>=5.2,<6")
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "install-services: installing redis-server (apt-get)"

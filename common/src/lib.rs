@@ -29,6 +29,9 @@ pub mod query;
 pub mod serving_store;
 #[cfg(feature = "lake")]
 pub mod shutdown;
+pub mod sketch;
+#[cfg(feature = "lake")]
+pub mod sketch_sql;
 pub mod source;
 pub mod speed_view;
 #[cfg(feature = "lake")]
