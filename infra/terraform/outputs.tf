@@ -43,13 +43,8 @@ output "lambda_code" {
 }
 
 output "redis_endpoint" {
-  description = "Primary endpoint of the Redis replication group (TLS, port 6379); follows failover."
-  value       = aws_elasticache_replication_group.redis.primary_endpoint_address
-}
-
-output "redis_reader_endpoint" {
-  description = "Reader endpoint of the Redis replication group."
-  value       = aws_elasticache_replication_group.redis.reader_endpoint_address
+  description = "Configuration endpoint of the Redis cluster (TLS, port 6379): TALLY_REDIS_URL is rediss://<it>:6379; clients learn the shards and follow failovers from it."
+  value       = aws_elasticache_replication_group.redis.configuration_endpoint_address
 }
 
 output "redis_auth_secret_arn" {

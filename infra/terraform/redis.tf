@@ -1,9 +1,11 @@
-# The speed view: ElastiCache for Redis OSS, a primary and one replica in
+# The speed view and the serving store: ElastiCache for Redis OSS in cluster
+# mode, redis_shards shards (node groups) of a primary and one replica in
 # different AZs with automatic failover, TLS in transit, KMS at rest and an
-# AUTH token. Cluster mode is off: the functions get one rediss:// URL (the
-# primary endpoint, which follows a failover). The speed layer's keys share a
-# per-merchant hash tag, so moving to cluster mode later is a client change,
-# not a data-model change.
+# AUTH token. Every key of one merchant shares the hash tag {merchant_id}, so a
+# merchant's commands and scripts touch one slot of one shard. The functions
+# get one rediss:// URL, the configuration endpoint; the application detects
+# cluster mode from the node it is given. More shards: raise redis_shards
+# (online resharding, see docs/DEPLOY.md).
 
 resource "random_password" "redis_auth" {
   length  = 64
@@ -44,9 +46,17 @@ resource "aws_elasticache_subnet_group" "redis" {
 }
 
 resource "aws_elasticache_parameter_group" "redis" {
-  name        = "${var.name}-redis7"
+  # Named apart from the earlier non-cluster group (-redis7), which the old
+  # replication group uses until a stack moving to cluster mode replaces it
+  # (docs/DEPLOY.md).
+  name        = "${var.name}-redis7-cluster"
   family      = "redis7"
-  description = "tally speed view and serving store"
+  description = "tally speed view and serving store, cluster mode"
+
+  parameter {
+    name  = "cluster-enabled"
+    value = "yes"
+  }
 
   # Never evict: an evicted counter is a silent loss that readers cannot tell
   # from "no events" (the view key only reveals a server that lost everything),
@@ -69,7 +79,7 @@ resource "aws_cloudwatch_log_group" "redis_slow" {
 
 resource "aws_elasticache_replication_group" "redis" {
   replication_group_id = "${var.name}-speed"
-  description          = "tally speed view (current hours' counters)"
+  description          = "tally speed view and serving store (cluster mode)"
 
   engine               = "redis"
   engine_version       = var.redis_engine_version
@@ -77,10 +87,13 @@ resource "aws_elasticache_replication_group" "redis" {
   parameter_group_name = aws_elasticache_parameter_group.redis.name
   port                 = 6379
 
-  num_cache_clusters          = 2 # primary + 1 replica
-  preferred_cache_cluster_azs = slice(local.azs, 0, 2)
-  automatic_failover_enabled  = true
-  multi_az_enabled            = true
+  # Shards of a primary + 1 replica. ElastiCache spreads the nodes over the
+  # subnet group's zones, a shard's replica away from its primary (Multi-AZ).
+  cluster_mode               = "enabled"
+  num_node_groups            = var.redis_shards
+  replicas_per_node_group    = 1
+  automatic_failover_enabled = true
+  multi_az_enabled           = true
 
   subnet_group_name  = aws_elasticache_subnet_group.redis.name
   security_group_ids = [aws_security_group.redis.id]

@@ -187,14 +187,31 @@ variable "log_retention_days" {
 # Redis (ElastiCache)
 # ---------------------------------------------------------------------------
 
+# Defaults sized for 1 M merchants (docs/CAPACITY.md): the §4 row "1 M, 10 B"
+# (48 h speed view) 29.3 GiB + the §8 row "1 M, 35 days" (serving store)
+# 12.9 GB = 12.1 GiB: 41.4 GiB. cache.r7g.xlarge holds 26.32 GiB x 75% =
+# 19.7 GiB usable; 3 shards = 59.2 GiB, 70% full (memory alarm at 80%). At
+# the §4 row's all-distinct bound (39.8 + 12.1 = 51.9 GiB, 88%) add a shard.
+
 variable "redis_node_type" {
-  description = "ElastiCache node type of the primary and its replica (see docs/DEPLOY.md for sizing)."
+  description = "ElastiCache node type of every Redis node (each shard's primary and replica); see docs/CAPACITY.md §4 for sizing."
   type        = string
-  default     = "cache.r7g.large"
+  default     = "cache.r7g.xlarge"
 
   validation {
     condition     = can(regex("^cache\\.[a-z0-9]+\\.[a-z0-9]+$", var.redis_node_type))
     error_message = "redis_node_type must be an ElastiCache node type such as cache.r7g.large."
+  }
+}
+
+variable "redis_shards" {
+  description = "Shards (node groups) of the Redis cluster, each a primary and one replica of redis_node_type. Raising it reshards online: ElastiCache moves hash slots to the new shards while serving (docs/DEPLOY.md)."
+  type        = number
+  default     = 3 # 41.4 GiB / (19.7 GiB usable x 80% alarm) = 2.6, so 3 of cache.r7g.xlarge (see above)
+
+  validation {
+    condition     = var.redis_shards >= 1 && var.redis_shards <= 250 && floor(var.redis_shards) == var.redis_shards
+    error_message = "redis_shards must be a whole number from 1 to 250 (500 nodes with the replicas, ElastiCache's ceiling)."
   }
 }
 

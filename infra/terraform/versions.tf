@@ -10,8 +10,9 @@ terraform {
     aws = {
       source = "hashicorp/aws"
       # 5.x late enough for rotation_period_in_days, logging_config on
-      # functions and the per-rule security group resources; nothing here
-      # uses a 6.x-only argument or one that 6.x removed.
+      # functions, the per-rule security group resources and cluster_mode on
+      # the replication group (5.59); nothing here uses a 6.x-only argument
+      # or one that 6.x removed.
       version = ">= 5.60, < 7.0"
     }
     random = {

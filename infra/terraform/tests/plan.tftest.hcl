@@ -106,6 +106,14 @@ run "defaults" {
     error_message = "speed, batch and api share one Redis configuration; the settle time defaults to the archiver's batching window + 30 s"
   }
   assert {
+    condition     = aws_elasticache_replication_group.redis.cluster_mode == "enabled" && aws_elasticache_replication_group.redis.num_node_groups == 3 && aws_elasticache_replication_group.redis.replicas_per_node_group == 1 && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "cluster-enabled"]) == "yes" && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "maxmemory-policy"]) == "noeviction"
+    error_message = "Redis in cluster mode: 3 shards of a primary and a replica, a cluster-enabled parameter group that never evicts"
+  }
+  assert {
+    condition     = aws_lambda_function.fn["api"].environment[0].variables["TALLY_REDIS_URL"] == "rediss://${aws_elasticache_replication_group.redis.configuration_endpoint_address}:6379" && length(aws_cloudwatch_metric_alarm.redis_memory) == 6 && contains(keys(aws_cloudwatch_metric_alarm.redis_memory), "tally-speed-0003-002")
+    error_message = "the functions connect to the cluster's configuration endpoint; a memory alarm per node (<group>-<shard>-<node>)"
+  }
+  assert {
     condition     = jsondecode(aws_scheduler_schedule.speed_rebuild.target[0].input) == { speed_rebuild = true } && aws_scheduler_schedule.speed_rebuild.schedule_expression == "rate(1 minute)" && aws_scheduler_schedule.speed_rebuild.target[0].arn == aws_lambda_alias.live["batch"].arn
     error_message = "the every-minute speed-view check invokes the batch function's live alias with {\"speed_rebuild\": true}"
   }
