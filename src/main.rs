@@ -41,6 +41,11 @@ enum Command {
     },
     /// Read-only SQL over the lake's tables, for analysts.
     Sql(sql::SqlArgs),
+    /// Merchants' settings.
+    Merchants {
+        #[command(subcommand)]
+        command: MerchantsCommand,
+    },
     /// The archiver: the Kinesis stream into the master dataset.
     Archive {
         #[command(subcommand)]
@@ -105,6 +110,21 @@ struct ConsumeArgs {
     /// Records per GetRecords call.
     #[arg(long, default_value_t = tally_stream::consumer::MAX_GET_RECORDS)]
     limit: i32,
+}
+
+#[derive(Debug, Subcommand)]
+enum MerchantsCommand {
+    /// Set a merchant's time zone (an IANA name): the calendar of its buckets,
+    /// over all of its history at once.
+    Set {
+        /// The merchant.
+        merchant_id: String,
+        /// The IANA time zone, e.g. Asia/Kolkata, America/New_York or UTC.
+        #[arg(long)]
+        time_zone: String,
+        #[command(flatten)]
+        lake: LakeArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +255,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => ingest::run(args).await,
         Command::Batch { command } => batch_run::run(command).await,
         Command::Sql(args) => sql::run(args).await,
+        Command::Merchants {
+            command:
+                MerchantsCommand::Set {
+                    merchant_id,
+                    time_zone,
+                    lake,
+                },
+        } => {
+            let lake = lake.lake()?;
+            let now = tally_common::bucket::now_micros();
+            let cal =
+                tally_common::merchants::set_time_zone(&lake, &merchant_id, &time_zone, now)
+                    .await?;
+            eprintln!("merchants: {merchant_id} is now in {}", cal.name());
+            Ok(())
+        }
         Command::Speed {
             command:
                 SpeedCommand::Consume {

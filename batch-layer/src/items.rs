@@ -30,6 +30,7 @@ use crate::plan::{customer_hours_files, Item, Plan};
 use crate::publish::{conform, table_rows};
 use crate::sql::{
     computable_rows, customer_hour_sql, daily_from_customers_sql, hourly_from_customers_sql,
+    quarter_hourly_from_customers_sql,
 };
 use crate::stage::{file_schema, register_table_files, Staging};
 
@@ -38,13 +39,10 @@ pub(crate) fn adds_name(i: usize) -> String {
     format!("adds/{i:06}.json")
 }
 
-/// Staged name of item `i`'s share of metric rows: under the directory of the
-/// metric table's partition it goes to ([`rows_dir`]).
-pub(crate) fn rows_name(item: &Item, i: usize) -> String {
-    let (kind, t) = match *item {
-        Item::Hour { hour, .. } => (MetricTable::Hourly, hour),
-        Item::Day { day, .. } => (MetricTable::Daily, day),
-    };
+/// Staged name of item `i`'s share of `kind`'s rows (bucket `t`'s partition):
+/// under the directory of the metric table's partition it goes to
+/// ([`rows_dir`]).
+pub(crate) fn rows_name(kind: MetricTable, t: i64, i: usize) -> String {
     format!("{}{i:06}.parquet", rows_dir(kind, &kind.partition_of(t)))
 }
 
@@ -53,6 +51,7 @@ pub(crate) fn rows_dir(kind: MetricTable, value: &str) -> String {
     let table = match kind {
         MetricTable::Hourly => "hourly",
         MetricTable::Daily => "daily",
+        MetricTable::QuarterHourly => "quarter_hourly",
     };
     format!("{table}/{}={value}/", kind.partition_column())
 }
@@ -113,25 +112,45 @@ impl ItemContext {
         let item = *self.plan.items.get(i).ok_or_else(|| {
             Error::invalid(format!("item {i}: the plan has {}", self.plan.items.len()))
         })?;
-        let rows = match item {
-            Item::Hour { hour, part, parts } => self.hour(i, hour, part, parts).await?,
-            Item::Day { day, part, parts } => self.day(day, part, parts).await?,
+        let staged = match item {
+            Item::Hour { hour, part, parts } => {
+                let (hourly, quarters) = self.hour(i, hour, part, parts).await?;
+                vec![
+                    (MetricTable::Hourly, hour, hourly),
+                    (MetricTable::QuarterHourly, hour, quarters),
+                ]
+            }
+            Item::Day { day, part, parts } => {
+                vec![(MetricTable::Daily, day, self.day(day, part, parts).await?)]
+            }
         };
-        let n = rows.iter().map(|b| b.num_rows() as u64).sum();
-        self.staging
-            .put_batches(&rows_name(&item, i), &rows)
-            .await?;
+        let mut n = 0;
+        for (kind, t, rows) in staged {
+            if kind != MetricTable::QuarterHourly {
+                n += rows.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+            }
+            self.staging
+                .put_batches(&rows_name(kind, t, i), &rows)
+                .await?;
+        }
         Ok(n)
     }
 
-    /// An hour's part: its `customer_hours` files, then its metric rows from them.
-    async fn hour(&self, i: usize, hour: i64, part: u32, parts: u32) -> Result<Vec<RecordBatch>> {
+    /// An hour's part: its `customer_hours` files, then its hourly and
+    /// quarter-hourly metric rows from them.
+    async fn hour(
+        &self,
+        i: usize,
+        hour: i64,
+        part: u32,
+        parts: u32,
+    ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
         let day = day_floor(hour);
         if self.plan.raw_version < 0 {
             self.staging
                 .put_json(&adds_name(i), &Vec::<Add>::new())
                 .await?;
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         let raw = computable_rows(Table::RawEvents.name(), day);
         let raw = if parts > 1 {
@@ -178,17 +197,29 @@ impl ItemContext {
             .context("writing customer_hours files")?;
         self.staging.put_json(&adds_name(i), &adds).await?;
         if adds.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         let name = format!("customer_hours_{i}");
         self.register_customer_hours(&name, adds.iter().map(|a| a.path.as_str()))
             .await?;
-        let out = self
+        let hourly = self
             .spill
             .run(&self.ctx, &hourly_from_customers_sql(&name))
             .await;
+        let quarters = match hourly {
+            Ok(_) => {
+                self.spill
+                    .run(&self.ctx, &quarter_hourly_from_customers_sql(&name))
+                    .await
+            }
+            Err(_) => Ok(Vec::new()),
+        };
         let _ = self.ctx.deregister_table(name.as_str());
-        table_rows(MetricTable::Hourly, &out?, day, self.plan.computed_at)
+        let at = self.plan.computed_at;
+        Ok((
+            table_rows(MetricTable::Hourly, &hourly?, day, at)?,
+            table_rows(MetricTable::QuarterHourly, &quarters?, day, at)?,
+        ))
     }
 
     /// A day's part: its metric rows from the day's `customer_hours` rows.

@@ -55,7 +55,7 @@ use crate::stage::Staging;
 
 /// The version of the metric logic; bump it with any change of results, then
 /// reprocess history.
-pub const LOGIC_VERSION: i32 = 1;
+pub const LOGIC_VERSION: i32 = 2;
 
 /// What a run did.
 #[derive(Debug, Clone, Default)]
@@ -876,6 +876,20 @@ pub(crate) async fn publish_plan(
     }
     step(2);
 
+    // the quarter hours of the run's hours, before the hourly commit that
+    // moves the watermark over them
+    check_lease(lease).await?;
+    if !plan.hours.is_empty() {
+        let quarters = lake.open_or_create(Table::MetricsQuarterHourly).await?;
+        let slots: Vec<i64> = plan
+            .hours
+            .iter()
+            .flat_map(|&h| (0..4).map(move |q| h + q * tally_common::calendar::SLOT_MICROS))
+            .collect();
+        let kind = MetricTable::QuarterHourly;
+        publish_rows(&quarters, kind, staging, memory, &slots, commit.clone()).await?;
+    }
+
     check_lease(lease).await?;
     if !plan.hours.is_empty() {
         let mut c = commit.clone();
@@ -1025,6 +1039,7 @@ async fn compact_after(
             Table::RawEvents,
             Table::MetricsHourly,
             Table::MetricsDaily,
+            Table::MetricsQuarterHourly,
             Table::CustomerHours,
         ] {
             let n = crate::compact::vacuum(lake, t, crate::compact::VACUUM_RETENTION).await?;
@@ -1038,21 +1053,27 @@ async fn compact_after(
     Ok(())
 }
 
-/// Rewrite the `metrics_hourly` partition of `day` as one file sorted by
-/// merchant and hour when runs left several (a compaction commit, no run id).
+/// Rewrite the `metrics_hourly` and `metrics_quarter_hourly` partitions of
+/// `day` as one file each, sorted by merchant and time, when runs left several
+/// (a compaction commit, no run id); whether the hourly one was rewritten.
 pub async fn compact_metric_day(lake: &Lake, day: i64, memory: &MemoryBound) -> Result<bool> {
-    let Some(hourly) = lake.open(Table::MetricsHourly).await? else {
-        return Ok(false);
-    };
-    let commit = CommitProperties::default().with_metadata([operation("compact")]);
-    match compact_partition(&hourly, MetricTable::Hourly, day, memory, commit).await {
-        Err(Error::Conflict(m)) => {
-            // a run published meanwhile: the next compaction of the day does it
-            tracing::warn!(reason = %m, "compaction lost to a commit; leaving it to the next run");
-            Ok(false)
-        }
-        other => other,
+    let mut compacted = None;
+    for kind in [MetricTable::QuarterHourly, MetricTable::Hourly] {
+        let Some(table) = lake.open(kind.table()).await? else {
+            continue;
+        };
+        let commit = CommitProperties::default().with_metadata([operation("compact")]);
+        let done = match compact_partition(&table, kind, day, memory, commit).await {
+            Err(Error::Conflict(m)) => {
+                // a run published meanwhile: the next compaction of the day does it
+                tracing::warn!(reason = %m, "compaction lost to a commit; leaving it to the next run");
+                false
+            }
+            other => other?,
+        };
+        compacted = Some(done);
     }
+    Ok(compacted.unwrap_or(false))
 }
 
 /// Compute item `item` of run `run_id` (staged by [`BatchRun::plan`]) within

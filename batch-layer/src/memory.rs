@@ -89,7 +89,9 @@ impl MemoryBound {
             .with_runtime_env(runtime)
             .with_query_planner(DeltaPlanner::new())
             .build();
-        Ok(SessionContext::new_with_state(state))
+        let ctx = SessionContext::new_with_state(state);
+        tally_common::sketch_sql::register_sketch_functions(&ctx);
+        Ok(ctx)
     }
 }
 

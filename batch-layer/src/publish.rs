@@ -22,7 +22,7 @@ use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use tally_common::bucket::{MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::lake::{register, Table, TIME_ZONE};
-use tally_common::metric_table::{MetricTable, MERCHANT_COLUMN};
+use tally_common::metric_table::{MetricTable, MERCHANT_COLUMN, SKETCH_COLUMN};
 use tally_common::{Context as _, Error, Result};
 
 use deltalake::arrow::array::{Array, AsArray};
@@ -304,6 +304,9 @@ pub(crate) fn combine_staged_sql(kind: MetricTable, staged: &str) -> String {
             let n = f.name().as_str();
             if metrics.contains(&n) {
                 format!("CAST(SUM({n}) AS BIGINT) AS {n}")
+            } else if n == SKETCH_COLUMN {
+                // parts split customers, so their sketches' union is the bucket's
+                format!("hll_union_agg({n}) AS {n}")
             } else if keys.contains(&n) {
                 n.to_string()
             } else {
@@ -430,6 +433,7 @@ fn merged_into_new(
     let bucket = match kind {
         MetricTable::Hourly => MICROS_PER_HOUR,
         MetricTable::Daily => MICROS_PER_DAY,
+        MetricTable::QuarterHourly => tally_common::calendar::SLOT_MICROS,
     };
     let span = |f: &PartitionFile| f.time.map(|(lo, hi)| ((hi - lo) / bucket + 1) as usize);
     others.retain(|f| span(f).is_some());

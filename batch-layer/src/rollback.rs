@@ -165,7 +165,7 @@ async fn rollback_locked(lake: &Lake, mut hourly: DeltaTable) -> Result<Option<R
     if now_p.watermark.is_some() && then_p.watermark.is_none() {
         return Err(Error::invalid(format!(
             "the last run ({run}) is the first that set the watermark; there is nothing \
-             before it to restore (remove metrics_hourly, metrics_daily and customer_hours to start over)"
+             before it to restore (remove metrics_hourly, metrics_daily, metrics_quarter_hourly and customer_hours to start over)"
         )));
     }
     let stamp = Some(chrono::Utc::now().timestamp_millis());
@@ -207,16 +207,20 @@ async fn rollback_locked(lake: &Lake, mut hourly: DeltaTable) -> Result<Option<R
             report.tables.push((Table::MetricsDaily, from, target_d));
         }
     }
-    // customer_hours, whose rows the run's daily rows were computed from
-    if let Some(mut ch) = lake.open(Table::CustomerHours).await? {
-        ch.update_state()
-            .await
-            .context("refreshing customer_hours")?;
-        if let Some(first_c) = first_commit_of(&ch, &run).await? {
-            let target_c = first_c.saturating_sub(1);
-            let from = ch.version().unwrap_or(0);
-            restore(ch, target_c, &run, Vec::new()).await?;
-            report.tables.push((Table::CustomerHours, from, target_c));
+    // metrics_quarter_hourly, and customer_hours, whose rows the run's other
+    // rows were computed from
+    for t in [Table::MetricsQuarterHourly, Table::CustomerHours] {
+        if let Some(mut other) = lake.open(t).await? {
+            other
+                .update_state()
+                .await
+                .context(format!("refreshing {}", t.name()))?;
+            if let Some(first_c) = first_commit_of(&other, &run).await? {
+                let target_c = first_c.saturating_sub(1);
+                let from = other.version().unwrap_or(0);
+                restore(other, target_c, &run, Vec::new()).await?;
+                report.tables.push((t, from, target_c));
+            }
         }
     }
     let from = hourly.version().unwrap_or(0);

@@ -21,6 +21,8 @@
 use deltalake::arrow::array::RecordBatch;
 use deltalake::datafusion::prelude::SessionContext;
 use tally_common::bucket::{date_string, day_floor, hour_of_day, MICROS_PER_HOUR};
+use tally_common::calendar::SLOT_MICROS;
+use tally_common::metric_table::SKETCH_COLUMN;
 use tally_common::metrics::{aggregate_sql, partial_metric_names};
 use tally_common::{Context as _, Result};
 
@@ -46,7 +48,8 @@ fn dedup_sql(table: &str, day: i64, hours: &[i64]) -> String {
         .join(", ");
     format!(
         "SELECT merchant_id, event_id, event_hour, \
-         MIN(event_type) AS event_type, MIN(amount) AS amount, MIN(customer_id) AS customer_id \
+         MIN(event_type) AS event_type, MIN(amount) AS amount, MIN(customer_id) AS customer_id, \
+         MIN(CAST(event_time AS BIGINT)) AS event_micros \
          FROM {table} WHERE event_date = '{date}' AND event_hour IN ({list}) \
          GROUP BY merchant_id, event_id, event_hour",
         date = date_string(day)
@@ -91,41 +94,71 @@ pub fn daily_sql(table: &str, day: i64) -> String {
 }
 
 /// The `customer_hours` rows of one UTC hour (epoch µs) from `table` (raw
-/// rows, or one part of them): per merchant and customer (null: events without
-/// one) the counters' partial sums of the customer's deduplicated events.
+/// rows, or one part of them): per merchant, customer (null: events without
+/// one) and quarter hour of the hour (0 to 3, from the event time) the
+/// counters' partial sums of the customer's deduplicated events there.
 /// Columns: `merchant_id`, `hour` (the integer epoch µs; the job casts it to
-/// the table's timestamp), `customer_id`, the partial sums
+/// the table's timestamp), `customer_id`, `quarter`, the partial sums
 /// ([`tally_common::metrics::partial_metric_names`]), `date`.
 pub fn customer_hour_sql(table: &str, hour: i64) -> String {
     let aggs = aggregate_sql();
     format!(
-        "SELECT merchant_id, CAST({hour} AS BIGINT) AS hour, customer_id, {partial}, '{date}' AS date \
-         FROM ({dedup}) AS d GROUP BY merchant_id, customer_id",
+        "SELECT merchant_id, CAST({hour} AS BIGINT) AS hour, customer_id, \
+         CAST((event_micros - {hour}) / {SLOT_MICROS} AS INT) AS quarter, {partial}, '{date}' AS date \
+         FROM ({dedup}) AS d GROUP BY merchant_id, customer_id, CAST((event_micros - {hour}) / {SLOT_MICROS} AS INT)",
         partial = aggs.partial.join(", "),
         dedup = dedup_sql(table, day_floor(hour), &[hour]),
         date = date_string(hour)
     )
 }
 
+/// The partial sums of `rows` (a relation of `customer_hours` rows) per
+/// merchant, customer and `keys`: each output row is one distinct customer
+/// (or the events without one) of its bucket.
+fn per_customer(rows: &str, keys: &str) -> String {
+    let sums: Vec<String> = partial_metric_names()
+        .map(|m| format!("SUM({m}) AS {m}"))
+        .collect();
+    format!(
+        "SELECT merchant_id, {keys}, customer_id, {sums} FROM {rows} GROUP BY merchant_id, {keys}, customer_id",
+        sums = sums.join(", ")
+    )
+}
+
 /// Metrics per merchant and hour from `customer_hours` rows (relation `rows`):
-/// the counters add up, and each row is one distinct customer (or the events
-/// without one). Columns as [`hourly_sql`]'s.
+/// the counters add up, distinct customers are exact over the hour, and the
+/// hour's sketch ([`tally_common::sketch_sql`]). Columns as the table's, from
+/// `merchant_id` to `customers_sketch`.
 pub fn hourly_from_customers_sql(rows: &str) -> String {
     format!(
-        "SELECT merchant_id, CAST(hour AS BIGINT) AS hour, {fin} FROM {rows} GROUP BY merchant_id, hour",
+        "SELECT merchant_id, CAST(hour AS BIGINT) AS hour, {fin}, hll_sketch_agg(customer_id) AS {SKETCH_COLUMN} \
+         FROM ({per}) AS c GROUP BY merchant_id, hour",
+        fin = aggregate_sql().r#final.join(", "),
+        per = per_customer(rows, "hour")
+    )
+}
+
+/// Metrics per merchant and 15-minute slot from `customer_hours` rows
+/// (relation `rows`): each row is already one customer of one slot. Columns as
+/// the table's, from `merchant_id` to `customers_sketch`.
+pub fn quarter_hourly_from_customers_sql(rows: &str) -> String {
+    format!(
+        "SELECT merchant_id, CAST(hour AS BIGINT) + CAST(quarter AS BIGINT) * {SLOT_MICROS} AS quarter_hour, \
+         {fin}, hll_sketch_agg(customer_id) AS {SKETCH_COLUMN} FROM {rows} GROUP BY merchant_id, hour, quarter",
         fin = aggregate_sql().r#final.join(", ")
     )
 }
 
 /// Metrics per merchant over the `customer_hours` rows of one UTC day
 /// (relation `rows`): each customer's hours merged first, so distinct customers
-/// are exact over the day. Columns as [`daily_sql`]'s.
+/// are exact over the day. Columns as [`hourly_from_customers_sql`]'s, `day`
+/// for `hour`.
 pub fn daily_from_customers_sql(rows: &str) -> String {
     let sums: Vec<String> = partial_metric_names()
         .map(|m| format!("SUM({m}) AS {m}"))
         .collect();
     format!(
-        "SELECT merchant_id, {fin} FROM (SELECT merchant_id, customer_id, {sums} FROM {rows} \
+        "SELECT merchant_id, {fin}, hll_sketch_agg(customer_id) AS {SKETCH_COLUMN} FROM (SELECT merchant_id, customer_id, {sums} FROM {rows} \
          GROUP BY merchant_id, customer_id) AS c GROUP BY merchant_id",
         fin = aggregate_sql().r#final.join(", "),
         sums = sums.join(", ")
@@ -158,8 +191,11 @@ mod tests {
             "{sql}"
         );
         assert!(sql.starts_with("SELECT merchant_id, 1795478400000000 + CAST(event_hour AS BIGINT) * 3600000000 AS hour, CAST(COALESCE(SUM(orders), 0) AS BIGINT) AS orders"), "{sql}");
-        assert!(
-            !sql.contains("date_trunc") && !sql.contains("event_time"),
+        // time only as integer microseconds, never through a timestamp function
+        assert!(!sql.contains("date_trunc"), "{sql}");
+        assert_eq!(
+            sql.matches("event_time").count(),
+            sql.matches("CAST(event_time AS BIGINT)").count(),
             "{sql}"
         );
         assert!(
@@ -167,7 +203,7 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains("MIN(customer_id) AS customer_id FROM raw_events"),
+            sql.contains("MIN(customer_id) AS customer_id, MIN(CAST(event_time AS BIGINT)) AS event_micros FROM raw_events"),
             "{sql}"
         );
         assert!(

@@ -8,8 +8,19 @@ use deltalake::datafusion::sql::sqlparser::ast::Statement;
 use deltalake::datafusion::sql::sqlparser::dialect::GenericDialect;
 use deltalake::datafusion::sql::sqlparser::parser::Parser;
 
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, AsArray, TimestampMicrosecondArray};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
+use deltalake::datafusion::common::Result as DfResult;
+use deltalake::datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+
+use crate::calendar::Calendar;
 use crate::lake::{register, Lake, Table};
-use crate::{Error, Result};
+use crate::{Context as _, Error, Result};
 
 /// Which state of the tables a query reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,6 +73,97 @@ pub fn check_read_only(sql: &str) -> Result<()> {
 /// [`Error::Invalid`] when `when` is a version and the query does not name
 /// exactly one table; the lake's errors opening a table.
 pub async fn session(lake: &Lake, query: &str, when: &TimeTravel) -> Result<SessionContext> {
+    let ctx = tables(lake, query, when).await?;
+    crate::sketch_sql::register_sketch_functions(&ctx);
+    ctx.register_udf(ScalarUDF::from(LocalTime::new()));
+    let quarters = Table::MetricsQuarterHourly.name();
+    if ctx.table_exist(quarters).unwrap_or(false) {
+        let zone = if ctx.table_exist(Table::Merchants.name()).unwrap_or(false) {
+            "COALESCE(m.time_zone, 'UTC')"
+        } else {
+            "'UTC'"
+        };
+        let join = if zone == "'UTC'" {
+            String::new()
+        } else {
+            format!(" LEFT JOIN {} m ON q.merchant_id = m.merchant_id", Table::Merchants.name())
+        };
+        ctx.sql(&format!(
+            "CREATE VIEW {LOCAL_VIEW} AS SELECT q.*, {zone} AS time_zone, \
+             local_time(q.quarter_hour, {zone}) AS local_start FROM {quarters} q{join}"
+        ))
+        .await
+        .context("creating the local-time view")?;
+    }
+    Ok(ctx)
+}
+
+/// The analysts' view of `metrics_quarter_hourly` in each merchant's own
+/// calendar: every column, plus `time_zone` (the merchant's, UTC when unset)
+/// and `local_start` (the quarter hour's start on the merchant's wall clock, a
+/// timestamp without zone), so `date_trunc('day', local_start)` is the local
+/// day, `date_trunc('month', local_start)` the local month.
+pub const LOCAL_VIEW: &str = "metrics_local";
+
+/// `local_time(ts, zone)`: the wall-clock time (timestamp without zone, µs)
+/// of UTC instant `ts` in IANA zone `zone`; null for a null input or an
+/// unknown zone.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct LocalTime {
+    signature: Signature,
+}
+
+impl LocalTime {
+    fn new() -> Self {
+        LocalTime {
+            signature: Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for LocalTime {
+    fn name(&self) -> &str {
+        "local_time"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Timestamp(TimeUnit::Microsecond, None))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let n = args.number_rows;
+        let ts = cast(&args.args[0].to_array(n)?, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+        let ts = ts.as_primitive::<TimestampMicrosecondType>();
+        let zones = cast(&args.args[1].to_array(n)?, &DataType::Utf8)?;
+        let zones = zones.as_string::<i32>();
+        let mut out = Vec::with_capacity(n);
+        let mut last: Option<(String, Option<Calendar>)> = None;
+        for r in 0..n {
+            if ts.is_null(r) || zones.is_null(r) {
+                out.push(None);
+                continue;
+            }
+            let z = zones.value(r);
+            let cal = match &last {
+                Some((name, cal)) if name == z => *cal,
+                _ => {
+                    let cal = Calendar::parse(z).ok();
+                    last = Some((z.to_string(), cal));
+                    cal
+                }
+            };
+            let t = ts.value(r);
+            out.push(cal.map(|c| t + i64::from(c.offset_secs(t)) * 1_000_000));
+        }
+        Ok(ColumnarValue::Array(Arc::new(TimestampMicrosecondArray::from(out))))
+    }
+}
+
+async fn tables(lake: &Lake, query: &str, when: &TimeTravel) -> Result<SessionContext> {
     match when {
         TimeTravel::Latest => lake.session(&Table::ALL).await,
         TimeTravel::AsOf(instant) => {

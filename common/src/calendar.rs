@@ -108,6 +108,17 @@ impl Calendar {
         }
     }
 
+    /// Every zone name [`Calendar::parse`] accepts, sorted.
+    pub fn names() -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = chrono_tz::TZ_VARIANTS
+            .iter()
+            .map(|tz| tz.name())
+            .filter(|n| *n == "UTC" || n.contains('/'))
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
     /// The zone's IANA name.
     pub fn name(&self) -> &'static str {
         self.tz.name()
@@ -288,6 +299,20 @@ impl Calendar {
 }
 
 impl Unit {
+    /// Every unit, in the order the API documents them.
+    pub const ALL: [Unit; 4] = [Unit::Hour, Unit::Day, Unit::Week, Unit::Month];
+
+    /// The most buckets of this unit one request may ask for: 31 days of hours
+    /// (745: a fall-back day repeats one), 366 days, 260 weeks, 120 months.
+    pub const fn max_buckets(self) -> usize {
+        match self {
+            Unit::Hour => 31 * 24 + 1,
+            Unit::Day => 366,
+            Unit::Week => 260,
+            Unit::Month => 120,
+        }
+    }
+
     /// The unit's name as the API spells it (`hour`, `day`, `week`, `month`).
     pub fn name(self) -> &'static str {
         match self {
@@ -618,5 +643,24 @@ print(json.dumps({"day": days, "hour": hours}))
                 }
             }
         }
+    }
+}
+
+impl FromStr for Unit {
+    type Err = Error;
+
+    /// `hour`, `day`, `week` or `month`. Errors: [`Error::Invalid`] naming them.
+    fn from_str(s: &str) -> Result<Self> {
+        Unit::ALL
+            .into_iter()
+            .find(|u| u.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = Unit::ALL.iter().map(|u| format!("{:?}", u.name())).collect();
+                Error::invalid(format!(
+                    "unknown granularity {:?}: use {}",
+                    crate::bucket::clip(s),
+                    names.join(", ")
+                ))
+            })
     }
 }

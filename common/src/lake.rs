@@ -70,22 +70,30 @@ pub enum Table {
     MetricsHourly,
     /// Authoritative metrics per merchant and UTC day.
     MetricsDaily,
-    /// The batch layer's intermediate view: per merchant, UTC hour and customer
+    /// Authoritative metrics per merchant and 15-minute UTC slot: the grain
+    /// every zone's calendar buckets are made of ([`crate::calendar`]).
+    MetricsQuarterHourly,
+    /// The batch layer's intermediate view: per merchant, UTC hour, customer and quarter hour
     /// (null: events without one), the counters' partial sums of that
     /// customer's deduplicated events. A day's exact distinct customers and
     /// counters are computed from its hours' rows without reading raw_events
     /// again; each hour's rows are replaced whole when the hour is recomputed.
     CustomerHours,
+    /// Merchants' settings: one row per merchant that set any (`merchant_id`,
+    /// `time_zone`, `updated_at`); a merchant without a row is in UTC.
+    Merchants,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 7] = [
         Table::RawEvents,
         Table::Quarantine,
         Table::MetricsHourly,
         Table::MetricsDaily,
+        Table::MetricsQuarterHourly,
         Table::CustomerHours,
+        Table::Merchants,
     ];
 
     /// The table's name (its directory under the lake, and its SQL name).
@@ -95,7 +103,9 @@ impl Table {
             Table::Quarantine => "quarantine",
             Table::MetricsHourly => "metrics_hourly",
             Table::MetricsDaily => "metrics_daily",
+            Table::MetricsQuarterHourly => "metrics_quarter_hourly",
             Table::CustomerHours => "customer_hours",
+            Table::Merchants => "merchants",
         }
     }
 
@@ -126,11 +136,14 @@ impl Table {
             ],
             Table::MetricsHourly => MetricTable::Hourly.fields(),
             Table::MetricsDaily => MetricTable::Daily.fields(),
+            Table::MetricsQuarterHourly => MetricTable::QuarterHourly.fields(),
             Table::CustomerHours => {
                 let mut f = vec![
                     Field::new("merchant_id", DataType::Utf8, false),
                     Field::new("hour", ts(), false),
                     Field::new("customer_id", DataType::Utf8, true),
+                    // the 15-minute slot of the hour (0 to 3) of these events
+                    Field::new("quarter", DataType::Int32, false),
                 ];
                 f.extend(
                     crate::metrics::partial_metric_names()
@@ -139,6 +152,11 @@ impl Table {
                 f.push(Field::new("date", DataType::Utf8, false));
                 f
             }
+            Table::Merchants => vec![
+                Field::new("merchant_id", DataType::Utf8, false),
+                Field::new("time_zone", DataType::Utf8, false),
+                Field::new("updated_at", ts(), false),
+            ],
         };
         Arc::new(Schema::new(fields))
     }
@@ -147,12 +165,15 @@ impl Table {
     pub fn partition_columns(self) -> &'static [&'static str] {
         const HOURLY: [&str; 1] = [MetricTable::Hourly.partition_column()];
         const DAILY: [&str; 1] = [MetricTable::Daily.partition_column()];
+        const QUARTER: [&str; 1] = [MetricTable::QuarterHourly.partition_column()];
         match self {
             Table::RawEvents => &["event_date", "event_hour"],
             Table::Quarantine => &["ingest_date"],
             Table::MetricsHourly => &HOURLY,
             Table::MetricsDaily => &DAILY,
+            Table::MetricsQuarterHourly => &QUARTER,
             Table::CustomerHours => &["date"],
+            Table::Merchants => &[],
         }
     }
 }

@@ -22,6 +22,8 @@ pub mod lake;
 #[cfg(feature = "lake")]
 pub mod marks;
 #[cfg(feature = "lake")]
+pub mod merchants;
+#[cfg(feature = "lake")]
 pub mod metric_table;
 pub mod metrics;
 pub mod query;

@@ -1,25 +1,35 @@
 //! The metric tables' row shape, defined once.
 //!
-//! `metrics_hourly` and `metrics_daily` hold one row per merchant and UTC hour
-//! (day): `merchant_id`, the time column (`hour`, `day`: the bucket's start as a
-//! UTC timestamp in µs), one `BIGINT` column per stored metric of the registry
-//! ([`crate::metrics::stored_metric_names`], so the row grows with it),
-//! `computed_at`, `logic_version`, then the partition column (`date`, `month`).
+//! `metrics_hourly`, `metrics_daily` and `metrics_quarter_hourly` hold one row
+//! per merchant and UTC hour (day, 15-minute slot): `merchant_id`, the time
+//! column (`hour`, `day`, `quarter_hour`: the bucket's start as a UTC timestamp
+//! in µs), one `BIGINT` column per stored metric of the registry
+//! ([`crate::metrics::stored_metric_names`], so the row grows with it; its
+//! `unique_customers` is exact within the row's bucket), `customers_sketch`
+//! (the bucket's distinct customers as an Apache DataSketches HLL sketch,
+//! [`crate::sketch`]; null when no event had a customer), `computed_at`,
+//! `logic_version`, then the partition column (`date`, `month`, `date`).
+//!
+//! The quarter hours are the grain every zone's calendar is exact on
+//! ([`crate::calendar::SLOT_MICROS`]); the hourly and daily rows are their
+//! sums over UTC hours and days, with exact distinct customers there.
 //! The lake's schemas ([`crate::lake::Table::schema`]), the batch layer's writes
 //! and dry-run diff, and the serving layer's reads take their columns from
 //! [`MetricTable`] and decode rows with [`MetricRows`].
 
-use deltalake::arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
+use deltalake::arrow::array::{Array, AsArray, BinaryArray, Int64Array, RecordBatch, StringArray};
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Field, Int64Type};
 use deltalake::arrow::error::ArrowError;
 
 use crate::bucket::{date_string, month_string};
 use crate::lake::{utc_timestamp, Table};
-use crate::metrics::{stored_metric_names, MetricValues, STORED_COUNT};
+use crate::metrics::{stored_metric_names, BucketRow, MetricValues, STORED_COUNT};
 
 /// The merchant column: every row is one merchant's, and files are sorted by it.
 pub const MERCHANT_COLUMN: &str = "merchant_id";
+/// The distinct-customer sketch column (binary DataSketches HLL, nullable).
+pub const SKETCH_COLUMN: &str = "customers_sketch";
 /// When the batch layer computed the row (UTC timestamp, µs).
 pub const COMPUTED_AT_COLUMN: &str = "computed_at";
 /// The metric logic version the row was computed with.
@@ -32,17 +42,25 @@ pub enum MetricTable {
     Hourly,
     /// `metrics_daily`: a row per merchant and UTC day, partitioned by month.
     Daily,
+    /// `metrics_quarter_hourly`: a row per merchant and 15-minute UTC slot,
+    /// partitioned by date.
+    QuarterHourly,
 }
 
 impl MetricTable {
     /// Both metric tables.
-    pub const ALL: [MetricTable; 2] = [MetricTable::Hourly, MetricTable::Daily];
+    pub const ALL: [MetricTable; 3] = [
+        MetricTable::Hourly,
+        MetricTable::Daily,
+        MetricTable::QuarterHourly,
+    ];
 
     /// The lake table.
     pub const fn table(self) -> Table {
         match self {
             MetricTable::Hourly => Table::MetricsHourly,
             MetricTable::Daily => Table::MetricsDaily,
+            MetricTable::QuarterHourly => Table::MetricsQuarterHourly,
         }
     }
 
@@ -51,7 +69,8 @@ impl MetricTable {
         match table {
             Table::MetricsHourly => Some(MetricTable::Hourly),
             Table::MetricsDaily => Some(MetricTable::Daily),
-            Table::RawEvents | Table::Quarantine | Table::CustomerHours => None,
+            Table::MetricsQuarterHourly => Some(MetricTable::QuarterHourly),
+            Table::RawEvents | Table::Quarantine | Table::CustomerHours | Table::Merchants => None,
         }
     }
 
@@ -65,13 +84,14 @@ impl MetricTable {
         match self {
             MetricTable::Hourly => "hour",
             MetricTable::Daily => "day",
+            MetricTable::QuarterHourly => "quarter_hour",
         }
     }
 
     /// The partition column: `date` (`YYYY-MM-DD`) or `month` (`YYYY-MM`) of the time column.
     pub const fn partition_column(self) -> &'static str {
         match self {
-            MetricTable::Hourly => "date",
+            MetricTable::Hourly | MetricTable::QuarterHourly => "date",
             MetricTable::Daily => "month",
         }
     }
@@ -79,7 +99,7 @@ impl MetricTable {
     /// The partition value of the bucket starting at `t` (epoch µs).
     pub fn partition_of(self, t: i64) -> String {
         match self {
-            MetricTable::Hourly => date_string(t),
+            MetricTable::Hourly | MetricTable::QuarterHourly => date_string(t),
             MetricTable::Daily => month_string(t),
         }
     }
@@ -91,6 +111,7 @@ impl MetricTable {
             Field::new(self.time_column(), utc_timestamp(), false),
         ];
         f.extend(stored_metric_names().map(|n| Field::new(n, DataType::Int64, false)));
+        f.push(Field::new(SKETCH_COLUMN, DataType::Binary, true));
         f.extend([
             Field::new(COMPUTED_AT_COLUMN, utc_timestamp(), false),
             Field::new(LOGIC_VERSION_COLUMN, DataType::Int32, false),
@@ -111,6 +132,7 @@ pub struct MetricRows {
     merchants: Option<StringArray>,
     times: Int64Array,
     stored: [Option<Int64Array>; STORED_COUNT],
+    sketches: Option<BinaryArray>,
 }
 
 impl MetricRows {
@@ -139,11 +161,16 @@ impl MetricRows {
         for (column, name) in stored.iter_mut().zip(stored_metric_names()) {
             *column = ints(name)?;
         }
+        let sketches = batch
+            .column_by_name(SKETCH_COLUMN)
+            .map(|c| Ok::<_, ArrowError>(cast(c, &DataType::Binary)?.as_binary::<i32>().clone()))
+            .transpose()?;
         Ok(MetricRows {
             len: batch.num_rows(),
             merchants,
             times,
             stored,
+            sketches,
         })
     }
 
@@ -180,9 +207,23 @@ impl MetricRows {
         out
     }
 
+    /// Row `row`'s distinct-customer sketch; None when null or not in the batch.
+    pub fn sketch(&self, row: usize) -> Option<&[u8]> {
+        let s = self.sketches.as_ref()?;
+        s.is_valid(row).then(|| s.value(row))
+    }
+
     /// Row `row`'s values.
     pub fn values(&self, row: usize) -> MetricValues {
         MetricValues::from_stored(self.stored(row))
+    }
+
+    /// Row `row`'s values and sketch.
+    pub fn row(&self, row: usize) -> BucketRow {
+        BucketRow {
+            values: self.values(row),
+            sketch: self.sketch(row).map(<[u8]>::to_vec),
+        }
     }
 }
 

@@ -271,6 +271,17 @@ pub struct MetricValues {
     pub unique_customers: Option<i64>,
 }
 
+/// One stored bucket (a batch table's row, a speed-view slot) as readers
+/// combine buckets: its values and its distinct-customer sketch
+/// ([`crate::sketch`]; None when no event of it had a customer).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BucketRow {
+    /// Counters, and distinct customers exact within the row's bucket.
+    pub values: MetricValues,
+    /// The bucket's customers as a serialized DataSketches HLL sketch.
+    pub sketch: Option<Vec<u8>>,
+}
+
 /// A metric's value as the API returns it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(untagged)]

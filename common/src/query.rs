@@ -9,17 +9,14 @@
 //! patterns are checked here by hand, character class by character class, and
 //! a unit test holds the two together.
 
-use crate::bucket::{clip, parse_ts, BucketRange, Granularity};
+use crate::bucket::{clip, parse_ts};
+use crate::calendar::{Calendar, Unit};
 use crate::decode::is_valid_merchant_id;
 use crate::metrics::{parse_metric_list, Metric, METRICS};
 use crate::{Error, Result};
 
 /// The query parameters of the metrics endpoint; any other is a 400.
 pub const KNOWN_PARAMETERS: [&str; 5] = ["from", "to", "granularity", "metrics", "tz"];
-
-/// The time zones `tz=` accepts. Buckets in other zones are not implemented yet,
-/// so every other zone is refused rather than silently answered in UTC.
-pub const SUPPORTED_TIME_ZONES: [&str; 1] = ["UTC"];
 
 /// The merchant id of the path (the event rule: 1–64 of `[A-Za-z0-9_.:-]`).
 pub const MERCHANT_ID_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
@@ -34,13 +31,39 @@ pub const FIRST_YEAR: u32 = 1970;
 /// The last year `from` and `to` may be written with (RFC 3339 has four-digit years).
 pub const LAST_YEAR: u32 = 9999;
 
-/// A valid request of one merchant's metrics.
+/// A valid request of one merchant's metrics. Whether `from` and `to` are
+/// bucket boundaries depends on the zone, which may be the merchant's own
+/// setting: [`MetricsRequest::buckets`] checks that once the zone is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsRequest {
-    /// The buckets asked for.
-    pub range: BucketRange,
+    /// Range start (inclusive), epoch µs.
+    pub from: i64,
+    /// Range end (exclusive), epoch µs.
+    pub to: i64,
+    /// The bucket unit (default `hour`).
+    pub granularity: Unit,
+    /// `tz=`: the zone for this request, overriding the merchant's.
+    pub time_zone: Option<Calendar>,
     /// The metrics asked for, in API order.
     pub metrics: Vec<Metric>,
+}
+
+impl MetricsRequest {
+    /// The buckets `[start, end)` of the range in `calendar`. Errors:
+    /// [`Error::Invalid`] when `from` or `to` is not a bucket boundary there,
+    /// `to` is not after `from`, or the range holds more buckets than the
+    /// unit allows ([`Unit::max_buckets`]).
+    pub fn buckets(&self, calendar: &Calendar) -> Result<Vec<(i64, i64)>> {
+        if self.to <= self.from {
+            return Err(Error::invalid("`to` must be after `from`"));
+        }
+        calendar.buckets(
+            self.granularity,
+            self.from,
+            self.to,
+            self.granularity.max_buckets(),
+        )
+    }
 }
 
 /// `metrics`: a comma-separated list of known metric names, no spaces.
@@ -84,21 +107,45 @@ pub fn parse_metrics_request(merchant: &str, query: Option<&str>) -> Result<Metr
             )));
         }
     }
-    if let Some(tz) = tz {
-        if !SUPPORTED_TIME_ZONES.contains(&tz.as_str()) {
-            return Err(Error::invalid(format!(
-                "unknown or unsupported time zone {:?}: only {} is supported for now",
-                clip(&tz),
-                SUPPORTED_TIME_ZONES.join(", ")
-            )));
-        }
-    }
+    let time_zone = tz
+        .map(|tz| {
+            Calendar::parse(&tz).map_err(|_| {
+                Error::invalid(format!(
+                    "unknown time zone {:?}: use an IANA name such as Asia/Kolkata or UTC",
+                    clip(&tz)
+                ))
+            })
+        })
+        .transpose()?;
     let from = parse_instant("from", from)?;
     let to = parse_instant("to", to)?;
-    let granularity: Granularity = granularity.as_deref().unwrap_or("hour").parse()?;
-    let range = BucketRange::new(from, to, granularity)?;
+    let granularity: Unit = granularity.as_deref().unwrap_or("hour").parse()?;
+    if to <= from {
+        return Err(Error::invalid("`to` must be after `from`"));
+    }
+    // the exact count needs the zone ([`MetricsRequest::buckets`]); a range
+    // longer than the longest such units can be refused already
+    let longest = match granularity {
+        Unit::Hour => 2 * 3_600_000_000,
+        Unit::Day => 25 * 3_600_000_000,
+        Unit::Week => 7 * 24 * 3_600_000_000 + 3_600_000_000,
+        Unit::Month => 31 * 24 * 3_600_000_000 + 3_600_000_000,
+    };
+    if (to - from) / longest > granularity.max_buckets() as i64 {
+        return Err(Error::invalid(format!(
+            "the range is too long: at most {} {}s",
+            granularity.max_buckets(),
+            granularity.name()
+        )));
+    }
     let metrics = parse_metric_list(metrics.as_deref())?;
-    Ok(MetricsRequest { range, metrics })
+    Ok(MetricsRequest {
+        from,
+        to,
+        granularity,
+        time_zone,
+        metrics,
+    })
 }
 
 /// `from` or `to`: required, of [`INSTANT_PATTERN`], and a real date and time.
@@ -183,8 +230,14 @@ mod tests {
 
     const OK: &str = "from=2026-11-24T00:00:00Z&to=2026-11-25T00:00:00Z";
 
+    /// The 400's message of a request, whether the parser or the bucket check
+    /// (in its `tz`, else UTC) refuses it.
     fn refusal(merchant: &str, query: &str) -> String {
-        match parse_metrics_request(merchant, Some(query)) {
+        let checked = parse_metrics_request(merchant, Some(query)).and_then(|r| {
+            r.buckets(&r.time_zone.unwrap_or_default())?;
+            Ok(r)
+        });
+        match checked {
             Err(Error::Invalid(msg)) => msg,
             other => panic!("{merchant}?{query}: {other:?}"),
         }
@@ -197,9 +250,11 @@ mod tests {
             Some("from=2026-11-24T00:00:00Z&to=2026-11-25T00:00:00Z&granularity=hour&metrics=orders,net_sales&tz=UTC"),
         )
         .unwrap();
-        assert_eq!(r.range.granularity, Granularity::Hour);
-        assert_eq!(r.range.end - r.range.start, 24 * 3_600_000_000);
+        assert_eq!(r.granularity, Unit::Hour);
+        assert_eq!(r.to - r.from, 24 * 3_600_000_000);
         assert_eq!(r.metrics, [Metric::Orders, Metric::NetSales]);
+        assert_eq!(r.time_zone, Some(Calendar::UTC));
+        assert_eq!(r.buckets(&Calendar::UTC).unwrap().len(), 24);
         // offsets, fractions and both ends of the years served
         for query in [
             "from=2026-11-24T05:30:00%2B05:30&to=2026-11-24T01:00:00.000000000Z",
@@ -208,8 +263,12 @@ mod tests {
             "from=9999-12-30T00:00:00Z&to=9999-12-31T00:00:00Z&granularity=day",
             // written in 1970, an instant of 1969: allowed, it is just empty
             "from=1970-01-01T00:00:00%2B01:00&to=1970-01-01T00:00:00Z",
+            "from=2026-11-23T18:15:00Z&to=2026-11-24T18:15:00Z&granularity=day&tz=Asia/Kathmandu",
+            "from=2026-11-02T00:00:00Z&to=2026-11-30T00:00:00Z&granularity=week",
+            "from=2025-01-01T00:00:00Z&to=2026-01-01T00:00:00Z&granularity=month",
         ] {
-            assert!(parse_metrics_request("m_1", Some(query)).is_ok(), "{query}");
+            let r = parse_metrics_request("m_1", Some(query)).expect(query);
+            r.buckets(&r.time_zone.unwrap_or_default()).expect(query);
         }
     }
 
@@ -225,6 +284,7 @@ mod tests {
                 "from=2026-11-24T00:00:00Z&to=2026-11-24T00:00:00Z&from=x",
             ),
             ("m_1", &format!("{OK}&granularity=week")),
+            ("m_1", &format!("{OK}&granularity=day&tz=Asia/Kolkata")),
             ("m_1", &format!("{OK}&granularity=")),
             ("m_1", &format!("{OK}&metrics=orders,bogus")),
             ("m_1", &format!("{OK}&metrics=")),
@@ -265,12 +325,9 @@ mod tests {
     fn unknown_parameters_and_time_zones_are_refused_not_ignored() {
         let msg = refusal("m_1", &format!("{OK}&x=1"));
         assert!(msg.contains("unknown query parameter \"x\""), "{msg}");
-        let msg = refusal("m_1", &format!("{OK}&tz=Europe/Paris"));
-        assert!(
-            msg.contains("unknown or unsupported time zone \"Europe/Paris\""),
-            "{msg}"
-        );
-        for tz in ["", "utc", "Etc/UTC", "Z", "%2B00:00"] {
+        let msg = refusal("m_1", &format!("{OK}&tz=Europe/Pariss"));
+        assert!(msg.contains("unknown time zone \"Europe/Pariss\""), "{msg}");
+        for tz in ["", "utc", "Z", "%2B00:00", "IST", "EST"] {
             refusal("m_1", &format!("{OK}&tz={tz}"));
         }
         let msg = refusal("m_1", &format!("{OK}&tz=UTC&tz=UTC"));
@@ -348,9 +405,10 @@ mod tests {
             let text = String::from_utf8_lossy(&data);
             let (merchant, query) = text.split_once('?').unwrap_or((&text, ""));
             if let Ok(r) = parse_metrics_request(merchant, Some(query)) {
-                assert!(r.range.start < r.range.end);
-                assert!(r.range.start >= parse_ts("1970-01-01T00:00:00+23:59").unwrap());
-                assert!(r.range.end <= parse_ts("9999-12-31T23:59:59.999999999-23:59").unwrap());
+                assert!(r.from < r.to);
+                assert!(r.from >= parse_ts("1970-01-01T00:00:00+23:59").unwrap());
+                assert!(r.to <= parse_ts("9999-12-31T23:59:59.999999999-23:59").unwrap());
+                let _ = r.buckets(&r.time_zone.unwrap_or_default());
             }
             n += 1;
         }

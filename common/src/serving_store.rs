@@ -38,12 +38,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::bucket::{MICROS_PER_DAY, MICROS_PER_HOUR};
-use crate::metrics::{stored_metric_names, MetricValues, STORED_COUNT};
+use crate::calendar::SLOT_MICROS;
+use crate::metrics::{stored_metric_names, BucketRow, MetricValues, STORED_COUNT};
 use crate::speed_view::BoxFuture;
 use crate::{Error, Result};
 
 /// The store layout's version: a state of another format is not read.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// Commit metadata of a batch run's commits: the days whose `metrics_daily`
 /// rows the run rewrote (`YYYY-MM-DD` strings). A load reloads only these dates
@@ -71,6 +72,9 @@ pub struct StoreState {
     pub hourly_version: Option<i64>,
     /// The `metrics_daily` version the daily rows are from.
     pub daily_version: Option<i64>,
+    /// The `metrics_quarter_hourly` version the quarter-hourly rows are from.
+    #[serde(default)]
+    pub quarter_version: Option<i64>,
     /// The batch watermark W (epoch µs) of `hourly_version`.
     pub watermark: Option<i64>,
     /// The generation of the load that published it
@@ -97,6 +101,7 @@ impl StoreState {
             metrics: Vec::new(),
             hourly_version: None,
             daily_version: None,
+            quarter_version: None,
             watermark: None,
             load,
             published_at: 0,
@@ -149,17 +154,24 @@ pub struct DayRows {
     /// The `metrics_daily` row of the day, when it has one.
     #[prost(message, optional, tag = "3")]
     pub daily: Option<StoredRow>,
+    /// `metrics_quarter_hourly` rows of the date, any order; their `hour` is
+    /// the quarter hour of the day (0 to 95).
+    #[prost(message, repeated, tag = "4")]
+    pub quarters: Vec<HourRow>,
 }
 
-/// One hour's row within a [`DayRows`].
+/// One hour's (or quarter hour's) row within a [`DayRows`].
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct HourRow {
-    /// Hour of the day, 0-23 (UTC).
+    /// Hour of the day, 0-23 (UTC); for quarter hours, 0-95.
     #[prost(uint32, tag = "1")]
     pub hour: u32,
     /// The stored metrics in [`StoreState::metrics`] order (zigzag varints).
     #[prost(sint64, repeated, tag = "2")]
     pub values: Vec<i64>,
+    /// The row's distinct-customer sketch (DataSketches HLL), when it has one.
+    #[prost(bytes = "vec", optional, tag = "3")]
+    pub sketch: Option<Vec<u8>>,
 }
 
 /// A daily row within a [`DayRows`].
@@ -168,6 +180,9 @@ pub struct StoredRow {
     /// The stored metrics in [`StoreState::metrics`] order (zigzag varints).
     #[prost(sint64, repeated, tag = "1")]
     pub values: Vec<i64>,
+    /// The day's distinct-customer sketch, when it has one.
+    #[prost(bytes = "vec", optional, tag = "2")]
+    pub sketch: Option<Vec<u8>>,
 }
 
 impl DayRows {
@@ -189,19 +204,52 @@ impl DayRows {
         day: i64,
         start: i64,
         end: i64,
-        out: &mut std::collections::HashMap<i64, MetricValues>,
+        out: &mut std::collections::HashMap<i64, BucketRow>,
     ) {
-        for h in &self.hours {
-            let t = day + i64::from(h.hour) * MICROS_PER_HOUR;
-            if t >= start && t < end && h.hour < 24 {
-                out.insert(t, values_of(&h.values));
-            }
-        }
+        rows_into(&self.hours, day, MICROS_PER_HOUR, 24, start, end, out);
     }
 
-    /// The daily row's values, when the day has one.
-    pub fn daily_values(&self) -> Option<MetricValues> {
-        self.daily.as_ref().map(|d| values_of(&d.values))
+    /// The quarter-hourly rows of date `day` with `start <= quarter hour < end`,
+    /// into `out` by their start.
+    pub fn quarters_into(
+        &self,
+        day: i64,
+        start: i64,
+        end: i64,
+        out: &mut std::collections::HashMap<i64, BucketRow>,
+    ) {
+        rows_into(&self.quarters, day, SLOT_MICROS, 96, start, end, out);
+    }
+
+    /// The daily row, when the day has one.
+    pub fn daily_row(&self) -> Option<BucketRow> {
+        self.daily.as_ref().map(|d| BucketRow {
+            values: values_of(&d.values),
+            sketch: d.sketch.clone(),
+        })
+    }
+}
+
+fn rows_into(
+    rows: &[HourRow],
+    day: i64,
+    step: i64,
+    per_day: u32,
+    start: i64,
+    end: i64,
+    out: &mut std::collections::HashMap<i64, BucketRow>,
+) {
+    for h in rows {
+        let t = day + i64::from(h.hour) * step;
+        if t >= start && t < end && h.hour < per_day {
+            out.insert(
+                t,
+                BucketRow {
+                    values: values_of(&h.values),
+                    sketch: h.sketch.clone(),
+                },
+            );
+        }
     }
 }
 
@@ -498,13 +546,23 @@ mod tests {
                 HourRow {
                     hour: 3,
                     values: v(5),
+                    sketch: None,
                 },
                 HourRow {
                     hour: 23,
                     values: v(9),
+                    sketch: Some(vec![1, 2, 3]),
                 },
             ],
-            daily: Some(StoredRow { values: v(14) }),
+            daily: Some(StoredRow {
+                values: v(14),
+                sketch: None,
+            }),
+            quarters: vec![HourRow {
+                hour: 95,
+                values: v(2),
+                sketch: Some(vec![4]),
+            }],
         };
         let back = DayRows::decode(&rows.encode_to_vec()).unwrap();
         assert_eq!(back, rows);
@@ -516,9 +574,14 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.len(), 1);
-        let got = out[&(day + 23 * MICROS_PER_HOUR)].stored();
-        assert_eq!((got[0], got[STORED_COUNT - 1]), (9, -9));
-        assert_eq!(back.daily_values().unwrap().stored()[0], 14);
+        let got = &out[&(day + 23 * MICROS_PER_HOUR)];
+        let stored = got.values.stored();
+        assert_eq!((stored[0], stored[STORED_COUNT - 1]), (9, -9));
+        assert_eq!(got.sketch.as_deref(), Some(&[1u8, 2, 3][..]));
+        assert_eq!(back.daily_row().unwrap().values.stored()[0], 14);
+        let mut q = std::collections::HashMap::new();
+        back.quarters_into(day, day, day + MICROS_PER_DAY, &mut q);
+        assert_eq!(q[&(day + 95 * SLOT_MICROS)].sketch.as_deref(), Some(&[4u8][..]));
         assert!(DayRows::decode(b"\xff\xff").is_err());
     }
 
@@ -530,6 +593,7 @@ mod tests {
             metrics: stored_metric_names().map(str::to_string).collect(),
             hourly_version: Some(3),
             daily_version: None,
+            quarter_version: None,
             watermark: Some(0),
             load: 1,
             published_at: 0,

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::metrics::MetricValues;
+use crate::metrics::{BucketRow, MetricValues};
 use crate::Result;
 
 /// A boxed, sendable future: what [`SpeedView`]'s methods return, so the trait is
@@ -39,6 +39,10 @@ pub trait SpeedView: Send + Sync {
 pub struct SpeedReading {
     /// Per requested hour: counters, and the hour's distinct-customer estimate.
     pub hours: Vec<MetricValues>,
+    /// Per requested hour: its four 15-minute slots, each with its counters and
+    /// its customers' sketch ([`crate::sketch`]), from which readers make any
+    /// zone's buckets and unions.
+    pub quarters: Vec<[BucketRow; 4]>,
     /// Per requested group of hours: the distinct-customer estimate of their union.
     pub unions: Vec<i64>,
     /// Indices into the requested hours that the view cannot vouch for: it lost

@@ -50,7 +50,6 @@ use tally_common::bucket::{
     MICROS_PER_HOUR,
 };
 use tally_common::lake::{Lake, Table};
-use tally_common::metrics::MetricValues;
 use tally_common::shutdown;
 use tally_common::source::{Position, Record, SourceId};
 use tally_common::watermark::{read_progress, WATERMARK_APP};
@@ -899,7 +898,7 @@ fn main() {
         for i in 0..50 {
             let m = pick(1000 + i);
             state.batch().set_point_lookups(true);
-            let x: HashMap<i64, MetricValues> = snap.hourly(&m, a, b).await.expect("lookup");
+            let x: HashMap<i64, tally_common::metrics::BucketRow> = snap.hourly(&m, a, b).await.expect("lookup");
             state.batch().set_point_lookups(false);
             let y = snap.hourly(&m, a, b).await.expect("datafusion");
             assert_eq!(x, y, "point lookup and DataFusion disagree for {m}");

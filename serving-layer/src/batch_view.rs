@@ -32,8 +32,8 @@ use deltalake::DeltaTable;
 use futures::StreamExt as _;
 use tally_common::bucket::{day_floor, now_micros, MICROS_PER_DAY};
 use tally_common::lake::{register, Lake, Table};
-use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
-use tally_common::metrics::{stored_metric_names, MetricValues};
+use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN, SKETCH_COLUMN};
+use tally_common::metrics::{stored_metric_names, BucketRow};
 use tally_common::serving_store::{dates_between, DayRows, ServingStore, StoreState};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Error, Result};
@@ -54,11 +54,10 @@ const WARM_TIMEOUT: Duration = Duration::from_secs(5);
 /// One consistent view of the batch tables: what a request reads from.
 pub struct BatchSnapshot {
     ctx: SessionContext,
-    hourly: Option<DeltaTable>,
-    daily: Option<DeltaTable>,
+    /// The metric tables, in [`MetricTable::ALL`] order.
+    tables: [Option<DeltaTable>; 3],
     /// The tables' files for point lookups (None: read with DataFusion).
-    hourly_files: Option<FileIndex>,
-    daily_files: Option<FileIndex>,
+    files: [Option<FileIndex>; 3],
     point_lookups: Arc<AtomicBool>,
     watermark: Option<i64>,
     /// The serving store and the state it published, when it holds the batch
@@ -86,8 +85,62 @@ impl Served {
     }
 }
 
-/// Rows of one merchant by bucket start: (hourly, daily).
-pub type MerchantRows = (HashMap<i64, MetricValues>, HashMap<i64, MetricValues>);
+/// The position of `kind` in [`MetricTable::ALL`].
+const fn slot(kind: MetricTable) -> usize {
+    match kind {
+        MetricTable::Hourly => 0,
+        MetricTable::Daily => 1,
+        MetricTable::QuarterHourly => 2,
+    }
+}
+
+/// Ranges of bucket starts to read per metric table, `[start, end)` (epoch µs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ranges {
+    /// `metrics_hourly` hours.
+    pub hourly: Option<(i64, i64)>,
+    /// `metrics_daily` days.
+    pub daily: Option<(i64, i64)>,
+    /// `metrics_quarter_hourly` quarter hours.
+    pub quarters: Option<(i64, i64)>,
+}
+
+impl Ranges {
+    fn of(&self, kind: MetricTable) -> Option<(i64, i64)> {
+        match kind {
+            MetricTable::Hourly => self.hourly,
+            MetricTable::Daily => self.daily,
+            MetricTable::QuarterHourly => self.quarters,
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = (MetricTable, (i64, i64))> + '_ {
+        MetricTable::ALL
+            .into_iter()
+            .filter_map(|k| self.of(k).filter(|(a, b)| a < b).map(|r| (k, r)))
+    }
+}
+
+/// Rows of one merchant by bucket start, per metric table.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MerchantRows {
+    /// `metrics_hourly` rows by hour.
+    pub hourly: HashMap<i64, BucketRow>,
+    /// `metrics_daily` rows by day.
+    pub daily: HashMap<i64, BucketRow>,
+    /// `metrics_quarter_hourly` rows by quarter hour.
+    pub quarters: HashMap<i64, BucketRow>,
+}
+
+impl MerchantRows {
+    fn of(&mut self, kind: MetricTable) -> &mut HashMap<i64, BucketRow> {
+        match kind {
+            MetricTable::Hourly => &mut self.hourly,
+            MetricTable::Daily => &mut self.daily,
+            MetricTable::QuarterHourly => &mut self.quarters,
+        }
+    }
+}
 
 impl BatchSnapshot {
     /// The batch watermark W (epoch µs), None when the batch layer never ran.
@@ -110,38 +163,28 @@ impl BatchSnapshot {
     /// Whether [`BatchSnapshot::read`] of these ranges needs the lake: dates
     /// the serving store does not hold, or no store (whether the store's state
     /// is fresh is [`BatchSnapshot::store_unconfirmed`]'s question).
-    pub fn needs_lake(&self, hourly: Option<(i64, i64)>, daily: Option<(i64, i64)>) -> bool {
+    pub fn needs_lake(&self, ranges: &Ranges) -> bool {
         let Some(served) = self.served.as_ref() else {
             return true;
         };
-        [hourly, daily].into_iter().flatten().any(|(a, b)| {
-            a < b
-                && dates_between(day_floor(a), day_floor(b - 1))
-                    .any(|d| served.state.date(d).is_none())
+        ranges.all().any(|(_, (a, b))| {
+            dates_between(day_floor(a), day_floor(b - 1)).any(|d| served.state.date(d).is_none())
         })
     }
 
     /// [`BatchSnapshot::read`] from the lake alone.
-    async fn read_lake(
-        &self,
-        merchant: &str,
-        hourly: Option<(i64, i64)>,
-        daily: Option<(i64, i64)>,
-    ) -> Result<MerchantRows> {
+    async fn read_lake(&self, merchant: &str, ranges: &Ranges) -> Result<MerchantRows> {
         if self.lake_pending {
             return Err(Error::Timeout(
                 "the lake's tables are still being opened; retry shortly".into(),
             ));
         }
-        let h = match hourly {
-            Some((a, b)) => self.hourly(merchant, a, b).await?,
-            None => HashMap::new(),
-        };
-        let d = match daily {
-            Some((a, b)) => self.daily(merchant, a, b).await?,
-            None => HashMap::new(),
-        };
-        Ok((h, d))
+        let mut out = MerchantRows::default();
+        for (kind, (a, b)) in ranges.all() {
+            let rows = self.rows(kind, merchant, a, b).await?;
+            out.of(kind).extend(rows);
+        }
+        Ok(out)
     }
 
     /// Whether requests read the serving store (it holds these versions and
@@ -150,62 +193,43 @@ impl BatchSnapshot {
         self.served.as_ref().is_some_and(Served::fresh)
     }
 
-    /// `merchant`'s `metrics_hourly` rows with `start <= hour < end` and
-    /// `metrics_daily` rows with `start <= day < end` for the given ranges: the
-    /// dates the serving store holds from it (one round trip), the others from
-    /// the lake at the same table versions.
-    pub async fn read(
-        &self,
-        merchant: &str,
-        hourly: Option<(i64, i64)>,
-        daily: Option<(i64, i64)>,
-    ) -> Result<MerchantRows> {
+    /// `merchant`'s rows of each metric table in `ranges`: the dates the
+    /// serving store holds from it (one round trip), the others from the lake at
+    /// the same table versions.
+    pub async fn read(&self, merchant: &str, ranges: &Ranges) -> Result<MerchantRows> {
         let Some(served) = self.served.as_ref().filter(|s| s.fresh()) else {
-            return self.read_lake(merchant, hourly, daily).await;
+            return self.read_lake(merchant, ranges).await;
         };
         let state = &served.state;
         let mut in_store: std::collections::BTreeSet<i64> = Default::default();
-        let mut lake_hourly: Vec<(i64, i64)> = Vec::new();
-        let mut lake_daily: Vec<(i64, i64)> = Vec::new();
-        let mut split = |(a, b): (i64, i64), lake: &mut Vec<(i64, i64)>| {
-            if a >= b {
-                return;
-            }
+        let mut from_lake: Vec<(MetricTable, i64, i64)> = Vec::new();
+        for (kind, (a, b)) in ranges.all() {
             for d in dates_between(day_floor(a), day_floor(b - 1)) {
                 let (s, e) = (a.max(d), b.min(d + MICROS_PER_DAY));
                 if state.date(d).is_some() {
                     in_store.insert(d);
                 } else {
-                    match lake.last_mut() {
-                        Some(last) if last.1 == s => last.1 = e,
-                        _ => lake.push((s, e)),
+                    match from_lake.last_mut() {
+                        Some(last) if last.0 == kind && last.2 == s => last.2 = e,
+                        _ => from_lake.push((kind, s, e)),
                     }
                 }
             }
-        };
-        if let Some(r) = hourly {
-            split(r, &mut lake_hourly);
-        }
-        if let Some(r) = daily {
-            split(r, &mut lake_daily);
         }
         let keys: Vec<(i64, u8)> = in_store
             .iter()
             .filter_map(|&d| state.date(d).map(|e| (d, e.slot)))
             .collect();
-        let from_lake = async {
-            let mut h = HashMap::new();
-            for &(a, b) in &lake_hourly {
-                h.extend(self.hourly(merchant, a, b).await?);
+        let lake_rows = async {
+            let mut out = MerchantRows::default();
+            for &(kind, a, b) in &from_lake {
+                let rows = self.rows(kind, merchant, a, b).await?;
+                out.of(kind).extend(rows);
             }
-            let mut d = HashMap::new();
-            for &(a, b) in &lake_daily {
-                d.extend(self.daily(merchant, a, b).await?);
-            }
-            Result::Ok((h, d))
+            Result::Ok(out)
         };
-        let (values, lake) = tokio::join!(served.store.read(merchant, &keys), from_lake);
-        let (mut h, mut d) = lake?;
+        let (values, lake) = tokio::join!(served.store.read(merchant, &keys), lake_rows);
+        let mut out = lake?;
         let decoded = values.and_then(|values| {
             values
                 .into_iter()
@@ -217,7 +241,7 @@ impl BatchSnapshot {
             Err(e) => {
                 // the lake at the same versions holds the same rows
                 tracing::warn!(merchant, error = %e, "reading the serving store failed; reading the lake");
-                return self.read_lake(merchant, hourly, daily).await;
+                return self.read_lake(merchant, ranges).await;
             }
         };
         for (&(day, _), rows) in keys.iter().zip(values) {
@@ -226,26 +250,28 @@ impl BatchSnapshot {
             if state.date(day).map(|e| e.generation) != Some(rows.generation) {
                 continue;
             }
-            if let Some((a, b)) = hourly {
-                rows.hours_into(day, a, b, &mut h);
+            if let Some((a, b)) = ranges.hourly {
+                rows.hours_into(day, a, b, &mut out.hourly);
             }
-            if let Some((a, b)) = daily {
+            if let Some((a, b)) = ranges.quarters {
+                rows.quarters_into(day, a, b, &mut out.quarters);
+            }
+            if let Some((a, b)) = ranges.daily {
                 if day >= a && day < b {
-                    if let Some(v) = rows.daily_values() {
-                        d.insert(day, v);
+                    if let Some(v) = rows.daily_row() {
+                        out.daily.insert(day, v);
                     }
                 }
             }
         }
-        Ok((h, d))
+        Ok(out)
     }
 
-    /// The loaded versions of `metrics_hourly` and `metrics_daily`.
-    pub fn versions(&self) -> (Option<Version>, Option<Version>) {
-        (
-            self.hourly.as_ref().and_then(|t| t.version()),
-            self.daily.as_ref().and_then(|t| t.version()),
-        )
+    /// The loaded versions of the metric tables, in [`MetricTable::ALL`] order.
+    pub fn versions(&self) -> [Option<Version>; 3] {
+        self.tables
+            .each_ref()
+            .map(|t| t.as_ref().and_then(|t| t.version()))
     }
 
     /// `merchant`'s rows of `metrics_hourly` with `start <= hour < end`, by hour.
@@ -254,12 +280,8 @@ impl BatchSnapshot {
         merchant: &str,
         start: i64,
         end: i64,
-    ) -> Result<HashMap<i64, MetricValues>> {
-        if self.hourly.is_none() || start >= end {
-            return Ok(HashMap::new());
-        }
-        self.read_table(MetricTable::Hourly, merchant, start, end)
-            .await
+    ) -> Result<HashMap<i64, BucketRow>> {
+        self.rows(MetricTable::Hourly, merchant, start, end).await
     }
 
     /// `merchant`'s rows of `metrics_daily` with `start <= day < end`, by day.
@@ -268,12 +290,22 @@ impl BatchSnapshot {
         merchant: &str,
         start: i64,
         end: i64,
-    ) -> Result<HashMap<i64, MetricValues>> {
-        if self.daily.is_none() || start >= end {
+    ) -> Result<HashMap<i64, BucketRow>> {
+        self.rows(MetricTable::Daily, merchant, start, end).await
+    }
+
+    /// `merchant`'s rows of `kind` with `start <= time < end` from the lake.
+    pub async fn rows(
+        &self,
+        kind: MetricTable,
+        merchant: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<HashMap<i64, BucketRow>> {
+        if self.tables[slot(kind)].is_none() || start >= end {
             return Ok(HashMap::new());
         }
-        self.read_table(MetricTable::Daily, merchant, start, end)
-            .await
+        self.read_table(kind, merchant, start, end).await
     }
 
     /// `merchant`'s rows of `table` with `start <= time < end`, from the
@@ -285,11 +317,8 @@ impl BatchSnapshot {
         merchant: &str,
         start: i64,
         end: i64,
-    ) -> Result<HashMap<i64, MetricValues>> {
-        let files = match table {
-            MetricTable::Hourly => &self.hourly_files,
-            MetricTable::Daily => &self.daily_files,
-        };
+    ) -> Result<HashMap<i64, BucketRow>> {
+        let files = &self.files[slot(table)];
         let (first, last) = (table.partition_of(start), table.partition_of(end - 1));
         if self.point_lookups.load(Ordering::Relaxed) {
             if let Some(files) = files {
@@ -314,7 +343,7 @@ impl BatchSnapshot {
         start: i64,
         end: i64,
         partitions: Expr,
-    ) -> Result<HashMap<i64, MetricValues>> {
+    ) -> Result<HashMap<i64, BucketRow>> {
         let ts = tally_common::lake::utc_micros;
         let time_col = table.time_column();
         let filter = col(MERCHANT_COLUMN)
@@ -324,6 +353,7 @@ impl BatchSnapshot {
             .and(col(time_col).lt(ts(end)));
         let mut columns = vec![time_col];
         columns.extend(stored_metric_names());
+        columns.push(SKETCH_COLUMN);
         let what = format!("reading {} for a merchant", table.name());
         let batches = self
             .ctx
@@ -351,12 +381,12 @@ impl BatchSnapshot {
 fn rows_into(
     batch: &RecordBatch,
     time_col: &str,
-    out: &mut HashMap<i64, MetricValues>,
+    out: &mut HashMap<i64, BucketRow>,
 ) -> std::result::Result<(), ArrowError> {
     let rows = MetricRows::new(batch, time_col)?;
     for r in 0..rows.len() {
         if let Some(t) = rows.time(r) {
-            out.insert(t, rows.values(r));
+            out.insert(t, rows.row(r));
         }
     }
     Ok(())
@@ -448,12 +478,14 @@ impl BatchView {
         let Some(s) = self.snapshot() else {
             return Ok(None);
         };
-        let Some(h) = &s.hourly else { return Ok(None) };
+        let Some(h) = &s.tables[0] else {
+            return Ok(None);
+        };
         let hv = h
             .get_latest_version()
             .await
             .context("checking the version of metrics_hourly")?;
-        let dv = match &s.daily {
+        let dv = match &s.tables[1] {
             Some(d) => Some(
                 d.get_latest_version()
                     .await
@@ -462,6 +494,11 @@ impl BatchView {
             None => None,
         };
         Ok(Some((hv as i64, dv.map(|v| v as i64))))
+    }
+
+    /// The lake this view reads.
+    pub fn lake(&self) -> &Lake {
+        &self.lake
     }
 
     /// Read with point lookups where the tables allow (the default), or always with
@@ -530,10 +567,8 @@ impl BatchView {
             if self.lake_deferred.swap(false, Ordering::SeqCst) {
                 let snapshot = BatchSnapshot {
                     ctx: self.session(),
-                    hourly: None,
-                    daily: None,
-                    hourly_files: None,
-                    daily_files: None,
+                    tables: [None, None, None],
+                    files: [None, None, None],
                     point_lookups: self.point_lookups.clone(),
                     watermark: state.watermark,
                     served: Some(self.served(store, state.clone(), asked_at)),
@@ -545,81 +580,60 @@ impl BatchView {
                 return Ok(true);
             }
         }
-        let (hourly, hourly_changed, daily, daily_changed) = match &state {
-            Some(state) => {
-                let (h, hc) = self
-                    .at_version(
-                        Table::MetricsHourly,
-                        current.as_ref().and_then(|s| s.hourly.as_ref()),
-                        state.hourly_version,
-                    )
-                    .await?;
-                let (d, dc) = self
-                    .at_version(
-                        Table::MetricsDaily,
-                        current.as_ref().and_then(|s| s.daily.as_ref()),
-                        state.daily_version,
-                    )
-                    .await?;
-                (h, hc, d, dc)
-            }
-            None => {
-                let (h, hc) = self
-                    .newest(
-                        Table::MetricsHourly,
-                        current.as_ref().and_then(|s| s.hourly.as_ref()),
-                    )
-                    .await?;
-                let (d, dc) = self
-                    .newest(
-                        Table::MetricsDaily,
-                        current.as_ref().and_then(|s| s.daily.as_ref()),
-                    )
-                    .await?;
-                (h, hc, d, dc)
-            }
-        };
+        let mut tables: [Option<DeltaTable>; 3] = [None, None, None];
+        let mut changed = false;
+        for kind in MetricTable::ALL {
+            let i = slot(kind);
+            let previous = current.as_ref().and_then(|s| s.tables[i].as_ref());
+            let (t, c) = match &state {
+                Some(state) => {
+                    let version = match kind {
+                        MetricTable::Hourly => state.hourly_version,
+                        MetricTable::Daily => state.daily_version,
+                        MetricTable::QuarterHourly => state.quarter_version,
+                    };
+                    self.at_version(kind.table(), previous, version).await?
+                }
+                None => self.newest(kind.table(), previous).await?,
+            };
+            tables[i] = t;
+            changed |= c;
+        }
         let was_served = current.as_ref().is_some_and(|c| c.served.is_some());
-        if current.is_some() && !hourly_changed && !daily_changed && state.is_none() && !was_served
-        {
+        if current.is_some() && !changed && state.is_none() && !was_served {
             return Ok(false);
         }
         let ctx = self.session();
         let mut watermark = None;
-        if let Some(t) = &hourly {
-            register(&ctx, Table::MetricsHourly.name(), t).await?;
-            watermark = read_progress(t).await?.watermark;
+        for kind in MetricTable::ALL {
+            if let Some(t) = &tables[slot(kind)] {
+                register(&ctx, kind.name(), t).await?;
+                if kind == MetricTable::Hourly {
+                    watermark = read_progress(t).await?.watermark;
+                }
+            }
         }
-        if let Some(t) = &daily {
-            register(&ctx, Table::MetricsDaily.name(), t).await?;
+        let mut files: [Option<FileIndex>; 3] = [None, None, None];
+        for kind in MetricTable::ALL {
+            let i = slot(kind);
+            files[i] = self.file_index(
+                kind,
+                tables[i].as_ref(),
+                current.as_ref().and_then(|s| s.files[i].as_ref()),
+            )?;
         }
-        let hourly_files = self.file_index(
-            MetricTable::Hourly,
-            hourly.as_ref(),
-            current.as_ref().and_then(|s| s.hourly_files.as_ref()),
-        )?;
-        let daily_files = self.file_index(
-            MetricTable::Daily,
-            daily.as_ref(),
-            current.as_ref().and_then(|s| s.daily_files.as_ref()),
-        )?;
         // the files a batch run just added, warmed before requests see them
         if let Some(current) = &current {
             let mut new = Vec::new();
-            for (index, previous, time_col) in [
-                (
-                    &hourly_files,
-                    &current.hourly_files,
-                    MetricTable::Hourly.time_column(),
-                ),
-                (
-                    &daily_files,
-                    &current.daily_files,
-                    MetricTable::Daily.time_column(),
-                ),
-            ] {
-                if let (Some(index), Some(previous)) = (index, previous) {
-                    new.extend(index.new_files(previous).into_iter().map(|f| (f, time_col)));
+            for kind in MetricTable::ALL {
+                let i = slot(kind);
+                if let (Some(index), Some(previous)) = (&files[i], &current.files[i]) {
+                    new.extend(
+                        index
+                            .new_files(previous)
+                            .into_iter()
+                            .map(|f| (f, kind.time_column())),
+                    );
                 }
             }
             // each table's new files come in partition order, so the cap drops the oldest
@@ -646,10 +660,8 @@ impl BatchView {
         };
         let snapshot = BatchSnapshot {
             ctx,
-            hourly,
-            daily,
-            hourly_files,
-            daily_files,
+            tables,
+            files,
             point_lookups: self.point_lookups.clone(),
             watermark,
             served,

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use tally_common::bucket::{hour_floor, now_micros};
-use tally_common::query::{parse_metrics_request, MetricsRequest};
+use tally_common::query::parse_metrics_request;
 use tally_common::speed_view::SpeedReading;
 use tally_common::Error;
 use utoipa::ToSchema;
@@ -65,8 +65,11 @@ pub(crate) async fn metrics(
             "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
         )
     })?;
-    let MetricsRequest { range, metrics } =
-        parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
+    let request = parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
+    let calendar = request
+        .time_zone
+        .unwrap_or_else(|| state.inner.zones.zone(&merchant));
+    let buckets = request.buckets(&calendar).map_err(invalid)?;
 
     let mut snapshot = state.inner.batch.snapshot().ok_or_else(|| {
         ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())
@@ -74,8 +77,8 @@ pub(crate) async fn metrics(
     // the newest hour the speed view can hold data for: events may be stamped
     // up to the decoder's allowance ahead of now
     let horizon = hour_floor(now_micros() + tally_common::decode::MAX_FUTURE_MICROS);
-    let mut plan = Plan::new(range, snapshot.watermark(), horizon);
-    let open_lake = snapshot.lake_pending() && snapshot.needs_lake(plan.hourly, plan.daily);
+    let mut plan = Plan::new(calendar, &buckets, snapshot.watermark(), horizon);
+    let open_lake = snapshot.lake_pending() && snapshot.needs_lake(&plan.ranges);
     if snapshot.store_unconfirmed() || open_lake {
         // the store's state not confirmed lately (a Lambda container thawed:
         // one Redis read confirms it), or a process that just started needing
@@ -89,19 +92,16 @@ pub(crate) async fn metrics(
         }
         if let Some(s) = state.inner.batch.snapshot() {
             snapshot = s;
-            plan = Plan::new(range, snapshot.watermark(), horizon);
+            plan = Plan::new(calendar, &buckets, snapshot.watermark(), horizon);
         }
     }
 
-    let batch = snapshot.read(&merchant, plan.hourly, plan.daily);
+    let batch = snapshot.read(&merchant, &plan.ranges);
     let speed = async {
         if plan.speed_hours.is_empty() {
             return Some(SpeedReading::default());
         }
-        let read = state
-            .inner
-            .speed
-            .read(&merchant, &plan.speed_hours, &plan.unions);
+        let read = state.inner.speed.read(&merchant, &plan.speed_hours, &[]);
         match tokio::time::timeout(state.inner.options.speed_timeout, read).await {
             Ok(Ok(reading)) => Some(reading),
             Ok(Err(e)) => {
@@ -115,18 +115,77 @@ pub(crate) async fn metrics(
         }
     };
     let (batch, speed) = tokio::join!(batch, speed);
-    let (hourly, daily) = batch.map_err(|e| ApiError::lake(&e))?;
-    let buckets = plan.assemble(&hourly, &daily, speed.as_ref());
+    let rows = batch.map_err(|e| ApiError::lake(&e))?;
+    let assembled = plan.assemble(&rows, speed.as_ref());
     Ok(Json(MetricsResponse {
         merchant_id: merchant,
-        granularity: range.granularity,
-        from: range.start,
-        to: range.end,
+        granularity: request.granularity,
+        calendar,
+        from: request.from,
+        to: request.to,
         batch_watermark: snapshot.watermark(),
         // a speed or mixed bucket left null: the view was unreadable or did not cover it
-        partial: buckets.iter().any(|b| b.values.is_none()),
-        metrics,
-        buckets,
+        partial: assembled.buckets.iter().any(|b| b.values.is_none()),
+        metrics: request.metrics,
+        totals: assembled.totals,
+        buckets: assembled.buckets,
+    }))
+}
+
+/// The body of `PUT /v1/merchants/{merchant_id}/settings`, and of its answer.
+#[derive(Debug, Clone, serde::Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SettingsBody {
+    /// The merchant's IANA time zone (`Asia/Kolkata`, `UTC`): the calendar of
+    /// its buckets from now on, over all of its history.
+    #[schema(example = "Asia/Kolkata")]
+    time_zone: String,
+}
+
+/// Change a merchant's settings (the merchant itself, or an admin).
+#[utoipa::path(
+    put,
+    path = "/v1/merchants/{merchant_id}/settings",
+    tag = "metrics",
+    request_body = SettingsBody,
+    responses(
+        (status = 200, description = "The settings now in force.", body = SettingsBody),
+        (status = 400, description = "Not an IANA time zone name, a malformed body, or a malformed merchant id.", body = ErrorBody),
+        (status = 401, description = "Missing, malformed or expired token.", body = ErrorBody),
+        (status = 403, description = "The token is for another merchant.", body = ErrorBody),
+        (status = 503, description = "The lake cannot be written right now.", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn put_settings(
+    State(state): State<AppState>,
+    merchant: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Json<SettingsBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<SettingsBody>, ApiError> {
+    let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let claimed = merchant.as_ref().map_or("", |Path(m)| m.as_str());
+    state.inner.auth.authorize(authorization, claimed).await?;
+    let Path(merchant) = merchant.map_err(|_| {
+        ApiError::BadRequest(
+            "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
+        )
+    })?;
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(format!("the body must be {{\"time_zone\": \"Area/Location\"}}: {}", e.body_text())))?;
+    let calendar = tally_common::merchants::set_time_zone(
+        state.inner.batch.lake(),
+        &merchant,
+        &body.time_zone,
+        now_micros(),
+    )
+    .await
+    .map_err(|e| match e {
+        Error::Invalid(msg) => ApiError::BadRequest(msg),
+        other => ApiError::lake(&other),
+    })?;
+    state.inner.zones.set(&merchant, calendar);
+    Ok(Json(SettingsBody {
+        time_zone: calendar.name().to_string(),
     }))
 }
 

@@ -24,6 +24,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use tally_common::lake::Lake;
+use tally_common::merchants::MerchantZones;
 use tally_common::serving_store::{EmbeddedServingStore, ServingStore};
 use tally_common::shutdown::Shutdown;
 use tally_common::speed_view::SpeedView;
@@ -98,6 +99,8 @@ struct Inner {
     /// The embedded store this process loads itself, when it uses one.
     embedded: Option<(Lake, EmbeddedServingStore, tokio::sync::Mutex<()>)>,
     speed: Arc<dyn SpeedView>,
+    /// Merchants' time zones (the `merchants` table), refreshed with the view.
+    zones: MerchantZones,
     auth: Auth,
     options: ServeOptions,
     draining: AtomicBool,
@@ -137,13 +140,32 @@ impl AppState {
                 batch,
                 embedded,
                 speed: Arc::new(speed),
+                zones: MerchantZones::default(),
                 auth,
                 options,
                 draining: AtomicBool::new(false),
             }),
         };
+        if let Err(e) = state.refresh_zones().await {
+            tracing::warn!(error = %e, "reading merchants' settings failed; retrying in the background");
+        }
         let weak = Arc::downgrade(&state.inner);
         let every = state.inner.options.refresh_every;
+        {
+            let weak = Arc::downgrade(&state.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(e) = (AppState { inner }).refresh_zones().await {
+                        tracing::warn!(error = %e, "refreshing merchants' settings failed");
+                    }
+                }
+            });
+        }
         if state.inner.embedded.is_some() {
             // one background task loads the embedded store and then refreshes
             // the view, from now on: requests read the lake until the first load
@@ -191,6 +213,11 @@ impl AppState {
     }
 
     /// The batch view.
+    /// Read merchants' settings again when the table changed.
+    pub async fn refresh_zones(&self) -> tally_common::Result<bool> {
+        self.inner.zones.refresh(self.inner.batch.lake()).await
+    }
+
     pub fn batch(&self) -> &Arc<BatchView> {
         &self.inner.batch
     }
@@ -228,6 +255,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(openapi::METRICS_PATH, get(http::metrics))
+        .route(openapi::SETTINGS_PATH, axum::routing::put(http::put_settings))
         .route("/", get(dashboard))
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))

@@ -18,7 +18,7 @@
 //! the new state switches readers to all of them at once (see
 //! [`tally_common::serving_store`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,10 @@ use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskMan
 use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use deltalake::datafusion::execution::session_state::SessionStateBuilder;
-use deltalake::datafusion::prelude::{col, lit, SessionConfig, SessionContext};
+use deltalake::arrow::array::AsArray as _;
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int32Type};
+use deltalake::datafusion::prelude::{col, lit, Expr, SessionConfig, SessionContext};
 use deltalake::delta_datafusion::DeltaSessionConfig;
 use deltalake::DeltaTable;
 use futures::StreamExt as _;
@@ -35,8 +38,9 @@ use tally_common::bucket::{
     MICROS_PER_DAY,
 };
 use tally_common::lake::{read_commit, register, utc_micros, Lake, Table, RUN_KEY};
-use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
-use tally_common::metrics::{stored_metric_names, STORED_COUNT};
+use tally_common::calendar::SLOT_MICROS;
+use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN, SKETCH_COLUMN};
+use tally_common::metrics::stored_metric_names;
 use tally_common::serving_store::{
     dates_between, DateEntry, DayRows, DayWrite, HourRow, ServingStore, StoreState, StoredRow,
     DAILY_DAYS_KEY, FORMAT,
@@ -154,12 +158,25 @@ async fn load_leased(
         report.complete = true;
         return Ok(report);
     };
+    let previous_hourly = previous.as_ref().and_then(|p| p.hourly_version);
     let daily = match lake.open(Table::MetricsDaily).await? {
-        Some(d) => Some(paired_daily(lake, &hourly, d, previous.as_ref()).await?),
+        Some(d) => {
+            let before = previous.as_ref().and_then(|p| p.daily_version);
+            Some(paired(lake, &hourly, Table::MetricsDaily, d, previous_hourly, before).await?)
+        }
+        None => None,
+    };
+    let quarters = match lake.open(Table::MetricsQuarterHourly).await? {
+        Some(q) => {
+            let before = previous.as_ref().and_then(|p| p.quarter_version);
+            let kind = Table::MetricsQuarterHourly;
+            Some(paired(lake, &hourly, kind, q, previous_hourly, before).await?)
+        }
         None => None,
     };
     let hourly_version = hourly.version().map(|v| v as i64);
     let daily_version = daily.as_ref().and_then(|t| t.version()).map(|v| v as i64);
+    let quarter_version = quarters.as_ref().and_then(|t| t.version()).map(|v| v as i64);
     let Some(watermark) = read_progress(&hourly).await?.watermark else {
         report.complete = true;
         return Ok(report);
@@ -194,8 +211,15 @@ async fn load_leased(
                 // the table is gone: everything may have changed
                 (None, Some(_)) => None,
             };
-            match (h, d) {
-                (Some(h), Some(d)) => h.union(&d).copied().collect(),
+            let q = match (&quarters, p.quarter_version) {
+                (Some(t), _) => {
+                    changed_dates(t, p.quarter_version, quarter_version, Changes::Hourly).await?
+                }
+                (None, None) => Some(BTreeSet::new()),
+                (None, Some(_)) => None,
+            };
+            match (h, d, q) {
+                (Some(h), Some(d), Some(q)) => h.union(&d).chain(&q).copied().collect(),
                 _ => window.clone(),
             }
         }
@@ -218,6 +242,7 @@ async fn load_leased(
     let unchanged = previous.as_ref().is_some_and(|p| {
         p.hourly_version == hourly_version
             && p.daily_version == daily_version
+            && p.quarter_version == quarter_version
             && p.watermark == Some(watermark)
             && p.window_start == window_start
     });
@@ -257,6 +282,13 @@ async fn load_leased(
     if let Some(t) = &daily {
         register(&ctx, Table::MetricsDaily.name(), t).await?;
     }
+    if let Some(t) = &quarters {
+        register(&ctx, Table::MetricsQuarterHourly.name(), t).await?;
+    }
+    let tables = Loaded {
+        daily: daily.is_some(),
+        quarters: quarters.is_some(),
+    };
     for (i, &day) in to_load.iter().enumerate() {
         if options.time_budget.is_some_and(|b| started.elapsed() > b) && i > 0 {
             // out of time: the rest go to the lake until a next load
@@ -273,7 +305,7 @@ async fn load_leased(
         }
         let slot = dates.get(&day).map_or(0, |e| 1 - e.slot.min(1));
         let (values, bytes) =
-            load_date(&ctx, store, day, slot, generation, daily.is_some(), &stale).await?;
+            load_date(&ctx, store, day, slot, generation, tables, &stale).await?;
         report.values += values;
         report.bytes += bytes;
         report.dates.push(date_string(day));
@@ -295,6 +327,7 @@ async fn load_leased(
         metrics: stored_metric_names().map(str::to_string).collect(),
         hourly_version,
         daily_version,
+        quarter_version,
         watermark: Some(watermark),
         load: generation,
         published_at: now_micros(),
@@ -318,38 +351,39 @@ async fn load_leased(
     Ok(report)
 }
 
-/// `daily` at its newest version whose rows the hourly table's newest version
-/// goes with. A publish commits `metrics_daily` before `metrics_hourly`: while
-/// a run's daily commit has no hourly commit yet (a publish in progress, or one
-/// that died between the two, which the next run redoes), the store takes the
-/// daily table as it was before, so no state pairs a run's daily rows with the
-/// hourly rows of the run before.
+/// `other` (`metrics_daily` or `metrics_quarter_hourly`) at its newest
+/// version whose rows the hourly table's newest version goes with. A publish
+/// commits both before `metrics_hourly`: while a run's commit of `other` has
+/// no hourly commit yet (a publish in progress, or one that died between the
+/// two, which the next run redoes), the store takes `other` as it was before,
+/// so no state pairs a run's rows of one table with the hourly rows of the run
+/// before.
 ///
-/// Only commits since the `previous` load are read: a daily commit newer than
-/// the daily version it loaded belongs to a run whose hourly commit, if made,
-/// is newer than the hourly version it loaded. Without a usable previous
-/// state the last [`PAIRING_LOOKBACK`] commits of each table are read.
-/// Errors: reading the logs; [`Error::Conflict`] when no daily version within
-/// reach is paired (load again shortly).
-async fn paired_daily(
+/// Only commits since the previous load are read (`previous_hourly`,
+/// `previous_other`: the versions it loaded): a commit of `other` newer than
+/// the version it loaded belongs to a run whose hourly commit, if made, is
+/// newer than the hourly version it loaded. Without a usable previous state
+/// the last [`PAIRING_LOOKBACK`] commits of each table are read.
+/// Errors: reading the logs; [`Error::Conflict`] when no version within reach
+/// is paired (load again shortly).
+async fn paired(
     lake: &Lake,
     hourly: &DeltaTable,
-    daily: DeltaTable,
-    previous: Option<&StoreState>,
+    kind: Table,
+    other: DeltaTable,
+    previous_hourly: Option<i64>,
+    previous_other: Option<i64>,
 ) -> Result<DeltaTable> {
-    let (Some(h), Some(newest)) = (hourly.version(), daily.version()) else {
-        return Ok(daily);
+    let (Some(h), Some(newest)) = (hourly.version(), other.version()) else {
+        return Ok(other);
     };
     let known = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
-    // the previous state's daily version was paired when it was loaded
-    let paired_before = previous
-        .and_then(|p| known(p.daily_version))
-        .filter(|&d| d <= newest);
+    // the previous state's version was paired when it was loaded
+    let paired_before = known(previous_other).filter(|&d| d <= newest);
     if paired_before == Some(newest) {
-        return Ok(daily);
+        return Ok(other);
     }
-    let hourly_from = previous
-        .and_then(|p| known(p.hourly_version))
+    let hourly_from = known(previous_hourly)
         .filter(|&v| v <= h)
         .map_or(h.saturating_sub(PAIRING_LOOKBACK), |v| v + 1);
     let mut runs = BTreeSet::new();
@@ -360,17 +394,17 @@ async fn paired_daily(
     }
     let oldest = paired_before.map_or(newest.saturating_sub(PAIRING_LOOKBACK), |d| d + 1);
     for v in (oldest..=newest).rev() {
-        match read_commit(&daily, v).await?.and_then(|c| run_of(&c)) {
-            // not a batch run's commit (a restore): nothing to pair
-            None => return open_daily(lake, daily, v).await,
-            Some(run) if runs.contains(&run) => return open_daily(lake, daily, v).await,
+        match read_commit(&other, v).await?.and_then(|c| run_of(&c)) {
+            // not a batch run's commit (a restore, a compaction): nothing to pair
+            None => return open_at(lake, kind, other, v).await,
+            Some(run) if runs.contains(&run) => return open_at(lake, kind, other, v).await,
             Some(_) => {}
         }
     }
     match paired_before {
-        Some(d) => open_daily(lake, daily, d).await,
+        Some(d) => open_at(lake, kind, other, d).await,
         None => Err(Error::Conflict(
-            "metrics_daily's last commits are of runs whose metrics_hourly commit is not \
+            "the metric tables' last commits are of runs whose metrics_hourly commit is not \
              there yet (a publish in progress); load again shortly"
                 .into(),
         )),
@@ -385,12 +419,12 @@ fn run_of(commit: &tally_common::lake::Commit) -> Option<String> {
     commit.info[RUN_KEY].as_str().map(str::to_string)
 }
 
-/// `daily` at version `v` (itself when it is there already).
-async fn open_daily(lake: &Lake, daily: DeltaTable, v: u64) -> Result<DeltaTable> {
-    if daily.version() == Some(v) {
-        Ok(daily)
+/// `table` (the lake's `kind`) at version `v` (itself when it is there already).
+async fn open_at(lake: &Lake, kind: Table, table: DeltaTable, v: u64) -> Result<DeltaTable> {
+    if table.version() == Some(v) {
+        Ok(table)
     } else {
-        lake.open_at_version(Table::MetricsDaily, v).await
+        lake.open_at_version(kind, v).await
     }
 }
 
@@ -480,58 +514,80 @@ fn session(limit: usize) -> Result<SessionContext> {
     Ok(SessionContext::new_with_state(state))
 }
 
+/// Which of the optional metric tables a load reads.
+#[derive(Debug, Clone, Copy)]
+struct Loaded {
+    daily: bool,
+    quarters: bool,
+}
+
 /// Write every merchant's rows of date `day` into `slot`; returns the values and
 /// bytes written.
+///
+/// The date's rows of the three tables are read as one stream sorted by
+/// merchant (spilling under the session's memory limit), so a merchant's value
+/// is complete when the next merchant's rows start.
 async fn load_date(
     ctx: &SessionContext,
     store: &dyn ServingStore,
     day: i64,
     slot: u8,
     generation: u64,
-    has_daily: bool,
+    tables: Loaded,
     stale: &[(i64, u8)],
 ) -> Result<(u64, u64)> {
     let what = format!("loading {} into the serving store", date_string(day));
-    let mut daily: HashMap<String, [i64; STORED_COUNT]> = HashMap::new();
-    if has_daily {
-        let t = MetricTable::Daily;
-        let mut columns = vec![MERCHANT_COLUMN, t.time_column()];
-        columns.extend(stored_metric_names());
-        let batches = ctx
-            .table(t.name())
-            .await
-            .context(what.clone())?
-            .filter(
-                col(t.partition_column())
-                    .eq(lit(month_string(day)))
-                    .and(col(t.time_column()).eq(utc_micros(day))),
-            )
-            .context(what.clone())?
-            .select_columns(&columns)
-            .context(what.clone())?
-            .collect()
-            .await
-            .context(what.clone())?;
-        for b in &batches {
-            let rows = MetricRows::new(b, t.time_column()).context(what.clone())?;
-            for r in 0..rows.len() {
-                if let Some(m) = rows.merchant(r) {
-                    daily.insert(m.to_string(), rows.stored(r));
-                }
-            }
+    // one relation: merchant, kind (0 hour, 1 quarter hour, 2 day), time,
+    // metrics, sketch
+    let part = |kind: MetricTable, filter: Expr| {
+        let what = what.clone();
+        async move {
+            let code = match kind {
+                MetricTable::Hourly => 0,
+                MetricTable::QuarterHourly => 1,
+                MetricTable::Daily => 2,
+            };
+            let mut columns = vec![
+                col(MERCHANT_COLUMN),
+                lit(code).alias(KIND),
+                col(kind.time_column()).alias(TIME),
+            ];
+            columns.extend(stored_metric_names().map(col));
+            columns.push(col(SKETCH_COLUMN));
+            ctx.table(kind.name())
+                .await
+                .context(what.clone())?
+                .filter(filter)
+                .context(what.clone())?
+                .select(columns)
+                .context(what)
         }
+    };
+    let mut df = part(
+        MetricTable::Hourly,
+        col("date").eq(lit(date_string(day))),
+    )
+    .await?;
+    if tables.quarters {
+        let q = part(
+            MetricTable::QuarterHourly,
+            col("date").eq(lit(date_string(day))),
+        )
+        .await?;
+        df = df.union(q).context(what.clone())?;
     }
-    let t = MetricTable::Hourly;
-    let mut columns = vec![MERCHANT_COLUMN, t.time_column()];
-    columns.extend(stored_metric_names());
-    let mut stream = ctx
-        .table(t.name())
-        .await
-        .context(what.clone())?
-        .filter(col(t.partition_column()).eq(lit(date_string(day))))
-        .context(what.clone())?
-        .select_columns(&columns)
-        .context(what.clone())?
+    if tables.daily {
+        let t = MetricTable::Daily;
+        let d = part(
+            t,
+            col(t.partition_column())
+                .eq(lit(month_string(day)))
+                .and(col(t.time_column()).eq(utc_micros(day))),
+        )
+        .await?;
+        df = df.union(d).context(what.clone())?;
+    }
+    let mut stream = df
         .sort(vec![col(MERCHANT_COLUMN).sort(true, false)])
         .context(what.clone())?
         .execute_stream()
@@ -548,46 +604,67 @@ async fn load_date(
             .collect(),
         day,
         slot,
-        generation,
         pending: Vec::with_capacity(WRITE_BATCH),
         values: 0,
         bytes: 0,
     };
-    let mut current: Option<(String, Vec<HourRow>)> = None;
+    let mut current: Option<(String, DayRows)> = None;
     while let Some(batch) = stream.next().await {
         let batch = batch.context(what.clone())?;
-        let rows = MetricRows::new(&batch, t.time_column()).context(what.clone())?;
+        let rows = MetricRows::new(&batch, TIME).context(what.clone())?;
+        let kinds = batch
+            .column_by_name(KIND)
+            .map(|c| cast(c, &DataType::Int32))
+            .transpose()
+            .context(what.clone())?
+            .ok_or_else(|| Error::internal("the load's rows have no kind"))?;
+        let kinds = kinds.as_primitive::<Int32Type>();
         for r in 0..rows.len() {
-            let (Some(m), Some(hour)) = (rows.merchant(r), rows.time(r)) else {
+            let (Some(m), Some(t)) = (rows.merchant(r), rows.time(r)) else {
                 continue;
             };
-            let row = HourRow {
-                hour: u32::try_from(hour_of_day(hour)).unwrap_or(0),
-                values: rows.stored(r).to_vec(),
-            };
-            match &mut current {
-                Some((cm, hours)) if cm == m => hours.push(row),
-                _ => {
-                    if let Some((cm, hours)) = current.take() {
-                        let d = daily.remove(&cm);
-                        writer.add(cm, hours, d).await?;
-                    }
-                    current = Some((m.to_string(), vec![row]));
+            if current.as_ref().is_none_or(|(cm, _)| cm != m) {
+                if let Some((cm, value)) = current.take() {
+                    writer.add(cm, value).await?;
                 }
+                current = Some((
+                    m.to_string(),
+                    DayRows {
+                        generation,
+                        ..Default::default()
+                    },
+                ));
+            }
+            let Some((_, value)) = current.as_mut() else {
+                continue;
+            };
+            let values = rows.stored(r).to_vec();
+            let sketch = rows.sketch(r).map(<[u8]>::to_vec);
+            match kinds.value(r) {
+                0 => value.hours.push(HourRow {
+                    hour: u32::try_from(hour_of_day(t)).unwrap_or(0),
+                    values,
+                    sketch,
+                }),
+                1 => value.quarters.push(HourRow {
+                    hour: u32::try_from((t - day) / SLOT_MICROS).unwrap_or(0),
+                    values,
+                    sketch,
+                }),
+                _ => value.daily = Some(StoredRow { values, sketch }),
             }
         }
     }
-    if let Some((cm, hours)) = current.take() {
-        let d = daily.remove(&cm);
-        writer.add(cm, hours, d).await?;
-    }
-    // a daily row without hourly rows (written outside tally)
-    for (m, d) in daily {
-        writer.add(m, Vec::new(), Some(d)).await?;
+    if let Some((cm, value)) = current.take() {
+        writer.add(cm, value).await?;
     }
     writer.flush().await?;
     Ok((writer.values, writer.bytes))
 }
+
+/// The load relation's columns besides the tables' own.
+const KIND: &str = "tally_kind";
+const TIME: &str = "tally_time";
 
 /// Encodes merchants' dates and writes them in batches.
 struct Writer<'a> {
@@ -597,25 +674,14 @@ struct Writer<'a> {
     stale: Vec<(i64, u8)>,
     day: i64,
     slot: u8,
-    generation: u64,
     pending: Vec<DayWrite>,
     values: u64,
     bytes: u64,
 }
 
 impl Writer<'_> {
-    async fn add(
-        &mut self,
-        merchant: String,
-        hours: Vec<HourRow>,
-        daily: Option<[i64; STORED_COUNT]>,
-    ) -> Result<()> {
-        let value = DayRows {
-            generation: self.generation,
-            hours,
-            daily: daily.map(|d| StoredRow { values: d.to_vec() }),
-        }
-        .encode_to_vec();
+    async fn add(&mut self, merchant: String, rows: DayRows) -> Result<()> {
+        let value = rows.encode_to_vec();
         self.bytes += value.len() as u64;
         self.values += 1;
         self.pending.push(DayWrite {

@@ -38,8 +38,8 @@ use deltalake::parquet::file::statistics::Statistics;
 use deltalake::{DeltaTable, ObjectStore, Path};
 use futures::future::{try_join_all, BoxFuture, FutureExt as _};
 use futures::TryStreamExt as _;
-use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN};
-use tally_common::metrics::{stored_metric_names, MetricValues};
+use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN, SKETCH_COLUMN};
+use tally_common::metrics::{stored_metric_names, BucketRow};
 use tally_common::{Context as _, Error, Result};
 use tokio::sync::OnceCell;
 
@@ -177,7 +177,7 @@ impl FileIndex {
         end: i64,
         first: &str,
         last: &str,
-    ) -> Result<Option<HashMap<i64, MetricValues>>> {
+    ) -> Result<Option<HashMap<i64, BucketRow>>> {
         let lo = self.files.partition_point(|f| f.partition.as_str() < first);
         let hi = self.files.partition_point(|f| f.partition.as_str() <= last);
         let q = Query {
@@ -252,6 +252,7 @@ impl DataFile {
         };
         let mut leaves = vec![merchant, time];
         leaves.extend(stored_metric_names().filter_map(leaf));
+        leaves.extend(leaf(SKETCH_COLUMN));
         let projection = ProjectionMask::leaves(schema, leaves);
         Ok(Some(Arc::new(FileMeta {
             arrow,
@@ -266,7 +267,7 @@ impl DataFile {
         &self,
         q: &Query<'_>,
         time_col: &str,
-    ) -> Result<Option<Vec<(i64, MetricValues)>>> {
+    ) -> Result<Option<Vec<(i64, BucketRow)>>> {
         let Some(meta) = self.meta(time_col).await? else {
             return Ok(None);
         };
@@ -400,7 +401,7 @@ fn matching_rows(
     batch: &RecordBatch,
     q: &Query<'_>,
     time_col: &str,
-    out: &mut Vec<(i64, MetricValues)>,
+    out: &mut Vec<(i64, BucketRow)>,
 ) -> std::result::Result<(), deltalake::arrow::error::ArrowError> {
     let rows = MetricRows::new(batch, time_col)?;
     for r in 0..rows.len() {
@@ -408,7 +409,7 @@ fn matching_rows(
             continue;
         }
         match rows.time(r) {
-            Some(t) if t >= q.start && t < q.end => out.push((t, rows.values(r))),
+            Some(t) if t >= q.start && t < q.end => out.push((t, rows.row(r))),
             _ => {}
         }
     }

@@ -1,22 +1,33 @@
-//! The merge of the batch and speed views at the watermark W.
+//! The merge of the batch and speed views at the watermark W, in the
+//! merchant's calendar.
 //!
-//! An hour bucket before W comes from `metrics_hourly`, any other from the speed
-//! view. A day bucket that ends by W comes from `metrics_daily` (`batch`); one that
-//! starts at or after W from the speed view (`speed`, distinct customers as the
-//! union estimate of its hours); one that straddles W is `mixed`: its counters
-//! are the batch hours before W plus the speed hours from W, and its
-//! `unique_customers` is null, because an exact set and a HyperLogLog cannot be
-//! merged. A [`Plan`] says what to read; [`Plan::assemble`] puts the answers
-//! together, every bucket of the range present and in order.
-
-use std::collections::HashMap;
-use std::ops::Range;
+//! A request's buckets are calendar units of a zone ([`Calendar::buckets`]):
+//! their boundaries fall on 15-minute UTC slots, the grain both views keep
+//! (`metrics_quarter_hourly`, the speed view's slots). A bucket's part before W
+//! is covered by the fewest batch rows that tile it exactly: whole UTC days
+//! (`metrics_daily`), then whole UTC hours (`metrics_hourly`), then quarter
+//! hours; its part from W on by the speed view's slots. Counters add up
+//! exactly over those pieces in every zone.
+//!
+//! Distinct customers: a bucket that is exactly one batch row (a UTC hour or
+//! day before W) has the row's exact count; any other bucket, and the range's
+//! totals, has the estimate of the union of its pieces' sketches (the batch
+//! rows' and the speed slots' are the same format, [`tally_common::sketch`]),
+//! with 95% bounds. A bucket holding a speed slot the view cannot vouch for,
+//! or any slot when the view could not be read, is unknown (null), never zero.
+//!
+//! A [`Plan`] says what to read; [`Plan::assemble`] puts the answers together,
+//! every bucket of the range present and in order.
 
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
-use tally_common::bucket::{format_ts, BucketRange, Granularity, MICROS_PER_HOUR};
-use tally_common::metrics::{Metric, MetricValues, Value};
+use tally_common::bucket::{format_ts, MICROS_PER_DAY, MICROS_PER_HOUR};
+use tally_common::calendar::{Calendar, Unit, SLOT_MICROS};
+use tally_common::metrics::{BucketRow, Metric, MetricValues, Value};
+use tally_common::sketch::{CustomerUnion, DistinctEstimate};
 use tally_common::speed_view::SpeedReading;
+
+use crate::batch_view::{MerchantRows, Ranges};
 
 /// Where a bucket's numbers come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,47 +37,54 @@ pub enum Source {
     Batch,
     /// The speed view.
     Speed,
-    /// A day straddling the watermark: batch hours before it, speed hours after.
+    /// A bucket straddling the watermark: batch rows before it, speed slots after.
     Mixed,
+}
+
+/// One stored piece of a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// A `metrics_daily` row (its UTC day).
+    Daily(i64),
+    /// A `metrics_hourly` row (its UTC hour).
+    Hourly(i64),
+    /// A `metrics_quarter_hourly` row (its slot).
+    Quarter(i64),
+    /// A speed-view slot: index into [`Plan::speed_hours`], and the slot of the hour.
+    Speed(usize, usize),
 }
 
 #[derive(Debug, Clone)]
 struct BucketPlan {
     start: i64,
     source: Source,
-    /// Indices into [`Plan::speed_hours`] of this bucket's speed hours.
-    speed: Range<usize>,
-    /// Index into [`Plan::unions`] (speed days only).
-    union: Option<usize>,
-    /// Hours of `metrics_hourly` in this bucket (mixed days only).
-    batch_hours: Range<i64>,
+    pieces: Vec<Piece>,
 }
 
 /// What to read for one request, and how to put it together.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The requested range.
-    pub range: BucketRange,
-    /// `metrics_hourly` rows to read: hours in `[start, end)`.
-    pub hourly: Option<(i64, i64)>,
-    /// `metrics_daily` rows to read: days in `[start, end)`.
-    pub daily: Option<(i64, i64)>,
-    /// Hours to read from the speed view.
+    /// The zone of the buckets.
+    pub calendar: Calendar,
+    /// The batch rows to read.
+    pub ranges: Ranges,
+    /// UTC hours to read from the speed view.
     pub speed_hours: Vec<i64>,
-    /// Groups of indices into `speed_hours` whose distinct-customer union is wanted.
-    pub unions: Vec<Vec<usize>>,
     buckets: Vec<BucketPlan>,
 }
 
-/// One bucket of the answer; `values` None when its speed part could not be read.
+/// One bucket of the answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bucket {
     /// Bucket start, epoch µs.
     pub start: i64,
     /// Where the numbers came from.
     pub source: Source,
-    /// The stored metrics (derived ones are computed when serialized).
+    /// The stored metrics (derived ones are computed when serialized); None
+    /// when its speed part could not be read.
     pub values: Option<MetricValues>,
+    /// The 95% bounds of `unique_customers` when it is an estimate.
+    pub bounds: Option<(i64, i64)>,
 }
 
 fn widen(span: &mut Option<(i64, i64)>, start: i64, end: i64) {
@@ -76,59 +94,84 @@ fn widen(span: &mut Option<(i64, i64)>, start: i64, end: i64) {
     });
 }
 
+/// The fewest batch rows that tile `[s, e)` (both on slot boundaries): whole
+/// UTC days, then whole hours, then quarter hours.
+fn tile(s: i64, e: i64, out: &mut Vec<Piece>) {
+    let mut t = s;
+    while t < e {
+        if t.rem_euclid(MICROS_PER_DAY) == 0 && t + MICROS_PER_DAY <= e {
+            out.push(Piece::Daily(t));
+            t += MICROS_PER_DAY;
+        } else if t.rem_euclid(MICROS_PER_HOUR) == 0 && t + MICROS_PER_HOUR <= e {
+            out.push(Piece::Hourly(t));
+            t += MICROS_PER_HOUR;
+        } else {
+            out.push(Piece::Quarter(t));
+            t += SLOT_MICROS;
+        }
+    }
+}
+
 impl Plan {
-    /// Plan `range` against the watermark (None: the batch layer never ran, so
-    /// everything is speed). Speed hours after `horizon` (the newest hour an event
-    /// can be in yet) are known to be empty and not read.
-    pub fn new(range: BucketRange, watermark: Option<i64>, horizon: i64) -> Plan {
+    /// Plan `buckets` (`[start, end)` pairs of `calendar`, epoch µs) against the
+    /// watermark (None: the batch layer never ran, so everything is speed).
+    /// Speed hours after `horizon` (the newest hour an event can be in yet) are
+    /// known to be empty and not read.
+    pub fn new(
+        calendar: Calendar,
+        buckets: &[(i64, i64)],
+        watermark: Option<i64>,
+        horizon: i64,
+    ) -> Plan {
         let w = watermark.unwrap_or(i64::MIN);
         let mut plan = Plan {
-            range,
-            hourly: None,
-            daily: None,
+            calendar,
+            ranges: Ranges::default(),
             speed_hours: Vec::new(),
-            unions: Vec::new(),
-            buckets: Vec::with_capacity(range.len()),
+            buckets: Vec::with_capacity(buckets.len()),
         };
-        let step = range.granularity.micros();
-        for start in range.starts() {
-            let end = start + step;
+        for &(start, end) in buckets {
             let mut b = BucketPlan {
                 start,
                 source: Source::Speed,
-                speed: 0..0,
-                union: None,
-                batch_hours: start..start,
+                pieces: Vec::new(),
             };
-            let speed_from = if end <= w {
-                b.source = Source::Batch;
-                match range.granularity {
-                    Granularity::Hour => widen(&mut plan.hourly, start, end),
-                    Granularity::Day => widen(&mut plan.daily, start, end),
+            let batch_end = end.min(w);
+            if start < batch_end {
+                tile(start, batch_end, &mut b.pieces);
+                for p in &b.pieces {
+                    match *p {
+                        Piece::Daily(d) => widen(&mut plan.ranges.daily, d, d + MICROS_PER_DAY),
+                        Piece::Hourly(h) => {
+                            widen(&mut plan.ranges.hourly, h, h + MICROS_PER_HOUR)
+                        }
+                        Piece::Quarter(q) => widen(&mut plan.ranges.quarters, q, q + SLOT_MICROS),
+                        Piece::Speed(..) => {}
+                    }
                 }
-                end
-            } else if start >= w {
-                start
-            } else {
-                // only a day can straddle W: W is hour aligned
-                b.source = Source::Mixed;
-                b.batch_hours = start..w;
-                widen(&mut plan.hourly, start, w);
-                w
-            };
-            let first = plan.speed_hours.len();
-            let mut h = speed_from;
-            while h < end && h <= horizon {
-                plan.speed_hours.push(h);
-                h += MICROS_PER_HOUR;
+                b.source = if end <= w {
+                    Source::Batch
+                } else {
+                    Source::Mixed
+                };
             }
-            b.speed = first..plan.speed_hours.len();
-            if range.granularity == Granularity::Day
-                && b.source == Source::Speed
-                && !b.speed.is_empty()
-            {
-                b.union = Some(plan.unions.len());
-                plan.unions.push(b.speed.clone().collect());
+            // the speed part: W is hour aligned, so it starts on an hour or at `start`
+            let mut t = start.max(w);
+            while t < end {
+                let hour = t - t.rem_euclid(MICROS_PER_HOUR);
+                if hour > horizon {
+                    break;
+                }
+                let i = match plan.speed_hours.last() {
+                    Some(&h) if h == hour => plan.speed_hours.len() - 1,
+                    _ => {
+                        plan.speed_hours.push(hour);
+                        plan.speed_hours.len() - 1
+                    }
+                };
+                b.pieces
+                    .push(Piece::Speed(i, ((t - hour) / SLOT_MICROS) as usize));
+                t += SLOT_MICROS;
             }
             plan.buckets.push(b);
         }
@@ -137,74 +180,124 @@ impl Plan {
 
     /// Whether any bucket needs the speed view.
     pub fn needs_speed(&self) -> bool {
-        self.buckets.iter().any(|b| b.source != Source::Batch)
+        !self.speed_hours.is_empty()
     }
 
-    /// Put the reads together. `speed` is None when the speed view could not be
-    /// read: the speed and mixed buckets are then null, as are those holding an
-    /// hour the view does not cover ([`SpeedReading::not_covered`]).
-    pub fn assemble(
-        &self,
-        hourly: &HashMap<i64, MetricValues>,
-        daily: &HashMap<i64, MetricValues>,
-        speed: Option<&SpeedReading>,
-    ) -> Vec<Bucket> {
-        let nothing = MetricValues {
+    /// Put the reads together, with the range's totals. `speed` is None when
+    /// the speed view could not be read: the speed and mixed buckets are then
+    /// null, as are those holding an hour the view does not cover
+    /// ([`SpeedReading::not_covered`]).
+    pub fn assemble(&self, rows: &MerchantRows, speed: Option<&SpeedReading>) -> Assembled {
+        let empty = BucketRow::default();
+        let mut total = MetricValues {
             unique_customers: Some(0),
-            ..MetricValues::default()
+            ..Default::default()
         };
-        let speed_hour = |r: &SpeedReading, i: usize| r.hours.get(i).copied().unwrap_or(nothing);
-        self.buckets
-            .iter()
-            .map(|b| {
-                // a speed hour the view cannot vouch for makes its bucket unknown, never zero
-                let speed = speed.filter(|r| b.speed.clone().all(|i| r.covers(i)));
-                let values = match b.source {
-                    Source::Batch => Some(
-                        match self.range.granularity {
-                            Granularity::Hour => hourly.get(&b.start),
-                            Granularity::Day => daily.get(&b.start),
+        let mut total_union = CustomerUnion::new();
+        let mut total_known = true;
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        for b in &self.buckets {
+            let mut values = MetricValues {
+                unique_customers: Some(0),
+                ..Default::default()
+            };
+            let mut union = CustomerUnion::new();
+            let mut known = true;
+            for p in &b.pieces {
+                let row = match *p {
+                    Piece::Daily(d) => rows.daily.get(&d),
+                    Piece::Hourly(h) => rows.hourly.get(&h),
+                    Piece::Quarter(q) => rows.quarters.get(&q),
+                    Piece::Speed(i, q) => match speed {
+                        // a slot the view cannot vouch for makes its bucket unknown, never zero
+                        Some(r) if r.covers(i) => r.quarters.get(i).map(|qs| &qs[q]),
+                        _ => {
+                            known = false;
+                            None
                         }
-                        .copied()
-                        .unwrap_or(nothing),
-                    ),
-                    Source::Speed => speed.map(|r| {
-                        let mut v = nothing;
-                        for i in b.speed.clone() {
-                            let hour = speed_hour(r, i);
-                            v.counters.merge(&hour.counters);
-                            if self.range.granularity == Granularity::Hour {
-                                v.unique_customers = Some(hour.unique_customers.unwrap_or(0));
-                            }
-                        }
-                        if let Some(u) = b.union {
-                            v.unique_customers = Some(r.unions.get(u).copied().unwrap_or(0));
-                        }
-                        v
-                    }),
-                    Source::Mixed => speed.map(|r| {
-                        let mut v = MetricValues::default();
-                        let mut h = b.batch_hours.start;
-                        while h < b.batch_hours.end {
-                            if let Some(row) = hourly.get(&h) {
-                                v.counters.merge(&row.counters);
-                            }
-                            h += MICROS_PER_HOUR;
-                        }
-                        for i in b.speed.clone() {
-                            v.counters.merge(&speed_hour(r, i).counters);
-                        }
-                        v
-                    }),
-                };
-                Bucket {
-                    start: b.start,
-                    source: b.source,
-                    values,
+                    },
                 }
-            })
-            .collect()
+                .unwrap_or(&empty);
+                values.counters.merge(&row.values.counters);
+                if let Some(sketch) = &row.sketch {
+                    if let Err(e) = union.add_bytes(sketch) {
+                        tracing::warn!(error = %e, "a stored sketch does not parse; skipped");
+                    }
+                }
+            }
+            let exact = match b.pieces.as_slice() {
+                [Piece::Daily(t)] => Some(rows.daily.get(t)),
+                [Piece::Hourly(t)] => Some(rows.hourly.get(t)),
+                _ => None,
+            };
+            let mut bounds = None;
+            match exact {
+                Some(row) => {
+                    values.unique_customers =
+                        Some(row.and_then(|r| r.values.unique_customers).unwrap_or(0));
+                }
+                None => {
+                    let (u, bb) = estimate(&union);
+                    values.unique_customers = Some(u);
+                    bounds = bb;
+                }
+            }
+            if known {
+                total.counters.merge(&values.counters);
+                total_union.merge(&union);
+            } else {
+                total_known = false;
+            }
+            buckets.push(Bucket {
+                start: b.start,
+                source: b.source,
+                values: known.then_some(values),
+                bounds: bounds.filter(|_| known),
+            });
+        }
+        let totals = if !total_known {
+            Bucket {
+                start: self.buckets.first().map_or(0, |b| b.start),
+                source: Source::Mixed,
+                values: None,
+                bounds: None,
+            }
+        } else if let [only] = buckets.as_slice() {
+            only.clone()
+        } else {
+            let (u, bounds) = estimate(&total_union);
+            total.unique_customers = Some(u);
+            Bucket {
+                start: self.buckets.first().map_or(0, |b| b.start),
+                source: Source::Mixed,
+                values: Some(total),
+                bounds,
+            }
+        };
+        Assembled { buckets, totals }
     }
+}
+
+/// A union's estimate, and its bounds unless it is surely exact (empty).
+fn estimate(u: &CustomerUnion) -> (i64, Option<(i64, i64)>) {
+    if u.is_empty() {
+        return (0, None);
+    }
+    let DistinctEstimate {
+        estimate,
+        lower,
+        upper,
+    } = u.estimate();
+    (estimate, Some((lower, upper)))
+}
+
+/// What [`Plan::assemble`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assembled {
+    /// Every bucket of the range, in order.
+    pub buckets: Vec<Bucket>,
+    /// The whole range: counters summed, distinct customers of the union.
+    pub totals: Bucket,
 }
 
 /// The 200 body of the metrics endpoint. Serialized by hand so each bucket holds
@@ -214,7 +307,9 @@ pub struct MetricsResponse {
     /// The merchant.
     pub merchant_id: String,
     /// The bucket size.
-    pub granularity: Granularity,
+    pub granularity: Unit,
+    /// The zone of the buckets.
+    pub calendar: Calendar,
     /// Range start (inclusive), epoch µs.
     pub from: i64,
     /// Range end (exclusive), epoch µs.
@@ -225,23 +320,30 @@ pub struct MetricsResponse {
     pub partial: bool,
     /// The metrics to show.
     pub metrics: Vec<Metric>,
+    /// Totals over the range.
+    pub totals: Bucket,
     /// Every bucket of the range, in order.
     pub buckets: Vec<Bucket>,
 }
 
-struct BucketsOut<'a>(&'a [Bucket], &'a [Metric]);
-struct BucketOut<'a>(&'a Bucket, &'a [Metric]);
+struct BucketsOut<'a>(&'a [Bucket], &'a [Metric], Calendar);
+struct BucketOut<'a>(&'a Bucket, &'a [Metric], Option<Calendar>);
 
 impl Serialize for MetricsResponse {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(7))?;
+        let mut m = s.serialize_map(Some(9))?;
         m.serialize_entry("merchant_id", &self.merchant_id)?;
-        m.serialize_entry("granularity", self.granularity.as_str())?;
-        m.serialize_entry("from", &format_ts(self.from))?;
-        m.serialize_entry("to", &format_ts(self.to))?;
+        m.serialize_entry("granularity", self.granularity.name())?;
+        m.serialize_entry("from", &self.calendar.format(self.from))?;
+        m.serialize_entry("to", &self.calendar.format(self.to))?;
+        m.serialize_entry("time_zone", self.calendar.name())?;
         m.serialize_entry("batch_watermark", &self.batch_watermark.map(format_ts))?;
         m.serialize_entry("partial", &self.partial)?;
-        m.serialize_entry("buckets", &BucketsOut(&self.buckets, &self.metrics))?;
+        m.serialize_entry("totals", &BucketOut(&self.totals, &self.metrics, None))?;
+        m.serialize_entry(
+            "buckets",
+            &BucketsOut(&self.buckets, &self.metrics, self.calendar),
+        )?;
         m.end()
     }
 }
@@ -250,7 +352,7 @@ impl Serialize for BucketsOut<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for b in self.0 {
-            seq.serialize_element(&BucketOut(b, self.1))?;
+            seq.serialize_element(&BucketOut(b, self.1, Some(self.2)))?;
         }
         seq.end()
     }
@@ -258,13 +360,18 @@ impl Serialize for BucketsOut<'_> {
 
 impl Serialize for BucketOut<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let BucketOut(b, metrics) = *self;
-        let mut m = s.serialize_map(Some(2 + metrics.len()))?;
-        m.serialize_entry("start", &format_ts(b.start))?;
-        m.serialize_entry("source", &b.source)?;
+        let BucketOut(b, metrics, calendar) = *self;
+        let mut m = s.serialize_map(None)?;
+        if let Some(c) = calendar {
+            m.serialize_entry("start", &c.format(b.start))?;
+            m.serialize_entry("source", &b.source)?;
+        }
         for &metric in metrics {
             let v = b.values.map_or(Value::Null, |v| v.value(metric));
             m.serialize_entry(metric.name(), &v)?;
+            if metric == Metric::UniqueCustomers {
+                m.serialize_entry("unique_customers_bounds", &b.bounds.map(|(l, u)| [l, u]))?;
+            }
         }
         m.end()
     }
@@ -273,134 +380,86 @@ impl Serialize for BucketOut<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_common::bucket::{parse_ts, MICROS_PER_DAY};
+    use tally_common::bucket::parse_ts;
     use tally_common::metrics::Counters;
+    use tally_common::sketch::CustomerSketch;
 
     fn ts(s: &str) -> i64 {
         parse_ts(s).unwrap()
     }
 
-    fn orders(n: i64, unique: Option<i64>) -> MetricValues {
+    fn row(orders: i64, customers: &[&str]) -> BucketRow {
         let mut counters = Counters::default();
-        counters.values[0] = n;
-        MetricValues {
-            counters,
-            unique_customers: unique,
+        counters.values[0] = orders;
+        let mut s = CustomerSketch::new();
+        for c in customers {
+            s.update(c);
+        }
+        BucketRow {
+            values: MetricValues {
+                counters,
+                unique_customers: Some(customers.len() as i64),
+            },
+            sketch: (!customers.is_empty()).then(|| s.to_bytes()),
         }
     }
 
     #[test]
-    fn hours_split_at_the_watermark() {
+    fn a_utc_day_before_the_watermark_is_its_daily_row_and_exact() {
         let d = ts("2026-11-24T00:00:00Z");
-        let r = BucketRange::new(d, d + 4 * MICROS_PER_HOUR, Granularity::Hour).unwrap();
-        let w = d + 2 * MICROS_PER_HOUR;
-        let plan = Plan::new(r, Some(w), i64::MAX);
-        assert_eq!(plan.hourly, Some((d, w)));
-        assert_eq!(plan.daily, None);
+        let buckets = Calendar::UTC
+            .buckets(Unit::Day, d, d + 2 * MICROS_PER_DAY, 10)
+            .unwrap();
+        let w = d + MICROS_PER_DAY + 2 * MICROS_PER_HOUR;
+        let plan = Plan::new(Calendar::UTC, &buckets, Some(w), w + MICROS_PER_HOUR);
+        assert_eq!(plan.ranges.daily, Some((d, d + MICROS_PER_DAY)));
+        assert_eq!(
+            plan.ranges.hourly,
+            Some((d + MICROS_PER_DAY, w))
+        );
+        assert_eq!(plan.ranges.quarters, None);
         assert_eq!(plan.speed_hours, [w, w + MICROS_PER_HOUR]);
-        assert!(plan.unions.is_empty());
-        let hourly = HashMap::from([(d, orders(3, Some(2)))]);
-        let speed = SpeedReading {
-            hours: vec![orders(1, Some(1)), orders(0, Some(0))],
-            unions: vec![],
-            not_covered: vec![],
-        };
-        let out = plan.assemble(&hourly, &HashMap::new(), Some(&speed));
-        let sources: Vec<_> = out.iter().map(|b| b.source).collect();
-        assert_eq!(
-            sources,
-            [Source::Batch, Source::Batch, Source::Speed, Source::Speed]
-        );
-        assert_eq!(out[0].values, Some(orders(3, Some(2))));
-        assert_eq!(out[1].values, Some(orders(0, Some(0))));
-        assert_eq!(out[2].values, Some(orders(1, Some(1))));
-        let partial = plan.assemble(&hourly, &HashMap::new(), None);
-        assert!(partial[0].values.is_some() && partial[2].values.is_none());
-        // an hour the speed view cannot vouch for (it lost its data) is unknown, not zero
-        let lost = SpeedReading {
-            not_covered: vec![1],
-            ..speed.clone()
-        };
-        let out = plan.assemble(&hourly, &HashMap::new(), Some(&lost));
-        assert_eq!(out[2].values, Some(orders(1, Some(1))));
-        assert_eq!(out[3].values, None);
+        let mut rows = MerchantRows::default();
+        rows.daily.insert(d, row(10, &["a", "b"]));
+        rows.hourly.insert(d + MICROS_PER_DAY, row(1, &["a"]));
+        let mut speed = SpeedReading::default();
+        for _ in 0..2 {
+            speed.hours.push(MetricValues::default());
+            let mut q: [BucketRow; 4] = Default::default();
+            q[1] = row(2, &["c"]);
+            speed.quarters.push(q);
+        }
+        let out = plan.assemble(&rows, Some(&speed));
+        assert_eq!(out.buckets[0].source, Source::Batch);
+        assert_eq!(out.buckets[0].values.unwrap().unique_customers, Some(2));
+        assert_eq!(out.buckets[0].bounds, None);
+        let mixed = &out.buckets[1];
+        assert_eq!(mixed.source, Source::Mixed);
+        // one batch hour and two speed slots: counters add, customers union
+        assert_eq!(mixed.values.unwrap().counters.values[0], 1 + 2 + 2);
+        assert_eq!(mixed.values.unwrap().unique_customers, Some(2));
+        assert!(mixed.bounds.is_some());
+        assert_eq!(out.totals.values.unwrap().counters.values[0], 15);
+        assert_eq!(out.totals.values.unwrap().unique_customers, Some(3));
+        // the speed view unreadable: the mixed day and the totals are unknown
+        let partial = plan.assemble(&rows, None);
+        assert!(partial.buckets[0].values.is_some());
+        assert_eq!(partial.buckets[1].values, None);
+        assert_eq!(partial.totals.values, None);
     }
 
     #[test]
-    fn days_are_batch_mixed_or_speed() {
-        let d = ts("2026-11-22T00:00:00Z");
-        let r = BucketRange::new(d, d + 3 * MICROS_PER_DAY, Granularity::Day).unwrap();
-        let w = d + MICROS_PER_DAY + 20 * MICROS_PER_HOUR;
-        let horizon = d + 2 * MICROS_PER_DAY + 2 * MICROS_PER_HOUR;
-        let plan = Plan::new(r, Some(w), horizon);
-        assert_eq!(plan.daily, Some((d, d + MICROS_PER_DAY)));
-        assert_eq!(plan.hourly, Some((d + MICROS_PER_DAY, w)));
-        // 4 hours of the mixed day, then hours 0..=2 of the last day (the rest is future)
-        assert_eq!(plan.speed_hours.len(), 4 + 3);
-        assert_eq!(plan.unions, vec![vec![4, 5, 6]]);
-        let daily = HashMap::from([(d, orders(10, Some(7)))]);
-        let hourly = HashMap::from([
-            (d + MICROS_PER_DAY, orders(2, Some(1))),
-            (w - MICROS_PER_HOUR, orders(3, Some(1))),
-        ]);
-        let speed = SpeedReading {
-            hours: (0..7).map(|_| orders(1, Some(1))).collect(),
-            unions: vec![2],
-            not_covered: vec![],
-        };
-        let out = plan.assemble(&hourly, &daily, Some(&speed));
-        assert_eq!(out[0].source, Source::Batch);
-        assert_eq!(out[0].values, Some(orders(10, Some(7))));
-        assert_eq!(out[1].source, Source::Mixed);
-        assert_eq!(out[1].values, Some(orders(2 + 3 + 4, None)));
-        assert_eq!(out[2].source, Source::Speed);
-        // a mixed day with one speed hour not vouched for is unknown as a whole
-        let lost = SpeedReading {
-            not_covered: vec![0],
-            ..speed.clone()
-        };
-        let partly = plan.assemble(&hourly, &daily, Some(&lost));
-        assert_eq!(partly[1].values, None);
-        assert!(partly[2].values.is_some());
-        assert_eq!(out[2].values, Some(orders(3, Some(2))));
-    }
-
-    #[test]
-    fn no_watermark_means_all_speed_and_day_aligned_watermarks_never_mix() {
-        let d = ts("2026-11-22T00:00:00Z");
-        let r = BucketRange::new(d, d + 2 * MICROS_PER_DAY, Granularity::Day).unwrap();
-        let plan = Plan::new(r, None, i64::MAX);
-        assert!(plan.hourly.is_none() && plan.daily.is_none());
-        assert_eq!(plan.speed_hours.len(), 48);
-        let plan = Plan::new(r, Some(d + MICROS_PER_DAY), i64::MAX);
-        assert_eq!(plan.daily, Some((d, d + MICROS_PER_DAY)));
-        assert!(plan.hourly.is_none());
-        assert_eq!(plan.speed_hours.len(), 24);
-        let plan = Plan::new(r, Some(d + 5 * MICROS_PER_DAY), i64::MAX);
-        assert!(!plan.needs_speed());
-    }
-
-    #[test]
-    fn responses_show_requested_metrics_after_start_and_source() {
-        let d = ts("2026-11-24T00:00:00Z");
-        let resp = MetricsResponse {
-            merchant_id: "m_42".into(),
-            granularity: Granularity::Hour,
-            from: d,
-            to: d + MICROS_PER_HOUR,
-            batch_watermark: None,
-            partial: true,
-            metrics: vec![Metric::Orders, Metric::AvgOrderValue],
-            buckets: vec![Bucket {
-                start: d,
-                source: Source::Speed,
-                values: None,
-            }],
-        };
-        let json = serde_json::to_string(&resp).unwrap();
-        assert_eq!(
-            json,
-            r#"{"merchant_id":"m_42","granularity":"hour","from":"2026-11-24T00:00:00Z","to":"2026-11-24T01:00:00Z","batch_watermark":null,"partial":true,"buckets":[{"start":"2026-11-24T00:00:00Z","source":"speed","orders":null,"avg_order_value":null}]}"#
-        );
+    fn a_kathmandu_day_is_tiled_by_quarter_hours_hours_and_never_split() {
+        let cal = Calendar::parse("Asia/Kathmandu").unwrap();
+        // local midnight of 2026-11-24 is 18:15 UTC the day before
+        let from = ts("2026-11-23T18:15:00Z");
+        let buckets = cal.buckets(Unit::Day, from, from + MICROS_PER_DAY, 2).unwrap();
+        let plan = Plan::new(cal, &buckets, Some(ts("2026-11-30T00:00:00Z")), i64::MAX);
+        let p = &plan.buckets[0].pieces;
+        let quarters = p.iter().filter(|x| matches!(x, Piece::Quarter(_))).count();
+        let hours = p.iter().filter(|x| matches!(x, Piece::Hourly(_))).count();
+        assert_eq!((quarters, hours, p.len()), (4, 23, 27));
+        assert_eq!(plan.ranges.daily, None);
+        assert!(plan.speed_hours.is_empty());
     }
 }

@@ -9,11 +9,9 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use serde_json::json;
-use tally_common::bucket::Granularity;
+use tally_common::calendar::{Calendar, Unit};
 use tally_common::metrics::{Metric, METRICS};
-use tally_common::query::{
-    FIRST_YEAR, INSTANT_PATTERN, LAST_YEAR, MERCHANT_ID_PATTERN, SUPPORTED_TIME_ZONES,
-};
+use tally_common::query::{FIRST_YEAR, INSTANT_PATTERN, LAST_YEAR, MERCHANT_ID_PATTERN};
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn, ParameterStyle};
 use utoipa::openapi::schema::{
     ArrayBuilder, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type,
@@ -30,6 +28,9 @@ use crate::merge::{Bucket, MetricsResponse};
 /// The path of the metrics endpoint, as the router and the document spell it.
 pub const METRICS_PATH: &str = "/v1/merchants/{merchant_id}/metrics";
 
+/// The path of the settings endpoint.
+pub const SETTINGS_PATH: &str = "/v1/merchants/{merchant_id}/settings";
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -38,8 +39,8 @@ pub const METRICS_PATH: &str = "/v1/merchants/{merchant_id}/metrics";
             batch view (authoritative, before the batch watermark) and the speed view \
             (seconds behind, from the watermark on)."
     ),
-    paths(http::metrics, http::health, http::ready, http::openapi_json),
-    components(schemas(MetricsResponse, Bucket, ErrorBody, ErrorDetail, http::HealthBody, http::ReadyBody)),
+    paths(http::metrics, http::put_settings, http::health, http::ready, http::openapi_json),
+    components(schemas(MetricsResponse, Bucket, ErrorBody, ErrorDetail, http::HealthBody, http::ReadyBody, http::SettingsBody)),
     modifiers(&Generated)
 )]
 struct ApiDoc;
@@ -75,7 +76,33 @@ impl Modify for Generated {
         {
             op.parameters = Some(metrics_parameters());
         }
+        if let Some(op) = doc
+            .paths
+            .paths
+            .get_mut(SETTINGS_PATH)
+            .and_then(|p| p.put.as_mut())
+        {
+            op.parameters = Some(vec![merchant_parameter()]);
+        }
     }
+}
+
+/// The path's merchant id.
+fn merchant_parameter() -> Parameter {
+    ParameterBuilder::new()
+        .name("merchant_id")
+        .parameter_in(ParameterIn::Path)
+        .required(Required::True)
+        .description(Some("The merchant: 1-64 characters of `[A-Za-z0-9_.:-]`."))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(64))
+                .pattern(Some(MERCHANT_ID_PATTERN)),
+        ))
+        .example(Some(json!("m_42")))
+        .build()
 }
 
 /// The metrics endpoint's parameters, from the rules `tally_common::query`
@@ -88,12 +115,17 @@ fn metrics_parameters() -> Vec<Parameter> {
             .required(Required::True)
             .description(Some(format!(
                 "{description} RFC 3339 with a year from {FIRST_YEAR} to {LAST_YEAR}, an upper-case \
-                 `T`, and `Z` or a `±hh:mm` offset; aligned to the granularity (a whole UTC hour, \
-                 or a UTC midnight for `day`). `to` must be after `from`, by at most {} hours \
-                 or {} days. (Alignment and the range's length depend on more than one \
-                 parameter, which a schema cannot say; every other rule is in the schema.)",
-                Granularity::Hour.max_buckets(),
-                Granularity::Day.max_buckets(),
+                 `T`, and `Z` or a `±hh:mm` offset; a bucket boundary of the granularity in the \
+                 time zone (`tz`, else the merchant's): a local clock hour, local midnight (the \
+                 first instant of the day where midnight does not exist), a Monday's midnight \
+                 for `week`, the first day's for `month`. `to` must be after `from`, by at most \
+                 {} hours, {} days, {} weeks or {} months. (Alignment and the range's length \
+                 depend on more than one parameter, which a schema cannot say; every other rule \
+                 is in the schema.)",
+                Unit::Hour.max_buckets(),
+                Unit::Day.max_buckets(),
+                Unit::Week.max_buckets(),
+                Unit::Month.max_buckets(),
             )))
             .schema(Some(
                 ObjectBuilder::new()
@@ -106,32 +138,22 @@ fn metrics_parameters() -> Vec<Parameter> {
     };
     let names: Vec<&str> = METRICS.iter().map(|d| d.name).collect();
     vec![
-        ParameterBuilder::new()
-            .name("merchant_id")
-            .parameter_in(ParameterIn::Path)
-            .required(Required::True)
-            .description(Some("The merchant: 1-64 characters of `[A-Za-z0-9_.:-]`."))
-            .schema(Some(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .min_length(Some(1))
-                    .max_length(Some(64))
-                    .pattern(Some(MERCHANT_ID_PATTERN)),
-            ))
-            .example(Some(json!("m_42")))
-            .build(),
+        merchant_parameter(),
         instant("from", "Range start, inclusive.", "2026-11-24T00:00:00Z"),
         instant("to", "Range end, exclusive.", "2026-11-25T00:00:00Z"),
         ParameterBuilder::new()
             .name("granularity")
             .parameter_in(ParameterIn::Query)
             .required(Required::False)
-            .description(Some("Bucket size: UTC hours (default) or UTC days."))
+            .description(Some(
+                "Bucket size, a calendar unit of the time zone: `hour` (default), `day`, \
+                 `week` (ISO, from Monday) or `month`.",
+            ))
             .schema(Some(
                 ObjectBuilder::new()
                     .schema_type(Type::String)
-                    .enum_values(Some(Granularity::ALL.map(|g| g.as_str())))
-                    .default(Some(json!(Granularity::Hour.as_str()))),
+                    .enum_values(Some(Unit::ALL.map(|g| g.name())))
+                    .default(Some(json!(Unit::Hour.name()))),
             ))
             .build(),
         ParameterBuilder::new()
@@ -160,15 +182,15 @@ fn metrics_parameters() -> Vec<Parameter> {
             .parameter_in(ParameterIn::Query)
             .required(Required::False)
             .description(Some(
-                "Time zone of the buckets (default: the merchant's, UTC for every merchant \
-                 today). Only `UTC` is supported for now; any other zone is a 400 (`unknown \
-                 or unsupported time zone`).",
+                "IANA time zone of the buckets for this request (default: the merchant's \
+                 setting, `UTC` when it has none).",
             ))
             .schema(Some(
                 ObjectBuilder::new()
                     .schema_type(Type::String)
-                    .enum_values(Some(SUPPORTED_TIME_ZONES)),
+                    .enum_values(Some(Calendar::names())),
             ))
+            .example(Some(json!("Asia/Kolkata")))
             .build(),
     ]
 }
@@ -189,10 +211,11 @@ fn describe(metric: Metric) -> &'static str {
         Metric::RefundedAmount => "Sum of `amount` over `refund` events (minor currency units).",
         Metric::PageViews => "Count of `page_view` events.",
         Metric::UniqueCustomers => {
-            "Distinct `customer_id` over all event types: exact in `batch` buckets, a \
-             HyperLogLog estimate (standard error about 1%) in `speed` buckets, and always \
-             null in `mixed` day buckets, because the batch view's exact sets and the speed \
-             view's sketches cannot be merged yet."
+            "Distinct `customer_id` over all event types: exact for a bucket that is one \
+             UTC hour or UTC day before the batch watermark; otherwise (local days, weeks, \
+             months, speed and mixed buckets, totals) the estimate of a union of Apache \
+             DataSketches HLL sketches (relative standard error about 1.6%), with \
+             `unique_customers_bounds`. Never a sum of buckets."
         }
         Metric::NetSales => "`gross_sales - refunded_amount`.",
         Metric::AvgOrderValue => "`gross_sales / orders`; null when `orders` is 0.",
@@ -217,14 +240,17 @@ impl PartialSchema for Bucket {
                 "One bucket. Only the requested metrics are present. Every metric is null when \
                  the response is `partial` and the bucket's source is `speed` or `mixed`.",
             ))
-            .property("start", timestamp("Bucket start (UTC)."))
+            .property(
+                "start",
+                timestamp("Bucket start, with the time zone's offset at that instant."),
+            )
             .required("start")
             .property(
                 "source",
                 string(
                     "`batch` (authoritative tables), `speed` (the speed view), or `mixed` (a \
-                     day straddling the batch watermark: batch hours before it plus speed hours \
-                     after it; its `unique_customers` is null).",
+                     bucket straddling the batch watermark: batch rows before it plus speed \
+                     slots after it).",
                 )
                 .enum_values(Some(["batch", "speed", "mixed"])),
             )
@@ -247,6 +273,24 @@ impl PartialSchema for Bucket {
                     .format(Some(SchemaFormat::KnownFormat(format)))
                     .description(Some(describe(def.metric))),
             );
+            if def.metric == Metric::UniqueCustomers {
+                o = o.property(
+                    "unique_customers_bounds",
+                    ArrayBuilder::new()
+                        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+                        .items(
+                            ObjectBuilder::new()
+                                .schema_type(Type::Integer)
+                                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64))),
+                        )
+                        .min_items(Some(2))
+                        .max_items(Some(2))
+                        .description(Some(
+                            "With `unique_customers` when it is an estimate: its 95% bounds \
+                             [lower, upper]; null when it is exact.",
+                        )),
+                );
+            }
         }
         o.into()
     }
@@ -265,9 +309,14 @@ impl PartialSchema for MetricsResponse {
             .required("merchant_id")
             .property(
                 "granularity",
-                string("Bucket size.").enum_values(Some(Granularity::ALL.map(|g| g.as_str()))),
+                string("Bucket size.").enum_values(Some(Unit::ALL.map(|g| g.name()))),
             )
             .required("granularity")
+            .property(
+                "time_zone",
+                string("The IANA time zone of the buckets."),
+            )
+            .required("time_zone")
             .property("from", timestamp("Range start (inclusive)."))
             .required("from")
             .property("to", timestamp("Range end (exclusive)."))
@@ -293,6 +342,16 @@ impl PartialSchema for MetricsResponse {
                     )),
             )
             .required("partial")
+            .property(
+                "totals",
+                ObjectBuilder::new().description(Some(
+                    "Every requested metric over the whole range (as a bucket without \
+                     `start` and `source`): counters summed, ratios from the sums, distinct \
+                     customers of the range (never a sum of buckets). Null metrics when the \
+                     response is `partial`.",
+                )),
+            )
+            .required("totals")
             .property(
                 "buckets",
                 ArrayBuilder::new()

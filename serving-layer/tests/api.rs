@@ -26,7 +26,7 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tally_common::bucket::{date_string, format_ts, month_string, MICROS_PER_DAY, MICROS_PER_HOUR};
 use tally_common::lake::{Lake, Table};
-use tally_common::metrics::{MetricValues, METRICS};
+use tally_common::metrics::{BucketRow, MetricValues, METRICS};
 use tally_common::source::{Position, Record, SourceId};
 use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::watermark::WATERMARK_APP;
@@ -129,8 +129,15 @@ impl SpeedView for FakeSpeed {
                 ..MetricValues::default()
             };
             one.counters.values[0] = 1;
+            // each hour: one order by one customer, in its first quarter hour
+            let mut quarter: [BucketRow; 4] = Default::default();
+            quarter[0] = BucketRow {
+                values: one,
+                sketch: Some(tally_common::sketch_sql::sketch_of(["c"])),
+            };
             Ok(SpeedReading {
                 hours: hours.iter().map(|_| one).collect(),
+                quarters: hours.iter().map(|_| quarter.clone()).collect(),
                 unions: unions.iter().map(|g| g.len() as i64).collect(),
                 not_covered: Vec::new(),
             })
@@ -1171,7 +1178,7 @@ async fn point_lookups_equal_datafusion_and_the_rows_written() {
                     assert_eq!(fast.contains_key(&t), present, "{m} at {}", format_ts(t));
                     if present {
                         assert_eq!(
-                            fast[&t].counters.values[0],
+                            fast[&t].values.counters.values[0],
                             value(n, t),
                             "{m} at {}",
                             format_ts(t)

@@ -1,9 +1,13 @@
-//! A batch of records aggregated in memory per (merchant, hour), ready to apply
-//! to a speed store in one round trip.
+//! A batch of records aggregated in memory per (merchant, hour), with each
+//! hour split into its four 15-minute slots (the grain every zone's calendar is
+//! exact on, [`tally_common::calendar`]), ready to apply to a speed store in
+//! one round trip.
 
 use std::collections::{HashMap, HashSet};
 
 use tally_common::bucket::hour_floor;
+use tally_common::calendar::SLOT_MICROS;
+use tally_common::sketch::CustomerSketch;
 use tally_common::decode::{decode_record, Rejected};
 use tally_common::metrics::Counters;
 use tally_common::source::{Position, Record, SourceId};
@@ -15,14 +19,39 @@ pub struct HourUpdate {
     pub merchant_id: String,
     /// Start of the hour, epoch µs.
     pub hour: i64,
-    /// Sums to add.
+    /// Sums to add, over the hour.
     pub counters: Counters,
-    /// Distinct customers seen in this batch.
-    pub customers: Vec<String>,
+    /// Sums to add per 15-minute slot of the hour (they add up to `counters`).
+    pub quarters: [Counters; 4],
+    /// Distinct customers seen in this batch, per 15-minute slot.
+    pub customers: [Vec<String>; 4],
     /// Highest position of a record contributing to this update: the new mark.
     pub position: Position,
     /// Lowest such position: where a redelivery must start if this update fails.
     pub first_position: Position,
+}
+
+impl HourUpdate {
+    /// Slot `q`'s customers as a serialized distinct-count sketch
+    /// ([`tally_common::sketch`]); None when it has none.
+    pub fn sketch(&self, q: usize) -> Option<Vec<u8>> {
+        let customers = self.customers.get(q).filter(|c| !c.is_empty())?;
+        let mut s = CustomerSketch::new();
+        for c in customers {
+            s.update(c);
+        }
+        Some(s.to_bytes())
+    }
+
+    /// Whether slot `q` has anything to add.
+    pub fn touches(&self, q: usize) -> bool {
+        !self.quarters[q].is_zero() || !self.customers[q].is_empty()
+    }
+}
+
+/// The 15-minute slot (0 to 3) of instant `t` within its hour.
+pub fn quarter_of(t: i64) -> usize {
+    ((t - hour_floor(t)) / SLOT_MICROS).clamp(0, 3) as usize
 }
 
 /// A decoded, aggregated batch from one source.
@@ -53,7 +82,7 @@ impl SpeedBatch {
     ) -> Self {
         let mut index: HashMap<(String, i64), usize> = HashMap::new();
         let mut updates: Vec<HourUpdate> = Vec::new();
-        let mut seen: Vec<HashSet<String>> = Vec::new();
+        let mut seen: Vec<[HashSet<String>; 4]> = Vec::new();
         let mut batch = SpeedBatch {
             source,
             updates: Vec::new(),
@@ -78,24 +107,27 @@ impl SpeedBatch {
                             merchant_id: key.0.clone(),
                             hour,
                             counters: Counters::default(),
-                            customers: Vec::new(),
+                            quarters: Default::default(),
+                            customers: Default::default(),
                             position: position.clone(),
                             first_position: position.clone(),
                         });
-                        seen.push(HashSet::new());
+                        seen.push(Default::default());
                         index.insert(key, i);
                         i
                     }
                 };
                 let u = &mut updates[i];
+                let q = quarter_of(event.ts);
                 u.counters.apply_parts(&event.event_type, event.amount);
+                u.quarters[q].apply_parts(&event.event_type, event.amount);
                 if u.position != position {
                     u.position = position.clone();
                 }
                 if let Some(c) = event.customer_id {
-                    if !seen[i].contains(&c) {
-                        seen[i].insert(c.clone());
-                        u.customers.push(c);
+                    if !seen[i][q].contains(&c) {
+                        seen[i][q].insert(c.clone());
+                        u.customers[q].push(c);
                     }
                 }
             }
@@ -145,7 +177,9 @@ garbage
         assert_eq!(a.counters.get(Metric::Orders), Some(2));
         assert_eq!(a.counters.get(Metric::GrossSales), Some(12));
         assert_eq!(a.counters.get(Metric::RefundedAmount), Some(2));
-        assert_eq!(a.customers, ["x", "y"]);
+        assert_eq!(a.customers[0], ["x", "y"]);
+        assert!(a.customers[1..].iter().all(Vec::is_empty));
+        assert_eq!(a.quarters[0], a.counters);
         assert_eq!(a.position, Position::from_u64(11));
         assert_eq!(a.first_position, Position::from_u64(10));
         let bb = &b.updates[1];

@@ -1,12 +1,12 @@
 //! The embedded speed store: in process, for runs with no Redis configured.
-//! Exact distinct customers (a set per merchant-hour) instead of HyperLogLog,
-//! the same marks and the same TTL as Redis.
+//! The same grain (15-minute slots), sketches, marks and TTL as Redis.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use tally_common::bucket::{now_micros, MICROS_PER_SECOND};
-use tally_common::metrics::{Counters, MetricValues};
+use tally_common::metrics::{BucketRow, Counters, MetricValues};
+use tally_common::sketch::CustomerUnion;
 use tally_common::source::{Position, SourceId};
 use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::{Error, Result};
@@ -16,8 +16,8 @@ use crate::store::ApplyReport;
 
 #[derive(Debug, Default)]
 struct HourState {
-    counters: Counters,
-    customers: HashSet<String>,
+    quarters: [Counters; 4],
+    customers: [CustomerUnion; 4],
     marks: HashMap<SourceId, Position>,
     /// When it was last updated (epoch µs): like a Redis key's TTL, expiry counts from here.
     touched: i64,
@@ -93,8 +93,12 @@ impl EmbeddedStore {
                     }
                     _ => {}
                 }
-                h.counters.merge(&u.counters);
-                h.customers.extend(u.customers.iter().cloned());
+                for q in 0..4 {
+                    h.quarters[q].merge(&u.quarters[q]);
+                    for c in &u.customers[q] {
+                        h.customers[q].update(c);
+                    }
+                }
                 h.marks.insert(batch.source.clone(), u.position.clone());
                 h.touched = now;
                 report.applied += 1;
@@ -130,24 +134,45 @@ impl SpeedView for EmbeddedStore {
             let key = |h: i64| (merchant.to_string(), h);
             let mut reading = SpeedReading::default();
             let now = now_micros();
+            let mut per_hour: Vec<CustomerUnion> = Vec::with_capacity(hours.len());
             for (i, &h) in hours.iter().enumerate() {
                 if !crate::store::hour_alive(h, now, self.ttl_micros) {
                     reading.not_covered.push(i);
                 }
                 let v = state.hours.get(&key(h));
-                reading.hours.push(MetricValues {
-                    counters: v.map(|s| s.counters).unwrap_or_default(),
-                    unique_customers: Some(v.map_or(0, |s| s.customers.len() as i64)),
-                });
-            }
-            for group in unions {
-                let mut all: HashSet<&str> = HashSet::new();
-                for &i in group {
-                    if let Some(s) = hours.get(i).and_then(|&h| state.hours.get(&key(h))) {
-                        all.extend(s.customers.iter().map(String::as_str));
+                let mut counters = Counters::default();
+                let mut union = CustomerUnion::new();
+                let mut quarters: [BucketRow; 4] = Default::default();
+                if let Some(v) = v {
+                    for (q, row) in quarters.iter_mut().enumerate() {
+                        counters.merge(&v.quarters[q]);
+                        union.merge(&v.customers[q]);
+                        let e = v.customers[q].estimate();
+                        *row = BucketRow {
+                            values: MetricValues {
+                                counters: v.quarters[q],
+                                unique_customers: Some(e.estimate),
+                            },
+                            sketch: (!v.customers[q].is_empty())
+                                .then(|| v.customers[q].to_bytes()),
+                        };
                     }
                 }
-                reading.unions.push(all.len() as i64);
+                reading.hours.push(MetricValues {
+                    counters,
+                    unique_customers: Some(union.estimate().estimate),
+                });
+                reading.quarters.push(quarters);
+                per_hour.push(union);
+            }
+            for group in unions {
+                let mut all = CustomerUnion::new();
+                for &i in group {
+                    if let Some(u) = per_hour.get(i) {
+                        all.merge(u);
+                    }
+                }
+                reading.unions.push(all.estimate().estimate);
             }
             Ok(reading)
         })

@@ -27,7 +27,7 @@
 //! speed consume` and `tally serve` run it by themselves when they find a view
 //! that is not rebuilt.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -38,6 +38,7 @@ use tally_common::deltalake;
 use tally_common::lake::{register, Lake, Table};
 use tally_common::marks::read_mark;
 use tally_common::metrics::{counter_defs, Counters};
+use tally_common::sketch::CustomerSketch;
 use tally_common::serving_store::ServingStore as _;
 use tally_common::source::{Position, RowOrigin, SourceId};
 use tally_common::watermark::read_progress;
@@ -48,7 +49,7 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
 
-use crate::redis_store::{hour_key, RedisStore, VIEW_KEY};
+use crate::redis_store::{hour_key, quarter_field, sketch_entry, RedisStore, VIEW_KEY};
 use crate::store::ViewState;
 
 /// Makes the view when there is none. KEYS: view. ARGV: ttl.
@@ -71,8 +72,9 @@ redis.call('HSETNX', KEYS[1], 'after:' .. ARGV[2], ARGV[3])
 return redis.call('HGET', KEYS[1], 'after:' .. ARGV[2])
 "#;
 
-/// Replaces one merchant-hour's rebuilt sums and adds its customers.
-/// KEYS: counters hash, hll, view. ARGV: generation, ttl, n, n*(field, value), customers...
+/// Replaces one merchant-hour's rebuilt sums and adds its sketches.
+/// KEYS: counters hash, sketch list, view. ARGV: generation, ttl, n, n*(field,
+/// value), sketch entries...
 /// Returns 1, or -1 when the view is of another generation (nothing written).
 const REPLACE_LUA: &str = r#"
 if redis.call('HGET', KEYS[3], 'generation') ~= ARGV[1] then return -1 end
@@ -83,9 +85,7 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local first = 4 + 2 * n
 if #ARGV >= first then
-  for i = first, #ARGV, 500 do
-    redis.call('PFADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
-  end
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 return 1
@@ -420,7 +420,8 @@ impl<'a> Rebuild<'a> {
         report.sources = sources.len();
 
         // the rows the rebuild owns, summed per merchant-hour
-        let mut hours: HashMap<(String, i64), (Counters, HashSet<String>)> = HashMap::new();
+        let mut hours: HashMap<(String, i64), ([Counters; 4], [CustomerSketch; 4])> =
+            HashMap::new();
         let mut events = 0u64;
         for r in rows {
             let mine = owned
@@ -434,9 +435,10 @@ impl<'a> Rebuild<'a> {
             let e = hours
                 .entry((r.merchant_id, hour_floor(r.event_time)))
                 .or_default();
-            e.0.apply_parts(&EventType::parse(&r.event_type), r.amount);
+            let q = crate::aggregate::quarter_of(r.event_time);
+            e.0[q].apply_parts(&EventType::parse(&r.event_type), r.amount);
             if let Some(c) = r.customer_id {
-                e.1.insert(c);
+                e.1[q].update(&c);
             }
         }
         let entries: Vec<_> = hours.into_iter().collect();
@@ -444,23 +446,27 @@ impl<'a> Rebuild<'a> {
             // EVAL, not EVALSHA: a rebuild is rare, and follows a restart that
             // emptied the script cache anyway
             let mut pipe = redis::pipe();
-            for ((merchant, hour), (counters, customers)) in chunk {
+            for ((merchant, hour), (quarters, sketches)) in chunk {
                 let k = hour_key(merchant, *hour);
                 let cmd = pipe
                     .cmd("EVAL")
                     .arg(REPLACE_LUA)
                     .arg(3)
                     .arg(format!("{k}:c"))
-                    .arg(format!("{k}:u"))
+                    .arg(format!("{k}:s"))
                     .arg(VIEW_KEY)
                     .arg(&view.generation)
                     .arg(self.store.ttl_secs())
-                    .arg(counters.values.len());
-                for (d, _, _, slot) in counter_defs() {
-                    cmd.arg(d.name).arg(counters.values[slot]);
+                    .arg(4 * counter_defs().count());
+                for (q, counters) in quarters.iter().enumerate() {
+                    for (d, _, _, slot) in counter_defs() {
+                        cmd.arg(quarter_field(q, d.name)).arg(counters.values[slot]);
+                    }
                 }
-                for c in customers {
-                    cmd.arg(c.as_str());
+                for (q, sketch) in sketches.iter().enumerate() {
+                    if !sketch.is_empty() {
+                        cmd.arg(sketch_entry(q, &sketch.to_bytes()));
+                    }
                 }
             }
             let replies: Vec<i64> = pipe

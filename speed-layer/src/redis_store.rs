@@ -3,13 +3,20 @@
 //! Per merchant-hour two keys share the hash tag `{merchant_id}`, so every
 //! per-merchant command and script touches one cluster slot:
 //!
-//! - `tally:v2:{m}:H:c`: hash of counter sums (`orders`, `gross_sales`, ...),
-//!   of the sums rebuilt from `raw_events` (`r:orders`, ...; see
-//!   [`crate::rebuild`]) and of marks (`~mark:SOURCE` -> highest applied
-//!   position of that source),
-//! - `tally:v2:{m}:H:u`: HyperLogLog of customer ids,
+//! - `tally:v3:{m}:H:c`: hash of counter sums per 15-minute slot of the hour
+//!   (`Q:orders`, `Q:gross_sales`, ... for slot `Q` = 0 to 3), of the sums
+//!   rebuilt from `raw_events` (`r:Q:orders`, ...; see [`crate::rebuild`]) and
+//!   of marks (`~mark:SOURCE` -> highest applied position of that source),
+//! - `tally:v3:{m}:H:s`: list of distinct-customer sketches, each entry one
+//!   slot's sketch from one batch: the slot's number as one byte, then the
+//!   sketch (Apache DataSketches HLL, [`tally_common::sketch`], built by the
+//!   client). Readers union a slot's entries; a writer that finds the list
+//!   long replaces its entries by their union per slot ([`COMPACT_AT`]).
+//!   Sketches are the batch layer's format, so a bucket straddling the
+//!   watermark has distinct customers, and the engine's work per batch is one
+//!   `RPUSH` per merchant-hour, not a `PFADD` per event.
 //!
-//! where `H` is hours since the epoch. One more key, the *view* `tally:v2:view`
+//! where `H` is hours since the epoch. One more key, the *view* `tally:v3:view`
 //! (a hash: `generation`, `covered_from`, `rebuilt`, and per source
 //! `after:SOURCE`), says from when the view is whole. A server that lost its data
 //! (a restart without persistence, a failover to an empty replica) lost the view
@@ -22,10 +29,11 @@
 //!
 //! One Lua script per merchant-hour compares the update's position with the
 //! source's mark (or its `after:` boundary, whichever is higher) and, only when
-//! it is beyond, adds the counters and the customers and advances the mark: a
-//! redelivered or half-applied batch has an exactly-once effect. Every key
-//! written gets the store's TTL at every write, whatever wrote it first. A whole
-//! batch is one pipelined round trip.
+//! it is beyond, adds the counters and the sketches and advances the mark: a
+//! redelivered or half-applied batch has an exactly-once effect on the
+//! counters (a sketch union is idempotent anyway). Every key written gets the
+//! store's TTL at every write, whatever wrote it first. A whole batch is one
+//! pipelined round trip.
 //!
 //! Positions are compared as decimal strings of any length (Kinesis sequence
 //! numbers have 56 digits and may have up to 129); nothing here parses one into
@@ -37,7 +45,8 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Pipeline, Value};
 use tally_common::bucket::{now_micros, MICROS_PER_HOUR, MICROS_PER_SECOND};
 use tally_common::decode::MAX_FUTURE_MICROS;
-use tally_common::metrics::{counter_defs, Counters, MetricValues};
+use tally_common::metrics::{counter_defs, BucketRow, Counters, MetricValues};
+use tally_common::sketch::CustomerUnion;
 use tally_common::source::Position;
 use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::{Error, Result};
@@ -45,19 +54,25 @@ use tally_common::{Error, Result};
 use crate::aggregate::{HourUpdate, SpeedBatch};
 use crate::store::{hour_alive, ApplyReport, ViewState};
 
-/// The key prefix of every speed-view key of this layout (version 2: marks and
-/// rebuilt sums beside the counters, and the view key).
-pub const KEY_PREFIX: &str = "tally:v2";
+/// The key prefix of every speed-view key of this layout (version 3: counters
+/// per 15-minute slot, client-built sketches).
+pub const KEY_PREFIX: &str = "tally:v3";
 
 /// The view key: when the view is whole from (see the module docs).
-pub const VIEW_KEY: &str = "tally:v2:view";
+pub const VIEW_KEY: &str = "tally:v3:view";
 
-/// Check the source's mark, apply the increments and customers, advance the mark.
-/// KEYS: counters hash (which also holds the marks, as fields `~mark:SOURCE`), hll, view.
+/// Sketch entries of one merchant-hour beyond which a writer compacts them
+/// (the apply script's literal `32`).
+pub const COMPACT_AT: i64 = 32;
+
+/// Check the source's mark, apply the increments and sketches, advance the mark.
+/// KEYS: counters hash (which also holds the marks, as fields `~mark:SOURCE`),
+/// sketch list, view.
 /// ARGV: source, last position, first position, ttl, boundary (the position
-/// before the batch's first record, '' when none), n, n*(field, delta), customers...
+/// before the batch's first record, '' when none), n, n*(field, delta), sketch entries...
 /// Returns 1 (applied), 2 (applied, and the view was new: the server had lost its
-/// data or never held any), 0 (all of it applied before, or the rebuild's), or the
+/// data or never held any), plus 2 when the sketch list is now longer than
+/// `COMPACT_AT` entries (3, 4), 0 (all of it applied before, or the rebuild's), or the
 /// mark when it falls inside the update's records (a redelivery cut differently
 /// after a crash): the caller then re-sends only the records beyond the mark.
 const APPLY_LUA: &str = r#"
@@ -91,20 +106,61 @@ for i = 0, n - 1 do
   redis.call('HINCRBY', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i])
 end
 local first = 7 + 2 * n
+local long = 0
 if #ARGV >= first then
-  if #ARGV - first < 500 then
-    redis.call('PFADD', KEYS[2], unpack(ARGV, first))
-  else
-    for i = first, #ARGV, 500 do
-      redis.call('PFADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
-    end
-  end
+  local len = redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
   redis.call('EXPIRE', KEYS[2], ttl)
+  if len > 32 then long = 2 end
 end
 redis.call('HSET', KEYS[1], '~mark:' .. src, p)
 redis.call('EXPIRE', KEYS[1], ttl)
-return 1 + fresh
+return 1 + fresh + long
 "#;
+
+/// Replace the first entries of a sketch list by their union, when they are
+/// still the entries the caller merged.
+/// KEYS: sketch list. ARGV: n (entries merged), SHA-1 of their concatenation,
+/// ttl, merged entries... Returns 1, or 0 when the list's head changed.
+const COMPACT_LUA: &str = r#"
+local n = tonumber(ARGV[1])
+local head = redis.call('LRANGE', KEYS[1], 0, n - 1)
+if #head ~= n or redis.sha1hex(table.concat(head)) ~= ARGV[2] then return 0 end
+redis.call('LTRIM', KEYS[1], n, -1)
+for i = #ARGV, 4, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// A sketch-list entry: slot `q`'s sketch.
+pub(crate) fn sketch_entry(q: usize, sketch: &[u8]) -> Vec<u8> {
+    let mut e = Vec::with_capacity(sketch.len() + 1);
+    e.push(q as u8);
+    e.extend_from_slice(sketch);
+    e
+}
+
+/// The counters-hash field of slot `q`'s metric `name` (`r:` prefixed for
+/// the rebuilt sums).
+pub(crate) fn quarter_field(q: usize, name: &str) -> String {
+    format!("{q}:{name}")
+}
+
+/// Union each slot's entries of a sketch list. Entries that do not parse are
+/// skipped (logged): a sketch is an estimate, its counters stay exact.
+pub(crate) fn union_entries(entries: &[Vec<u8>]) -> [CustomerUnion; 4] {
+    let mut out: [CustomerUnion; 4] = Default::default();
+    for e in entries {
+        let Some((&q, sketch)) = e.split_first() else {
+            continue;
+        };
+        if let Some(u) = out.get_mut(usize::from(q)) {
+            if let Err(err) = u.add_bytes(sketch) {
+                tracing::warn!(error = %err, "a speed-view sketch does not parse; skipped");
+            }
+        }
+    }
+    out
+}
 
 /// The key prefix of one merchant-hour (`tally:v2:{m}:H`).
 pub fn hour_key(merchant: &str, hour: i64) -> String {
@@ -269,16 +325,20 @@ fn add_update(
     u: &HourUpdate,
 ) {
     let k = hour_key(&u.merchant_id, u.hour);
-    let fields: Vec<(&str, i64)> = counter_defs()
-        .map(|(d, _, _, slot)| (d.name, u.counters.values[slot]))
-        .filter(|(_, v)| *v != 0)
-        .collect();
+    let mut fields: Vec<(String, i64)> = Vec::new();
+    for (q, counters) in u.quarters.iter().enumerate() {
+        fields.extend(
+            counter_defs()
+                .map(|(d, _, _, slot)| (quarter_field(q, d.name), counters.values[slot]))
+                .filter(|(_, v)| *v != 0),
+        );
+    }
     let cmd = pipe
         .cmd("EVALSHA")
         .arg(sha)
         .arg(3)
         .arg(format!("{k}:c"))
-        .arg(format!("{k}:u"))
+        .arg(format!("{k}:s"))
         .arg(VIEW_KEY)
         .arg(source)
         .arg(u.position.as_str())
@@ -289,8 +349,10 @@ fn add_update(
     for (name, v) in fields {
         cmd.arg(name).arg(v);
     }
-    for c in &u.customers {
-        cmd.arg(c.as_str());
+    for q in 0..4 {
+        if let Some(sketch) = u.sketch(q) {
+            cmd.arg(sketch_entry(q, &sketch));
+        }
     }
 }
 
@@ -368,12 +430,15 @@ impl RedisStore {
             match self.apply_once(&pipe).await {
                 Ok(results) => {
                     let mut report = ApplyReport::default();
+                    let mut long = Vec::new();
                     for (i, r) in results.into_iter().enumerate() {
                         match r {
-                            Value::Int(1) => report.applied += 1,
-                            Value::Int(2) => {
+                            Value::Int(n @ 1..=4) => {
                                 report.applied += 1;
-                                report.view_created = true;
+                                report.view_created |= n == 2 || n == 4;
+                                if n >= 3 {
+                                    long.push(i);
+                                }
                             }
                             Value::Int(_) => report.skipped += 1,
                             other => {
@@ -381,6 +446,13 @@ impl RedisStore {
                                     .map_err(|e| unexpected("script", e))?;
                                 report.overlaps.push((i, Position::parse(&mark)?));
                             }
+                        }
+                    }
+                    for i in long {
+                        let u = &batch.updates[i];
+                        // best effort: a list left long is still read right
+                        if let Err(e) = self.compact(&hour_key(&u.merchant_id, u.hour)).await {
+                            tracing::warn!(error = %e, "compacting speed-view sketches failed");
                         }
                     }
                     return Ok(report);
@@ -401,6 +473,39 @@ impl RedisStore {
             }
             attempt += 1;
         }
+    }
+
+    /// Replace the sketch entries of merchant-hour `k` by one union per slot.
+    async fn compact(&self, k: &str) -> Result<()> {
+        let key = format!("{k}:s");
+        let mut c = self.conn.clone();
+        let entries: Vec<Vec<u8>> = c.lrange(&key, 0, -1).await.map_err(|e| self.err(e))?;
+        if entries.len() <= 1 {
+            return Ok(());
+        }
+        let digest = {
+            use sha1_smol::Sha1;
+            let mut h = Sha1::new();
+            for e in &entries {
+                h.update(e);
+            }
+            h.digest().to_string()
+        };
+        let merged = union_entries(&entries);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(COMPACT_LUA)
+            .arg(1)
+            .arg(&key)
+            .arg(entries.len())
+            .arg(digest)
+            .arg(self.ttl_secs);
+        for (q, u) in merged.iter().enumerate() {
+            if !u.is_empty() {
+                cmd.arg(sketch_entry(q, &u.to_bytes()));
+            }
+        }
+        let _: i64 = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// The stored checkpoint of a consumer.
@@ -437,7 +542,13 @@ impl SpeedView for RedisStore {
         Box::pin(async move {
             // the counters by name (never every field: the hash also holds the marks,
             // whose positions are 56-digit numbers), then the rebuilt sums
-            let names: Vec<&str> = counter_defs().map(|(d, ..)| d.name).collect();
+            let mut fields: Vec<String> = Vec::new();
+            for q in 0..4 {
+                for (d, ..) in counter_defs() {
+                    fields.push(quarter_field(q, d.name));
+                    fields.push(format!("r:{}", quarter_field(q, d.name)));
+                }
+            }
             let mut pipe = redis::pipe();
             pipe.cmd("HMGET")
                 .arg(VIEW_KEY)
@@ -445,19 +556,8 @@ impl SpeedView for RedisStore {
                 .arg("rebuilt");
             let keys: Vec<String> = hours.iter().map(|&h| hour_key(merchant, h)).collect();
             for k in &keys {
-                let cmd = pipe.cmd("HMGET").arg(format!("{k}:c"));
-                for n in &names {
-                    cmd.arg(*n).arg(format!("r:{n}"));
-                }
-                pipe.cmd("PFCOUNT").arg(format!("{k}:u"));
-            }
-            for group in unions {
-                let cmd = pipe.cmd("PFCOUNT");
-                for &i in group {
-                    if let Some(k) = keys.get(i) {
-                        cmd.arg(format!("{k}:u"));
-                    }
-                }
+                pipe.cmd("HMGET").arg(format!("{k}:c")).arg(&fields);
+                pipe.cmd("LRANGE").arg(format!("{k}:s")).arg(0).arg(-1);
             }
             let mut c = self.conn.clone();
             let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
@@ -474,32 +574,60 @@ impl SpeedView for RedisStore {
                 (Some(c), _) => Some(c.parse::<i64>().unwrap_or(i64::MAX)),
             };
             let mut reading = SpeedReading::default();
+            let mut per_hour: Vec<CustomerUnion> = Vec::with_capacity(hours.len());
             let now = now_micros();
+            let per_quarter = 2 * counter_defs().count();
             for (i, &hour) in hours.iter().enumerate() {
-                let fields: Vec<Option<i64>> =
+                let values: Vec<Option<i64>> =
                     redis::from_redis_value(it.next().unwrap_or(Value::Nil))
                         .map_err(|e| unexpected("counters", e))?;
-                let unique: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
-                    .map_err(|e| unexpected("PFCOUNT", e))?;
-                let mut counters = Counters::default();
-                for ((_, _, _, slot), pair) in counter_defs().zip(fields.chunks(2)) {
-                    counters.values[slot] = pair
-                        .iter()
-                        .flatten()
-                        .fold(0i64, |a, v| a.saturating_add(*v));
+                let entries: Vec<Vec<u8>> =
+                    redis::from_redis_value(it.next().unwrap_or(Value::Nil))
+                        .map_err(|e| unexpected("sketches", e))?;
+                let unions = union_entries(&entries);
+                let mut hour_counters = Counters::default();
+                let mut hour_union = CustomerUnion::new();
+                let mut quarters: [BucketRow; 4] = Default::default();
+                for (q, (row, chunk)) in quarters
+                    .iter_mut()
+                    .zip(values.chunks(per_quarter))
+                    .enumerate()
+                {
+                    let mut counters = Counters::default();
+                    for ((_, _, _, slot), pair) in counter_defs().zip(chunk.chunks(2)) {
+                        counters.values[slot] = pair
+                            .iter()
+                            .flatten()
+                            .fold(0i64, |a, v| a.saturating_add(*v));
+                    }
+                    hour_counters.merge(&counters);
+                    hour_union.merge(&unions[q]);
+                    *row = BucketRow {
+                        values: MetricValues {
+                            counters,
+                            unique_customers: Some(unions[q].estimate().estimate),
+                        },
+                        sketch: (!unions[q].is_empty()).then(|| unions[q].to_bytes()),
+                    };
                 }
                 reading.hours.push(MetricValues {
-                    counters,
-                    unique_customers: Some(unique),
+                    counters: hour_counters,
+                    unique_customers: Some(hour_union.estimate().estimate),
                 });
+                reading.quarters.push(quarters);
+                per_hour.push(hour_union);
                 if !self.covers(covered_from, hour, now) {
                     reading.not_covered.push(i);
                 }
             }
-            for _ in unions {
-                let n: i64 = redis::from_redis_value(it.next().unwrap_or(Value::Int(0)))
-                    .map_err(|e| unexpected("PFCOUNT", e))?;
-                reading.unions.push(n);
+            for group in unions {
+                let mut all = CustomerUnion::new();
+                for &i in group {
+                    if let Some(u) = per_hour.get(i) {
+                        all.merge(u);
+                    }
+                }
+                reading.unions.push(all.estimate().estimate);
             }
             Ok(reading)
         })
