@@ -9,7 +9,7 @@
 use deltalake::parquet::basic::{Compression, Encoding};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::parquet::schema::types::ColumnPath;
-use tally_common::metric_table::MERCHANT_COLUMN;
+use tally_common::metric_table::{MERCHANT_COLUMN, SKETCH_COLUMN};
 
 /// Writer properties of `metrics_hourly` and `metrics_daily`:
 /// - pages of 1,024 rows: a merchant's day is 24 sorted rows, so a lookup
@@ -24,8 +24,10 @@ use tally_common::metric_table::MERCHANT_COLUMN;
 ///   VM (Firecracker, so Lambda too); creating them cost more than decoding.
 ///   Files are the same size as zstd over plain pages.
 ///
-/// Every stored column but `merchant_id` is an integer or a timestamp (the
-/// partition columns `date` and `month` live in the Delta log, not in the files).
+/// Every stored column but `merchant_id` and `customers_sketch` is an integer
+/// or a timestamp (the partition columns `date` and `month` live in the Delta
+/// log, not in the files); the sketches are `DELTA_LENGTH_BYTE_ARRAY` (their
+/// bytes back to back, lengths delta-packed).
 pub fn metric_writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::LZ4_RAW)
@@ -36,6 +38,10 @@ pub fn metric_writer_properties() -> WriterProperties {
         .set_column_encoding(
             ColumnPath::from(MERCHANT_COLUMN),
             Encoding::DELTA_BYTE_ARRAY,
+        )
+        .set_column_encoding(
+            ColumnPath::from(SKETCH_COLUMN),
+            Encoding::DELTA_LENGTH_BYTE_ARRAY,
         )
         .build()
 }

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
 use deltalake::arrow::datatypes::{DataType, TimestampMicrosecondType};
@@ -20,6 +21,7 @@ use deltalake::datafusion::prelude::{col, SessionContext};
 use crate::calendar::Calendar;
 use crate::decode::is_valid_merchant_id;
 use crate::lake::{register, Lake, Table};
+use crate::serving_store::ServingStore;
 use crate::{Context as _, Error, Result};
 
 /// How many times a setting is retried when another writer committed first.
@@ -88,8 +90,11 @@ fn is_conflict(e: &deltalake::DeltaTableError) -> bool {
     ) || e.to_string().contains("onflict")
 }
 
-/// Every merchant's time zone that is not UTC, read whole from `table`.
-pub async fn read_time_zones(table: &deltalake::DeltaTable) -> Result<HashMap<String, Calendar>> {
+/// Every merchant's time zone as the table holds it (the newest row of each
+/// merchant: one per merchant, unless a writer outside tally appended more),
+/// read whole from `table`. Zones this build's tz database does not know are
+/// left out (read as UTC, with a warning).
+pub async fn read_settings(table: &deltalake::DeltaTable) -> Result<HashMap<String, Calendar>> {
     let ctx = SessionContext::new();
     register(&ctx, Table::Merchants.name(), table).await?;
     let batches = ctx
@@ -111,7 +116,6 @@ pub async fn read_time_zones(table: &deltalake::DeltaTable) -> Result<HashMap<St
             if ids.is_null(r) || zones.is_null(r) {
                 continue;
             }
-            // a zone this build's tz database does not know is read as UTC
             let Ok(cal) = Calendar::parse(zones.value(r)) else {
                 tracing::warn!(merchant = ids.value(r), zone = zones.value(r), "unknown time zone in merchants; using UTC");
                 continue;
@@ -123,30 +127,97 @@ pub async fn read_time_zones(table: &deltalake::DeltaTable) -> Result<HashMap<St
             }
         }
     }
-    Ok(latest
-        .into_iter()
-        .filter(|(_, (_, c))| *c != Calendar::UTC)
-        .map(|(m, (_, c))| (m, c))
-        .collect())
+    Ok(latest.into_iter().map(|(m, (_, c))| (m, c)).collect())
 }
 
-/// The merchants' time zones as the serving layer holds them: read whole
-/// from the table when its version changes ([`MerchantZones::refresh`]), and
-/// updated at once by this process's own settings. Cheap to clone.
+/// Copy the `merchants` table into `store` when its version is not
+/// `loaded` (the version the store holds); returns the version now held.
+pub async fn load_settings(
+    lake: &Lake,
+    store: &dyn ServingStore,
+    loaded: Option<i64>,
+) -> Result<Option<i64>> {
+    let Some(table) = lake.open(Table::Merchants).await? else {
+        return Ok(loaded);
+    };
+    let version = table.version().map(|v| v as i64);
+    if version == loaded {
+        return Ok(loaded);
+    }
+    let zones: Vec<(String, String)> = read_settings(&table)
+        .await?
+        .into_iter()
+        .map(|(m, c)| (m, c.name().to_string()))
+        .collect();
+    store.set_zones(&zones).await?;
+    Ok(version)
+}
+
+/// The merchants' time zones as the serving layer holds them. Without a
+/// serving store, the whole table in memory, read again when its version
+/// changes ([`MerchantZones::refresh`]). With one (Redis), each merchant's zone
+/// from the store, where the batch layer's loads copy the table
+/// ([`load_settings`]) and settings write it too, kept a few seconds per
+/// merchant: a request reads no object-store bytes. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct MerchantZones {
     inner: Arc<RwLock<Zones>>,
+    store: Option<Arc<dyn ServingStore>>,
 }
 
 #[derive(Default)]
 struct Zones {
     zones: HashMap<String, Calendar>,
     table: Option<deltalake::DeltaTable>,
+    /// With a store: merchants' zones and when they were read.
+    cached: HashMap<String, (Calendar, Instant)>,
 }
 
+/// How long a zone read from the serving store is used before it is read again.
+const CACHED_FOR: Duration = Duration::from_secs(5);
+/// Zones kept at most, with a store (the cache is cleared beyond).
+const CACHED_AT_MOST: usize = 100_000;
+
 impl MerchantZones {
-    /// `merchant`'s zone (UTC when it set none).
-    pub fn zone(&self, merchant: &str) -> Calendar {
+    /// Zones read from `store` (see the type's docs).
+    pub fn with_store(store: Arc<dyn ServingStore>) -> Self {
+        MerchantZones {
+            inner: Default::default(),
+            store: Some(store),
+        }
+    }
+
+    /// `merchant`'s zone (UTC when it set none). With a store that cannot be
+    /// read, the table is read from the lake instead.
+    pub async fn zone(&self, lake: &Lake, merchant: &str) -> Result<Calendar> {
+        let Some(store) = &self.store else {
+            return Ok(self.from_memory(merchant));
+        };
+        if let Some((c, at)) = self.inner.read().ok().and_then(|z| z.cached.get(merchant).copied()) {
+            if at.elapsed() < CACHED_FOR {
+                return Ok(c);
+            }
+        }
+        let calendar = match store.zone(merchant).await {
+            Ok(zone) => zone
+                .and_then(|z| Calendar::parse(&z).ok())
+                .unwrap_or(Calendar::UTC),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a merchant's zone from the serving store failed; reading the lake");
+                self.refresh(lake).await?;
+                self.from_memory(merchant)
+            }
+        };
+        if let Ok(mut z) = self.inner.write() {
+            if z.cached.len() >= CACHED_AT_MOST {
+                z.cached.clear();
+            }
+            z.cached.insert(merchant.to_string(), (calendar, Instant::now()));
+        }
+        Ok(calendar)
+    }
+
+    fn from_memory(&self, merchant: &str) -> Calendar {
         self.inner
             .read()
             .ok()
@@ -154,15 +225,23 @@ impl MerchantZones {
             .unwrap_or(Calendar::UTC)
     }
 
-    /// Record a setting this process made.
-    pub fn set(&self, merchant: &str, calendar: Calendar) {
-        if let Ok(mut z) = self.inner.write() {
-            if calendar == Calendar::UTC {
-                z.zones.remove(merchant);
-            } else {
-                z.zones.insert(merchant.to_string(), calendar);
-            }
+    /// Whether zones come from a serving store (no table to keep in memory).
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Record a setting this process made (and write it to the store).
+    pub async fn set(&self, merchant: &str, calendar: Calendar) -> Result<()> {
+        if let Some(store) = &self.store {
+            store
+                .set_zones(&[(merchant.to_string(), calendar.name().to_string())])
+                .await?;
         }
+        if let Ok(mut z) = self.inner.write() {
+            z.cached.insert(merchant.to_string(), (calendar, Instant::now()));
+            z.zones.insert(merchant.to_string(), calendar);
+        }
+        Ok(())
     }
 
     /// Read the table again when its version changed; returns whether it did.
@@ -185,12 +264,10 @@ impl MerchantZones {
                 None => return Ok(false),
             },
         };
-        let zones = read_time_zones(&table).await?;
+        let zones = read_settings(&table).await?;
         if let Ok(mut z) = self.inner.write() {
-            *z = Zones {
-                zones,
-                table: Some(table),
-            };
+            z.zones = zones;
+            z.table = Some(table);
         }
         Ok(true)
     }

@@ -75,6 +75,9 @@ pub struct StoreState {
     /// The `metrics_quarter_hourly` version the quarter-hourly rows are from.
     #[serde(default)]
     pub quarter_version: Option<i64>,
+    /// The `merchants` version whose time zones the store holds.
+    #[serde(default)]
+    pub merchants_version: Option<i64>,
     /// The batch watermark W (epoch µs) of `hourly_version`.
     pub watermark: Option<i64>,
     /// The generation of the load that published it
@@ -102,6 +105,7 @@ impl StoreState {
             hourly_version: None,
             daily_version: None,
             quarter_version: None,
+            merchants_version: None,
             watermark: None,
             load,
             published_at: 0,
@@ -327,6 +331,13 @@ pub trait ServingStore: Send + Sync {
     /// all keys): readers would then take a missing value for "no rows".
     fn check_retention(&self) -> BoxFuture<'_, Result<()>>;
 
+    /// `merchant`'s time zone (an IANA name) as the last load or setting
+    /// stored it; None when the store holds none (UTC, or not loaded yet).
+    fn zone<'a>(&'a self, merchant: &'a str) -> BoxFuture<'a, Result<Option<String>>>;
+
+    /// Store merchants' time zones: pairs of merchant and IANA name.
+    fn set_zones<'a>(&'a self, zones: &'a [(String, String)]) -> BoxFuture<'a, Result<()>>;
+
     /// The store's size as its server reports it (bytes of memory in use), when known.
     fn memory_used(&self) -> BoxFuture<'_, Result<Option<u64>>>;
 
@@ -343,6 +354,7 @@ pub struct EmbeddedServingStore {
 
 #[derive(Default)]
 struct Embedded {
+    zones: std::collections::HashMap<String, String>,
     state: Option<StoreState>,
     generation: u64,
     lease: Option<(String, std::time::Instant)>,
@@ -463,6 +475,28 @@ impl ServingStore for EmbeddedServingStore {
                         g.lease = Some((holder.to_string(), now + ttl));
                         true
                     }
+                }
+            })
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn zone<'a>(&'a self, merchant: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        let r = self
+            .inner
+            .read()
+            .map(|g| g.zones.get(merchant).cloned())
+            .map_err(|_| Self::poisoned());
+        Box::pin(async move { r })
+    }
+
+    fn set_zones<'a>(&'a self, zones: &'a [(String, String)]) -> BoxFuture<'a, Result<()>> {
+        let r = self
+            .inner
+            .write()
+            .map(|mut g| {
+                for (m, z) in zones {
+                    g.zones.insert(m.clone(), z.clone());
                 }
             })
             .map_err(|_| Self::poisoned());
@@ -594,6 +628,7 @@ mod tests {
             hourly_version: Some(3),
             daily_version: None,
             quarter_version: None,
+            merchants_version: None,
             watermark: Some(0),
             load: 1,
             published_at: 0,

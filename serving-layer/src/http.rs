@@ -66,9 +66,15 @@ pub(crate) async fn metrics(
         )
     })?;
     let request = parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
-    let calendar = request
-        .time_zone
-        .unwrap_or_else(|| state.inner.zones.zone(&merchant));
+    let calendar = match request.time_zone {
+        Some(c) => c,
+        None => state
+            .inner
+            .zones
+            .zone(state.inner.batch.lake(), &merchant)
+            .await
+            .map_err(|e| ApiError::lake(&e))?,
+    };
     let buckets = request.buckets(&calendar).map_err(invalid)?;
 
     let mut snapshot = state.inner.batch.snapshot().ok_or_else(|| {
@@ -183,7 +189,10 @@ pub(crate) async fn put_settings(
         Error::Invalid(msg) => ApiError::BadRequest(msg),
         other => ApiError::lake(&other),
     })?;
-    state.inner.zones.set(&merchant, calendar);
+    if let Err(e) = state.inner.zones.set(&merchant, calendar).await {
+        // the lake has it: the next load copies it into the store
+        tracing::warn!(merchant = %merchant, error = %e, "writing the setting to the serving store failed");
+    }
     Ok(Json(SettingsBody {
         time_zone: calendar.name().to_string(),
     }))

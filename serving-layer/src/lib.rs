@@ -132,6 +132,11 @@ impl AppState {
             StoreChoice::Shared(s) => (Some(Arc::clone(s)), None),
             StoreChoice::LakeOnly => (None, None),
         };
+        // with a shared store (Redis) zones come from it; otherwise from the table in memory
+        let store_for_zones = match &options.store {
+            StoreChoice::Shared(s) => Some(Arc::clone(s)),
+            _ => None,
+        };
         let batch = BatchView::open_with_store(lake, store, options.state_max_age)
             .await
             .map_err(ServingError::BatchView)?;
@@ -140,18 +145,21 @@ impl AppState {
                 batch,
                 embedded,
                 speed: Arc::new(speed),
-                zones: MerchantZones::default(),
+                zones: match &store_for_zones {
+                    Some(store) => MerchantZones::with_store(Arc::clone(store)),
+                    None => MerchantZones::default(),
+                },
                 auth,
                 options,
                 draining: AtomicBool::new(false),
             }),
         };
-        if let Err(e) = state.refresh_zones().await {
-            tracing::warn!(error = %e, "reading merchants' settings failed; retrying in the background");
-        }
         let weak = Arc::downgrade(&state.inner);
         let every = state.inner.options.refresh_every;
-        {
+        if !state.inner.zones.has_store() {
+            if let Err(e) = state.refresh_zones().await {
+                tracing::warn!(error = %e, "reading merchants' settings failed; retrying in the background");
+            }
             let weak = Arc::downgrade(&state.inner);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);

@@ -239,10 +239,18 @@ async fn load_leased(
         }
         to_load.truncate(max);
     }
+    // merchants' settings: copied whole when the table changed
+    let merchants_version = tally_common::merchants::load_settings(
+        lake,
+        store,
+        previous.as_ref().and_then(|p| p.merchants_version),
+    )
+    .await?;
     let unchanged = previous.as_ref().is_some_and(|p| {
         p.hourly_version == hourly_version
             && p.daily_version == daily_version
             && p.quarter_version == quarter_version
+            && p.merchants_version == merchants_version
             && p.watermark == Some(watermark)
             && p.window_start == window_start
     });
@@ -328,6 +336,7 @@ async fn load_leased(
         hourly_version,
         daily_version,
         quarter_version,
+        merchants_version,
         watermark: Some(watermark),
         load: generation,
         published_at: now_micros(),

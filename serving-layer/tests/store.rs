@@ -508,6 +508,15 @@ impl ServingStore for DiesBeforePublish {
     fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, tally_common::Result<()>> {
         self.inner.write(values)
     }
+    fn zone<'a>(&'a self, merchant: &'a str) -> BoxFuture<'a, tally_common::Result<Option<String>>> {
+        self.inner.zone(merchant)
+    }
+    fn set_zones<'a>(
+        &'a self,
+        zones: &'a [(String, String)],
+    ) -> BoxFuture<'a, tally_common::Result<()>> {
+        self.inner.set_zones(zones)
+    }
     fn publish<'a>(
         &'a self,
         expected: Option<u64>,

@@ -112,7 +112,7 @@ return 0
 "#;
 
 /// The rebuild lock's key.
-const LOCK_KEY: &str = "tally:v2:view:rebuild";
+const LOCK_KEY: &str = "tally:v3:view:rebuild";
 /// How long a rebuild's lock lives unless renewed: a killed rebuild blocks the
 /// next one this long at most. The holder renews it every third of this.
 const LOCK_TTL: Duration = Duration::from_secs(10);

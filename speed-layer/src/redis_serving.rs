@@ -89,6 +89,12 @@ pub fn day_location(merchant: &str, day: i64, slot: u8) -> (String, String) {
     (key, field)
 }
 
+/// The hash of `merchant`'s settings (field `time_zone`), beside its months
+/// under the same hash tag. No TTL: a setting lasts until changed.
+pub fn settings_key(merchant: &str) -> String {
+    format!("{SERVING_PREFIX}:{{{merchant}}}:settings")
+}
+
 impl RedisServingStore {
     /// The store on `conn` (a connection of [`crate::RedisStore`]); `shown` names
     /// the server in errors (no password).
@@ -291,7 +297,8 @@ impl ServingStore for RedisServingStore {
                     .await
                     .map_err(|e| self.err("scanning for old months", e))?;
                 for key in keys {
-                    let Some(month) = key.rsplit(':').next() else {
+                    // month hashes only (`...:YYYY-MM`), never the settings
+                    let Some(month) = key.rsplit(':').next().filter(|m| m.len() == 7) else {
                         continue;
                     };
                     if month < before_month.as_str() {
@@ -352,6 +359,36 @@ impl ServingStore for RedisServingStore {
                     }
                 }
             }
+        })
+    }
+
+    fn zone<'a>(&'a self, merchant: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            c.hget(settings_key(merchant), "time_zone")
+                .await
+                .map_err(|e| self.err("reading a merchant's settings", e))
+        })
+    }
+
+    fn set_zones<'a>(&'a self, zones: &'a [(String, String)]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            for chunk in zones.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for (m, z) in chunk {
+                    pipe.cmd("HSET")
+                        .arg(settings_key(m))
+                        .arg("time_zone")
+                        .arg(z)
+                        .ignore();
+                }
+                let () = pipe
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.err("writing merchants' settings", e))?;
+            }
+            Ok(())
         })
     }
 

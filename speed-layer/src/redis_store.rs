@@ -162,7 +162,7 @@ pub(crate) fn union_entries(entries: &[Vec<u8>]) -> [CustomerUnion; 4] {
     out
 }
 
-/// The key prefix of one merchant-hour (`tally:v2:{m}:H`).
+/// The key prefix of one merchant-hour (`tally:v3:{m}:H`).
 pub fn hour_key(merchant: &str, hour: i64) -> String {
     format!(
         "{KEY_PREFIX}:{{{merchant}}}:{}",

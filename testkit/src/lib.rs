@@ -762,9 +762,10 @@ pub fn http_get(addr: &str, path: &str, token: &str) -> std::io::Result<(u16, St
 
 /// Check one API bucket's JSON against the counters (orders, gross_sales,
 /// refunds, refunded_amount, page_views), the derived metrics computed from them,
-/// and a distinct-customer expectation (`None`: must be null; `Some((n, true))`:
-/// equal; `Some((n, false))`: within 3% (at least 1), HyperLogLog's error).
-pub fn check_bucket(b: &serde_json::Value, counters: [i64; 5], unique: Option<(usize, bool)>) {
+/// and the true number of distinct customers: equal where the API says its
+/// count is exact (`unique_customers_bounds` null), within the bounds it gives
+/// where it estimates.
+pub fn check_bucket(b: &serde_json::Value, counters: [i64; 5], unique: usize) {
     let names = [
         "orders",
         "gross_sales",
@@ -775,15 +776,15 @@ pub fn check_bucket(b: &serde_json::Value, counters: [i64; 5], unique: Option<(u
     for (i, n) in names.iter().enumerate() {
         assert_eq!(b[n], counters[i], "{n} of {b}");
     }
-    match unique {
-        None => assert!(b["unique_customers"].is_null(), "{b}"),
-        Some((n, true)) => assert_eq!(b["unique_customers"], n as i64, "{b}"),
-        Some((n, false)) => {
+    let n = unique as i64;
+    match b["unique_customers_bounds"].as_array() {
+        None => assert_eq!(b["unique_customers"], n, "{b}"),
+        Some(bounds) => {
+            let (lo, hi) = (bounds[0].as_i64().unwrap(), bounds[1].as_i64().unwrap());
             let got = b["unique_customers"].as_i64().unwrap();
-            let tolerance = ((n as f64) * 0.03).ceil().max(1.0) as i64;
             assert!(
-                (got - n as i64).abs() <= tolerance,
-                "estimate {got} vs {n}: {b}"
+                lo <= n && n <= hi && lo <= got && got <= hi,
+                "{n} customers: {b}"
             );
         }
     }

@@ -321,7 +321,7 @@ async fn redis_every_key_has_its_ttl_after_a_varied_run() {
 
     let (mut c, keys) = all_keys(&redis.url()).await;
     let hll = format!(
-        "{}:u",
+        "{}:s",
         tally_speed_layer::redis_store::hour_key("m1", hour_floor(t))
     );
     assert!(keys.contains(&hll), "{keys:?}");
