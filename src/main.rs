@@ -265,9 +265,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let lake = lake.lake()?;
             let now = tally_common::bucket::now_micros();
-            let cal =
-                tally_common::merchants::set_time_zone(&lake, &merchant_id, &time_zone, now)
-                    .await?;
+            let cal = tally_common::merchants::set_time_zone(&lake, &merchant_id, &time_zone, now)
+                .await?;
             eprintln!("merchants: {merchant_id} is now in {}", cal.name());
             Ok(())
         }

@@ -150,6 +150,65 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
          AND event_time < (SELECT MAX(hour) FROM metrics_hourly) + INTERVAL '1 hour')",
     );
     assert_eq!(hourly_orders, raw_orders);
+    // quarter hours add up to the hours; a merchant's zone shows in the local view
+    assert_eq!(
+        count(&killed, "SELECT SUM(orders) FROM metrics_quarter_hourly"),
+        hourly_orders
+    );
+    let m = sql(
+        &killed,
+        "SELECT merchant_id FROM metrics_daily ORDER BY orders DESC LIMIT 1",
+    );
+    let m = m.lines().nth(1).unwrap().trim().to_string();
+    let out = tally(&killed)
+        .args(["merchants", "set", &m, "--time-zone", "Asia/Kathmandu"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = tally(&killed)
+        .args(["merchants", "set", &m, "--time-zone", "IST"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    // README's analyst query: local days of one merchant from the quarter hours
+    let local = sql(
+        &killed,
+        &format!(
+            "SELECT date_trunc('day', local_start) AS local_day, SUM(orders) AS orders, \
+             hll_sketch_estimate(hll_union_agg(customers_sketch)) AS unique_customers, \
+             MIN(time_zone) AS zone FROM metrics_local WHERE merchant_id = '{m}' GROUP BY 1 ORDER BY 1"
+        ),
+    );
+    let rows: Vec<&str> = local.lines().skip(1).collect();
+    assert!(
+        rows.len() >= 2 && rows.iter().all(|r| r.ends_with(",Asia/Kathmandu")),
+        "{local}"
+    );
+    let local_orders: i64 = rows
+        .iter()
+        .map(|r| r.split(',').nth(1).unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(
+        local_orders,
+        count(
+            &killed,
+            &format!("SELECT SUM(orders) FROM metrics_hourly WHERE merchant_id = '{m}'")
+        )
+    );
+    // a day's sketch estimates its exact distinct count (2% at these sizes)
+    let days = sql(
+        &killed,
+        &format!("SELECT unique_customers, hll_sketch_estimate(customers_sketch) FROM metrics_daily WHERE merchant_id = '{m}'"),
+    );
+    for row in days.lines().skip(1) {
+        let (exact, est) = row.split_once(',').unwrap();
+        let (exact, est): (f64, f64) = (exact.parse().unwrap(), est.parse().unwrap());
+        assert!((est - exact).abs() <= (exact * 0.02).max(1.0), "{days}");
+    }
     for bad in [
         "DROP TABLE raw_events",
         "INSERT INTO quarantine VALUES (1)",

@@ -86,7 +86,10 @@ pub async fn session(lake: &Lake, query: &str, when: &TimeTravel) -> Result<Sess
         let join = if zone == "'UTC'" {
             String::new()
         } else {
-            format!(" LEFT JOIN {} m ON q.merchant_id = m.merchant_id", Table::Merchants.name())
+            format!(
+                " LEFT JOIN {} m ON q.merchant_id = m.merchant_id",
+                Table::Merchants.name()
+            )
         };
         ctx.sql(&format!(
             "CREATE VIEW {LOCAL_VIEW} AS SELECT q.*, {zone} AS time_zone, \
@@ -136,7 +139,10 @@ impl ScalarUDFImpl for LocalTime {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let n = args.number_rows;
-        let ts = cast(&args.args[0].to_array(n)?, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+        let ts = cast(
+            &args.args[0].to_array(n)?,
+            &DataType::Timestamp(TimeUnit::Microsecond, None),
+        )?;
         let ts = ts.as_primitive::<TimestampMicrosecondType>();
         let zones = cast(&args.args[1].to_array(n)?, &DataType::Utf8)?;
         let zones = zones.as_string::<i32>();
@@ -159,7 +165,9 @@ impl ScalarUDFImpl for LocalTime {
             let t = ts.value(r);
             out.push(cal.map(|c| t + i64::from(c.offset_secs(t)) * 1_000_000));
         }
-        Ok(ColumnarValue::Array(Arc::new(TimestampMicrosecondArray::from(out))))
+        Ok(ColumnarValue::Array(Arc::new(
+            TimestampMicrosecondArray::from(out),
+        )))
     }
 }
 

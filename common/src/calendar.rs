@@ -655,7 +655,10 @@ impl FromStr for Unit {
             .into_iter()
             .find(|u| u.name() == s)
             .ok_or_else(|| {
-                let names: Vec<String> = Unit::ALL.iter().map(|u| format!("{:?}", u.name())).collect();
+                let names: Vec<String> = Unit::ALL
+                    .iter()
+                    .map(|u| format!("{:?}", u.name()))
+                    .collect();
                 Error::invalid(format!(
                     "unknown granularity {:?}: use {}",
                     crate::bucket::clip(s),

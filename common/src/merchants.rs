@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::{Array, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+use deltalake::arrow::array::{
+    Array, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use deltalake::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::{col, SessionContext};
 
@@ -30,7 +32,12 @@ const ATTEMPTS: u32 = 5;
 /// Set `merchant`'s time zone (an IANA name, [`Calendar::parse`]) at
 /// `updated_at` (epoch µs). Errors: [`Error::Invalid`] for a bad merchant id or
 /// zone; the lake's errors.
-pub async fn set_time_zone(lake: &Lake, merchant: &str, zone: &str, updated_at: i64) -> Result<Calendar> {
+pub async fn set_time_zone(
+    lake: &Lake,
+    merchant: &str,
+    zone: &str,
+    updated_at: i64,
+) -> Result<Calendar> {
     if !is_valid_merchant_id(merchant) {
         return Err(Error::invalid(
             "merchant_id must be 1-64 characters of letters, digits and _ . : -",
@@ -108,8 +115,10 @@ pub async fn read_settings(table: &deltalake::DeltaTable) -> Result<HashMap<Stri
         .context("reading merchants")?;
     let mut latest: HashMap<String, (i64, Calendar)> = HashMap::new();
     for b in &batches {
-        let ids = deltalake::arrow::compute::cast(b.column(0), &DataType::Utf8).context("merchants")?;
-        let zones = deltalake::arrow::compute::cast(b.column(1), &DataType::Utf8).context("merchants")?;
+        let ids =
+            deltalake::arrow::compute::cast(b.column(0), &DataType::Utf8).context("merchants")?;
+        let zones =
+            deltalake::arrow::compute::cast(b.column(1), &DataType::Utf8).context("merchants")?;
         let (ids, zones) = (ids.as_string::<i32>(), zones.as_string::<i32>());
         let at = b.column(2).as_primitive_opt::<TimestampMicrosecondType>();
         for r in 0..b.num_rows() {
@@ -117,7 +126,11 @@ pub async fn read_settings(table: &deltalake::DeltaTable) -> Result<HashMap<Stri
                 continue;
             }
             let Ok(cal) = Calendar::parse(zones.value(r)) else {
-                tracing::warn!(merchant = ids.value(r), zone = zones.value(r), "unknown time zone in merchants; using UTC");
+                tracing::warn!(
+                    merchant = ids.value(r),
+                    zone = zones.value(r),
+                    "unknown time zone in merchants; using UTC"
+                );
                 continue;
             };
             let t = at.map_or(0, |a| a.value(r));
@@ -193,7 +206,12 @@ impl MerchantZones {
         let Some(store) = &self.store else {
             return Ok(self.from_memory(merchant));
         };
-        if let Some((c, at)) = self.inner.read().ok().and_then(|z| z.cached.get(merchant).copied()) {
+        if let Some((c, at)) = self
+            .inner
+            .read()
+            .ok()
+            .and_then(|z| z.cached.get(merchant).copied())
+        {
             if at.elapsed() < CACHED_FOR {
                 return Ok(c);
             }
@@ -212,7 +230,8 @@ impl MerchantZones {
             if z.cached.len() >= CACHED_AT_MOST {
                 z.cached.clear();
             }
-            z.cached.insert(merchant.to_string(), (calendar, Instant::now()));
+            z.cached
+                .insert(merchant.to_string(), (calendar, Instant::now()));
         }
         Ok(calendar)
     }
@@ -238,7 +257,8 @@ impl MerchantZones {
                 .await?;
         }
         if let Ok(mut z) = self.inner.write() {
-            z.cached.insert(merchant.to_string(), (calendar, Instant::now()));
+            z.cached
+                .insert(merchant.to_string(), (calendar, Instant::now()));
             z.zones.insert(merchant.to_string(), calendar);
         }
         Ok(())

@@ -615,7 +615,10 @@ mod tests {
         assert_eq!(back.daily_row().unwrap().values.stored()[0], 14);
         let mut q = std::collections::HashMap::new();
         back.quarters_into(day, day, day + MICROS_PER_DAY, &mut q);
-        assert_eq!(q[&(day + 95 * SLOT_MICROS)].sketch.as_deref(), Some(&[4u8][..]));
+        assert_eq!(
+            q[&(day + 95 * SLOT_MICROS)].sketch.as_deref(),
+            Some(&[4u8][..])
+        );
         assert!(DayRows::decode(b"\xff\xff").is_err());
     }
 

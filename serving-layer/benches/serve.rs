@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deltalake::arrow::array::{
-    ArrayRef, BooleanArray, Int32Array, Int64Array, StringArray, StringBuilder,
+    ArrayRef, BinaryArray, BooleanArray, Int32Array, Int64Array, StringArray, StringBuilder,
     TimestampMicrosecondArray,
 };
 use deltalake::arrow::compute::filter_record_batch;
@@ -49,8 +49,10 @@ use tally_common::bucket::{
     date_string, day_floor, format_ts, hour_floor, month_string, now_micros, MICROS_PER_DAY,
     MICROS_PER_HOUR,
 };
+use tally_common::calendar::{Calendar, Unit, SLOT_MICROS};
 use tally_common::lake::{Lake, Table};
 use tally_common::shutdown;
+use tally_common::sketch::CustomerSketch;
 use tally_common::source::{Position, Record, SourceId};
 use tally_common::watermark::{read_progress, WATERMARK_APP};
 use tally_serving_layer::{serve_listener, AppState, Auth, ServeOptions};
@@ -59,7 +61,7 @@ use tally_testkit::{cpu_secs, free_port, RedisServer};
 
 const SECRET: &str = "serve-bench-secret";
 /// Bumped when the generated data or its layout changes, so a cached lake is remade.
-const LAKE_FORMAT: u32 = 4;
+const LAKE_FORMAT: u32 = 5;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -117,6 +119,7 @@ struct Rows {
     merchant: StringBuilder,
     time: Vec<i64>,
     metrics: [Vec<i64>; 6],
+    sketches: Vec<Option<Vec<u8>>>,
 }
 
 impl Rows {
@@ -125,15 +128,17 @@ impl Rows {
             merchant: StringBuilder::with_capacity(n, n * 8),
             time: Vec::with_capacity(n),
             metrics: std::array::from_fn(|_| Vec::with_capacity(n)),
+            sketches: Vec::with_capacity(n),
         }
     }
 
-    fn push(&mut self, merchant: &str, time: i64, v: [i64; 6]) {
+    fn push(&mut self, merchant: &str, time: i64, v: [i64; 6], sketch: Option<Vec<u8>>) {
         self.merchant.append_value(merchant);
         self.time.push(time);
         for (c, x) in self.metrics.iter_mut().zip(v) {
             c.push(x);
         }
+        self.sketches.push(sketch);
     }
 
     fn finish(mut self, table: Table, partition: &str, computed_at: i64) -> RecordBatch {
@@ -145,6 +150,9 @@ impl Rows {
         for c in self.metrics {
             cols.push(Arc::new(Int64Array::from(c)));
         }
+        cols.push(Arc::new(BinaryArray::from_iter(
+            self.sketches.iter().map(|s| s.as_deref()),
+        )));
         cols.push(ts(vec![computed_at; n]));
         cols.push(Arc::new(Int32Array::from(vec![1; n])));
         cols.push(Arc::new(StringArray::from(vec![partition; n])));
@@ -152,42 +160,88 @@ impl Rows {
     }
 }
 
-/// The rows of day `day` (epoch µs): `metrics_hourly` for its hours in `hours`,
-/// and `metrics_daily` when `daily` (sorted by merchant, as the batch layer writes).
+/// The customers of merchant `m` in hour `h`: `unique` ids drawn from the
+/// merchant's pool (about 50 hours of its traffic, so customers return).
+fn hour_customers(m: u32, h: i64, unique: i64) -> Vec<u64> {
+    let pool = (merchant_size(m) * 50.0).max(4.0) as u64;
+    (0..unique.max(0) as u64)
+        .map(|j| mix((u64::from(m) << 40) ^ ((h as u64) << 8) ^ j) % pool)
+        .collect()
+}
+
+fn sketch_of_ids(ids: impl IntoIterator<Item = u64>) -> Option<Vec<u8>> {
+    let mut s = CustomerSketch::new();
+    for id in ids {
+        s.update(&id.to_string());
+    }
+    (!s.is_empty()).then(|| s.to_bytes())
+}
+
+/// The rows of day `day` (epoch µs): `metrics_hourly` and
+/// `metrics_quarter_hourly` for its hours in `hours` (each hour's counters and
+/// customers split over its quarter hours; quarter hours without either have
+/// no row, as the batch layer writes), and `metrics_daily` when `daily`
+/// (sorted by merchant, as the batch layer writes).
 fn day_rows(
     merchants: &[(String, u32)],
     day: i64,
     hours: std::ops::Range<i64>,
     daily: bool,
     computed_at: i64,
-) -> (Option<RecordBatch>, Option<RecordBatch>) {
+) -> [Option<RecordBatch>; 3] {
     let first = hours.start.max(day);
     let last = hours.end.min(day + MICROS_PER_DAY);
     let n_hours = usize::try_from((last - first).max(0) / MICROS_PER_HOUR).unwrap_or(0);
     let mut hourly = Rows::with_capacity(merchants.len() * n_hours);
+    let mut quarters = Rows::with_capacity(merchants.len() * n_hours);
     let mut days = Rows::with_capacity(if daily { merchants.len() } else { 0 });
     for (name, m) in merchants {
         let mut total = [0i64; 6];
+        let mut day_customers = Vec::new();
         for i in 0..24 {
             let t = day + i * MICROS_PER_HOUR;
             let v = hour_values(*m, t / MICROS_PER_HOUR);
+            let customers = hour_customers(*m, t / MICROS_PER_HOUR, v[5]);
             if t >= first && t < last {
-                hourly.push(name, t, v);
+                hourly.push(name, t, v, sketch_of_ids(customers.iter().copied()));
+                for q in 0..4i64 {
+                    let mut qv = [0i64; 6];
+                    for (x, whole) in qv.iter_mut().zip(v).take(5) {
+                        *x = whole * (q + 1) / 4 - whole * q / 4;
+                    }
+                    let mine: Vec<u64> = customers
+                        .iter()
+                        .copied()
+                        .enumerate()
+                        .filter(|(j, _)| *j as i64 % 4 == q)
+                        .map(|(_, c)| c)
+                        .collect();
+                    let distinct: std::collections::BTreeSet<u64> = mine.iter().copied().collect();
+                    qv[5] = distinct.len() as i64;
+                    if qv.iter().any(|x| *x != 0) {
+                        quarters.push(name, t + q * SLOT_MICROS, qv, sketch_of_ids(mine));
+                    }
+                }
             }
             for (s, x) in total.iter_mut().zip(v) {
                 *s += x;
+            }
+            if daily {
+                day_customers.extend(customers);
             }
         }
         if daily {
             // returning customers: a day's distinct customers are fewer than the hours' sum
             total[5] = total[5] * 85 / 100;
-            days.push(name, day, total);
+            days.push(name, day, total, sketch_of_ids(day_customers));
         }
     }
-    let hourly =
-        (n_hours > 0).then(|| hourly.finish(Table::MetricsHourly, &date_string(day), computed_at));
-    let daily = daily.then(|| days.finish(Table::MetricsDaily, &month_string(day), computed_at));
-    (hourly, daily)
+    let date = date_string(day);
+    [
+        (n_hours > 0).then(|| hourly.finish(Table::MetricsHourly, &date, computed_at)),
+        daily.then(|| days.finish(Table::MetricsDaily, &month_string(day), computed_at)),
+        (n_hours > 0).then(|| quarters.finish(Table::MetricsQuarterHourly, &date, computed_at)),
+    ]
 }
 
 /// Writer properties of the generated lake.
@@ -289,10 +343,23 @@ async fn extend_lake(
         };
         let rewrite = rewrite_dates && !hour_files;
         let first = if rewrite { day } else { from };
-        let (hourly_rows, daily_rows) =
+        let [hourly_rows, daily_rows, quarter_rows] =
             tokio::task::spawn_blocking(move || day_rows(&m, day, first..to, daily, computed_at))
                 .await
                 .expect("generating rows");
+        if let Some(q) = quarter_rows {
+            // one file per date (rewritten whole when topped up), before the
+            // hourly commit that moves the watermark, as a publish orders them
+            write_rows(
+                lake,
+                Table::MetricsQuarterHourly,
+                q,
+                writer_properties(layout),
+                None,
+                (rewrite || !hour_files).then(|| date_string(day)),
+            )
+            .await;
+        }
         let is_last = day + MICROS_PER_DAY >= to;
         let mut rows = 0;
         if let Some(h) = hourly_rows {
@@ -820,11 +887,44 @@ fn main() {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("signing the admin token");
-    let query = format!(
-        "/metrics?from={}&to={}&granularity=hour",
-        format_ts(from),
-        format_ts(to)
-    );
+    // BENCH_QUERY: `hour` (24 hourly buckets, the default), `kathmandu-days`
+    // (the 30 local days before today's local midnight in Asia/Kathmandu,
+    // +05:45) or `kathmandu-months` (12 local months up to this one's end)
+    let bench_query: String = env_or("BENCH_QUERY", "hour".to_string());
+    let kathmandu = Calendar::parse("Asia/Kathmandu").expect("a zone");
+    let query = match bench_query.as_str() {
+        "hour" => format!(
+            "/metrics?from={}&to={}&granularity=hour",
+            format_ts(from),
+            format_ts(to)
+        ),
+        "kathmandu-days" => {
+            let end = kathmandu.floor(Unit::Day, w);
+            let mut start = end;
+            for _ in 0..30 {
+                start = kathmandu.floor(Unit::Day, start - 1);
+            }
+            format!(
+                "/metrics?from={}&to={}&granularity=day&tz=Asia/Kathmandu",
+                format_ts(start),
+                format_ts(end)
+            )
+        }
+        "kathmandu-months" => {
+            let end = kathmandu.next(Unit::Month, w);
+            let mut start = end;
+            for _ in 0..12 {
+                start = kathmandu.floor(Unit::Month, start - 1);
+            }
+            format!(
+                "/metrics?from={}&to={}&granularity=month&tz=Asia/Kathmandu",
+                format_ts(start),
+                format_ts(end)
+            )
+        }
+        other => panic!("BENCH_QUERY={other}: use hour, kathmandu-days or kathmandu-months"),
+    };
+    println!("query: {query}");
     let base = format!("http://127.0.0.1:{port}");
 
     // 3. a sample answer is right: 23 batch buckets equal to the generated rows, then the live hour
@@ -842,8 +942,14 @@ fn main() {
     });
     let first_ms = first.elapsed().as_secs_f64() * 1000.0;
     let buckets = body["buckets"].as_array().expect("buckets");
-    assert_eq!(buckets.len(), 24, "{body}");
-    for (i, b) in buckets.iter().enumerate() {
+    if bench_query != "hour" {
+        assert!(body["totals"]["orders"].as_i64().unwrap_or(0) > 0, "{body}");
+        assert!(
+            !buckets.is_empty() && body["time_zone"] == "Asia/Kathmandu",
+            "{body}"
+        );
+    }
+    for (i, b) in buckets.iter().enumerate().filter(|_| bench_query == "hour") {
         let start = from + i as i64 * MICROS_PER_HOUR;
         if i < 23 {
             assert_eq!(b["source"], "batch", "{b}");
@@ -898,7 +1004,8 @@ fn main() {
         for i in 0..50 {
             let m = pick(1000 + i);
             state.batch().set_point_lookups(true);
-            let x: HashMap<i64, tally_common::metrics::BucketRow> = snap.hourly(&m, a, b).await.expect("lookup");
+            let x: HashMap<i64, tally_common::metrics::BucketRow> =
+                snap.hourly(&m, a, b).await.expect("lookup");
             state.batch().set_point_lookups(false);
             let y = snap.hourly(&m, a, b).await.expect("datafusion");
             assert_eq!(x, y, "point lookup and DataFusion disagree for {m}");

@@ -177,7 +177,12 @@ pub(crate) async fn put_settings(
             "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
         )
     })?;
-    let Json(body) = body.map_err(|e| ApiError::BadRequest(format!("the body must be {{\"time_zone\": \"Area/Location\"}}: {}", e.body_text())))?;
+    let Json(body) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body must be {{\"time_zone\": \"Area/Location\"}}: {}",
+            e.body_text()
+        ))
+    })?;
     let calendar = tally_common::merchants::set_time_zone(
         state.inner.batch.lake(),
         &merchant,

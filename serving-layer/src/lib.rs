@@ -263,7 +263,10 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(openapi::METRICS_PATH, get(http::metrics))
-        .route(openapi::SETTINGS_PATH, axum::routing::put(http::put_settings))
+        .route(
+            openapi::SETTINGS_PATH,
+            axum::routing::put(http::put_settings),
+        )
         .route("/", get(dashboard))
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))

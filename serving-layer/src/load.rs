@@ -22,13 +22,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deltalake::arrow::array::AsArray as _;
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int32Type};
 use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use deltalake::datafusion::execution::session_state::SessionStateBuilder;
-use deltalake::arrow::array::AsArray as _;
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::{DataType, Int32Type};
 use deltalake::datafusion::prelude::{col, lit, Expr, SessionConfig, SessionContext};
 use deltalake::delta_datafusion::DeltaSessionConfig;
 use deltalake::DeltaTable;
@@ -37,8 +37,8 @@ use tally_common::bucket::{
     date_string, day_floor, format_ts, hour_of_day, month_string, now_micros, parse_ts,
     MICROS_PER_DAY,
 };
-use tally_common::lake::{read_commit, register, utc_micros, Lake, Table, RUN_KEY};
 use tally_common::calendar::SLOT_MICROS;
+use tally_common::lake::{read_commit, register, utc_micros, Lake, Table, RUN_KEY};
 use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN, SKETCH_COLUMN};
 use tally_common::metrics::stored_metric_names;
 use tally_common::serving_store::{
@@ -162,7 +162,17 @@ async fn load_leased(
     let daily = match lake.open(Table::MetricsDaily).await? {
         Some(d) => {
             let before = previous.as_ref().and_then(|p| p.daily_version);
-            Some(paired(lake, &hourly, Table::MetricsDaily, d, previous_hourly, before).await?)
+            Some(
+                paired(
+                    lake,
+                    &hourly,
+                    Table::MetricsDaily,
+                    d,
+                    previous_hourly,
+                    before,
+                )
+                .await?,
+            )
         }
         None => None,
     };
@@ -176,7 +186,10 @@ async fn load_leased(
     };
     let hourly_version = hourly.version().map(|v| v as i64);
     let daily_version = daily.as_ref().and_then(|t| t.version()).map(|v| v as i64);
-    let quarter_version = quarters.as_ref().and_then(|t| t.version()).map(|v| v as i64);
+    let quarter_version = quarters
+        .as_ref()
+        .and_then(|t| t.version())
+        .map(|v| v as i64);
     let Some(watermark) = read_progress(&hourly).await?.watermark else {
         report.complete = true;
         return Ok(report);
@@ -312,8 +325,7 @@ async fn load_leased(
             )));
         }
         let slot = dates.get(&day).map_or(0, |e| 1 - e.slot.min(1));
-        let (values, bytes) =
-            load_date(&ctx, store, day, slot, generation, tables, &stale).await?;
+        let (values, bytes) = load_date(&ctx, store, day, slot, generation, tables, &stale).await?;
         report.values += values;
         report.bytes += bytes;
         report.dates.push(date_string(day));
@@ -572,11 +584,7 @@ async fn load_date(
                 .context(what)
         }
     };
-    let mut df = part(
-        MetricTable::Hourly,
-        col("date").eq(lit(date_string(day))),
-    )
-    .await?;
+    let mut df = part(MetricTable::Hourly, col("date").eq(lit(date_string(day)))).await?;
     if tables.quarters {
         let q = part(
             MetricTable::QuarterHourly,

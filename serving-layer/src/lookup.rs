@@ -263,11 +263,7 @@ impl DataFile {
     }
 
     /// This file's rows for `q`; None when the file cannot be read this way.
-    async fn read(
-        &self,
-        q: &Query<'_>,
-        time_col: &str,
-    ) -> Result<Option<Vec<(i64, BucketRow)>>> {
+    async fn read(&self, q: &Query<'_>, time_col: &str) -> Result<Option<Vec<(i64, BucketRow)>>> {
         let Some(meta) = self.meta(time_col).await? else {
             return Ok(None);
         };

@@ -142,9 +142,7 @@ impl Plan {
                 for p in &b.pieces {
                     match *p {
                         Piece::Daily(d) => widen(&mut plan.ranges.daily, d, d + MICROS_PER_DAY),
-                        Piece::Hourly(h) => {
-                            widen(&mut plan.ranges.hourly, h, h + MICROS_PER_HOUR)
-                        }
+                        Piece::Hourly(h) => widen(&mut plan.ranges.hourly, h, h + MICROS_PER_HOUR),
                         Piece::Quarter(q) => widen(&mut plan.ranges.quarters, q, q + SLOT_MICROS),
                         Piece::Speed(..) => {}
                     }
@@ -413,10 +411,7 @@ mod tests {
         let w = d + MICROS_PER_DAY + 2 * MICROS_PER_HOUR;
         let plan = Plan::new(Calendar::UTC, &buckets, Some(w), w + MICROS_PER_HOUR);
         assert_eq!(plan.ranges.daily, Some((d, d + MICROS_PER_DAY)));
-        assert_eq!(
-            plan.ranges.hourly,
-            Some((d + MICROS_PER_DAY, w))
-        );
+        assert_eq!(plan.ranges.hourly, Some((d + MICROS_PER_DAY, w)));
         assert_eq!(plan.ranges.quarters, None);
         assert_eq!(plan.speed_hours, [w, w + MICROS_PER_HOUR]);
         let mut rows = MerchantRows::default();
@@ -453,7 +448,9 @@ mod tests {
         let cal = Calendar::parse("Asia/Kathmandu").unwrap();
         // local midnight of 2026-11-24 is 18:15 UTC the day before
         let from = ts("2026-11-23T18:15:00Z");
-        let buckets = cal.buckets(Unit::Day, from, from + MICROS_PER_DAY, 2).unwrap();
+        let buckets = cal
+            .buckets(Unit::Day, from, from + MICROS_PER_DAY, 2)
+            .unwrap();
         let plan = Plan::new(cal, &buckets, Some(ts("2026-11-30T00:00:00Z")), i64::MAX);
         let p = &plan.buckets[0].pieces;
         let quarters = p.iter().filter(|x| matches!(x, Piece::Quarter(_))).count();

@@ -312,10 +312,7 @@ impl PartialSchema for MetricsResponse {
                 string("Bucket size.").enum_values(Some(Unit::ALL.map(|g| g.name()))),
             )
             .required("granularity")
-            .property(
-                "time_zone",
-                string("The IANA time zone of the buckets."),
-            )
+            .property("time_zone", string("The IANA time zone of the buckets."))
             .required("time_zone")
             .property("from", timestamp("Range start (inclusive)."))
             .required("from")

@@ -411,7 +411,11 @@ async fn merged_answers_equal_a_plain_computation_and_degrade_without_redis() {
         assert_eq!(b["source"], if batch { "batch" } else { "speed" }, "{b}");
         check_bucket(b, c, set.len());
         // a batch hour is exact
-        assert_eq!(b["unique_customers_bounds"].is_null(), batch || set.is_empty(), "{b}");
+        assert_eq!(
+            b["unique_customers_bounds"].is_null(),
+            batch || set.is_empty(),
+            "{b}"
+        );
     }
 
     // hours where nothing happened (after the events) are present with zeros
@@ -997,7 +1001,12 @@ async fn health_ready_and_the_openapi_document() {
     );
     // every IANA name the server takes, and no abbreviation or offset
     let zones = param("tz")["schema"]["enum"].as_array().unwrap().clone();
-    for z in ["UTC", "Asia/Kathmandu", "America/St_Johns", "Australia/Lord_Howe"] {
+    for z in [
+        "UTC",
+        "Asia/Kathmandu",
+        "America/St_Johns",
+        "Australia/Lord_Howe",
+    ] {
         assert!(zones.contains(&json!(z)), "{z}");
     }
     assert!(zones.len() > 300 && !zones.contains(&json!("IST")) && !zones.contains(&json!("EST")));

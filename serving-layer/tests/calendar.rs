@@ -162,7 +162,13 @@ fn token(m: &str) -> String {
     .unwrap()
 }
 
-async fn call(app: &Router, method: &str, uri: &str, m: &str, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    m: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -175,14 +181,25 @@ async fn call(app: &Router, method: &str, uri: &str, m: &str, body: Option<Value
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await
         .unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
-const COUNTERS: [&str; 5] = ["orders", "gross_sales", "refunds", "refunded_amount", "page_views"];
+const COUNTERS: [&str; 5] = [
+    "orders",
+    "gross_sales",
+    "refunds",
+    "refunded_amount",
+    "page_views",
+];
 
 /// Compare one API answer with Python's; returns how many buckets were estimates.
 fn compare(what: &str, got: &Value, want: &Value) -> usize {
-    let buckets = got["buckets"].as_array().unwrap_or_else(|| panic!("{what}: {got}"));
+    let buckets = got["buckets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: {got}"));
     let wanted = want["buckets"].as_array().unwrap();
     assert_eq!(buckets.len(), wanted.len(), "{what}: bucket count");
     let mut estimates = 0;
@@ -193,20 +210,31 @@ fn compare(what: &str, got: &Value, want: &Value) -> usize {
         let u = w["u"].as_i64().unwrap();
         match b["unique_customers_bounds"].as_array() {
             None => {
-                assert_eq!(b["unique_customers"].as_i64(), Some(u), "{what}: exact unique in {b}");
+                assert_eq!(
+                    b["unique_customers"].as_i64(),
+                    Some(u),
+                    "{what}: exact unique in {b}"
+                );
                 false
             }
             Some(bounds) => {
                 let (lo, hi) = (bounds[0].as_i64().unwrap(), bounds[1].as_i64().unwrap());
                 let e = b["unique_customers"].as_i64().unwrap();
-                assert!(lo <= u && u <= hi && lo <= e && e <= hi, "{what}: {u} outside {b}");
+                assert!(
+                    lo <= u && u <= hi && lo <= e && e <= hi,
+                    "{what}: {u} outside {b}"
+                );
                 true
             }
         }
     };
     for (b, w) in buckets.iter().zip(wanted) {
         let start = parse_ts(b["start"].as_str().unwrap()).unwrap() / 1000;
-        assert_eq!(start, w["start"].as_i64().unwrap(), "{what}: bucket start {b}");
+        assert_eq!(
+            start,
+            w["start"].as_i64().unwrap(),
+            "{what}: bucket start {b}"
+        );
         if check(&format!("{what} at {}", b["start"]), b, w) {
             estimates += 1;
         }
@@ -225,8 +253,13 @@ async fn archive(lake: &Lake, events: &[Event], now: i64) {
             (Position::from_u64(1 + i as u64), text.into_bytes())
         })
         .collect();
-    let input: Vec<Record<'_>> = recs.iter().map(|(p, d)| Record::new(p.clone(), d)).collect();
-    a.archive(&SourceId::file("calendar"), &input, now).await.unwrap();
+    let input: Vec<Record<'_>> = recs
+        .iter()
+        .map(|(p, d)| Record::new(p.clone(), d))
+        .collect();
+    a.archive(&SourceId::file("calendar"), &input, now)
+        .await
+        .unwrap();
 }
 
 /// Every expected answer of merchants in `zone_of`'s zones, asked without
@@ -261,7 +294,11 @@ async fn check_all(
         estimates += compare(&format!("{phase} {m} {uri}"), &got, want);
         checked += 1;
     }
-    assert_eq!(checked, ZONES.len() * 12, "{phase}: every range of every merchant");
+    assert_eq!(
+        checked,
+        ZONES.len() * 12,
+        "{phase}: every range of every merchant"
+    );
     estimates
 }
 
@@ -281,7 +318,12 @@ async fn every_zone_s_buckets_equal_an_independent_tz_computation() {
     let speed = EmbeddedStore::new(10 * 365 * 86_400);
     let lines: Vec<Vec<u8>> = events
         .chunks(200)
-        .map(|c| c.iter().map(|e| e.line() + "\n").collect::<String>().into_bytes())
+        .map(|c| {
+            c.iter()
+                .map(|e| e.line() + "\n")
+                .collect::<String>()
+                .into_bytes()
+        })
         .collect();
     let records: Vec<Record<'_>> = lines
         .iter()
@@ -313,19 +355,35 @@ async fn every_zone_s_buckets_equal_an_independent_tz_computation() {
     state.refresh_batch().await.unwrap();
     let app = router(state.clone());
     let w = state.batch().snapshot().unwrap().watermark().unwrap();
-    assert!(w > parse_ts("2026-10-25T00:00:00Z").unwrap() && w <= first, "watermark {w}");
+    assert!(
+        w > parse_ts("2026-10-25T00:00:00Z").unwrap() && w <= first,
+        "watermark {w}"
+    );
 
     let estimated = check_all(&app, &expected, &zone_of, false, "watermark mid-events").await;
     check_all(&app, &expected, &zone_of, true, "with tz").await;
-    assert!(estimated > 0, "no bucket was an estimate: the sketches were never read");
+    assert!(
+        estimated > 0,
+        "no bucket was an estimate: the sketches were never read"
+    );
 
     // the watermark moves past every event
     let later = parse_ts("2026-11-10T00:00:00Z").unwrap();
     BatchRun::new(&lake).now(later).execute().await.unwrap();
     state.refresh_batch().await.unwrap();
     let w2 = state.batch().snapshot().unwrap().watermark().unwrap();
-    assert!(w2 > w + 24 * MICROS_PER_HOUR, "the watermark moved ({w} -> {w2})");
-    check_all(&app, &expected, &zone_of, false, "watermark past the events").await;
+    assert!(
+        w2 > w + 24 * MICROS_PER_HOUR,
+        "the watermark moved ({w} -> {w2})"
+    );
+    check_all(
+        &app,
+        &expected,
+        &zone_of,
+        false,
+        "watermark past the events",
+    )
+    .await;
 
     // every merchant moves to the next zone through the API: history follows at once
     for i in 0..ZONES.len() {
@@ -385,7 +443,10 @@ async fn every_zone_s_buckets_equal_an_independent_tz_computation() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{got}");
-    assert_eq!(got["time_zone"], ZONES[1], "another process reads m0's new zone");
+    assert_eq!(
+        got["time_zone"], ZONES[1],
+        "another process reads m0's new zone"
+    );
 }
 
 #[tokio::test]
@@ -406,7 +467,16 @@ async fn settings_are_checked_like_every_request() {
     let app = router(state);
     let put = |m: &'static str, who: &'static str, body: Value| {
         let app = app.clone();
-        async move { call(&app, "PUT", &format!("/v1/merchants/{m}/settings"), who, Some(body)).await }
+        async move {
+            call(
+                &app,
+                "PUT",
+                &format!("/v1/merchants/{m}/settings"),
+                who,
+                Some(body),
+            )
+            .await
+        }
     };
     let (s, b) = put("m1", "m2", json!({"time_zone": "Asia/Kolkata"})).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
@@ -423,7 +493,10 @@ async fn settings_are_checked_like_every_request() {
         assert!(b["error"]["message"].is_string(), "{b}");
     }
     let (s, b) = put("m1", "m1", json!({"time_zone": "Asia/Kathmandu"})).await;
-    assert_eq!((s, &b["time_zone"]), (StatusCode::OK, &json!("Asia/Kathmandu")));
+    assert_eq!(
+        (s, &b["time_zone"]),
+        (StatusCode::OK, &json!("Asia/Kathmandu"))
+    );
     // an hour bucket of Kathmandu starts at :15 UTC; a UTC hour is misaligned there
     let (s, b) = call(
         &app,

@@ -508,7 +508,10 @@ impl ServingStore for DiesBeforePublish {
     fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, tally_common::Result<()>> {
         self.inner.write(values)
     }
-    fn zone<'a>(&'a self, merchant: &'a str) -> BoxFuture<'a, tally_common::Result<Option<String>>> {
+    fn zone<'a>(
+        &'a self,
+        merchant: &'a str,
+    ) -> BoxFuture<'a, tally_common::Result<Option<String>>> {
         self.inner.zone(merchant)
     }
     fn set_zones<'a>(

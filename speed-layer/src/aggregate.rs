@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 
 use tally_common::bucket::hour_floor;
 use tally_common::calendar::SLOT_MICROS;
-use tally_common::sketch::CustomerSketch;
 use tally_common::decode::{decode_record, Rejected};
 use tally_common::metrics::Counters;
+use tally_common::sketch::CustomerSketch;
 use tally_common::source::{Position, Record, SourceId};
 
 /// One merchant-hour's share of a batch.
