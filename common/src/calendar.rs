@@ -332,6 +332,28 @@ fn micros<T: TimeZone>(t: DateTime<T>) -> i64 {
     t.timestamp_micros()
 }
 
+impl FromStr for Unit {
+    type Err = Error;
+
+    /// `hour`, `day`, `week` or `month`. Errors: [`Error::Invalid`] naming them.
+    fn from_str(s: &str) -> Result<Self> {
+        Unit::ALL
+            .into_iter()
+            .find(|u| u.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = Unit::ALL
+                    .iter()
+                    .map(|u| format!("{:?}", u.name()))
+                    .collect();
+                Error::invalid(format!(
+                    "unknown granularity {:?}: use {}",
+                    crate::bucket::clip(s),
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,27 +665,5 @@ print(json.dumps({"day": days, "hour": hours}))
                 }
             }
         }
-    }
-}
-
-impl FromStr for Unit {
-    type Err = Error;
-
-    /// `hour`, `day`, `week` or `month`. Errors: [`Error::Invalid`] naming them.
-    fn from_str(s: &str) -> Result<Self> {
-        Unit::ALL
-            .into_iter()
-            .find(|u| u.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<String> = Unit::ALL
-                    .iter()
-                    .map(|u| format!("{:?}", u.name()))
-                    .collect();
-                Error::invalid(format!(
-                    "unknown granularity {:?}: use {}",
-                    crate::bucket::clip(s),
-                    names.join(", ")
-                ))
-            })
     }
 }

@@ -204,7 +204,7 @@ impl MerchantZones {
     /// read, the table is read from the lake instead.
     pub async fn zone(&self, lake: &Lake, merchant: &str) -> Result<Calendar> {
         let Some(store) = &self.store else {
-            return Ok(self.from_memory(merchant));
+            return Ok(self.in_memory(merchant));
         };
         if let Some((c, at)) = self
             .inner
@@ -223,7 +223,7 @@ impl MerchantZones {
             Err(e) => {
                 tracing::warn!(error = %e, "reading a merchant's zone from the serving store failed; reading the lake");
                 self.refresh(lake).await?;
-                self.from_memory(merchant)
+                self.in_memory(merchant)
             }
         };
         if let Ok(mut z) = self.inner.write() {
@@ -236,7 +236,7 @@ impl MerchantZones {
         Ok(calendar)
     }
 
-    fn from_memory(&self, merchant: &str) -> Calendar {
+    fn in_memory(&self, merchant: &str) -> Calendar {
         self.inner
             .read()
             .ok()

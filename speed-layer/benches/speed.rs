@@ -4,6 +4,10 @@
 //! with the same decoder, then one HINCRBY per event counter and one PFADD per
 //! customer, pipelined per batch (and without any exactly-once guard).
 //!
+//! Besides time, each way's Redis engine CPU (`INFO cpu`, user + sys) per
+//! event and its memory (`INFO memory` `used_memory`, over an empty server) per
+//! merchant-hour written are reported, from the same server.
+//!
 //! Run: `cargo bench -p tally-speed-layer --bench speed`
 
 use std::time::Instant;
@@ -59,14 +63,38 @@ async fn naive(url: &str, records: &[Vec<u8>], now: i64, per_batch: usize) -> u6
     n
 }
 
+/// The server's CPU seconds (user + sys) and bytes of memory in use.
+fn engine(url: &str) -> (f64, f64) {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("cpu").query(&mut c).unwrap();
+    let mem: String = redis::cmd("INFO").arg("memory").query(&mut c).unwrap();
+    let field = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        field(&info, "used_cpu_user") + field(&info, "used_cpu_sys"),
+        field(&mem, "used_memory"),
+    )
+}
+
+/// Keys matching `pattern` (SCAN), for counting merchant-hours.
+fn count_keys(url: &str, pattern: &str) -> usize {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut c).unwrap();
+    keys.len()
+}
+
 fn main() {
     let hour_ms = 1_795_600_800_000 / 3_600_000 * 3_600_000;
     let now = (hour_ms + 3_700_000) * 1000;
     let records = zipf_records(EVENTS, PER_RECORD, MERCHANTS, hour_ms, 7);
     let bytes: usize = records.iter().map(Vec::len).sum();
     println!("speed layer, {EVENTS} events ({} bytes avg), {MERCHANTS} Zipf(1.1) merchants, NDJSON records of {PER_RECORD}", bytes / EVENTS);
-    println!("| batch (records) | way | wall s | events/s (wall) | client CPU s | Lua calls |");
-    println!("|---|---|---|---|---|---|");
+    println!("| batch (records) | way | wall s | events/s (wall) | client CPU s | Lua calls | Redis engine µs/event | Redis bytes/merchant-hour |");
+    println!("|---|---|---|---|---|---|---|---|");
     // 1,000 records = a GetRecords page of the consumer; 10,000 = Lambda's largest batch
     for per_batch in [1_000usize, 10_000] {
         let mut redis = RedisServer::start();
@@ -75,6 +103,7 @@ fn main() {
             .enable_all()
             .build()
             .unwrap();
+        let (cpu0, mem0) = engine(&redis.url());
         let (ours, ours_cpu, applied) = rt.block_on(async {
             let store = SpeedStore::Redis(RedisStore::connect(&redis.url(), 3600).await.unwrap());
             let (t, c) = (Instant::now(), cpu_secs());
@@ -90,16 +119,23 @@ fn main() {
             }
             (t.elapsed().as_secs_f64(), cpu_secs() - c, applied)
         });
+        let (cpu1, mem1) = engine(&redis.url());
+        let ours_hours = count_keys(&redis.url(), "tally:v3:{*}:*:c");
         redis.restart();
+        let (cpu2, mem2) = engine(&redis.url());
         let (naive_t, naive_cpu, n) = rt.block_on(async {
             let (t, c) = (Instant::now(), cpu_secs());
             let n = naive(&redis.url(), &records, now, per_batch.min(1_000)).await;
             (t.elapsed().as_secs_f64(), cpu_secs() - c, n)
         });
+        let (cpu3, mem3) = engine(&redis.url());
+        let naive_hours = count_keys(&redis.url(), "naive:{*}:*:c");
         assert_eq!(n as usize, EVENTS);
         let e = EVENTS as f64;
-        println!("| {per_batch} | tally (aggregate, one Lua call per merchant-hour, exactly once) | {ours:.2} | {:.0} | {ours_cpu:.2} | {applied} |", e / ours);
-        println!("| {per_batch} | naive (HINCRBY + PFADD per event, pipelined) | {naive_t:.2} | {:.0} | {naive_cpu:.2} | - |", e / naive_t);
+        let us = |a: f64, b: f64| (b - a) * 1e6 / e;
+        let per_hour = |a: f64, b: f64, hours: usize| (b - a) / hours.max(1) as f64;
+        println!("| {per_batch} | tally (aggregate per merchant-hour and 15-minute slot, client-built sketches, one Lua call per merchant-hour, exactly once) | {ours:.2} | {:.0} | {ours_cpu:.2} | {applied} | {:.2} | {:.0} ({ours_hours} merchant-hours) |", e / ours, us(cpu0, cpu1), per_hour(mem0, mem1, ours_hours));
+        println!("| {per_batch} | naive (HINCRBY + PFADD per event, pipelined; hour grain, Redis HLL) | {naive_t:.2} | {:.0} | {naive_cpu:.2} | - | {:.2} | {:.0} ({naive_hours} merchant-hours) |", e / naive_t, us(cpu2, cpu3), per_hour(mem2, mem3, naive_hours));
         println!(
             "| {per_batch} | ratio tally / naive | | {:.2}x | | |",
             naive_t / ours
