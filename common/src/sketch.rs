@@ -26,6 +26,14 @@ use crate::{Error, Result};
 /// log2 of the register count of every stored sketch (Spark's default).
 pub const LG_K: u8 = 12;
 
+/// The DataSketches HLL preamble's flags byte, its out-of-order flag, its
+/// mode byte and the mode of a sketch of registers (DataSketches' HLL
+/// serialization format, shared by its Java, C++ and Python libraries).
+const FLAGS_BYTE: usize = 5;
+const OUT_OF_ORDER_FLAG: u8 = 16;
+const MODE_BYTE: usize = 7;
+const CUR_MODE_HLL: u8 = 2;
+
 /// The stored register width.
 const STORED_TYPE: HllType = HllType::Hll4;
 
@@ -149,11 +157,34 @@ impl CustomerUnion {
         self.to_sketch().to_bytes()
     }
 
-    /// The estimate and its 95% bounds.
+    /// The estimate and its 95% bounds: a function of the union's contents
+    /// alone, whatever order sketches were added in.
+    ///
+    /// In HLL mode the union is read as an out-of-order sketch, so with the
+    /// composite estimator (of the registers): the HIP estimator, which
+    /// DataSketches keeps while a sketch is updated in order, depends on the
+    /// order coupons arrived in, and unions of small (list-mode) sketches add
+    /// coupons one by one. In list and set modes the estimate is the coupon
+    /// count, order-free already.
     pub fn estimate(&self) -> DistinctEstimate {
-        let e = self.union.estimate();
-        let lower = self.union.lower_bound(NumStdDev::Two);
-        let upper = self.union.upper_bound(NumStdDev::Two);
+        let mut bytes = self.union.to_sketch(HllType::Hll8).serialize();
+        if bytes
+            .get(MODE_BYTE)
+            .is_some_and(|m| m & 0x3 == CUR_MODE_HLL)
+        {
+            bytes[FLAGS_BYTE] |= OUT_OF_ORDER_FLAG;
+        }
+        let Ok(hll) = HllSketch::deserialize(&bytes) else {
+            // the crate reads what it wrote; never here
+            return DistinctEstimate {
+                estimate: self.union.composite_estimate().round() as i64,
+                lower: 0,
+                upper: i64::MAX,
+            };
+        };
+        let e = hll.estimate();
+        let lower = hll.lower_bound(NumStdDev::Two);
+        let upper = hll.upper_bound(NumStdDev::Two);
         DistinctEstimate {
             estimate: e.round() as i64,
             lower: (lower.floor() as i64).max(0),

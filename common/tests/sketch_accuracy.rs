@@ -34,6 +34,7 @@ fn slot_sketches(customers: u64, slots: usize, seed: u64) -> Vec<Vec<u8>> {
 
 #[test]
 fn unions_of_slot_sketches_are_within_their_bounds_and_order_free() {
+    let (mut all_within, mut all_trials) = (0, 0);
     // (distinct customers, trials, slots): a month of quarter hours, a week
     for (customers, trials, slots) in [
         (1_000u64, 30u64, 2_976usize),
@@ -82,11 +83,14 @@ fn unions_of_slot_sketches_are_within_their_bounds_and_order_free() {
                 error * 100.0
             );
         }
-        // 95% bounds: at most a few misses (never more than 20% of the trials)
-        assert!(
-            within * 5 >= trials * 4,
-            "{customers}: true count within bounds in only {within} of {trials} trials"
-        );
         println!("{customers} customers: within the 95% bounds in {within} of {trials} trials");
+        all_within += within;
+        all_trials += trials;
     }
+    // 95% bounds: about one trial in twenty outside, counted over every size
+    // (a handful of trials of one size say nothing about a rate)
+    assert!(
+        all_within * 10 >= all_trials * 9,
+        "the true count was within the 95% bounds in only {all_within} of {all_trials} trials"
+    );
 }
