@@ -2,31 +2,34 @@
 
 The OpenAPI document states every rule of a single parameter (patterns, enums,
 formats, years). Two rules tie parameters together and no schema can state
-them: `from` and `to` are aligned to the granularity (a whole UTC hour, or a
-UTC midnight for `day`), and `to` comes after `from` by at most 744 hours or
-366 days. So that the fuzzer's *valid* requests are valid, this hook moves a
-positive case's generated `from` to the start of its bucket and puts `to` a
-drawn number of buckets after it, keeping each value's generated offset style
-(`Z` or `±hh:mm`). Half of the positive cases are moved into the last days,
-for merchant `m_1`, where the test lake has data, so that the batch and speed
-views are read too. Negative cases are left as generated: the server must
-refuse them whatever their range.
+them: `from` and `to` are bucket boundaries of the granularity in the time zone
+(a local clock hour, local midnight, a Monday's, the first of a month), and `to`
+comes after `from` by at most 745 hours, 366 days, 260 weeks or 120 months. So
+that the fuzzer's *valid* requests are valid, this hook moves a positive case's
+generated `from` to the start of its bucket in the zone and puts `to` a drawn
+number of buckets after it (written in UTC). Its zone is one of a few with
+30- and 45-minute offsets and DST changes (the server is tested against
+Python's tz database for these in serving-layer/tests/calendar.rs), always
+given as `tz`: a settings change the fuzzer made (even a negative case that
+happens to be valid) may have moved any merchant's own calendar. Half of the positive cases are
+moved into the last days, for merchant `m_1`, where the test lake has data, so
+that the batch and speed views are read too. A positive settings change goes
+to a merchant of its own, so it never moves the other cases' calendars.
+Negative cases are left as generated: the server must refuse them whatever
+their range.
 """
 
 import datetime as dt
 import hashlib
+from zoneinfo import ZoneInfo
 
 import schemathesis
 
 UTC = dt.timezone.utc
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
-STEP = {"hour": dt.timedelta(hours=1), "day": dt.timedelta(days=1)}
-MAX_BUCKETS = {"hour": 31 * 24, "day": 366}
-# the last `to` that can be written with a four-digit year
-LAST_END = {
-    "hour": dt.datetime(9999, 12, 31, 23, tzinfo=UTC),
-    "day": dt.datetime(9999, 12, 31, tzinfo=UTC),
-}
+MAX_BUCKETS = {"hour": 31 * 24 + 1, "day": 366, "week": 260, "month": 120}
+ZONES = ["UTC", "Asia/Kolkata", "Asia/Kathmandu", "America/St_Johns",
+         "Europe/London", "America/New_York", "Australia/Lord_Howe"]
+QUARTER = dt.timedelta(minutes=15)
 
 
 def _draw(*values) -> int:
@@ -45,14 +48,42 @@ def _parse(value):
     return parsed if parsed.tzinfo is not None else None
 
 
-def _write(instant: dt.datetime, like: str) -> str:
-    """`instant` in the offset style of the generated value `like`."""
-    original = _parse(like)
-    if original is not None and not like.endswith("Z"):
-        local = instant.astimezone(original.tzinfo)
-        if 1970 <= local.year <= 9999:
-            return local.isoformat()
-    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _midnight(d: dt.date, tz) -> dt.datetime:
+    return dt.datetime(d.year, d.month, d.day, tzinfo=tz).astimezone(UTC)
+
+
+def _floor(t: dt.datetime, tz, unit: str) -> dt.datetime:
+    """The start of `t`'s bucket (PEP 495: a repeated hour keeps its fold, a
+    wall time in a gap is the instant the gap ends)."""
+    local = t.astimezone(tz)
+    if unit == "hour":
+        return local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+    d = local.date()
+    if unit == "week":
+        d -= dt.timedelta(days=d.weekday())
+    elif unit == "month":
+        d = d.replace(day=1)
+    return _midnight(d, tz)
+
+
+def _after(t: dt.datetime, tz, unit: str, n: int) -> dt.datetime:
+    """The `n`-th bucket boundary after boundary `t`."""
+    if unit == "hour":
+        for _ in range(n):
+            s = t + QUARTER
+            while _floor(s, tz, unit) != s:
+                s += QUARTER
+            t = s
+        return t
+    d = t.astimezone(tz).date()
+    if unit == "day":
+        d += dt.timedelta(days=n)
+    elif unit == "week":
+        d += dt.timedelta(weeks=n)
+    else:
+        months = d.year * 12 + d.month - 1 + n
+        d = dt.date(months // 12, months % 12 + 1, 1)
+    return _midnight(d, tz)
 
 
 @schemathesis.hook
@@ -60,28 +91,37 @@ def map_case(context, case):
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
         return case
+    if case.method.upper() == "PUT" and isinstance(case.path_parameters, dict):
+        case.path_parameters["merchant_id"] = "fuzz_settings"
+        return case
     query = case.query
     if not isinstance(query, dict) or "from" not in query or "to" not in query:
         return case
-    granularity = query.get("granularity", "hour")
-    if granularity not in STEP:
+    unit = query.get("granularity", "hour")
+    if unit not in MAX_BUCKETS:
         return case
     start = _parse(query["from"])
     if start is None:
         return case
-    step = STEP[granularity]
-    draw = _draw(query["from"], query["to"], granularity)
+    draw = _draw(query["from"], query["to"], unit, query.get("tz"))
+    zone = ZONES[(draw // 7) % len(ZONES)]
+    query["tz"] = zone
+    tz = ZoneInfo(zone)
     if draw % 2 == 0:
         # into the test lake's data: the last days, merchant m_1
-        now = dt.datetime.now(UTC)
-        start = now - dt.timedelta(days=3 if granularity == "hour" else 6)
+        start = dt.datetime.now(UTC) - dt.timedelta(days=3 if unit == "hour" else 6)
         if isinstance(case.path_parameters, dict):
             case.path_parameters["merchant_id"] = "m_1"
-    buckets = 1 + (draw // 2) % MAX_BUCKETS[granularity]
-    # in whole buckets since the epoch, so nothing steps past year 9999
-    first = min((start - EPOCH) // step, (LAST_END[granularity] - EPOCH) // step - buckets)
-    start = EPOCH + first * step
-    end = start + buckets * step
-    query["from"] = _write(start, query["from"])
-    query["to"] = _write(end, query["to"])
+    # within the years chrono-tz has transitions for (it lists them up to
+    # 2099 and does not extend the rules beyond, where Python's zoneinfo
+    # follows the zone's POSIX rule; noted in DEPLOY.md), and not at 1970,
+    # where a zone's offset could move the written year out of range
+    start = min(max(start.astimezone(UTC), dt.datetime(1971, 1, 1, tzinfo=UTC)),
+                dt.datetime(2088, 1, 1, tzinfo=UTC))
+    buckets = 1 + (draw // 2) % (MAX_BUCKETS[unit] - 1 if unit == "hour" else MAX_BUCKETS[unit])
+    if unit == "hour":
+        buckets = min(buckets, 200)
+    first = _floor(start, tz, unit)
+    query["from"] = first.strftime("%Y-%m-%dT%H:%M:%SZ")
+    query["to"] = _after(first, tz, unit, buckets).strftime("%Y-%m-%dT%H:%M:%SZ")
     return case

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tally_batch_layer::{Archiver, BatchRun};
 use tally_common::bucket::{format_ts, hour_floor, now_micros, MICROS_PER_HOUR};
+use tally_common::calendar::{Calendar, Unit};
 use tally_common::config::{AuthArgs, SpeedArgs};
 use tally_common::lake::{Lake, Table};
 use tally_common::shutdown::{self, Shutdown};
@@ -231,10 +232,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  curl -s -H \"Authorization: Bearer $TOKEN\" \"{base}/v1/merchants/{merchant}/metrics?from={}&to={}&granularity=day&metrics=orders,net_sales,unique_customers\"",
         format_ts(day0 - (i64::from(args.days)) * 24 * MICROS_PER_HOUR), format_ts(day0 + 24 * MICROS_PER_HOUR));
     println!("  curl -s -H \"Authorization: Bearer $ADMIN\" \"{base}/v1/merchants/m_2/metrics?from={from_h}&to={to_h}\"");
+    // the last local days of Kolkata (+05:30): its midnights are 18:30 UTC
+    let kolkata = Calendar::parse("Asia/Kolkata")?;
+    let k_to = kolkata.next(Unit::Day, now_micros());
+    let mut k_from = k_to;
+    for _ in 0..=args.days {
+        k_from = kolkata.floor(Unit::Day, k_from - 1);
+    }
+    println!("  curl -s -H \"Authorization: Bearer $TOKEN\" \"{base}/v1/merchants/{merchant}/metrics?from={}&to={}&granularity=day&tz=Asia/Kolkata\"",
+        format_ts(k_from), format_ts(k_to));
+    println!("  curl -s -X PUT -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' -d '{{\"time_zone\":\"Asia/Kolkata\"}}' {base}/v1/merchants/{merchant}/settings");
     println!("  curl -s {base}/openapi.json");
     println!();
     println!("  dashboard: {base}/#merchant={merchant}&token={t}");
     println!("  SQL:       TALLY_LAKE={} tally sql \"SELECT merchant_id, SUM(orders) FROM metrics_daily GROUP BY 1 ORDER BY 2 DESC LIMIT 5\"", lake_dir.display());
+    println!("  local days: TALLY_LAKE={} tally sql \"SELECT date_trunc('day', local_start) AS day, SUM(orders), hll_sketch_estimate(hll_union_agg(customers_sketch)) AS customers FROM metrics_local WHERE merchant_id = '{merchant}' GROUP BY 1 ORDER BY 1\"", lake_dir.display());
     println!();
     println!("Ctrl-C stops; the next start reuses the lake.");
     tally_serving_layer::serve_listener(listener, state, signal).await?;

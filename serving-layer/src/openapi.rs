@@ -51,6 +51,27 @@ struct Generated;
 impl Modify for Generated {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         if let Some(components) = doc.components.as_mut() {
+            // the settings body: a zone of the same list as `tz`, and nothing else
+            components.schemas.insert(
+                "SettingsBody".to_string(),
+                ObjectBuilder::new()
+                    .property(
+                        "time_zone",
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .enum_values(Some(Calendar::names()))
+                            .description(Some(
+                                "The merchant's IANA time zone: the calendar of its buckets \
+                                 over all its history, from now on.",
+                            ))
+                            .examples([json!("Asia/Kolkata")]),
+                    )
+                    .required("time_zone")
+                    .additional_properties(Some(
+                        utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+                    ))
+                    .into(),
+            );
             components.add_security_scheme(
                 "bearer",
                 SecurityScheme::Http(
@@ -139,8 +160,8 @@ fn metrics_parameters() -> Vec<Parameter> {
     let names: Vec<&str> = METRICS.iter().map(|d| d.name).collect();
     vec![
         merchant_parameter(),
-        instant("from", "Range start, inclusive.", "2026-11-24T00:00:00Z"),
-        instant("to", "Range end, exclusive.", "2026-11-25T00:00:00Z"),
+        instant("from", "Range start, inclusive.", "2026-11-23T00:00:00Z"),
+        instant("to", "Range end, exclusive.", "2026-11-30T00:00:00Z"),
         ParameterBuilder::new()
             .name("granularity")
             .parameter_in(ParameterIn::Query)
@@ -190,7 +211,7 @@ fn metrics_parameters() -> Vec<Parameter> {
                     .schema_type(Type::String)
                     .enum_values(Some(Calendar::names())),
             ))
-            .example(Some(json!("Asia/Kolkata")))
+            .example(Some(json!("UTC")))
             .build(),
     ]
 }
