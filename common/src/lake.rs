@@ -15,7 +15,7 @@ use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::delta_datafusion::DeltaSessionContext;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
-use deltalake::kernel::StructType;
+use deltalake::kernel::{StructField, StructType};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use url::Url;
@@ -143,7 +143,8 @@ impl Table {
                     Field::new("hour", ts(), false),
                     Field::new("customer_id", DataType::Utf8, true),
                     // the 15-minute slot of the hour (0 to 3) of these events
-                    Field::new("quarter", DataType::Int32, false),
+                    // (nullable: added to tables of earlier versions)
+                    Field::new("quarter", DataType::Int32, true),
                 ];
                 f.extend(
                     crate::metrics::partial_metric_names()
@@ -295,6 +296,53 @@ impl Lake {
         }
     }
 
+    /// Add the columns of `table`'s schema that the opened table `t` lacks (a
+    /// lake written by an earlier version: the metric tables' sketch column,
+    /// `customer_hours`' quarter), as nullable columns in one metadata commit,
+    /// so writers of the new schema can append. Rows written before read as
+    /// null there (no sketch: reprocess to fill them). Two writers adding at
+    /// once: the loser opens the winner's table.
+    async fn add_missing_columns(&self, t: DeltaTable, table: Table) -> Result<DeltaTable> {
+        let Ok(snapshot) = t.snapshot() else {
+            return Ok(t);
+        };
+        let have: Vec<String> = snapshot
+            .schema()
+            .fields()
+            .map(|f| f.name().to_string())
+            .collect();
+        let want: StructType = table
+            .schema()
+            .as_ref()
+            .try_into_kernel()
+            .context(format!("schema of {}", table.name()))?;
+        let missing: Vec<StructField> = want
+            .fields()
+            .filter(|f| !have.iter().any(|h| h == f.name()))
+            .map(|f| StructField::new(f.name().clone(), f.data_type().clone(), true))
+            .collect();
+        if missing.is_empty() {
+            return Ok(t);
+        }
+        let names: Vec<String> = missing.iter().map(|f| f.name().clone()).collect();
+        tracing::info!(table = table.name(), columns = ?names, "adding columns of this version's schema");
+        match t.add_columns().with_fields(missing).await {
+            Ok(t) => Ok(t),
+            Err(e) => match self.open(table).await? {
+                Some(t)
+                    if t.snapshot().is_ok_and(|s| {
+                        names
+                            .iter()
+                            .all(|n| s.schema().fields().any(|f| f.name() == n))
+                    }) =>
+                {
+                    Ok(t)
+                }
+                _ => Err(e).context(format!("adding columns to {}", table.name())),
+            },
+        }
+    }
+
     /// Open a table at a given version (time travel).
     pub async fn open_at_version(&self, table: Table, version: u64) -> Result<DeltaTable> {
         let mut t = self.builder(table)?.build().context("building table")?;
@@ -320,7 +368,7 @@ impl Lake {
     /// the winner's table.
     pub async fn open_or_create(&self, table: Table) -> Result<DeltaTable> {
         if let Some(t) = self.open(table).await? {
-            return Ok(t);
+            return self.add_missing_columns(t, table).await;
         }
         if let Ok(dir) = self.table_url(table).to_file_path() {
             std::fs::create_dir_all(&dir).context(format!("creating {}", dir.display()))?;
@@ -516,6 +564,52 @@ mod tests {
             .as_str()
             .ends_with("/lake/raw_events/"));
         assert!(p.is_dir());
+    }
+
+    /// A metric table made by an earlier version (no sketch column) gets the
+    /// column when a writer opens it, keeps its rows, and takes new ones.
+    #[tokio::test]
+    async fn tables_of_an_earlier_version_get_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().join("lake").to_str().unwrap(), None, None).unwrap();
+        let t = Table::MetricsHourly;
+        let full = t.schema();
+        let old_fields: Vec<Field> = full
+            .fields()
+            .iter()
+            .filter(|f| f.name() != crate::metric_table::SKETCH_COLUMN)
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let old = Arc::new(Schema::new(old_fields));
+        let kernel: StructType = old.as_ref().try_into_kernel().unwrap();
+        std::fs::create_dir_all(lake.table_url(t).to_file_path().unwrap()).unwrap();
+        let created =
+            DeltaTable::try_from_url_with_storage_options(lake.table_url(t), HashMap::new())
+                .await
+                .unwrap()
+                .create()
+                .with_columns(kernel.fields().cloned())
+                .with_partition_columns(t.partition_columns().iter().copied())
+                .await
+                .unwrap();
+        assert_eq!(created.version(), Some(0));
+        let opened = lake.open_or_create(t).await.unwrap();
+        assert_eq!(opened.version(), Some(1), "one metadata commit");
+        let names: Vec<String> = opened
+            .snapshot()
+            .unwrap()
+            .schema()
+            .fields()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n == crate::metric_table::SKETCH_COLUMN),
+            "{names:?}"
+        );
+        // opening again adds nothing
+        assert_eq!(lake.open_or_create(t).await.unwrap().version(), Some(1));
     }
 
     #[test]
