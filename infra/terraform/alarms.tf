@@ -43,14 +43,15 @@ locals {
     archiver = var.archiver_iterator_age_alarm_seconds
   }
 
-  # Cluster mode names a node <group>-<shard 0001..>-<node 001..>: per shard
-  # its primary and replica.
-  redis_member_clusters = flatten([
+  # With cluster mode off the two nodes are <group>-001 and <group>-002. Cluster
+  # mode names a node <group>-<shard 0001..>-<node 001..>: per shard its
+  # primary and replica.
+  redis_member_clusters = var.redis_cluster_mode ? flatten([
     for s in range(1, aws_elasticache_replication_group.redis.num_node_groups + 1) : [
       for n in range(1, aws_elasticache_replication_group.redis.replicas_per_node_group + 2) :
       format("%s-%04d-%03d", aws_elasticache_replication_group.redis.replication_group_id, s, n)
     ]
-  ])
+  ]) : [for i in range(1, 3) : format("%s-%03d", aws_elasticache_replication_group.redis.replication_group_id, i)]
 
   rollback_alarm_names = {
     for k, _ in local.functions : k => concat(
@@ -273,7 +274,7 @@ resource "aws_cloudwatch_metric_alarm" "redis_memory" {
   for_each = toset(local.redis_member_clusters)
 
   alarm_name        = "${var.name}-redis-${each.key}-memory"
-  alarm_description = "Redis memory of ${each.key} above 80% of maxmemory: at 100% the server refuses speed-view writes (noeviction), the speed layer falls behind and, after its retries, gives batches up to its failed-batches queue, and a speed-view rebuild cannot write. Add shards (redis_shards), grow redis_node_type or shorten speed_ttl_hours (docs/DEPLOY.md)."
+  alarm_description = "Redis memory of ${each.key} above 80% of maxmemory: at 100% the server refuses speed-view writes (noeviction), the speed layer falls behind and, after its retries, gives batches up to its failed-batches queue, and a speed-view rebuild cannot write. Grow redis_node_type, add shards (redis_shards, with redis_cluster_mode) or shorten speed_ttl_hours (docs/DEPLOY.md)."
   namespace         = "AWS/ElastiCache"
   metric_name       = "DatabaseMemoryUsagePercentage"
   dimensions        = { CacheClusterId = each.key }

@@ -1,7 +1,8 @@
-# The read path: API Gateway HTTP API -> api function (live alias), payload
-# format 2.0. The JWT authorizer checks signature, issuer, audience and
-# expiry before the function runs; the function checks the merchant_id/role
-# claims against the path again (DESIGN.md, HTTP API).
+# The read path (and merchants' settings): API Gateway HTTP API -> api
+# function (live alias), payload format 2.0. The JWT authorizer checks
+# signature, issuer, audience and expiry before the function runs; the
+# function checks the merchant_id/role claims against the path again
+# (DESIGN.md, HTTP API).
 
 resource "aws_apigatewayv2_api" "http" {
   name          = "${var.name}-api"
@@ -39,12 +40,23 @@ resource "aws_apigatewayv2_route" "metrics" {
   authorizer_id      = aws_apigatewayv2_authorizer.jwt.id
 }
 
+# A merchant's settings (its time zone): the function merges them into the
+# merchants table and the serving store. Same authorizer and claims check as
+# the metrics route; throttled by the stage's default route settings.
+resource "aws_apigatewayv2_route" "settings" {
+  api_id             = aws_apigatewayv2_api.http.id
+  route_key          = "PUT /v1/merchants/{merchant_id}/settings"
+  target             = "integrations/${aws_apigatewayv2_integration.api.id}"
+  authorization_type = "JWT"
+  authorizer_id      = aws_apigatewayv2_authorizer.jwt.id
+}
+
 locals {
   public_routes = toset(["GET /health", "GET /ready", "GET /openapi.json"])
 }
 
 resource "aws_apigatewayv2_route" "public" {
-  #checkov:skip=CKV_AWS_309:These are the unauthenticated routes of the contract: /health (liveness), /ready (readiness for load balancers and probes) and /openapi.json (the API's public description). They return no merchant data, and each is throttled to api_public_route_rate_limit on the stage. The data route has the JWT authorizer.
+  #checkov:skip=CKV_AWS_309:These are the unauthenticated routes of the contract: /health (liveness), /ready (readiness for load balancers and probes) and /openapi.json (the API's public description). They return no merchant data, and each is throttled to api_public_route_rate_limit on the stage. The merchant routes (metrics, settings) have the JWT authorizer.
   for_each = local.public_routes
 
   api_id             = aws_apigatewayv2_api.http.id
@@ -103,7 +115,7 @@ resource "aws_apigatewayv2_stage" "default" {
     })
   }
 
-  depends_on = [aws_apigatewayv2_route.metrics, aws_apigatewayv2_route.public]
+  depends_on = [aws_apigatewayv2_route.metrics, aws_apigatewayv2_route.settings, aws_apigatewayv2_route.public]
 }
 
 resource "aws_lambda_permission" "api_gateway" {

@@ -5,12 +5,15 @@
 #   archiver read the stream; send failed-batch metadata to its queue;
 #            read/write the lake under raw_events/ and quarantine/.
 #   batch    read/write raw_events/ (compaction of closed partitions),
-#            metrics_hourly/, metrics_daily/ and the run staging area
-#            _staging/ (the plan's item list, the parts' staged results); its
-#            dead-letter queue; read the Redis AUTH secret (the every-minute
-#            speed-view check and rebuild).
-#   api      read-only metrics_hourly/ and metrics_daily/; read the Redis
-#            AUTH secret.
+#            metrics_hourly/, metrics_quarter_hourly/, metrics_daily/,
+#            customer_hours/ and the run staging area _staging/ (the plan's
+#            item list, the parts' staged results); read-only merchants/ (the
+#            load step copies the settings into Redis); its dead-letter
+#            queue; read the Redis AUTH secret (the every-minute speed-view
+#            check and rebuild).
+#   api      read-only metrics_hourly/, metrics_quarter_hourly/ and
+#            metrics_daily/; read/write merchants/ (PUT .../settings is a
+#            Delta MERGE); read the Redis AUTH secret.
 #   all      write their own log group only, X-Ray, the ENIs of their VPC
 #            subnets, decrypt their environment.
 #   batch state machine (Step Functions): invoke the batch function's live
@@ -35,8 +38,8 @@ locals {
   table_access = {
     speed    = { rw = [], ro = [] }
     archiver = { rw = ["raw_events", "quarantine"], ro = [] }
-    batch    = { rw = ["raw_events", "metrics_hourly", "metrics_daily", local.lake_staging_dir], ro = [] }
-    api      = { rw = [], ro = ["metrics_hourly", "metrics_daily"] }
+    batch    = { rw = ["raw_events", "metrics_hourly", "metrics_quarter_hourly", "metrics_daily", "customer_hours", local.lake_staging_dir], ro = ["merchants"] }
+    api      = { rw = ["merchants"], ro = ["metrics_hourly", "metrics_quarter_hourly", "metrics_daily"] }
   }
 
   kinesis_consumers = toset(["speed", "archiver"])

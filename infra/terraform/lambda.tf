@@ -74,12 +74,12 @@ locals {
   speed_rebuild_max_seconds = local.speed_rebuild_settle_seconds + 45 + 60
 
   # Every function that reaches Redis (speed, batch, api) gets the same view:
-  # same URL (the cluster's configuration endpoint), same key lifetime, same
-  # settle time. The AUTH token is not in the environment: the function reads
-  # the secret named here at cold start and keeps the client for the
-  # container's life.
+  # same URL (the primary endpoint, or with redis_cluster_mode the cluster's
+  # configuration endpoint; redis.tf), same key lifetime, same settle time.
+  # The AUTH token is not in the environment: the function reads the secret
+  # named here at cold start and keeps the client for the container's life.
   redis_env = {
-    TALLY_REDIS_URL                 = "rediss://${aws_elasticache_replication_group.redis.configuration_endpoint_address}:6379"
+    TALLY_REDIS_URL                 = "rediss://${local.redis_endpoint_address}:6379"
     TALLY_REDIS_AUTH_SECRET_ARN     = aws_secretsmanager_secret.redis_auth.arn
     TALLY_SPEED_TTL_HOURS           = tostring(var.speed_ttl_hours)
     TALLY_SPEED_REBUILD_SETTLE_SECS = tostring(local.speed_rebuild_settle_seconds)

@@ -1,5 +1,5 @@
 output "api_url" {
-  description = "Base URL of the HTTP API (GET <api_url>/v1/merchants/{merchant_id}/metrics)."
+  description = "Base URL of the HTTP API (GET <api_url>/v1/merchants/{merchant_id}/metrics, PUT <api_url>/v1/merchants/{merchant_id}/settings)."
   value       = aws_apigatewayv2_stage.default.invoke_url
 }
 
@@ -43,8 +43,13 @@ output "lambda_code" {
 }
 
 output "redis_endpoint" {
-  description = "Configuration endpoint of the Redis cluster (TLS, port 6379): TALLY_REDIS_URL is rediss://<it>:6379; clients learn the shards and follow failovers from it."
-  value       = aws_elasticache_replication_group.redis.configuration_endpoint_address
+  description = "Endpoint of Redis the functions connect to (TLS, port 6379; TALLY_REDIS_URL is rediss://<it>:6379): the primary endpoint of the replication group, which follows failover, or with redis_cluster_mode the cluster's configuration endpoint, from which clients learn the shards and follow failovers."
+  value       = local.redis_endpoint_address
+}
+
+output "redis_reader_endpoint" {
+  description = "Reader endpoint of the Redis replication group (null with redis_cluster_mode)."
+  value       = var.redis_cluster_mode ? null : aws_elasticache_replication_group.redis.reader_endpoint_address
 }
 
 output "redis_auth_secret_arn" {

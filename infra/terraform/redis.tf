@@ -1,11 +1,27 @@
-# The speed view and the serving store: ElastiCache for Redis OSS in cluster
-# mode, redis_shards shards (node groups) of a primary and one replica in
-# different AZs with automatic failover, TLS in transit, KMS at rest and an
-# AUTH token. Every key of one merchant shares the hash tag {merchant_id}, so a
-# merchant's commands and scripts touch one slot of one shard. The functions
-# get one rediss:// URL, the configuration endpoint; the application detects
-# cluster mode from the node it is given. More shards: raise redis_shards
-# (online resharding, see docs/DEPLOY.md).
+# The speed view and the serving store: ElastiCache for Redis OSS, TLS in
+# transit, KMS at rest and an AUTH token, in one of two shapes:
+#
+#   - redis_cluster_mode = false (the default): cluster mode off, a primary
+#     and one replica in different AZs with automatic failover. The functions
+#     get one rediss:// URL, the primary endpoint (it follows a failover).
+#   - redis_cluster_mode = true: cluster mode, redis_shards shards (node
+#     groups) of a primary and one replica in different AZs with automatic
+#     failover. Every key of one merchant shares the hash tag {merchant_id},
+#     so a merchant's commands and scripts touch one slot of one shard. The
+#     functions get the configuration endpoint. More shards: raise
+#     redis_shards (online resharding, see docs/DEPLOY.md).
+#
+# Cluster mode is opt-in until the application's Redis client supports it
+# (issue #17): today its Lua scripts also touch a global key in another hash
+# slot (CROSSSLOT) and it does not follow MOVED redirects, so a cluster breaks
+# every function that uses Redis.
+
+locals {
+  # What the functions connect to (TALLY_REDIS_URL) and the redis_endpoint
+  # output: the primary endpoint (follows a failover), or the configuration
+  # endpoint from which a cluster client learns the shards.
+  redis_endpoint_address = var.redis_cluster_mode ? aws_elasticache_replication_group.redis.configuration_endpoint_address : aws_elasticache_replication_group.redis.primary_endpoint_address
+}
 
 resource "random_password" "redis_auth" {
   length  = 64
@@ -46,16 +62,19 @@ resource "aws_elasticache_subnet_group" "redis" {
 }
 
 resource "aws_elasticache_parameter_group" "redis" {
-  # Named apart from the earlier non-cluster group (-redis7), which the old
-  # replication group uses until a stack moving to cluster mode replaces it
-  # (docs/DEPLOY.md).
-  name        = "${var.name}-redis7-cluster"
+  # The cluster-mode group is named apart from the non-cluster one (-redis7),
+  # which a stack's replication group uses until a move to cluster mode
+  # replaces both (docs/DEPLOY.md).
+  name        = var.redis_cluster_mode ? "${var.name}-redis7-cluster" : "${var.name}-redis7"
   family      = "redis7"
-  description = "tally speed view and serving store, cluster mode"
+  description = var.redis_cluster_mode ? "tally speed view and serving store, cluster mode" : "tally speed view and serving store"
 
-  parameter {
-    name  = "cluster-enabled"
-    value = "yes"
+  dynamic "parameter" {
+    for_each = var.redis_cluster_mode ? [1] : []
+    content {
+      name  = "cluster-enabled"
+      value = "yes"
+    }
   }
 
   # Never evict: an evicted counter is a silent loss that readers cannot tell
@@ -79,7 +98,7 @@ resource "aws_cloudwatch_log_group" "redis_slow" {
 
 resource "aws_elasticache_replication_group" "redis" {
   replication_group_id = "${var.name}-speed"
-  description          = "tally speed view and serving store (cluster mode)"
+  description          = var.redis_cluster_mode ? "tally speed view and serving store (cluster mode)" : "tally speed view (current hours' counters)"
 
   engine               = "redis"
   engine_version       = var.redis_engine_version
@@ -87,13 +106,19 @@ resource "aws_elasticache_replication_group" "redis" {
   parameter_group_name = aws_elasticache_parameter_group.redis.name
   port                 = 6379
 
-  # Shards of a primary + 1 replica. ElastiCache spreads the nodes over the
-  # subnet group's zones, a shard's replica away from its primary (Multi-AZ).
-  cluster_mode               = "enabled"
-  num_node_groups            = var.redis_shards
-  replicas_per_node_group    = 1
-  automatic_failover_enabled = true
-  multi_az_enabled           = true
+  # Cluster mode off: primary + 1 replica in the first two zones. Cluster
+  # mode: shards of a primary + 1 replica; ElastiCache spreads the nodes over
+  # the subnet group's zones, a shard's replica away from its primary
+  # (Multi-AZ). The arguments of the other shape are null (unset): the
+  # provider refuses num_cache_clusters beside num_node_groups or
+  # replicas_per_node_group.
+  cluster_mode                = var.redis_cluster_mode ? "enabled" : "disabled"
+  num_cache_clusters          = var.redis_cluster_mode ? null : 2 # primary + 1 replica
+  preferred_cache_cluster_azs = var.redis_cluster_mode ? null : slice(local.azs, 0, 2)
+  num_node_groups             = var.redis_cluster_mode ? var.redis_shards : null
+  replicas_per_node_group     = var.redis_cluster_mode ? 1 : null
+  automatic_failover_enabled  = true
+  multi_az_enabled            = true
 
   subnet_group_name  = aws_elasticache_subnet_group.redis.name
   security_group_ids = [aws_security_group.redis.id]

@@ -1,17 +1,17 @@
-# The lake bucket: the Delta tables raw_events, quarantine, metrics_hourly and
-# metrics_daily under s3://<bucket>/<lake_prefix>/, and the batch runs'
-# staging area <lake_prefix>/_staging/ (expired by a lifecycle rule). Delta
-# commits use S3 conditional writes (If-None-Match on the next _delta_log
-# entry), so no lock table is needed. Plus a bucket that receives the server
-# access logs of the lake and of the artifacts bucket, and the artifacts
-# bucket: the functions' code package, which is too large for a direct upload
-# to Lambda (lambda.tf).
+# The lake bucket: the Delta tables raw_events, quarantine, metrics_hourly,
+# metrics_quarter_hourly, metrics_daily, customer_hours and merchants under
+# s3://<bucket>/<lake_prefix>/, and the batch runs' staging area
+# <lake_prefix>/_staging/ (expired by a lifecycle rule). Delta commits use S3
+# conditional writes (If-None-Match on the next _delta_log entry), so no lock
+# table is needed. Plus a bucket that receives the server access logs of the
+# lake and of the artifacts bucket, and the artifacts bucket: the functions'
+# code package, which is too large for a direct upload to Lambda (lambda.tf).
 
 locals {
   lake_bucket_name      = coalesce(var.lake_bucket_name, "${var.name}-lake-${local.account_id}-${local.region}")
   artifacts_bucket_name = "${var.name}-artifacts-${local.account_id}-${local.region}"
   lake_uri              = "s3://${aws_s3_bucket.lake.bucket}/${var.lake_prefix}"
-  lake_tables           = ["raw_events", "quarantine", "metrics_hourly", "metrics_daily"]
+  lake_tables           = ["raw_events", "quarantine", "metrics_hourly", "metrics_quarter_hourly", "metrics_daily", "customer_hours", "merchants"]
 }
 
 resource "aws_s3_bucket" "lake" {

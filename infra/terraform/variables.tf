@@ -187,14 +187,25 @@ variable "log_retention_days" {
 # Redis (ElastiCache)
 # ---------------------------------------------------------------------------
 
-# Defaults sized for 1 M merchants (docs/CAPACITY.md): the §4 row "1 M, 10 B"
-# (48 h speed view) 29.3 GiB + the §8 row "1 M, 35 days" (serving store)
-# 12.9 GB = 12.1 GiB: 41.4 GiB. cache.r7g.xlarge holds 26.32 GiB x 75% =
-# 19.7 GiB usable; 3 shards = 59.2 GiB, 70% full (memory alarm at 80%). At
+# Cluster-mode sizing for 1 M merchants (docs/CAPACITY.md): the §4 row "1 M,
+# 10 B" (48 h speed view) 29.3 GiB + the §8 row "1 M, 35 days" (serving
+# store) 12.9 GB = 12.1 GiB: 41.4 GiB. cache.r7g.xlarge holds 26.32 GiB x 75%
+# = 19.7 GiB usable; 3 shards = 59.2 GiB, 70% full (memory alarm at 80%). At
 # the §4 row's all-distinct bound (39.8 + 12.1 = 51.9 GiB, 88%) add a shard.
+# redis_shards applies only with redis_cluster_mode: until the application's
+# Redis client supports cluster mode (issue #17) the deployed default is the
+# single-shard group, one primary + 1 replica of redis_node_type (19.7 GiB
+# usable on cache.r7g.xlarge), which holds that load only with a shorter
+# speed_ttl_hours or serving_window_days, or a larger redis_node_type.
+
+variable "redis_cluster_mode" {
+  description = "Run Redis in cluster mode (redis_shards shards of a primary + 1 replica, clients on the configuration endpoint). Off by default: the application needs cluster support first (issue #17: its Lua scripts touch a global key in another hash slot, CROSSSLOT, and it does not follow MOVED), so until then a cluster breaks every function that uses Redis. Off: one primary + 1 replica, clients on the primary endpoint. Switching an applied stack either way means replacing the replication group (terraform apply -replace, docs/DEPLOY.md, Redis shards)."
+  type        = bool
+  default     = false
+}
 
 variable "redis_node_type" {
-  description = "ElastiCache node type of every Redis node (each shard's primary and replica); see docs/CAPACITY.md §4 for sizing."
+  description = "ElastiCache node type of every Redis node (the primary and its replica, or with redis_cluster_mode each shard's); see docs/CAPACITY.md §4 for sizing."
   type        = string
   default     = "cache.r7g.xlarge"
 
@@ -205,7 +216,7 @@ variable "redis_node_type" {
 }
 
 variable "redis_shards" {
-  description = "Shards (node groups) of the Redis cluster, each a primary and one replica of redis_node_type. Raising it reshards online: ElastiCache moves hash slots to the new shards while serving (docs/DEPLOY.md)."
+  description = "Shards (node groups) of the Redis cluster, each a primary and one replica of redis_node_type; used only with redis_cluster_mode. Raising it reshards online: ElastiCache moves hash slots to the new shards while serving (docs/DEPLOY.md)."
   type        = number
   default     = 3 # 41.4 GiB / (19.7 GiB usable x 80% alarm) = 2.6, so 3 of cache.r7g.xlarge (see above)
 
