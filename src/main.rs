@@ -267,6 +267,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let now = tally_common::bucket::now_micros();
             let cal = tally_common::merchants::set_time_zone(&lake, &merchant_id, &time_zone, now)
                 .await?;
+            // the serving store too, so the API uses it now, not after the next load
+            if let Ok(url) = std::env::var("TALLY_REDIS_URL") {
+                use tally_common::serving_store::ServingStore as _;
+                let store = tally_speed_layer::RedisStore::connect(&url, 3600).await?;
+                store
+                    .serving_store()
+                    .set_zones(&[(merchant_id.clone(), cal.name().to_string(), now)])
+                    .await?;
+            }
             eprintln!("merchants: {merchant_id} is now in {}", cal.name());
             Ok(())
         }

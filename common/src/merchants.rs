@@ -101,7 +101,9 @@ fn is_conflict(e: &deltalake::DeltaTableError) -> bool {
 /// merchant: one per merchant, unless a writer outside tally appended more),
 /// read whole from `table`. Zones this build's tz database does not know are
 /// left out (read as UTC, with a warning).
-pub async fn read_settings(table: &deltalake::DeltaTable) -> Result<HashMap<String, Calendar>> {
+pub async fn read_settings(
+    table: &deltalake::DeltaTable,
+) -> Result<HashMap<String, (Calendar, i64)>> {
     let ctx = SessionContext::new();
     register(&ctx, Table::Merchants.name(), table).await?;
     let batches = ctx
@@ -140,27 +142,28 @@ pub async fn read_settings(table: &deltalake::DeltaTable) -> Result<HashMap<Stri
             }
         }
     }
-    Ok(latest.into_iter().map(|(m, (_, c))| (m, c)).collect())
+    Ok(latest.into_iter().map(|(m, (t, c))| (m, (c, t))).collect())
 }
 
 /// Copy the `merchants` table into `store` when its version is not
-/// `loaded` (the version the store holds); returns the version now held.
+/// `loaded` (the version the store holds); returns the version now held
+/// (-1: the lake has no such table, every merchant is in UTC).
 pub async fn load_settings(
     lake: &Lake,
     store: &dyn ServingStore,
     loaded: Option<i64>,
 ) -> Result<Option<i64>> {
     let Some(table) = lake.open(Table::Merchants).await? else {
-        return Ok(loaded);
+        return Ok(Some(-1));
     };
     let version = table.version().map(|v| v as i64);
     if version == loaded {
         return Ok(loaded);
     }
-    let zones: Vec<(String, String)> = read_settings(&table)
+    let zones: Vec<(String, String, i64)> = read_settings(&table)
         .await?
         .into_iter()
-        .map(|(m, c)| (m, c.name().to_string()))
+        .map(|(m, (c, at))| (m, c.name().to_string(), at))
         .collect();
     store.set_zones(&zones).await?;
     Ok(version)
@@ -200,10 +203,15 @@ impl MerchantZones {
         }
     }
 
-    /// `merchant`'s zone (UTC when it set none). With a store that cannot be
+    /// `merchant`'s zone (UTC when it set none). `store_loaded`: whether the
+    /// store's state says a load copied the table in; when it did not (a
+    /// store that lost its data, or never loaded), or the store cannot be
     /// read, the table is read from the lake instead.
-    pub async fn zone(&self, lake: &Lake, merchant: &str) -> Result<Calendar> {
-        let Some(store) = &self.store else {
+    pub async fn zone(&self, lake: &Lake, merchant: &str, store_loaded: bool) -> Result<Calendar> {
+        let Some(store) = self.store.as_ref().filter(|_| store_loaded) else {
+            if self.store.is_some() {
+                self.refresh(lake).await?;
+            }
             return Ok(self.in_memory(merchant));
         };
         if let Some((c, at)) = self
@@ -252,8 +260,9 @@ impl MerchantZones {
     /// Record a setting this process made (and write it to the store).
     pub async fn set(&self, merchant: &str, calendar: Calendar) -> Result<()> {
         if let Some(store) = &self.store {
+            let at = crate::bucket::now_micros();
             store
-                .set_zones(&[(merchant.to_string(), calendar.name().to_string())])
+                .set_zones(&[(merchant.to_string(), calendar.name().to_string(), at)])
                 .await?;
         }
         if let Ok(mut z) = self.inner.write() {
@@ -286,7 +295,7 @@ impl MerchantZones {
         };
         let zones = read_settings(&table).await?;
         if let Ok(mut z) = self.inner.write() {
-            z.zones = zones;
+            z.zones = zones.into_iter().map(|(m, (c, _))| (m, c)).collect();
             z.table = Some(table);
         }
         Ok(true)

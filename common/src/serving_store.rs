@@ -335,8 +335,10 @@ pub trait ServingStore: Send + Sync {
     /// stored it; None when the store holds none (UTC, or not loaded yet).
     fn zone<'a>(&'a self, merchant: &'a str) -> BoxFuture<'a, Result<Option<String>>>;
 
-    /// Store merchants' time zones: pairs of merchant and IANA name.
-    fn set_zones<'a>(&'a self, zones: &'a [(String, String)]) -> BoxFuture<'a, Result<()>>;
+    /// Store merchants' time zones: (merchant, IANA name, when it was set,
+    /// epoch µs). A zone set later than the one given is kept: a load copying
+    /// an older version of the table never undoes a newer setting.
+    fn set_zones<'a>(&'a self, zones: &'a [(String, String, i64)]) -> BoxFuture<'a, Result<()>>;
 
     /// The store's size as its server reports it (bytes of memory in use), when known.
     fn memory_used(&self) -> BoxFuture<'_, Result<Option<u64>>>;
@@ -354,7 +356,7 @@ pub struct EmbeddedServingStore {
 
 #[derive(Default)]
 struct Embedded {
-    zones: std::collections::HashMap<String, String>,
+    zones: std::collections::HashMap<String, (String, i64)>,
     state: Option<StoreState>,
     generation: u64,
     lease: Option<(String, std::time::Instant)>,
@@ -485,18 +487,20 @@ impl ServingStore for EmbeddedServingStore {
         let r = self
             .inner
             .read()
-            .map(|g| g.zones.get(merchant).cloned())
+            .map(|g| g.zones.get(merchant).map(|(z, _)| z.clone()))
             .map_err(|_| Self::poisoned());
         Box::pin(async move { r })
     }
 
-    fn set_zones<'a>(&'a self, zones: &'a [(String, String)]) -> BoxFuture<'a, Result<()>> {
+    fn set_zones<'a>(&'a self, zones: &'a [(String, String, i64)]) -> BoxFuture<'a, Result<()>> {
         let r = self
             .inner
             .write()
             .map(|mut g| {
-                for (m, z) in zones {
-                    g.zones.insert(m.clone(), z.clone());
+                for (m, z, at) in zones {
+                    if g.zones.get(m).is_none_or(|(_, t)| t <= at) {
+                        g.zones.insert(m.clone(), (z.clone(), *at));
+                    }
                 }
             })
             .map_err(|_| Self::poisoned());
@@ -620,6 +624,25 @@ mod tests {
             Some(&[4u8][..])
         );
         assert!(DayRows::decode(b"\xff\xff").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_zone_set_later_is_never_undone_by_an_older_copy() {
+        let store = EmbeddedServingStore::new();
+        let set = |z: &str, at: i64| vec![("m".to_string(), z.to_string(), at)];
+        store.set_zones(&set("Asia/Kolkata", 20)).await.unwrap();
+        // a load copying the table as it was before that setting
+        store.set_zones(&set("UTC", 10)).await.unwrap();
+        assert_eq!(
+            store.zone("m").await.unwrap().as_deref(),
+            Some("Asia/Kolkata")
+        );
+        store.set_zones(&set("Europe/London", 30)).await.unwrap();
+        assert_eq!(
+            store.zone("m").await.unwrap().as_deref(),
+            Some("Europe/London")
+        );
+        assert_eq!(store.zone("n").await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -94,30 +94,44 @@ const fn slot(kind: MetricTable) -> usize {
     }
 }
 
-/// Ranges of bucket starts to read per metric table, `[start, end)` (epoch µs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The rows to read per metric table: sorted, disjoint spans of bucket
+/// starts, `[start, end)` (epoch µs). Lists, so that a range of local months
+/// reads hourly rows only on the days its boundaries fall on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ranges {
     /// `metrics_hourly` hours.
-    pub hourly: Option<(i64, i64)>,
+    pub hourly: Vec<(i64, i64)>,
     /// `metrics_daily` days.
-    pub daily: Option<(i64, i64)>,
+    pub daily: Vec<(i64, i64)>,
     /// `metrics_quarter_hourly` quarter hours.
-    pub quarters: Option<(i64, i64)>,
+    pub quarters: Vec<(i64, i64)>,
 }
 
 impl Ranges {
-    fn of(&self, kind: MetricTable) -> Option<(i64, i64)> {
+    fn of(&self, kind: MetricTable) -> &[(i64, i64)] {
         match kind {
-            MetricTable::Hourly => self.hourly,
-            MetricTable::Daily => self.daily,
-            MetricTable::QuarterHourly => self.quarters,
+            MetricTable::Hourly => &self.hourly,
+            MetricTable::Daily => &self.daily,
+            MetricTable::QuarterHourly => &self.quarters,
         }
     }
 
     fn all(&self) -> impl Iterator<Item = (MetricTable, (i64, i64))> + '_ {
-        MetricTable::ALL
-            .into_iter()
-            .filter_map(|k| self.of(k).filter(|(a, b)| a < b).map(|r| (k, r)))
+        MetricTable::ALL.into_iter().flat_map(move |k| {
+            self.of(k)
+                .iter()
+                .filter(|(a, b)| a < b)
+                .map(move |&r| (k, r))
+        })
+    }
+
+    /// Add `[start, end)` to `spans` (kept sorted when added in time order),
+    /// joining it to the last span it meets.
+    pub fn add(spans: &mut Vec<(i64, i64)>, start: i64, end: i64) {
+        match spans.last_mut() {
+            Some(last) if start <= last.1 && start >= last.0 => last.1 = last.1.max(end),
+            _ => spans.push((start, end)),
+        }
     }
 }
 
@@ -187,6 +201,14 @@ impl BatchSnapshot {
         Ok(out)
     }
 
+    /// Whether the serving store's state says a load copied merchants'
+    /// settings in (read fresh).
+    pub fn store_holds_settings(&self) -> bool {
+        self.served
+            .as_ref()
+            .is_some_and(|s| s.fresh() && s.state.merchants_version.is_some())
+    }
+
     /// Whether requests read the serving store (it holds these versions and
     /// confirmed its state recently), rather than the lake alone.
     pub fn serves_from_store(&self) -> bool {
@@ -250,17 +272,15 @@ impl BatchSnapshot {
             if state.date(day).map(|e| e.generation) != Some(rows.generation) {
                 continue;
             }
-            if let Some((a, b)) = ranges.hourly {
+            for &(a, b) in &ranges.hourly {
                 rows.hours_into(day, a, b, &mut out.hourly);
             }
-            if let Some((a, b)) = ranges.quarters {
+            for &(a, b) in &ranges.quarters {
                 rows.quarters_into(day, a, b, &mut out.quarters);
             }
-            if let Some((a, b)) = ranges.daily {
-                if day >= a && day < b {
-                    if let Some(v) = rows.daily_row() {
-                        out.daily.insert(day, v);
-                    }
+            if ranges.daily.iter().any(|&(a, b)| day >= a && day < b) {
+                if let Some(v) = rows.daily_row() {
+                    out.daily.insert(day, v);
                 }
             }
         }

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use tally_common::bucket::{hour_floor, now_micros};
+use tally_common::calendar::SLOT_MICROS;
 use tally_common::query::parse_metrics_request;
 use tally_common::speed_view::SpeedReading;
 use tally_common::Error;
@@ -66,37 +67,52 @@ pub(crate) async fn metrics(
         )
     })?;
     let request = parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
+    let mut snapshot = state.inner.batch.snapshot().ok_or_else(|| {
+        ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())
+    })?;
+    if snapshot.store_unconfirmed() {
+        // the store's state not confirmed lately (a Lambda container thawed:
+        // one Redis read confirms it), before the merchant's zone is read from it
+        if let Some(s) = refresh_on_request(&state, false).await {
+            snapshot = s;
+        }
+    }
     let calendar = match request.time_zone {
         Some(c) => c,
         None => state
             .inner
             .zones
-            .zone(state.inner.batch.lake(), &merchant)
+            .zone(
+                state.inner.batch.lake(),
+                &merchant,
+                snapshot.store_holds_settings(),
+            )
             .await
             .map_err(|e| ApiError::lake(&e))?,
     };
     let buckets = request.buckets(&calendar).map_err(invalid)?;
+    // every offset since 1972 is a whole number of quarter hours, the grain
+    // both views keep; a few zones' older offsets are not (Africa/Monrovia's
+    // -00:44:30 until 1972): refused, never answered with misaligned zeros
+    if let Some(&(s, _)) = buckets
+        .iter()
+        .find(|(s, e)| s.rem_euclid(SLOT_MICROS) != 0 || e.rem_euclid(SLOT_MICROS) != 0)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "{} in {} was not on a quarter hour of UTC, the grain tally keeps; \
+             ask for this range in another zone",
+            calendar.format(s),
+            calendar.name()
+        )));
+    }
 
-    let mut snapshot = state.inner.batch.snapshot().ok_or_else(|| {
-        ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())
-    })?;
     // the newest hour the speed view can hold data for: events may be stamped
     // up to the decoder's allowance ahead of now
     let horizon = hour_floor(now_micros() + tally_common::decode::MAX_FUTURE_MICROS);
     let mut plan = Plan::new(calendar, &buckets, snapshot.watermark(), horizon);
-    let open_lake = snapshot.lake_pending() && snapshot.needs_lake(&plan.ranges);
-    if snapshot.store_unconfirmed() || open_lake {
-        // the store's state not confirmed lately (a Lambda container thawed:
-        // one Redis read confirms it), or a process that just started needing
-        // the lake's tables; a failure leaves the lake to answer (or 503)
-        let wait = state.inner.options.speed_timeout;
-        let refresh = state.inner.batch.refresh_opening(open_lake);
-        match tokio::time::timeout(wait, refresh).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "refreshing the batch view failed"),
-            Err(_) => tracing::warn!(?wait, "refreshing the batch view took too long"),
-        }
-        if let Some(s) = state.inner.batch.snapshot() {
+    if snapshot.lake_pending() && snapshot.needs_lake(&plan.ranges) {
+        // a process that just started, needing the lake's tables
+        if let Some(s) = refresh_on_request(&state, true).await {
             snapshot = s;
             plan = Plan::new(calendar, &buckets, snapshot.watermark(), horizon);
         }
@@ -136,6 +152,22 @@ pub(crate) async fn metrics(
         totals: assembled.totals,
         buckets: assembled.buckets,
     }))
+}
+
+/// A refresh of the batch view on a request's path, bounded by the speed
+/// timeout (a failure leaves the lake to answer, or 503); the snapshot after it.
+async fn refresh_on_request(
+    state: &AppState,
+    open_lake: bool,
+) -> Option<std::sync::Arc<crate::BatchSnapshot>> {
+    let wait = state.inner.options.speed_timeout;
+    let refresh = state.inner.batch.refresh_opening(open_lake);
+    match tokio::time::timeout(wait, refresh).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "refreshing the batch view failed"),
+        Err(_) => tracing::warn!(?wait, "refreshing the batch view took too long"),
+    }
+    state.inner.batch.snapshot()
 }
 
 /// The body of `PUT /v1/merchants/{merchant_id}/settings`, and of its answer.

@@ -87,13 +87,6 @@ pub struct Bucket {
     pub bounds: Option<(i64, i64)>,
 }
 
-fn widen(span: &mut Option<(i64, i64)>, start: i64, end: i64) {
-    *span = Some(match *span {
-        None => (start, end),
-        Some((a, b)) => (a.min(start), b.max(end)),
-    });
-}
-
 /// The fewest batch rows that tile `[s, e)` (both on slot boundaries): whole
 /// UTC days, then whole hours, then quarter hours.
 fn tile(s: i64, e: i64, out: &mut Vec<Piece>) {
@@ -139,11 +132,12 @@ impl Plan {
             let batch_end = end.min(w);
             if start < batch_end {
                 tile(start, batch_end, &mut b.pieces);
+                let r = &mut plan.ranges;
                 for p in &b.pieces {
                     match *p {
-                        Piece::Daily(d) => widen(&mut plan.ranges.daily, d, d + MICROS_PER_DAY),
-                        Piece::Hourly(h) => widen(&mut plan.ranges.hourly, h, h + MICROS_PER_HOUR),
-                        Piece::Quarter(q) => widen(&mut plan.ranges.quarters, q, q + SLOT_MICROS),
+                        Piece::Daily(d) => Ranges::add(&mut r.daily, d, d + MICROS_PER_DAY),
+                        Piece::Hourly(h) => Ranges::add(&mut r.hourly, h, h + MICROS_PER_HOUR),
+                        Piece::Quarter(q) => Ranges::add(&mut r.quarters, q, q + SLOT_MICROS),
                         Piece::Speed(..) => {}
                     }
                 }
@@ -193,6 +187,7 @@ impl Plan {
         };
         let mut total_union = CustomerUnion::new();
         let mut total_known = true;
+        let mut total_sketchless = false;
         let mut buckets = Vec::with_capacity(self.buckets.len());
         for b in &self.buckets {
             let mut values = MetricValues {
@@ -201,6 +196,9 @@ impl Plan {
             };
             let mut union = CustomerUnion::new();
             let mut known = true;
+            // a row with customers but no sketch (written before sketches
+            // were kept, until reprocessed): a union over it is unknown
+            let mut sketchless = false;
             for p in &b.pieces {
                 let row = match *p {
                     Piece::Daily(d) => rows.daily.get(&d),
@@ -217,6 +215,7 @@ impl Plan {
                 }
                 .unwrap_or(&empty);
                 values.counters.merge(&row.values.counters);
+                sketchless |= row.sketch.is_none() && row.values.unique_customers.unwrap_or(0) > 0;
                 if let Some(sketch) = &row.sketch {
                     if let Err(e) = union.add_bytes(sketch) {
                         tracing::warn!(error = %e, "a stored sketch does not parse; skipped");
@@ -234,12 +233,14 @@ impl Plan {
                     values.unique_customers =
                         Some(row.and_then(|r| r.values.unique_customers).unwrap_or(0));
                 }
+                None if sketchless => values.unique_customers = None,
                 None => {
                     let (u, bb) = estimate(&union);
                     values.unique_customers = Some(u);
                     bounds = bb;
                 }
             }
+            total_sketchless |= sketchless;
             if known {
                 total.counters.merge(&values.counters);
                 total_union.merge(&union);
@@ -264,7 +265,8 @@ impl Plan {
             only.clone()
         } else {
             let (u, bounds) = estimate(&total_union);
-            total.unique_customers = Some(u);
+            total.unique_customers = (!total_sketchless).then_some(u);
+            let bounds = bounds.filter(|_| !total_sketchless);
             Bucket {
                 start: self.buckets.first().map_or(0, |b| b.start),
                 source: Source::Mixed,
@@ -410,9 +412,9 @@ mod tests {
             .unwrap();
         let w = d + MICROS_PER_DAY + 2 * MICROS_PER_HOUR;
         let plan = Plan::new(Calendar::UTC, &buckets, Some(w), w + MICROS_PER_HOUR);
-        assert_eq!(plan.ranges.daily, Some((d, d + MICROS_PER_DAY)));
-        assert_eq!(plan.ranges.hourly, Some((d + MICROS_PER_DAY, w)));
-        assert_eq!(plan.ranges.quarters, None);
+        assert_eq!(plan.ranges.daily, [(d, d + MICROS_PER_DAY)]);
+        assert_eq!(plan.ranges.hourly, [(d + MICROS_PER_DAY, w)]);
+        assert!(plan.ranges.quarters.is_empty());
         assert_eq!(plan.speed_hours, [w, w + MICROS_PER_HOUR]);
         let mut rows = MerchantRows::default();
         rows.daily.insert(d, row(10, &["a", "b"]));
@@ -444,6 +446,33 @@ mod tests {
     }
 
     #[test]
+    fn rows_with_customers_but_no_sketch_make_a_union_unknown_not_zero() {
+        let d = ts("2026-11-24T00:00:00Z");
+        let buckets = Calendar::UTC
+            .buckets(
+                Unit::Week,
+                ts("2026-11-23T00:00:00Z"),
+                ts("2026-11-30T00:00:00Z"),
+                9,
+            )
+            .unwrap();
+        let plan = Plan::new(
+            Calendar::UTC,
+            &buckets,
+            Some(d + 7 * MICROS_PER_DAY),
+            i64::MAX,
+        );
+        let mut rows = MerchantRows::default();
+        let mut old = row(5, &["a", "b"]);
+        old.sketch = None; // written before sketches were kept
+        rows.daily.insert(d, old);
+        let out = plan.assemble(&rows, None);
+        let v = out.buckets[0].values.unwrap();
+        assert_eq!(v.counters.values[0], 5);
+        assert_eq!((v.unique_customers, out.buckets[0].bounds), (None, None));
+    }
+
+    #[test]
     fn a_kathmandu_day_is_tiled_by_quarter_hours_hours_and_never_split() {
         let cal = Calendar::parse("Asia/Kathmandu").unwrap();
         // local midnight of 2026-11-24 is 18:15 UTC the day before
@@ -456,7 +485,21 @@ mod tests {
         let quarters = p.iter().filter(|x| matches!(x, Piece::Quarter(_))).count();
         let hours = p.iter().filter(|x| matches!(x, Piece::Hourly(_))).count();
         assert_eq!((quarters, hours, p.len()), (4, 23, 27));
-        assert_eq!(plan.ranges.daily, None);
+        assert!(plan.ranges.daily.is_empty());
         assert!(plan.speed_hours.is_empty());
+        // a year of Kathmandu months reads hours only around its boundaries
+        let to = ts("2026-11-30T18:15:00Z");
+        let from = ts("2025-11-30T18:15:00Z");
+        let months = cal.buckets(Unit::Month, from, to, 120).unwrap();
+        let plan = Plan::new(cal, &months, Some(to), i64::MAX);
+        let hours: i64 = plan
+            .ranges
+            .hourly
+            .iter()
+            .map(|(a, b)| (b - a) / MICROS_PER_HOUR)
+            .sum();
+        // two spans per boundary (the hour holding it is in quarter hours)
+        assert_eq!(plan.ranges.hourly.len(), 24, "{:?}", plan.ranges.hourly);
+        assert_eq!(hours, 12 * 23, "{:?}", plan.ranges.hourly);
     }
 }

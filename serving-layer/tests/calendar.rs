@@ -518,4 +518,22 @@ async fn settings_are_checked_like_every_request() {
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["buckets"][0]["start"], "2026-11-24T06:00:00+05:45");
     assert_eq!(b["time_zone"], "Asia/Kathmandu");
+    // an offset that is not a whole number of quarter hours (Monrovia until
+    // 1972): refused, never answered with zeros from misaligned slots
+    let (s, b) = call(
+        &app,
+        "GET",
+        "/v1/merchants/m1/metrics?from=1971-03-01T00:44:30Z&to=1971-03-02T00:44:30Z&granularity=day&tz=Africa/Monrovia",
+        "m1",
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quarter hour"),
+        "{b}"
+    );
 }

@@ -516,7 +516,7 @@ impl ServingStore for DiesBeforePublish {
     }
     fn set_zones<'a>(
         &'a self,
-        zones: &'a [(String, String)],
+        zones: &'a [(String, String, i64)],
     ) -> BoxFuture<'a, tally_common::Result<()>> {
         self.inner.set_zones(zones)
     }

@@ -72,9 +72,11 @@ redis.call('HSETNX', KEYS[1], 'after:' .. ARGV[2], ARGV[3])
 return redis.call('HGET', KEYS[1], 'after:' .. ARGV[2])
 "#;
 
-/// Replaces one merchant-hour's rebuilt sums and adds its sketches.
-/// KEYS: counters hash, sketch list, view. ARGV: generation, ttl, n, n*(field,
-/// value), sketch entries...
+/// Replaces one merchant-hour's rebuilt sums and its rebuilt sketches (a list
+/// of its own, replaced whole by each pass, so passes repeated while the
+/// consumers catch up do not pile entries up).
+/// KEYS: counters hash, rebuilt sketch list, view. ARGV: generation, ttl, n,
+/// n*(field, value), sketch entries...
 /// Returns 1, or -1 when the view is of another generation (nothing written).
 const REPLACE_LUA: &str = r#"
 if redis.call('HGET', KEYS[3], 'generation') ~= ARGV[1] then return -1 end
@@ -84,6 +86,7 @@ for i = 0, n - 1 do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local first = 4 + 2 * n
+redis.call('DEL', KEYS[2])
 if #ARGV >= first then
   redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
   redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -453,7 +456,7 @@ impl<'a> Rebuild<'a> {
                     .arg(REPLACE_LUA)
                     .arg(3)
                     .arg(format!("{k}:c"))
-                    .arg(format!("{k}:s"))
+                    .arg(format!("{k}:rs"))
                     .arg(VIEW_KEY)
                     .arg(&view.generation)
                     .arg(self.store.ttl_secs())

@@ -89,7 +89,16 @@ pub fn day_location(merchant: &str, day: i64, slot: u8) -> (String, String) {
     (key, field)
 }
 
-/// The hash of `merchant`'s settings (field `time_zone`), beside its months
+/// Set a merchant's zone unless a later setting is there. KEYS: settings
+/// hash. ARGV: zone, set at (epoch µs). Returns 1, or 0 when a later one is kept.
+const SET_ZONE_LUA: &str = r#"
+local at = redis.call('HGET', KEYS[1], 'updated_at')
+if at and tonumber(at) > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'time_zone', ARGV[1], 'updated_at', ARGV[2])
+return 1
+"#;
+
+/// The hash of `merchant`'s settings (fields `time_zone`, `updated_at`), beside its months
 /// under the same hash tag. No TTL: a setting lasts until changed.
 pub fn settings_key(merchant: &str) -> String {
     format!("{SERVING_PREFIX}:{{{merchant}}}:settings")
@@ -371,16 +380,18 @@ impl ServingStore for RedisServingStore {
         })
     }
 
-    fn set_zones<'a>(&'a self, zones: &'a [(String, String)]) -> BoxFuture<'a, Result<()>> {
+    fn set_zones<'a>(&'a self, zones: &'a [(String, String, i64)]) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
             for chunk in zones.chunks(1000) {
                 let mut pipe = redis::pipe();
-                for (m, z) in chunk {
-                    pipe.cmd("HSET")
+                for (m, z, at) in chunk {
+                    pipe.cmd("EVAL")
+                        .arg(SET_ZONE_LUA)
+                        .arg(1)
                         .arg(settings_key(m))
-                        .arg("time_zone")
                         .arg(z)
+                        .arg(at)
                         .ignore();
                 }
                 let () = pipe

@@ -11,7 +11,8 @@
 //!   slot's sketch from one batch: the slot's number as one byte, then the
 //!   sketch (Apache DataSketches HLL, [`tally_common::sketch`], built by the
 //!   client). Readers union a slot's entries; a writer that finds the list
-//!   long replaces its entries by their union per slot ([`COMPACT_AT`]).
+//!   long replaces its entries by their union per slot ([`COMPACT_AT`]);
+//!   `...:H:rs` holds the rebuild's sketches, replaced whole by each pass.
 //!   Sketches are the batch layer's format, so a bucket straddling the
 //!   watermark has distinct customers, and the engine's work per batch is one
 //!   `RPUSH` per merchant-hour, not a `PFADD` per event.
@@ -558,6 +559,7 @@ impl SpeedView for RedisStore {
             for k in &keys {
                 pipe.cmd("HMGET").arg(format!("{k}:c")).arg(&fields);
                 pipe.cmd("LRANGE").arg(format!("{k}:s")).arg(0).arg(-1);
+                pipe.cmd("LRANGE").arg(format!("{k}:rs")).arg(0).arg(-1);
             }
             let mut c = self.conn.clone();
             let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
@@ -581,9 +583,13 @@ impl SpeedView for RedisStore {
                 let values: Vec<Option<i64>> =
                     redis::from_redis_value(it.next().unwrap_or(Value::Nil))
                         .map_err(|e| unexpected("counters", e))?;
-                let entries: Vec<Vec<u8>> =
+                let mut entries: Vec<Vec<u8>> =
                     redis::from_redis_value(it.next().unwrap_or(Value::Nil))
                         .map_err(|e| unexpected("sketches", e))?;
+                let rebuilt: Vec<Vec<u8>> =
+                    redis::from_redis_value(it.next().unwrap_or(Value::Nil))
+                        .map_err(|e| unexpected("rebuilt sketches", e))?;
+                entries.extend(rebuilt);
                 let unions = union_entries(&entries);
                 let mut hour_counters = Counters::default();
                 let mut hour_union = CustomerUnion::new();
