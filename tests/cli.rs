@@ -209,6 +209,49 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
         let (exact, est): (f64, f64) = (exact.parse().unwrap(), est.parse().unwrap());
         assert!((est - exact).abs() <= (exact * 0.02).max(1.0), "{days}");
     }
+    // another engine reads the sketches: Apache DataSketches' Python library
+    // deserializes each daily sketch, and a sketch it builds itself from the
+    // merchant's raw customer ids adds nothing to the union (the same hashing)
+    let script = r#"
+import sys, collections, datetime
+from deltalake import DeltaTable
+from datasketches import hll_sketch, hll_union, tgt_hll_type
+lake, m = sys.argv[1], sys.argv[2]
+daily = DeltaTable(lake + "/metrics_daily").to_pyarrow_table().to_pylist()
+raw = DeltaTable(lake + "/raw_events").to_pyarrow_table(columns=["merchant_id", "customer_id", "event_time"]).to_pylist()
+by_day = collections.defaultdict(set)
+for r in raw:
+    if r["merchant_id"] == m and r["customer_id"] is not None:
+        by_day[r["event_time"].date()].add(r["customer_id"])
+n = 0
+for row in daily:
+    if row["merchant_id"] != m or row["customers_sketch"] is None:
+        continue
+    ours = hll_sketch.deserialize(row["customers_sketch"])
+    theirs = hll_sketch(12, tgt_hll_type.HLL_4)
+    for c in by_day[row["day"].date()]:
+        theirs.update(c)
+    u = hll_union(12)
+    u.update(ours)
+    u.update(theirs)
+    exact = row["unique_customers"]
+    assert abs(ours.get_estimate() - exact) <= max(1, exact * 0.02), (ours.get_estimate(), exact)
+    assert abs(u.get_estimate() - ours.get_estimate()) <= max(1, exact * 0.005), (u.get_estimate(), ours.get_estimate())
+    n += 1
+assert n >= 2, n
+print(n)
+"#;
+    let out = Command::new(tally_testkit::venv_python())
+        .args(["-c", script])
+        .arg(&killed)
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Python's datasketches on tally's sketches: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for bad in [
         "DROP TABLE raw_events",
         "INSERT INTO quarantine VALUES (1)",
