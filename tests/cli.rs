@@ -199,7 +199,8 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
             &format!("SELECT SUM(orders) FROM metrics_hourly WHERE merchant_id = '{m}'")
         )
     );
-    // a day's sketch estimates its exact distinct count (2% at these sizes)
+    // a day's sketch estimates its exact distinct count (within 5%: three
+    // standard errors of lg_k 12's 1.6%)
     let days = sql(
         &killed,
         &format!("SELECT unique_customers, hll_sketch_estimate(customers_sketch) FROM metrics_daily WHERE merchant_id = '{m}'"),
@@ -207,7 +208,7 @@ fn gen_is_reproducible_and_ingest_survives_sigkill() {
     for row in days.lines().skip(1) {
         let (exact, est) = row.split_once(',').unwrap();
         let (exact, est): (f64, f64) = (exact.parse().unwrap(), est.parse().unwrap());
-        assert!((est - exact).abs() <= (exact * 0.02).max(1.0), "{days}");
+        assert!((est - exact).abs() <= (exact * 0.05).max(1.0), "{days}");
     }
     // another engine reads the sketches: Apache DataSketches' Python library
     // deserializes each daily sketch, and a sketch it builds itself from the
@@ -231,12 +232,16 @@ for row in daily:
     theirs = hll_sketch(12, tgt_hll_type.HLL_4)
     for c in by_day[row["day"].date()]:
         theirs.update(c)
-    u = hll_union(12)
-    u.update(ours)
-    u.update(theirs)
+    alone = hll_union(12)
+    alone.update(ours)
+    both = hll_union(12)
+    both.update(ours)
+    both.update(theirs)
     exact = row["unique_customers"]
-    assert abs(ours.get_estimate() - exact) <= max(1, exact * 0.02), (ours.get_estimate(), exact)
-    assert abs(u.get_estimate() - ours.get_estimate()) <= max(1, exact * 0.005), (u.get_estimate(), ours.get_estimate())
+    assert abs(ours.get_estimate() - exact) <= max(1, exact * 0.05), (ours.get_estimate(), exact)
+    # the same registers: nothing of theirs is new to ours (a customer only
+    # raw_events holds, e.g. in a quarantined row, may add one)
+    assert abs(both.get_estimate() - alone.get_estimate()) <= 1.5, (both.get_estimate(), alone.get_estimate())
     n += 1
 assert n >= 2, n
 print(n)
