@@ -56,15 +56,23 @@ pub fn union_agg() -> AggregateUDF {
     AggregateUDF::from(SketchAgg {
         name: "hll_union_agg",
         input: Input::Sketches,
-        signature: Signature::one_of(
-            vec![
-                TypeSignature::Exact(vec![DataType::Binary]),
-                TypeSignature::Exact(vec![DataType::BinaryView]),
-                TypeSignature::Exact(vec![DataType::LargeBinary]),
-            ],
-            Volatility::Immutable,
-        ),
+        signature: binary_argument(),
     })
+}
+
+/// One argument of any of Arrow's binary types (the stored sketches).
+fn binary_argument() -> Signature {
+    Signature::one_of(
+        [
+            DataType::Binary,
+            DataType::BinaryView,
+            DataType::LargeBinary,
+        ]
+        .into_iter()
+        .map(|t| TypeSignature::Exact(vec![t]))
+        .collect(),
+        Volatility::Immutable,
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -176,14 +184,7 @@ struct SketchEstimate {
 impl SketchEstimate {
     fn new() -> Self {
         SketchEstimate {
-            signature: Signature::one_of(
-                vec![
-                    TypeSignature::Exact(vec![DataType::Binary]),
-                    TypeSignature::Exact(vec![DataType::BinaryView]),
-                    TypeSignature::Exact(vec![DataType::LargeBinary]),
-                ],
-                Volatility::Immutable,
-            ),
+            signature: binary_argument(),
         }
     }
 }

@@ -57,15 +57,7 @@ pub(crate) async fn metrics(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Json<MetricsResponse>, ApiError> {
-    let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let claimed = merchant.as_ref().map_or("", |Path(m)| m.as_str());
-    state.inner.auth.authorize(authorization, claimed).await?;
-    // a path segment that does not decode is a JSON 400 like every other bad request
-    let Path(merchant) = merchant.map_err(|_| {
-        ApiError::BadRequest(
-            "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
-        )
-    })?;
+    let merchant = authorized_merchant(&state, merchant, &headers).await?;
     let request = parse_metrics_request(&merchant, uri.query()).map_err(invalid)?;
     let mut snapshot = state.inner.batch.snapshot().ok_or_else(|| {
         ApiError::Unavailable("the batch view (lake) is not loaded yet; retry shortly".into())
@@ -201,14 +193,7 @@ pub(crate) async fn put_settings(
     headers: HeaderMap,
     body: Result<Json<SettingsBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<SettingsBody>, ApiError> {
-    let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let claimed = merchant.as_ref().map_or("", |Path(m)| m.as_str());
-    state.inner.auth.authorize(authorization, claimed).await?;
-    let Path(merchant) = merchant.map_err(|_| {
-        ApiError::BadRequest(
-            "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
-        )
-    })?;
+    let merchant = authorized_merchant(&state, merchant, &headers).await?;
     let Json(body) = body.map_err(|e| {
         ApiError::BadRequest(format!(
             "the body must be {{\"time_zone\": \"Area/Location\"}}: {}",
@@ -233,6 +218,25 @@ pub(crate) async fn put_settings(
     Ok(Json(SettingsBody {
         time_zone: calendar.name().to_string(),
     }))
+}
+
+/// The path's merchant, once the bearer token may act for it (the merchant
+/// itself or an admin). A path segment that does not decode is a JSON 400 like
+/// every other bad request; the token is checked first (401/403).
+async fn authorized_merchant(
+    state: &AppState,
+    merchant: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
+    let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let claimed = merchant.as_ref().map_or("", |Path(m)| m.as_str());
+    state.inner.auth.authorize(authorization, claimed).await?;
+    let Path(merchant) = merchant.map_err(|_| {
+        ApiError::BadRequest(
+            "merchant_id must be 1-64 characters of letters, digits and _ . : -".into(),
+        )
+    })?;
+    Ok(merchant)
 }
 
 /// The body of `/health`.
