@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 use tally_stream::kinesis_event;
-use tally_testkit::{free_port, http_get, kinesis, MotoServer, Proxy, RedisServer};
+use tally_testkit::{free_port, http_get, kinesis, MotoServer, Proxy, RedisCluster, RedisServer};
 
 const SECRET: &str = "pipeline-test-secret";
 const STREAM: &str = "events";
@@ -37,9 +37,43 @@ struct Models {
     all: Model,
 }
 
+/// The Redis the pipeline writes to: one server, or a Redis Cluster.
+enum Redis {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    fn url(&self) -> String {
+        match self {
+            Redis::Server(s) => s.url(),
+            Redis::Cluster(c) => c.url(),
+        }
+    }
+
+    fn server(&mut self) -> &mut RedisServer {
+        match self {
+            Redis::Server(s) => s,
+            Redis::Cluster(_) => panic!("this test needs a single Redis server"),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.server().stop()
+    }
+
+    fn restart(&mut self) {
+        self.server().restart()
+    }
+
+    fn restart_empty(&mut self) {
+        self.server().restart_empty()
+    }
+}
+
 struct Pipeline {
     _dir: tempfile::TempDir,
-    redis: RedisServer,
+    redis: Redis,
     moto: MotoServer,
     s3: Proxy,
     file: PathBuf,
@@ -75,8 +109,12 @@ impl Pipeline {
     /// Services up, a 2-shard stream, and `events` generated lines over the last
     /// two days on the stream (and in a file for the model).
     fn start(seed: u64, events: u64) -> Pipeline {
+        Self::start_on(Redis::Server(RedisServer::start_persistent()), seed, events)
+    }
+
+    /// [`Pipeline::start`] with the speed view and the serving store on `redis`.
+    fn start_on(redis: Redis, seed: u64, events: u64) -> Pipeline {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let redis = RedisServer::start_persistent();
         let moto = MotoServer::start();
         moto.create_bucket("lake");
         let s3 = Proxy::start(moto.port());
@@ -554,6 +592,71 @@ fn the_same_batch_delivered_twice_to_both_lambda_handlers_counts_once() {
             }
         }
     });
+    p.check_everything();
+}
+
+/// The same pipeline with `TALLY_REDIS_URL` naming one node of a Redis Cluster
+/// (three primaries, a replica each): the speed view, its checkpoints, the
+/// rebuild and the serving store spread over the cluster's slots.
+#[test]
+fn the_pipeline_equals_an_independent_computation_on_a_redis_cluster() {
+    let p = Pipeline::start_on(Redis::Cluster(RedisCluster::start(3)), 21, 12_000);
+    p.consume("500");
+    // before any batch run every bucket is the speed view's
+    {
+        let server = p.serve();
+        p.wait_until_whole(&server);
+        p.check_hours_from(&server);
+    }
+    p.check_everything();
+    // a second pass over the stream changes nothing
+    p.consume("500");
+    p.check_everything();
+}
+
+/// A cluster primary killed while `tally speed consume` writes: its replica is
+/// promoted (the cluster's own failover), the consumer carries on through the
+/// cluster's new topology, and once redeliveries are applied nothing is lost
+/// and nothing counted twice. Every batch's writes reached a replica (`WAIT`)
+/// before the consumer checkpointed past them, so the promoted replica has every
+/// write the stream will not deliver again.
+#[test]
+fn a_cluster_primary_killed_mid_stream_loses_and_doubles_nothing() {
+    let mut p = Pipeline::start_on(Redis::Cluster(RedisCluster::start(3)), 22, 15_000);
+    let mut s = p.spawn(&["speed", "consume", "--limit", "20"]);
+    let victim = {
+        let Redis::Cluster(c) = &p.redis else {
+            unreachable!()
+        };
+        let t = Instant::now();
+        // wait until the consumer has applied a good part of the stream
+        while c
+            .cli(c.topology()[0].0, &["DBSIZE"])
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(0)
+            < 100
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the consumer applies nothing"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.topology()[0].0
+    };
+    if let Redis::Cluster(c) = &mut p.redis {
+        c.kill(victim);
+        c.wait_failover(victim, Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    sigkill(&mut s);
+    p.consume("500");
+    {
+        let server = p.serve();
+        p.wait_until_whole(&server);
+        p.check_hours_from(&server);
+    }
     p.check_everything();
 }
 

@@ -222,7 +222,7 @@ impl MetricRows {
     pub fn row(&self, row: usize) -> BucketRow {
         BucketRow {
             values: self.values(row),
-            sketch: self.sketch(row).map(<[u8]>::to_vec),
+            sketch: self.sketch(row).map(bytes::Bytes::copy_from_slice),
         }
     }
 }

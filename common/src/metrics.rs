@@ -278,8 +278,9 @@ pub struct MetricValues {
 pub struct BucketRow {
     /// Counters, and distinct customers exact within the row's bucket.
     pub values: MetricValues,
-    /// The bucket's customers as a serialized DataSketches HLL sketch.
-    pub sketch: Option<Vec<u8>>,
+    /// The bucket's customers as a serialized DataSketches HLL sketch (a
+    /// shared buffer: rows read from a stored value are slices of it).
+    pub sketch: Option<bytes::Bytes>,
 }
 
 /// A metric's value as the API returns it.

@@ -35,6 +35,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::bucket::{MICROS_PER_DAY, MICROS_PER_HOUR};
@@ -200,6 +201,149 @@ impl DayRows {
         <DayRows as prost::Message>::decode(bytes)
             .map_err(|e| Error::serving_from("a serving-store value does not decode", e))
     }
+}
+
+/// A stored [`DayRows`] read in place, for requests: one pass over the
+/// protobuf wire format (prost's own primitives) records where each row lies,
+/// and a row is decoded only when asked for, its sketch a slice of the value
+/// (no copy). Decoding every row of every date with prost allocated a
+/// `Vec` per row and per sketch, most of a request's CPU time.
+///
+/// Reads what [`DayRows::decode`] reads: fields in any order, unknown fields
+/// skipped, repeated values packed or not.
+#[derive(Debug, Clone)]
+pub struct DayRowsView {
+    value: Bytes,
+    /// The load that wrote it.
+    pub generation: u64,
+    /// Byte spans of the hourly rows' messages, by hour of the day.
+    hours: [(u32, u32); 24],
+    /// Byte spans of the quarter-hourly rows' messages, by slot of the day.
+    quarters: [(u32, u32); 96],
+    /// Byte span of the daily row's message.
+    daily: Option<(u32, u32)>,
+}
+
+/// A row message decoded in place: its hour, its stored values, and the byte
+/// span of its sketch within the value.
+type DecodedRow = (u32, [i64; STORED_COUNT], Option<(u32, u32)>);
+
+fn wire_error(e: prost::DecodeError) -> Error {
+    Error::serving_from("a serving-store value does not decode", e)
+}
+
+impl DayRowsView {
+    /// Index `value`. Errors: the bytes are not a [`DayRows`].
+    pub fn parse(value: Bytes) -> Result<Self> {
+        use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+        let mut view = DayRowsView {
+            value,
+            generation: 0,
+            hours: [(0, 0); 24],
+            quarters: [(0, 0); 96],
+            daily: None,
+        };
+        let total = view.value.len();
+        let mut buf: &[u8] = &view.value;
+        while !buf.is_empty() {
+            let (tag, wire) = decode_key(&mut buf).map_err(wire_error)?;
+            match (tag, wire) {
+                (1, WireType::Varint) => {
+                    view.generation = decode_varint(&mut buf).map_err(wire_error)?;
+                }
+                (2..=4, WireType::LengthDelimited) => {
+                    let len = decode_varint(&mut buf).map_err(wire_error)? as usize;
+                    if len > buf.len() {
+                        return Err(Error::serving("a serving-store value is truncated"));
+                    }
+                    let at = (total - buf.len()) as u32;
+                    let span = (at, at + len as u32);
+                    buf = &buf[len..];
+                    match tag {
+                        3 => view.daily = Some(span),
+                        _ => {
+                            let (hour, _, _) = view.decode_row(span, false)?;
+                            let slots: &mut [(u32, u32)] = if tag == 2 {
+                                &mut view.hours
+                            } else {
+                                &mut view.quarters
+                            };
+                            if let Some(s) = slots.get_mut(hour as usize) {
+                                *s = span;
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    skip_field(wire, tag, &mut buf, DecodeContext::default()).map_err(wire_error)?
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    /// Decode the row message at `span`: its hour (0 when absent), values
+    /// and sketch (a span of the value). `stored_row`: a [`StoredRow`]
+    /// (values tag 1, sketch tag 2) rather than an [`HourRow`].
+    fn decode_row(
+        &self,
+        span: (u32, u32),
+        stored_row: bool,
+    ) -> Result<DecodedRow> {
+        use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+        let (values_tag, sketch_tag) = if stored_row { (1, 2) } else { (2, 3) };
+        let (mut hour, mut values, mut n, mut sketch) = (0u32, [0i64; STORED_COUNT], 0, None);
+        let mut push = |v: u64| {
+            if let Some(s) = values.get_mut(n) {
+                // zigzag (sint64)
+                *s = ((v >> 1) as i64) ^ -((v & 1) as i64);
+            }
+            n += 1;
+        };
+        let end = span.1 as usize;
+        let mut buf: &[u8] = self
+            .value
+            .get(span.0 as usize..end)
+            .ok_or_else(|| Error::serving("a serving-store value is truncated"))?;
+        while !buf.is_empty() {
+            let (tag, wire) = decode_key(&mut buf).map_err(wire_error)?;
+            if tag == 1 && !stored_row && wire == WireType::Varint {
+                hour =
+                    u32::try_from(decode_varint(&mut buf).map_err(wire_error)?).unwrap_or(u32::MAX);
+            } else if tag == values_tag && wire == WireType::Varint {
+                push(decode_varint(&mut buf).map_err(wire_error)?);
+            } else if (tag == values_tag || tag == sketch_tag) && wire == WireType::LengthDelimited
+            {
+                let len = decode_varint(&mut buf).map_err(wire_error)? as usize;
+                if len > buf.len() {
+                    return Err(Error::serving("a serving-store value is truncated"));
+                }
+                let (field, rest) = buf.split_at(len);
+                if tag == values_tag {
+                    let mut packed = field;
+                    while !packed.is_empty() {
+                        push(decode_varint(&mut packed).map_err(wire_error)?);
+                    }
+                } else {
+                    let at = (end - buf.len()) as u32;
+                    sketch = Some((at, at + len as u32));
+                }
+                buf = rest;
+            } else {
+                skip_field(wire, tag, &mut buf, DecodeContext::default()).map_err(wire_error)?;
+            }
+        }
+        Ok((hour, values, sketch))
+    }
+
+    /// The row message at `span` as a [`BucketRow`].
+    fn row(&self, span: (u32, u32), stored_row: bool) -> Result<BucketRow> {
+        let (_, stored, sketch) = self.decode_row(span, stored_row)?;
+        Ok(BucketRow {
+            values: MetricValues::from_stored(stored),
+            sketch: sketch.map(|(a, b)| self.value.slice(a as usize..b as usize)),
+        })
+    }
 
     /// The hourly rows of date `day` (epoch µs, UTC midnight) with
     /// `start <= hour < end`, into `out` by hour start.
@@ -209,8 +353,8 @@ impl DayRows {
         start: i64,
         end: i64,
         out: &mut std::collections::HashMap<i64, BucketRow>,
-    ) {
-        rows_into(&self.hours, day, MICROS_PER_HOUR, 24, start, end, out);
+    ) -> Result<()> {
+        self.rows_into(&self.hours, day, MICROS_PER_HOUR, start, end, out)
     }
 
     /// The quarter-hourly rows of date `day` with `start <= quarter hour < end`,
@@ -221,49 +365,34 @@ impl DayRows {
         start: i64,
         end: i64,
         out: &mut std::collections::HashMap<i64, BucketRow>,
-    ) {
-        rows_into(&self.quarters, day, SLOT_MICROS, 96, start, end, out);
+    ) -> Result<()> {
+        self.rows_into(&self.quarters, day, SLOT_MICROS, start, end, out)
+    }
+
+    fn rows_into(
+        &self,
+        spans: &[(u32, u32)],
+        day: i64,
+        step: i64,
+        start: i64,
+        end: i64,
+        out: &mut std::collections::HashMap<i64, BucketRow>,
+    ) -> Result<()> {
+        let first = ((start - day).max(0) + step - 1) / step;
+        let last = ((end - day).min(step * spans.len() as i64) + step - 1) / step;
+        for i in first..last {
+            let span = spans[i as usize];
+            if span != (0, 0) {
+                out.insert(day + i * step, self.row(span, false)?);
+            }
+        }
+        Ok(())
     }
 
     /// The daily row, when the day has one.
-    pub fn daily_row(&self) -> Option<BucketRow> {
-        self.daily.as_ref().map(|d| BucketRow {
-            values: values_of(&d.values),
-            sketch: d.sketch.clone(),
-        })
+    pub fn daily_row(&self) -> Result<Option<BucketRow>> {
+        self.daily.map(|span| self.row(span, true)).transpose()
     }
-}
-
-fn rows_into(
-    rows: &[HourRow],
-    day: i64,
-    step: i64,
-    per_day: u32,
-    start: i64,
-    end: i64,
-    out: &mut std::collections::HashMap<i64, BucketRow>,
-) {
-    for h in rows {
-        let t = day + i64::from(h.hour) * step;
-        if t >= start && t < end && h.hour < per_day {
-            out.insert(
-                t,
-                BucketRow {
-                    values: values_of(&h.values),
-                    sketch: h.sketch.clone(),
-                },
-            );
-        }
-    }
-}
-
-/// Values in [`stored_metric_names`] order as [`MetricValues`] (missing ones 0).
-fn values_of(v: &[i64]) -> MetricValues {
-    let mut stored = [0; STORED_COUNT];
-    for (s, x) in stored.iter_mut().zip(v) {
-        *s = *x;
-    }
-    MetricValues::from_stored(stored)
 }
 
 /// One value to write: `rows` of `merchant` on date `day` (epoch µs) into `slot`.
@@ -295,7 +424,7 @@ pub trait ServingStore: Send + Sync {
         &'a self,
         merchant: &'a str,
         days: &'a [(i64, u8)],
-    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>>>;
+    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>>>;
 
     /// Write `values` (replacing what their merchant, date and slot held).
     fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, Result<()>>;
@@ -360,7 +489,8 @@ struct Embedded {
     state: Option<StoreState>,
     generation: u64,
     lease: Option<(String, std::time::Instant)>,
-    values: std::collections::HashMap<(String, i64, u8), Vec<u8>>,
+    /// Values by merchant, then (date, slot).
+    values: std::collections::HashMap<String, std::collections::HashMap<(i64, u8), Bytes>>,
     bytes: u64,
 }
 
@@ -396,13 +526,14 @@ impl ServingStore for EmbeddedServingStore {
         &'a self,
         merchant: &'a str,
         days: &'a [(i64, u8)],
-    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>>> {
+    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>>> {
         let r = self
             .inner
             .read()
             .map(|g| {
+                let values = g.values.get(merchant);
                 days.iter()
-                    .map(|&(d, s)| g.values.get(&(merchant.to_string(), d, s)).cloned())
+                    .map(|k| values.and_then(|v| v.get(k)).cloned())
                     .collect()
             })
             .map_err(|_| Self::poisoned());
@@ -414,15 +545,15 @@ impl ServingStore for EmbeddedServingStore {
             .inner
             .write()
             .map(|mut g| {
+                let g = &mut *g;
                 for v in values {
-                    for &(d, sl) in &v.clear {
-                        let old = g.values.remove(&(v.merchant.clone(), d, sl));
+                    let mine = g.values.entry(v.merchant.clone()).or_default();
+                    for k in &v.clear {
+                        let old = mine.remove(k);
                         g.bytes -= old.map_or(0, |o| o.len() as u64);
                     }
                     g.bytes += v.value.len() as u64;
-                    let old = g
-                        .values
-                        .insert((v.merchant.clone(), v.day, v.slot), v.value.clone());
+                    let old = mine.insert((v.day, v.slot), Bytes::from(v.value.clone()));
                     g.bytes -= old.map_or(0, |o| o.len() as u64);
                 }
             })
@@ -525,17 +656,20 @@ impl ServingStore for EmbeddedServingStore {
             .inner
             .write()
             .map(|mut g| {
-                let n = g.values.len();
-                let mut freed = 0;
-                g.values.retain(|(_, d, _), v| {
-                    let keep = *d >= before;
-                    if !keep {
-                        freed += v.len() as u64;
-                    }
-                    keep
-                });
+                let (mut dropped, mut freed) = (0, 0);
+                for mine in g.values.values_mut() {
+                    mine.retain(|(d, _), v| {
+                        let keep = *d >= before;
+                        if !keep {
+                            dropped += 1;
+                            freed += v.len() as u64;
+                        }
+                        keep
+                    });
+                }
+                g.values.retain(|_, mine| !mine.is_empty());
                 g.bytes -= freed;
-                (n - g.values.len()) as u64
+                dropped
             })
             .map_err(|_| Self::poisoned());
         Box::pin(async move { r })
@@ -604,26 +738,84 @@ mod tests {
         };
         let back = DayRows::decode(&rows.encode_to_vec()).unwrap();
         assert_eq!(back, rows);
+        let view = DayRowsView::parse(rows.encode_to_vec().into()).unwrap();
+        assert_eq!(view.generation, 7);
         let mut out = std::collections::HashMap::new();
-        back.hours_into(
+        view.hours_into(
             day,
             day + 4 * MICROS_PER_HOUR,
             day + MICROS_PER_DAY,
             &mut out,
-        );
+        )
+        .unwrap();
         assert_eq!(out.len(), 1);
         let got = &out[&(day + 23 * MICROS_PER_HOUR)];
         let stored = got.values.stored();
         assert_eq!((stored[0], stored[STORED_COUNT - 1]), (9, -9));
         assert_eq!(got.sketch.as_deref(), Some(&[1u8, 2, 3][..]));
-        assert_eq!(back.daily_row().unwrap().values.stored()[0], 14);
+        assert_eq!(view.daily_row().unwrap().unwrap().values.stored()[0], 14);
         let mut q = std::collections::HashMap::new();
-        back.quarters_into(day, day, day + MICROS_PER_DAY, &mut q);
+        view.quarters_into(day, day, day + MICROS_PER_DAY, &mut q)
+            .unwrap();
         assert_eq!(
             q[&(day + 95 * SLOT_MICROS)].sketch.as_deref(),
             Some(&[4u8][..])
         );
+        // a range within the day, off the grain: the hours starting in it
+        let mut some = std::collections::HashMap::new();
+        view.hours_into(day, day + 1, day + 3 * MICROS_PER_HOUR + 1, &mut some)
+            .unwrap();
+        assert_eq!(
+            some.keys().copied().collect::<Vec<_>>(),
+            [day + 3 * MICROS_PER_HOUR]
+        );
+        assert!(DayRowsView::parse(bytes::Bytes::from_static(b"\xff\xff")).is_err());
+        // a row message cut short
+        let mut cut = rows.encode_to_vec();
+        cut.truncate(cut.len() - 2);
+        assert!(DayRowsView::parse(cut.into()).is_err());
         assert!(DayRows::decode(b"\xff\xff").is_err());
+    }
+
+    /// Written by hand in another field order, with unpacked values and
+    /// unknown fields: the view reads what prost reads.
+    #[test]
+    fn the_view_reads_any_encoding_prost_reads() {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        let day = 20_000 * MICROS_PER_DAY;
+        let mut row = Vec::new();
+        encode_key(3, WireType::LengthDelimited, &mut row); // sketch first
+        encode_varint(2, &mut row);
+        row.extend([7, 8]);
+        for v in [3i64, -4] {
+            encode_key(2, WireType::Varint, &mut row); // unpacked sint64
+            encode_varint(((v << 1) ^ (v >> 63)) as u64, &mut row);
+        }
+        encode_key(9, WireType::SixtyFourBit, &mut row); // unknown
+        row.extend([0; 8]);
+        encode_key(1, WireType::Varint, &mut row);
+        encode_varint(5, &mut row);
+        let mut value = Vec::new();
+        encode_key(2, WireType::LengthDelimited, &mut value);
+        encode_varint(row.len() as u64, &mut value);
+        value.extend(&row);
+        encode_key(12, WireType::LengthDelimited, &mut value); // unknown
+        encode_varint(1, &mut value);
+        value.push(0);
+        encode_key(1, WireType::Varint, &mut value); // generation last
+        encode_varint(42, &mut value);
+        let prost = DayRows::decode(&value).unwrap();
+        assert_eq!(prost.generation, 42);
+        assert_eq!(prost.hours[0].values, [3, -4]);
+        let view = DayRowsView::parse(value.into()).unwrap();
+        assert_eq!(view.generation, 42);
+        let mut out = std::collections::HashMap::new();
+        view.hours_into(day, day, day + MICROS_PER_DAY, &mut out)
+            .unwrap();
+        let r = &out[&(day + 5 * MICROS_PER_HOUR)];
+        assert_eq!((r.values.stored()[0], r.values.stored()[1]), (3, -4));
+        assert_eq!(r.sketch.as_deref(), Some(&[7u8, 8][..]));
+        assert_eq!(view.daily_row().unwrap(), None);
     }
 
     #[tokio::test]
@@ -686,7 +878,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             store.read("m", &[(0, 0), (0, 1)]).await.unwrap(),
-            vec![Some(vec![1, 2]), None]
+            vec![Some(bytes::Bytes::from(vec![1, 2])), None]
         );
         assert_eq!(store.drop_before(MICROS_PER_DAY).await.unwrap(), 1);
         store.flush();

@@ -34,7 +34,7 @@ use tally_common::bucket::{day_floor, now_micros, MICROS_PER_DAY};
 use tally_common::lake::{register, Lake, Table};
 use tally_common::metric_table::{MetricRows, MetricTable, MERCHANT_COLUMN, SKETCH_COLUMN};
 use tally_common::metrics::{stored_metric_names, BucketRow};
-use tally_common::serving_store::{dates_between, DayRows, ServingStore, StoreState};
+use tally_common::serving_store::{dates_between, DayRowsView, ServingStore, StoreState};
 use tally_common::watermark::read_progress;
 use tally_common::{Context as _, Error, Result};
 
@@ -252,36 +252,39 @@ impl BatchSnapshot {
         };
         let (values, lake) = tokio::join!(served.store.read(merchant, &keys), lake_rows);
         let mut out = lake?;
-        let decoded = values.and_then(|values| {
-            values
-                .into_iter()
-                .map(|v| v.map(|v| DayRows::decode(&v)).transpose())
-                .collect::<Result<Vec<Option<DayRows>>>>()
+        let read = values.and_then(|values| {
+            let mut rows = MerchantRows::default();
+            for (&(day, _), value) in keys.iter().zip(values) {
+                let Some(value) = value else { continue };
+                let view = DayRowsView::parse(value)?;
+                // left in this slot by an older load: the merchant had no rows since
+                if state.date(day).map(|e| e.generation) != Some(view.generation) {
+                    continue;
+                }
+                for &(a, b) in &ranges.hourly {
+                    view.hours_into(day, a, b, &mut rows.hourly)?;
+                }
+                for &(a, b) in &ranges.quarters {
+                    view.quarters_into(day, a, b, &mut rows.quarters)?;
+                }
+                if ranges.daily.iter().any(|&(a, b)| day >= a && day < b) {
+                    if let Some(v) = view.daily_row()? {
+                        rows.daily.insert(day, v);
+                    }
+                }
+            }
+            Ok(rows)
         });
-        let values = match decoded {
-            Ok(v) => v,
+        match read {
+            Ok(rows) => {
+                out.hourly.extend(rows.hourly);
+                out.daily.extend(rows.daily);
+                out.quarters.extend(rows.quarters);
+            }
             Err(e) => {
                 // the lake at the same versions holds the same rows
                 tracing::warn!(merchant, error = %e, "reading the serving store failed; reading the lake");
                 return self.read_lake(merchant, ranges).await;
-            }
-        };
-        for (&(day, _), rows) in keys.iter().zip(values) {
-            let Some(rows) = rows else { continue };
-            // left in this slot by an older load: the merchant had no rows since
-            if state.date(day).map(|e| e.generation) != Some(rows.generation) {
-                continue;
-            }
-            for &(a, b) in &ranges.hourly {
-                rows.hours_into(day, a, b, &mut out.hourly);
-            }
-            for &(a, b) in &ranges.quarters {
-                rows.quarters_into(day, a, b, &mut out.quarters);
-            }
-            if ranges.daily.iter().any(|&(a, b)| day >= a && day < b) {
-                if let Some(v) = rows.daily_row() {
-                    out.daily.insert(day, v);
-                }
             }
         }
         Ok(out)

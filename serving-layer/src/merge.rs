@@ -400,7 +400,7 @@ mod tests {
                 counters,
                 unique_customers: Some(customers.len() as i64),
             },
-            sketch: (!customers.is_empty()).then(|| s.to_bytes()),
+            sketch: (!customers.is_empty()).then(|| s.to_bytes().into()),
         }
     }
 

@@ -134,7 +134,7 @@ impl SpeedView for FakeSpeed {
             let mut quarter: [BucketRow; 4] = Default::default();
             quarter[0] = BucketRow {
                 values: one,
-                sketch: Some(tally_common::sketch_sql::sketch_of(["c"])),
+                sketch: Some(tally_common::sketch_sql::sketch_of(["c"]).into()),
             };
             Ok(SpeedReading {
                 hours: hours.iter().map(|_| one).collect(),

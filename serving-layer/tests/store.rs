@@ -502,7 +502,7 @@ impl ServingStore for DiesBeforePublish {
         &'a self,
         merchant: &'a str,
         days: &'a [(i64, u8)],
-    ) -> BoxFuture<'a, tally_common::Result<Vec<Option<Vec<u8>>>>> {
+    ) -> BoxFuture<'a, tally_common::Result<Vec<Option<bytes::Bytes>>>> {
         self.inner.read(merchant, days)
     }
     fn write<'a>(&'a self, values: &'a [DayWrite]) -> BoxFuture<'a, tally_common::Result<()>> {

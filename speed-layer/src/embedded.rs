@@ -153,7 +153,8 @@ impl SpeedView for EmbeddedStore {
                                 counters: v.quarters[q],
                                 unique_customers: Some(e.estimate),
                             },
-                            sketch: (!v.customers[q].is_empty()).then(|| v.customers[q].to_bytes()),
+                            sketch: (!v.customers[q].is_empty())
+                                .then(|| v.customers[q].to_bytes().into()),
                         };
                     }
                 }

@@ -15,6 +15,7 @@ pub mod aggregate;
 pub mod embedded;
 pub mod feed;
 pub mod rebuild;
+pub mod redis_conn;
 pub mod redis_serving;
 pub mod redis_store;
 pub mod speed_sink;

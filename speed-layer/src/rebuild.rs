@@ -49,17 +49,18 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
 
-use crate::redis_store::{hour_key, quarter_field, sketch_entry, RedisStore, VIEW_KEY};
+use crate::redis_store::{
+    hour_key, merchant_view_key, quarter_field, sketch_entry, RedisStore, VIEW_PREFIX,
+};
 use crate::store::ViewState;
 
-/// Makes the view when there is none. KEYS: view. ARGV: ttl.
+/// Makes a slot's view when there is none. KEYS: view.
 const ENSURE_VIEW_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('HSET', KEYS[1], 'generation', now, 'covered_from', now, 'rebuilt', '0')
 end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 "#;
 
@@ -130,8 +131,11 @@ pub const DEFAULT_REBUILD_WAIT: Duration = Duration::from_secs(300);
 /// What a rebuild did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RebuildReport {
-    /// The view's generation rebuilt.
+    /// The newest generation among the slots' views rebuilt.
     pub generation: String,
+    /// Slots whose view was rebuilt (all 16,384 after a single server's loss;
+    /// a shard's slots after a cluster shard's).
+    pub slots: usize,
     /// The view was already rebuilt (or another rebuild holds the lock): nothing done.
     pub nothing_to_do: bool,
     /// Events of `raw_events` summed into the view.
@@ -150,8 +154,9 @@ impl std::fmt::Display for RebuildReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "generation {}, {} events into {} merchant-hours from {} sources, {}",
+            "generation {} ({} slots), {} events into {} merchant-hours from {} sources, {}",
             self.generation,
+            self.slots,
             self.events,
             self.merchant_hours,
             self.sources,
@@ -276,33 +281,40 @@ impl<'a> Rebuild<'a> {
 
     async fn run_locked(&self) -> Result<RebuildReport> {
         let mut conn = self.store.connection();
-        let _: i64 = redis::Script::new(ENSURE_VIEW_LUA)
-            .key(VIEW_KEY)
-            .arg(self.store.ttl_secs())
-            .invoke_async(&mut conn)
+        // every slot gets a view now: a slot nobody wrote to since the loss has none yet
+        let mut ensure = redis::pipe();
+        for tag in crate::redis_conn::all_slot_tags() {
+            ensure
+                .cmd("EVAL")
+                .arg(ENSURE_VIEW_LUA)
+                .arg(1)
+                .arg(format!("{VIEW_PREFIX}{{{tag}}}"))
+                .ignore();
+        }
+        let () = ensure
+            .query_async(&mut conn)
             .await
             .map_err(|e| self.store.command_error(e))?;
-        let Some(view) = self.store.view_state().await? else {
-            return Err(Error::speed(
-                "the speed view vanished while rebuilding (Redis lost its data again)",
-            ));
-        };
-        let mut report = RebuildReport {
-            generation: view.generation.clone(),
-            ..RebuildReport::default()
-        };
-        if view.rebuilt {
+        let pending = self.pending().await?;
+        let mut report = RebuildReport::default();
+        if pending.is_empty() {
             report.nothing_to_do = true;
             report.complete = true;
             return Ok(report);
         }
-        let settled = view
-            .covered_from
-            .saturating_add(self.settle.as_micros() as i64);
+        report.generation = pending
+            .values()
+            .map(|v| v.generation.as_str())
+            .max()
+            .unwrap_or_default()
+            .to_string();
+        report.slots = pending.len();
+        let covered_from = pending.values().map(|v| v.covered_from).max().unwrap_or(0);
+        let settled = covered_from.saturating_add(self.settle.as_micros() as i64);
         let early = Duration::from_micros(settled.saturating_sub(now_micros()).max(0) as u64);
         let deadline = std::time::Instant::now() + early + self.wait;
         loop {
-            match self.pass(&view, settled, &mut report).await? {
+            match self.pass(&pending, settled, &mut report).await? {
                 Pass::Complete => break,
                 // a zero wait asks for what can be done now (e.g. from `tally ingest`)
                 Pass::Settling(_) if self.wait.is_zero() => return Ok(report),
@@ -321,28 +333,63 @@ impl<'a> Rebuild<'a> {
                 Pass::Behind(_) => tokio::time::sleep(STEP).await,
             }
         }
-        let done: i64 = redis::Script::new(FINISH_LUA)
-            .key(VIEW_KEY)
-            .arg(&view.generation)
-            .invoke_async(&mut conn)
+        let mut finish = redis::pipe();
+        for (key, view) in &pending {
+            finish
+                .cmd("EVAL")
+                .arg(FINISH_LUA)
+                .arg(1)
+                .arg(key)
+                .arg(&view.generation);
+        }
+        let done: Vec<i64> = finish
+            .query_async(&mut conn)
             .await
             .map_err(|e| self.store.command_error(e))?;
-        report.complete = done == 1;
+        report.complete = done.iter().all(|&d| d == 1);
         Ok(report)
     }
 
-    /// One read of `raw_events` and one write of the rebuilt sums.
+    /// The slots' views that are not rebuilt, by view key.
+    async fn pending(&self) -> Result<BTreeMap<String, ViewState>> {
+        let mut pending = BTreeMap::new();
+        for (key, view) in self.store.slot_views().await? {
+            match view {
+                Some(v) if v.rebuilt => {}
+                Some(v) => {
+                    pending.insert(key, v);
+                }
+                None => {
+                    return Err(Error::speed(
+                        "a slot's speed view vanished while rebuilding (Redis lost data again)",
+                    ))
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    /// One read of `raw_events` and one write of the rebuilt sums, into the
+    /// slots of `pending` (view key -> its state when the rebuild began).
     async fn pass(
         &self,
-        view: &ViewState,
+        pending: &BTreeMap<String, ViewState>,
         settled: i64,
         report: &mut RebuildReport,
     ) -> Result<Pass> {
         // the consumers' boundaries as of now (they write theirs on their first write)
-        let view = &match self.store.view_state().await? {
-            Some(v) if v.generation == view.generation => v,
-            _ => return Ok(Pass::Lost),
-        };
+        let mut views: BTreeMap<&str, ViewState> = BTreeMap::new();
+        for (key, view) in self.store.slot_views().await? {
+            let Some((k, was)) = pending.get_key_value(&key) else {
+                continue;
+            };
+            match view {
+                Some(v) if v.generation == was.generation => {
+                    views.insert(k.as_str(), v);
+                }
+                _ => return Ok(Pass::Lost),
+            }
+        }
         let mut w = match self.lake.open(Table::MetricsHourly).await? {
             Some(t) => read_progress(&t).await?.watermark.unwrap_or(0),
             None => 0,
@@ -358,77 +405,105 @@ impl<'a> Rebuild<'a> {
             return Ok(Pass::Complete);
         };
         let rows = read_rows(&raw, w).await?;
-        // every source the view or the rows know, with its boundary
+        // every source the views or the rows know
         let mut sources: BTreeMap<String, Option<Position>> = BTreeMap::new();
-        for (s, b) in &view.after {
-            sources.insert(s.clone(), parse_boundary(b));
+        for v in views.values() {
+            for (s, _) in &v.after {
+                sources.entry(s.clone()).or_insert(None);
+            }
         }
         for r in &rows {
             sources.entry(r.source.to_string()).or_insert(None);
         }
-        // a source that has not written since the loss gets the archive's mark as its
-        // boundary; before that, the archiver is given `settle` to catch up with
-        // what its consumer had applied before the loss
+        // a source that has not written to a slot since the loss gets the archive's
+        // mark as its boundary there; before that, the archiver is given `settle`
+        // to catch up with what its consumer had applied before the loss
         let idle = sources
             .keys()
-            .any(|s| !view.after.iter().any(|(a, _)| a == s));
+            .any(|s| views.values().any(|v| !v.after.iter().any(|(a, _)| a == s)));
         let early = settled.saturating_sub(now_micros());
         if idle && early > 0 {
             return Ok(Pass::Settling(Duration::from_micros(early as u64)));
         }
         let mut conn = self.store.connection();
         let mut behind = 0;
-        let mut owned: HashMap<String, Option<Position>> = HashMap::new();
-        for (source, known) in &sources {
+        // (view key, source) -> boundary
+        let mut owned: HashMap<(&str, &str), Option<Position>> = HashMap::new();
+        for source in sources.keys() {
             let archived = read_mark(&raw, &SourceId::from_id(source)).await?;
-            let boundary = match view.after.iter().find(|(s, _)| s == source) {
-                Some(_) => known.clone(),
-                None => {
-                    // not written since the loss: the archive's mark, or the rows' own
-                    // highest position for a writer that keeps no marks
-                    let proposed = archived.clone().or_else(|| {
-                        rows.iter()
-                            .filter(|r| r.source.as_str() == source)
-                            .map(|r| r.position.clone())
-                            .max()
-                    });
-                    let v: Value = redis::Script::new(BOUNDARY_LUA)
-                        .key(VIEW_KEY)
-                        .arg(&view.generation)
-                        .arg(source)
-                        .arg(proposed.as_ref().map_or("", |p| p.as_str()))
-                        .invoke_async(&mut conn)
-                        .await
-                        .map_err(|e| self.store.command_error(e))?;
-                    match v {
+            // not written since the loss: the archive's mark, or the rows' own
+            // highest position for a writer that keeps no marks
+            let proposed = archived.clone().or_else(|| {
+                rows.iter()
+                    .filter(|r| r.source.as_str() == source)
+                    .map(|r| r.position.clone())
+                    .max()
+            });
+            let unset: Vec<&str> = views
+                .iter()
+                .filter(|(_, v)| !v.after.iter().any(|(a, _)| a == source))
+                .map(|(k, _)| *k)
+                .collect();
+            let mut pipe = redis::pipe();
+            for key in &unset {
+                pipe.cmd("EVAL")
+                    .arg(BOUNDARY_LUA)
+                    .arg(1)
+                    .arg(*key)
+                    .arg(&views[key].generation)
+                    .arg(source)
+                    .arg(proposed.as_ref().map_or("", |p| p.as_str()));
+            }
+            let set: Vec<Value> = if unset.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.store.command_error(e))?
+            };
+            let mut reached = true;
+            for (key, v) in &views {
+                let boundary = match unset.iter().position(|k| k == key) {
+                    Some(i) => match &set[i] {
                         Value::Int(-1) => return Ok(Pass::Lost),
                         other => {
-                            let b: String = redis::from_redis_value(other).unwrap_or_default();
+                            let b: String =
+                                redis::from_redis_value(other.clone()).unwrap_or_default();
                             parse_boundary(&b)
                         }
-                    }
-                }
-            };
-            let reached = match (&boundary, &archived) {
-                (None, _) => true,
-                (Some(b), Some(a)) => a >= b,
-                // no marks: the rows are all the writer leaves
-                (Some(_), None) => true,
-            };
+                    },
+                    None => v
+                        .after
+                        .iter()
+                        .find(|(a, _)| a == source)
+                        .and_then(|(_, b)| parse_boundary(b)),
+                };
+                reached &= match (&boundary, &archived) {
+                    (None, _) => true,
+                    (Some(b), Some(a)) => a >= b,
+                    // no marks: the rows are all the writer leaves
+                    (Some(_), None) => true,
+                };
+                owned.insert((key, source.as_str()), boundary);
+            }
             if !reached {
                 behind += 1;
             }
-            owned.insert(source.clone(), boundary);
         }
         report.sources = sources.len();
 
-        // the rows the rebuild owns, summed per merchant-hour
+        // the rows the rebuild owns (in a slot being rebuilt, up to its boundary),
+        // summed per merchant-hour
         let mut hours: HashMap<(String, i64), ([Counters; 4], [CustomerSketch; 4])> =
             HashMap::new();
+        let mut view_of: HashMap<String, String> = HashMap::new();
         let mut events = 0u64;
         for r in rows {
+            let view = view_of
+                .entry(r.merchant_id.clone())
+                .or_insert_with(|| merchant_view_key(&r.merchant_id));
             let mine = owned
-                .get(r.source.as_str())
+                .get(&(view.as_str(), r.source.as_str()))
                 .and_then(Option::as_ref)
                 .is_some_and(|b| r.position <= *b);
             if !mine {
@@ -451,14 +526,15 @@ impl<'a> Rebuild<'a> {
             let mut pipe = redis::pipe();
             for ((merchant, hour), (quarters, sketches)) in chunk {
                 let k = hour_key(merchant, *hour);
+                let view = &view_of[merchant];
                 let cmd = pipe
                     .cmd("EVAL")
                     .arg(REPLACE_LUA)
                     .arg(3)
                     .arg(format!("{k}:c"))
                     .arg(format!("{k}:rs"))
-                    .arg(VIEW_KEY)
-                    .arg(&view.generation)
+                    .arg(view)
+                    .arg(&views[view.as_str()].generation)
                     .arg(self.store.ttl_secs())
                     .arg(4 * counter_defs().count());
                 for (q, counters) in quarters.iter().enumerate() {
@@ -610,9 +686,8 @@ pub async fn keep_rebuilt(
     mut shutdown: tally_common::shutdown::Shutdown,
 ) {
     loop {
-        let needed = match store.view_state().await {
-            Ok(Some(v)) => !v.rebuilt,
-            Ok(None) => true,
+        let needed = match store.views_whole().await {
+            Ok(whole) => !whole,
             Err(e) => {
                 tracing::debug!(error = %e, "speed view unreadable; rebuild check retries");
                 false

@@ -21,12 +21,13 @@
 //! so [`ServingStore::check_retention`] refuses any `maxmemory-policy` but
 //! `noeviction` (as `infra/terraform/redis.tf` deploys).
 
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 use tally_common::bucket::{date_string, month_string};
 use tally_common::serving_store::{DayWrite, ServingStore, StoreState};
 use tally_common::speed_view::BoxFuture;
 use tally_common::{Error, Result};
+
+use crate::redis_conn::RedisConn;
 
 /// The key prefix of every serving-store key of this layout.
 pub const SERVING_PREFIX: &str = "tally:sv1";
@@ -74,7 +75,7 @@ const SCAN_COUNT: usize = 1000;
 /// The serving store on a Redis server; cheap to clone.
 #[derive(Clone)]
 pub struct RedisServingStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     shown: String,
 }
 
@@ -107,7 +108,7 @@ pub fn settings_key(merchant: &str) -> String {
 impl RedisServingStore {
     /// The store on `conn` (a connection of [`crate::RedisStore`]); `shown` names
     /// the server in errors (no password).
-    pub(crate) fn new(conn: ConnectionManager, shown: String) -> Self {
+    pub(crate) fn new(conn: RedisConn, shown: String) -> Self {
         RedisServingStore { conn, shown }
     }
 
@@ -122,13 +123,49 @@ impl RedisServingStore {
         }
     }
 
-    async fn info(&self, section: &str) -> Result<String> {
-        let mut c = self.conn.clone();
-        redis::cmd("INFO")
-            .arg(section)
-            .query_async(&mut c)
+    /// `INFO section` of each server holding keys (every primary of a cluster).
+    async fn info(&self, section: &str) -> Result<Vec<String>> {
+        let replies = self
+            .conn
+            .on_each_primary(redis::cmd("INFO").arg(section))
             .await
-            .map_err(|e| self.err("INFO", e))
+            .map_err(|e| self.err("INFO", e))?;
+        replies
+            .into_iter()
+            .map(|v| redis::from_redis_value(v).map_err(|e| self.err("INFO", e.into())))
+            .collect()
+    }
+}
+
+impl RedisServingStore {
+    /// [`ServingStore::check_retention`] for one server's `INFO memory`.
+    fn check_node(&self, info: &str) -> Result<()> {
+        match info_field(info, "maxmemory_policy") {
+            Some(p) if p != "noeviction" => Err(Error::config(format!(
+                "Redis at {} may evict keys (maxmemory-policy {p}): the serving store would \
+                 take an evicted merchant-date for one without rows, and an evicted lease \
+                 would let two loads overlap. Set maxmemory-policy noeviction",
+                self.shown
+            ))),
+            _ => {
+                // the speed view shares this server: a load must not fill it
+                // (at maxmemory, noeviction refuses the speed layer's writes too)
+                let field = |n: &str| info_field(info, n).and_then(|v| v.parse::<u64>().ok());
+                match (field("used_memory"), field("maxmemory")) {
+                    (Some(used), Some(max)) if max > 0 && used * 100 >= max * FULL_PERCENT => {
+                        Err(Error::serving(format!(
+                            "Redis at {} is {}% full ({used} of {max} bytes) on a node: loading \
+                             the serving store could crowd out the speed view. Grow the node (or \
+                             the cluster's shards), or shorten the serving window \
+                             (TALLY_SERVING_WINDOW_DAYS) or the speed TTL (docs/CAPACITY.md)",
+                            self.shown,
+                            used * 100 / max
+                        )))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
     }
 }
 
@@ -163,7 +200,7 @@ impl ServingStore for RedisServingStore {
         &'a self,
         merchant: &'a str,
         days: &'a [(i64, u8)],
-    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>>> {
+    ) -> BoxFuture<'a, Result<Vec<Option<bytes::Bytes>>>> {
         Box::pin(async move {
             if days.is_empty() {
                 return Ok(Vec::new());
@@ -192,7 +229,7 @@ impl ServingStore for RedisServingStore {
             let mut out = vec![None; days.len()];
             for ((_, fields), values) in months.iter().zip(replies) {
                 for ((i, _), v) in fields.iter().zip(values) {
-                    out[*i] = v;
+                    out[*i] = v.map(bytes::Bytes::from);
                 }
             }
             Ok(out)
@@ -293,81 +330,73 @@ impl ServingStore for RedisServingStore {
             let before_day = date_string(before);
             let pattern = format!("{SERVING_PREFIX}:{{*}}:*");
             let mut c = self.conn.clone();
-            let mut cursor: u64 = 0;
             let mut dropped = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
-                    .query_async(&mut c)
-                    .await
-                    .map_err(|e| self.err("scanning for old months", e))?;
-                for key in keys {
-                    // month hashes only (`...:YYYY-MM`), never the settings
-                    let Some(month) = key.rsplit(':').next().filter(|m| m.len() == 7) else {
-                        continue;
-                    };
-                    if month < before_month.as_str() {
-                        let n: u64 = c.del(&key).await.map_err(|e| self.err("DEL", e))?;
-                        dropped += n;
-                    } else if month == before_month.as_str() {
-                        // the month the window starts in: only its earlier dates
-                        let fields: Vec<String> =
-                            c.hkeys(&key).await.map_err(|e| self.err("HKEYS", e))?;
-                        let old: Vec<&String> = fields
-                            .iter()
-                            .filter(|f| {
-                                let dd = f.split('.').next().unwrap_or("");
-                                format!("{month}-{dd}") < before_day
-                            })
-                            .collect();
-                        if !old.is_empty() {
-                            let n: u64 =
-                                c.hdel(&key, old).await.map_err(|e| self.err("HDEL", e))?;
+            // SCAN walks one server's keys: every primary of a cluster in turn
+            let holders = self
+                .conn
+                .key_holders()
+                .await
+                .map_err(|e| self.err("listing the cluster's primaries", e))?;
+            for holder in &holders {
+                let mut cursor: u64 = 0;
+                loop {
+                    let reply = self
+                        .conn
+                        .query_on(
+                            holder.as_ref(),
+                            redis::cmd("SCAN")
+                                .arg(cursor)
+                                .arg("MATCH")
+                                .arg(&pattern)
+                                .arg("COUNT")
+                                .arg(SCAN_COUNT),
+                        )
+                        .await
+                        .map_err(|e| self.err("scanning for old months", e))?;
+                    let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)
+                        .map_err(|e| self.err("scanning for old months", e.into()))?;
+                    for key in keys {
+                        // month hashes only (`...:YYYY-MM`), never the settings
+                        let Some(month) = key.rsplit(':').next().filter(|m| m.len() == 7) else {
+                            continue;
+                        };
+                        if month < before_month.as_str() {
+                            let n: u64 = c.del(&key).await.map_err(|e| self.err("DEL", e))?;
                             dropped += n;
+                        } else if month == before_month.as_str() {
+                            // the month the window starts in: only its earlier dates
+                            let fields: Vec<String> =
+                                c.hkeys(&key).await.map_err(|e| self.err("HKEYS", e))?;
+                            let old: Vec<&String> = fields
+                                .iter()
+                                .filter(|f| {
+                                    let dd = f.split('.').next().unwrap_or("");
+                                    format!("{month}-{dd}") < before_day
+                                })
+                                .collect();
+                            if !old.is_empty() {
+                                let n: u64 =
+                                    c.hdel(&key, old).await.map_err(|e| self.err("HDEL", e))?;
+                                dropped += n;
+                            }
                         }
                     }
-                }
-                cursor = next;
-                if cursor == 0 {
-                    return Ok(dropped);
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
                 }
             }
+            Ok(dropped)
         })
     }
 
     fn check_retention(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let info = self.info("memory").await?;
-            match info_field(&info, "maxmemory_policy") {
-                Some(p) if p != "noeviction" => Err(Error::config(format!(
-                    "Redis at {} may evict keys (maxmemory-policy {p}): the serving store would \
-                     take an evicted merchant-date for one without rows, and an evicted lease \
-                     would let two loads overlap. Set maxmemory-policy noeviction",
-                    self.shown
-                ))),
-                _ => {
-                    // the speed view shares this server: a load must not fill it
-                    // (at maxmemory, noeviction refuses the speed layer's writes too)
-                    let field = |n: &str| info_field(&info, n).and_then(|v| v.parse::<u64>().ok());
-                    match (field("used_memory"), field("maxmemory")) {
-                        (Some(used), Some(max)) if max > 0 && used * 100 >= max * FULL_PERCENT => {
-                            Err(Error::serving(format!(
-                                "Redis at {} is {}% full ({used} of {max} bytes): loading the \
-                                 serving store could crowd out the speed view. Grow the node, or \
-                                 shorten the serving window (TALLY_SERVING_WINDOW_DAYS) or the \
-                                 speed TTL (docs/CAPACITY.md)",
-                                self.shown,
-                                used * 100 / max
-                            )))
-                        }
-                        _ => Ok(()),
-                    }
-                }
+            for info in self.info("memory").await? {
+                self.check_node(&info)?;
             }
+            Ok(())
         })
     }
 
@@ -405,8 +434,16 @@ impl ServingStore for RedisServingStore {
 
     fn memory_used(&self) -> BoxFuture<'_, Result<Option<u64>>> {
         Box::pin(async move {
-            let info = self.info("memory").await?;
-            Ok(info_field(&info, "used_memory").and_then(|v| v.parse().ok()))
+            // a cluster's memory is its primaries' together
+            let mut total = None;
+            for info in self.info("memory").await? {
+                if let Some(used) =
+                    info_field(&info, "used_memory").and_then(|v| v.parse::<u64>().ok())
+                {
+                    total = Some(total.unwrap_or(0) + used);
+                }
+            }
+            Ok(total)
         })
     }
 

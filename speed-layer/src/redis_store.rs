@@ -17,16 +17,35 @@
 //!   watermark has distinct customers, and the engine's work per batch is one
 //!   `RPUSH` per merchant-hour, not a `PFADD` per event.
 //!
-//! where `H` is hours since the epoch. One more key, the *view* `tally:v3:view`
-//! (a hash: `generation`, `covered_from`, `rebuilt`, and per source
-//! `after:SOURCE`), says from when the view is whole. A server that lost its data
-//! (a restart without persistence, a failover to an empty replica) lost the view
-//! key too; the first write afterwards creates it anew with `covered_from` = now,
-//! and from then on readers know that the hours before are not whole until
-//! [`crate::rebuild`] has filled them from `raw_events` and set `rebuilt`. The
-//! first write of each source after that records `after:SOURCE`: positions up to
-//! it belong to the rebuild, positions beyond it to the consumers, so neither
-//! counts an event the other counts and none is lost between them.
+//! where `H` is hours since the epoch. One more key per cluster slot, the
+//! *view* `tally:v3:view:{T}` (`T` a tag of that slot, so a merchant's keys and
+//! its slot's view are in one slot: [`crate::redis_conn::view_key`]; a hash:
+//! `generation`, `covered_from`, `rebuilt`, and per source `after:SOURCE`),
+//! says from when the slot's view is whole. A server that lost its data (a
+//! restart without persistence, a failover to an empty replica) lost the views
+//! of its slots too; the first write afterwards into such a slot creates its
+//! view anew with `covered_from` = now, and from then on readers know that the
+//! hours before are not whole until [`crate::rebuild`] has filled them from
+//! `raw_events` and set `rebuilt`. The first write of each source after that
+//! records `after:SOURCE`: positions up to it belong to the rebuild, positions
+//! beyond it to the consumers, so neither counts an event the other counts and
+//! none is lost between them. Views are per slot because a Redis Cluster loses
+//! data by shard (a script may not touch keys of two slots); on a single server
+//! they all go together. They have no TTL (16,384 small hashes): a view that
+//! expired would make its slot's hours unknown until a rebuild.
+//!
+//! **Replication.** Replicas are asynchronous: a write acknowledged by a
+//! primary that fails before its replica has it is lost with the failover.
+//! When every primary has a replica, a batch counts as applied only once its
+//! writes reached one (`WAIT 1`, [`REPLICA_WAIT`]); only then may a consumer
+//! checkpoint past its records. A write lost in a failover is then one the
+//! stream delivers again, and the marks, replicated in the same hash as the
+//! counters they guard, make that redelivery count once (tested on a loopback
+//! cluster with a frozen replica). A shard that has no live replica (after a
+//! failover, until the failed node is replaced) is written unreplicated, with a
+//! warning: a second failure in that window can lose that shard's last
+//! batches. `WAIT` does not make Redis strongly consistent: a failover may still
+//! promote the one replica that missed a write when a shard has several.
 //!
 //! One Lua script per merchant-hour compares the update's position with the
 //! source's mark (or its `after:` boundary, whichever is higher) and, only when
@@ -43,6 +62,8 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+
+use crate::redis_conn::{view_key, RedisConn};
 use redis::{AsyncCommands, Pipeline, Value};
 use tally_common::bucket::{now_micros, MICROS_PER_HOUR, MICROS_PER_SECOND};
 use tally_common::decode::MAX_FUTURE_MICROS;
@@ -59,8 +80,14 @@ use crate::store::{hour_alive, ApplyReport, ViewState};
 /// per 15-minute slot, client-built sketches).
 pub const KEY_PREFIX: &str = "tally:v3";
 
-/// The view key: when the view is whole from (see the module docs).
-pub const VIEW_KEY: &str = "tally:v3:view";
+/// The prefix of the view keys, one per cluster slot (see the module docs and
+/// [`crate::redis_conn::view_key`]).
+pub const VIEW_PREFIX: &str = "tally:v3:view:";
+
+/// The view key of `merchant`'s slot: the one its hour keys' scripts check.
+pub fn merchant_view_key(merchant: &str) -> String {
+    view_key(&hour_key(merchant, 0))
+}
 
 /// Sketch entries of one merchant-hour beyond which a writer compacts them
 /// (the apply script's literal `32`).
@@ -68,7 +95,7 @@ pub const COMPACT_AT: i64 = 32;
 
 /// Check the source's mark, apply the increments and sketches, advance the mark.
 /// KEYS: counters hash (which also holds the marks, as fields `~mark:SOURCE`),
-/// sketch list, view.
+/// sketch list, the view of their slot.
 /// ARGV: source, last position, first position, ttl, boundary (the position
 /// before the batch's first record, '' when none), n, n*(field, delta), sketch entries...
 /// Returns 1 (applied), 2 (applied, and the view was new: the server had lost its
@@ -87,7 +114,6 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('HSET', KEYS[3], 'generation', now, 'covered_from', now, 'rebuilt', '0')
   fresh = 1
 end
-redis.call('EXPIRE', KEYS[3], ttl)
 local after = redis.call('HGET', KEYS[3], 'after:' .. src)
 if not after then
   -- once the rebuild is done, a source new to the view lost nothing: it owns all
@@ -174,12 +200,26 @@ pub fn hour_key(merchant: &str, hour: i64) -> String {
 /// The Redis speed store; cheap to clone (one multiplexed, self-reconnecting connection).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     url_for_errors: String,
     ttl_secs: u64,
     script_sha: String,
     max_attempts: u32,
+    /// Replicas every write must reach before a batch counts as applied
+    /// (`WAIT`): 1 when every primary has a replica, else 0; looked at again
+    /// every [`REPLICAS_RECHECK`] (after a failover a shard has no replica
+    /// until its old primary comes back as one).
+    wait_replicas: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// When (epoch µs) `wait_replicas` is looked at next.
+    replicas_next_check: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
+
+/// How often the replicas a write must reach are counted again.
+pub const REPLICAS_RECHECK: Duration = Duration::from_secs(30);
+
+/// How long a batch waits for its writes to reach a replica (`WAIT`) before
+/// the attempt counts as failed.
+pub const REPLICA_WAIT: Duration = Duration::from_secs(2);
 
 impl RedisStore {
     /// Connect to `url` (redis:// or rediss://); keys expire `ttl_secs` after their last update.
@@ -191,7 +231,7 @@ impl RedisStore {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_number_of_retries(2);
-        let conn = tokio::time::timeout(
+        let manager = tokio::time::timeout(
             Duration::from_secs(5),
             client.get_connection_manager_with_config(config),
         )
@@ -203,14 +243,44 @@ impl RedisStore {
             ))
         })?
         .map_err(|e| unreachable_error(&shown, e))?;
+        let conn = match cluster_enabled(&manager).await {
+            false => RedisConn::Single(manager),
+            true => {
+                // the node named is one way in; the client learns the others
+                let cluster = redis::cluster::ClusterClientBuilder::new(vec![url])
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(Duration::from_secs(10))
+                    .retries(4)
+                    .build()
+                    .map_err(|e| Error::config(format!("bad Redis Cluster URL {shown}: {e}")))?;
+                let c =
+                    tokio::time::timeout(Duration::from_secs(10), cluster.get_async_connection())
+                        .await
+                        .map_err(|_| {
+                            Error::Timeout(format!(
+                        "the Redis Cluster at {shown} did not accept connections within 10 s"
+                    ))
+                        })?
+                        .map_err(|e| unreachable_error(&shown, e))?;
+                tracing::info!(url = %shown, "Redis is a cluster: keys are spread over its primaries");
+                RedisConn::Cluster(c)
+            }
+        };
         let script_sha = redis::Script::new(APPLY_LUA).get_hash().to_string();
         warn_if_evicting(&conn, &shown).await;
+        let wait_replicas = conn.min_replicas().await.unwrap_or(0).min(1);
+        let wait_replicas = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(wait_replicas));
+        let replicas_next_check = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
+            now_micros() + REPLICAS_RECHECK.as_micros() as i64,
+        ));
         let store = RedisStore {
             conn,
             url_for_errors: shown,
             ttl_secs,
             script_sha,
             max_attempts: 3,
+            wait_replicas,
+            replicas_next_check,
         };
         store.load_script().await?;
         Ok(store)
@@ -294,7 +364,7 @@ impl RedisStore {
     }
 
     /// A connection for the rebuild's own commands.
-    pub(crate) fn connection(&self) -> ConnectionManager {
+    pub(crate) fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -306,14 +376,128 @@ impl RedisStore {
     /// The view key's state; None when the server holds no view (it lost its data,
     /// or never held any).
     pub async fn view_state(&self) -> Result<Option<ViewState>> {
+        let views = self.slot_views().await?;
+        let mut whole: Option<ViewState> = None;
+        for (_, v) in views {
+            let Some(v) = v else { return Ok(None) };
+            whole = Some(match whole {
+                None => v,
+                Some(w) => ViewState {
+                    generation: w.generation.max(v.generation),
+                    covered_from: w.covered_from.max(v.covered_from),
+                    rebuilt: w.rebuilt && v.rebuilt,
+                    after: Vec::new(),
+                },
+            });
+        }
+        Ok(whole)
+    }
+
+    /// Every slot's view key and state (None: the slot has no view), in one
+    /// pipeline (by slot on a cluster).
+    pub async fn slot_views(&self) -> Result<Vec<(String, Option<ViewState>)>> {
+        let keys: Vec<String> = crate::redis_conn::all_slot_tags()
+            .map(|t| format!("{VIEW_PREFIX}{{{t}}}"))
+            .collect();
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hgetall(k);
+        }
         let mut c = self.conn.clone();
-        let fields: Vec<(String, String)> = c.hgetall(VIEW_KEY).await.map_err(|e| self.err(e))?;
-        Ok(ViewState::from_fields(fields))
+        let replies: Vec<Vec<(String, String)>> =
+            pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
+        Ok(keys
+            .into_iter()
+            .zip(replies)
+            .map(|(k, f)| (k, ViewState::from_fields(f)))
+            .collect())
+    }
+
+    /// Whether every slot's view is whole, from a look at one slot per server
+    /// holding keys (a server that lost its data lost every view it held; a
+    /// rebuild makes every slot's view at once): cheap enough for
+    /// [`crate::rebuild::keep_rebuilt`]'s check every couple of seconds.
+    /// Errors: Redis unreachable.
+    pub async fn views_whole(&self) -> Result<bool> {
+        let probes: Vec<String> = match &self.conn {
+            RedisConn::Single(_) => vec![view_key("0")],
+            RedisConn::Cluster(_) => {
+                let slots = self
+                    .conn
+                    .primary_first_slots()
+                    .await
+                    .map_err(|e| self.err(e))?;
+                slots
+                    .into_iter()
+                    .map(|s| view_key(crate::redis_conn::tag_of_slot(s)))
+                    .collect()
+            }
+        };
+        let mut pipe = redis::pipe();
+        for k in &probes {
+            pipe.hget(k, "rebuilt");
+        }
+        let mut c = self.conn.clone();
+        let replies: Vec<Option<String>> =
+            pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
+        Ok(!replies.is_empty() && replies.iter().all(|r| r.as_deref() == Some("1")))
     }
 
     async fn apply_once(&self, pipe: &Pipeline) -> redis::RedisResult<Vec<Value>> {
         let mut c = self.conn.clone();
         pipe.query_async(&mut c).await
+    }
+
+    /// Wait until this connection's writes reached a replica of every primary
+    /// (`WAIT`), when every primary has one: what lets a caller checkpoint past
+    /// a batch (see the module docs). Tried up to the store's attempts.
+    /// Errors: a primary's replica did not acknowledge within [`REPLICA_WAIT`].
+    async fn await_replicas(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now_micros();
+        if now >= self.replicas_next_check.load(Relaxed) {
+            self.replicas_next_check
+                .store(now + REPLICAS_RECHECK.as_micros() as i64, Relaxed);
+            if let Ok(n) = self.conn.min_replicas().await {
+                self.wait_replicas.store(n.min(1), Relaxed);
+            }
+        }
+        let mut attempt = 1;
+        loop {
+            let wanted = self.wait_replicas.load(Relaxed);
+            if wanted == 0 {
+                return Ok(());
+            }
+            let mut c = self.conn.clone();
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(wanted)
+                .arg(REPLICA_WAIT.as_millis() as u64)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            if acked >= wanted as i64 {
+                return Ok(());
+            }
+            // a shard may have lost its replica (a failover): count again
+            let now_have = self.conn.min_replicas().await.unwrap_or(wanted).min(1);
+            self.wait_replicas.store(now_have, Relaxed);
+            if now_have < wanted {
+                tracing::warn!(
+                    "a Redis primary has no replica (after a failover?): speed-view writes are \
+                     acknowledged unreplicated until it has one again"
+                );
+                return Ok(());
+            }
+            if attempt >= self.max_attempts {
+                return Err(Error::speed(format!(
+                    "Redis at {}: a speed-view write did not reach a replica within {} s (WAIT); \
+                     the batch counts as not applied and is delivered again",
+                    self.url_for_errors,
+                    REPLICA_WAIT.as_secs()
+                )));
+            }
+            attempt += 1;
+        }
     }
 }
 
@@ -340,7 +524,7 @@ fn add_update(
         .arg(3)
         .arg(format!("{k}:c"))
         .arg(format!("{k}:s"))
-        .arg(VIEW_KEY)
+        .arg(view_key(&k))
         .arg(source)
         .arg(u.position.as_str())
         .arg(u.first_position.as_str())
@@ -373,18 +557,24 @@ fn redact(url: &str) -> String {
 /// loss the view key cannot see (it notices only a server that lost everything).
 /// Managed servers may refuse `CONFIG`; then the deployment's parameter group
 /// (`maxmemory-policy noeviction`, `infra/terraform/`) is what holds.
-async fn warn_if_evicting(conn: &ConnectionManager, url: &str) {
-    let mut c = conn.clone();
-    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut c)
+async fn warn_if_evicting(conn: &RedisConn, url: &str) {
+    let replies = conn
+        .on_each_primary(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
         .await;
-    if let Ok(v) = policy {
+    for v in replies.into_iter().flatten() {
+        let v: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
         if let Some(p) = v.get(1).filter(|p| p.as_str() != "noeviction") {
             tracing::warn!(url, policy = %p, "Redis may evict speed-view keys under memory pressure; set maxmemory-policy noeviction");
         }
     }
+}
+
+/// Whether the server is a node of a Redis Cluster (`INFO cluster`).
+async fn cluster_enabled(conn: &ConnectionManager) -> bool {
+    let mut c = conn.clone();
+    let info: redis::RedisResult<String> =
+        redis::cmd("INFO").arg("cluster").query_async(&mut c).await;
+    info.is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_enabled:1"))
 }
 
 fn unreachable_error(url: &str, e: redis::RedisError) -> Error {
@@ -449,6 +639,7 @@ impl RedisStore {
                             }
                         }
                     }
+                    self.await_replicas().await?;
                     for i in long {
                         let u = &batch.updates[i];
                         // best effort: a list left long is still read right
@@ -552,7 +743,7 @@ impl SpeedView for RedisStore {
             }
             let mut pipe = redis::pipe();
             pipe.cmd("HMGET")
-                .arg(VIEW_KEY)
+                .arg(merchant_view_key(merchant))
                 .arg("covered_from")
                 .arg("rebuilt");
             let keys: Vec<String> = hours.iter().map(|&h| hour_key(merchant, h)).collect();
@@ -613,7 +804,7 @@ impl SpeedView for RedisStore {
                             counters,
                             unique_customers: Some(unions[q].estimate().estimate),
                         },
-                        sketch: (!unions[q].is_empty()).then(|| unions[q].to_bytes()),
+                        sketch: (!unions[q].is_empty()).then(|| unions[q].to_bytes().into()),
                     };
                 }
                 reading.hours.push(MetricValues {

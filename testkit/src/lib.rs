@@ -229,6 +229,309 @@ impl Drop for RedisServer {
     }
 }
 
+/// A real Redis Cluster on loopback: `primaries` primaries with a replica each
+/// (`redis-server --cluster-enabled yes`, joined by `redis-cli --cluster
+/// create`), each node's bus on its port + 10000, as ElastiCache's cluster
+/// mode has it; every node keeps an append-only file synced on every write,
+/// so a node killed and restarted has exactly what it had. Stopped when dropped.
+pub struct RedisCluster {
+    binary: PathBuf,
+    cli: PathBuf,
+    dir: tempfile::TempDir,
+    /// Node ports; `None` once the node was killed.
+    nodes: Vec<(u16, Option<Child>)>,
+    node_timeout_ms: u64,
+    primaries: usize,
+}
+
+/// A free port whose bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    for _ in 0..100 {
+        let p = free_port();
+        if p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free loopback port pair (port, port + 10000) for a cluster node")
+}
+
+impl RedisCluster {
+    /// Start `primaries` primaries and as many replicas and join them into a
+    /// cluster; panics with an install hint when `redis-server`/`redis-cli`
+    /// are missing or the cluster does not form within 60 s.
+    pub fn start(primaries: usize) -> Self {
+        Self::start_with_node_timeout(primaries, Duration::from_secs(2))
+    }
+
+    /// [`RedisCluster::start`] with `cluster-node-timeout` `timeout`: how long a
+    /// node may be unreachable before it is suspected and its replica promoted.
+    pub fn start_with_node_timeout(primaries: usize, timeout: Duration) -> Self {
+        let binary = find_binary("redis-server", &[PathBuf::from("/usr/bin/redis-server")])
+            .unwrap_or_else(|| panic!("redis-server not found: {INSTALL_HINT}"));
+        let cli = find_binary("redis-cli", &[PathBuf::from("/usr/bin/redis-cli")])
+            .unwrap_or_else(|| panic!("redis-cli not found: {INSTALL_HINT}"));
+        let mut c = RedisCluster {
+            binary,
+            cli,
+            dir: tempfile::tempdir().expect("a directory for the cluster's node files"),
+            nodes: Vec::new(),
+            node_timeout_ms: timeout.as_millis() as u64,
+            primaries,
+        };
+        for _ in 0..2 * primaries {
+            let port = free_cluster_port();
+            c.nodes.push((port, None));
+            let i = c.nodes.len() - 1;
+            c.spawn(i);
+        }
+        let mut create = Command::new(&c.cli);
+        create.arg("--cluster").arg("create");
+        for (p, _) in &c.nodes {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = create.output().expect("running redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait_ok(Duration::from_secs(60));
+        // and until every primary sees its replica attached
+        let attached = wait_until(Duration::from_secs(60), || {
+            let t = c.topology();
+            t.len() == primaries && t.iter().all(|(_, r)| !r.is_empty())
+        });
+        assert!(
+            attached,
+            "the cluster's replicas did not attach: {:?}",
+            c.topology()
+        );
+        c.wait_replicas_in_sync();
+        c
+    }
+
+    /// Wait until every live replica's link to its primary is up (its first
+    /// synchronisation done), so that `WAIT` can be answered.
+    pub fn wait_replicas_in_sync(&self) {
+        let replicas: Vec<u16> = self.topology().into_iter().flat_map(|(_, r)| r).collect();
+        let synced = wait_until(Duration::from_secs(60), || {
+            replicas.iter().all(|&r| {
+                self.cli(r, &["INFO", "replication"])
+                    .lines()
+                    .any(|l| l.trim() == "master_link_status:up")
+            })
+        });
+        assert!(
+            synced,
+            "the cluster's replicas did not synchronise with their primaries"
+        );
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let port = self.nodes[i].0;
+        // each node its own directory: its append-only file survives a restart
+        let dir = self.dir.path().join(port.to_string());
+        std::fs::create_dir_all(&dir).expect("a node directory");
+        let child = Command::new(&self.binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout"])
+            .arg(self.node_timeout_ms.to_string())
+            .arg("--cluster-config-file")
+            .arg(dir.join("nodes.conf"))
+            .arg("--dir")
+            .arg(&dir)
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args([
+                "--protected-mode",
+                "yes",
+                "--maxmemory-policy",
+                "noeviction",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server would not start: {e}: {INSTALL_HINT}"));
+        self.nodes[i].1 = Some(child);
+        assert!(
+            wait_until(Duration::from_secs(10), || redis_pings(port)),
+            "cluster node on port {port} did not answer: {INSTALL_HINT}"
+        );
+    }
+
+    /// `redis-cli -p port args...`'s output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new(&self.cli)
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Wait until every live node says `cluster_state:ok` and sees the same
+    /// number of primaries with slots.
+    pub fn wait_ok(&self, within: Duration) {
+        let ok = wait_until(within, || {
+            self.live_ports().iter().all(|&p| {
+                self.cli(p, &["CLUSTER", "INFO"])
+                    .lines()
+                    .any(|l| l.trim() == "cluster_state:ok")
+            })
+        });
+        assert!(ok, "the Redis Cluster did not reach cluster_state:ok");
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// `redis://127.0.0.1:PORT/` of the first live node: any node is a way in.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.live_ports()[0])
+    }
+
+    /// Ports of the live primaries and, for each, its replicas' ports.
+    pub fn topology(&self) -> Vec<(u16, Vec<u16>)> {
+        let nodes = self.cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        let port_of = |addr: &str| -> Option<u16> {
+            addr.split(['@', ','])
+                .next()?
+                .rsplit_once(':')?
+                .1
+                .parse()
+                .ok()
+        };
+        let mut primaries: Vec<(String, u16, Vec<u16>)> = Vec::new();
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        for f in &lines {
+            if f.len() > 8 && f[2].contains("master") && !f[2].contains("fail") {
+                if let Some(p) = port_of(f[1]) {
+                    primaries.push((f[0].to_string(), p, Vec::new()));
+                }
+            }
+        }
+        for f in &lines {
+            if f.len() > 3 && f[2].contains("slave") && !f[2].contains("fail") {
+                if let (Some(p), Some(e)) =
+                    (port_of(f[1]), primaries.iter_mut().find(|e| e.0 == f[3]))
+                {
+                    e.2.push(p);
+                }
+            }
+        }
+        primaries.into_iter().map(|(_, p, r)| (p, r)).collect()
+    }
+
+    /// The port of the primary serving `key`'s slot.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let slot: u16 = self
+            .cli(self.live_ports()[0], &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number");
+        let nodes = self.cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        for l in nodes.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() <= 8 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            for r in &f[8..] {
+                let (a, b) = match r.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap_or(u16::MAX), b.parse().unwrap_or(0)),
+                    None => (r.parse().unwrap_or(u16::MAX), r.parse().unwrap_or(0)),
+                };
+                if (a..=b).contains(&slot) {
+                    return f[1]
+                        .split(['@', ','])
+                        .next()
+                        .and_then(|a| a.rsplit_once(':'))
+                        .and_then(|(_, p)| p.parse().ok())
+                        .expect("a node address");
+                }
+            }
+        }
+        panic!("no primary serves slot {slot}")
+    }
+
+    fn index(&self, port: u16) -> usize {
+        self.nodes
+            .iter()
+            .position(|(p, _)| *p == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// Kill the node on `port` (SIGKILL: its unreplicated writes are gone).
+    pub fn kill(&mut self, port: u16) {
+        let i = self.index(port);
+        if let Some(mut c) = self.nodes[i].1.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Wait until the killed primary on `port` is replaced: no live primary
+    /// is on that port and the cluster serves every slot again (its replica
+    /// was promoted by the cluster's own failover, after the node timeout).
+    pub fn wait_failover(&self, port: u16, within: Duration) {
+        let replaced = wait_until(within, || {
+            let t = self.topology();
+            t.len() == self.primaries && t.iter().all(|(p, _)| *p != port)
+        });
+        assert!(
+            replaced,
+            "the primary on {port} was not failed over: {:?}",
+            self.topology()
+        );
+        self.wait_ok(within);
+    }
+
+    /// Start the killed node on `port` again, from its append-only file (with
+    /// what it had when killed) and its cluster configuration.
+    pub fn restart(&mut self, port: u16) {
+        let i = self.index(port);
+        self.spawn(i);
+    }
+
+    /// Make the replica on `port` its shard's primary without its primary's
+    /// agreement (`CLUSTER FAILOVER TAKEOVER`), as after a primary's loss.
+    pub fn takeover(&self, port: u16) {
+        let out = self.cli(port, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
+        assert!(
+            out.contains("OK"),
+            "CLUSTER FAILOVER TAKEOVER on {port}: {out}"
+        );
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.nodes {
+            if let Some(mut c) = c.take() {
+                // SIGKILL ends a frozen (SIGSTOPped) node too
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
 /// moto's server, an emulator that speaks the real S3 and Kinesis HTTP APIs,
 /// with its Kinesis made to behave like AWS where plain moto does not
 /// (`testkit/tools/kinesis_like_aws.py`): 56-digit, stream-wide increasing

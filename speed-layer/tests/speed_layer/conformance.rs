@@ -11,12 +11,12 @@ use tally_common::lake::Lake;
 use tally_common::metrics::Metric;
 use tally_common::source::{Position, Record, SourceId};
 use tally_common::speed_view::SpeedView;
-use tally_speed_layer::redis_store::VIEW_KEY;
+use tally_speed_layer::redis_store::VIEW_PREFIX;
 use tally_speed_layer::{
     apply_records, EmbeddedStore, Rebuild, RedisStore, SpeedBatch, SpeedStore,
 };
 use tally_testkit::events::{expected, generate, Expected, TestEvent};
-use tally_testkit::RedisServer;
+use tally_testkit::{RedisCluster, RedisServer};
 
 const START_MS: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000; // an hour of Nov 2025
 const NOW: i64 = (START_MS + 10 * 3_600_000) * 1000;
@@ -96,7 +96,7 @@ async fn conformance(store: SpeedStore, hll: bool) {
     // a delivery that half-applied: the first 40 records' effect landed, then a crash
     let half = SpeedBatch::build(source.clone(), as_input(&recs[..40]), NOW);
     let r = store.apply(&half).await.unwrap();
-    assert!(r.applied > 0 && r.skipped == 0);
+    assert!(r.applied > 0 && r.skipped == 0, "{r:?}");
 
     // the whole batch is redelivered: what landed is skipped, the rest applies
     let out = apply_records(&store, source.clone(), as_input(&recs[..]), NOW)
@@ -186,7 +186,7 @@ async fn redis_keys_share_the_merchant_hash_tag_and_expire() {
         .await
         .unwrap();
     assert!(!keys.is_empty());
-    for k in keys.iter().filter(|k| k.as_str() != VIEW_KEY) {
+    for k in keys.iter().filter(|k| !k.starts_with(VIEW_PREFIX)) {
         let tag = k
             .split('{')
             .nth(1)
@@ -271,7 +271,9 @@ fn empty_lake() -> (tempfile::TempDir, Lake) {
 /// Every key the speed layer writes has its TTL, however it came to exist: a
 /// merchant-hour whose first write was an anonymous page view and whose
 /// customers came in a later batch (that HyperLogLog once had no TTL), a
-/// redelivery cut differently, a checkpoint, the view key, and a rebuild.
+/// redelivery cut differently, a checkpoint, and a rebuild. The view keys
+/// (one per cluster slot, 16,384 small hashes) are the exception: a view
+/// that expired would make its slot's hours unknown until a rebuild.
 #[tokio::test]
 async fn redis_every_key_has_its_ttl_after_a_varied_run() {
     let redis = RedisServer::start();
@@ -325,12 +327,17 @@ async fn redis_every_key_has_its_ttl_after_a_varied_run() {
         tally_speed_layer::redis_store::hour_key("m1", hour_floor(t))
     );
     assert!(keys.contains(&hll), "{keys:?}");
-    assert!(keys.iter().any(|k| k == VIEW_KEY), "{keys:?}");
+    let views = keys.iter().filter(|k| k.starts_with(VIEW_PREFIX)).count();
+    assert_eq!(views, 16_384, "a view per slot after a rebuild");
     assert!(keys.iter().any(|k| k.contains("checkpoint")), "{keys:?}");
-    assert!(keys.len() >= 6, "{keys:?}");
+    assert!(keys.len() >= 6 + views, "{keys:?}");
     for k in &keys {
         let ttl: i64 = redis::cmd("TTL").arg(k).query_async(&mut c).await.unwrap();
-        assert!(ttl > 0 && ttl <= 3600, "{k} has ttl {ttl}");
+        if k.starts_with(VIEW_PREFIX) {
+            assert_eq!(ttl, -1, "{k}: views do not expire");
+        } else {
+            assert!(ttl > 0 && ttl <= 3600, "{k} has ttl {ttl}");
+        }
     }
 }
 
@@ -448,4 +455,116 @@ async fn redis_view_that_lost_its_data_covers_nothing_until_rebuilt() {
     let r = store.read("m", &hours, &[]).await.unwrap();
     assert!(r.not_covered.starts_with(&[0, 1, 2]), "{:?}", r.not_covered);
     assert_eq!(r.hours[2].counters.get(Metric::Orders), Some(1));
+}
+
+/// The same suite with `TALLY_REDIS_URL` naming one node of a real Redis
+/// Cluster (three primaries, a replica each): merchants' keys spread over the
+/// slots, a batch's pipeline is split by slot, and a rebuild covers every
+/// slot's view.
+#[tokio::test]
+async fn redis_cluster_store_conforms() {
+    let cluster = RedisCluster::start(3);
+    let store = RedisStore::connect(&cluster.url(), 48 * 3600)
+        .await
+        .unwrap();
+    conformance(SpeedStore::Redis(store.clone()), true).await;
+    // the merchants' keys are on every primary
+    for (port, _) in cluster.topology() {
+        let n: i64 = cluster.cli(port, &["DBSIZE"]).trim().parse().unwrap();
+        assert!(n > 0, "the primary on {port} holds no key");
+    }
+    let (_dir, lake) = empty_lake();
+    assert!(!store.views_whole().await.unwrap());
+    let rebuilt = Rebuild::new(&lake, &store)
+        .settle(std::time::Duration::ZERO)
+        .run()
+        .await
+        .unwrap();
+    assert!(rebuilt.complete && rebuilt.slots == 16_384, "{rebuilt:?}");
+    assert!(store.views_whole().await.unwrap());
+}
+
+/// A write that reached a cluster primary but not its replica, then the
+/// primary's loss: the batch is not reported applied until a replica has it
+/// (`WAIT`), so the consumer does not checkpoint past it; the promoted replica
+/// lacks it, and the redelivery applies it once. Nothing lost, nothing doubled.
+#[tokio::test]
+async fn redis_cluster_write_that_missed_the_replica_is_applied_once_after_failover() {
+    // nodes are suspected only after 20 s: the frozen replica still counts as one
+    let mut cluster = RedisCluster::start_with_node_timeout(3, std::time::Duration::from_secs(20));
+    let store = RedisStore::connect(&cluster.url(), 48 * 3600)
+        .await
+        .unwrap()
+        .with_max_attempts(1);
+    let speed = SpeedStore::Redis(store.clone());
+    let now = now_micros();
+    let hour = hour_floor(now);
+    let f = SourceId::file("f");
+    let a = line("a", "m", "order", hour + 1_000_000, Some("c1"));
+    let b = line("b", "m", "order", hour + 2_000_000, Some("c2"));
+    apply_records(
+        &speed,
+        f.clone(),
+        [Record::new(Position::from_u64(1), &a[..])],
+        now,
+    )
+    .await
+    .unwrap();
+    let key = tally_speed_layer::redis_store::hour_key("m", hour);
+    let primary = cluster.primary_of(&key);
+    let replica = cluster
+        .topology()
+        .into_iter()
+        .find(|(p, _)| *p == primary)
+        .and_then(|(_, r)| r.first().copied())
+        .expect("the primary has a replica");
+    // the replica goes down (its append-only file keeps what it had): the
+    // write lands on the primary only, and the batch is not reported applied
+    cluster.kill(replica);
+    let err = apply_records(
+        &speed,
+        f.clone(),
+        [Record::new(Position::from_u64(2), &b[..])],
+        now,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("replica"), "{err}");
+    let mark = cluster.cli(primary, &["HGET", &format!("{key}:c"), "~mark:file/f"]);
+    assert_eq!(mark.trim(), "2", "the write reached the primary");
+    // the primary is lost; the replica comes back without the write and takes over
+    cluster.kill(primary);
+    cluster.restart(replica);
+    cluster.takeover(replica);
+    cluster.wait_ok(std::time::Duration::from_secs(30));
+    let mark = cluster.cli(replica, &["HGET", &format!("{key}:c"), "~mark:file/f"]);
+    assert_eq!(mark.trim(), "1", "the promoted replica lacks the write");
+    // the stream delivers the unacknowledged record again
+    let mut again = None;
+    for _ in 0..100 {
+        match apply_records(
+            &speed,
+            f.clone(),
+            [Record::new(Position::from_u64(2), &b[..])],
+            now,
+        )
+        .await
+        {
+            Ok(o) => {
+                again = Some(o);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+    let again = again.expect("the cluster took writes again after the failover");
+    assert_eq!(again.report.applied, 1, "{:?}", again.report);
+    let r = store.read("m", &[hour], &[]).await.unwrap();
+    assert_eq!(r.hours[0].counters.get(Metric::Orders), Some(2));
+    assert_eq!(r.hours[0].unique_customers, Some(2));
+    // and once more: nothing doubles
+    let third = apply_records(&speed, f, [Record::new(Position::from_u64(2), &b[..])], now)
+        .await
+        .unwrap();
+    assert_eq!(third.report.applied, 0);
 }
