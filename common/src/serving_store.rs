@@ -285,11 +285,7 @@ impl DayRowsView {
     /// Decode the row message at `span`: its hour (0 when absent), values
     /// and sketch (a span of the value). `stored_row`: a [`StoredRow`]
     /// (values tag 1, sketch tag 2) rather than an [`HourRow`].
-    fn decode_row(
-        &self,
-        span: (u32, u32),
-        stored_row: bool,
-    ) -> Result<DecodedRow> {
+    fn decode_row(&self, span: (u32, u32), stored_row: bool) -> Result<DecodedRow> {
         use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
         let (values_tag, sketch_tag) = if stored_row { (1, 2) } else { (2, 3) };
         let (mut hour, mut values, mut n, mut sketch) = (0u32, [0i64; STORED_COUNT], 0, None);

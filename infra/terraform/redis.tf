@@ -1,20 +1,21 @@
 # The speed view and the serving store: ElastiCache for Redis OSS, TLS in
 # transit, KMS at rest and an AUTH token, in one of two shapes:
 #
-#   - redis_cluster_mode = false (the default): cluster mode off, a primary
+#   - redis_cluster_mode = false: cluster mode off, a primary
 #     and one replica in different AZs with automatic failover. The functions
 #     get one rediss:// URL, the primary endpoint (it follows a failover).
-#   - redis_cluster_mode = true: cluster mode, redis_shards shards (node
+#   - redis_cluster_mode = true (the default): cluster mode, redis_shards shards (node
 #     groups) of a primary and one replica in different AZs with automatic
 #     failover. Every key of one merchant shares the hash tag {merchant_id},
 #     so a merchant's commands and scripts touch one slot of one shard. The
 #     functions get the configuration endpoint. More shards: raise
 #     redis_shards (online resharding, see docs/DEPLOY.md).
 #
-# Cluster mode is opt-in until the application's Redis client supports it
-# (issue #17): today its Lua scripts also touch a global key in another hash
-# slot (CROSSSLOT) and it does not follow MOVED redirects, so a cluster breaks
-# every function that uses Redis.
+# The application detects cluster mode on the endpoint it is given (INFO
+# cluster) and uses a cluster client: every script touches one slot (the
+# speed view's view keys are per slot), pipelines are split by slot, and each
+# speed batch waits for a replica (WAIT 1) before it counts as applied
+# (speed-layer/src/redis_conn.rs, redis_store.rs; issue #17).
 
 locals {
   # What the functions connect to (TALLY_REDIS_URL) and the redis_endpoint

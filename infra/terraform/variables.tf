@@ -192,16 +192,17 @@ variable "log_retention_days" {
 # store) 12.9 GB = 12.1 GiB: 41.4 GiB. cache.r7g.xlarge holds 26.32 GiB x 75%
 # = 19.7 GiB usable; 3 shards = 59.2 GiB, 70% full (memory alarm at 80%). At
 # the §4 row's all-distinct bound (39.8 + 12.1 = 51.9 GiB, 88%) add a shard.
-# redis_shards applies only with redis_cluster_mode: until the application's
-# Redis client supports cluster mode (issue #17) the deployed default is the
-# single-shard group, one primary + 1 replica of redis_node_type (19.7 GiB
-# usable on cache.r7g.xlarge), which holds that load only with a shorter
+# The application follows the cluster (issue #17: per-slot speed views,
+# pipelines split by slot, WAIT for a replica), so cluster mode is the
+# default; redis_cluster_mode = false gives the single-shard group, one
+# primary + 1 replica of redis_node_type (19.7 GiB usable on
+# cache.r7g.xlarge), which holds that load only with a shorter
 # speed_ttl_hours or serving_window_days, or a larger redis_node_type.
 
 variable "redis_cluster_mode" {
-  description = "Run Redis in cluster mode (redis_shards shards of a primary + 1 replica, clients on the configuration endpoint). Off by default: the application needs cluster support first (issue #17: its Lua scripts touch a global key in another hash slot, CROSSSLOT, and it does not follow MOVED), so until then a cluster breaks every function that uses Redis. Off: one primary + 1 replica, clients on the primary endpoint. Switching an applied stack either way means replacing the replication group (terraform apply -replace, docs/DEPLOY.md, Redis shards)."
+  description = "Run Redis in cluster mode (redis_shards shards of a primary + 1 replica, clients on the configuration endpoint; the application detects cluster mode and follows the cluster's slots and failovers). Off: one primary + 1 replica, clients on the primary endpoint. Switching an applied stack either way means replacing the replication group (terraform apply -replace, docs/DEPLOY.md, Redis shards)."
   type        = bool
-  default     = false
+  default     = true
 }
 
 variable "redis_node_type" {

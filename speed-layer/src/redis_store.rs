@@ -41,10 +41,11 @@
 //! checkpoint past its records. A write lost in a failover is then one the
 //! stream delivers again, and the marks, replicated in the same hash as the
 //! counters they guard, make that redelivery count once (tested on a loopback
-//! cluster with a frozen replica). A shard that has no live replica (after a
-//! failover, until the failed node is replaced) is written unreplicated, with a
-//! warning: a second failure in that window can lose that shard's last
-//! batches. `WAIT` does not make Redis strongly consistent: a failover may still
+//! cluster). While a primary has no live replica (after a failover, until
+//! the failed node is replaced), batches are acknowledged without waiting,
+//! with a warning: a second failure in that window can lose the last batches
+//! (the wait counts replicas cluster-wide, the fewest any primary has).
+//! `WAIT` does not make Redis strongly consistent: a failover may still
 //! promote the one replica that missed a write when a shard has several.
 //!
 //! One Lua script per merchant-hour compares the update's position with the

@@ -242,6 +242,7 @@ pub struct RedisCluster {
     nodes: Vec<(u16, Option<Child>)>,
     node_timeout_ms: u64,
     primaries: usize,
+    persistent: bool,
 }
 
 /// A free port whose bus port (+10000) is free too.
@@ -266,6 +267,13 @@ impl RedisCluster {
     /// [`RedisCluster::start`] with `cluster-node-timeout` `timeout`: how long a
     /// node may be unreachable before it is suspected and its replica promoted.
     pub fn start_with_node_timeout(primaries: usize, timeout: Duration) -> Self {
+        Self::start_with(primaries, timeout, true)
+    }
+
+    /// [`RedisCluster::start_with_node_timeout`], with (`persistent`) or without
+    /// append-only files (as ElastiCache runs by default: a node restarted
+    /// without them comes back empty).
+    pub fn start_with(primaries: usize, timeout: Duration, persistent: bool) -> Self {
         let binary = find_binary("redis-server", &[PathBuf::from("/usr/bin/redis-server")])
             .unwrap_or_else(|| panic!("redis-server not found: {INSTALL_HINT}"));
         let cli = find_binary("redis-cli", &[PathBuf::from("/usr/bin/redis-cli")])
@@ -277,6 +285,7 @@ impl RedisCluster {
             nodes: Vec::new(),
             node_timeout_ms: timeout.as_millis() as u64,
             primaries,
+            persistent,
         };
         for _ in 0..2 * primaries {
             let port = free_cluster_port();

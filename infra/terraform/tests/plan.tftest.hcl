@@ -106,12 +106,12 @@ run "defaults" {
     error_message = "speed, batch and api share one Redis configuration; the settle time defaults to the archiver's batching window + 30 s"
   }
   assert {
-    condition     = aws_elasticache_replication_group.redis.cluster_mode == "disabled" && aws_elasticache_replication_group.redis.num_cache_clusters == 2 && aws_elasticache_replication_group.redis.automatic_failover_enabled && aws_elasticache_replication_group.redis.multi_az_enabled && aws_elasticache_parameter_group.redis.name == "tally-redis7" && length([for p in aws_elasticache_parameter_group.redis.parameter : p if p.name == "cluster-enabled"]) == 0 && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "maxmemory-policy"]) == "noeviction"
-    error_message = "Redis by default with cluster mode off (issue #17): a primary and a replica with failover, Multi-AZ, a parameter group that never evicts"
+    condition     = aws_elasticache_replication_group.redis.cluster_mode == "enabled" && aws_elasticache_replication_group.redis.num_node_groups == 3 && aws_elasticache_replication_group.redis.replicas_per_node_group == 1 && aws_elasticache_replication_group.redis.automatic_failover_enabled && aws_elasticache_replication_group.redis.multi_az_enabled && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "cluster-enabled"]) == "yes" && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "maxmemory-policy"]) == "noeviction"
+    error_message = "Redis by default in cluster mode (issue #17): 3 shards of a primary and a replica with failover, Multi-AZ, a cluster-enabled parameter group that never evicts"
   }
   assert {
-    condition     = aws_lambda_function.fn["api"].environment[0].variables["TALLY_REDIS_URL"] == "rediss://${aws_elasticache_replication_group.redis.primary_endpoint_address}:6379" && output.redis_endpoint == aws_elasticache_replication_group.redis.primary_endpoint_address && length(aws_cloudwatch_metric_alarm.redis_memory) == 2 && contains(keys(aws_cloudwatch_metric_alarm.redis_memory), "tally-speed-002")
-    error_message = "by default the functions connect to the primary endpoint; a memory alarm per node (<group>-001, <group>-002)"
+    condition     = aws_lambda_function.fn["api"].environment[0].variables["TALLY_REDIS_URL"] == "rediss://${aws_elasticache_replication_group.redis.configuration_endpoint_address}:6379" && output.redis_endpoint == aws_elasticache_replication_group.redis.configuration_endpoint_address && length(aws_cloudwatch_metric_alarm.redis_memory) == 6 && contains(keys(aws_cloudwatch_metric_alarm.redis_memory), "tally-speed-0003-002")
+    error_message = "by default the functions connect to the cluster's configuration endpoint; a memory alarm per node (<group>-<shard>-<node>)"
   }
   assert {
     condition     = aws_apigatewayv2_route.settings.route_key == "PUT /v1/merchants/{merchant_id}/settings" && aws_apigatewayv2_route.settings.authorization_type == "JWT" && aws_apigatewayv2_route.settings.authorizer_id == aws_apigatewayv2_authorizer.jwt.id && aws_apigatewayv2_route.settings.target == aws_apigatewayv2_route.metrics.target
@@ -227,19 +227,19 @@ run "bad_zones_are_refused" {
   expect_failures = [var.availability_zones]
 }
 
-run "redis_cluster_mode" {
+run "redis_single_shard" {
   command = apply
 
   variables {
-    redis_cluster_mode = true
+    redis_cluster_mode = false
   }
 
   assert {
-    condition     = aws_elasticache_replication_group.redis.cluster_mode == "enabled" && aws_elasticache_replication_group.redis.num_node_groups == 3 && aws_elasticache_replication_group.redis.replicas_per_node_group == 1 && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "cluster-enabled"]) == "yes" && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "maxmemory-policy"]) == "noeviction"
-    error_message = "Redis in cluster mode: 3 shards of a primary and a replica, a cluster-enabled parameter group that never evicts"
+    condition     = aws_elasticache_replication_group.redis.cluster_mode == "disabled" && aws_elasticache_replication_group.redis.num_cache_clusters == 2 && aws_elasticache_replication_group.redis.automatic_failover_enabled && aws_elasticache_replication_group.redis.multi_az_enabled && aws_elasticache_parameter_group.redis.name == "tally-redis7" && length([for p in aws_elasticache_parameter_group.redis.parameter : p if p.name == "cluster-enabled"]) == 0 && one([for p in aws_elasticache_parameter_group.redis.parameter : p.value if p.name == "maxmemory-policy"]) == "noeviction"
+    error_message = "Redis with cluster mode off: a primary and a replica with failover, Multi-AZ, a parameter group that never evicts"
   }
   assert {
-    condition     = aws_lambda_function.fn["api"].environment[0].variables["TALLY_REDIS_URL"] == "rediss://${aws_elasticache_replication_group.redis.configuration_endpoint_address}:6379" && length(aws_cloudwatch_metric_alarm.redis_memory) == 6 && contains(keys(aws_cloudwatch_metric_alarm.redis_memory), "tally-speed-0003-002")
-    error_message = "the functions connect to the cluster's configuration endpoint; a memory alarm per node (<group>-<shard>-<node>)"
+    condition     = aws_lambda_function.fn["api"].environment[0].variables["TALLY_REDIS_URL"] == "rediss://${aws_elasticache_replication_group.redis.primary_endpoint_address}:6379" && output.redis_endpoint == aws_elasticache_replication_group.redis.primary_endpoint_address && length(aws_cloudwatch_metric_alarm.redis_memory) == 2 && contains(keys(aws_cloudwatch_metric_alarm.redis_memory), "tally-speed-002")
+    error_message = "with cluster mode off the functions connect to the primary endpoint; a memory alarm per node (<group>-001, <group>-002)"
   }
 }
