@@ -28,7 +28,7 @@ use tally_common::lake::{self, Lake, Table};
 use tally_common::source::{Position, Record, RowOrigin, SourceId};
 use tally_common::{Context as _, Result};
 
-use tally_common::marks::{commit_with_mark, read_mark};
+use tally_common::marks::{commit_with_mark, commit_with_marks, read_mark};
 
 /// How many times a commit that lost to concurrent writers is retried on a fresh snapshot.
 pub(crate) const COMMIT_ATTEMPTS: u32 = 8;
@@ -129,6 +129,102 @@ impl Archiver {
         Ok(report)
     }
 
+    /// Archive several sources' records (each in source order) in one commit
+    /// per table carrying every source's mark: a **group commit**. Writers of
+    /// one `raw_events` that commit at once lose races to each other (each
+    /// loser writes its files again), so the log's commit rate binds before S3
+    /// does (BENCHMARKS.md, "The stream side at scale"); one committer for many
+    /// shards makes one commit of many batches. Reports are in `items`' order.
+    /// `items`: each source (at most once) with its records and the time they
+    /// were received (epoch µs). Errors: as [`Archiver::archive`]; the group is
+    /// then not archived (none of it: one commit per table) and is delivered
+    /// again.
+    pub async fn archive_group(
+        &mut self,
+        items: &[(SourceId, Vec<Record<'_>>, i64)],
+    ) -> Result<Vec<ArchiveReport>> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some((s, _, _)) = items.iter().find(|(s, _, _)| !seen.insert(s.as_str())) {
+            return Err(tally_common::Error::invalid(format!(
+                "a group commit holds {s} twice: one batch per source"
+            )));
+        }
+        let decoded: Vec<Vec<Decoded<'_>>> = items
+            .iter()
+            .map(|(_, records, ingest_time)| {
+                records
+                    .iter()
+                    .map(|r| (&r.position, decode_record(r.data, *ingest_time)))
+                    .collect()
+            })
+            .collect();
+        let lasts: Vec<Option<Position>> = items
+            .iter()
+            .map(|(_, r, _)| r.last().map(|r| r.position.clone()))
+            .collect();
+        let marks: Vec<(&SourceId, &Position)> = items
+            .iter()
+            .zip(&lasts)
+            .filter_map(|((s, _, _), l)| l.as_ref().map(|l| (s, l)))
+            .collect();
+        let index: Vec<usize> = lasts
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        // quarantine first, as [`Archiver::archive`]
+        let quarantined = if decoded
+            .iter()
+            .all(|d| d.iter().all(|(_, d)| d.rejected.is_empty()))
+        {
+            vec![0; marks.len()]
+        } else {
+            let (counts, _) = self
+                .quarantine
+                .commit_group(&marks, |k, mark| {
+                    let (source, _, ingest_time) = &items[index[k]];
+                    let ingest_time = *ingest_time;
+                    let fresh: Vec<_> = decoded[index[k]]
+                        .iter()
+                        .filter(|(p, _)| mark.is_none_or(|m| *p > m))
+                        .collect();
+                    if fresh.is_empty() {
+                        return Ok((None, 0));
+                    }
+                    let batch = quarantine_batch(fresh.iter().flat_map(|(p, d)| {
+                        d.rejected.iter().map(move |r| {
+                            let origin = RowOrigin {
+                                source: source.clone(),
+                                position: (*p).clone(),
+                                line: r.line,
+                            };
+                            (r.payload.as_slice(), &r.reason, origin, ingest_time)
+                        })
+                    }))?;
+                    let rows = batch.num_rows() as u64;
+                    Ok((Some(batch), rows))
+                })
+                .await?;
+            counts
+        };
+        let (reports, version) = self
+            .raw
+            .commit_group(&marks, |k, mark| {
+                let (source, _, ingest_time) = &items[index[k]];
+                let last = marks[k].1;
+                events_beyond(source, last, &decoded[index[k]], mark, *ingest_time)
+            })
+            .await?;
+        let mut out = vec![ArchiveReport::default(); items.len()];
+        for (k, (mut r, q)) in reports.into_iter().zip(quarantined).enumerate() {
+            r.quarantined = q;
+            r.raw_version = version;
+            out[index[k]] = r;
+        }
+        Ok(out)
+    }
+
     /// Commit the rejected lines of the records beyond the `quarantine` mark,
     /// with the mark `last`; returns the lines written.
     async fn quarantine_rejects(
@@ -181,39 +277,7 @@ impl Archiver {
         let (mut report, version) = self
             .raw
             .commit_beyond_mark(source, last, |mark| {
-                let mut report = ArchiveReport::default();
-                let mut rows = Vec::new();
-                for (p, d) in decoded {
-                    if mark.is_some_and(|m| *p <= m) {
-                        report.already_archived += 1;
-                        continue;
-                    }
-                    report.blank += u64::from(d.blank_lines);
-                    for ev in &d.events {
-                        rows.push(RawRow {
-                            hour: hour_floor(ev.ts),
-                            payload: d.payload(ev),
-                            position: p,
-                            event: ev,
-                        });
-                    }
-                }
-                if mark.is_some_and(|m| m >= last) {
-                    return Ok((None, report));
-                }
-                // Only bad or blank lines still commit (no rows, the mark alone): the
-                // raw mark is then the source's exact progress, which a consumer
-                // resumes from and compares with a closed shard's end.
-                rows.sort_unstable_by(|a, b| {
-                    (a.hour, &a.event.merchant_id, a.position, a.event.line).cmp(&(
-                        b.hour,
-                        &b.event.merchant_id,
-                        b.position,
-                        b.event.line,
-                    ))
-                });
-                report.accepted = rows.len() as u64;
-                Ok((Some(raw_batch(source, &rows, ingest_time)?), report))
+                events_beyond(source, last, decoded, mark, ingest_time)
             })
             .await?;
         report.raw_version = version;
@@ -235,6 +299,51 @@ impl Archiver {
 
 /// One table of the master dataset (`raw_events` or `quarantine`) as the
 /// archiver holds it: its snapshot, how fresh that is, and the marks read from it.
+/// The `raw_events` batch of `decoded`'s events beyond `mark` (sorted by hour
+/// and merchant) and the report counting them; no batch when every record is
+/// at or below the mark.
+fn events_beyond(
+    source: &SourceId,
+    last: &Position,
+    decoded: &[Decoded<'_>],
+    mark: Option<&Position>,
+    ingest_time: i64,
+) -> Result<(Option<RecordBatch>, ArchiveReport)> {
+    let mut report = ArchiveReport::default();
+    let mut rows = Vec::new();
+    for (p, d) in decoded {
+        if mark.is_some_and(|m| *p <= m) {
+            report.already_archived += 1;
+            continue;
+        }
+        report.blank += u64::from(d.blank_lines);
+        for ev in &d.events {
+            rows.push(RawRow {
+                hour: hour_floor(ev.ts),
+                payload: d.payload(ev),
+                position: p,
+                event: ev,
+            });
+        }
+    }
+    if mark.is_some_and(|m| m >= last) {
+        return Ok((None, report));
+    }
+    // Only bad or blank lines still commit (no rows, the mark alone): the
+    // raw mark is then the source's exact progress, which a consumer
+    // resumes from and compares with a closed shard's end.
+    rows.sort_unstable_by(|a, b| {
+        (a.hour, &a.event.merchant_id, a.position, a.event.line).cmp(&(
+            b.hour,
+            &b.event.merchant_id,
+            b.position,
+            b.event.line,
+        ))
+    });
+    report.accepted = rows.len() as u64;
+    Ok((Some(raw_batch(source, &rows, ingest_time)?), report))
+}
+
 struct ArchiveTable {
     kind: Table,
     table: DeltaTable,
@@ -333,6 +442,72 @@ impl ArchiveTable {
                 }
                 Err(e) => {
                     return Err(e).context(format!("committing {} for {source}", self.kind.name()))
+                }
+            }
+        }
+    }
+
+    /// [`ArchiveTable::commit_beyond_mark`] for several sources at once (each
+    /// at most once): `plan(k, mark)` plans `marks[k]`'s source; one commit
+    /// carries every planned batch and the marks of the sources planned (a
+    /// source planned to nothing keeps its mark). Returns the counts in
+    /// `marks`' order and the version committed.
+    async fn commit_group<T>(
+        &mut self,
+        marks: &[(&SourceId, &Position)],
+        mut plan: impl FnMut(usize, Option<&Position>) -> Result<(Option<RecordBatch>, T)>,
+    ) -> Result<(Vec<T>, Option<u64>)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.sync(attempt > 1).await?;
+            let mut counts = Vec::with_capacity(marks.len());
+            let mut batches = Vec::new();
+            let mut moved = Vec::new();
+            for (k, (source, last)) in marks.iter().enumerate() {
+                let mark = self.mark(source).await?;
+                let (batch, c) = plan(k, mark.as_ref())?;
+                counts.push(c);
+                if let Some(b) = batch {
+                    batches.push(b);
+                    moved.push((*source, *last));
+                }
+            }
+            if moved.is_empty() {
+                return Ok((counts, None));
+            }
+            let write = self
+                .table
+                .clone()
+                .write(batches)
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(self.kind.partition_columns().iter().copied())
+                .with_writer_properties(writer_properties())
+                .with_commit_properties(commit_with_marks(&moved, "archive"));
+            let result = match self.kind {
+                Table::RawEvents => write.with_target_file_size(None).await,
+                _ => write.await,
+            };
+            match result {
+                Ok(t) => {
+                    let version = t.version();
+                    for (source, last) in &moved {
+                        self.remember(source, version, Some((*last).clone()));
+                    }
+                    self.table = t;
+                    self.synced_at = Instant::now();
+                    return Ok((counts, version));
+                }
+                Err(e) if attempt < COMMIT_ATTEMPTS && is_retryable(&e) => {
+                    tracing::warn!(sources = moved.len(), attempt, error = %e, "{} group commit lost a race; retrying", self.kind.name());
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => {
+                    return Err(e).context(format!(
+                        "committing {} for {} sources",
+                        self.kind.name(),
+                        moved.len()
+                    ))
                 }
             }
         }

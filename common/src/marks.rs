@@ -56,6 +56,30 @@ pub fn mark_transactions(source: &SourceId, position: &Position) -> Vec<Transact
         .collect()
 }
 
+/// Commit properties carrying the marks of several sources (a group commit:
+/// many sources' rows in one commit) and a description of the commit; the
+/// commit's metadata names the sources and positions as JSON arrays.
+pub fn commit_with_marks(marks: &[(&SourceId, &Position)], what: &str) -> CommitProperties {
+    CommitProperties::default()
+        .with_application_transactions(
+            marks
+                .iter()
+                .flat_map(|(s, p)| mark_transactions(s, p))
+                .collect::<Vec<_>>(),
+        )
+        .with_metadata([
+            crate::lake::operation(what),
+            (
+                crate::lake::SOURCE_KEY.to_string(),
+                serde_json::json!(marks.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>()),
+            ),
+            (
+                crate::lake::POSITION_KEY.to_string(),
+                serde_json::json!(marks.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>()),
+            ),
+        ])
+}
+
 /// Commit properties carrying a mark and a description of the commit.
 pub fn commit_with_mark(source: &SourceId, position: &Position, what: &str) -> CommitProperties {
     CommitProperties::default()

@@ -351,14 +351,12 @@ impl RedisCluster {
             .arg(dir.join("nodes.conf"))
             .arg("--dir")
             .arg(&dir)
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+            .args(["--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
             .args([
                 "--protected-mode",
                 "yes",

@@ -161,3 +161,95 @@ async fn eight_concurrent_writers_on_s3_all_land_once() {
     .await;
     assert_eq!(counts, [4_800, 4_800]);
 }
+
+/// Group commits (issue 17): 32 shards through one [`ArchiveSink`] on the S3
+/// emulator, each batch redelivered once; every line lands once, bad lines in
+/// quarantine, every shard's mark at its last record, and the commits far
+/// fewer than the batches. Then `archive_group` directly: a source already
+/// archived keeps its (later) mark while another moves, and a group naming a
+/// source twice is refused.
+#[tokio::test]
+async fn a_group_commit_lands_every_shard_once_with_its_mark() {
+    use std::sync::Arc;
+    use tally_batch_layer::ArchiveSink;
+    use tally_common::lake::Table;
+    use tally_stream::RecordSink as _;
+
+    let moto = MotoServer::start();
+    moto.create_bucket("group");
+    for (k, v) in moto.aws_env() {
+        unsafe { std::env::set_var(k, v) };
+    }
+    let lake = Lake::new("s3://group/lake", Some(&moto.endpoint()), Some("us-east-1")).unwrap();
+    let sink = Arc::new(ArchiveSink::new(Archiver::open(&lake).await.unwrap()));
+    let version =
+        |t: Option<tally_common::deltalake::DeltaTable>| t.and_then(|t| t.version()).unwrap_or(0);
+    let v0 = version(lake.open(Table::RawEvents).await.unwrap());
+    let mut tasks = Vec::new();
+    for w in 0..32u64 {
+        let sink = sink.clone();
+        tasks.push(tokio::spawn(async move {
+            let events = generate(300 + w, 150, 10, START_MS, 2);
+            let recs = records(&events, 50, 1);
+            let source = SourceId::kinesis("orders", &format!("shardId-{w:012}"));
+            for r in &recs {
+                let one = input(std::slice::from_ref(r));
+                sink.apply(&source, &one, NOW).await.unwrap();
+                // redelivered: nothing new
+                let again = sink.apply(&source, &one, NOW).await.unwrap();
+                assert_eq!(again.accepted, 0);
+            }
+            (source, recs.last().unwrap().0.clone(), recs.len() as i64)
+        }));
+    }
+    let mut batches = 0;
+    let mut lasts = Vec::new();
+    for t in tasks {
+        let (source, last, n) = t.await.unwrap();
+        batches += 2 * n;
+        lasts.push((source, last));
+    }
+    let counts = query_i64(
+        &lake,
+        "SELECT COUNT(*), COUNT(DISTINCT event_id) FROM raw_events",
+    )
+    .await;
+    assert_eq!(counts, [32 * 150, 32 * 150]);
+    let commits = version(lake.open(Table::RawEvents).await.unwrap()) - v0;
+    assert!(
+        (commits as i64) < batches / 2,
+        "{commits} commits for {batches} batches: no batch shared a commit"
+    );
+    let mut a = Archiver::open(&lake).await.unwrap();
+    for (source, last) in &lasts {
+        assert_eq!(a.archived_up_to(source).await.unwrap().as_ref(), Some(last));
+    }
+
+    // one source already beyond this delivery, one new: only the new one moves
+    let (old, old_last) = lasts[0].clone();
+    let fresh = SourceId::file("fresh");
+    let line = b"{\"event_id\":\"g1\",\"merchant_id\":\"m\",\"type\":\"order\",\"ts\":\"2025-11-24T08:00:00Z\",\"amount\":1}\n";
+    let stale_rec = [(Position::from_u64(1), line.to_vec())];
+    let fresh_rec = [(Position::from_u64(5), line.to_vec())];
+    let r = a
+        .archive_group(&[
+            (old.clone(), input(&stale_rec), NOW),
+            (fresh.clone(), input(&fresh_rec), NOW),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((r[0].accepted, r[0].already_archived), (0, 1));
+    assert_eq!(r[1].accepted, 1);
+    assert_eq!(a.archived_up_to(&old).await.unwrap(), Some(old_last));
+    assert_eq!(
+        a.archived_up_to(&fresh).await.unwrap(),
+        Some(Position::from_u64(5))
+    );
+    let twice = a
+        .archive_group(&[
+            (fresh.clone(), input(&fresh_rec), NOW),
+            (fresh.clone(), input(&fresh_rec), NOW),
+        ])
+        .await;
+    assert!(twice.is_err());
+}
