@@ -237,7 +237,7 @@ fn main() {
                 unsafe { std::env::set_var(k, v) };
             }
             println!("archivers committing at once into one raw_events on the S3 emulator (moto), batches of 1,000 events, 400,000 events in all; 2 cores shared with moto");
-            println!("| writers (shards) | commits | wall s | commits | commits/s | events/s | batches failed |");
+            println!("| writers (shards) | commit | wall s | commits | commits/s | events/s | batches failed |");
             println!("|---|---|---|---|---|---|---|");
             for writers in [1usize, 8, 32] {
                 for grouped in [false, true] {

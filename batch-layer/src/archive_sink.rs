@@ -126,14 +126,23 @@ impl RecordSink for ArchiveSink {
                 ingest_time,
                 reply,
             });
-        {
-            // whoever holds the archiver next commits what is queued, this batch included
-            let mut a = self.archiver.lock().await;
-            self.commit_queued(&mut a, id).await;
+        let mut answer = answer;
+        // whoever holds the archiver next commits what is queued, this batch
+        // included; a batch answered meanwhile (in another caller's group)
+        // does not queue for the archiver at all
+        let answered = tokio::select! {
+            biased;
+            r = &mut answer => Some(r),
+            mut a = self.archiver.lock() => {
+                self.commit_queued(&mut a, id).await;
+                None
+            }
+        };
+        let r = match answered {
+            Some(r) => r,
+            None => answer.await,
         }
-        let r = answer
-            .await
-            .map_err(|_| Error::internal("a group commit ended without an answer"))??;
+        .map_err(|_| Error::internal("a group commit ended without an answer"))??;
         Ok(SinkOutcome {
             accepted: r.accepted,
             rejected: r.quarantined,
