@@ -415,12 +415,25 @@ impl<'a> Rebuild<'a> {
         for r in &rows {
             sources.entry(r.source.to_string()).or_insert(None);
         }
-        // a source that has not written to a slot since the loss gets the archive's
-        // mark as its boundary there; before that, the archiver is given `settle`
-        // to catch up with what its consumer had applied before the loss
-        let idle = sources
-            .keys()
-            .any(|s| views.values().any(|v| !v.after.iter().any(|(a, _)| a == s)));
+        // per source, the highest boundary a slot's view holds (the position
+        // before its first write there since the loss): what its consumer had
+        // applied before the loss is below it, so a slot it has not written to
+        // since gets that boundary too (its later batches had no record there).
+        // A source that wrote nowhere since the loss gets the archive's mark;
+        // before that, the archiver is given `settle` to catch up with what its
+        // consumer had applied before the loss
+        let mut known: HashMap<&str, Option<Position>> = HashMap::new();
+        for v in views.values() {
+            for (s, b) in &v.after {
+                let e = known.entry(s.as_str()).or_insert(None);
+                if let Some(p) = parse_boundary(b) {
+                    if e.as_ref().is_none_or(|x| p > *x) {
+                        *e = Some(p);
+                    }
+                }
+            }
+        }
+        let idle = sources.keys().any(|s| !known.contains_key(s.as_str()));
         let early = settled.saturating_sub(now_micros());
         if idle && early > 0 {
             return Ok(Pass::Settling(Duration::from_micros(early as u64)));
@@ -431,14 +444,17 @@ impl<'a> Rebuild<'a> {
         let mut owned: HashMap<(&str, &str), Option<Position>> = HashMap::new();
         for source in sources.keys() {
             let archived = read_mark(&raw, &SourceId::from_id(source)).await?;
-            // not written since the loss: the archive's mark, or the rows' own
-            // highest position for a writer that keeps no marks
-            let proposed = archived.clone().or_else(|| {
-                rows.iter()
-                    .filter(|r| r.source.as_str() == source)
-                    .map(|r| r.position.clone())
-                    .max()
-            });
+            // written since the loss elsewhere: that boundary; else the archive's
+            // mark, or the rows' own highest position for a writer that keeps no marks
+            let proposed = match known.get(source.as_str()) {
+                Some(b) => b.clone(),
+                None => archived.clone().or_else(|| {
+                    rows.iter()
+                        .filter(|r| r.source.as_str() == source)
+                        .map(|r| r.position.clone())
+                        .max()
+                }),
+            };
             let unset: Vec<&str> = views
                 .iter()
                 .filter(|(_, v)| !v.after.iter().any(|(a, _)| a == source))
