@@ -738,7 +738,7 @@ fn redis_emptied_mid_stream_is_rebuilt_from_raw_events() {
         .and_then(|c| c.get_connection())
         .expect("redis");
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("tally:v3:{*}:*:c")
+        .arg("tally:v4:{*}:*:c")
         .query(&mut c)
         .expect("KEYS");
     let rebuilt: i64 = keys

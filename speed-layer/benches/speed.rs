@@ -120,7 +120,7 @@ fn main() {
             (t.elapsed().as_secs_f64(), cpu_secs() - c, applied)
         });
         let (cpu1, mem1) = engine(&redis.url());
-        let ours_hours = count_keys(&redis.url(), "tally:v3:{*}:*:c");
+        let ours_hours = count_keys(&redis.url(), "tally:v4:{*}:*:c");
         redis.restart();
         let (cpu2, mem2) = engine(&redis.url());
         let (naive_t, naive_cpu, n) = rt.block_on(async {

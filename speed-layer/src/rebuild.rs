@@ -23,7 +23,14 @@
 //!    incomplete (the hours stay unknown to readers, never wrong).
 //!
 //! Each write checks the view's generation, so a rebuild overtaken by a second
-//! loss writes nothing into the new view. `tally speed rebuild` runs it; `tally
+//! loss writes nothing into the new view.
+//!
+//! Views are per cluster slot ([`crate::redis_store`]): a rebuild makes every
+//! slot's view, and rebuilds the slots whose view is not rebuilt (all of them
+//! after a single server's loss, a shard's after a cluster shard's). A
+//! boundary is per slot view and source; a slot a source has not written to
+//! since the loss takes the highest boundary that source set on the same
+//! server (whose slots were lost together), else the archive's mark. `tally speed rebuild` runs it; `tally
 //! speed consume` and `tally serve` run it by themselves when they find a view
 //! that is not rebuilt.
 
@@ -116,7 +123,7 @@ return 0
 "#;
 
 /// The rebuild lock's key.
-const LOCK_KEY: &str = "tally:v3:view:rebuild";
+const LOCK_KEY: &str = "tally:v4:rebuild-lock";
 /// How long a rebuild's lock lives unless renewed: a killed rebuild blocks the
 /// next one this long at most. The holder renews it every third of this.
 const LOCK_TTL: Duration = Duration::from_secs(10);
@@ -415,17 +422,21 @@ impl<'a> Rebuild<'a> {
         for r in &rows {
             sources.entry(r.source.to_string()).or_insert(None);
         }
-        // per source, the highest boundary a slot's view holds (the position
-        // before its first write there since the loss): what its consumer had
-        // applied before the loss is below it, so a slot it has not written to
-        // since gets that boundary too (its later batches had no record there).
-        // A source that wrote nowhere since the loss gets the archive's mark;
-        // before that, the archiver is given `settle` to catch up with what its
-        // consumer had applied before the loss
-        let mut known: HashMap<&str, Option<Position>> = HashMap::new();
-        for v in views.values() {
+        // per server and source, the highest boundary a slot's view holds (the
+        // position before the source's first write there since the server's
+        // loss): what its consumer had applied before that loss is below it, so
+        // a slot of that server it has not written to since gets that boundary
+        // too (its later batches had no record there). Per server: slots lost
+        // together are on one, and another server may have lost its data at
+        // another time. A source that wrote nowhere on a server since gets the
+        // archive's mark there; before that, the archiver is given `settle` to
+        // catch up with what its consumer had applied before the loss
+        let servers = self.store.view_servers().await?;
+        let server = |key: &str| servers.get(key).copied().unwrap_or(usize::MAX);
+        let mut known: HashMap<(usize, &str), Option<Position>> = HashMap::new();
+        for (key, v) in &views {
             for (s, b) in &v.after {
-                let e = known.entry(s.as_str()).or_insert(None);
+                let e = known.entry((server(key), s.as_str())).or_insert(None);
                 if let Some(p) = parse_boundary(b) {
                     if e.as_ref().is_none_or(|x| p > *x) {
                         *e = Some(p);
@@ -433,7 +444,11 @@ impl<'a> Rebuild<'a> {
                 }
             }
         }
-        let idle = sources.keys().any(|s| !known.contains_key(s.as_str()));
+        let idle = sources.keys().any(|s| {
+            views
+                .keys()
+                .any(|k| !known.contains_key(&(server(k), s.as_str())))
+        });
         let early = settled.saturating_sub(now_micros());
         if idle && early > 0 {
             return Ok(Pass::Settling(Duration::from_micros(early as u64)));
@@ -444,17 +459,14 @@ impl<'a> Rebuild<'a> {
         let mut owned: HashMap<(&str, &str), Option<Position>> = HashMap::new();
         for source in sources.keys() {
             let archived = read_mark(&raw, &SourceId::from_id(source)).await?;
-            // written since the loss elsewhere: that boundary; else the archive's
-            // mark, or the rows' own highest position for a writer that keeps no marks
-            let proposed = match known.get(source.as_str()) {
-                Some(b) => b.clone(),
-                None => archived.clone().or_else(|| {
-                    rows.iter()
-                        .filter(|r| r.source.as_str() == source)
-                        .map(|r| r.position.clone())
-                        .max()
-                }),
-            };
+            // not written since the loss on this server: the archive's mark, or
+            // the rows' own highest position for a writer that keeps no marks
+            let archived_or_rows = archived.clone().or_else(|| {
+                rows.iter()
+                    .filter(|r| r.source.as_str() == source)
+                    .map(|r| r.position.clone())
+                    .max()
+            });
             let unset: Vec<&str> = views
                 .iter()
                 .filter(|(_, v)| !v.after.iter().any(|(a, _)| a == source))
@@ -462,13 +474,18 @@ impl<'a> Rebuild<'a> {
                 .collect();
             let mut pipe = redis::pipe();
             for key in &unset {
+                // written since the loss elsewhere on this server: that boundary
+                let proposed = match known.get(&(server(key), source.as_str())) {
+                    Some(b) => b.as_ref(),
+                    None => archived_or_rows.as_ref(),
+                };
                 pipe.cmd("EVAL")
                     .arg(BOUNDARY_LUA)
                     .arg(1)
                     .arg(*key)
                     .arg(&views[key].generation)
                     .arg(source)
-                    .arg(proposed.as_ref().map_or("", |p| p.as_str()));
+                    .arg(proposed.map_or("", |p| p.as_str()));
             }
             let set: Vec<Value> = if unset.is_empty() {
                 Vec::new()

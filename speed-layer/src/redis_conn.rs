@@ -42,10 +42,14 @@ pub enum RedisConn {
 /// A primary of the cluster, as `CLUSTER NODES` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Primary {
-    /// Host (an IP address or, with `cluster-announce-hostname`, a name).
+    /// Host, as `CLUSTER NODES` gives it (for logs).
     pub host: String,
     /// Client port.
     pub port: u16,
+    /// A slot it serves: commands for this primary are routed by it, so they
+    /// reach it however the client names nodes (an IP address, or the
+    /// hostnames ElastiCache's `CLUSTER SLOTS` gives with TLS).
+    pub slot: u16,
 }
 
 impl RedisConn {
@@ -76,10 +80,10 @@ impl RedisConn {
     pub async fn query_on(&self, primary: Option<&Primary>, cmd: &Cmd) -> RedisResult<Value> {
         match (self, primary) {
             (RedisConn::Cluster(c), Some(p)) => {
-                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: p.host.clone(),
-                    port: p.port,
-                });
+                let slot = Slot::new(p.slot % SLOTS).expect("below SLOTS");
+                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_slot(slot, SlotAddr::Master),
+                ));
                 c.clone().route_command(cmd.clone(), to).await
             }
             _ => {
@@ -145,6 +149,23 @@ impl RedisConn {
         }
     }
 
+    /// The slot ranges each live primary serves (`CLUSTER NODES`), one list
+    /// per primary; one primary serving every slot for a single server.
+    pub async fn primary_ranges(&self) -> RedisResult<Vec<Vec<(u16, u16)>>> {
+        let RedisConn::Cluster(c) = self else {
+            return Ok(vec![vec![(0, SLOTS - 1)]]);
+        };
+        let nodes: String = redis::from_redis_value(
+            c.clone()
+                .route_command(
+                    redis::cmd("CLUSTER").arg("NODES").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                )
+                .await?,
+        )?;
+        Ok(parse_nodes(&nodes).into_iter().map(|(_, r)| r).collect())
+    }
+
     /// The first slot of every slot range a live primary serves
     /// (`CLUSTER NODES`); `[0]` for a single server.
     pub async fn primary_first_slots(&self) -> RedisResult<Vec<u16>> {
@@ -193,12 +214,16 @@ fn parse_nodes(nodes: &str) -> Vec<(Primary, Vec<(u16, u16)>)> {
                 None => r.parse().ok().map(|a| (a, a)),
             })
             .collect();
+        let Some(&(slot, _)) = ranges.first() else {
+            continue;
+        };
         let hostport = addr.split(['@', ',']).next().unwrap_or("");
         if let Some((host, port)) = hostport.rsplit_once(':') {
             if let Ok(port) = port.parse() {
                 let p = Primary {
                     host: host.to_string(),
                     port,
+                    slot,
                 };
                 out.push((p, ranges));
             }
@@ -412,7 +437,7 @@ mod tests {
     #[test]
     fn every_slot_has_a_tag_of_its_own_slot() {
         assert_eq!(all_slot_tags().count(), usize::from(SLOTS));
-        let k = "tally:v3:{m_42}:493821";
+        let k = "tally:v4:{m_42}:493821";
         let tag = same_slot_tag(k);
         assert_eq!(Slot::for_key(format!("x{{{tag}}}y")), Slot::for_key(k));
         assert_eq!(Slot::for_key(view_key(k)), Slot::for_key(k));

@@ -69,6 +69,9 @@ return 1
 /// `maxmemory`).
 const FULL_PERCENT: u64 = 85;
 
+/// How long a publish waits for the loaded values to reach a replica (ms).
+const PUBLISH_WAIT_MS: u64 = 10_000;
+
 /// Keys scanned per `SCAN` call when dropping old months.
 const SCAN_COUNT: usize = 1000;
 
@@ -272,6 +275,25 @@ impl ServingStore for RedisServingStore {
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
+            // the values reach a replica before the state that names them: a
+            // failover then never serves a state whose values it lacks (with
+            // no replica there is nothing to wait for)
+            let wanted = self.conn.min_replicas().await.unwrap_or(0).min(1);
+            if wanted > 0 {
+                let acked: i64 = redis::cmd("WAIT")
+                    .arg(wanted)
+                    .arg(PUBLISH_WAIT_MS)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.err("waiting for the replicas", e))?;
+                if acked < wanted as i64 {
+                    return Err(Error::serving(format!(
+                        "Redis at {}: the loaded values did not reach a replica within {} ms; \
+                         not publishing (the next load publishes them)",
+                        self.shown, PUBLISH_WAIT_MS
+                    )));
+                }
+            }
             let done: i64 = redis::Script::new(PUBLISH_LUA)
                 .key(STATE_KEY)
                 .arg(expected.map_or_else(String::new, |l| l.to_string()))

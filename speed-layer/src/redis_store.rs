@@ -3,11 +3,11 @@
 //! Per merchant-hour two keys share the hash tag `{merchant_id}`, so every
 //! per-merchant command and script touches one cluster slot:
 //!
-//! - `tally:v3:{m}:H:c`: hash of counter sums per 15-minute slot of the hour
+//! - `tally:v4:{m}:H:c`: hash of counter sums per 15-minute slot of the hour
 //!   (`Q:orders`, `Q:gross_sales`, ... for slot `Q` = 0 to 3), of the sums
 //!   rebuilt from `raw_events` (`r:Q:orders`, ...; see [`crate::rebuild`]) and
 //!   of marks (`~mark:SOURCE` -> highest applied position of that source),
-//! - `tally:v3:{m}:H:s`: list of distinct-customer sketches, each entry one
+//! - `tally:v4:{m}:H:s`: list of distinct-customer sketches, each entry one
 //!   slot's sketch from one batch: the slot's number as one byte, then the
 //!   sketch (Apache DataSketches HLL, [`tally_common::sketch`], built by the
 //!   client). Readers union a slot's entries; a writer that finds the list
@@ -18,7 +18,7 @@
 //!   `RPUSH` per merchant-hour, not a `PFADD` per event.
 //!
 //! where `H` is hours since the epoch. One more key per cluster slot, the
-//! *view* `tally:v3:view:{T}` (`T` a tag of that slot, so a merchant's keys and
+//! *view* `tally:v4:view:{T}` (`T` a tag of that slot, so a merchant's keys and
 //! its slot's view are in one slot: [`crate::redis_conn::view_key`]; a hash:
 //! `generation`, `covered_from`, `rebuilt`, and per source `after:SOURCE`),
 //! says from when the slot's view is whole. A server that lost its data (a
@@ -60,6 +60,7 @@
 //! numbers have 56 digits and may have up to 129); nothing here parses one into
 //! a machine integer.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -77,13 +78,16 @@ use tally_common::{Error, Result};
 use crate::aggregate::{HourUpdate, SpeedBatch};
 use crate::store::{hour_alive, ApplyReport, ViewState};
 
-/// The key prefix of every speed-view key of this layout (version 3: counters
-/// per 15-minute slot, client-built sketches).
-pub const KEY_PREFIX: &str = "tally:v3";
+/// The key prefix of every speed-view key of this layout (version 4: counters
+/// per 15-minute slot, client-built sketches, a view per cluster slot). A new
+/// prefix because the views moved: version 3's counters beside new per-slot
+/// views would read as lost and be rebuilt on top of themselves (counted
+/// twice); version 3's keys are not read and expire by their TTL.
+pub const KEY_PREFIX: &str = "tally:v4";
 
 /// The prefix of the view keys, one per cluster slot (see the module docs and
 /// [`crate::redis_conn::view_key`]).
-pub const VIEW_PREFIX: &str = "tally:v3:view:";
+pub const VIEW_PREFIX: &str = "tally:v4:view:";
 
 /// The view key of `merchant`'s slot: the one its hour keys' scripts check.
 pub fn merchant_view_key(merchant: &str) -> String {
@@ -190,7 +194,7 @@ pub(crate) fn union_entries(entries: &[Vec<u8>]) -> [CustomerUnion; 4] {
     out
 }
 
-/// The key prefix of one merchant-hour (`tally:v3:{m}:H`).
+/// The key prefix of one merchant-hour (`tally:v4:{m}:H`).
 pub fn hour_key(merchant: &str, hour: i64) -> String {
     format!(
         "{KEY_PREFIX}:{{{merchant}}}:{}",
@@ -412,6 +416,23 @@ impl RedisStore {
             .zip(replies)
             .map(|(k, f)| (k, ViewState::from_fields(f)))
             .collect())
+    }
+
+    /// Which server holds each slot's view: view key -> index of its primary
+    /// (slots lost together are on one; a slot being migrated has none).
+    pub async fn view_servers(&self) -> Result<HashMap<String, usize>> {
+        let ranges = self.conn.primary_ranges().await.map_err(|e| self.err(e))?;
+        let mut out = HashMap::with_capacity(usize::from(crate::redis_conn::SLOTS));
+        for slot in 0..crate::redis_conn::SLOTS {
+            if let Some(i) = ranges
+                .iter()
+                .position(|r| r.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+            {
+                let tag = crate::redis_conn::tag_of_slot(slot);
+                out.insert(format!("{VIEW_PREFIX}{{{tag}}}"), i);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether every slot's view is whole, from a look at one slot per server
