@@ -708,6 +708,10 @@ fn rows_of(b: &RecordBatch, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// Every how many checks [`keep_rebuilt`] reads every slot's view rather than
+/// one per server.
+const FULL_CHECK_EVERY: u64 = 30;
+
 /// Keeps a view rebuilt: every `every`, when the view is missing or not rebuilt,
 /// runs a [`Rebuild`] with `settle`, until shutdown. Errors are logged and the
 /// next tick retries; readers meanwhile treat the hours concerned as unknown.
@@ -718,8 +722,22 @@ pub async fn keep_rebuilt(
     settle: Duration,
     mut shutdown: tally_common::shutdown::Shutdown,
 ) {
+    let mut tick: u64 = 0;
     loop {
-        let needed = match store.views_whole().await {
+        // a look at one view per server every tick; every slot's view now and
+        // then, for a rebuild cut off part way through marking the slots
+        // rebuilt (the probed slot whole, another not)
+        let full = tick.is_multiple_of(FULL_CHECK_EVERY);
+        tick += 1;
+        let whole = if full {
+            store
+                .view_state()
+                .await
+                .map(|v| v.is_some_and(|v| v.rebuilt))
+        } else {
+            store.views_whole().await
+        };
+        let needed = match whole {
             Ok(whole) => !whole,
             Err(e) => {
                 tracing::debug!(error = %e, "speed view unreadable; rebuild check retries");
