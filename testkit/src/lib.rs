@@ -493,6 +493,22 @@ impl RedisCluster {
         }
     }
 
+    /// Stop the node on `port` cleanly (`SHUTDOWN`: its append-only file is
+    /// written out first), as a replica taken down for maintenance.
+    pub fn shutdown(&mut self, port: u16) {
+        let i = self.index(port);
+        let _ = self.cli(port, &["SHUTDOWN"]);
+        if let Some(mut c) = self.nodes[i].1.take() {
+            let exited = wait_until(Duration::from_secs(10), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if !exited {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
     /// Wait until the killed primary on `port` is replaced: no live primary
     /// is on that port and the cluster serves every slot again (its replica
     /// was promoted by the cluster's own failover, after the node timeout).

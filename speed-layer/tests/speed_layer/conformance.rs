@@ -346,8 +346,10 @@ async fn redis_every_key_has_its_ttl_after_a_varied_run() {
 /// counters (every current-hour bucket once came back partial in production).
 #[tokio::test]
 async fn redis_reads_with_real_length_sequence_numbers() {
+    // a TTL of hours: with one hour the current hour is vouched for only until
+    // :55 (its keys may expire an hour after a write five minutes early)
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+    let store = RedisStore::connect(&redis.url(), 6 * 3600).await.unwrap();
     let speed = SpeedStore::Redis(store.clone());
     let now = now_micros();
     let hour = hour_floor(now);
@@ -518,9 +520,10 @@ async fn redis_cluster_write_that_missed_the_replica_is_applied_once_after_failo
         .find(|(p, _)| *p == primary)
         .and_then(|(_, r)| r.first().copied())
         .expect("the primary has a replica");
-    // the replica goes down (its append-only file keeps what it had): the
-    // write lands on the primary only, and the batch is not reported applied
-    cluster.kill(replica);
+    // the replica goes down (shut down, so its append-only file holds all it
+    // had): the write lands on the primary only, and the batch is not
+    // reported applied
+    cluster.shutdown(replica);
     let err = apply_records(
         &speed,
         f.clone(),
