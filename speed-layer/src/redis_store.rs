@@ -273,7 +273,14 @@ impl RedisStore {
         };
         let script_sha = redis::Script::new(APPLY_LUA).get_hash().to_string();
         warn_if_evicting(&conn, &shown).await;
-        let wait_replicas = conn.min_replicas().await.unwrap_or(0).min(1);
+        let wait_replicas = match conn.min_replicas().await {
+            Ok(n) => n.min(1),
+            Err(e) => {
+                // counted again every REPLICAS_RECHECK; until then writes do not wait
+                tracing::warn!(url = %shown, error = %e, "cannot count Redis replicas; speed batches do not wait for one until they can be counted");
+                0
+            }
+        };
         let wait_replicas = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(wait_replicas));
         let replicas_next_check = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
             now_micros() + REPLICAS_RECHECK.as_micros() as i64,
