@@ -184,26 +184,7 @@ impl Archiver {
                 .quarantine
                 .commit_group(&marks, |k, mark| {
                     let (source, _, ingest_time) = &items[index[k]];
-                    let ingest_time = *ingest_time;
-                    let fresh: Vec<_> = decoded[index[k]]
-                        .iter()
-                        .filter(|(p, _)| mark.is_none_or(|m| *p > m))
-                        .collect();
-                    if fresh.is_empty() {
-                        return Ok((None, 0));
-                    }
-                    let batch = quarantine_batch(fresh.iter().flat_map(|(p, d)| {
-                        d.rejected.iter().map(move |r| {
-                            let origin = RowOrigin {
-                                source: source.clone(),
-                                position: (*p).clone(),
-                                line: r.line,
-                            };
-                            (r.payload.as_slice(), &r.reason, origin, ingest_time)
-                        })
-                    }))?;
-                    let rows = batch.num_rows() as u64;
-                    Ok((Some(batch), rows))
+                    rejects_beyond(source, &decoded[index[k]], mark, *ingest_time)
                 })
                 .await?;
             counts
@@ -240,25 +221,7 @@ impl Archiver {
         let (rows, _) = self
             .quarantine
             .commit_beyond_mark(source, last, |mark| {
-                let fresh: Vec<_> = decoded
-                    .iter()
-                    .filter(|(p, _)| mark.is_none_or(|m| *p > m))
-                    .collect();
-                if fresh.is_empty() {
-                    return Ok((None, 0));
-                }
-                let batch = quarantine_batch(fresh.iter().flat_map(|(p, d)| {
-                    d.rejected.iter().map(move |r| {
-                        let origin = RowOrigin {
-                            source: source.clone(),
-                            position: (*p).clone(),
-                            line: r.line,
-                        };
-                        (r.payload.as_slice(), &r.reason, origin, ingest_time)
-                    })
-                }))?;
-                let rows = batch.num_rows() as u64;
-                Ok((Some(batch), rows))
+                rejects_beyond(source, decoded, mark, ingest_time)
             })
             .await?;
         Ok(rows)
@@ -299,6 +262,35 @@ impl Archiver {
 
 /// One table of the master dataset (`raw_events` or `quarantine`) as the
 /// archiver holds it: its snapshot, how fresh that is, and the marks read from it.
+/// The `quarantine` batch of `decoded`'s rejected lines in records beyond
+/// `mark` and its row count; no batch when every record is at or below it.
+fn rejects_beyond(
+    source: &SourceId,
+    decoded: &[Decoded<'_>],
+    mark: Option<&Position>,
+    ingest_time: i64,
+) -> Result<(Option<RecordBatch>, u64)> {
+    let fresh: Vec<_> = decoded
+        .iter()
+        .filter(|(p, _)| mark.is_none_or(|m| *p > m))
+        .collect();
+    if fresh.is_empty() {
+        return Ok((None, 0));
+    }
+    let batch = quarantine_batch(fresh.iter().flat_map(|(p, d)| {
+        d.rejected.iter().map(move |r| {
+            let origin = RowOrigin {
+                source: source.clone(),
+                position: (*p).clone(),
+                line: r.line,
+            };
+            (r.payload.as_slice(), &r.reason, origin, ingest_time)
+        })
+    }))?;
+    let rows = batch.num_rows() as u64;
+    Ok((Some(batch), rows))
+}
+
 /// The `raw_events` batch of `decoded`'s events beyond `mark` (sorted by hour
 /// and merchant) and the report counting them; no batch when every record is
 /// at or below the mark.

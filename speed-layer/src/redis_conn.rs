@@ -108,14 +108,7 @@ impl RedisConn {
         let RedisConn::Cluster(c) = self else {
             return Ok(Vec::new());
         };
-        let mut c = c.clone();
-        let nodes: String = redis::from_redis_value(
-            c.route_command(
-                redis::cmd("CLUSTER").arg("NODES").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await?,
-        )?;
+        let nodes = cluster_nodes(c).await?;
         Ok(parse_nodes(&nodes).into_iter().map(|(p, _)| p).collect())
     }
 
@@ -136,14 +129,7 @@ impl RedisConn {
                     .unwrap_or(0))
             }
             RedisConn::Cluster(c) => {
-                let nodes: String = redis::from_redis_value(
-                    c.clone()
-                        .route_command(
-                            redis::cmd("CLUSTER").arg("NODES").clone(),
-                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-                        )
-                        .await?,
-                )?;
+                let nodes = cluster_nodes(c).await?;
                 Ok(min_replicas(&nodes))
             }
         }
@@ -155,14 +141,7 @@ impl RedisConn {
         let RedisConn::Cluster(c) = self else {
             return Ok(vec![vec![(0, SLOTS - 1)]]);
         };
-        let nodes: String = redis::from_redis_value(
-            c.clone()
-                .route_command(
-                    redis::cmd("CLUSTER").arg("NODES").clone(),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-                )
-                .await?,
-        )?;
+        let nodes = cluster_nodes(c).await?;
         Ok(parse_nodes(&nodes).into_iter().map(|(_, r)| r).collect())
     }
 
@@ -172,19 +151,24 @@ impl RedisConn {
         let RedisConn::Cluster(c) = self else {
             return Ok(vec![0]);
         };
-        let mut c = c.clone();
-        let nodes: String = redis::from_redis_value(
-            c.route_command(
-                redis::cmd("CLUSTER").arg("NODES").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await?,
-        )?;
+        let nodes = cluster_nodes(c).await?;
         Ok(parse_nodes(&nodes)
             .into_iter()
             .flat_map(|(_, ranges)| ranges.into_iter().map(|(a, _)| a))
             .collect())
     }
+}
+
+/// The cluster's `CLUSTER NODES` reply, from any node.
+async fn cluster_nodes(c: &ClusterConnection) -> RedisResult<String> {
+    let reply = c
+        .clone()
+        .route_command(
+            redis::cmd("CLUSTER").arg("NODES").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    Ok(redis::from_redis_value(reply)?)
 }
 
 /// The primaries of a `CLUSTER NODES` reply (lines of `id host:port@bus[,name]

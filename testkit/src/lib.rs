@@ -308,9 +308,12 @@ impl RedisCluster {
         );
         c.wait_ok(Duration::from_secs(60));
         // and until every primary sees its replica attached
+        // as every node sees it: a client may ask any of them
         let attached = wait_until(Duration::from_secs(60), || {
-            let t = c.topology();
-            t.len() == primaries && t.iter().all(|(_, r)| !r.is_empty())
+            c.live_ports().into_iter().all(|p| {
+                let t = c.topology_seen_by(p);
+                t.len() == primaries && t.iter().all(|(_, r)| !r.is_empty())
+            })
         });
         assert!(
             attached,
@@ -413,7 +416,13 @@ impl RedisCluster {
 
     /// Ports of the live primaries and, for each, its replicas' ports.
     pub fn topology(&self) -> Vec<(u16, Vec<u16>)> {
-        let nodes = self.cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        self.topology_seen_by(self.live_ports()[0])
+    }
+
+    /// [`RedisCluster::topology`] as the node on `port` sees it (gossip
+    /// reaches the nodes one after another).
+    pub fn topology_seen_by(&self, port: u16) -> Vec<(u16, Vec<u16>)> {
+        let nodes = self.cli(port, &["CLUSTER", "NODES"]);
         let port_of = |addr: &str| -> Option<u16> {
             addr.split(['@', ','])
                 .next()?
