@@ -740,18 +740,16 @@ fn redis_emptied_mid_stream_is_rebuilt_from_raw_events() {
         .and_then(|c| c.get_connection())
         .expect("redis");
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("tally:v4:{*}:*:c")
+        .arg("tally:v5:{*}:*:r")
         .query(&mut c)
         .expect("KEYS");
     let rebuilt: i64 = keys
         .iter()
-        .flat_map(|k| (0..4).map(move |q| (k, q)))
-        .map(|(k, q)| {
-            redis::cmd("HGET")
-                .arg(k)
-                .arg(format!("r:{q}:page_views"))
-                .query::<Option<i64>>(&mut c)
-                .expect("HGET")
+        .map(|k| {
+            let v: Vec<u8> = redis::cmd("GET").arg(k).query(&mut c).expect("GET");
+            tally_speed_layer::speed_entry::value_counters(&v)
+                .expect("a rebuilt value decodes")
+                .get(tally_common::metrics::Metric::PageViews)
                 .unwrap_or(0)
         })
         .sum();

@@ -80,6 +80,20 @@ fn engine(url: &str) -> (f64, f64) {
     )
 }
 
+/// Script calls the server ran so far (`INFO commandstats`, `EVALSHA`).
+fn script_calls(url: &str) -> u64 {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Keys matching `pattern` (SCAN), for counting merchant-hours.
 fn count_keys(url: &str, pattern: &str) -> usize {
     let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
@@ -95,8 +109,9 @@ fn main() {
     println!("speed layer, {EVENTS} events ({} bytes avg), {MERCHANTS} Zipf(1.1) merchants, NDJSON records of {PER_RECORD}", bytes / EVENTS);
     println!("| batch (records) | way | wall s | events/s (wall) | client CPU s | Lua calls | Redis engine µs/event | Redis bytes/merchant-hour |");
     println!("|---|---|---|---|---|---|---|---|");
-    // 1,000 records = a GetRecords page of the consumer; 10,000 = Lambda's largest batch
-    for per_batch in [1_000usize, 10_000] {
+    // 100 records = 10,000 events (`tally ingest --chunk-lines 10000`); 1,000 records =
+    // a GetRecords page of the consumer; 10,000 = Lambda's largest batch
+    for per_batch in [100usize, 1_000, 10_000] {
         let mut redis = RedisServer::start();
         // one core for the client: a current-thread runtime; redis-server has the other
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -104,7 +119,7 @@ fn main() {
             .build()
             .unwrap();
         let (cpu0, mem0) = engine(&redis.url());
-        let (ours, ours_cpu, applied) = rt.block_on(async {
+        let (ours, ours_cpu, _applied) = rt.block_on(async {
             let store = SpeedStore::Redis(RedisStore::connect(&redis.url(), 3600).await.unwrap());
             let (t, c) = (Instant::now(), cpu_secs());
             let mut applied = 0;
@@ -120,7 +135,8 @@ fn main() {
             (t.elapsed().as_secs_f64(), cpu_secs() - c, applied)
         });
         let (cpu1, mem1) = engine(&redis.url());
-        let ours_hours = count_keys(&redis.url(), "tally:v4:{*}:*:c");
+        let ours_hours = count_keys(&redis.url(), "tally:v5:{*}:*");
+        let calls = script_calls(&redis.url());
         redis.restart();
         let (cpu2, mem2) = engine(&redis.url());
         let (naive_t, naive_cpu, n) = rt.block_on(async {
@@ -134,7 +150,7 @@ fn main() {
         let e = EVENTS as f64;
         let us = |a: f64, b: f64| (b - a) * 1e6 / e;
         let per_hour = |a: f64, b: f64, hours: usize| (b - a) / hours.max(1) as f64;
-        println!("| {per_batch} | tally (aggregate per merchant-hour and 15-minute slot, client-built sketches, one Lua call per merchant-hour, exactly once) | {ours:.2} | {:.0} | {ours_cpu:.2} | {applied} | {:.2} | {:.0} ({ours_hours} merchant-hours) |", e / ours, us(cpu0, cpu1), per_hour(mem0, mem1, ours_hours));
+        println!("| {per_batch} | tally (aggregate per merchant-hour and 15-minute slot, client-built sketches, one APPEND per merchant-hour in a Lua call per 1,024, exactly once) | {ours:.2} | {:.0} | {ours_cpu:.2} | {calls} | {:.2} | {:.0} ({ours_hours} merchant-hours) |", e / ours, us(cpu0, cpu1), per_hour(mem0, mem1, ours_hours));
         println!("| {per_batch} | naive (HINCRBY + PFADD per event, pipelined; hour grain, Redis HLL) | {naive_t:.2} | {:.0} | {naive_cpu:.2} | - | {:.2} | {:.0} ({naive_hours} merchant-hours) |", e / naive_t, us(cpu2, cpu3), per_hour(mem2, mem3, naive_hours));
         println!(
             "| {per_batch} | ratio tally / naive | | {:.2}x | | |",

@@ -18,6 +18,7 @@ pub mod rebuild;
 pub mod redis_conn;
 pub mod redis_serving;
 pub mod redis_store;
+pub mod speed_entry;
 pub mod speed_sink;
 pub mod store;
 

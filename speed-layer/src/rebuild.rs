@@ -25,12 +25,12 @@
 //! Each write checks the view's generation, so a rebuild overtaken by a second
 //! loss writes nothing into the new view.
 //!
-//! Views are per cluster slot ([`crate::redis_store`]): a rebuild makes every
-//! slot's view, and rebuilds the slots whose view is not rebuilt (all of them
-//! after a single server's loss, a shard's after a cluster shard's). A
-//! boundary is per slot view and source; a slot a source has not written to
-//! since the loss takes the highest boundary that source set on the same
-//! server (whose slots were lost together), else the archive's mark. `tally speed rebuild` runs it; `tally
+//! A single server has one view; a cluster one per slot
+//! ([`crate::redis_store`]): a rebuild makes every view, and rebuilds those not
+//! rebuilt (a shard's slots after a cluster shard's loss). A boundary is per
+//! view and source; a view a source has not written to since the loss takes
+//! the highest boundary that source set on the same server (whose slots were
+//! lost together), else the archive's mark. `tally speed rebuild` runs it; `tally
 //! speed consume` and `tally serve` run it by themselves when they find a view
 //! that is not rebuilt.
 
@@ -44,7 +44,7 @@ use tally_common::config::DEFAULT_REBUILD_SETTLE_SECS;
 use tally_common::deltalake;
 use tally_common::lake::{register, Lake, Table};
 use tally_common::marks::read_mark;
-use tally_common::metrics::{counter_defs, Counters};
+use tally_common::metrics::Counters;
 use tally_common::serving_store::ServingStore as _;
 use tally_common::sketch::CustomerSketch;
 use tally_common::source::{Position, RowOrigin, SourceId};
@@ -56,12 +56,11 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
 
-use crate::redis_store::{
-    hour_key, merchant_view_key, quarter_field, sketch_entry, RedisStore, VIEW_PREFIX,
-};
+use crate::redis_store::{hour_key, RedisStore};
+use crate::speed_entry::{SpeedEntry, MERGED_ID};
 use crate::store::ViewState;
 
-/// Makes a slot's view when there is none. KEYS: view.
+/// Makes a view when there is none. KEYS: view.
 const ENSURE_VIEW_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local t = redis.call('TIME')
@@ -80,25 +79,14 @@ redis.call('HSETNX', KEYS[1], 'after:' .. ARGV[2], ARGV[3])
 return redis.call('HGET', KEYS[1], 'after:' .. ARGV[2])
 "#;
 
-/// Replaces one merchant-hour's rebuilt sums and its rebuilt sketches (a list
-/// of its own, replaced whole by each pass, so passes repeated while the
-/// consumers catch up do not pile entries up).
-/// KEYS: counters hash, rebuilt sketch list, view. ARGV: generation, ttl, n,
-/// n*(field, value), sketch entries...
+/// Replaces one merchant-hour's rebuilt sums (a frame of its own, replaced
+/// whole by each pass, so passes repeated while the consumers catch up do not
+/// pile up).
+/// KEYS: the merchant-hour's `:r` key, view. ARGV: generation, ttl, frame.
 /// Returns 1, or -1 when the view is of another generation (nothing written).
 const REPLACE_LUA: &str = r#"
-if redis.call('HGET', KEYS[3], 'generation') ~= ARGV[1] then return -1 end
-local n = tonumber(ARGV[3])
-for i = 0, n - 1 do
-  redis.call('HSET', KEYS[1], 'r:' .. ARGV[4 + 2 * i], ARGV[5 + 2 * i])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local first = 4 + 2 * n
-redis.call('DEL', KEYS[2])
-if #ARGV >= first then
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-end
+if redis.call('HGET', KEYS[2], 'generation') ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
 return 1
 "#;
 
@@ -123,7 +111,7 @@ return 0
 "#;
 
 /// The rebuild lock's key.
-const LOCK_KEY: &str = "tally:v4:rebuild-lock";
+const LOCK_KEY: &str = "tally:v5:rebuild-lock";
 /// How long a rebuild's lock lives unless renewed: a killed rebuild blocks the
 /// next one this long at most. The holder renews it every third of this.
 const LOCK_TTL: Duration = Duration::from_secs(10);
@@ -138,10 +126,10 @@ pub const DEFAULT_REBUILD_WAIT: Duration = Duration::from_secs(300);
 /// What a rebuild did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RebuildReport {
-    /// The newest generation among the slots' views rebuilt.
+    /// The newest generation among the views rebuilt.
     pub generation: String,
-    /// Slots whose view was rebuilt (all 16,384 after a single server's loss;
-    /// a shard's slots after a cluster shard's).
+    /// Views rebuilt: 1 on a single server; on a cluster one per slot (all
+    /// 16,384 after a whole cluster's loss, a shard's slots after a shard's).
     pub slots: usize,
     /// The view was already rebuilt (or another rebuild holds the lock): nothing done.
     pub nothing_to_do: bool,
@@ -161,7 +149,7 @@ impl std::fmt::Display for RebuildReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "generation {} ({} slots), {} events into {} merchant-hours from {} sources, {}",
+            "generation {} ({} views), {} events into {} merchant-hours from {} sources, {}",
             self.generation,
             self.slots,
             self.events,
@@ -288,14 +276,14 @@ impl<'a> Rebuild<'a> {
 
     async fn run_locked(&self) -> Result<RebuildReport> {
         let mut conn = self.store.connection();
-        // every slot gets a view now: a slot nobody wrote to since the loss has none yet
+        // every view is made now: a cluster slot nobody wrote to since the loss has none yet
         let mut ensure = redis::pipe();
-        for tag in crate::redis_conn::all_slot_tags() {
+        for view in self.store.all_views() {
             ensure
                 .cmd("EVAL")
                 .arg(ENSURE_VIEW_LUA)
                 .arg(1)
-                .arg(format!("{VIEW_PREFIX}{{{tag}}}"))
+                .arg(view)
                 .ignore();
         }
         let () = ensure
@@ -357,10 +345,10 @@ impl<'a> Rebuild<'a> {
         Ok(report)
     }
 
-    /// The slots' views that are not rebuilt, by view key.
+    /// The views that are not rebuilt, by view key.
     async fn pending(&self) -> Result<BTreeMap<String, ViewState>> {
         let mut pending = BTreeMap::new();
-        for (key, view) in self.store.slot_views().await? {
+        for (key, view) in self.store.view_states().await? {
             match view {
                 Some(v) if v.rebuilt => {}
                 Some(v) => {
@@ -368,7 +356,7 @@ impl<'a> Rebuild<'a> {
                 }
                 None => {
                     return Err(Error::speed(
-                        "a slot's speed view vanished while rebuilding (Redis lost data again)",
+                        "a speed view vanished while rebuilding (Redis lost data again)",
                     ))
                 }
             }
@@ -386,7 +374,7 @@ impl<'a> Rebuild<'a> {
     ) -> Result<Pass> {
         // the consumers' boundaries as of now (they write theirs on their first write)
         let mut views: BTreeMap<&str, ViewState> = BTreeMap::new();
-        for (key, view) in self.store.slot_views().await? {
+        for (key, view) in self.store.view_states().await? {
             let Some((k, was)) = pending.get_key_value(&key) else {
                 continue;
             };
@@ -534,7 +522,7 @@ impl<'a> Rebuild<'a> {
         for r in rows {
             let view = view_of
                 .entry(r.merchant_id.clone())
-                .or_insert_with(|| merchant_view_key(&r.merchant_id));
+                .or_insert_with(|| self.store.merchant_view(&r.merchant_id));
             let mine = owned
                 .get(&(view.as_str(), r.source.as_str()))
                 .and_then(Option::as_ref)
@@ -560,26 +548,14 @@ impl<'a> Rebuild<'a> {
             for ((merchant, hour), (quarters, sketches)) in chunk {
                 let k = hour_key(merchant, *hour);
                 let view = &view_of[merchant];
-                let cmd = pipe
-                    .cmd("EVAL")
+                pipe.cmd("EVAL")
                     .arg(REPLACE_LUA)
-                    .arg(3)
-                    .arg(format!("{k}:c"))
-                    .arg(format!("{k}:rs"))
+                    .arg(2)
+                    .arg(format!("{k}:r"))
                     .arg(view)
                     .arg(&views[view.as_str()].generation)
                     .arg(self.store.ttl_secs())
-                    .arg(4 * counter_defs().count());
-                for (q, counters) in quarters.iter().enumerate() {
-                    for (d, _, _, slot) in counter_defs() {
-                        cmd.arg(quarter_field(q, d.name)).arg(counters.values[slot]);
-                    }
-                }
-                for (q, sketch) in sketches.iter().enumerate() {
-                    if !sketch.is_empty() {
-                        cmd.arg(sketch_entry(q, &sketch.to_bytes()));
-                    }
-                }
+                    .arg(SpeedEntry::from_parts(quarters, sketches).to_frame(&MERGED_ID));
             }
             let replies: Vec<i64> = pipe
                 .query_async(&mut conn)

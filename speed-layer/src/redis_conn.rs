@@ -421,7 +421,7 @@ mod tests {
     #[test]
     fn every_slot_has_a_tag_of_its_own_slot() {
         assert_eq!(all_slot_tags().count(), usize::from(SLOTS));
-        let k = "tally:v4:{m_42}:493821";
+        let k = "tally:v5:{m_42}:493821";
         let tag = same_slot_tag(k);
         assert_eq!(Slot::for_key(format!("x{{{tag}}}y")), Slot::for_key(k));
         assert_eq!(Slot::for_key(view_key(k)), Slot::for_key(k));

@@ -1,46 +1,62 @@
 //! The Redis speed store.
 //!
-//! Per merchant-hour two keys share the hash tag `{merchant_id}`, so every
-//! per-merchant command and script touches one cluster slot:
+//! **Layout** (key prefix [`KEY_PREFIX`], `H` hours since the epoch):
 //!
-//! - `tally:v4:{m}:H:c`: hash of counter sums per 15-minute slot of the hour
-//!   (`Q:orders`, `Q:gross_sales`, ... for slot `Q` = 0 to 3), of the sums
-//!   rebuilt from `raw_events` (`r:Q:orders`, ...; see [`crate::rebuild`]) and
-//!   of marks (`~mark:SOURCE` -> highest applied position of that source),
-//! - `tally:v4:{m}:H:s`: list of distinct-customer sketches, each entry one
-//!   slot's sketch from one batch: the slot's number as one byte, then the
-//!   sketch (Apache DataSketches HLL, [`tally_common::sketch`], built by the
-//!   client). Readers union a slot's entries; a writer that finds the list
-//!   long replaces its entries by their union per slot ([`COMPACT_AT`]);
-//!   `...:H:rs` holds the rebuild's sketches, replaced whole by each pass.
-//!   Sketches are the batch layer's format, so a bucket straddling the
-//!   watermark has distinct customers, and the engine's work per batch is one
-//!   `RPUSH` per merchant-hour, not a `PFADD` per event.
+//! - `tally:v5:{m}:H`: merchant `m`'s hour `H`, a string of *frames*
+//!   ([`crate::speed_entry`]): each batch that has events of that
+//!   merchant-hour appends one frame with its counter sums and its
+//!   distinct-customer sketch per 15-minute slot, built by the client. The
+//!   engine's work per merchant-hour and batch is one `APPEND` (plus an
+//!   `EXPIRE` when it makes the key), not a command per event or per counter:
+//!   Redis engine time is what a speed layer at this volume pays for. A writer
+//!   that finds a value longer than [`COMPACT_AT`] of its frames replaces the
+//!   value's settled head by one merged frame.
+//! - `tally:v5:{m}:H:r`: the hour's sums rebuilt from `raw_events` (one
+//!   frame, replaced whole by each rebuild pass, [`crate::rebuild`]).
+//! - The *view*, a hash: `generation`, `covered_from`, `rebuilt`, and per source
+//!   `after:SOURCE` (the rebuild's boundary) and `mark:SOURCE` (the highest
+//!   position of that source whose batches are applied in this view). On a
+//!   single server there is one view, `tally:v5:view`; on a Redis Cluster one
+//!   per cluster slot, `tally:v5:view:{T}` (`T` a tag of that slot, so a script
+//!   may touch a merchant's keys and its slot's view together:
+//!   [`crate::redis_conn::view_key`]). A view is the unit that is lost
+//!   together: a server that lost its data (a restart without persistence, a
+//!   failover to an empty replica) lost its views too; the first write
+//!   afterwards creates the view anew with `covered_from` = now, and readers know
+//!   that the hours before are not whole until [`crate::rebuild`] has filled
+//!   them from `raw_events` and set `rebuilt`. The first write of each source
+//!   after that records `after:SOURCE`: positions up to it belong to the
+//!   rebuild, positions beyond it to the consumers, so neither counts an event
+//!   the other counts and none is lost between them. Views have no TTL (one,
+//!   or 16,384 small hashes on a cluster): a view that expired would make its
+//!   hours unknown until a rebuild.
+//! - `VIEW:open` (hash, source -> `ID DONE`) and `VIEW:open:SOURCE` (list of
+//!   the keys each part wrote): a batch being applied in several parts.
 //!
-//! where `H` is hours since the epoch. One more key per cluster slot, the
-//! *view* `tally:v4:view:{T}` (`T` a tag of that slot, so a merchant's keys and
-//! its slot's view are in one slot: [`crate::redis_conn::view_key`]; a hash:
-//! `generation`, `covered_from`, `rebuilt`, and per source `after:SOURCE`),
-//! says from when the slot's view is whole. A server that lost its data (a
-//! restart without persistence, a failover to an empty replica) lost the views
-//! of its slots too; the first write afterwards into such a slot creates its
-//! view anew with `covered_from` = now, and from then on readers know that the
-//! hours before are not whole until [`crate::rebuild`] has filled them from
-//! `raw_events` and set `rebuilt`. The first write of each source after that
-//! records `after:SOURCE`: positions up to it belong to the rebuild, positions
-//! beyond it to the consumers, so neither counts an event the other counts and
-//! none is lost between them. Views are per slot because a Redis Cluster loses
-//! data by shard (a script may not touch keys of two slots); on a single server
-//! they all go together. They have no TTL (16,384 small hashes): a view that
-//! expired would make its slot's hours unknown until a rebuild.
+//! **Exactly once.** A batch's merchant-hours are grouped by view and sent in
+//! parts of at most [`PART_SIZE`] merchant-hours, one script call each (a
+//! part keeps Redis busy about a millisecond, so readers are not held up). A
+//! part compares the batch's positions with the source's mark in the view (or
+//! its `after:` boundary, whichever is higher): at or beyond the batch's last
+//! record, all of it was applied before (nothing written); inside the batch, a
+//! redelivery cut differently from the delivery that applied part of it (the
+//! caller re-sends the records beyond the mark); below its first record, the
+//! frames are appended. The view's last part advances the mark in the same
+//! atomic step as its writes. Parts before the last record their progress in
+//! `VIEW:open`, under the batch's id (a digest of source, first and last
+//! position): the same delivery again skips the parts done and goes on; a
+//! delivery cut differently finds another id and first takes the cut-off
+//! batch's frames out again (the keys are in `VIEW:open:SOURCE`, the frames
+//! carry the id), then applies as a whole. So a batch cut off at any point by a
+//! crash, retried or redelivered in any cut, counts once.
 //!
 //! **Replication.** Replicas are asynchronous: a write acknowledged by a
 //! primary that fails before its replica has it is lost with the failover.
 //! When every primary has a replica, a batch counts as applied only once its
 //! writes reached one (`WAIT 1`, [`REPLICA_WAIT`]); only then may a consumer
 //! checkpoint past its records. A write lost in a failover is then one the
-//! stream delivers again, and the marks, replicated in the same hash as the
-//! counters they guard, make that redelivery count once (tested on a loopback
+//! stream delivers again, and the marks, replicated in the same view as the
+//! frames they guard, make that redelivery count once (tested on a loopback
 //! cluster). While a primary has no live replica (after a failover, until
 //! the failed node is replaced), batches are acknowledged without waiting,
 //! with a warning: a second failure in that window can lose the last batches
@@ -48,17 +64,13 @@
 //! `WAIT` does not make Redis strongly consistent: a failover may still
 //! promote the one replica that missed a write when a shard has several.
 //!
-//! One Lua script per merchant-hour compares the update's position with the
-//! source's mark (or its `after:` boundary, whichever is higher) and, only when
-//! it is beyond, adds the counters and the sketches and advances the mark: a
-//! redelivered or half-applied batch has an exactly-once effect on the
-//! counters (a sketch union is idempotent anyway). Every key written gets the
-//! store's TTL at every write, whatever wrote it first. A whole batch is one
-//! pipelined round trip.
-//!
 //! Positions are compared as decimal strings of any length (Kinesis sequence
-//! numbers have 56 digits and may have up to 129); nothing here parses one into
-//! a machine integer.
+//! numbers have 56 digits and may have up to 129; a KPL sub-record's position
+//! appends its sub-sequence number); nothing here parses one into a machine
+//! integer.
+//!
+//! Moving between a single server and a cluster is a new store: the views'
+//! layout differs, and the rebuild fills the new one from `raw_events`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -69,137 +81,220 @@ use crate::redis_conn::{view_key, RedisConn};
 use redis::{AsyncCommands, Pipeline, Value};
 use tally_common::bucket::{now_micros, MICROS_PER_HOUR, MICROS_PER_SECOND};
 use tally_common::decode::MAX_FUTURE_MICROS;
-use tally_common::metrics::{counter_defs, BucketRow, Counters, MetricValues};
+use tally_common::metrics::{BucketRow, Counters, MetricValues};
 use tally_common::sketch::CustomerUnion;
 use tally_common::source::Position;
 use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::{Error, Result};
 
-use crate::aggregate::{HourUpdate, SpeedBatch};
+use crate::aggregate::SpeedBatch;
+use crate::speed_entry::{frames, HourSums, SpeedEntry, MERGED_ID};
 use crate::store::{hour_alive, ApplyReport, ViewState};
 
-/// The key prefix of every speed-view key of this layout (version 4: counters
-/// per 15-minute slot, client-built sketches, a view per cluster slot). A new
-/// prefix because the views moved: version 3's counters beside new per-slot
-/// views would read as lost and be rebuilt on top of themselves (counted
-/// twice); version 3's keys are not read and expire by their TTL.
-pub const KEY_PREFIX: &str = "tally:v4";
+/// The key prefix of every speed-view key of this layout (version 5: a string
+/// of frames per merchant-hour, marks per view and source). A new prefix
+/// because the layout changed: version 4's keys are not read and expire by
+/// their TTL; the new views start empty and are rebuilt from `raw_events`.
+pub const KEY_PREFIX: &str = "tally:v5";
 
-/// The prefix of the view keys, one per cluster slot (see the module docs and
-/// [`crate::redis_conn::view_key`]).
-pub const VIEW_PREFIX: &str = "tally:v4:view:";
+/// The prefix of every view key: the single server's view is this key itself,
+/// a cluster's are `tally:v5:view:{T}` (see the module docs).
+pub const VIEW_PREFIX: &str = "tally:v5:view";
 
-/// The view key of `merchant`'s slot: the one its hour keys' scripts check.
-pub fn merchant_view_key(merchant: &str) -> String {
-    view_key(&hour_key(merchant, 0))
-}
+/// Merchant-hours per script call: bounds how long one call keeps Redis
+/// from other clients (about a millisecond here).
+pub const PART_SIZE: usize = 1024;
 
-/// Sketch entries of one merchant-hour beyond which a writer compacts them
-/// (the apply script's literal `32`).
-pub const COMPACT_AT: i64 = 32;
+/// A writer compacts a merchant-hour's value once it is longer than this many
+/// of the frames it just appended (the apply script's literal `32`).
+pub const COMPACT_AT: usize = 32;
 
-/// Check the source's mark, apply the increments and sketches, advance the mark.
-/// KEYS: counters hash (which also holds the marks, as fields `~mark:SOURCE`),
-/// sketch list, the view of their slot.
+/// Apply one part of a batch to one view.
+/// KEYS: view, `VIEW:open`, `VIEW:open:SOURCE`, then the part's merchant-hour keys.
 /// ARGV: source, last position, first position, ttl, boundary (the position
-/// before the batch's first record, '' when none), n, n*(field, delta), sketch entries...
-/// Returns 1 (applied), 2 (applied, and the view was new: the server had lost its
-/// data or never held any), plus 2 when the sketch list is now longer than
-/// `COMPACT_AT` entries (3, 4), 0 (all of it applied before, or the rebuild's), or the
-/// mark when it falls inside the update's records (a redelivery cut differently
-/// after a crash): the caller then re-sends only the records beyond the mark.
+/// before the batch's first record, '' when none), batch id (hex), part index,
+/// parts in this view, the part's keys for the open list ('' for the last
+/// part), then one frame per merchant-hour key.
+/// Returns {1} (applied) or {2} (applied, and the view was new: the server had
+/// lost its data or never held any), each followed by the 1-based indices of
+/// keys to compact; {0} (applied before, or the rebuild's); {-1, mark} (the
+/// mark falls inside the batch: re-send only the records beyond it); {-2,
+/// open} (another batch of this source was cut off part way: take it out
+/// first); {-3} (an earlier part of this batch has not been applied).
 const APPLY_LUA: &str = r#"
 local function ge(a, b) return #a > #b or (#a == #b and a >= b) end
-local src = ARGV[1]
-local ttl = ARGV[4]
+local src, last, first, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local v = redis.call('HMGET', KEYS[1], 'generation', 'rebuilt', 'after:' .. src, 'mark:' .. src)
 local fresh = 0
-if redis.call('EXISTS', KEYS[3]) == 0 then
+if not v[1] then
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('HSET', KEYS[3], 'generation', now, 'covered_from', now, 'rebuilt', '0')
+  redis.call('HSET', KEYS[1], 'generation', now, 'covered_from', now, 'rebuilt', '0')
+  v[2] = '0'
   fresh = 1
 end
-local after = redis.call('HGET', KEYS[3], 'after:' .. src)
+local after = v[3]
 if not after then
   -- once the rebuild is done, a source new to the view lost nothing: it owns all
   after = ARGV[5]
-  if redis.call('HGET', KEYS[3], 'rebuilt') == '1' then after = '' end
-  redis.call('HSET', KEYS[3], 'after:' .. src, after)
+  if v[2] == '1' then after = '' end
+  redis.call('HSET', KEYS[1], 'after:' .. src, after)
 end
-local mark = redis.call('HGET', KEYS[1], '~mark:' .. src)
+local mark = v[4]
 if after ~= '' and (not mark or ge(after, mark)) then mark = after end
-local p = ARGV[2]
 if mark then
-  if ge(mark, p) then return 0 end
-  if ge(mark, ARGV[3]) then return mark end
+  if ge(mark, last) then return {0} end
+  if ge(mark, first) then return {-1, mark} end
 end
-local n = tonumber(ARGV[6])
-for i = 0, n - 1 do
-  redis.call('HINCRBY', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i])
+local id, part, parts = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local open = redis.call('HGET', KEYS[2], src)
+if open then
+  local oid, done = string.match(open, '^(%x+) (%d+)$')
+  if oid ~= id then return {-2, open} end
+  done = tonumber(done)
+  if part < done then return {0} end
+  if part > done then return {-3} end
+elseif part ~= 0 then
+  return {-3}
 end
-local first = 7 + 2 * n
-local long = 0
-if #ARGV >= first then
-  local len = redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
+local long = {1 + fresh}
+for j = 4, #KEYS do
+  local frame = ARGV[j + 6]
+  local len = redis.call('APPEND', KEYS[j], frame)
+  if len == #frame then redis.call('EXPIRE', KEYS[j], ttl) end
+  if len > 32 * #frame then long[#long + 1] = j - 3 end
+end
+if part == parts - 1 then
+  redis.call('HSET', KEYS[1], 'mark:' .. src, last)
+  if open then
+    redis.call('HDEL', KEYS[2], src)
+    redis.call('DEL', KEYS[3])
+  end
+else
+  redis.call('HSET', KEYS[2], src, id .. ' ' .. (part + 1))
+  redis.call('RPUSH', KEYS[3], ARGV[9])
   redis.call('EXPIRE', KEYS[2], ttl)
-  if len > 32 then long = 2 end
+  redis.call('EXPIRE', KEYS[3], ttl)
 end
-redis.call('HSET', KEYS[1], '~mark:' .. src, p)
-redis.call('EXPIRE', KEYS[1], ttl)
-return 1 + fresh + long
+return long
 "#;
 
-/// Replace the first entries of a sketch list by their union, when they are
-/// still the entries the caller merged.
-/// KEYS: sketch list. ARGV: n (entries merged), SHA-1 of their concatenation,
-/// ttl, merged entries... Returns 1, or 0 when the list's head changed.
-const COMPACT_LUA: &str = r#"
-local n = tonumber(ARGV[1])
-local head = redis.call('LRANGE', KEYS[1], 0, n - 1)
-if #head ~= n or redis.sha1hex(table.concat(head)) ~= ARGV[2] then return 0 end
-redis.call('LTRIM', KEYS[1], n, -1)
-for i = #ARGV, 4, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+/// Take a cut-off batch's frames out of the keys its parts wrote.
+/// KEYS: `VIEW:open`, `VIEW:open:SOURCE`, the keys. ARGV: source, the open
+/// entry read (`ID DONE`), the batch id (8 bytes). Returns 1, or 0 when the
+/// open entry changed meanwhile (nothing done).
+const UNDO_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+for j = 3, #KEYS do
+  local s = redis.call('GET', KEYS[j])
+  if s then
+    local out, pos, changed = {}, 1, false
+    while pos <= #s do
+      local len = struct.unpack('<I4', s, pos)
+      local frame = string.sub(s, pos, pos + 11 + len)
+      if string.sub(frame, 5, 12) == ARGV[3] then changed = true else out[#out + 1] = frame end
+      pos = pos + 12 + len
+    end
+    if changed then
+      if #out == 0 then redis.call('DEL', KEYS[j])
+      else redis.call('SET', KEYS[j], table.concat(out), 'KEEPTTL') end
+    end
+  end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
 return 1
 "#;
 
-/// A sketch-list entry: slot `q`'s sketch.
-pub(crate) fn sketch_entry(q: usize, sketch: &[u8]) -> Vec<u8> {
-    let mut e = Vec::with_capacity(sketch.len() + 1);
-    e.push(q as u8);
-    e.extend_from_slice(sketch);
-    e
-}
+/// Replace the first bytes of a merchant-hour's value (whole frames) by one
+/// merged frame, when they are still the bytes the caller merged and hold no
+/// frame of a batch that is part way (which might have to be taken out).
+/// KEYS: the merchant-hour, `VIEW:open`. ARGV: bytes merged, their SHA-1, the
+/// merged frame. Returns 1, or 0 when nothing was replaced.
+const COMPACT_LUA: &str = r#"
+local n = tonumber(ARGV[1])
+local head = redis.call('GETRANGE', KEYS[1], 0, n - 1)
+if #head ~= n or redis.sha1hex(head) ~= ARGV[2] then return 0 end
+local open = {}
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+  local id = string.match(v, '^(%x+)')
+  if id then open[id] = true end
+end
+local pos = 1
+while pos <= n do
+  local len = struct.unpack('<I4', head, pos)
+  local id = string.gsub(string.sub(head, pos + 4, pos + 11), '.', function(c) return string.format('%02x', string.byte(c)) end)
+  if open[id] then return 0 end
+  pos = pos + 12 + len
+end
+redis.call('SET', KEYS[1], ARGV[3] .. redis.call('GETRANGE', KEYS[1], n, -1), 'KEEPTTL')
+return 1
+"#;
 
-/// The counters-hash field of slot `q`'s metric `name` (`r:` prefixed for
-/// the rebuilt sums).
-pub(crate) fn quarter_field(q: usize, name: &str) -> String {
-    format!("{q}:{name}")
-}
-
-/// Union each slot's entries of a sketch list. Entries that do not parse are
-/// skipped (logged): a sketch is an estimate, its counters stay exact.
-pub(crate) fn union_entries(entries: &[Vec<u8>]) -> [CustomerUnion; 4] {
-    let mut out: [CustomerUnion; 4] = Default::default();
-    for e in entries {
-        let Some((&q, sketch)) = e.split_first() else {
-            continue;
-        };
-        if let Some(u) = out.get_mut(usize::from(q)) {
-            if let Err(err) = u.add_bytes(sketch) {
-                tracing::warn!(error = %err, "a speed-view sketch does not parse; skipped");
-            }
-        }
-    }
-    out
-}
-
-/// The key prefix of one merchant-hour (`tally:v4:{m}:H`).
+/// The key of one merchant-hour (`tally:v5:{m}:H`); its rebuilt sums are at
+/// this key plus `:r`.
 pub fn hour_key(merchant: &str, hour: i64) -> String {
     format!(
         "{KEY_PREFIX}:{{{merchant}}}:{}",
         hour.div_euclid(MICROS_PER_HOUR)
     )
+}
+
+/// The id of a delivery: the first 8 bytes of the SHA-1 of its source, first
+/// and last position and the part size (so a writer with another part size
+/// never resumes a cut-off batch by the wrong parts).
+fn batch_id(source: &str, first: &str, last: &str) -> [u8; 8] {
+    let mut h = sha1_smol::Sha1::new();
+    for s in [source, first, last, &PART_SIZE.to_string()] {
+        h.update(s.as_bytes());
+        h.update(&[0]);
+    }
+    let d = h.digest().bytes();
+    d[..8].try_into().expect("20 bytes")
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<[u8; 8]> {
+    let mut out = [0u8; 8];
+    if s.len() != 16 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Keys as one list entry (`VIEW:open:SOURCE`): each a u32 length (little-endian) then its bytes.
+fn encode_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for k in keys {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(k.as_bytes());
+    }
+    out
+}
+
+fn decode_keys(mut b: &[u8]) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        out.push(String::from_utf8(b.get(4..4 + len)?.to_vec()).ok()?);
+        b = &b[4 + len..];
+    }
+    Some(out)
+}
+
+/// One script call's share of a batch: merchant-hours of one view.
+struct Part {
+    view: String,
+    /// Indices into the batch's updates.
+    updates: Vec<usize>,
+    index: usize,
+    count: usize,
 }
 
 /// The Redis speed store; cheap to clone (one multiplexed, self-reconnecting connection).
@@ -344,23 +439,103 @@ impl RedisStore {
         }
     }
 
-    fn pipeline(&self, batch: &SpeedBatch) -> Pipeline {
-        let mut pipe = redis::pipe();
+    /// The view of a merchant-hour key: the server's one view, or on a
+    /// cluster the view of the key's slot.
+    pub fn view_of(&self, key: &str) -> String {
+        match &self.conn {
+            RedisConn::Single(_) => VIEW_PREFIX.to_string(),
+            RedisConn::Cluster(_) => view_key(key),
+        }
+    }
+
+    /// The view of `merchant`'s keys (every hour of a merchant is in one).
+    pub fn merchant_view(&self, merchant: &str) -> String {
+        self.view_of(&hour_key(merchant, 0))
+    }
+
+    /// Every view key: one on a single server, one per slot on a cluster.
+    pub fn all_views(&self) -> Vec<String> {
+        match &self.conn {
+            RedisConn::Single(_) => vec![VIEW_PREFIX.to_string()],
+            RedisConn::Cluster(_) => crate::redis_conn::all_slot_tags()
+                .map(|t| format!("{VIEW_PREFIX}:{{{t}}}"))
+                .collect(),
+        }
+    }
+
+    /// The batch's merchant-hours grouped by view (first-seen order, so the
+    /// same records always give the same parts), in parts of [`PART_SIZE`].
+    fn parts(&self, batch: &SpeedBatch) -> Vec<Part> {
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
+        for (i, u) in batch.updates.iter().enumerate() {
+            let view = self.view_of(&hour_key(&u.merchant_id, u.hour));
+            let g = *at.entry(view.clone()).or_insert_with(|| {
+                groups.push((view, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i);
+        }
+        let mut parts = Vec::new();
+        for (view, updates) in groups {
+            let count = updates.len().div_ceil(PART_SIZE);
+            for (index, chunk) in updates.chunks(PART_SIZE).enumerate() {
+                parts.push(Part {
+                    view: view.clone(),
+                    updates: chunk.to_vec(),
+                    index,
+                    count,
+                });
+            }
+        }
+        parts
+    }
+
+    /// One pipeline of the script calls of `parts[todo]`.
+    fn pipeline(&self, batch: &SpeedBatch, parts: &[Part], todo: &[usize]) -> Pipeline {
+        let source = batch.source.as_str();
+        let first = batch.first_position.as_ref().map_or("", |p| p.as_str());
+        let last = batch.last_position.as_ref().map_or("", |p| p.as_str());
+        let id = batch_id(source, first, last);
+        let id_hex = to_hex(&id);
         // the rebuild owns what came before the batch's first record, should the view be new
         let boundary = batch
             .first_position
             .as_ref()
             .and_then(Position::pred)
             .map_or_else(String::new, |p| p.as_str().to_string());
-        for u in &batch.updates {
-            add_update(
-                &mut pipe,
-                &self.script_sha,
-                batch.source.as_str(),
-                self.ttl_secs,
-                &boundary,
-                u,
-            );
+        let mut pipe = redis::pipe();
+        for &p in todo {
+            let part = &parts[p];
+            let keys: Vec<String> = part
+                .updates
+                .iter()
+                .map(|&i| hour_key(&batch.updates[i].merchant_id, batch.updates[i].hour))
+                .collect();
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(&self.script_sha)
+                .arg(3 + keys.len())
+                .arg(&part.view)
+                .arg(format!("{}:open", part.view))
+                .arg(format!("{}:open:{source}", part.view))
+                .arg(&keys)
+                .arg(source)
+                .arg(last)
+                .arg(first)
+                .arg(self.ttl_secs)
+                .arg(&boundary)
+                .arg(&id_hex)
+                .arg(part.index)
+                .arg(part.count);
+            if part.index + 1 < part.count {
+                cmd.arg(encode_keys(keys.iter().map(String::as_str)));
+            } else {
+                cmd.arg("");
+            }
+            for &i in &part.updates {
+                cmd.arg(SpeedEntry::from_update(&batch.updates[i]).to_frame(&id));
+            }
         }
         pipe
     }
@@ -388,7 +563,7 @@ impl RedisStore {
     /// The view key's state; None when the server holds no view (it lost its data,
     /// or never held any).
     pub async fn view_state(&self) -> Result<Option<ViewState>> {
-        let views = self.slot_views().await?;
+        let views = self.view_states().await?;
         let mut whole: Option<ViewState> = None;
         for (_, v) in views {
             let Some(v) = v else { return Ok(None) };
@@ -405,12 +580,10 @@ impl RedisStore {
         Ok(whole)
     }
 
-    /// Every slot's view key and state (None: the slot has no view), in one
-    /// pipeline (by slot on a cluster).
-    pub async fn slot_views(&self) -> Result<Vec<(String, Option<ViewState>)>> {
-        let keys: Vec<String> = crate::redis_conn::all_slot_tags()
-            .map(|t| format!("{VIEW_PREFIX}{{{t}}}"))
-            .collect();
+    /// Every view's key and state (None: no view), in one pipeline (by slot
+    /// on a cluster): one view on a single server, 16,384 on a cluster.
+    pub async fn view_states(&self) -> Result<Vec<(String, Option<ViewState>)>> {
+        let keys = self.all_views();
         let mut pipe = redis::pipe();
         for k in &keys {
             pipe.hgetall(k);
@@ -425,9 +598,12 @@ impl RedisStore {
             .collect())
     }
 
-    /// Which server holds each slot's view: view key -> index of its primary
-    /// (slots lost together are on one; a slot being migrated has none).
+    /// Which server holds each view: view key -> index of its primary (views
+    /// lost together are on one; a slot being migrated has none).
     pub async fn view_servers(&self) -> Result<HashMap<String, usize>> {
+        if !self.conn.is_cluster() {
+            return Ok(HashMap::from([(VIEW_PREFIX.to_string(), 0)]));
+        }
         let ranges = self.conn.primary_ranges().await.map_err(|e| self.err(e))?;
         let mut out = HashMap::with_capacity(usize::from(crate::redis_conn::SLOTS));
         for slot in 0..crate::redis_conn::SLOTS {
@@ -436,20 +612,20 @@ impl RedisStore {
                 .position(|r| r.iter().any(|&(a, b)| (a..=b).contains(&slot)))
             {
                 let tag = crate::redis_conn::tag_of_slot(slot);
-                out.insert(format!("{VIEW_PREFIX}{{{tag}}}"), i);
+                out.insert(format!("{VIEW_PREFIX}:{{{tag}}}"), i);
             }
         }
         Ok(out)
     }
 
-    /// Whether every slot's view is whole, from a look at one slot per server
+    /// Whether every view is whole, from a look at one view per server
     /// holding keys (a server that lost its data lost every view it held; a
-    /// rebuild makes every slot's view at once): cheap enough for
+    /// rebuild makes every view at once): cheap enough for
     /// [`crate::rebuild::keep_rebuilt`]'s check every couple of seconds.
     /// Errors: Redis unreachable.
     pub async fn views_whole(&self) -> Result<bool> {
         let probes: Vec<String> = match &self.conn {
-            RedisConn::Single(_) => vec![view_key("0")],
+            RedisConn::Single(_) => vec![VIEW_PREFIX.to_string()],
             RedisConn::Cluster(_) => {
                 let slots = self
                     .conn
@@ -530,46 +706,6 @@ impl RedisStore {
     }
 }
 
-fn add_update(
-    pipe: &mut Pipeline,
-    sha: &str,
-    source: &str,
-    ttl: u64,
-    boundary: &str,
-    u: &HourUpdate,
-) {
-    let k = hour_key(&u.merchant_id, u.hour);
-    let mut fields: Vec<(String, i64)> = Vec::new();
-    for (q, counters) in u.quarters.iter().enumerate() {
-        fields.extend(
-            counter_defs()
-                .map(|(d, _, _, slot)| (quarter_field(q, d.name), counters.values[slot]))
-                .filter(|(_, v)| *v != 0),
-        );
-    }
-    let cmd = pipe
-        .cmd("EVALSHA")
-        .arg(sha)
-        .arg(3)
-        .arg(format!("{k}:c"))
-        .arg(format!("{k}:s"))
-        .arg(view_key(&k))
-        .arg(source)
-        .arg(u.position.as_str())
-        .arg(u.first_position.as_str())
-        .arg(ttl)
-        .arg(boundary)
-        .arg(fields.len());
-    for (name, v) in fields {
-        cmd.arg(name).arg(v);
-    }
-    for q in 0..4 {
-        if let Some(sketch) = u.sketch(q) {
-            cmd.arg(sketch_entry(q, &sketch));
-        }
-    }
-}
-
 fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
@@ -635,54 +771,119 @@ fn unexpected<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) ->
     Error::speed_from(format!("unexpected {what} reply from Redis"), e)
 }
 
+/// A part call's reply: its status and what follows it.
+fn part_reply(v: Value) -> Result<(i64, Vec<Value>)> {
+    let mut items: Vec<Value> = redis::from_redis_value(v).map_err(|e| unexpected("script", e))?;
+    if items.is_empty() {
+        return Err(Error::speed("an empty reply from the speed-view script"));
+    }
+    let status: i64 =
+        redis::from_redis_value(items.remove(0)).map_err(|e| unexpected("script", e))?;
+    Ok((status, items))
+}
+
 /// The write side, as [`crate::SpeedStore`] has it.
 impl RedisStore {
-    /// Apply a batch's updates (all of them, atomically per merchant-hour) in one
-    /// pipelined round trip, retried with backoff up to the store's attempts.
+    /// Apply a batch's updates (atomically per part: one view's merchant-hours,
+    /// at most [`PART_SIZE`] of them) in one pipelined round trip, retried with
+    /// backoff up to the store's attempts; a batch of this source cut off part
+    /// way in a view is first taken out there (see the module docs).
     pub async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
         if batch.updates.is_empty() {
             return Ok(ApplyReport::default());
         }
-        let pipe = self.pipeline(batch);
+        let source = batch.source.as_str();
+        let parts = self.parts(batch);
+        let mut todo: Vec<usize> = (0..parts.len()).collect();
+        let mut report = ApplyReport::default();
+        let mut long: Vec<usize> = Vec::new();
+        let mut undo_rounds = 0;
+        while !todo.is_empty() {
+            let results = self.run_parts(&self.pipeline(batch, &parts, &todo)).await?;
+            let mut undo: Vec<(String, String)> = Vec::new();
+            let mut again = Vec::new();
+            for (&p, r) in todo.iter().zip(results) {
+                let part = &parts[p];
+                let (status, rest) = part_reply(r)?;
+                match status {
+                    1 | 2 => {
+                        report.applied += part.updates.len();
+                        report.view_created |= status == 2;
+                        for v in rest {
+                            let j: usize =
+                                redis::from_redis_value(v).map_err(|e| unexpected("script", e))?;
+                            long.extend(j.checked_sub(1).and_then(|j| part.updates.get(j)));
+                        }
+                    }
+                    0 => report.skipped += part.updates.len(),
+                    -1 => {
+                        let mark: String =
+                            redis::from_redis_value(rest.into_iter().next().unwrap_or(Value::Nil))
+                                .map_err(|e| unexpected("script", e))?;
+                        let mark = Position::parse(&mark)?;
+                        report
+                            .overlaps
+                            .extend(part.updates.iter().map(|&i| (i, mark.clone())));
+                    }
+                    -2 => {
+                        let open: String =
+                            redis::from_redis_value(rest.into_iter().next().unwrap_or(Value::Nil))
+                                .map_err(|e| unexpected("script", e))?;
+                        if !undo.iter().any(|(v, _)| *v == part.view) {
+                            undo.push((part.view.clone(), open));
+                        }
+                        again.push(p);
+                    }
+                    _ => {
+                        return Err(Error::speed(format!(
+                            "Redis at {}: a part of a speed batch of {source} arrived before \
+                             the part it follows (an earlier one failed); the batch is \
+                             delivered again",
+                            self.url_for_errors
+                        )))
+                    }
+                }
+            }
+            if undo.is_empty() {
+                break;
+            }
+            undo_rounds += 1;
+            if undo_rounds > 3 {
+                return Err(Error::speed(format!(
+                    "Redis at {}: batches of {source} cut off part way kept appearing; not applied",
+                    self.url_for_errors
+                )));
+            }
+            for (view, open) in undo {
+                tracing::warn!(%source, %view, %open, "a speed batch was cut off part way; taking it out before applying its redelivery");
+                self.undo(&view, source, &open).await?;
+            }
+            todo = again;
+        }
+        self.await_replicas().await?;
+        for i in long {
+            let u = &batch.updates[i];
+            let key = hour_key(&u.merchant_id, u.hour);
+            // best effort: a long value is still read right
+            if let Err(e) = self.compact(&key).await {
+                tracing::warn!(error = %e, "compacting a speed-view value failed");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Send one pipeline of part calls, retried with backoff.
+    async fn run_parts(&self, pipe: &Pipeline) -> Result<Vec<Value>> {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            match self.apply_once(&pipe).await {
-                Ok(results) => {
-                    let mut report = ApplyReport::default();
-                    let mut long = Vec::new();
-                    for (i, r) in results.into_iter().enumerate() {
-                        match r {
-                            Value::Int(n @ 1..=4) => {
-                                report.applied += 1;
-                                report.view_created |= n == 2 || n == 4;
-                                if n >= 3 {
-                                    long.push(i);
-                                }
-                            }
-                            Value::Int(_) => report.skipped += 1,
-                            other => {
-                                let mark: String = redis::from_redis_value(other)
-                                    .map_err(|e| unexpected("script", e))?;
-                                report.overlaps.push((i, Position::parse(&mark)?));
-                            }
-                        }
-                    }
-                    self.await_replicas().await?;
-                    for i in long {
-                        let u = &batch.updates[i];
-                        // best effort: a list left long is still read right
-                        if let Err(e) = self.compact(&hour_key(&u.merchant_id, u.hour)).await {
-                            tracing::warn!(error = %e, "compacting speed-view sketches failed");
-                        }
-                    }
-                    return Ok(report);
-                }
+            match self.apply_once(pipe).await {
+                Ok(results) => return Ok(results),
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
                     // a restarted or failed-over server lost its script cache; the marks make
-                    // re-running the already-applied part of the pipeline harmless
+                    // re-running the already-applied parts harmless
                     self.load_script().await?;
                 }
                 Err(e) if attempt >= self.max_attempts => return Err(self.err(e)),
@@ -696,36 +897,76 @@ impl RedisStore {
         }
     }
 
-    /// Replace the sketch entries of merchant-hour `k` by one union per slot.
-    async fn compact(&self, k: &str) -> Result<()> {
-        let key = format!("{k}:s");
+    /// Take the frames of `source`'s batch cut off part way (`open`, as the
+    /// view's open entry reads) out of the keys its parts wrote.
+    async fn undo(&self, view: &str, source: &str, open: &str) -> Result<()> {
+        let list = format!("{view}:open:{source}");
+        let id = open.split(' ').next().and_then(from_hex).ok_or_else(|| {
+            Error::speed(format!("a speed view's open entry `{open}` does not parse"))
+        })?;
         let mut c = self.conn.clone();
-        let entries: Vec<Vec<u8>> = c.lrange(&key, 0, -1).await.map_err(|e| self.err(e))?;
-        if entries.len() <= 1 {
+        let entries: Vec<Vec<u8>> = c.lrange(&list, 0, -1).await.map_err(|e| self.err(e))?;
+        let mut keys = Vec::new();
+        for e in &entries {
+            keys.extend(decode_keys(e).ok_or_else(|| {
+                Error::speed(format!("the speed view's list {list} does not parse"))
+            })?);
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(UNDO_LUA)
+            .arg(2 + keys.len())
+            .arg(format!("{view}:open"))
+            .arg(&list)
+            .arg(&keys)
+            .arg(source)
+            .arg(open)
+            .arg(&id[..]);
+        let _: i64 = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Replace the settled head of merchant-hour `key`'s value (frames of no
+    /// batch that is part way) by one merged frame.
+    async fn compact(&self, key: &str) -> Result<()> {
+        let open_key = format!("{}:open", self.view_of(key));
+        let mut c = self.conn.clone();
+        let (value, open): (Option<Vec<u8>>, Vec<String>) = redis::pipe()
+            .get(key)
+            .hvals(&open_key)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        let Some(value) = value else { return Ok(()) };
+        let open: Vec<[u8; 8]> = open
+            .iter()
+            .filter_map(|o| o.split(' ').next().and_then(from_hex))
+            .collect();
+        let mut sums = HourSums::default();
+        let (mut merged, mut bytes) = (0usize, 0usize);
+        for f in frames(&value)? {
+            if open.contains(&f.id) {
+                break;
+            }
+            sums.add_payload(f.payload)?;
+            merged += 1;
+            bytes += f.bytes.len();
+        }
+        if merged <= 1 {
             return Ok(());
         }
-        let digest = {
-            use sha1_smol::Sha1;
-            let mut h = Sha1::new();
-            for e in &entries {
-                h.update(e);
-            }
-            h.digest().to_string()
-        };
-        let merged = union_entries(&entries);
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(COMPACT_LUA)
-            .arg(1)
-            .arg(&key)
-            .arg(entries.len())
+        let head = &value[..bytes];
+        let digest = sha1_smol::Sha1::from(head).digest().to_string();
+        let _: i64 = redis::cmd("EVAL")
+            .arg(COMPACT_LUA)
+            .arg(2)
+            .arg(key)
+            .arg(&open_key)
+            .arg(bytes)
             .arg(digest)
-            .arg(self.ttl_secs);
-        for (q, u) in merged.iter().enumerate() {
-            if !u.is_empty() {
-                cmd.arg(sketch_entry(q, &u.to_bytes()));
-            }
-        }
-        let _: i64 = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
+            .arg(sums.to_entry().to_frame(&MERGED_ID))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -761,25 +1002,15 @@ impl SpeedView for RedisStore {
         unions: &'a [Vec<usize>],
     ) -> BoxFuture<'a, Result<SpeedReading>> {
         Box::pin(async move {
-            // the counters by name (never every field: the hash also holds the marks,
-            // whose positions are 56-digit numbers), then the rebuilt sums
-            let mut fields: Vec<String> = Vec::new();
-            for q in 0..4 {
-                for (d, ..) in counter_defs() {
-                    fields.push(quarter_field(q, d.name));
-                    fields.push(format!("r:{}", quarter_field(q, d.name)));
-                }
-            }
             let mut pipe = redis::pipe();
             pipe.cmd("HMGET")
-                .arg(merchant_view_key(merchant))
+                .arg(self.merchant_view(merchant))
                 .arg("covered_from")
                 .arg("rebuilt");
-            let keys: Vec<String> = hours.iter().map(|&h| hour_key(merchant, h)).collect();
-            for k in &keys {
-                pipe.cmd("HMGET").arg(format!("{k}:c")).arg(&fields);
-                pipe.cmd("LRANGE").arg(format!("{k}:s")).arg(0).arg(-1);
-                pipe.cmd("LRANGE").arg(format!("{k}:rs")).arg(0).arg(-1);
+            for &h in hours {
+                let k = hour_key(merchant, h);
+                // the consumers' frames and the rebuilt sums: one slot, one command
+                pipe.cmd("MGET").arg(&k).arg(format!("{k}:r"));
             }
             let mut c = self.conn.clone();
             let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
@@ -798,42 +1029,27 @@ impl SpeedView for RedisStore {
             let mut reading = SpeedReading::default();
             let mut per_hour: Vec<CustomerUnion> = Vec::with_capacity(hours.len());
             let now = now_micros();
-            let per_quarter = 2 * counter_defs().count();
             for (i, &hour) in hours.iter().enumerate() {
-                let values: Vec<Option<i64>> =
+                let stored: Vec<Option<Vec<u8>>> =
                     redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                        .map_err(|e| unexpected("counters", e))?;
-                let mut entries: Vec<Vec<u8>> =
-                    redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                        .map_err(|e| unexpected("sketches", e))?;
-                let rebuilt: Vec<Vec<u8>> =
-                    redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                        .map_err(|e| unexpected("rebuilt sketches", e))?;
-                entries.extend(rebuilt);
-                let unions = union_entries(&entries);
+                        .map_err(|e| unexpected("merchant-hour", e))?;
+                let mut sums = HourSums::default();
+                for v in stored.iter().flatten() {
+                    sums.add_value(v)?;
+                }
                 let mut hour_counters = Counters::default();
                 let mut hour_union = CustomerUnion::new();
                 let mut quarters: [BucketRow; 4] = Default::default();
-                for (q, (row, chunk)) in quarters
-                    .iter_mut()
-                    .zip(values.chunks(per_quarter))
-                    .enumerate()
-                {
-                    let mut counters = Counters::default();
-                    for ((_, _, _, slot), pair) in counter_defs().zip(chunk.chunks(2)) {
-                        counters.values[slot] = pair
-                            .iter()
-                            .flatten()
-                            .fold(0i64, |a, v| a.saturating_add(*v));
-                    }
-                    hour_counters.merge(&counters);
-                    hour_union.merge(&unions[q]);
+                for (q, row) in quarters.iter_mut().enumerate() {
+                    let (counters, union) = (&sums.quarters[q], &sums.unions[q]);
+                    hour_counters.merge(counters);
+                    hour_union.merge(union);
                     *row = BucketRow {
                         values: MetricValues {
-                            counters,
-                            unique_customers: Some(unions[q].estimate().estimate),
+                            counters: *counters,
+                            unique_customers: Some(union.estimate().estimate),
                         },
-                        sketch: (!unions[q].is_empty()).then(|| unions[q].to_bytes().into()),
+                        sketch: (!union.is_empty()).then(|| union.to_bytes().into()),
                     };
                 }
                 reading.hours.push(MetricValues {
