@@ -140,6 +140,7 @@ pub async fn apply_records<'a>(
             let r = store.apply(&sub).await?;
             report.applied += r.applied;
             report.skipped += r.skipped;
+            report.view_created |= r.view_created;
             for (i, m) in r.overlaps {
                 next.push((batch_index(&batch, &sub, i)?, m));
             }

@@ -15,9 +15,10 @@
 //!    no sooner than `settle` after the loss so the archiver has caught up with
 //!    what that source's consumer had applied before it. The rebuild owns
 //!    positions up to the boundary, the consumers those beyond.
-//! 3. It sums the rows it owns per merchant-hour and *replaces* the hours'
-//!    rebuilt sums (`r:orders`, ...) and adds their customers, so a rebuild killed
-//!    and run again, or run again with more archived rows, is right.
+//! 3. It sums the rows it owns per merchant-hour, with their customers'
+//!    sketches, and *replaces* the hour's rebuilt sums (one frame at the
+//!    hour's key plus `:r`), so a rebuild killed and run again, or run again
+//!    with more archived rows, is right.
 //! 4. When `raw_events` holds every source up to its boundary, it marks the view
 //!    `rebuilt`; otherwise it retries until `wait` is over and reports itself
 //!    incomplete (the hours stay unknown to readers, never wrong).

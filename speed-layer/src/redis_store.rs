@@ -42,13 +42,17 @@
 //! redelivery cut differently from the delivery that applied part of it (the
 //! caller re-sends the records beyond the mark); below its first record, the
 //! frames are appended. The view's last part advances the mark in the same
-//! atomic step as its writes. Parts before the last record their progress in
-//! `VIEW:open`, under the batch's id (a digest of source, first and last
-//! position): the same delivery again skips the parts done and goes on; a
-//! delivery cut differently finds another id and first takes the cut-off
-//! batch's frames out again (the keys are in `VIEW:open:SOURCE`, the frames
-//! carry the id), then applies as a whole. So a batch cut off at any point by a
-//! crash, retried or redelivered in any cut, counts once.
+//! atomic step as its writes. Each part records in `VIEW:open`, under the id
+//! of the view's share of the batch (a digest of source, first and last
+//! position and every key and frame payload, so one id is one set of parts),
+//! that it is writing (`ID PART !`) and then that it is done (`ID PART+1`),
+//! with its keys in `VIEW:open:SOURCE`. The same share again skips the parts
+//! done and goes on; a share cut off inside a part (a failed command leaves
+//! the writes before it), or any other delivery (cut or decoded differently:
+//! another id), first takes the cut-off share's frames out again (the frames
+//! carry the id), in calls of at most [`PART_SIZE`] keys, then applies as a
+//! whole. So a batch cut off at any point, retried or redelivered in any cut,
+//! counts once.
 //!
 //! **Replication.** Replicas are asynchronous: a write acknowledged by a
 //! primary that fails before its replica has it is lost with the failover.
@@ -65,9 +69,8 @@
 //! promote the one replica that missed a write when a shard has several.
 //!
 //! Positions are compared as decimal strings of any length (Kinesis sequence
-//! numbers have 56 digits and may have up to 129; a KPL sub-record's position
-//! appends its sub-sequence number); nothing here parses one into a machine
-//! integer.
+//! numbers have 56 digits and may have up to 129); nothing here parses one
+//! into a machine integer.
 //!
 //! Moving between a single server and a cluster is a new store: the views'
 //! layout differs, and the rebuild fills the new one from `raw_events`.
@@ -88,7 +91,7 @@ use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::{Error, Result};
 
 use crate::aggregate::SpeedBatch;
-use crate::speed_entry::{frames, HourSums, SpeedEntry, MERGED_ID};
+use crate::speed_entry::{frame, frames, HourSums, SpeedEntry, MERGED_ID};
 use crate::store::{hour_alive, ApplyReport, ViewState};
 
 /// The key prefix of every speed-view key of this layout (version 5: a string
@@ -112,21 +115,30 @@ pub const COMPACT_AT: usize = 32;
 /// Apply one part of a batch to one view.
 /// KEYS: view, `VIEW:open`, `VIEW:open:SOURCE`, then the part's merchant-hour keys.
 /// ARGV: source, last position, first position, ttl, boundary (the position
-/// before the batch's first record, '' when none), batch id (hex), part index,
-/// parts in this view, the part's keys for the open list ('' for the last
-/// part), then one frame per merchant-hour key.
-/// Returns {1} (applied) or {2} (applied, and the view was new: the server had
-/// lost its data or never held any), each followed by the 1-based indices of
-/// keys to compact; {0} (applied before, or the rebuild's); {-1, mark} (the
-/// mark falls inside the batch: re-send only the records beyond it); {-2,
-/// open} (another batch of this source was cut off part way: take it out
-/// first); {-3} (an earlier part of this batch has not been applied).
+/// before the batch's first record, '' when none), batch id (hex; a digest of
+/// the view's whole share of the batch), part index, parts in this view, the
+/// part's keys (for the open list), then one frame per merchant-hour key.
+/// Returns {status, fresh, ...}: fresh is 1 when this call made the view (the
+/// server had lost its data or never held any). Status 1: applied, followed
+/// by the 1-based indices of keys to compact; 0: applied before (or the
+/// rebuild's); -1, mark: the mark falls inside the batch (re-send only the
+/// records beyond it); -2, open: a batch of this source was cut off part way
+/// (take it out first); -3: an earlier part of this batch has not been
+/// applied.
+///
+/// While a part writes, the open entry reads `ID PART !` and the open list
+/// holds its keys: a part cut off inside (a failed command leaves the writes
+/// before it) is taken out whole like a cut-off batch, never resumed.
 const APPLY_LUA: &str = r#"
 local function ge(a, b) return #a > #b or (#a == #b and a >= b) end
 local src, last, first, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local id, part, parts = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local v = redis.call('HMGET', KEYS[1], 'generation', 'rebuilt', 'after:' .. src, 'mark:' .. src)
 local fresh = 0
 if not v[1] then
+  -- a later part finding no view: the server lost it between parts; the
+  -- retry's first part makes the view (and reports it)
+  if part ~= 0 then return {-3, 0} end
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('HSET', KEYS[1], 'generation', now, 'covered_from', now, 'rebuilt', '0')
@@ -143,45 +155,46 @@ end
 local mark = v[4]
 if after ~= '' and (not mark or ge(after, mark)) then mark = after end
 if mark then
-  if ge(mark, last) then return {0} end
-  if ge(mark, first) then return {-1, mark} end
+  if ge(mark, last) then return {0, fresh} end
+  if ge(mark, first) then return {-1, fresh, mark} end
 end
-local id, part, parts = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local open = redis.call('HGET', KEYS[2], src)
 if open then
-  local oid, done = string.match(open, '^(%x+) (%d+)$')
-  if oid ~= id then return {-2, open} end
+  local oid, done, dirty = string.match(open, '^(%x+) (%d+)( ?!?)$')
+  if oid ~= id or dirty ~= '' then return {-2, fresh, open} end
   done = tonumber(done)
-  if part < done then return {0} end
-  if part > done then return {-3} end
+  if part < done then return {0, fresh} end
+  if part > done then return {-3, fresh} end
 elseif part ~= 0 then
-  return {-3}
+  return {-3, fresh}
 end
-local long = {1 + fresh}
+redis.call('HSET', KEYS[2], src, id .. ' ' .. part .. ' !')
+redis.call('RPUSH', KEYS[3], ARGV[9])
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+local out = {1, fresh}
 for j = 4, #KEYS do
   local frame = ARGV[j + 6]
   local len = redis.call('APPEND', KEYS[j], frame)
   if len == #frame then redis.call('EXPIRE', KEYS[j], ttl) end
-  if len > 32 * #frame then long[#long + 1] = j - 3 end
+  if len > 32 * #frame then out[#out + 1] = j - 3 end
 end
 if part == parts - 1 then
   redis.call('HSET', KEYS[1], 'mark:' .. src, last)
-  if open then
-    redis.call('HDEL', KEYS[2], src)
-    redis.call('DEL', KEYS[3])
-  end
+  redis.call('HDEL', KEYS[2], src)
+  redis.call('DEL', KEYS[3])
 else
   redis.call('HSET', KEYS[2], src, id .. ' ' .. (part + 1))
-  redis.call('RPUSH', KEYS[3], ARGV[9])
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[3], ttl)
 end
-return long
+return out
 "#;
 
-/// Take a cut-off batch's frames out of the keys its parts wrote.
+/// Take a cut-off batch's frames out of some of the keys its parts wrote
+/// (called in chunks of at most [`PART_SIZE`] keys, so no call keeps Redis
+/// long; removing a batch's frames twice is harmless).
 /// KEYS: `VIEW:open`, `VIEW:open:SOURCE`, the keys. ARGV: source, the open
-/// entry read (`ID DONE`), the batch id (8 bytes). Returns 1, or 0 when the
+/// entry read (`ID DONE` or `ID PART !`), the batch id (8 bytes), 1 for the
+/// last chunk (which clears the open entry and list). Returns 1, or 0 when the
 /// open entry changed meanwhile (nothing done).
 const UNDO_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
@@ -201,16 +214,21 @@ for j = 3, #KEYS do
     end
   end
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
+if ARGV[4] == '1' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+end
 return 1
 "#;
 
-/// Replace the first bytes of a merchant-hour's value (whole frames) by one
-/// merged frame, when they are still the bytes the caller merged and hold no
-/// frame of a batch that is part way (which might have to be taken out).
-/// KEYS: the merchant-hour, `VIEW:open`. ARGV: bytes merged, their SHA-1, the
-/// merged frame. Returns 1, or 0 when nothing was replaced.
+/// Replace a merchant-hour's value, as read, by one merged frame of its
+/// settled frames followed by the frames of batches part way (kept as they
+/// are: they may have to be taken out), when its first bytes are still those
+/// read and the batches part way are still the same. Appends since the read
+/// stay after it.
+/// KEYS: the merchant-hour, `VIEW:open`. ARGV: bytes read, their SHA-1, the
+/// ids of the batches part way (sorted, hex, comma-separated), the
+/// replacement. Returns 1, or 0 when nothing was replaced.
 const COMPACT_LUA: &str = r#"
 local n = tonumber(ARGV[1])
 local head = redis.call('GETRANGE', KEYS[1], 0, n - 1)
@@ -218,16 +236,11 @@ if #head ~= n or redis.sha1hex(head) ~= ARGV[2] then return 0 end
 local open = {}
 for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
   local id = string.match(v, '^(%x+)')
-  if id then open[id] = true end
+  if id then open[#open + 1] = id end
 end
-local pos = 1
-while pos <= n do
-  local len = struct.unpack('<I4', head, pos)
-  local id = string.gsub(string.sub(head, pos + 4, pos + 11), '.', function(c) return string.format('%02x', string.byte(c)) end)
-  if open[id] then return 0 end
-  pos = pos + 12 + len
-end
-redis.call('SET', KEYS[1], ARGV[3] .. redis.call('GETRANGE', KEYS[1], n, -1), 'KEEPTTL')
+table.sort(open)
+if table.concat(open, ',') ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[4] .. redis.call('GETRANGE', KEYS[1], n, -1), 'KEEPTTL')
 return 1
 "#;
 
@@ -240,14 +253,28 @@ pub fn hour_key(merchant: &str, hour: i64) -> String {
     )
 }
 
-/// The id of a delivery: the first 8 bytes of the SHA-1 of its source, first
-/// and last position and the part size (so a writer with another part size
-/// never resumes a cut-off batch by the wrong parts).
-fn batch_id(source: &str, first: &str, last: &str) -> [u8; 8] {
+/// The id of one view's share of a delivery: the first 8 bytes of the SHA-1
+/// of its source, first and last position, the part size, and every
+/// merchant-hour key and payload in order. The same id means the same parts
+/// (a redelivery decoded differently, e.g. an event no longer in the future,
+/// or cut differently, has another id and is never resumed by the wrong
+/// parts).
+fn share_id<'a>(
+    source: &str,
+    first: &str,
+    last: &str,
+    entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> [u8; 8] {
     let mut h = sha1_smol::Sha1::new();
     for s in [source, first, last, &PART_SIZE.to_string()] {
         h.update(s.as_bytes());
         h.update(&[0]);
+    }
+    for (key, payload) in entries {
+        h.update(&(key.len() as u64).to_le_bytes());
+        h.update(key.as_bytes());
+        h.update(&(payload.len() as u64).to_le_bytes());
+        h.update(payload);
     }
     let d = h.digest().bytes();
     d[..8].try_into().expect("20 bytes")
@@ -295,6 +322,14 @@ struct Part {
     updates: Vec<usize>,
     index: usize,
     count: usize,
+    /// The view's share's id ([`share_id`]).
+    id: [u8; 8],
+}
+
+/// A batch's merchant-hours, ready to send: keys and encoded entries, by update.
+struct Prepared {
+    keys: Vec<String>,
+    payloads: Vec<Vec<u8>>,
 }
 
 /// The Redis speed store; cheap to clone (one multiplexed, self-reconnecting connection).
@@ -322,7 +357,8 @@ pub const REPLICAS_RECHECK: Duration = Duration::from_secs(30);
 pub const REPLICA_WAIT: Duration = Duration::from_secs(2);
 
 impl RedisStore {
-    /// Connect to `url` (redis:// or rediss://); keys expire `ttl_secs` after their last update.
+    /// Connect to `url` (redis:// or rediss://); a merchant-hour's keys expire
+    /// `ttl_secs` after their first write.
     pub async fn connect(url: &str, ttl_secs: u64) -> Result<Self> {
         let shown = redact(url);
         let client = redis::Client::open(url)
@@ -465,19 +501,30 @@ impl RedisStore {
 
     /// The batch's merchant-hours grouped by view (first-seen order, so the
     /// same records always give the same parts), in parts of [`PART_SIZE`].
-    fn parts(&self, batch: &SpeedBatch) -> Vec<Part> {
+    fn parts(&self, batch: &SpeedBatch, prepared: &Prepared) -> Vec<Part> {
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         let mut at: HashMap<String, usize> = HashMap::new();
-        for (i, u) in batch.updates.iter().enumerate() {
-            let view = self.view_of(&hour_key(&u.merchant_id, u.hour));
+        for (i, key) in prepared.keys.iter().enumerate() {
+            let view = self.view_of(key);
             let g = *at.entry(view.clone()).or_insert_with(|| {
                 groups.push((view, Vec::new()));
                 groups.len() - 1
             });
             groups[g].1.push(i);
         }
+        let source = batch.source.as_str();
+        let first = batch.first_position.as_ref().map_or("", |p| p.as_str());
+        let last = batch.last_position.as_ref().map_or("", |p| p.as_str());
         let mut parts = Vec::new();
         for (view, updates) in groups {
+            let id = share_id(
+                source,
+                first,
+                last,
+                updates
+                    .iter()
+                    .map(|&i| (prepared.keys[i].as_str(), &prepared.payloads[i][..])),
+            );
             let count = updates.len().div_ceil(PART_SIZE);
             for (index, chunk) in updates.chunks(PART_SIZE).enumerate() {
                 parts.push(Part {
@@ -485,6 +532,7 @@ impl RedisStore {
                     updates: chunk.to_vec(),
                     index,
                     count,
+                    id,
                 });
             }
         }
@@ -492,12 +540,16 @@ impl RedisStore {
     }
 
     /// One pipeline of the script calls of `parts[todo]`.
-    fn pipeline(&self, batch: &SpeedBatch, parts: &[Part], todo: &[usize]) -> Pipeline {
+    fn pipeline(
+        &self,
+        batch: &SpeedBatch,
+        prepared: &Prepared,
+        parts: &[Part],
+        todo: &[usize],
+    ) -> Pipeline {
         let source = batch.source.as_str();
         let first = batch.first_position.as_ref().map_or("", |p| p.as_str());
         let last = batch.last_position.as_ref().map_or("", |p| p.as_str());
-        let id = batch_id(source, first, last);
-        let id_hex = to_hex(&id);
         // the rebuild owns what came before the batch's first record, should the view be new
         let boundary = batch
             .first_position
@@ -507,10 +559,10 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for &p in todo {
             let part = &parts[p];
-            let keys: Vec<String> = part
+            let keys: Vec<&str> = part
                 .updates
                 .iter()
-                .map(|&i| hour_key(&batch.updates[i].merchant_id, batch.updates[i].hour))
+                .map(|&i| prepared.keys[i].as_str())
                 .collect();
             let cmd = pipe
                 .cmd("EVALSHA")
@@ -525,16 +577,12 @@ impl RedisStore {
                 .arg(first)
                 .arg(self.ttl_secs)
                 .arg(&boundary)
-                .arg(&id_hex)
+                .arg(to_hex(&part.id))
                 .arg(part.index)
-                .arg(part.count);
-            if part.index + 1 < part.count {
-                cmd.arg(encode_keys(keys.iter().map(String::as_str)));
-            } else {
-                cmd.arg("");
-            }
+                .arg(part.count)
+                .arg(encode_keys(keys.iter().copied()));
             for &i in &part.updates {
-                cmd.arg(SpeedEntry::from_update(&batch.updates[i]).to_frame(&id));
+                cmd.arg(frame(&part.id, &prepared.payloads[i]));
             }
         }
         pipe
@@ -756,7 +804,7 @@ impl RedisStore {
     /// Whether the hour starting at `hour` is whole in a view whole from
     /// `covered_from` (None: no view at all) at `now`: events reach the view at
     /// most [`MAX_FUTURE_MICROS`] before their hour, and a key lives `ttl` after
-    /// its last write, so an hour older than the TTL may have expired while the
+    /// its first write, so an hour older than the TTL may have expired while the
     /// batch layer was stalled.
     fn covers(&self, covered_from: Option<i64>, hour: i64, now: i64) -> bool {
         let ttl = i64::try_from(self.ttl_secs)
@@ -771,15 +819,18 @@ fn unexpected<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) ->
     Error::speed_from(format!("unexpected {what} reply from Redis"), e)
 }
 
-/// A part call's reply: its status and what follows it.
-fn part_reply(v: Value) -> Result<(i64, Vec<Value>)> {
+/// A part call's reply: its status, whether it made the view, and what follows.
+fn part_reply(v: Value) -> Result<(i64, bool, Vec<Value>)> {
     let mut items: Vec<Value> = redis::from_redis_value(v).map_err(|e| unexpected("script", e))?;
-    if items.is_empty() {
-        return Err(Error::speed("an empty reply from the speed-view script"));
+    if items.len() < 2 {
+        return Err(Error::speed("a short reply from the speed-view script"));
     }
-    let status: i64 =
-        redis::from_redis_value(items.remove(0)).map_err(|e| unexpected("script", e))?;
-    Ok((status, items))
+    let rest = items.split_off(2);
+    let fresh: i64 = redis::from_redis_value(items.pop().unwrap_or(Value::Nil))
+        .map_err(|e| unexpected("script", e))?;
+    let status: i64 = redis::from_redis_value(items.pop().unwrap_or(Value::Nil))
+        .map_err(|e| unexpected("script", e))?;
+    Ok((status, fresh == 1, rest))
 }
 
 /// The write side, as [`crate::SpeedStore`] has it.
@@ -793,22 +844,41 @@ impl RedisStore {
             return Ok(ApplyReport::default());
         }
         let source = batch.source.as_str();
-        let parts = self.parts(batch);
+        let prepared = Prepared {
+            keys: batch
+                .updates
+                .iter()
+                .map(|u| hour_key(&u.merchant_id, u.hour))
+                .collect(),
+            payloads: batch
+                .updates
+                .iter()
+                .map(|u| prost::Message::encode_to_vec(&SpeedEntry::from_update(u)))
+                .collect(),
+        };
+        let parts = self.parts(batch, &prepared);
         let mut todo: Vec<usize> = (0..parts.len()).collect();
         let mut report = ApplyReport::default();
         let mut long: Vec<usize> = Vec::new();
         let mut undo_rounds = 0;
         while !todo.is_empty() {
-            let results = self.run_parts(&self.pipeline(batch, &parts, &todo)).await?;
+            let results = self
+                .run_parts(&self.pipeline(batch, &prepared, &parts, &todo))
+                .await?;
             let mut undo: Vec<(String, String)> = Vec::new();
             let mut again = Vec::new();
+            let mut out_of_order = false;
             for (&p, r) in todo.iter().zip(results) {
                 let part = &parts[p];
-                let (status, rest) = part_reply(r)?;
+                let (status, fresh, rest) = part_reply(r)?;
+                report.view_created |= fresh;
+                let first_string = |rest: Vec<Value>| -> Result<String> {
+                    redis::from_redis_value(rest.into_iter().next().unwrap_or(Value::Nil))
+                        .map_err(|e| unexpected("script", e))
+                };
                 match status {
-                    1 | 2 => {
+                    1 => {
                         report.applied += part.updates.len();
-                        report.view_created |= status == 2;
                         for v in rest {
                             let j: usize =
                                 redis::from_redis_value(v).map_err(|e| unexpected("script", e))?;
@@ -817,32 +887,30 @@ impl RedisStore {
                     }
                     0 => report.skipped += part.updates.len(),
                     -1 => {
-                        let mark: String =
-                            redis::from_redis_value(rest.into_iter().next().unwrap_or(Value::Nil))
-                                .map_err(|e| unexpected("script", e))?;
-                        let mark = Position::parse(&mark)?;
+                        let mark = Position::parse(&first_string(rest)?)?;
                         report
                             .overlaps
                             .extend(part.updates.iter().map(|&i| (i, mark.clone())));
                     }
                     -2 => {
-                        let open: String =
-                            redis::from_redis_value(rest.into_iter().next().unwrap_or(Value::Nil))
-                                .map_err(|e| unexpected("script", e))?;
+                        let open = first_string(rest)?;
                         if !undo.iter().any(|(v, _)| *v == part.view) {
                             undo.push((part.view.clone(), open));
                         }
                         again.push(p);
                     }
-                    _ => {
-                        return Err(Error::speed(format!(
-                            "Redis at {}: a part of a speed batch of {source} arrived before \
-                             the part it follows (an earlier one failed); the batch is \
-                             delivered again",
-                            self.url_for_errors
-                        )))
-                    }
+                    _ => out_of_order = true,
                 }
+            }
+            if out_of_order {
+                // an earlier part failed (its error failed the pipeline, which was
+                // retried) or the view was lost meanwhile: deliver it again
+                return Err(Error::speed(format!(
+                    "Redis at {}: a part of a speed batch of {source} came before the part \
+                     it follows (an earlier one failed, or the view was lost meanwhile); \
+                     the batch is delivered again",
+                    self.url_for_errors
+                )));
             }
             if undo.is_empty() {
                 break;
@@ -862,10 +930,8 @@ impl RedisStore {
         }
         self.await_replicas().await?;
         for i in long {
-            let u = &batch.updates[i];
-            let key = hour_key(&u.merchant_id, u.hour);
             // best effort: a long value is still read right
-            if let Err(e) = self.compact(&key).await {
+            if let Err(e) = self.compact(&prepared.keys[i]).await {
                 tracing::warn!(error = %e, "compacting a speed-view value failed");
             }
         }
@@ -912,21 +978,36 @@ impl RedisStore {
                 Error::speed(format!("the speed view's list {list} does not parse"))
             })?);
         }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(UNDO_LUA)
-            .arg(2 + keys.len())
-            .arg(format!("{view}:open"))
-            .arg(&list)
-            .arg(&keys)
-            .arg(source)
-            .arg(open)
-            .arg(&id[..]);
-        let _: i64 = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
+        let chunks: Vec<&[String]> = if keys.is_empty() {
+            vec![&[]]
+        } else {
+            keys.chunks(PART_SIZE).collect()
+        };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let done: i64 = redis::cmd("EVAL")
+                .arg(UNDO_LUA)
+                .arg(2 + chunk.len())
+                .arg(format!("{view}:open"))
+                .arg(&list)
+                .arg(chunk)
+                .arg(source)
+                .arg(open)
+                .arg(&id[..])
+                .arg(u8::from(i + 1 == n))
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            if done == 0 {
+                // another writer of this source took it out (or went on) meanwhile
+                break;
+            }
+        }
         Ok(())
     }
 
-    /// Replace the settled head of merchant-hour `key`'s value (frames of no
-    /// batch that is part way) by one merged frame.
+    /// Replace merchant-hour `key`'s value by one merged frame of its settled
+    /// frames, followed by the frames of batches part way, kept as they are.
     async fn compact(&self, key: &str) -> Result<()> {
         let open_key = format!("{}:open", self.view_of(key));
         let mut c = self.conn.clone();
@@ -937,33 +1018,38 @@ impl RedisStore {
             .await
             .map_err(|e| self.err(e))?;
         let Some(value) = value else { return Ok(()) };
-        let open: Vec<[u8; 8]> = open
+        let mut open: Vec<String> = open
             .iter()
-            .filter_map(|o| o.split(' ').next().and_then(from_hex))
+            .filter_map(|o| o.split(' ').next().map(str::to_string))
             .collect();
+        open.sort();
+        let open_ids: Vec<[u8; 8]> = open.iter().filter_map(|o| from_hex(o)).collect();
         let mut sums = HourSums::default();
-        let (mut merged, mut bytes) = (0usize, 0usize);
+        let mut kept: Vec<u8> = Vec::new();
+        let mut merged = 0usize;
         for f in frames(&value)? {
-            if open.contains(&f.id) {
-                break;
+            if open_ids.contains(&f.id) {
+                kept.extend_from_slice(f.bytes);
+            } else {
+                sums.add_payload(f.payload)?;
+                merged += 1;
             }
-            sums.add_payload(f.payload)?;
-            merged += 1;
-            bytes += f.bytes.len();
         }
         if merged <= 1 {
             return Ok(());
         }
-        let head = &value[..bytes];
-        let digest = sha1_smol::Sha1::from(head).digest().to_string();
+        let mut replacement = sums.to_entry().to_frame(&MERGED_ID);
+        replacement.extend_from_slice(&kept);
+        let digest = sha1_smol::Sha1::from(&value).digest().to_string();
         let _: i64 = redis::cmd("EVAL")
             .arg(COMPACT_LUA)
             .arg(2)
             .arg(key)
             .arg(&open_key)
-            .arg(bytes)
+            .arg(value.len())
             .arg(digest)
-            .arg(sums.to_entry().to_frame(&MERGED_ID))
+            .arg(open.join(","))
+            .arg(replacement)
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;

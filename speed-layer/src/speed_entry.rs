@@ -78,13 +78,17 @@ impl SpeedEntry {
 
     /// This entry as one frame of batch `id`.
     pub fn to_frame(&self, id: &[u8; 8]) -> Vec<u8> {
-        let len = self.encoded_len();
-        let mut out = Vec::with_capacity(FRAME_HEADER + len);
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-        out.extend_from_slice(id);
-        self.encode(&mut out).expect("a Vec grows as needed");
-        out
+        frame(id, &self.encode_to_vec())
     }
+}
+
+/// One frame: `payload` (an encoded [`SpeedEntry`]) of batch `id`.
+pub fn frame(id: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(payload);
+    out
 }
 
 /// One frame of a stored value.

@@ -36,11 +36,11 @@ pub struct ApplyReport {
     pub view_created: bool,
 }
 
-/// Whether a speed store with keys living `ttl_micros` after their last write
+/// Whether a speed store with keys living `ttl_micros` after their first write
 /// still holds every event of the hour starting at `hour` at `now` (all epoch
-/// µs). An hour's keys are last written no earlier than
-/// [`MAX_FUTURE_MICROS`](tally_common::decode::MAX_FUTURE_MICROS) before it starts;
-/// past that plus the TTL they may have expired, e.g. while the batch layer was
+/// µs). An hour's keys are first written no earlier than
+/// [`MAX_FUTURE_MICROS`](tally_common::decode::MAX_FUTURE_MICROS) before it starts
+/// (no event is accepted sooner); past that plus the TTL they may have expired, e.g. while the batch layer was
 /// stalled and the watermark stayed behind.
 pub fn hour_alive(hour: i64, now: i64, ttl_micros: i64) -> bool {
     now < hour
@@ -92,7 +92,8 @@ pub const REBUILD_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The speed store a process uses: Redis when configured, else the embedded
 /// store. Every update carries its source's position; a store applies an update
-/// only when it is beyond the mark it holds for that (merchant, hour, source), and
+/// only when it is beyond the mark it holds for that source (Redis: per view;
+/// the embedded store: per merchant-hour), and
 /// advances the mark in the same atomic step.
 #[derive(Clone)]
 pub enum SpeedStore {
@@ -158,7 +159,8 @@ impl SpeedStore {
         }
     }
 
-    /// Apply a batch's updates (all of them, atomically per merchant-hour).
+    /// Apply a batch's updates (atomically per merchant-hour, or per part of
+    /// many merchant-hours in Redis, [`crate::redis_store`]).
     pub async fn apply(&self, batch: &SpeedBatch) -> Result<ApplyReport> {
         match self {
             SpeedStore::Redis(s) => s.apply(batch).await,
