@@ -156,6 +156,16 @@ fn measure(name: &str, redis_url: &str, events: u64, clients: usize) -> String {
         "speed consume: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // what the consumer warned of (retries, replicas), for the write-up
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    let warned: Vec<&str> = warnings.lines().filter(|l| l.contains("WARN")).collect();
+    if !warned.is_empty() {
+        eprintln!(
+            "speed consume warned {} times; first: {}",
+            warned.len(),
+            warned[0]
+        );
+    }
     let mut lat = Vec::new();
     let mut errors = 0;
     for r in readers {

@@ -94,6 +94,35 @@ fn script_calls(url: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The commands the server spent most time in (`INFO commandstats`): name,
+/// calls, µs in all, the top `n` by time.
+fn command_time(url: &str, n: usize) -> String {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    let mut rows: Vec<(String, u64, u64)> = info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |f: &str| -> Option<u64> {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{f}=")))?
+                    .parse()
+                    .ok()
+            };
+            Some((name.to_string(), field("calls")?, field("usec")?))
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.2));
+    rows.iter()
+        .take(n)
+        .map(|(name, calls, usec)| format!("{name} {calls} calls {:.3} s", *usec as f64 / 1e6))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Keys matching `pattern` (SCAN), for counting merchant-hours.
 fn count_keys(url: &str, pattern: &str) -> usize {
     let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
@@ -109,9 +138,11 @@ fn main() {
     println!("speed layer, {EVENTS} events ({} bytes avg), {MERCHANTS} Zipf(1.1) merchants, NDJSON records of {PER_RECORD}", bytes / EVENTS);
     println!("| batch (records) | way | wall s | events/s (wall) | client CPU s | Lua calls | Redis engine µs/event | Redis bytes/merchant-hour |");
     println!("|---|---|---|---|---|---|---|---|");
-    // 100 records = 10,000 events (`tally ingest --chunk-lines 10000`); 1,000 records =
-    // a GetRecords page of the consumer; 10,000 = Lambda's largest batch
-    for per_batch in [100usize, 1_000, 10_000] {
+    // 100 records = 10,000 events (`tally ingest --chunk-lines 10000`, the speed
+    // function's default batch); 400 records (6 MB) = the most a Lambda
+    // invocation carries; 660 records (10 MB) = the most one GetRecords page
+    // carries; 10,000 records (1 M events), more than either, for reference
+    for per_batch in [100usize, 400, 660, 10_000] {
         let mut redis = RedisServer::start();
         // one core for the client: a current-thread runtime; redis-server has the other
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -137,6 +168,7 @@ fn main() {
         let (cpu1, mem1) = engine(&redis.url());
         let ours_hours = count_keys(&redis.url(), "tally:v5:{*}:*");
         let calls = script_calls(&redis.url());
+        let ours_commands = command_time(&redis.url(), 5);
         redis.restart();
         let (cpu2, mem2) = engine(&redis.url());
         let (naive_t, naive_cpu, n) = rt.block_on(async {
@@ -146,6 +178,7 @@ fn main() {
         });
         let (cpu3, mem3) = engine(&redis.url());
         let naive_hours = count_keys(&redis.url(), "naive:{*}:*:c");
+        let naive_commands = command_time(&redis.url(), 3);
         assert_eq!(n as usize, EVENTS);
         let e = EVENTS as f64;
         let us = |a: f64, b: f64| (b - a) * 1e6 / e;
@@ -156,5 +189,7 @@ fn main() {
             "| {per_batch} | ratio tally / naive | | {:.2}x | | |",
             naive_t / ours
         );
+        eprintln!("batch {per_batch}: tally's engine time by command: {ours_commands}");
+        eprintln!("batch {per_batch}: the naive way's: {naive_commands}");
     }
 }

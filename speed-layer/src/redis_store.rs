@@ -109,7 +109,10 @@ pub const VIEW_PREFIX: &str = "tally:v5:view";
 pub const PART_SIZE: usize = 1024;
 
 /// A writer compacts a merchant-hour's value once it is longer than this many
-/// of the frames it just appended (the apply script's literal `32`).
+/// of the frames it just appended (the apply script's literal `32`) and has
+/// just grown past a power of two: so a value is at most about twice its
+/// compacted size, and a large merged frame does not make every later write
+/// compact.
 pub const COMPACT_AT: usize = 32;
 
 /// Apply one part of a batch to one view.
@@ -131,6 +134,8 @@ pub const COMPACT_AT: usize = 32;
 /// before it) is taken out whole like a cut-off batch, never resumed.
 const APPLY_LUA: &str = r#"
 local function ge(a, b) return #a > #b or (#a == #b and a >= b) end
+-- the highest power of two at or below n
+local function pow2(n) local p = 1 while p * 2 <= n do p = p * 2 end return p end
 local src, last, first, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local id, part, parts = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local v = redis.call('HMGET', KEYS[1], 'generation', 'rebuilt', 'after:' .. src, 'mark:' .. src)
@@ -177,7 +182,10 @@ for j = 4, #KEYS do
   local frame = ARGV[j + 6]
   local len = redis.call('APPEND', KEYS[j], frame)
   if len == #frame then redis.call('EXPIRE', KEYS[j], ttl) end
-  if len > 32 * #frame then out[#out + 1] = j - 3 end
+  -- long (over 32 of these frames), and just past a power of two: a value is
+  -- compacted about each time it doubles, not at every write after a large
+  -- merged frame
+  if len > 32 * #frame and pow2(len) > len - #frame then out[#out + 1] = j - 3 end
 end
 if part == parts - 1 then
   redis.call('HSET', KEYS[1], 'mark:' .. src, last)
