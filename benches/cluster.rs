@@ -207,6 +207,16 @@ fn main() {
             events,
             clients,
         ));
+        // what kept a primary busy longest (SLOWLOG: commands over 10 ms), for the write-up
+        for (port, _) in cluster.topology() {
+            let slow = cluster.cli(port, &["SLOWLOG", "GET", "3"]);
+            let lines: Vec<&str> = slow
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(24)
+                .collect();
+            eprintln!("slowlog of the primary on {port}: {}", lines.join(" | "));
+        }
     }
     println!("\n| Redis | consume seconds | events/s | API requests during it | API errors | API p50 | API p99 |");
     println!("|---|---|---|---|---|---|---|");
