@@ -35,7 +35,7 @@
 //!
 //! **Exactly once.** A batch's merchant-hours are grouped by view and sent in
 //! parts of at most [`PART_SIZE`] merchant-hours, one script call each (a
-//! part keeps Redis busy about a millisecond, so readers are not held up). A
+//! full part keeps Redis busy 2–3 ms here, so readers wait at most that). A
 //! part compares the batch's positions with the source's mark in the view (or
 //! its `after:` boundary, whichever is higher): at or beyond the batch's last
 //! record, all of it was applied before (nothing written); inside the batch, a
@@ -105,7 +105,8 @@ pub const KEY_PREFIX: &str = "tally:v5";
 pub const VIEW_PREFIX: &str = "tally:v5:view";
 
 /// Merchant-hours per script call: bounds how long one call keeps Redis
-/// from other clients (about a millisecond here).
+/// from other clients (2–3 ms for a full part here: about 2.5 µs of engine
+/// time per merchant-hour, BENCHMARKS.md "The stream side at scale").
 pub const PART_SIZE: usize = 1024;
 
 /// A writer compacts a merchant-hour's value once it is longer than this many
