@@ -42,11 +42,6 @@ impl HourUpdate {
         }
         Some(s.to_bytes())
     }
-
-    /// Whether slot `q` has anything to add.
-    pub fn touches(&self, q: usize) -> bool {
-        !self.quarters[q].is_zero() || !self.customers[q].is_empty()
-    }
 }
 
 /// The 15-minute slot (0 to 3) of instant `t` within its hour.

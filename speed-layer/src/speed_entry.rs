@@ -47,33 +47,37 @@ pub struct SlotEntry {
 }
 
 impl SpeedEntry {
-    /// A batch's share of one merchant-hour, sketches built here (the client),
-    /// so the engine's work is one `APPEND`.
-    pub fn from_update(u: &HourUpdate) -> Self {
+    /// From per-slot counters and serialized sketches; slots with nothing to
+    /// add are left out.
+    fn from_slots(slots: impl IntoIterator<Item = (Counters, Option<Vec<u8>>)>) -> Self {
         SpeedEntry {
-            slots: (0..4)
-                .filter(|&q| u.touches(q))
-                .map(|q| SlotEntry {
+            slots: slots
+                .into_iter()
+                .enumerate()
+                .filter(|(_, (c, sketch))| !c.is_zero() || sketch.is_some())
+                .map(|(q, (c, sketch))| SlotEntry {
                     slot: q as u32,
-                    counters: u.quarters[q].values.to_vec(),
-                    sketch: u.sketch(q),
+                    counters: c.values.to_vec(),
+                    sketch,
                 })
                 .collect(),
         }
     }
 
+    /// A batch's share of one merchant-hour, sketches built here (the client),
+    /// so the engine's work is one `APPEND`.
+    pub fn from_update(u: &HourUpdate) -> Self {
+        Self::from_slots((0..4).map(|q| (u.quarters[q], u.sketch(q))))
+    }
+
     /// From per-slot sums and sketches (the rebuild's).
     pub fn from_parts(quarters: &[Counters; 4], sketches: &[CustomerSketch; 4]) -> Self {
-        SpeedEntry {
-            slots: (0..4)
-                .filter(|&q| !quarters[q].is_zero() || !sketches[q].is_empty())
-                .map(|q| SlotEntry {
-                    slot: q as u32,
-                    counters: quarters[q].values.to_vec(),
-                    sketch: (!sketches[q].is_empty()).then(|| sketches[q].to_bytes()),
-                })
-                .collect(),
-        }
+        Self::from_slots((0..4).map(|q| {
+            (
+                quarters[q],
+                (!sketches[q].is_empty()).then(|| sketches[q].to_bytes()),
+            )
+        }))
     }
 
     /// This entry as one frame of batch `id`.
@@ -176,16 +180,13 @@ impl HourSums {
 
     /// The sums as one entry (what a compaction writes).
     pub fn to_entry(&self) -> SpeedEntry {
-        SpeedEntry {
-            slots: (0..4)
-                .filter(|&q| !self.quarters[q].is_zero() || !self.unions[q].is_empty())
-                .map(|q| SlotEntry {
-                    slot: q as u32,
-                    counters: self.quarters[q].values.to_vec(),
-                    sketch: (!self.unions[q].is_empty()).then(|| self.unions[q].to_bytes()),
-                })
-                .collect(),
-        }
+        SpeedEntry::from_slots((0..4).map(|q| {
+            let union = &self.unions[q];
+            (
+                self.quarters[q],
+                (!union.is_empty()).then(|| union.to_bytes()),
+            )
+        }))
     }
 
     /// The counters over the whole hour.

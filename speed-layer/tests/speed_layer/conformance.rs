@@ -491,11 +491,7 @@ async fn redis_cluster_store_conforms() {
 async fn redis_cluster_write_that_missed_the_replica_is_applied_once_after_failover() {
     // nodes are suspected only after 20 s: the frozen replica still counts as one
     let mut cluster = RedisCluster::start_with_node_timeout(3, std::time::Duration::from_secs(20));
-    let store = RedisStore::connect(&cluster.url(), 48 * 3600)
-        .await
-        .unwrap()
-        .with_max_attempts(1);
-    let speed = SpeedStore::Redis(store.clone());
+    let (store, speed) = one_attempt(&cluster.url(), 48 * 3600).await;
     let now = now_micros();
     let hour = hour_floor(now);
     let f = SourceId::file("f");
@@ -570,6 +566,16 @@ async fn redis_cluster_write_that_missed_the_replica_is_applied_once_after_failo
     assert_eq!(third.report.applied, 0);
 }
 
+/// A Redis store that tries each batch once (a failure is returned, not
+/// retried), keys living `ttl_secs`, and the same as a [`SpeedStore`].
+async fn one_attempt(url: &str, ttl_secs: u64) -> (RedisStore, SpeedStore) {
+    let store = RedisStore::connect(url, ttl_secs)
+        .await
+        .unwrap()
+        .with_max_attempts(1);
+    (store.clone(), SpeedStore::Redis(store))
+}
+
 /// Orders of `merchant` in `hour`, as the store reads them.
 async fn orders(store: &RedisStore, merchant: &str, hour: i64) -> i64 {
     let r = store.read(merchant, &[hour], &[]).await.unwrap();
@@ -632,11 +638,7 @@ async fn redis_batch_cut_off_between_parts_counts_once_in_any_redelivery() {
         (9, 3),
     ] {
         let redis = RedisServer::start();
-        let store = RedisStore::connect(&redis.url(), 6 * 3600)
-            .await
-            .unwrap()
-            .with_max_attempts(1);
-        let speed = SpeedStore::Redis(store.clone());
+        let (store, speed) = one_attempt(&redis.url(), 6 * 3600).await;
         let f = SourceId::file("f");
         let (mut c, _) = all_keys(&redis.url()).await;
         let blocker = hour_key(&format!("m{blocked}"), hour);
@@ -690,11 +692,7 @@ async fn redis_compaction_keeps_the_frames_of_a_batch_cut_off_part_way() {
     use tally_speed_layer::redis_store::{hour_key, PART_SIZE};
     use tally_speed_layer::speed_entry::frames;
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), 6 * 3600)
-        .await
-        .unwrap()
-        .with_max_attempts(1);
-    let speed = SpeedStore::Redis(store.clone());
+    let (store, speed) = one_attempt(&redis.url(), 6 * 3600).await;
     let now = now_micros();
     let hour = hour_floor(now);
     let (f, g) = (SourceId::file("f"), SourceId::file("g"));
