@@ -16,8 +16,8 @@
 //!    what that source's consumer had applied before it. The rebuild owns
 //!    positions up to the boundary, the consumers those beyond.
 //! 3. It sums the rows it owns per merchant-hour, with their customers'
-//!    sketches, and *replaces* the hour's rebuilt sums (one frame at the
-//!    hour's key plus `:r`), so a rebuild killed and run again, or run again
+//!    sketches, and *replaces* the hour's rebuilt sums (one frame in the
+//!    merchant's field plus `/r` of its bucket-hour), so a rebuild killed and run again, or run again
 //!    with more archived rows, is right.
 //! 4. When `raw_events` holds every source up to its boundary, it marks the view
 //!    `rebuilt`; otherwise it retries until `wait` is over and reports itself
@@ -26,11 +26,11 @@
 //! Each write checks the view's generation, so a rebuild overtaken by a second
 //! loss writes nothing into the new view.
 //!
-//! A single server has one view; a cluster one per slot
+//! A single server has one view; a cluster one per bucket
 //! ([`crate::redis_store`]): a rebuild makes every view, and rebuilds those not
-//! rebuilt (a shard's slots after a cluster shard's loss). A boundary is per
+//! rebuilt (a shard's buckets after a cluster shard's loss). A boundary is per
 //! view and source; a view a source has not written to since the loss takes
-//! the highest boundary that source set on the same server (whose slots were
+//! the highest boundary that source set on the same server (whose views were
 //! lost together), else the archive's mark. `tally speed rebuild` runs it; `tally
 //! speed consume` and `tally serve` run it by themselves when they find a view
 //! that is not rebuilt.
@@ -57,7 +57,7 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
 
-use crate::redis_store::{hour_key, RedisStore};
+use crate::redis_store::{hour_key, rebuilt_field, RedisStore};
 use crate::speed_entry::{SpeedEntry, MERGED_ID};
 use crate::store::ViewState;
 
@@ -83,11 +83,13 @@ return redis.call('HGET', KEYS[1], 'after:' .. ARGV[2])
 /// Replaces one merchant-hour's rebuilt sums (a frame of its own, replaced
 /// whole by each pass, so passes repeated while the consumers catch up do not
 /// pile up).
-/// KEYS: the merchant-hour's `:r` key, view. ARGV: generation, ttl, frame.
+/// KEYS: the bucket-hour, view. ARGV: generation, ttl, frame, the merchant's
+/// rebuilt field.
 /// Returns 1, or -1 when the view is of another generation (nothing written).
 const REPLACE_LUA: &str = r#"
 if redis.call('HGET', KEYS[2], 'generation') ~= ARGV[1] then return -1 end
-redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2], 'NX')
 return 1
 "#;
 
@@ -112,7 +114,7 @@ return 0
 "#;
 
 /// The rebuild lock's key.
-const LOCK_KEY: &str = "tally:v5:rebuild-lock";
+const LOCK_KEY: &str = "tally:v6:rebuild-lock";
 /// How long a rebuild's lock lives unless renewed: a killed rebuild blocks the
 /// next one this long at most. The holder renews it every third of this.
 const LOCK_TTL: Duration = Duration::from_secs(10);
@@ -129,9 +131,10 @@ pub const DEFAULT_REBUILD_WAIT: Duration = Duration::from_secs(300);
 pub struct RebuildReport {
     /// The newest generation among the views rebuilt.
     pub generation: String,
-    /// Views rebuilt: 1 on a single server; on a cluster one per slot (all
-    /// 16,384 after a whole cluster's loss, a shard's slots after a shard's).
-    pub slots: usize,
+    /// Views rebuilt: 1 on a single server; on a cluster one per bucket
+    /// (all [`crate::redis_store::BUCKETS`] after a whole cluster's loss, a
+    /// shard's buckets after a shard's).
+    pub views: usize,
     /// The view was already rebuilt (or another rebuild holds the lock): nothing done.
     pub nothing_to_do: bool,
     /// Events of `raw_events` summed into the view.
@@ -152,7 +155,7 @@ impl std::fmt::Display for RebuildReport {
             f,
             "generation {} ({} views), {} events into {} merchant-hours from {} sources, {}",
             self.generation,
-            self.slots,
+            self.views,
             self.events,
             self.merchant_hours,
             self.sources,
@@ -277,7 +280,7 @@ impl<'a> Rebuild<'a> {
 
     async fn run_locked(&self) -> Result<RebuildReport> {
         let mut conn = self.store.connection();
-        // every view is made now: a cluster slot nobody wrote to since the loss has none yet
+        // every view is made now: a cluster bucket nobody wrote to since the loss has none yet
         let mut ensure = redis::pipe();
         for view in self.store.all_views() {
             ensure
@@ -304,7 +307,7 @@ impl<'a> Rebuild<'a> {
             .max()
             .unwrap_or_default()
             .to_string();
-        report.slots = pending.len();
+        report.views = pending.len();
         let covered_from = pending.values().map(|v| v.covered_from).max().unwrap_or(0);
         let settled = covered_from.saturating_add(self.settle.as_micros() as i64);
         let early = Duration::from_micros(settled.saturating_sub(now_micros()).max(0) as u64);
@@ -366,7 +369,7 @@ impl<'a> Rebuild<'a> {
     }
 
     /// One read of `raw_events` and one write of the rebuilt sums, into the
-    /// slots of `pending` (view key -> its state when the rebuild began).
+    /// views of `pending` (view key -> its state when the rebuild began).
     async fn pass(
         &self,
         pending: &BTreeMap<String, ViewState>,
@@ -411,11 +414,11 @@ impl<'a> Rebuild<'a> {
         for r in &rows {
             sources.entry(r.source.to_string()).or_insert(None);
         }
-        // per server and source, the highest boundary a slot's view holds (the
+        // per server and source, the highest boundary a bucket's view holds (the
         // position before the source's first write there since the server's
         // loss): what its consumer had applied before that loss is below it, so
-        // a slot of that server it has not written to since gets that boundary
-        // too (its later batches had no record there). Per server: slots lost
+        // a bucket of that server it has not written to since gets that boundary
+        // too (its later batches had no record there). Per server: views lost
         // together are on one, and another server may have lost its data at
         // another time. A source that wrote nowhere on a server since gets the
         // archive's mark there; before that, the archiver is given `settle` to
@@ -514,7 +517,7 @@ impl<'a> Rebuild<'a> {
         }
         report.sources = sources.len();
 
-        // the rows the rebuild owns (in a slot being rebuilt, up to its boundary),
+        // the rows the rebuild owns (in a view being rebuilt, up to its boundary),
         // summed per merchant-hour
         let mut hours: HashMap<(String, i64), ([Counters; 4], [CustomerSketch; 4])> =
             HashMap::new();
@@ -552,11 +555,12 @@ impl<'a> Rebuild<'a> {
                 pipe.cmd("EVAL")
                     .arg(REPLACE_LUA)
                     .arg(2)
-                    .arg(format!("{k}:r"))
+                    .arg(k)
                     .arg(view)
                     .arg(&views[view.as_str()].generation)
                     .arg(self.store.ttl_secs())
-                    .arg(SpeedEntry::from_parts(quarters, sketches).to_frame(&MERGED_ID));
+                    .arg(SpeedEntry::from_parts(quarters, sketches).to_frame(&MERGED_ID))
+                    .arg(rebuilt_field(merchant));
             }
             let replies: Vec<i64> = pipe
                 .query_async(&mut conn)
@@ -685,7 +689,7 @@ fn rows_of(b: &RecordBatch, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// Every how many checks [`keep_rebuilt`] reads every slot's view rather than
+/// Every how many checks [`keep_rebuilt`] reads every bucket's view rather than
 /// one per server.
 const FULL_CHECK_EVERY: u64 = 30;
 
@@ -701,9 +705,9 @@ pub async fn keep_rebuilt(
 ) {
     let mut tick: u64 = 0;
     loop {
-        // a look at one view per server every tick; every slot's view now and
-        // then, for a rebuild cut off part way through marking the slots
-        // rebuilt (the probed slot whole, another not)
+        // a look at one view per server every tick; every bucket's view now and
+        // then, for a rebuild cut off part way through marking the views
+        // rebuilt (the probed view whole, another not)
         let full = tick.is_multiple_of(FULL_CHECK_EVERY);
         tick += 1;
         let whole = if full {

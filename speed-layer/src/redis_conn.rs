@@ -8,9 +8,9 @@
 //! promoted after a failover). TLS (`rediss://`) and AUTH come from the URL in
 //! both modes.
 //!
-//! Every command tally sends touches one hash slot: a merchant's keys share the
-//! hash tag `{merchant_id}`, and the speed view's view keys are one per slot
-//! ([`view_key`]). So the same commands work in both modes. A pipeline may
+//! Every command tally sends touches one hash slot: a speed-view bucket's keys
+//! and its view share the bucket's hash tag ([`crate::redis_store::bucket_tag`],
+//! made by [`tag_of_slot`]). So the same commands work in both modes. A pipeline may
 //! span slots: in cluster mode it is split by slot, the parts sent at once
 //! (redis-rs multiplexes them over one connection per node) and the replies put
 //! back in order, because redis-rs sends a cluster pipeline to a single node.
@@ -143,19 +143,6 @@ impl RedisConn {
         };
         let nodes = cluster_nodes(c).await?;
         Ok(parse_nodes(&nodes).into_iter().map(|(_, r)| r).collect())
-    }
-
-    /// The first slot of every slot range a live primary serves
-    /// (`CLUSTER NODES`); `[0]` for a single server.
-    pub async fn primary_first_slots(&self) -> RedisResult<Vec<u16>> {
-        let RedisConn::Cluster(c) = self else {
-            return Ok(vec![0]);
-        };
-        let nodes = cluster_nodes(c).await?;
-        Ok(parse_nodes(&nodes)
-            .into_iter()
-            .flat_map(|(_, ranges)| ranges.into_iter().map(|(a, _)| a))
-            .collect())
     }
 }
 
@@ -382,15 +369,6 @@ fn slot_tags() -> &'static HashMap<Slot, String> {
     })
 }
 
-/// The tag of the slot that `key` is in: a key `...{tag}...` is in the same
-/// slot as `key`, so a script may touch both in a cluster.
-pub fn same_slot_tag(key: &str) -> &'static str {
-    slot_tags()
-        .get(&Slot::for_key(key))
-        .map(String::as_str)
-        .expect("every slot has a tag")
-}
-
 /// The tag of slot `slot` (0 to 16383; others are taken modulo 16384).
 pub fn tag_of_slot(slot: u16) -> &'static str {
     let slot = Slot::new(slot % SLOTS).expect("below SLOTS");
@@ -400,32 +378,19 @@ pub fn tag_of_slot(slot: u16) -> &'static str {
         .expect("every slot has a tag")
 }
 
-/// One tag per slot, each slot once, in no particular order.
-pub fn all_slot_tags() -> impl Iterator<Item = &'static str> {
-    slot_tags().values().map(String::as_str)
-}
-
-/// The view key of the slot `key` is in (see [`crate::redis_store`]).
-pub fn view_key(key: &str) -> String {
-    format!(
-        "{}:view:{{{}}}",
-        crate::redis_store::KEY_PREFIX,
-        same_slot_tag(key)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_slot_has_a_tag_of_its_own_slot() {
-        assert_eq!(all_slot_tags().count(), usize::from(SLOTS));
-        let k = "tally:v5:{m_42}:493821";
-        let tag = same_slot_tag(k);
-        assert_eq!(Slot::for_key(format!("x{{{tag}}}y")), Slot::for_key(k));
-        assert_eq!(Slot::for_key(view_key(k)), Slot::for_key(k));
-        assert_eq!(Slot::for_key(tag_of_slot(0)), Slot::new(0).unwrap());
+        for slot in 0..SLOTS {
+            let tag = tag_of_slot(slot);
+            assert_eq!(
+                Slot::for_key(format!("x{{{tag}}}y")),
+                Slot::new(slot).unwrap()
+            );
+        }
     }
 
     #[test]

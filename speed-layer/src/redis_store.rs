@@ -1,58 +1,69 @@
 //! The Redis speed store.
 //!
-//! **Layout** (key prefix [`KEY_PREFIX`], `H` hours since the epoch):
+//! **Layout** (key prefix [`KEY_PREFIX`], `H` hours since the epoch). Merchants
+//! are grouped in [`BUCKETS`] *buckets* ([`bucket`]: a merchant's Redis
+//! Cluster slot divided by 64); `b` below is a hash tag of the bucket's first
+//! slot ([`bucket_tag`]).
 //!
-//! - `tally:v5:{m}:H`: merchant `m`'s hour `H`, a string of *frames*
-//!   ([`crate::speed_entry`]): each batch that has events of that
-//!   merchant-hour appends one frame with its counter sums and its
-//!   distinct-customer sketch per 15-minute slot, built by the client. The
-//!   engine's work per merchant-hour and batch is one `APPEND` (plus an
-//!   `EXPIRE` when it makes the key), not a command per event or per counter:
-//!   Redis engine time is what a speed layer at this volume pays for. A writer
-//!   that finds a value longer than [`COMPACT_AT`] of its frames replaces the
-//!   value's settled head by one merged frame.
-//! - `tally:v5:{m}:H:r`: the hour's sums rebuilt from `raw_events` (one
-//!   frame, replaced whole by each rebuild pass, [`crate::rebuild`]).
+//! - `tally:v6:{b}:H:log` ([`log_key`]): the bucket-hour's *log*, a string of
+//!   frames ([`crate::speed_entry`]). Each batch appends one frame per
+//!   bucket-hour it touches, with its counter sums and distinct-customer
+//!   sketch per 15-minute slot for each of the bucket's merchants it has
+//!   events of, built by the client. So the engine's work per batch is one
+//!   `APPEND` per bucket-hour, not a command per event, counter or merchant:
+//!   Redis engine time is what a speed layer at this volume pays for, and
+//!   most of it is per command and per stored element.
+//! - `tally:v6:{b}:H` ([`hour_key`]): a hash; field `m` holds merchant `m`'s
+//!   merged frame for the hour, field `m/r` ([`rebuilt_field`]) its sums
+//!   rebuilt from `raw_events` (one frame, replaced whole by each rebuild
+//!   pass, [`crate::rebuild`]). A writer whose append took a log past
+//!   [`LOG_COMPACT_AT`] bytes (or past a power of two above it) *compacts*
+//!   it: the log's settled frames are merged into their merchants' fields,
+//!   one `HSET` for all, and taken off the log's head. A merchant that had
+//!   events in many batches since the last compaction gets one write: the
+//!   log batches the writes of many batches, as a bigger batch would.
+//!   A reader takes the merchant's fields and the log (at most about
+//!   [`LOG_COMPACT_AT`] bytes) and adds up the merchant's frames.
 //! - The *view*, a hash: `generation`, `covered_from`, `rebuilt`, and per source
 //!   `after:SOURCE` (the rebuild's boundary) and `mark:SOURCE` (the highest
 //!   position of that source whose batches are applied in this view). On a
-//!   single server there is one view, `tally:v5:view`; on a Redis Cluster one
-//!   per cluster slot, `tally:v5:view:{T}` (`T` a tag of that slot, so a script
-//!   may touch a merchant's keys and its slot's view together:
-//!   [`crate::redis_conn::view_key`]). A view is the unit that is lost
-//!   together: a server that lost its data (a restart without persistence, a
-//!   failover to an empty replica) lost its views too; the first write
-//!   afterwards creates the view anew with `covered_from` = now, and readers know
-//!   that the hours before are not whole until [`crate::rebuild`] has filled
-//!   them from `raw_events` and set `rebuilt`. The first write of each source
-//!   after that records `after:SOURCE`: positions up to it belong to the
-//!   rebuild, positions beyond it to the consumers, so neither counts an event
-//!   the other counts and none is lost between them. Views have no TTL (one,
-//!   or 16,384 small hashes on a cluster): a view that expired would make its
-//!   hours unknown until a rebuild.
+//!   single server there is one view, `tally:v6:view`; on a Redis Cluster one
+//!   per bucket, `tally:v6:view:{b}`, in the bucket's slot, so a script may
+//!   touch a bucket's keys and its view together. A view is the unit that is
+//!   lost together: a server that lost its data (a restart without
+//!   persistence, a failover to an empty replica) lost its views too; the
+//!   first write afterwards creates the view anew with `covered_from` = now,
+//!   and readers know that the hours before are not whole until
+//!   [`crate::rebuild`] has filled them from `raw_events` and set `rebuilt`.
+//!   The first write of each source after that records `after:SOURCE`:
+//!   positions up to it belong to the rebuild, positions beyond it to the
+//!   consumers, so neither counts an event the other counts and none is lost
+//!   between them. Views have no TTL (one, or [`BUCKETS`] on a cluster): a
+//!   view that expired would make its hours unknown until a rebuild.
 //! - `VIEW:open` (hash, source -> `ID DONE`) and `VIEW:open:SOURCE` (list of
-//!   the keys each part wrote): a batch being applied in several parts.
+//!   the logs each part wrote): a batch being applied in several parts.
 //!
-//! **Exactly once.** A batch's merchant-hours are grouped by view and sent in
-//! parts of at most [`PART_SIZE`] merchant-hours, one script call each (a
-//! full part keeps Redis busy 2–3 ms here, so readers wait at most that). A
-//! part compares the batch's positions with the source's mark in the view (or
-//! its `after:` boundary, whichever is higher): at or beyond the batch's last
-//! record, all of it was applied before (nothing written); inside the batch, a
-//! redelivery cut differently from the delivery that applied part of it (the
-//! caller re-sends the records beyond the mark); below its first record, the
-//! frames are appended. The view's last part advances the mark in the same
-//! atomic step as its writes. Each part records in `VIEW:open`, under the id
-//! of the view's share of the batch (a digest of source, first and last
-//! position and every key and frame payload, so one id is one set of parts),
-//! that it is writing (`ID PART !`) and then that it is done (`ID PART+1`),
-//! with its keys in `VIEW:open:SOURCE`. The same share again skips the parts
-//! done and goes on; a share cut off inside a part (a failed command leaves
-//! the writes before it), or any other delivery (cut or decoded differently:
-//! another id), first takes the cut-off share's frames out again (the frames
-//! carry the id), in calls of at most [`PART_SIZE`] keys, then applies as a
-//! whole. So a batch cut off at any point, retried or redelivered in any cut,
-//! counts once.
+//! **Exactly once.** A batch's merchant-hours are grouped by view, ordered by
+//! bucket-hour and merchant, and sent in parts of at most [`PART_SIZE`]
+//! merchant-hours, one script call each (a full part keeps Redis busy about a
+//! millisecond). A part compares the batch's positions with the source's mark
+//! in the view (or its `after:` boundary, whichever is higher): at or beyond
+//! the batch's last record, all of it was applied before (nothing written);
+//! inside the batch, a redelivery cut differently from the delivery that
+//! applied part of it (the caller re-sends the records beyond the mark);
+//! below its first record, the frames are appended. The view's last part
+//! advances the mark in the same atomic step as its writes. Each part records
+//! in `VIEW:open`, under the id of the view's share of the batch (a digest of
+//! source, first and last position and every merchant-hour and payload, so one
+//! id is one set of parts), that it is writing (`ID PART !`) and then that it
+//! is done (`ID PART+1`), with its logs in `VIEW:open:SOURCE`. The same share
+//! again skips the parts done and goes on; a share cut off inside a part (a
+//! failed command leaves the writes before it), or any other delivery (cut or
+//! decoded differently: another id), first takes the cut-off share's frames
+//! out of the logs again (the frames carry the id; a compaction never merges
+//! a frame of a share part way), in calls of at most [`PART_SIZE`] logs,
+//! then applies as a whole. So a batch cut off at any point, retried or
+//! redelivered in any cut, counts once.
 //!
 //! **Replication.** Replicas are asynchronous: a write acknowledged by a
 //! primary that fails before its replica has it is lost with the failover.
@@ -80,7 +91,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use crate::redis_conn::{view_key, RedisConn};
+use crate::redis_conn::{tag_of_slot, RedisConn, SLOTS};
 use redis::{AsyncCommands, Pipeline, Value};
 use tally_common::bucket::{now_micros, MICROS_PER_HOUR, MICROS_PER_SECOND};
 use tally_common::decode::MAX_FUTURE_MICROS;
@@ -91,47 +102,58 @@ use tally_common::speed_view::{BoxFuture, SpeedReading, SpeedView};
 use tally_common::{Error, Result};
 
 use crate::aggregate::SpeedBatch;
-use crate::speed_entry::{frame, frames, HourSums, SpeedEntry, MERGED_ID};
+use crate::speed_entry::{
+    frame, frames, log_entries, BucketEntry, HourSums, MerchantEntry, SpeedEntry, MERGED_ID,
+};
 use crate::store::{hour_alive, ApplyReport, ViewState};
 
-/// The key prefix of every speed-view key of this layout (version 5: a string
-/// of frames per merchant-hour, marks per view and source). A new prefix
-/// because the layout changed: version 4's keys are not read and expire by
-/// their TTL; the new views start empty and are rebuilt from `raw_events`.
-pub const KEY_PREFIX: &str = "tally:v5";
+/// The key prefix of every speed-view key of this layout (version 6: a hash
+/// per bucket and hour, a field of frames per merchant, marks per view and
+/// source). A new prefix because the layout changed: version 5's keys are not
+/// read and expire by their TTL; the new views start empty and are rebuilt
+/// from `raw_events`.
+pub const KEY_PREFIX: &str = "tally:v6";
 
 /// The prefix of every view key: the single server's view is this key itself,
-/// a cluster's are `tally:v5:view:{T}` (see the module docs).
-pub const VIEW_PREFIX: &str = "tally:v5:view";
+/// a cluster's are `tally:v6:view:{b}` (see the module docs).
+pub const VIEW_PREFIX: &str = "tally:v6:view";
+
+/// Buckets of merchants: each bucket-hour is one log and one hash. Few
+/// enough that a batch writes many merchants of a bucket with one command (a
+/// 10,000-event batch of 100,000 Zipf merchants touches about 3,700
+/// merchant-hours, 15 per bucket); many enough that a cluster's primaries
+/// share them evenly (a bucket is 64 consecutive slots' merchants and lives
+/// in the first of them, so primaries holding equal slot ranges hold equal
+/// numbers of buckets) and that a bucket-hour's hash stays small (a
+/// 5 M-merchant server: about 20,000 fields).
+pub const BUCKETS: u16 = 256;
 
 /// Merchant-hours per script call: bounds how long one call keeps Redis
-/// from other clients (2–3 ms for a full part here: about 2.5 µs of engine
-/// time per merchant-hour, BENCHMARKS.md "The stream side at scale").
+/// from other clients (BENCHMARKS.md "The stream side at scale").
 pub const PART_SIZE: usize = 1024;
 
-/// A writer compacts a merchant-hour's value once it is longer than this many
-/// of the frames it just appended (the apply script's literal `32`) and has
-/// just grown past a power of two: so a value is at most about twice its
-/// compacted size, and a large merged frame does not make every later write
-/// compact.
-pub const COMPACT_AT: usize = 32;
+/// A log is compacted when an append takes it past this many bytes, or past
+/// a power of two above it (the apply script's literal `32768`): the most a
+/// reader reads of a bucket-hour's log is about this, and the more batches
+/// a log holds, the fewer merged fields per event a compaction writes.
+pub const LOG_COMPACT_AT: usize = 32 * 1024;
 
 /// Apply one part of a batch to one view.
-/// KEYS: view, `VIEW:open`, `VIEW:open:SOURCE`, then the part's merchant-hour keys.
-/// ARGV: source, last position, first position, ttl, boundary (the position
-/// before the batch's first record, '' when none), batch id (hex; a digest of
-/// the view's whole share of the batch), part index, parts in this view, the
-/// part's keys (for the open list), then one frame per merchant-hour key.
+/// KEYS: view, `VIEW:open`, `VIEW:open:SOURCE`, then the part's bucket-hour
+/// logs. ARGV: source, last position, first position, ttl, boundary (the
+/// position before the batch's first record, '' when none), batch id (hex; a
+/// digest of the view's whole share of the batch), part index, parts in this
+/// view, the part's logs (for the open list), then one frame per log.
 /// Returns {status, fresh, ...}: fresh is 1 when this call made the view (the
 /// server had lost its data or never held any). Status 1: applied, followed
-/// by the 1-based indices of keys to compact; 0: applied before (or the
+/// by the 1-based indices of logs to compact; 0: applied before (or the
 /// rebuild's); -1, mark: the mark falls inside the batch (re-send only the
 /// records beyond it); -2, open: a batch of this source was cut off part way
 /// (take it out first); -3: an earlier part of this batch has not been
 /// applied.
 ///
 /// While a part writes, the open entry reads `ID PART !` and the open list
-/// holds its keys: a part cut off inside (a failed command leaves the writes
+/// holds its logs: a part cut off inside (a failed command leaves the writes
 /// before it) is taken out whole like a cut-off batch, never resumed.
 const APPLY_LUA: &str = r#"
 local function ge(a, b) return #a > #b or (#a == #b and a >= b) end
@@ -182,11 +204,11 @@ local out = {1, fresh}
 for j = 4, #KEYS do
   local frame = ARGV[j + 6]
   local len = redis.call('APPEND', KEYS[j], frame)
-  if len == #frame then redis.call('EXPIRE', KEYS[j], ttl) end
-  -- long (over 32 of these frames), and just past a power of two: a value is
-  -- compacted about each time it doubles, not at every write after a large
-  -- merged frame
-  if len > 32 * #frame and pow2(len) > len - #frame then out[#out + 1] = j - 3 end
+  -- NX: a log emptied by a compaction keeps the TTL of its first write
+  if len == #frame then redis.call('EXPIRE', KEYS[j], ttl, 'NX') end
+  -- past 32 KiB, and just past a power of two: compacted once each time it
+  -- doubles should a compaction not take
+  if len > 32768 and pow2(len) > len - #frame then out[#out + 1] = j - 3 end
 end
 if part == parts - 1 then
   redis.call('HSET', KEYS[1], 'mark:' .. src, last)
@@ -198,10 +220,10 @@ end
 return out
 "#;
 
-/// Take a cut-off batch's frames out of some of the keys its parts wrote
-/// (called in chunks of at most [`PART_SIZE`] keys, so no call keeps Redis
+/// Take a cut-off batch's frames out of some of the logs its parts wrote
+/// (called in chunks of at most [`PART_SIZE`] logs, so no call keeps Redis
 /// long; removing a batch's frames twice is harmless).
-/// KEYS: `VIEW:open`, `VIEW:open:SOURCE`, the keys. ARGV: source, the open
+/// KEYS: `VIEW:open`, `VIEW:open:SOURCE`, the logs. ARGV: source, the open
 /// entry read (`ID DONE` or `ID PART !`), the batch id (8 bytes), 1 for the
 /// last chunk (which clears the open entry and list). Returns 1, or 0 when the
 /// open entry changed meanwhile (nothing done).
@@ -217,10 +239,7 @@ for j = 3, #KEYS do
       if string.sub(frame, 5, 12) == ARGV[3] then changed = true else out[#out + 1] = frame end
       pos = pos + 12 + len
     end
-    if changed then
-      if #out == 0 then redis.call('DEL', KEYS[j])
-      else redis.call('SET', KEYS[j], table.concat(out), 'KEEPTTL') end
-    end
+    if changed then redis.call('SET', KEYS[j], table.concat(out), 'KEEPTTL') end
   end
 end
 if ARGV[4] == '1' then
@@ -230,60 +249,96 @@ end
 return 1
 "#;
 
-/// Replace a merchant-hour's value, as read, by one merged frame of its
-/// settled frames followed by the frames of batches part way (kept as they
-/// are: they may have to be taken out), when its first bytes are still those
-/// read and the batches part way are still the same. Appends since the read
-/// stay after it.
-/// KEYS: the merchant-hour, `VIEW:open`. ARGV: bytes read, their SHA-1, the
-/// ids of the batches part way (sorted, hex, comma-separated), the
-/// replacement. Returns 1, or 0 when nothing was replaced.
+/// Compact a log, as read: merge its settled frames into their merchants'
+/// fields and replace its head by the frames of batches part way (kept as
+/// they are: they may have to be taken out), when its first bytes are still
+/// those read and the batches part way are still the same. Appends since the
+/// read stay after it. (The fields change only with the log's head, so the
+/// head's digest vouches for the fields read too.)
+/// KEYS: the log, the bucket-hour hash, `VIEW:open`. ARGV: bytes read, their
+/// SHA-1, the ids of the batches part way (sorted, hex, comma-separated), the
+/// frames kept, ttl, then pairs of merchant and merged frame. Returns 1, or 0
+/// when nothing was done.
 const COMPACT_LUA: &str = r#"
 local n = tonumber(ARGV[1])
 local head = redis.call('GETRANGE', KEYS[1], 0, n - 1)
 if #head ~= n or redis.sha1hex(head) ~= ARGV[2] then return 0 end
 local open = {}
-for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+for _, v in ipairs(redis.call('HVALS', KEYS[3])) do
   local id = string.match(v, '^(%x+)')
   if id then open[#open + 1] = id end
 end
 table.sort(open)
 if table.concat(open, ',') ~= ARGV[3] then return 0 end
+-- in chunks: unpack takes a few thousand values at most
+for i = 6, #ARGV, 2000 do
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + 1999, #ARGV)))
+end
+if #ARGV > 5 then redis.call('EXPIRE', KEYS[2], ARGV[5], 'NX') end
 redis.call('SET', KEYS[1], ARGV[4] .. redis.call('GETRANGE', KEYS[1], n, -1), 'KEEPTTL')
 return 1
 "#;
 
-/// The key of one merchant-hour (`tally:v5:{m}:H`); its rebuilt sums are at
-/// this key plus `:r`.
+/// A merchant's bucket, 0 to [`BUCKETS`] − 1: its Redis Cluster slot (CRC16
+/// /XMODEM of the id modulo 16,384, the Redis Cluster specification's key
+/// hash; merchant ids have no `{`) divided by 64.
+pub fn bucket(merchant: &str) -> u16 {
+    let slot = crc16::State::<crc16::XMODEM>::calculate(merchant.as_bytes()) % SLOTS;
+    slot / (SLOTS / BUCKETS)
+}
+
+/// The hash tag of bucket `b`: a tag of the bucket's first slot, so buckets
+/// spread over a cluster's primaries as their slot ranges do.
+pub fn bucket_tag(b: u16) -> &'static str {
+    tag_of_slot(b * (SLOTS / BUCKETS))
+}
+
+/// The key of merchant `merchant`'s bucket at `hour` (epoch µs, any time in
+/// the hour): `tally:v6:{b}:H`, a hash whose field `merchant` holds the
+/// merchant-hour's merged frame and [`rebuilt_field`] its rebuilt sums.
 pub fn hour_key(merchant: &str, hour: i64) -> String {
     format!(
-        "{KEY_PREFIX}:{{{merchant}}}:{}",
+        "{KEY_PREFIX}:{{{}}}:{}",
+        bucket_tag(bucket(merchant)),
         hour.div_euclid(MICROS_PER_HOUR)
     )
 }
 
+/// The log of merchant `merchant`'s bucket at `hour` (epoch µs, any time in
+/// the hour): [`hour_key`] plus `:log`, in the same slot.
+pub fn log_key(merchant: &str, hour: i64) -> String {
+    format!("{}:log", hour_key(merchant, hour))
+}
+
+/// The field of a merchant-hour's sums rebuilt from `raw_events`, in its
+/// [`hour_key`] hash: `merchant/r` (`/` is not in a merchant id, so it names
+/// no merchant).
+pub fn rebuilt_field(merchant: &str) -> String {
+    format!("{merchant}/r")
+}
+
 /// The id of one view's share of a delivery: the first 8 bytes of the SHA-1
 /// of its source, first and last position, the part size, and every
-/// merchant-hour key and payload in order. The same id means the same parts
-/// (a redelivery decoded differently, e.g. an event no longer in the future,
-/// or cut differently, has another id and is never resumed by the wrong
-/// parts).
+/// bucket-hour key, field and payload in order. The same id means the same
+/// parts (a redelivery decoded differently, e.g. an event no longer in the
+/// future, or cut differently, has another id and is never resumed by the
+/// wrong parts).
 fn share_id<'a>(
     source: &str,
     first: &str,
     last: &str,
-    entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    entries: impl IntoIterator<Item = (&'a str, &'a str, &'a [u8])>,
 ) -> [u8; 8] {
     let mut h = sha1_smol::Sha1::new();
     for s in [source, first, last, &PART_SIZE.to_string()] {
         h.update(s.as_bytes());
         h.update(&[0]);
     }
-    for (key, payload) in entries {
-        h.update(&(key.len() as u64).to_le_bytes());
-        h.update(key.as_bytes());
-        h.update(&(payload.len() as u64).to_le_bytes());
-        h.update(payload);
+    for (key, field, payload) in entries {
+        for b in [key.as_bytes(), field.as_bytes(), payload] {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
     }
     let d = h.digest().bytes();
     d[..8].try_into().expect("20 bytes")
@@ -324,6 +379,21 @@ fn decode_keys(mut b: &[u8]) -> Option<Vec<String>> {
     Some(out)
 }
 
+/// A part's bucket-hour logs in order, each with its run of merchant-hours
+/// (indices into the batch's updates).
+fn runs<'p>(part: &'p Part, prepared: &'p Prepared) -> Vec<(&'p str, &'p [usize])> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (j, &i) in part.updates.iter().enumerate() {
+        let next = part.updates.get(j + 1).map(|&n| prepared.keys[n].as_str());
+        if next != Some(prepared.keys[i].as_str()) {
+            out.push((prepared.keys[i].as_str(), &part.updates[start..=j]));
+            start = j + 1;
+        }
+    }
+    out
+}
+
 /// One script call's share of a batch: merchant-hours of one view.
 struct Part {
     view: String,
@@ -335,9 +405,11 @@ struct Part {
     id: [u8; 8],
 }
 
-/// A batch's merchant-hours, ready to send: keys and encoded entries, by update.
-struct Prepared {
+/// A batch's merchant-hours, ready to send, by update: bucket-hour logs,
+/// merchant ids and encoded entries.
+struct Prepared<'a> {
     keys: Vec<String>,
+    fields: Vec<&'a str>,
     payloads: Vec<Vec<u8>>,
 }
 
@@ -484,42 +556,48 @@ impl RedisStore {
         }
     }
 
-    /// The view of a merchant-hour key: the server's one view, or on a
-    /// cluster the view of the key's slot.
-    pub fn view_of(&self, key: &str) -> String {
+    /// The view of a bucket's keys: the server's one view, or on a cluster
+    /// the bucket's own (`tally:v6:view:{b}`).
+    pub fn bucket_view(&self, bucket: u16) -> String {
         match &self.conn {
             RedisConn::Single(_) => VIEW_PREFIX.to_string(),
-            RedisConn::Cluster(_) => view_key(key),
+            RedisConn::Cluster(_) => format!("{VIEW_PREFIX}:{{{}}}", bucket_tag(bucket)),
         }
     }
 
     /// The view of `merchant`'s keys (every hour of a merchant is in one).
     pub fn merchant_view(&self, merchant: &str) -> String {
-        self.view_of(&hour_key(merchant, 0))
+        self.bucket_view(bucket(merchant))
     }
 
-    /// Every view key: one on a single server, one per slot on a cluster.
+    /// Every view key: one on a single server, one per bucket on a cluster.
     pub fn all_views(&self) -> Vec<String> {
         match &self.conn {
             RedisConn::Single(_) => vec![VIEW_PREFIX.to_string()],
-            RedisConn::Cluster(_) => crate::redis_conn::all_slot_tags()
-                .map(|t| format!("{VIEW_PREFIX}:{{{t}}}"))
-                .collect(),
+            RedisConn::Cluster(_) => (0..BUCKETS).map(|b| self.bucket_view(b)).collect(),
         }
     }
 
-    /// The batch's merchant-hours grouped by view (first-seen order, so the
-    /// same records always give the same parts), in parts of [`PART_SIZE`].
+    /// The batch's merchant-hours grouped by view (first-seen order), each
+    /// view's ordered by bucket-hour key and merchant (so the same records
+    /// always give the same parts, and a part writes each bucket-hour with
+    /// one command), in parts of [`PART_SIZE`].
     fn parts(&self, batch: &SpeedBatch, prepared: &Prepared) -> Vec<Part> {
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         let mut at: HashMap<String, usize> = HashMap::new();
-        for (i, key) in prepared.keys.iter().enumerate() {
-            let view = self.view_of(key);
+        for (i, u) in batch.updates.iter().enumerate() {
+            let view = self.merchant_view(&u.merchant_id);
             let g = *at.entry(view.clone()).or_insert_with(|| {
                 groups.push((view, Vec::new()));
                 groups.len() - 1
             });
             groups[g].1.push(i);
+        }
+        for (_, updates) in &mut groups {
+            updates.sort_by(|&a, &b| {
+                (&prepared.keys[a], prepared.fields[a])
+                    .cmp(&(&prepared.keys[b], prepared.fields[b]))
+            });
         }
         let source = batch.source.as_str();
         let first = batch.first_position.as_ref().map_or("", |p| p.as_str());
@@ -530,9 +608,13 @@ impl RedisStore {
                 source,
                 first,
                 last,
-                updates
-                    .iter()
-                    .map(|&i| (prepared.keys[i].as_str(), &prepared.payloads[i][..])),
+                updates.iter().map(|&i| {
+                    (
+                        prepared.keys[i].as_str(),
+                        prepared.fields[i],
+                        &prepared.payloads[i][..],
+                    )
+                }),
             );
             let count = updates.len().div_ceil(PART_SIZE);
             for (index, chunk) in updates.chunks(PART_SIZE).enumerate() {
@@ -568,11 +650,8 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for &p in todo {
             let part = &parts[p];
-            let keys: Vec<&str> = part
-                .updates
-                .iter()
-                .map(|&i| prepared.keys[i].as_str())
-                .collect();
+            let runs = runs(part, prepared);
+            let keys: Vec<&str> = runs.iter().map(|(k, _)| *k).collect();
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(&self.script_sha)
@@ -590,8 +669,18 @@ impl RedisStore {
                 .arg(part.index)
                 .arg(part.count)
                 .arg(encode_keys(keys.iter().copied()));
-            for &i in &part.updates {
-                cmd.arg(frame(&part.id, &prepared.payloads[i]));
+            for (_, run) in runs {
+                // one frame per log: the batch's sums for each of its merchants
+                let entry = BucketEntry {
+                    merchants: run
+                        .iter()
+                        .map(|&i| MerchantEntry {
+                            merchant: prepared.fields[i].to_string(),
+                            entry: prepared.payloads[i].clone().into(),
+                        })
+                        .collect(),
+                };
+                cmd.arg(frame(&part.id, &prost::Message::encode_to_vec(&entry)));
             }
         }
         pipe
@@ -638,7 +727,7 @@ impl RedisStore {
     }
 
     /// Every view's key and state (None: no view), in one pipeline (by slot
-    /// on a cluster): one view on a single server, 16,384 on a cluster.
+    /// on a cluster): one view on a single server, [`BUCKETS`] on a cluster.
     pub async fn view_states(&self) -> Result<Vec<(String, Option<ViewState>)>> {
         let keys = self.all_views();
         let mut pipe = redis::pipe();
@@ -662,14 +751,14 @@ impl RedisStore {
             return Ok(HashMap::from([(VIEW_PREFIX.to_string(), 0)]));
         }
         let ranges = self.conn.primary_ranges().await.map_err(|e| self.err(e))?;
-        let mut out = HashMap::with_capacity(usize::from(crate::redis_conn::SLOTS));
-        for slot in 0..crate::redis_conn::SLOTS {
+        let mut out = HashMap::with_capacity(usize::from(BUCKETS));
+        for bucket in 0..BUCKETS {
+            let slot = bucket * (SLOTS / BUCKETS);
             if let Some(i) = ranges
                 .iter()
                 .position(|r| r.iter().any(|&(a, b)| (a..=b).contains(&slot)))
             {
-                let tag = crate::redis_conn::tag_of_slot(slot);
-                out.insert(format!("{VIEW_PREFIX}:{{{tag}}}"), i);
+                out.insert(self.bucket_view(bucket), i);
             }
         }
         Ok(out)
@@ -684,15 +773,17 @@ impl RedisStore {
         let probes: Vec<String> = match &self.conn {
             RedisConn::Single(_) => vec![VIEW_PREFIX.to_string()],
             RedisConn::Cluster(_) => {
-                let slots = self
-                    .conn
-                    .primary_first_slots()
-                    .await
-                    .map_err(|e| self.err(e))?;
-                slots
-                    .into_iter()
-                    .map(|s| view_key(crate::redis_conn::tag_of_slot(s)))
-                    .collect()
+                // per primary, the view of the first bucket it holds (a primary
+                // holding no bucket's slot holds no view)
+                let mut probes: Vec<(usize, String)> = Vec::new();
+                for (view, server) in self.view_servers().await? {
+                    match probes.iter_mut().find(|(s, _)| *s == server) {
+                        Some(p) if p.1 <= view => {}
+                        Some(p) => p.1 = view,
+                        None => probes.push((server, view)),
+                    }
+                }
+                probes.into_iter().map(|(_, v)| v).collect()
             }
         };
         let mut pipe = redis::pipe();
@@ -857,7 +948,12 @@ impl RedisStore {
             keys: batch
                 .updates
                 .iter()
-                .map(|u| hour_key(&u.merchant_id, u.hour))
+                .map(|u| log_key(&u.merchant_id, u.hour))
+                .collect(),
+            fields: batch
+                .updates
+                .iter()
+                .map(|u| u.merchant_id.as_str())
                 .collect(),
             payloads: batch
                 .updates
@@ -868,7 +964,8 @@ impl RedisStore {
         let parts = self.parts(batch, &prepared);
         let mut todo: Vec<usize> = (0..parts.len()).collect();
         let mut report = ApplyReport::default();
-        let mut long: Vec<usize> = Vec::new();
+        // logs to compact, with their views
+        let mut long: Vec<(String, String)> = Vec::new();
         let mut undo_rounds = 0;
         while !todo.is_empty() {
             let results = self
@@ -888,10 +985,13 @@ impl RedisStore {
                 match status {
                     1 => {
                         report.applied += part.updates.len();
+                        let logs = runs(part, &prepared);
                         for v in rest {
                             let j: usize =
                                 redis::from_redis_value(v).map_err(|e| unexpected("script", e))?;
-                            long.extend(j.checked_sub(1).and_then(|j| part.updates.get(j)));
+                            if let Some((log, _)) = j.checked_sub(1).and_then(|j| logs.get(j)) {
+                                long.push((log.to_string(), part.view.clone()));
+                            }
                         }
                     }
                     0 => report.skipped += part.updates.len(),
@@ -938,12 +1038,15 @@ impl RedisStore {
             todo = again;
         }
         self.await_replicas().await?;
-        for i in long {
-            // best effort: a long value is still read right
-            if let Err(e) = self.compact(&prepared.keys[i]).await {
-                tracing::warn!(error = %e, "compacting a speed-view value failed");
-            }
-        }
+        // best effort: a long log is still read right, and compacted at its next doubling
+        use futures::StreamExt as _;
+        futures::stream::iter(long)
+            .for_each_concurrent(8, |(log, view)| async move {
+                if let Err(e) = self.compact(&log, &view).await {
+                    tracing::warn!(error = %e, %log, "compacting a speed-view log failed");
+                }
+            })
+            .await;
         Ok(report)
     }
 
@@ -973,7 +1076,7 @@ impl RedisStore {
     }
 
     /// Take the frames of `source`'s batch cut off part way (`open`, as the
-    /// view's open entry reads) out of the keys its parts wrote.
+    /// view's open entry reads) out of the logs its parts wrote.
     async fn undo(&self, view: &str, source: &str, open: &str) -> Result<()> {
         let list = format!("{view}:open:{source}");
         let id = open.split(' ').next().and_then(from_hex).ok_or_else(|| {
@@ -987,6 +1090,8 @@ impl RedisStore {
                 Error::speed(format!("the speed view's list {list} does not parse"))
             })?);
         }
+        keys.sort();
+        keys.dedup();
         let chunks: Vec<&[String]> = if keys.is_empty() {
             vec![&[]]
         } else {
@@ -1015,13 +1120,17 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Replace merchant-hour `key`'s value by one merged frame of its settled
-    /// frames, followed by the frames of batches part way, kept as they are.
-    async fn compact(&self, key: &str) -> Result<()> {
-        let open_key = format!("{}:open", self.view_of(key));
+    /// Compact `log` (of `view`): merge its settled frames into their
+    /// merchants' fields, keep the frames of batches part way (see
+    /// `COMPACT_LUA`). Nothing is done when the log changed at its head
+    /// meanwhile (another writer compacted it, or a cut-off batch was taken
+    /// out).
+    async fn compact(&self, log: &str, view: &str) -> Result<()> {
+        let hash = log.strip_suffix(":log").unwrap_or(log);
+        let open_key = format!("{view}:open");
         let mut c = self.conn.clone();
         let (value, open): (Option<Vec<u8>>, Vec<String>) = redis::pipe()
-            .get(key)
+            .get(log)
             .hvals(&open_key)
             .query_async(&mut c)
             .await
@@ -1033,35 +1142,58 @@ impl RedisStore {
             .collect();
         open.sort();
         let open_ids: Vec<[u8; 8]> = open.iter().filter_map(|o| from_hex(o)).collect();
-        let mut sums = HourSums::default();
         let mut kept: Vec<u8> = Vec::new();
-        let mut merged = 0usize;
+        // merchant -> its settled entries, first-seen order
+        let mut settled: Vec<(String, Vec<bytes::Bytes>)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
         for f in frames(&value)? {
             if open_ids.contains(&f.id) {
                 kept.extend_from_slice(f.bytes);
-            } else {
-                sums.add_payload(f.payload)?;
-                merged += 1;
+                continue;
+            }
+            let bucket: BucketEntry = prost::Message::decode(f.payload)
+                .map_err(|e| Error::speed_from("a speed-view log frame does not decode", e))?;
+            for m in bucket.merchants {
+                let k = *at.entry(m.merchant.clone()).or_insert_with(|| {
+                    settled.push((m.merchant.clone(), Vec::new()));
+                    settled.len() - 1
+                });
+                settled[k].1.push(m.entry);
             }
         }
-        if merged <= 1 {
+        if settled.is_empty() {
             return Ok(());
         }
-        let mut replacement = sums.to_entry().to_frame(&MERGED_ID);
-        replacement.extend_from_slice(&kept);
+        let merchants: Vec<&str> = settled.iter().map(|(m, _)| m.as_str()).collect();
+        let fields: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(hash)
+            .arg(&merchants)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
         let digest = sha1_smol::Sha1::from(&value).digest().to_string();
-        let _: i64 = redis::cmd("EVAL")
-            .arg(COMPACT_LUA)
-            .arg(2)
-            .arg(key)
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(COMPACT_LUA)
+            .arg(3)
+            .arg(log)
+            .arg(hash)
             .arg(&open_key)
             .arg(value.len())
             .arg(digest)
             .arg(open.join(","))
-            .arg(replacement)
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
+            .arg(kept)
+            .arg(self.ttl_secs);
+        for ((merchant, entries), field) in settled.iter().zip(fields) {
+            let mut sums = HourSums::default();
+            if let Some(v) = field {
+                sums.add_value(&v)?;
+            }
+            for e in entries {
+                sums.add_payload(e)?;
+            }
+            cmd.arg(merchant).arg(sums.to_entry().to_frame(&MERGED_ID));
+        }
+        let _: i64 = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -1103,9 +1235,12 @@ impl SpeedView for RedisStore {
                 .arg("covered_from")
                 .arg("rebuilt");
             for &h in hours {
-                let k = hour_key(merchant, h);
-                // the consumers' frames and the rebuilt sums: one slot, one command
-                pipe.cmd("MGET").arg(&k).arg(format!("{k}:r"));
+                // the merged and the rebuilt sums, and the log
+                pipe.cmd("HMGET")
+                    .arg(hour_key(merchant, h))
+                    .arg(merchant)
+                    .arg(rebuilt_field(merchant));
+                pipe.get(log_key(merchant, h));
             }
             let mut c = self.conn.clone();
             let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
@@ -1128,9 +1263,16 @@ impl SpeedView for RedisStore {
                 let stored: Vec<Option<Vec<u8>>> =
                     redis::from_redis_value(it.next().unwrap_or(Value::Nil))
                         .map_err(|e| unexpected("merchant-hour", e))?;
+                let log: Option<Vec<u8>> = redis::from_redis_value(it.next().unwrap_or(Value::Nil))
+                    .map_err(|e| unexpected("merchant-hour log", e))?;
                 let mut sums = HourSums::default();
                 for v in stored.iter().flatten() {
                     sums.add_value(v)?;
+                }
+                for (_, e) in log_entries(log.as_deref().unwrap_or_default())? {
+                    if e.merchant == merchant {
+                        sums.add_payload(&e.entry)?;
+                    }
                 }
                 let mut hour_counters = Counters::default();
                 let mut hour_union = CustomerUnion::new();
@@ -1179,5 +1321,45 @@ impl SpeedView for RedisStore {
                 .map_err(|e| self.err(e))?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::cluster_routing::Slot;
+
+    #[test]
+    fn a_bucket_is_64_slots_and_its_keys_live_in_its_first() {
+        let mut seen = vec![0usize; usize::from(BUCKETS)];
+        for i in 0..20_000 {
+            let m = format!("m_{i}");
+            let b = bucket(&m);
+            seen[usize::from(b)] += 1;
+            // Redis Cluster's own slot of the id is in the bucket's 64
+            let slot = (b * 64..(b + 1) * 64)
+                .find(|&s| Slot::new(s) == Some(Slot::for_key(&m)))
+                .expect("the id's slot is one of its bucket's");
+            assert_eq!(slot / 64, b);
+            let key = hour_key(&m, 7 * MICROS_PER_HOUR);
+            assert_eq!(Slot::for_key(&key), Slot::new(b * 64).unwrap());
+            assert!(key.ends_with(":7"), "{key}");
+        }
+        // every bucket gets merchants: no bucket is more than twice the mean
+        let mean = 20_000 / usize::from(BUCKETS);
+        assert!(seen.iter().all(|&n| n > 0 && n < 2 * mean), "{seen:?}");
+    }
+
+    #[test]
+    fn open_keys_round_trip_and_a_cut_entry_is_an_error() {
+        let keys = ["tally:v6:{1}:7:log", "tally:v6:{2}:7:log", ""];
+        let e = encode_keys(keys);
+        assert_eq!(decode_keys(&e).unwrap(), keys);
+        assert!(decode_keys(&e[..e.len() - 1]).is_none());
+        assert_eq!(rebuilt_field("m_1"), "m_1/r");
+        assert!(!tally_common::decode::is_valid_merchant_id(&rebuilt_field(
+            "m_1"
+        )));
+        assert_eq!(log_key("m_1", 0), format!("{}:log", hour_key("m_1", 0)));
     }
 }

@@ -1,11 +1,13 @@
-//! The value of a merchant-hour in the Redis speed view: a string of *frames*,
-//! one appended per batch (`APPEND`, [`crate::redis_store`]), each carrying
-//! that batch's sums for the hour.
+//! The values of the Redis speed view ([`crate::redis_store`]): strings of
+//! *frames*.
 //!
-//! A frame is `[payload length: u32, little-endian][batch id: 8 bytes][payload]`,
-//! the payload a protobuf [`SpeedEntry`] (prost; the field numbers below are
-//! the format). The batch id names the delivery that wrote the frame, so a
-//! batch cut off part way can be taken out again (see the undo in
+//! A frame is `[payload length: u32, little-endian][batch id: 8 bytes][payload]`.
+//! A bucket-hour's log holds one frame per batch and bucket-hour (`APPEND`),
+//! its payload a protobuf [`BucketEntry`]: that batch's sums for each of the
+//! bucket's merchants it touched in the hour. A merchant's merged field holds
+//! one frame whose payload is a [`SpeedEntry`] (prost; the field numbers below
+//! are the format). The batch id names the delivery that wrote the frame, so
+//! a batch cut off part way can be taken out again (see the undo in
 //! [`crate::redis_store`]); frames written by a compaction or by the rebuild
 //! carry [`MERGED_ID`]. Counters are exact sums; sketches are Apache
 //! DataSketches HLL ([`tally_common::sketch`]), the batch layer's format.
@@ -29,6 +31,26 @@ pub struct SpeedEntry {
     /// The 15-minute slots with anything to add, any order, each at most once.
     #[prost(message, repeated, tag = "1")]
     pub slots: Vec<SlotEntry>,
+}
+
+/// One batch's sums for the merchants of one bucket-hour (a log frame's payload).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BucketEntry {
+    /// Each merchant of the bucket-hour the batch touched, at most once.
+    #[prost(message, repeated, tag = "1")]
+    pub merchants: Vec<MerchantEntry>,
+}
+
+/// One merchant's share of a [`BucketEntry`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MerchantEntry {
+    /// The merchant id.
+    #[prost(string, tag = "1")]
+    pub merchant: String,
+    /// Its [`SpeedEntry`], encoded (kept as bytes: a reader decodes only its
+    /// own merchant's).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub entry: bytes::Bytes,
 }
 
 /// One 15-minute slot's share of a [`SpeedEntry`].
@@ -197,6 +219,19 @@ impl HourSums {
         }
         c
     }
+}
+
+/// Each merchant's encoded [`SpeedEntry`] in a bucket-hour's log, frame by
+/// frame (`id`, merchant, entry), in order. Errors: the log or a frame's
+/// [`BucketEntry`] does not decode.
+pub fn log_entries(log: &[u8]) -> Result<Vec<([u8; 8], MerchantEntry)>> {
+    let mut out = Vec::new();
+    for f in frames(log)? {
+        let bucket = BucketEntry::decode(f.payload)
+            .map_err(|e| Error::speed_from("a speed-view log frame does not decode", e))?;
+        out.extend(bucket.merchants.into_iter().map(|m| (f.id, m)));
+    }
+    Ok(out)
 }
 
 /// The counters over the hour of a stored value (all its frames); for tests
