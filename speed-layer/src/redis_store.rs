@@ -279,6 +279,19 @@ redis.call('SET', KEYS[1], ARGV[4] .. redis.call('GETRANGE', KEYS[1], n, -1), 'K
 return 1
 "#;
 
+/// Read a merchant's view state and hours in one atomic step.
+/// KEYS: the view, then per hour its bucket-hour hash and log. ARGV: the
+/// merchant, its rebuilt field. Returns {{covered_from, rebuilt}, then per
+/// hour {merged, rebuilt, log}} (nil where missing).
+const READ_LUA: &str = r#"
+local out = {redis.call('HMGET', KEYS[1], 'covered_from', 'rebuilt')}
+for j = 2, #KEYS, 2 do
+  local f = redis.call('HMGET', KEYS[j], ARGV[1], ARGV[2])
+  out[#out + 1] = {f[1], f[2], redis.call('GET', KEYS[j + 1])}
+end
+return out
+"#;
+
 /// A merchant's bucket, 0 to [`BUCKETS`] − 1: its Redis Cluster slot (CRC16
 /// /XMODEM of the id modulo 16,384, the Redis Cluster specification's key
 /// hash; merchant ids have no `{`) divided by 64.
@@ -1229,21 +1242,19 @@ impl SpeedView for RedisStore {
         unions: &'a [Vec<usize>],
     ) -> BoxFuture<'a, Result<SpeedReading>> {
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("HMGET")
-                .arg(self.merchant_view(merchant))
-                .arg("covered_from")
-                .arg("rebuilt");
+            // one script: a compaction moves frames from a log to the fields, so
+            // the two are read in one atomic step (a merchant's keys and its
+            // view share one slot)
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(READ_LUA)
+                .arg(1 + 2 * hours.len())
+                .arg(self.merchant_view(merchant));
             for &h in hours {
-                // the merged and the rebuilt sums, and the log
-                pipe.cmd("HMGET")
-                    .arg(hour_key(merchant, h))
-                    .arg(merchant)
-                    .arg(rebuilt_field(merchant));
-                pipe.get(log_key(merchant, h));
+                cmd.arg(hour_key(merchant, h)).arg(log_key(merchant, h));
             }
+            cmd.arg(merchant).arg(rebuilt_field(merchant));
             let mut c = self.conn.clone();
-            let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
+            let values: Vec<Value> = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
             let mut it = values.into_iter();
             let view: Vec<Option<String>> =
                 redis::from_redis_value(it.next().unwrap_or(Value::Nil))
@@ -1260,13 +1271,12 @@ impl SpeedView for RedisStore {
             let mut per_hour: Vec<CustomerUnion> = Vec::with_capacity(hours.len());
             let now = now_micros();
             for (i, &hour) in hours.iter().enumerate() {
-                let stored: Vec<Option<Vec<u8>>> =
+                // the merged sums, the rebuilt sums, the log
+                let [merged, rebuilt, log]: [Option<Vec<u8>>; 3] =
                     redis::from_redis_value(it.next().unwrap_or(Value::Nil))
                         .map_err(|e| unexpected("merchant-hour", e))?;
-                let log: Option<Vec<u8>> = redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                    .map_err(|e| unexpected("merchant-hour log", e))?;
                 let mut sums = HourSums::default();
-                for v in stored.iter().flatten() {
+                for v in [merged, rebuilt].iter().flatten() {
                     sums.add_value(v)?;
                 }
                 for (_, e) in log_entries(log.as_deref().unwrap_or_default())? {
