@@ -751,7 +751,7 @@ fn redis_emptied_mid_stream_is_rebuilt_from_raw_events() {
     for k in &keys {
         let kind: String = redis::cmd("TYPE").arg(k).query(&mut c).expect("TYPE");
         if kind != "hash" {
-            // a merchant-hour's spill string: the consumers' frames
+            // a bucket-hour's log: the consumers' frames
             continue;
         }
         let fields: Vec<(String, Vec<u8>)> =

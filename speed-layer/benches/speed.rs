@@ -24,6 +24,9 @@ const EVENTS: usize = 2_000_000;
 const PER_RECORD: usize = 100;
 
 const MERCHANTS: usize = 100_000;
+/// Reads of one merchant's current hour after the writes, one at a time as
+/// the API makes them (merchants drawn as the events are: Zipf).
+const READS: usize = 20_000;
 
 async fn naive(url: &str, records: &[Vec<u8>], now: i64, per_batch: usize) -> u64 {
     let client = redis::Client::open(url).unwrap();
@@ -61,6 +64,22 @@ async fn naive(url: &str, records: &[Vec<u8>], now: i64, per_batch: usize) -> u6
         let _: () = pipe.query_async(&mut c).await.unwrap();
     }
     n
+}
+
+/// The naive way's read of a merchant-hour: its counters and its HLL count.
+async fn naive_reads(url: &str, merchants: &[String], hour: i64) {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    for m in merchants {
+        let key = format!("naive:{{{m}}}:{}", hour.div_euclid(MICROS_PER_HOUR));
+        let _: (Vec<(String, i64)>, i64) = redis::pipe()
+            .hgetall(format!("{key}:c"))
+            .cmd("PFCOUNT")
+            .arg(format!("{key}:u"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
 }
 
 /// The server's CPU seconds (user + sys) and bytes of memory in use.
@@ -147,7 +166,13 @@ fn count_merchant_hours(url: &str) -> usize {
             }
         } else {
             let fields: Vec<String> = redis::cmd("HKEYS").arg(k).query(&mut c).unwrap();
-            seen.extend(fields.into_iter().map(|f| (k.clone(), f)));
+            // merchants' merged fields (not `m/r`, nor the compaction count)
+            seen.extend(
+                fields
+                    .into_iter()
+                    .filter(|f| !f.contains('/'))
+                    .map(|f| (k.clone(), f)),
+            );
         }
     }
     seen.len()
@@ -158,6 +183,13 @@ fn main() {
     let now = (hour_ms + 3_700_000) * 1000;
     let records = zipf_records(EVENTS, PER_RECORD, MERCHANTS, hour_ms, 7);
     let bytes: usize = records.iter().map(Vec::len).sum();
+    let readers: Vec<String> = records
+        .iter()
+        .flat_map(|r| decode_record(r, now).events)
+        .take(READS)
+        .map(|e| e.merchant_id)
+        .collect();
+    let hour = hour_ms * 1000;
     println!("speed layer, {EVENTS} events ({} bytes avg), {MERCHANTS} Zipf(1.1) merchants, NDJSON records of {PER_RECORD}", bytes / EVENTS);
     println!("| batch (records) | way | wall s | events/s (wall) | client CPU s | Lua calls | Redis engine µs/event | Redis bytes/merchant-hour |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -192,6 +224,16 @@ fn main() {
         let ours_hours = count_merchant_hours(&redis.url());
         let calls = script_calls(&redis.url());
         let ours_commands = command_time(&redis.url(), 5);
+        let (cpu_r0, _) = engine(&redis.url());
+        rt.block_on(async {
+            let store = RedisStore::connect(&redis.url(), 3600).await.unwrap();
+            for m in &readers {
+                tally_common::speed_view::SpeedView::read(&store, m, &[hour], &[])
+                    .await
+                    .unwrap();
+            }
+        });
+        let (cpu_r1, _) = engine(&redis.url());
         redis.restart();
         let (cpu2, mem2) = engine(&redis.url());
         let (naive_t, naive_cpu, n) = rt.block_on(async {
@@ -202,6 +244,9 @@ fn main() {
         let (cpu3, mem3) = engine(&redis.url());
         let naive_hours = count_keys(&redis.url(), "naive:{*}:*:c");
         let naive_commands = command_time(&redis.url(), 3);
+        let (cpu_r2, _) = engine(&redis.url());
+        rt.block_on(naive_reads(&redis.url(), &readers, hour));
+        let (cpu_r3, _) = engine(&redis.url());
         assert_eq!(n as usize, EVENTS);
         let e = EVENTS as f64;
         let us = |a: f64, b: f64| (b - a) * 1e6 / e;
@@ -211,6 +256,12 @@ fn main() {
         println!(
             "| {per_batch} | ratio tally / naive | | {:.2}x | | |",
             naive_t / ours
+        );
+        let per_read = |a: f64, b: f64| (b - a) * 1e6 / READS as f64;
+        println!(
+            "| {per_batch} | reads of a merchant's current hour ({READS}, one at a time): engine µs/read tally {:.1}, naive {:.1} | | | | | | |",
+            per_read(cpu_r0, cpu_r1),
+            per_read(cpu_r2, cpu_r3)
         );
         eprintln!("batch {per_batch}: tally's engine time by command: {ours_commands}");
         eprintln!("batch {per_batch}: the naive way's: {naive_commands}");

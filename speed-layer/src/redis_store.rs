@@ -7,7 +7,8 @@
 //!
 //! - `tally:v6:{b}:H:log` ([`log_key`]): the bucket-hour's *log*, a string of
 //!   frames ([`crate::speed_entry`]). Each batch appends one frame per
-//!   bucket-hour it touches, with its counter sums and distinct-customer
+//!   bucket-hour it touches (two when a part boundary falls inside the
+//!   bucket-hour), with its counter sums and distinct-customer
 //!   sketch per 15-minute slot for each of the bucket's merchants it has
 //!   events of, built by the client. So the engine's work per batch is one
 //!   `APPEND` per bucket-hour, not a command per event, counter or merchant:
@@ -18,12 +19,17 @@
 //!   rebuilt from `raw_events` (one frame, replaced whole by each rebuild
 //!   pass, [`crate::rebuild`]). A writer whose append took a log past
 //!   [`LOG_COMPACT_AT`] bytes (or past a power of two above it) *compacts*
-//!   it: the log's settled frames are merged into their merchants' fields,
-//!   one `HSET` for all, and taken off the log's head. A merchant that had
-//!   events in many batches since the last compaction gets one write: the
-//!   log batches the writes of many batches, as a bigger batch would.
-//!   A reader takes the merchant's fields and the log (at most about
-//!   [`LOG_COMPACT_AT`] bytes) and adds up the merchant's frames.
+//!   it: the log's settled frames are merged into their merchants' fields
+//!   (an `HSET` per 1,000 merchants) and taken off the log's head. A
+//!   merchant that had events in many batches since the last compaction gets
+//!   one write: the log batches the writes of many batches, as a bigger batch
+//!   would. Compaction is best effort (after the batch is applied); one that
+//!   did not take, or a writer that died before it, leaves the log to the
+//!   next power of two. A reader takes the merchant's fields and the log
+//!   (normally under twice [`LOG_COMPACT_AT`] bytes) and adds up the
+//!   merchant's frames; the hash counts compactions in
+//!   [`COMPACTIONS_FIELD`], read before and after the log, so a read that a
+//!   compaction ran through is made again.
 //! - The *view*, a hash: `generation`, `covered_from`, `rebuilt`, and per source
 //!   `after:SOURCE` (the rebuild's boundary) and `mark:SOURCE` (the highest
 //!   position of that source whose batches are applied in this view). On a
@@ -107,9 +113,9 @@ use crate::speed_entry::{
 };
 use crate::store::{hour_alive, ApplyReport, ViewState};
 
-/// The key prefix of every speed-view key of this layout (version 6: a hash
-/// per bucket and hour, a field of frames per merchant, marks per view and
-/// source). A new prefix because the layout changed: version 5's keys are not
+/// The key prefix of every speed-view key of this layout (version 6: a log
+/// per bucket and hour compacted into a hash of merged merchant fields, marks
+/// per view and source). A new prefix because the layout changed: version 5's keys are not
 /// read and expire by their TTL; the new views start empty and are rebuilt
 /// from `raw_events`.
 pub const KEY_PREFIX: &str = "tally:v6";
@@ -132,10 +138,15 @@ pub const BUCKETS: u16 = 256;
 /// from other clients (BENCHMARKS.md "The stream side at scale").
 pub const PART_SIZE: usize = 1024;
 
+/// Logs per undo call (a log may hold up to about twice [`LOG_COMPACT_AT`]
+/// bytes, each rewritten whole by an undo).
+pub const UNDO_CHUNK: usize = 64;
+
 /// A log is compacted when an append takes it past this many bytes, or past
-/// a power of two above it (the apply script's literal `32768`): the most a
-/// reader reads of a bucket-hour's log is about this, and the more batches
-/// a log holds, the fewer merged fields per event a compaction writes.
+/// a power of two above it (the apply script's literal `32768`): what a
+/// reader reads of a bucket-hour's log is normally under twice this, and the
+/// more batches a log holds, the fewer merged fields per event a compaction
+/// writes.
 pub const LOG_COMPACT_AT: usize = 32 * 1024;
 
 /// Apply one part of a batch to one view.
@@ -221,14 +232,19 @@ return out
 "#;
 
 /// Take a cut-off batch's frames out of some of the logs its parts wrote
-/// (called in chunks of at most [`PART_SIZE`] logs, so no call keeps Redis
-/// long; removing a batch's frames twice is harmless).
+/// (called in chunks of at most [`UNDO_CHUNK`] logs, so no call keeps Redis
+/// long; removing a batch's frames twice is harmless). Each call first makes
+/// the open entry dirty (`ID PART !`): an undo cut off between its calls
+/// leaves the batch refused for resuming, so its next delivery undoes it
+/// again, whole, rather than resume parts whose frames are gone.
 /// KEYS: `VIEW:open`, `VIEW:open:SOURCE`, the logs. ARGV: source, the open
-/// entry read (`ID DONE` or `ID PART !`), the batch id (8 bytes), 1 for the
-/// last chunk (which clears the open entry and list). Returns 1, or 0 when the
-/// open entry changed meanwhile (nothing done).
+/// entry expected (as read for the first call, its dirty form after), the
+/// batch id (8 bytes), 1 for the last chunk (which clears the open entry and
+/// list), the dirty form. Returns 1, or 0 when the open entry changed
+/// meanwhile (nothing done).
 const UNDO_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
 for j = 3, #KEYS do
   local s = redis.call('GET', KEYS[j])
   if s then
@@ -255,12 +271,18 @@ return 1
 /// those read and the batches part way are still the same. Appends since the
 /// read stay after it. (The fields change only with the log's head, so the
 /// head's digest vouches for the fields read too.)
-/// KEYS: the log, the bucket-hour hash, `VIEW:open`. ARGV: bytes read, their
-/// SHA-1, the ids of the batches part way (sorted, hex, comma-separated), the
-/// frames kept, ttl, then pairs of merchant and merged frame. Returns 1, or 0
-/// when nothing was done.
+/// The view's generation is checked too: a log rebuilt byte for byte after
+/// a loss (the same batch delivered again) is another view's. Each
+/// compaction counts itself in the hash's [`COMPACTIONS_FIELD`], so a reader
+/// sees whether one ran between its reads.
+/// KEYS: the log, the bucket-hour hash, `VIEW:open`, the view. ARGV: bytes
+/// read, their SHA-1, the ids of the batches part way (sorted, hex,
+/// comma-separated), the frames kept, ttl, the view's generation as read,
+/// then pairs of merchant and merged frame. Returns 1, or 0 when nothing was
+/// done.
 const COMPACT_LUA: &str = r#"
 local n = tonumber(ARGV[1])
+if redis.call('HGET', KEYS[4], 'generation') ~= ARGV[6] then return 0 end
 local head = redis.call('GETRANGE', KEYS[1], 0, n - 1)
 if #head ~= n or redis.sha1hex(head) ~= ARGV[2] then return 0 end
 local open = {}
@@ -271,26 +293,18 @@ end
 table.sort(open)
 if table.concat(open, ',') ~= ARGV[3] then return 0 end
 -- in chunks: unpack takes a few thousand values at most
-for i = 6, #ARGV, 2000 do
+for i = 7, #ARGV, 2000 do
   redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + 1999, #ARGV)))
 end
-if #ARGV > 5 then redis.call('EXPIRE', KEYS[2], ARGV[5], 'NX') end
+redis.call('HINCRBY', KEYS[2], '/compactions', 1)
+redis.call('EXPIRE', KEYS[2], ARGV[5], 'NX')
 redis.call('SET', KEYS[1], ARGV[4] .. redis.call('GETRANGE', KEYS[1], n, -1), 'KEEPTTL')
 return 1
 "#;
 
-/// Read a merchant's view state and hours in one atomic step.
-/// KEYS: the view, then per hour its bucket-hour hash and log. ARGV: the
-/// merchant, its rebuilt field. Returns {{covered_from, rebuilt}, then per
-/// hour {merged, rebuilt, log}} (nil where missing).
-const READ_LUA: &str = r#"
-local out = {redis.call('HMGET', KEYS[1], 'covered_from', 'rebuilt')}
-for j = 2, #KEYS, 2 do
-  local f = redis.call('HMGET', KEYS[j], ARGV[1], ARGV[2])
-  out[#out + 1] = {f[1], f[2], redis.call('GET', KEYS[j + 1])}
-end
-return out
-"#;
+/// The field of a bucket-hour's hash counting the compactions of its log
+/// (`/` is not in a merchant id).
+pub const COMPACTIONS_FIELD: &str = "/compactions";
 
 /// A merchant's bucket, 0 to [`BUCKETS`] − 1: its Redis Cluster slot (CRC16
 /// /XMODEM of the id modulo 16,384, the Redis Cluster specification's key
@@ -1108,10 +1122,15 @@ impl RedisStore {
         let chunks: Vec<&[String]> = if keys.is_empty() {
             vec![&[]]
         } else {
-            keys.chunks(PART_SIZE).collect()
+            keys.chunks(UNDO_CHUNK).collect()
         };
         let n = chunks.len();
+        let dirty = match open.ends_with(" !") {
+            true => open.to_string(),
+            false => format!("{open} !"),
+        };
         for (i, chunk) in chunks.into_iter().enumerate() {
+            let expected = if i == 0 { open } else { dirty.as_str() };
             let done: i64 = redis::cmd("EVAL")
                 .arg(UNDO_LUA)
                 .arg(2 + chunk.len())
@@ -1119,9 +1138,10 @@ impl RedisStore {
                 .arg(&list)
                 .arg(chunk)
                 .arg(source)
-                .arg(open)
+                .arg(expected)
                 .arg(&id[..])
                 .arg(u8::from(i + 1 == n))
+                .arg(&dirty)
                 .query_async(&mut c)
                 .await
                 .map_err(|e| self.err(e))?;
@@ -1142,13 +1162,17 @@ impl RedisStore {
         let hash = log.strip_suffix(":log").unwrap_or(log);
         let open_key = format!("{view}:open");
         let mut c = self.conn.clone();
-        let (value, open): (Option<Vec<u8>>, Vec<String>) = redis::pipe()
-            .get(log)
-            .hvals(&open_key)
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        let Some(value) = value else { return Ok(()) };
+        let (value, open, generation): (Option<Vec<u8>>, Vec<String>, Option<String>) =
+            redis::pipe()
+                .get(log)
+                .hvals(&open_key)
+                .hget(view, "generation")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+        let (Some(value), Some(generation)) = (value, generation) else {
+            return Ok(());
+        };
         let mut open: Vec<String> = open
             .iter()
             .filter_map(|o| o.split(' ').next().map(str::to_string))
@@ -1187,15 +1211,17 @@ impl RedisStore {
         let digest = sha1_smol::Sha1::from(&value).digest().to_string();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(COMPACT_LUA)
-            .arg(3)
+            .arg(4)
             .arg(log)
             .arg(hash)
             .arg(&open_key)
+            .arg(view)
             .arg(value.len())
             .arg(digest)
             .arg(open.join(","))
             .arg(kept)
-            .arg(self.ttl_secs);
+            .arg(self.ttl_secs)
+            .arg(generation);
         for ((merchant, entries), field) in settled.iter().zip(fields) {
             let mut sums = HourSums::default();
             if let Some(v) = field {
@@ -1234,6 +1260,66 @@ impl RedisStore {
     }
 }
 
+/// Per hour read: the merchant's merged field, rebuilt field and the log.
+type HourRead = [Option<Vec<u8>>; 3];
+
+impl RedisStore {
+    /// The view's `covered_from` and `rebuilt`, and per hour what
+    /// [`HourRead`] holds. A compaction moves frames from a log to the
+    /// fields: each hour's compaction count is read before and after its
+    /// log, and a read that saw one run in between is made again (a
+    /// bucket-hour is compacted at most every few batches).
+    /// Errors: Redis unreachable; compactions kept running between reads.
+    async fn read_hours(
+        &self,
+        merchant: &str,
+        hours: &[i64],
+    ) -> Result<(Vec<Option<String>>, Vec<HourRead>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.merchant_view(merchant))
+            .arg("covered_from")
+            .arg("rebuilt");
+        for &h in hours {
+            let key = hour_key(merchant, h);
+            pipe.cmd("HMGET")
+                .arg(&key)
+                .arg(merchant)
+                .arg(rebuilt_field(merchant))
+                .arg(COMPACTIONS_FIELD);
+            pipe.get(log_key(merchant, h));
+            pipe.hget(&key, COMPACTIONS_FIELD);
+        }
+        let mut c = self.conn.clone();
+        for _ in 0..5 {
+            let values: Vec<Value> = pipe.query_async(&mut c).await.map_err(|e| self.err(e))?;
+            let mut it = values.into_iter();
+            let mut next = || it.next().unwrap_or(Value::Nil);
+            let view: Vec<Option<String>> =
+                redis::from_redis_value(next()).map_err(|e| unexpected("view", e))?;
+            let mut out = Vec::with_capacity(hours.len());
+            let mut torn = false;
+            for _ in hours {
+                let [merged, rebuilt, before]: [Option<Vec<u8>>; 3] =
+                    redis::from_redis_value(next()).map_err(|e| unexpected("merchant-hour", e))?;
+                let log: Option<Vec<u8>> =
+                    redis::from_redis_value(next()).map_err(|e| unexpected("log", e))?;
+                let after: Option<Vec<u8>> =
+                    redis::from_redis_value(next()).map_err(|e| unexpected("merchant-hour", e))?;
+                torn |= before != after;
+                out.push([merged, rebuilt, log]);
+            }
+            if !torn {
+                return Ok((view, out));
+            }
+        }
+        Err(Error::speed(format!(
+            "Redis at {}: merchant {merchant}'s hours were compacted during each of 5 reads",
+            self.url_for_errors
+        )))
+    }
+}
+
 impl SpeedView for RedisStore {
     fn read<'a>(
         &'a self,
@@ -1242,23 +1328,9 @@ impl SpeedView for RedisStore {
         unions: &'a [Vec<usize>],
     ) -> BoxFuture<'a, Result<SpeedReading>> {
         Box::pin(async move {
-            // one script: a compaction moves frames from a log to the fields, so
-            // the two are read in one atomic step (a merchant's keys and its
-            // view share one slot)
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(READ_LUA)
-                .arg(1 + 2 * hours.len())
-                .arg(self.merchant_view(merchant));
-            for &h in hours {
-                cmd.arg(hour_key(merchant, h)).arg(log_key(merchant, h));
-            }
-            cmd.arg(merchant).arg(rebuilt_field(merchant));
-            let mut c = self.conn.clone();
-            let values: Vec<Value> = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
-            let mut it = values.into_iter();
-            let view: Vec<Option<String>> =
-                redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                    .map_err(|e| unexpected("view", e))?;
+            let (hours_read_view, hours_read) = self.read_hours(merchant, hours).await?;
+            let mut it = hours_read.into_iter();
+            let view = hours_read_view;
             let covered_from = match (
                 view.first().cloned().flatten(),
                 view.get(1).cloned().flatten(),
@@ -1271,10 +1343,7 @@ impl SpeedView for RedisStore {
             let mut per_hour: Vec<CustomerUnion> = Vec::with_capacity(hours.len());
             let now = now_micros();
             for (i, &hour) in hours.iter().enumerate() {
-                // the merged sums, the rebuilt sums, the log
-                let [merged, rebuilt, log]: [Option<Vec<u8>>; 3] =
-                    redis::from_redis_value(it.next().unwrap_or(Value::Nil))
-                        .map_err(|e| unexpected("merchant-hour", e))?;
+                let [merged, rebuilt, log] = it.next().unwrap_or_default();
                 let mut sums = HourSums::default();
                 for v in [merged, rebuilt].iter().flatten() {
                     sums.add_value(v)?;
