@@ -6,14 +6,16 @@
 #     get one rediss:// URL, the primary endpoint (it follows a failover).
 #   - redis_cluster_mode = true (the default): cluster mode, redis_shards shards (node
 #     groups) of a primary and one replica in different AZs with automatic
-#     failover. Every key of one merchant shares the hash tag {merchant_id},
-#     so a merchant's commands and scripts touch one slot of one shard. The
+#     failover. A merchant's keys share one hash tag (its speed-view
+#     bucket's, or {merchant_id} in the serving store), so a merchant's
+#     commands and scripts touch one slot of one shard. The
 #     functions get the configuration endpoint. More shards: raise
 #     redis_shards (online resharding, see docs/DEPLOY.md).
 #
 # The application detects cluster mode on the endpoint it is given (INFO
 # cluster) and uses a cluster client: every script touches one slot (the
-# speed view's view keys are per slot), pipelines are split by slot, and each
+# speed view keeps a view key per bucket of merchants, in the bucket's slot),
+# pipelines are split by slot, and each
 # speed batch waits for a replica (WAIT 1) before it counts as applied
 # (speed-layer/src/redis_conn.rs, redis_store.rs; issue #17).
 
