@@ -109,7 +109,8 @@ use tally_common::{Error, Result};
 
 use crate::aggregate::SpeedBatch;
 use crate::speed_entry::{
-    frame, frames, log_entries, BucketEntry, HourSums, MerchantEntry, SpeedEntry, MERGED_ID,
+    bucket_entry, frame, frames, log_entries, BucketEntry, HourSums, MerchantEntry, SpeedEntry,
+    MERGED_ID,
 };
 use crate::store::{hour_alive, ApplyReport, ViewState};
 
@@ -1188,9 +1189,7 @@ impl RedisStore {
                 kept.extend_from_slice(f.bytes);
                 continue;
             }
-            let bucket: BucketEntry = prost::Message::decode(f.payload)
-                .map_err(|e| Error::speed_from("a speed-view log frame does not decode", e))?;
-            for m in bucket.merchants {
+            for m in bucket_entry(f.payload)?.merchants {
                 let k = *at.entry(m.merchant.clone()).or_insert_with(|| {
                     settled.push((m.merchant.clone(), Vec::new()));
                     settled.len() - 1

@@ -227,11 +227,20 @@ impl HourSums {
 pub fn log_entries(log: &[u8]) -> Result<Vec<([u8; 8], MerchantEntry)>> {
     let mut out = Vec::new();
     for f in frames(log)? {
-        let bucket = BucketEntry::decode(f.payload)
-            .map_err(|e| Error::speed_from("a speed-view log frame does not decode", e))?;
-        out.extend(bucket.merchants.into_iter().map(|m| (f.id, m)));
+        out.extend(
+            bucket_entry(f.payload)?
+                .merchants
+                .into_iter()
+                .map(|m| (f.id, m)),
+        );
     }
     Ok(out)
+}
+
+/// A log frame's payload. Errors: it does not decode.
+pub fn bucket_entry(payload: &[u8]) -> Result<BucketEntry> {
+    BucketEntry::decode(payload)
+        .map_err(|e| Error::speed_from("a speed-view log frame does not decode", e))
 }
 
 /// The counters over the hour of a stored value (all its frames); for tests
